@@ -1,0 +1,150 @@
+r"""LoRA: Low-Rank Adaptation (Hu et al. 2021, arXiv 2106.09685).
+
+::
+
+        x ──────────────► W0 (frozen, out x in) ──────────┐
+        │                                                  (+) ──► y
+        └─► dropout ─► A (r x in) ─► B (out x r) ─► * s ──┘
+
+    y = x W0^T + s · dropout(x) A^T B^T,      s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A starts kaiming-uniform (a = sqrt 5, as loralib and PEFT), B starts at zero, so the adapted
+model equals the base model at step 0. Merging writes W = W0 + s·B·A into the base weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base_layers import in_out_features, weight_dtype_device
+from .base import AdapterConfig, AdditiveAdapter, load_exact, register
+
+
+def lora_scale(r: int, alpha: float, rslora: bool) -> float:
+    """The LoRA scale `alpha / r`, or rsLoRA's `alpha / sqrt(r)`."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def low_rank_update(base_out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """`base_out + scale * z @ up.T` in one GEMM.
+
+    `addmm` folds the scale and the residual add into the up-projection, saving two passes over
+    the (tokens x out) output that `base_out + B(z) * scale` would make.
+    """
+    out_features = base_out.shape[-1]
+    y = torch.addmm(base_out.reshape(-1, out_features), z.reshape(-1, z.shape[-1]), up.T, alpha=scale)
+    return y.view(base_out.shape)
+
+
+class LoRAAdapter(AdditiveAdapter, nn.Module):
+    """The LoRA pair for one layer: `lora_A (r, in)`, `lora_B (out, r)`, scale, dropout."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.r, self.scale = r, scale
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        y = base_layer(x)
+        # Compute in the activation dtype; `.to` is free when the dtypes already agree.
+        z = self.dropout(x) @ self.lora_A.to(x.dtype).T  # (..., r)
+        return low_rank_update(y, z, self.lora_B.to(x.dtype), self.scale)
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.lora_B.to(base_weight.dtype) @ self.lora_A.to(base_weight.dtype))
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_exact(self, self.peft_state_dict(), state)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}"
+
+
+@register
+@dataclass
+class LoRA(AdapterConfig):
+    """LoRA (Hu et al. 2021): `y = x W0^T + s · dropout(x) A^T B^T`, `s = alpha / r`.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scale numerator; `s = alpha / r` (or `alpha / sqrt(r)` with `rslora`).
+        dropout: dropout on the adapter's input (the base path sees `x` unchanged).
+        rslora: rank-stabilised scale `alpha / sqrt(r)` (Kalajdzievic 2023).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    method = "lora"
+    peft_type = "LORA"
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.rslora)
+
+    def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
+        in_f, out_f = in_out_features(base_layer)
+        _, device = weight_dtype_device(base_layer)
+        return LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device)
+
+    def to_peft(self, target_names: list[str]) -> dict[str, Any]:
+        return {
+            **super().to_peft(target_names),
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "fan_in_fan_out": False,
+        }
+
+    @classmethod
+    def matches_peft(cls, peft_config: dict[str, Any]) -> bool:
+        return not peft_config.get("use_dora", False)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any]) -> "LoRA":
+        return cls(**lora_fields_from_peft(peft_config))
+
+
+def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA-family fields of a PEFT LoraConfig body (shared with DoRA and friends)."""
+    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
+        raise ValueError("PEFT adapters with rank_pattern/alpha_pattern are not supported yet")
+    if peft_config.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
+    targets = peft_config.get("target_modules") or []
+    return {
+        "targets": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+        "layers": peft_config.get("layers_to_transform"),
+        "train_modules": list(peft_config.get("modules_to_save") or []),
+        "r": int(peft_config.get("r", 8)),
+        "alpha": float(peft_config.get("lora_alpha", 8)),
+        "dropout": float(peft_config.get("lora_dropout", 0.0)),
+        "rslora": bool(peft_config.get("use_rslora", False)),
+    }
