@@ -21,7 +21,7 @@ from .inject import (
 )
 from .hooks import Hooks, TrainingHook, training_hooks
 from .io import load, save
-from .methods import METHODS, AdapterConfig, LoRA
+from .methods import METHODS, AdapterConfig, LoRA, DoRA, VeRA
 from .summary import summary
 
 __version__ = "0.1.0"
@@ -30,6 +30,8 @@ __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
     "LoRA",
+    "DoRA",
+    "VeRA",
     "METHODS",
     "adapt",
     "adapted_layers",

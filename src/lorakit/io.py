@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import inject
+from .base_layers import is_conv1d
 from .methods.base import AdapterConfig, config_from_dict, config_from_peft
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,6 +92,8 @@ def save(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path
     if config.peft_type is not None:
         peft_config = config.to_peft(names)
         peft_config["base_model_name_or_path"] = base_model_name_or_path
+        if "fan_in_fan_out" in peft_config:  # PEFT's flag for GPT-2 Conv1D bases
+            peft_config["fan_in_fan_out"] = any(is_conv1d(layer.base_layer) for _, layer in inject.adapted_layers(model))
         _write_json(out / PEFT_CONFIG_NAME, peft_config)
     meta = {"config": config.to_dict(), "adapted_modules": names}
     quantization = getattr(model, "lorakit_quantization", None)

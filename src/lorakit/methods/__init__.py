@@ -2,5 +2,7 @@
 
 from .base import METHODS, Adapter, AdapterConfig, register
 from .lora import LoRA
+from .dora import DoRA
+from .vera import VeRA
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA"]
+__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA"]

@@ -1,0 +1,526 @@
+"""Time and memory of one training step: lorakit's methods vs PEFT's vs the frozen-base limit.
+
+One step is forward (causal-LM loss), backward, AdamW step, zero_grad, plus the method's training
+hooks where it has any (Delta-LoRA's base update). Conditions:
+
+- `limit`: the frozen base model with backward through the activations only: every parameter is
+  frozen and the input embeddings require grad, so backward runs through every layer (checked: the
+  embeddings' gradient must come back non-zero) but computes no weight gradient. No LoRA-family
+  step can beat it (see /work/shared/docs/PERFORMANCE.md).
+- `lorakit <method>` for every method in `lorakit.METHODS` (and QLoRA when `lorakit.quantize`
+  exists), and `peft <method>` where PEFT has the same method with the same rank, alpha and
+  targets (LoRA, DoRA = `use_dora=True`, VeRA, LoRA-FA = LoRA + PEFT's LoRA-FA optimizer).
+
+All conditions share one base model's weights (methods that change the base, such as Delta-LoRA,
+get their own copy), see the same batch, and run in one process, interleaved: every round runs
+each condition once, in alternating order, and the tables report medians over the rounds.
+
+    python benchmarks/bench_step.py                       # CPU: SmolLM2-135M fp32, batch 4 x 256, r=16
+    python benchmarks/bench_step.py --quick               # CPU: batch 2 x 128, 2 timed rounds
+    python benchmarks/bench_step.py --device cuda         # Llama-3.2-1B shape, bf16, batch 4 x 2048
+    python benchmarks/bench_step.py --methods lora dora --compile
+    python benchmarks/bench_step.py --profile lora        # where lorakit's and PEFT's LoRA step spend time
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as dt
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/ is not a package)
+
+import lorakit  # noqa: E402
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# lorakit method name -> PEFT's counterpart; methods not listed here have none in PEFT.
+PEFT_COUNTERPARTS = ("lora", "dora", "vera", "lora-fa")
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def llama_config(kind: str):
+    from transformers import LlamaConfig
+
+    if kind == "llama-1b":  # Llama-3.2-1B's shape
+        return LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        )
+    return LlamaConfig(  # tiny: for a fast smoke run
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    )
+
+
+def build_model(kind: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The base model, frozen, in eval mode (no dropout, so every condition computes the same)."""
+    if kind == "smollm2":
+        from lorakit.models import load_causal_lm
+
+        model = load_causal_lm(dtype=dtype).to(device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if kind == "llama-1b" and device.type != "cuda":
+            raise SystemExit("--model llama-1b needs --device cuda (random 1B weights are too slow on CPU)")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(llama_config(kind), dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the parameter and buffer tensors (no extra memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+# --- conditions --------------------------------------------------------------------------------
+
+
+@dataclass
+class Condition:
+    """One thing to time: a model, its optimizer, its training hooks, how to feed it."""
+
+    name: str
+    library: str  # "base", "lorakit" or "peft"
+    method: str  # "limit" or a lorakit method name
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    hooks: Any = None
+    feed: str = "ids"  # "ids" or "embeddings" (the limit)
+    compiled: bool = False
+    times: list[float] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    steps_done: int = 0
+
+    def step(self, batch: torch.Tensor, check: bool = False) -> float:
+        """One training step; returns the loss. `check` verifies that gradients reached their targets."""
+        if self.feed == "embeddings":
+            embeddings = self.model.get_input_embeddings()(batch).detach().requires_grad_(True)
+            loss = self.model(inputs_embeds=embeddings, labels=batch).loss
+        else:
+            loss = self.model(input_ids=batch, labels=batch).loss
+        if self.hooks:
+            loss = loss + self.hooks.extra_loss(self.model)
+        loss.backward()
+        if check:
+            self.check_gradients(embeddings if self.feed == "embeddings" else None)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.steps_done += 1
+        if self.hooks:
+            self.hooks.after_optimizer_step(self.model, self.steps_done)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def check_gradients(self, embeddings: torch.Tensor | None) -> None:
+        if embeddings is not None:
+            grad = embeddings.grad
+            if grad is None or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
+                raise RuntimeError(f"{self.name}: backward did not reach the input embeddings")
+            return
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n, p in trainable if p.grad is None]
+        if not trainable or missing:
+            raise RuntimeError(f"{self.name}: trainable parameters without gradient: {missing[:5]} ({len(trainable)} trainable)")
+
+
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
+
+
+def lorakit_config(method: str, args: argparse.Namespace) -> lorakit.AdapterConfig:
+    """The method's config with the shared rank / alpha / targets where it has such fields."""
+    cls = lorakit.METHODS[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    wanted: dict[str, Any] = {"targets": list(args.targets), "dropout": 0.0}
+    wanted["r"] = args.vera_r if method == "vera" else args.r
+    wanted["alpha"] = float(args.alpha)
+    return cls(**{k: v for k, v in wanted.items() if k in fields})
+
+
+def lorakit_condition(base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False) -> Condition:
+    config = lorakit_config(method, args)
+    # Methods with training hooks may write the base weights (Delta-LoRA): give them their own.
+    own_weights = quantized or callable(getattr(config, "training_hooks", None))
+    model = copy.deepcopy(base) if own_weights else sharing_copy(base)
+    if quantized:
+        model = lorakit.quantize(model)
+    model = lorakit.adapt(model, config)
+    optimizer = adamw((p for _, p in lorakit.adapter_parameters(model)), args.lr)
+    hooks = lorakit.training_hooks(model)
+    name = f"lorakit {'qlora' if quantized else method}"
+    return Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None)
+
+
+def peft_condition(base: nn.Module, method: str, args: argparse.Namespace) -> Condition | None:
+    """PEFT's version of `method`, or None where PEFT has none."""
+    import peft
+
+    targets = list(args.targets)
+    model = sharing_copy(base)
+    if method in ("lora", "dora", "lora-fa"):
+        config = peft.LoraConfig(
+            r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets, use_dora=method == "dora"
+        )
+    elif method == "vera":
+        config = peft.VeraConfig(r=args.vera_r, target_modules=targets, vera_dropout=0.0)
+    else:
+        return None
+    model = peft.get_peft_model(model, config)
+    if method == "lora-fa":
+        from peft.optimizers import create_lorafa_optimizer
+
+        optimizer = create_lorafa_optimizer(model, r=args.r, lora_alpha=args.alpha, lr=args.lr)
+    else:
+        optimizer = adamw(model.parameters(), args.lr)
+    return Condition(f"peft {method}", "peft", method, model, optimizer)
+
+
+def limit_condition(base: nn.Module) -> Condition:
+    return Condition("limit (frozen base)", "base", "limit", base, None, feed="embeddings")
+
+
+def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Condition]:
+    conditions = [limit_condition(base)]
+    methods = args.methods or sorted(lorakit.METHODS, key=lambda m: (m != "lora", m))
+    if args.methods is None and callable(getattr(lorakit, "quantize", None)):
+        methods = methods + ["qlora"]
+    for method in methods:
+        builders: list[Callable[[], Condition | None]] = []
+        if method == "qlora":
+            builders.append(lambda: lorakit_condition(base, "lora", args, quantized=True))
+        else:
+            if method not in lorakit.METHODS:
+                raise SystemExit(f"unknown method {method!r}; registered: {', '.join(sorted(lorakit.METHODS))}")
+            builders.append(lambda m=method: lorakit_condition(base, m, args))
+            if method in PEFT_COUNTERPARTS and not args.no_peft:
+                builders.append(lambda m=method: peft_condition(base, m, args))
+        for build in builders:
+            try:
+                condition = build()
+            except Exception as exc:  # noqa: BLE001 - report the failure, keep benchmarking the rest
+                print(f"  could not build a condition for {method}: {type(exc).__name__}: {exc}", flush=True)
+                condition = Condition(f"? {method}", "?", method, nn.Identity(), None, error=f"{type(exc).__name__}: {exc}")
+            if condition is not None:
+                conditions.append(condition)
+    if args.compile:
+        conditions += [compiled_variant(c) for c in conditions if c.error is None]
+    return conditions
+
+
+def compiled_variant(condition: Condition) -> Condition:
+    """The same model (shared weights) under `torch.compile`, with its own optimizer state."""
+    model = torch.compile(condition.model)
+    optimizer = None
+    if condition.optimizer is not None:
+        optimizer = type(condition.optimizer)(condition.optimizer.param_groups, **condition.optimizer.defaults)
+    return dataclasses.replace(
+        condition, name=condition.name + " +compile", model=model, optimizer=optimizer, compiled=True, times=[], memory={}
+    )
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def run_step(condition: Condition, batch: torch.Tensor, device: torch.device, check: bool = False) -> float | None:
+    """Time one step; a failing condition is marked and skipped from then on."""
+    if condition.error:
+        return None
+    try:
+        common.synchronize(device)
+        start = time.perf_counter()
+        condition.step(batch, check=check)
+        common.synchronize(device)
+        return time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001
+        condition.error = f"{type(exc).__name__}: {exc}"
+        print(f"  {condition.name} failed: {condition.error}", flush=True)
+        return None
+
+
+def measure_memory(condition: Condition, batch: torch.Tensor, device: torch.device) -> None:
+    if condition.error:
+        return
+    try:
+        gc.collect()
+        saved = {"bytes": 0}
+
+        def step() -> None:
+            nonlocal saved
+            if condition.compiled:  # saved-tensor hooks do not apply inside compiled graphs
+                condition.step(batch)
+            else:
+                with common.saved_tensor_bytes(condition.model) as saved:
+                    condition.step(batch)
+
+        peak = common.peak_step_bytes(step, device)
+        resident = common.resident_bytes(condition.model, condition.optimizer)
+        condition.memory = {"peak_step_bytes": peak, "resident_bytes": resident, "peak_bytes": peak + resident}
+        if not condition.compiled:
+            condition.memory["saved_bytes"] = saved["bytes"]
+    except Exception as exc:  # noqa: BLE001
+        condition.error = f"memory: {type(exc).__name__}: {exc}"
+        print(f"  {condition.name} failed: {condition.error}", flush=True)
+
+
+def run(conditions: list[Condition], batch: torch.Tensor, device: torch.device, args: argparse.Namespace) -> None:
+    print(f"warmup ({args.warmup} round(s); compiles the +compile variants) and gradient checks", flush=True)
+    for i in range(args.warmup):
+        for c in conditions:
+            t = run_step(c, batch, device, check=i == 0)
+            if t is not None:
+                print(f"  {c.name:32s} {t * 1e3:9.1f} ms (warmup)", flush=True)
+    if not args.no_memory:
+        print("memory (one untimed step each)", flush=True)
+        for c in conditions:
+            measure_memory(c, batch, device)
+    print(f"timed rounds ({args.steps}), alternating order", flush=True)
+    for i in range(args.steps):
+        order = conditions if i % 2 == 0 else conditions[::-1]
+        for c in order:
+            t = run_step(c, batch, device)
+            if t is not None:
+                c.times.append(t)
+        done = [c for c in conditions if c.times]
+        print(f"  round {i + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f}" for c in done), flush=True)
+
+
+def profile_method(conditions: list[Condition], method: str, batch: torch.Tensor, device: torch.device, rows: int) -> str:
+    """torch.profiler tables (self time by op) for the lorakit, PEFT and limit steps of `method`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for c in conditions:
+        if c.error or c.compiled or c.method not in (method, "limit"):
+            continue
+        with profile(activities=activities, record_shapes=True) as prof:
+            c.step(batch)
+            common.synchronize(device)
+        out.append(f"### {c.name}: one step, by self time\n")
+        out.append(prof.key_averages().table(sort_by=sort, row_limit=rows))
+        out.append(f"\n### {c.name}: by self time and input shapes\n")
+        out.append(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows))
+    return "\n".join(out)
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def summarize(conditions: list[Condition]) -> list[dict[str, Any]]:
+    by_key = {(c.library, c.method, c.compiled): c for c in conditions}
+    rows = []
+    for c in conditions:
+        ms = common.median(c.times) * 1e3
+        limit = by_key.get(("base", "limit", c.compiled))
+        peft = by_key.get(("peft", c.method, c.compiled))
+        limit_ms = common.median(limit.times) * 1e3 if limit and limit.times else math.nan
+        peft_ms = common.median(peft.times) * 1e3 if peft and peft.times and c.library == "lorakit" else math.nan
+        row = {
+            "condition": c.name,
+            "library": c.library,
+            "method": c.method,
+            "compiled": c.compiled,
+            "ms_per_step_median": ms,
+            "ms_per_step_all": [t * 1e3 for t in c.times],
+            "vs_limit": ms / limit_ms,
+            "vs_peft_same_method": ms / peft_ms,
+            **c.memory,
+            "error": c.error,
+        }
+        if limit and limit.memory.get("peak_bytes") and c.memory.get("peak_bytes"):
+            row["peak_vs_limit"] = c.memory["peak_bytes"] / limit.memory["peak_bytes"]
+        if c.library == "lorakit" and peft and peft.memory.get("peak_bytes") and c.memory.get("peak_bytes"):
+            row["peak_vs_peft_same_method"] = c.memory["peak_bytes"] / peft.memory["peak_bytes"]
+        rows.append(row)
+    return rows
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "condition", "ms/step (median)", "x limit", "x PEFT same method",
+        "peak MiB", "step peak MiB", "saved-for-backward MiB", "peak x limit", "peak x PEFT",
+    ]
+    body = []
+    for r in rows:
+        if r["error"]:
+            body.append([r["condition"], "failed: " + r["error"][:80]] + [""] * (len(header) - 2))
+            continue
+        mib = lambda key: fmt(r[key] / common.MiB if key in r else None, ".0f")  # noqa: E731
+        body.append([
+            r["condition"],
+            fmt(r["ms_per_step_median"], ".1f"),
+            fmt(r["vs_limit"], ".3f"),
+            fmt(r["vs_peft_same_method"], ".3f"),
+            mib("peak_bytes"),
+            mib("peak_step_bytes"),
+            mib("saved_bytes"),
+            fmt(r.get("peak_vs_limit"), ".3f"),
+            fmt(r.get("peak_vs_peft_same_method"), ".3f"),
+        ])
+    return common.markdown_table(header, body)
+
+
+MEMORY_NOTE = (
+    "peak MiB = resident (the condition's parameters, buffers, optimizer state; shared base weights "
+    "included) + step peak. step peak = peak of tensor bytes allocated during one step above the "
+    "step's start ({how}). saved-for-backward = distinct storages autograd saved, parameters excluded "
+    "(eager only)."
+)
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]], device: torch.device,
+           batch_shape: tuple[int, int], extra: dict[str, Any]) -> str:
+    how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+           else "PyTorch CPU allocator events from torch.profiler(profile_memory=True); oneDNN/MKL scratch not seen")
+    lines = [
+        f"## lorakit step benchmark: {args.model}, {args.dtype}, batch {batch_shape[0]} x {batch_shape[1]}, "
+        f"r={args.r} (VeRA r={args.vera_r}), alpha={args.alpha}, targets {','.join(args.targets)}",
+        "",
+        "command: `" + " ".join(["python"] + sys.argv) + "`",
+        "",
+        f"machine: {info['cpu']} ({info['cpu_count']} cores visible, torch threads {info['torch_threads']})"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        + f"; torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}; "
+        f"device {info['device']}",
+        f"load average before / after: {extra['load_before']} / {extra['load_after']}",
+        f"steps: {args.warmup} warmup + 1 memory + {args.steps} timed rounds per condition, interleaved in "
+        "alternating order; medians reported. One step = forward + loss + backward + AdamW step (+ method "
+        "hooks) + zero_grad. The limit has no optimizer (no trainable parameter) and backpropagates to the "
+        "input embeddings.",
+        "",
+        table(rows),
+        "",
+        MEMORY_NOTE.format(how=how),
+    ]
+    if device.type == "cpu":
+        lines.append(
+            "CPU note: this machine's cores are shared with other processes (see the load average); "
+            "differences below a few percent are within noise."
+        )
+    return "\n".join(lines)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=["smollm2", "llama-1b", "tiny"], help="default: smollm2 on CPU, llama-1b on CUDA")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--batch", type=int, help="default 4 (2 with --quick)")
+    p.add_argument("--seq", type=int, help="default 256 on CPU (128 with --quick), 2048 on CUDA")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--vera-r", type=int, default=256, help="VeRA's rank (its shared projections)")
+    p.add_argument("--targets", nargs="+", default=SEVEN_PROJECTIONS)
+    p.add_argument("--methods", nargs="+", help="lorakit method names (and 'qlora'); default: all registered")
+    p.add_argument("--no-peft", action="store_true", help="skip PEFT's conditions")
+    p.add_argument("--steps", type=int, help="timed rounds (default 3, 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory step")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--quick", action="store_true", help="smaller batch and fewer rounds")
+    p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/step-<device>-<model>-<time>.json)")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.model = args.model or ("llama-1b" if gpu else "smollm2")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.seq = args.seq or (2048 if gpu else 128 if args.quick else 256)
+    args.steps = args.steps or (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    load_before = common.load_average()
+
+    base = build_model(args.model, device, dtype)
+    vocab = base.get_input_embeddings().num_embeddings
+    batch = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    torch.manual_seed(0)
+    conditions = build_conditions(base, args)
+    print("conditions: " + ", ".join(c.name for c in conditions), flush=True)
+
+    run(conditions, batch, device, args)
+    info = common.machine_info(device)
+    rows = summarize(conditions)
+    extra = {"load_before": load_before, "load_after": common.load_average()}
+    text = report(args, info, rows, device, (args.batch, args.seq), extra)
+    print("\n" + text, flush=True)
+
+    result = {
+        "benchmark": "bench_step",
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": info,
+        **extra,
+        "results": rows,
+        "markdown": text,
+    }
+    if args.profile:
+        profile = profile_method(conditions, args.profile, batch, device, args.profile_rows)
+        print("\n" + profile, flush=True)
+        result["profile"] = profile
+    out = args.out or RESULTS_DIR / (
+        f"step-{args.device}-{args.model}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nsaved {out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

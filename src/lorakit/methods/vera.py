@@ -1,0 +1,238 @@
+r"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al. 2023, arXiv 2310.11454).
+
+::
+
+                    shared by every adapted layer, frozen, regenerated from a seed
+                    ┌──────────────────────────────────────────────┐
+                    │  A (r x max_in)             B (max_out x r)  │
+                    └──────┬───────────────────────────┬───────────┘
+                           │ A[:, :in]                 │ B[:out, :]
+        x ──► W0 (frozen, out x in) ─────────────────────────────────────────┐
+        │                  ▼                           ▼                    (+) ──► y
+        └─► dropout ─► A[:, :in] ─► ⊙ d (r) ─► B[:out, :] ─► ⊙ b (out) ──────┘
+
+    y = x W0^T + b ⊙ ((d ⊙ (dropout(x) A^T)) B^T)        i.e.  ΔW = diag(b) B diag(d) A
+
+Only the vectors `d (r,)` (init `d_initial`, 0.1) and `b (out,)` (init 0, so the model is unchanged
+at step 0) train: `out + r` parameters per layer. `A` and `B` are drawn once, exactly as PEFT draws
+them (a CPU `torch.Generator` seeded with `projection_prng_key`, A first, then B, each
+kaiming-uniform with fan_in = size(1)), so an adapter file needs only the seed; `save_projection`
+stores the matrices too, under PEFT's keys `base_model.vera_A` / `base_model.vera_B`.
+
+The forward folds both vectors into the small `(out, r)` matrix, `B' = diag(b) B diag(d)`, so a
+step costs two rank-r GEMMs and autograd keeps only `x A^T` (tokens x r) for the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base_layers import in_out_features, weight_dtype_device
+from .base import AdapterConfig, AdditiveAdapter, load_exact, register
+from .lora import low_rank_update
+
+PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # PEFT's keys in adapter_model.safetensors
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform (gain sqrt 2, fan_in = size(1)) drawn from `generator`, as PEFT's `_kaiming_init`."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+def vera_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared frozen pair `(A (r, max_in), B (max_out, r))`, bit-identical to PEFT's for the same seed."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    vera_A = kaiming_uniform((r, max_in), generator)  # A is drawn first, then B: the order matters
+    vera_B = kaiming_uniform((max_out, r), generator)
+    return vera_A, vera_B
+
+
+class VeRAProjections(nn.Module):
+    """The frozen random matrices every VeRA adapter of a model references (one instance per model).
+
+    Buffers, not parameters (they never train), and non-persistent: the model's own state dict
+    does not repeat them under every adapted layer; the adapter file stores the seed (or, with
+    `save_projection`, the matrices once, through the config's `extra_state`).
+    """
+
+    def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("vera_A", vera_A, persistent=False)  # (r, max_in)
+        self.register_buffer("vera_B", vera_B, persistent=False)  # (max_out, r)
+
+    def extra_repr(self) -> str:
+        return f"vera_A={tuple(self.vera_A.shape)}, vera_B={tuple(self.vera_B.shape)}"
+
+
+class VeRAAdapter(AdditiveAdapter, nn.Module):
+    """VeRA's trainable vectors for one layer, `vera_lambda_d (r,)` and `vera_lambda_b (out,)`,
+    over the shared projections, of which it uses the slices `A[:, :in]` and `B[:out, :]`."""
+
+    def __init__(
+        self,
+        projections: VeRAProjections,
+        in_features: int,
+        out_features: int,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        r, max_in = projections.vera_A.shape
+        if in_features > max_in or out_features > projections.vera_B.shape[0]:
+            raise ValueError(
+                f"VeRA projections {tuple(projections.vera_A.shape)}/{tuple(projections.vera_B.shape)} "
+                f"are too small for a layer of shape (out={out_features}, in={in_features})"
+            )
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.projections = projections
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=dtype, device=device))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def scaled_up_projection(self) -> torch.Tensor:
+        """`diag(b) B[:out, :] diag(d)`, `(out, r)`, in the parameters' dtype."""
+        vera_B = self.projections.vera_B[: self.out_features].to(self.vera_lambda_b.dtype)
+        return self.vera_lambda_b[:, None] * vera_B * self.vera_lambda_d[None, :]
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        y = base_layer(x)
+        vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=x.dtype)
+        z = self.dropout(x) @ vera_A.T  # (..., r); A is frozen, so autograd keeps z, not x
+        up = self.scaled_up_projection().to(device=x.device, dtype=x.dtype)  # (out, r)
+        return low_rank_update(y, z, up, 1.0)
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        vera_A = self.projections.vera_A[:, : self.in_features]
+        up = self.scaled_up_projection()
+        compute = torch.promote_types(up.dtype, base_weight.dtype)
+        return (up.to(compute) @ vera_A.to(device=up.device, dtype=compute)).to(base_weight.dtype)
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_exact(self, self.peft_state_dict(), state)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, in={self.in_features}, out={self.out_features}"
+
+
+@register
+@dataclass
+class VeRA(AdapterConfig):
+    """VeRA (Kopiczko et al. 2023): `y = x W0^T + b ⊙ ((d ⊙ (x A^T)) B^T)`, A and B frozen, shared, random.
+
+    Attributes:
+        r: rank of the shared random projections (large is cheap: each layer trains only r + out).
+        projection_prng_key: seed of the projections (PEFT's name); the same seed gives PEFT's
+            exact matrices.
+        save_projection: also store the matrices in the adapter file (PEFT's `base_model.vera_A`
+            / `base_model.vera_B`); by default only the seed is stored.
+        d_initial: initial value of every entry of `d` (PEFT's name; the paper's ablation favours
+            0.1 or smaller).
+        dropout: dropout on the adapter's input (PEFT's `vera_dropout`).
+    """
+
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = False
+    d_initial: float = 0.1
+    dropout: float = 0.0
+
+    method = "vera"
+    peft_type = "VERA"
+
+    def make_adapters(self, model: nn.Module, names: list[str]) -> dict[str, VeRAAdapter]:
+        """One adapter per module in `names`, all over ONE shared pair sized to the largest layer."""
+        return self.adapters_for({name: model.get_submodule(name) for name in names})
+
+    def make_adapter(self, base_layer: nn.Module) -> VeRAAdapter:
+        """A lone VeRA adapter with its own projections, sized to `base_layer`."""
+        return self.adapters_for({"": base_layer})[""]
+
+    def adapters_for(self, layers: Mapping[str, nn.Module]) -> dict[str, VeRAAdapter]:
+        if self.r <= 0:
+            raise ValueError(f"VeRA rank must be positive, got r={self.r}")
+        shapes = {name: in_out_features(layer) for name, layer in layers.items()}
+        max_in = max(i for i, _ in shapes.values())
+        max_out = max(o for _, o in shapes.values())
+        _, device = weight_dtype_device(next(iter(layers.values())))
+        # Drawn on the CPU in float32 (as PEFT does, for portability), then moved; kept in the
+        # parameters' dtype and cast to the activation dtype in forward.
+        vera_A, vera_B = vera_projections(self.r, max_in, max_out, self.projection_prng_key)
+        projections = VeRAProjections(vera_A.to(device, self.param_dtype), vera_B.to(device, self.param_dtype))
+        adapters = {}
+        for name, layer in layers.items():
+            in_f, out_f = shapes[name]
+            _, layer_device = weight_dtype_device(layer)
+            adapters[name] = VeRAAdapter(
+                projections, in_f, out_f, self.d_initial, self.dropout, self.param_dtype, layer_device
+            )
+        return adapters
+
+    # --- the shared projections in the adapter file ------------------------------------------
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The projection matrices under PEFT's keys when `save_projection`, else nothing (the seed
+        in the config regenerates them)."""
+        if not self.save_projection:
+            return {}
+        projections = shared_projections(model)
+        return {PROJECTION_KEYS[0]: projections.vera_A, PROJECTION_KEYS[1]: projections.vera_B}
+
+    def load_extra_state(self, model: nn.Module, remaining: dict[str, torch.Tensor]) -> None:
+        """Load saved projections when the file holds them (popping their keys)."""
+        saved = [remaining.pop(key, None) for key in PROJECTION_KEYS]
+        if all(t is None for t in saved):
+            if self.save_projection:
+                raise ValueError(f"adapter config says save_projection=True but the file holds no {PROJECTION_KEYS}")
+            return
+        if any(t is None for t in saved):
+            raise ValueError(f"adapter file holds only one of {PROJECTION_KEYS}")
+        projections = shared_projections(model)
+        load_exact(projections, dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B))), dict(zip(PROJECTION_KEYS, saved)))
+
+    # --- PEFT config interchange ---------------------------------------------------------------
+    def to_peft(self, target_names: list[str]) -> dict[str, Any]:
+        return {
+            **super().to_peft(target_names),
+            "r": self.r,
+            "projection_prng_key": self.projection_prng_key,
+            "save_projection": self.save_projection,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": False,
+            "init_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any]) -> "VeRA":
+        if peft_config.get("bias", "none") != "none":
+            raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
+        targets = peft_config.get("target_modules") or []
+        return cls(
+            targets=sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+            layers=peft_config.get("layers_to_transform"),
+            train_modules=list(peft_config.get("modules_to_save") or []),
+            r=int(peft_config.get("r", 256)),
+            projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
+            save_projection=bool(peft_config.get("save_projection", True)),
+            d_initial=float(peft_config.get("d_initial", 0.1)),
+            dropout=float(peft_config.get("vera_dropout", 0.0)),
+        )
+
+
+def shared_projections(model: nn.Module) -> VeRAProjections:
+    """The model's one `VeRAProjections` module (`model.modules()` lists a shared module once)."""
+    found = [m for m in model.modules() if isinstance(m, VeRAProjections)]
+    if len(found) != 1:
+        raise ValueError(f"expected one shared VeRA projection pair in the model, found {len(found)}")
+    return found[0]

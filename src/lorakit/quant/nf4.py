@@ -1,0 +1,231 @@
+r"""4-bit NormalFloat (NF4) blockwise quantization, bit-exact with bitsandbytes (QLoRA).
+
+A weight is flattened and cut into blocks of `blocksize` (64) values; each block keeps its
+absolute maximum and stores every value as the 4-bit index of the nearest NF4 code of
+`value / absmax`::
+
+    w (n floats) ─► blocks of 64 ─► absmax_b = max |w|  ─► code index = nearest(w / absmax_b)
+                                          │                         │
+                                          │                 two per byte, first in the HIGH nibble
+                                          ▼
+               double quantization: (absmax - mean) in blocks of 256 ─► 8-bit dynamic codes
+                                    + one fp32 scale per 256 blocks + the mean (one float)
+
+    dequantize:  w ≈ NF4[index] * absmax_b,    absmax_b = DYNAMIC[code_b] * scale + mean
+
+Storage with double quantization: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight.
+
+Every rounding step follows bitsandbytes 0.50 on CPU so that packed codes, statistics and
+dequantized values are identical bit for bit:
+
+- 4-bit: full blocks are scaled by the reciprocal `w * (1 / absmax)` (absmax clamped to 1e-38 so a
+  zero block maps to code 0.0), the trailing partial block by a division `w / absmax`; the result
+  is clamped to [-1, 1] and bucketized on the fp32 midpoints of the code book (a tie goes to the
+  lower code). An odd element count is padded with one zero code.
+- 8-bit (absmax statistics): `value / absmax` (division, no clamp), then the nearest dynamic code
+  found by a binary search, the left neighbour winning ties.
+- dequantization multiplies in fp32 and rounds once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+NF4_OFFSET = 0.9677083
+DEFAULT_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+
+
+def create_normal_map(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 codes, computed as bitsandbytes' `create_normal_map(offset)` does.
+
+    8 positive quantiles of N(0, 1) between `offset` and 0.5, 7 negative ones, an exact zero,
+    normalised so the largest is 1. Quantile points come from an fp32 `linspace`, the quantile
+    function runs in float64, and the values are rounded to fp32 before normalising, as there.
+    """
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
+    values = torch.cat([positive, torch.zeros(1), negative]).sort().values
+    return values / values.max()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 256-entry 8-bit "dynamic" code book (Dettmers 2015), as bitsandbytes builds it.
+
+    Each exponent level `10^(i - max_exponent_bits + 1)` holds the midpoints of an fp32
+    `linspace(0.1, 1)` with a number of fraction steps that grows with the level; plus 0 and 1.
+    """
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_bits = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        boundaries = torch.linspace(0.1, 1, 2**fraction_bits + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        level = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (level * means).tolist()
+        if signed:
+            data += (-level * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        level = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        data += (level * means).tolist()
+        if signed:
+            data += (-level * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@lru_cache(maxsize=None)
+def _cached_table(name: str, device: str) -> torch.Tensor:
+    if name == "nf4":
+        return create_normal_map().to(device)
+    if name == "nf4_midpoints":
+        code = _cached_table("nf4", device)
+        return (code[:-1] + code[1:]) / 2
+    if name == "nf4_pairs":
+        # byte -> (code of high nibble, code of low nibble): one gather dequantizes two weights
+        code = _cached_table("nf4", device)
+        byte = torch.arange(256, device=device)
+        return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+    if name == "dynamic":
+        return create_dynamic_map(signed=True).to(device)
+    raise KeyError(name)
+
+
+def code_table(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A cached constant table ("nf4", "nf4_midpoints", "nf4_pairs", "dynamic") on `device`."""
+    return _cached_table(name, str(torch.device(device)))
+
+
+# --- 8-bit blockwise quantization of the absmax statistics ------------------------------------
+
+
+def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes, fp32 absmax per block) of fp32 `values` with the signed dynamic map.
+
+    Like bitsandbytes' CPU kernel: `value / absmax` (no clamp) and the nearest code, the lower
+    one on a tie.
+    """
+    code = code_table("dynamic", values.device)
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    blocks = math.ceil(n / blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    normed = (padded / absmax[:, None]).reshape(-1)[:n]
+    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 2)
+    right = left + 1
+    take_right = (normed - code[right]).abs() < (normed - code[left]).abs()
+    return torch.where(take_right, right, left).to(torch.uint8).view(values.shape), absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """fp32 values of `quantize_blockwise_8bit` output."""
+    code = code_table("dynamic", codes.device)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return (code[flat.long()] * scale).view(codes.shape)
+
+
+# --- NF4 --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NF4Tensor:
+    """A weight in NF4: packed codes plus the statistics needed to rebuild it.
+
+    Attributes:
+        packed: uint8 `(ceil(n / 2),)`, two codes per byte, the first element in the high nibble.
+        absmax: fp32 `(blocks,)` without double quantization; uint8 dynamic codes with it.
+        absmax_scale: fp32 `(ceil(blocks / 256),)` absmax of the absmax blocks (double quant only).
+        absmax_offset: fp32 scalar, the mean subtracted from absmax (double quant only).
+        shape: the original shape; dtype: the original dtype; blocksize: values per block.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax_scale: torch.Tensor | None
+    absmax_offset: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 absmax of each 64-block (decoded when double quantized)."""
+        return block_absmax(self.absmax, self.absmax_scale, self.absmax_offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in `dtype` (default: the original dtype)."""
+        return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype or self.dtype)
+
+
+def block_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor | None, absmax_offset: torch.Tensor | None) -> torch.Tensor:
+    """fp32 per-block absmax: `absmax` itself, or its double-quantized codes decoded."""
+    if absmax_scale is None:
+        return absmax
+    return dequantize_blockwise_8bit(absmax, absmax_scale) + absmax_offset
+
+
+@torch.no_grad()
+def quantize_nf4(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> NF4Tensor:
+    """Quantize a float tensor to NF4 (optionally with double-quantized statistics).
+
+    Equal bit for bit to `bitsandbytes.functional.quantize_4bit(weight, quant_type="nf4",
+    blocksize=blocksize, compress_statistics=double_quant)` on CPU.
+    """
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 quantizes fp32/fp16/bf16 tensors, got {weight.dtype}")
+    if blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even number, got {blocksize}")
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    head = flat[:full].view(-1, blocksize)
+    absmax = head.abs().amax(dim=1)
+    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = torch.bucketize(scaled, code_table("nf4_midpoints", flat.device), out_int32=True).to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    scale = offset = None
+    if double_quant:
+        offset = absmax.mean()
+        absmax, scale = quantize_blockwise_8bit(absmax - offset)
+    return NF4Tensor(packed, absmax, scale, offset, weight.shape, weight.dtype, blocksize)
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax` (vectorized).
+
+    One gather through a 256 x 2 table decodes both nibbles of each byte; the product with the
+    block's absmax is formed in fp32 and rounded once to `dtype`, as bitsandbytes does.
+    """
+    n = math.prod(shape)
+    values = code_table("nf4_pairs", packed.device)[packed.reshape(-1).long()].view(-1)
+    blocks = absmax.numel()
+    if values.numel() != blocks * blocksize:
+        values = torch.nn.functional.pad(values[:n], (0, blocks * blocksize - n))
+    out = (values.view(blocks, blocksize) * absmax.view(blocks, 1)).view(-1)
+    return out[:n].view(shape).to(dtype)

@@ -1,0 +1,212 @@
+"""The training configuration: one typed dataclass, read from flags and from YAML.
+
+Each field's docstring (the string literal under it) is its `--help` text, as in litgpt. A YAML
+file given with `--config` sets fields by name; flags override the file; `--print-config`
+prints the resolved result, which is also what a run saves as `runs/<name>/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LorakitError
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lorakit train` needs; defaults run the built-in job."""
+
+    model: str | None = None
+    """Base model: a local Hugging Face directory, a .gguf file, or a built-in name ('smollm2', 'minilm'). Default: the built-in model for the task."""
+    task: str = "causal-lm"
+    """'causal-lm' (instruction / chat / text data) or 'classify' (text + label; encoder models)."""
+    data: str | None = None
+    """Training data: .jsonl/.json (Alpaca, chat messages, prompt/completion, text) or .tsv/.csv (text or sentence, label). Default: the built-in generated task."""
+    eval_data: str | None = None
+    """Held-out data in the same format as --data. Default: a --eval-fraction of --data."""
+    eval_fraction: float = 0.1
+    """Fraction of --data held out for evaluation when --eval-data is not given."""
+    max_eval_examples: int = 200
+    """At most this many held-out examples are evaluated (before and after training)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (default: only on completion / assistant tokens)."""
+
+    method: str = "lora"
+    """Adapter method, one of lorakit.METHODS."""
+    r: int | None = None
+    """Rank, for methods that have one. Default: the method's own default."""
+    alpha: float | None = None
+    """Scale numerator, for methods that have one. Default: the method's own default."""
+    dropout: float | None = None
+    """Adapter input dropout, for methods that have one. Default: the method's own default."""
+    targets: str = "all-linear"
+    """Modules to adapt: 'all-linear', a regular expression, or a comma-separated list of names (e.g. q_proj,v_proj)."""
+    train_modules: list[str] | None = None
+    """Modules trained in full and saved with the adapter. Default: the classification head for --task classify."""
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """Other fields of the method's config, as KEY=VALUE (repeat the flag), e.g. --method-arg init_r=12."""
+    loraplus_ratio: float | None = None
+    """LoRA+: learning rate of the B matrices = lr x this ratio (e.g. 16)."""
+    quantize: str | None = None
+    """Quantize the frozen base before adapting ('nf4' = QLoRA)."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: 'cosine', 'linear' or 'constant'."""
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to --lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when --steps is given)."""
+    steps: int | None = None
+    """Optimizer steps to train (overrides --epochs)."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
+    max_length: int = 512
+    """Examples longer than this many tokens are truncated."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient norm to this value (none to disable)."""
+    seed: int = 0
+    """Seed for the adapter init, data order and dropout (and the built-in task's data)."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+
+    name: str | None = None
+    """Run name: results go to <out-dir>/<name>/. Default: derived from the task, method and time."""
+    out_dir: str = "runs"
+    """Directory holding the runs."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    resume: str | None = None
+    """Continue a run from its latest checkpoint: give the run directory (or one checkpoint directory)."""
+    progress: bool = True
+    """Show the progress bar."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("causal-lm", "classify"),
+    "schedule": ("cosine", "linear", "constant"),
+    "precision": ("auto", "bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source, as litgpt does)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; `list[str] | None` -> list; the type a flag's value converts to."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0]
+    return typing.get_origin(annotation) or annotation
+
+
+def field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+
+
+def convert(name: str, value: Any) -> Any:
+    """Check and convert one field's value (from YAML or a flag), or raise a one-line error."""
+    kind = field_types()[name]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+        return None
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            value = value.lower() in ("true", "1", "yes")
+        elif kind is list:
+            value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        elif kind is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+        elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit()):
+            value = int(value)
+        elif not isinstance(value, kind):
+            raise ValueError(value)
+    except ValueError:
+        raise LorakitError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+    if name in CHOICES and value not in CHOICES[name]:
+        raise LorakitError(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from `base` (default: the defaults) with the fields in `data` replaced."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LorakitError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(base or TrainConfig(), **{k: convert(k, v) for k, v in data.items()})
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LorakitError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML, every field in declaration order."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need more than one field, or ranges; raises a one-line error."""
+    if config.steps is not None and config.steps <= 0:
+        raise LorakitError(f"steps must be positive, got {config.steps}")
+    if config.steps is None and config.epochs <= 0:
+        raise LorakitError(f"epochs must be positive, got {config.epochs}")
+    for name in ("batch_size", "grad_accum", "max_length", "max_eval_examples"):
+        if getattr(config, name) <= 0:
+            raise LorakitError(f"{name} must be positive, got {getattr(config, name)}")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.lr <= 0:
+        raise LorakitError(f"lr must be positive, got {config.lr}")
+    if config.quantize not in (None, "nf4"):
+        raise LorakitError(f"quantize: {config.quantize!r} is not supported (use nf4)")

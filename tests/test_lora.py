@@ -1,0 +1,350 @@
+"""LoRA against its math, against Hugging Face PEFT, and the shared machinery around it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.methods.lora import LoRAAdapter
+
+from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+
+
+def naive_lora(x, w0, bias, a, b, scale):
+    """Reference: y = x (W0 + s B A)^T + bias."""
+    y = x @ (w0 + scale * b @ a).T
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_and_grads_match_naive_reference(rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(20, 12)
+    model = nn.Sequential(base)
+    lorakit.adapt(model, lorakit.LoRA(r=4, alpha=8, targets=["0"], rslora=rslora))
+    adapter = model[0].adapter
+    perturb_trainable(model)
+    scale = 8 / math.sqrt(4) if rslora else 8 / 4
+    assert adapter.scale == pytest.approx(scale)
+
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    y = model(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = adapter.lora_A.detach().clone().requires_grad_(True)
+    b_ref = adapter.lora_B.detach().clone().requires_grad_(True)
+    y_ref = naive_lora(x_ref, base.weight, base.bias, a_ref, b_ref, scale)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(adapter.lora_A.grad, a_ref.grad)
+    torch.testing.assert_close(adapter.lora_B.grad, b_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert base.weight.grad is None and not base.weight.requires_grad
+
+
+def test_init_kaiming_a_zero_b_model_unchanged(input_ids):
+    model = tiny_llama()
+    before = model(input_ids).logits
+    lorakit.adapt(model, lorakit.LoRA(r=8, alpha=16))
+    for _, layer in lorakit.adapted_layers(model):
+        a = layer.adapter.lora_A
+        bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt 5) on (r, in)
+        assert a.abs().max() <= bound and a.std() > bound / 3
+        assert torch.count_nonzero(layer.adapter.lora_B) == 0
+    torch.testing.assert_close(model(input_ids).logits, before)
+
+
+def test_dropout_applies_to_adapter_input_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    lorakit.adapt(model, lorakit.LoRA(r=2, dropout=0.5, targets=["0"]))
+    x = torch.randn(64, 16)
+    base_out = model[0].base_layer(x)
+    # B = 0: dropout on the adapter path cannot change the output, even in train mode.
+    model.train()
+    torch.testing.assert_close(model(x), base_out)
+    perturb_trainable(model)
+    assert not torch.allclose(model(x), model(x))  # stochastic in train mode
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_merge_unmerge_round_trip_and_merge_and_unload(input_ids):
+    model = tiny_llama()
+    w_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.adapt(model, lorakit.LoRA(r=4, alpha=8))
+    perturb_trainable(model)
+    adapted = model(input_ids).logits
+    lorakit.merge(model)
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    lorakit.merge(model)  # idempotent
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    lorakit.unmerge(model)
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if ".base_layer." in name:
+            torch.testing.assert_close(p, w_before[name.replace(".base_layer", "")], atol=1e-6, rtol=0)
+    plain = lorakit.merge_and_unload(model)
+    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in plain.modules())
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(plain(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_equals_base_even_when_merged(input_ids):
+    model = tiny_llama()
+    base = model(input_ids).logits
+    lorakit.adapt(model, lorakit.LoRA(r=4))
+    perturb_trainable(model)
+    adapted = model(input_ids).logits
+    assert not torch.allclose(adapted, base)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(model(input_ids).logits, base)
+    torch.testing.assert_close(model(input_ids).logits, adapted)
+    lorakit.merge(model)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
+    assert all(layer.merged for _, layer in lorakit.adapted_layers(model))
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_only_adapter_parameters_train(input_ids):
+    model = tiny_llama()
+    lorakit.adapt(model, lorakit.LoRA(r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == p.requires_grad or n.endswith("lora_A"), n  # A's grad is 0 while B = 0
+
+
+def test_dtype_policy_fp32_master_weights_compute_in_activation_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8).to(torch.bfloat16))
+    lorakit.adapt(model, lorakit.LoRA(r=2, targets=["0"]))
+    adapter = model[0].adapter
+    assert adapter.lora_A.dtype == torch.float32
+    perturb_trainable(model)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert adapter.lora_B.grad.dtype == torch.float32
+    ref = naive_lora(x.float(), model[0].base_layer.weight.float(), model[0].base_layer.bias.float(),
+                     adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scale)
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+    lorakit_bf16 = nn.Sequential(nn.Linear(16, 8).to(torch.bfloat16))
+    lorakit.adapt(lorakit_bf16, lorakit.LoRA(r=2, targets=["0"], dtype="bfloat16"))
+    assert lorakit_bf16[0].adapter.lora_A.dtype == torch.bfloat16
+
+
+# --- target selection ---------------------------------------------------------------------------
+
+
+def names(model):
+    return [n for n, _ in lorakit.adapted_layers(model)]
+
+
+def test_all_linear_skips_output_head():
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets="all-linear"))
+    chosen = names(model)
+    assert len(chosen) == 2 * 7 and "lm_head" not in chosen
+
+
+def test_suffix_regex_and_layer_selection():
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["q_proj", "v_proj"]))
+    assert sorted(names(model)) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=r".*mlp\.(gate|up)_proj", layers=[1]))
+    assert sorted(names(model)) == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["model.layers.0.self_attn.o_proj"]))
+    assert names(model) == ["model.layers.0.self_attn.o_proj"]
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets="all-linear", exclude=["down_proj"]))
+    assert len(names(model)) == 12 and not any("down_proj" in n for n in names(model))
+
+
+def test_gpt2_conv1d_is_adapted_and_merges():
+    model = tiny_gpt2()
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["c_attn", "c_proj", "c_fc"]))
+    assert len(names(model)) == 2 * 4
+    perturb_trainable(model)
+    ids = torch.randint(0, 128, (2, 8))
+    adapted = model(ids).logits
+    plain = lorakit.merge_and_unload(model)
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(plain(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_target_lists_candidates():
+    with pytest.raises(ValueError) as err:
+        lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["query"]))
+    msg = str(err.value)
+    assert "query" in msg and "q_proj" in msg and "gate_proj" in msg
+
+
+def test_non_linear_target_is_an_error_listing_candidates():
+    with pytest.raises(ValueError) as err:
+        lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["input_layernorm"]))
+    assert "LlamaRMSNorm" in str(err.value) and "q_proj" in str(err.value)
+
+
+def test_layer_selection_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matched no adaptable module"):
+        lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["q_proj"], layers=[7]))
+
+
+def test_summary_counts():
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    text = lorakit.summary(model, per_module=True)
+    # q: 4*(32+32), v: 4*(32+16) per layer, 2 layers
+    expected = 2 * (4 * 64 + 4 * 48)
+    assert f"{expected:,}" in text and "lora" in text
+    assert "model.layers.1.self_attn.v_proj" in text
+
+
+# --- save / load ---------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_identical_logits(tmp_path, input_ids):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    lorakit.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    loaded = lorakit.load(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids).logits, expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    resumed = lorakit.load(tiny_llama(), tmp_path, trainable=True)
+    assert all(p.requires_grad for _, p in lorakit.adapter_parameters(resumed))
+
+
+def test_load_onto_wrong_base_names_module_and_shapes(tmp_path):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj"]))
+    lorakit.save(model, tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(ValueError) as err:
+        lorakit.load(wider, tmp_path)
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.q_proj" in msg and "(4, 32)" in msg and "(4, 48)" in msg
+    with pytest.raises(ValueError, match="q_proj"):
+        lorakit.load(tiny_gpt2(), tmp_path)  # no such module
+
+
+def test_load_is_strict_about_extra_and_missing_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj"]))
+    lorakit.save(model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    extra = dict(state, **{"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32)})
+    save_file(extra, str(weights))
+    with pytest.raises(ValueError, match="match no adapted module.*up_proj"):
+        lorakit.load(tiny_llama(), tmp_path)
+    missing = {k: v for k, v in state.items() if "layers.1" not in k}
+    save_file(missing, str(weights))
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj: missing \['lora_A.weight', 'lora_B.weight'\]"):
+        lorakit.load(tiny_llama(), tmp_path)
+
+
+def test_load_refuses_pickles(tmp_path):
+    torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    with pytest.raises(FileNotFoundError, match="never unpickles"):
+        lorakit.load(tiny_llama(), tmp_path)
+
+
+def test_train_modules_are_trained_and_saved(tmp_path, input_ids):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj"], train_modules=["lm_head"]))
+    assert model.lm_head.weight.requires_grad
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    lorakit.save(model, tmp_path)
+    loaded = lorakit.load(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids).logits, expected)
+
+
+# --- parity with Hugging Face PEFT ------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+
+def copy_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
+    """Give PEFT's LoRA modules the same A and B as ours."""
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(layer.adapter.lora_A)
+            module.lora_B["default"].weight.copy_(layer.adapter.lora_B)
+
+
+@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                                                (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_outputs_and_gradients_match_peft(make_model, targets, rslora, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.LoRA(r=4, alpha=12, targets=targets, rslora=rslora))
+    perturb_trainable(ours)
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora,
+                             fan_in_fan_out=make_model is tiny_gpt2)
+    theirs = peft.get_peft_model(make_model(), config)
+    copy_into_peft(ours, theirs)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_peft_loads_lorakit_adapter(tmp_path, input_ids):
+    ours = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lorakit_loads_peft_adapter(tmp_path, input_ids, targets):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(tiny_llama(), tmp_path)
+    assert len(list(lorakit.adapted_layers(ours))) == (4 if isinstance(targets, list) else 14)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lorakit_loads_peft_gpt2_adapter(tmp_path, input_ids):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_gpt2(), config)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(tiny_gpt2(), tmp_path)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_module_is_plain():
+    adapter = LoRAAdapter(8, 4, r=2, scale=1.0)
+    assert isinstance(adapter, lorakit.methods.Adapter)
