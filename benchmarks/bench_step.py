@@ -20,6 +20,8 @@ each condition once, in alternating order, and the tables report medians over th
     python benchmarks/bench_step.py --device cuda         # Llama-3.2-1B shape, bf16, batch 4 x 2048
     python benchmarks/bench_step.py --methods lora dora --compile
     python benchmarks/bench_step.py --profile lora        # where lorakit's and PEFT's LoRA step spend time
+
+On a CPU shared with other busy processes, add `--threads 1` (see the note printed under the table).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ def lorakit_condition(base: nn.Module, method: str, args: argparse.Namespace, qu
     own_weights = quantized or callable(getattr(config, "training_hooks", None))
     model = copy.deepcopy(base) if own_weights else sharing_copy(base)
     if quantized:
-        model = lorakit.quantize(model)
+        model = lorakit.quantize(model, targets=list(args.targets))
     model = lorakit.adapt(model, config)
     optimizer = adamw((p for _, p in lorakit.adapter_parameters(model)), args.lr)
     hooks = lorakit.training_hooks(model)
@@ -244,14 +245,9 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
 
 
 def compiled_variant(condition: Condition) -> Condition:
-    """The same model (shared weights) under `torch.compile`, with its own optimizer state."""
+    """The same model, parameters and optimizer under `torch.compile` (nothing is copied)."""
     model = torch.compile(condition.model)
-    optimizer = None
-    if condition.optimizer is not None:
-        optimizer = type(condition.optimizer)(condition.optimizer.param_groups, **condition.optimizer.defaults)
-    return dataclasses.replace(
-        condition, name=condition.name + " +compile", model=model, optimizer=optimizer, compiled=True, times=[], memory={}
-    )
+    return dataclasses.replace(condition, name=condition.name + " +compile", model=model, compiled=True, times=[], memory={})
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -435,8 +431,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
     ]
     if device.type == "cpu":
         lines.append(
-            "CPU note: this machine's cores are shared with other processes (see the load average); "
-            "differences below a few percent are within noise."
+            "CPU note: this machine's cores may be shared with other processes (see the load average); "
+            "differences below a few percent are within noise. With other processes busy, use --threads 1: "
+            "2-thread OpenMP steps stall at every barrier when a core is taken (steps 5-10x slower, erratic)."
         )
     return "\n".join(lines)
 

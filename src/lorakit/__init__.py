@@ -21,8 +21,10 @@ from .inject import (
 )
 from .hooks import Hooks, TrainingHook, training_hooks
 from .io import load, save
-from .methods import METHODS, AdapterConfig, LoRA, DoRA, VeRA
+from .methods import METHODS, AdapterConfig, LoRA, DoRA, VeRA, LoRAFA, DeltaLoRA
+from .optim import param_groups
 from .summary import summary
+from .quant import Linear4bit, quantize
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,9 @@ __all__ = [
     "LoRA",
     "DoRA",
     "VeRA",
+    "LoRAFA",
+    "DeltaLoRA",
+    "param_groups",
     "METHODS",
     "adapt",
     "adapted_layers",
@@ -44,6 +49,8 @@ __all__ = [
     "save",
     "summary",
     "unmerge",
+    "Linear4bit",
+    "quantize",
     "Hooks",
     "TrainingHook",
     "training_hooks",

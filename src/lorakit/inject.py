@@ -172,7 +172,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     else:
         adapters = {n: config.make_adapter(model.get_submodule(n)) for n in names}
     for name in names:
-        _set_submodule(model, name, AdaptedLayer(model.get_submodule(name), adapters[name]))
+        layer = AdaptedLayer(model.get_submodule(name), adapters[name])
+        _set_submodule(model, name, layer.train(model.training))  # new modules start in train mode
     for name in config.train_modules:
         try:
             module = model.get_submodule(name)
@@ -232,6 +233,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_submodule(model, name, base)
     if hasattr(model, "lorakit_config"):
         del model.lorakit_config
+    if getattr(model, "lorakit_quantization", None) is not None and not any(
+        isinstance(m, base_layers.DenseWeightProvider) for m in model.modules()
+    ):
+        del model.lorakit_quantization  # nothing is quantized any more
     return model
 
 

@@ -4,5 +4,7 @@ from .base import METHODS, Adapter, AdapterConfig, register
 from .lora import LoRA
 from .dora import DoRA
 from .vera import VeRA
+from .lora_fa import LoRAFA
+from .delta_lora import DeltaLoRA
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA"]
+__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA"]

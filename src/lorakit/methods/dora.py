@@ -74,6 +74,10 @@ class DoRAAdapter(nn.Module):
     after `adapt` only through `refresh_base_norm`.
     """
 
+    # LoRA+ (lorakit.param_groups): m scales output rows directly, B's position; the inner
+    # LoRAAdapter declares its own lora_B fast.
+    loraplus_fast = ("magnitude",)
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -86,13 +90,12 @@ class DoRAAdapter(nn.Module):
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
         self.lora = LoRAAdapter(in_f, out_f, r, scale, dropout, dtype, device)
-        self.register_buffer("base_row_sq_norm", torch.empty(out_f, device=device), persistent=False)
-        self.magnitude = nn.Parameter(torch.empty(out_f, dtype=dtype, device=device))
+        self.register_buffer("base_row_sq_norm", None, persistent=False)  # float32 (out,)
+        self.refresh_base_norm(base_layer)
+        # m = ||W0||_c, so W' = W0 at step 0
+        self.magnitude = nn.Parameter(self.base_row_sq_norm.sqrt().to(dtype))
         # The norm used at merge time, kept so that unmerge can invert the merge exactly.
         self.register_buffer("merged_norm", None, persistent=False)
-        self.refresh_base_norm(base_layer)
-        with torch.no_grad():
-            self.magnitude.copy_(self.base_row_sq_norm.sqrt())  # m = ||W0||_c: W' = W0 at step 0
 
     @torch.no_grad()
     def refresh_base_norm(self, base_layer: nn.Module) -> None:
@@ -145,7 +148,8 @@ class DoRAAdapter(nn.Module):
         """`W0 = W' ⊙ n/m - s B A`, with the norm cached by `merge`.
 
         A row whose magnitude is exactly 0 merged to zero and lost its direction; it unmerges to
-        `-s B A`, which is exact for the row the epsilon guards (W0 + s B A = 0).
+        `-s B A`, which is exact for the row the epsilon guards (W0 + s B A = 0). The cached norm
+        is kept (`unmerge` is also used as a pure function, e.g. for `delta_weight` while merged).
         """
         if self.merged_norm is None:
             raise RuntimeError("DoRA unmerge needs the norm cached by merge; this adapter was not merged")
@@ -153,7 +157,6 @@ class DoRAAdapter(nn.Module):
         inverse = torch.where(magnitude != 0, self.merged_norm / magnitude, torch.zeros_like(magnitude))
         A, B = self.lora.lora_A.float(), self.lora.lora_B.float()
         base = weight.float() * inverse[:, None] - self.scale * (B.to(weight.device) @ A.to(weight.device))
-        self.merged_norm = None
         return base.to(weight.dtype)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

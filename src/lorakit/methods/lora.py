@@ -44,6 +44,8 @@ def low_rank_update(base_out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, s
 class LoRAAdapter(AdditiveAdapter, nn.Module):
     """The LoRA pair for one layer: `lora_A (r, in)`, `lora_B (out, r)`, scale, dropout."""
 
+    loraplus_fast = ("lora_B",)  # LoRA+ (lorakit.param_groups): B is the fast, output side
+
     def __init__(
         self,
         in_features: int,

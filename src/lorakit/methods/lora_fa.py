@@ -2,11 +2,11 @@ r"""LoRA-FA: LoRA with a frozen down-projection (Zhang et al. 2023, arXiv 2308.0
 
 ::
 
-        x ──────────────► W0 (frozen, out x in) ─────────────────┐
-        │                                                         (+) ──► y
+        x ──────────────► W0 (frozen, out x in) ───────────────────────┐
+        │                                                             (+) ──► y
         └─► dropout ─► A (r x in, FROZEN) ─► z ─► B (out x r) ─► * s ──┘
-                                              │
-                        saved for backward: only z (tokens x r), never x (tokens x in)
+                                             │
+                       saved for backward: z (tokens x r) only, never x (tokens x in)
 
     y = x W0^T + s · dropout(x) A^T B^T,      s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
@@ -153,9 +153,9 @@ class LoRAFAAdapter(AdditiveAdapter, nn.Module):
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         y = base_layer(x)
         p = self.dropout if self.training else 0.0
-        projection = (
-            projected_gradient_matrix(self.lora_A, self.scale, self.projection_damping) if self.projected_grad else None
-        )
+        projection = None
+        if self.projected_grad and torch.is_grad_enabled():
+            projection = projected_gradient_matrix(self.lora_A, self.scale, self.projection_damping)
         out = FrozenDownProjection.apply(
             x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, p, projection
         )

@@ -2,14 +2,12 @@ r"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al. 2023, arXiv 231
 
 ::
 
-                    shared by every adapted layer, frozen, regenerated from a seed
-                    ┌──────────────────────────────────────────────┐
-                    │  A (r x max_in)             B (max_out x r)  │
-                    └──────┬───────────────────────────┬───────────┘
-                           │ A[:, :in]                 │ B[:out, :]
-        x ──► W0 (frozen, out x in) ─────────────────────────────────────────┐
-        │                  ▼                           ▼                    (+) ──► y
-        └─► dropout ─► A[:, :in] ─► ⊙ d (r) ─► B[:out, :] ─► ⊙ b (out) ──────┘
+        x ──────────────► W0 (frozen, out x in) ───────────────────────┐
+        │                                                             (+) ──► y
+        └─► dropout ─► A[:, :in] ─► ⊙ d (r) ─► B[:out, :] ─► ⊙ b (out) ┘
+                            ▲                      ▲
+                            └──── one frozen random pair, shared by all adapted layers,
+                                  regenerated from a seed: A (r x max_in), B (max_out x r)
 
     y = x W0^T + b ⊙ ((d ⊙ (dropout(x) A^T)) B^T)        i.e.  ΔW = diag(b) B diag(d) A
 
@@ -19,8 +17,9 @@ them (a CPU `torch.Generator` seeded with `projection_prng_key`, A first, then B
 kaiming-uniform with fan_in = size(1)), so an adapter file needs only the seed; `save_projection`
 stores the matrices too, under PEFT's keys `base_model.vera_A` / `base_model.vera_B`.
 
-The forward folds both vectors into the small `(out, r)` matrix, `B' = diag(b) B diag(d)`, so a
-step costs two rank-r GEMMs and autograd keeps only `x A^T` (tokens x r) for the backward.
+The forward folds both vectors into the small `(out, r)` matrix `B' = diag(b) B diag(d)`: a step
+costs two rank-r GEMMs, and the only activation autograd keeps is `x A^T` (tokens x r), since A is
+frozen and the vectors' gradients come from the `(out, r)` gradient of `B'`.
 """
 
 from __future__ import annotations
@@ -75,6 +74,8 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
     """VeRA's trainable vectors for one layer, `vera_lambda_d (r,)` and `vera_lambda_b (out,)`,
     over the shared projections, of which it uses the slices `A[:, :in]` and `B[:out, :]`."""
 
+    loraplus_fast = ("vera_lambda_b",)  # LoRA+ (lorakit.param_groups): b is the output side, d the input side
+
     def __init__(
         self,
         projections: VeRAProjections,
@@ -100,8 +101,9 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
 
     def scaled_up_projection(self) -> torch.Tensor:
         """`diag(b) B[:out, :] diag(d)`, `(out, r)`, in the parameters' dtype."""
-        vera_B = self.projections.vera_B[: self.out_features].to(self.vera_lambda_b.dtype)
-        return self.vera_lambda_b[:, None] * vera_B * self.vera_lambda_d[None, :]
+        b = self.vera_lambda_b
+        vera_B = self.projections.vera_B[: self.out_features].to(device=b.device, dtype=b.dtype)
+        return b[:, None] * vera_B * self.vera_lambda_d[None, :]
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         y = base_layer(x)
@@ -166,10 +168,11 @@ class VeRA(AdapterConfig):
         max_in = max(i for i, _ in shapes.values())
         max_out = max(o for _, o in shapes.values())
         _, device = weight_dtype_device(next(iter(layers.values())))
-        # Drawn on the CPU in float32 (as PEFT does, for portability), then moved; kept in the
-        # parameters' dtype and cast to the activation dtype in forward.
+        # Drawn on the CPU in float32 (as PEFT does, for portability) and kept in float32 whatever
+        # `dtype` says (one small pair per model; rounding it would break the seed's promise); cast
+        # to the activation dtype in forward.
         vera_A, vera_B = vera_projections(self.r, max_in, max_out, self.projection_prng_key)
-        projections = VeRAProjections(vera_A.to(device, self.param_dtype), vera_B.to(device, self.param_dtype))
+        projections = VeRAProjections(vera_A.to(device), vera_B.to(device))
         adapters = {}
         for name, layer in layers.items():
             in_f, out_f = shapes[name]
@@ -198,7 +201,8 @@ class VeRA(AdapterConfig):
         if any(t is None for t in saved):
             raise ValueError(f"adapter file holds only one of {PROJECTION_KEYS}")
         projections = shared_projections(model)
-        load_exact(projections, dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B))), dict(zip(PROJECTION_KEYS, saved)))
+        targets = dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
+        load_exact(projections, targets, dict(zip(PROJECTION_KEYS, saved)))
 
     # --- PEFT config interchange ---------------------------------------------------------------
     def to_peft(self, target_names: list[str]) -> dict[str, Any]:

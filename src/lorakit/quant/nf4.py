@@ -22,8 +22,9 @@ dequantized values are identical bit for bit:
   zero block maps to code 0.0), the trailing partial block by a division `w / absmax`; the result
   is clamped to [-1, 1] and bucketized on the fp32 midpoints of the code book (a tie goes to the
   lower code). An odd element count is padded with one zero code.
-- 8-bit (absmax statistics): `value / absmax` (division, no clamp), then the nearest dynamic code
-  found by a binary search, the left neighbour winning ties.
+- 8-bit (absmax statistics): `value * (1 / absmax)`, clamped, goes through bitsandbytes' table of
+  65536 bins over [-1, 1] (each bin holds the code nearest to its centre), so a value close to a
+  midpoint may take the neighbouring code; a block of zeros gets code 0.
 - dequantization multiplies in fp32 and rounds once to the output dtype.
 """
 
@@ -38,6 +39,7 @@ import torch
 NF4_OFFSET = 0.9677083
 DEFAULT_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
+_LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' 8-bit CPU quantizer
 
 
 def create_normal_map(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -96,11 +98,19 @@ def _cached_table(name: str, device: str) -> torch.Tensor:
         return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
     if name == "dynamic":
         return create_dynamic_map(signed=True).to(device)
+    if name == "dynamic_lut":
+        # bin i covers the value -1 + 2i / 65535; its code is the first whose upper midpoint is
+        # not below that value
+        code = _cached_table("dynamic", device)
+        midpoints = 0.5 * (code[:-1] + code[1:])
+        bins = torch.arange(_LUT_SIZE, dtype=torch.float32, device=device)
+        centers = -1.0 + (2.0 * bins) / float(_LUT_SIZE - 1)
+        return torch.searchsorted(midpoints, centers, side="left")
     raise KeyError(name)
 
 
 def code_table(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A cached constant table ("nf4", "nf4_midpoints", "nf4_pairs", "dynamic") on `device`."""
+    """A cached constant table ("nf4", "nf4_midpoints", "nf4_pairs", "dynamic", "dynamic_lut")."""
     return _cached_table(name, str(torch.device(device)))
 
 
@@ -110,20 +120,21 @@ def code_table(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
 def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes, fp32 absmax per block) of fp32 `values` with the signed dynamic map.
 
-    Like bitsandbytes' CPU kernel: `value / absmax` (no clamp) and the nearest code, the lower
-    one on a tie.
+    Follows bitsandbytes' CPU kernel step by step: `value * (1 / absmax)`, clamped to [-1, 1],
+    is mapped to one of 65536 evenly spaced bins (`trunc((v + 1) * 0.5 * 65535 + 0.5)`), and a
+    table gives each bin its nearest code. That is not always the nearest code of `v` itself,
+    hence the table. A block of zeros stores absmax 0 and code index 0.
     """
-    code = code_table("dynamic", values.device)
+    lut = code_table("dynamic_lut", values.device)
     flat = values.reshape(-1).float()
     n = flat.numel()
     blocks = math.ceil(n / blocksize)
     padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    normed = (padded / absmax[:, None]).reshape(-1)[:n]
-    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 2)
-    right = left + 1
-    take_right = (normed - code[right]).abs() < (normed - code[left]).abs()
-    return torch.where(take_right, right, left).to(torch.uint8).view(values.shape), absmax
+    normed = torch.clamp(padded * (1.0 / absmax)[:, None], -1.0, 1.0)
+    bins = ((((normed + 1.0) * 0.5) * float(_LUT_SIZE - 1)) + 0.5).to(torch.int64)
+    codes = torch.where(absmax[:, None] == 0, 0, lut[bins.clamp(0, _LUT_SIZE - 1)])
+    return codes.reshape(-1)[:n].to(torch.uint8).view(values.shape), absmax
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:

@@ -50,7 +50,7 @@ class TrainConfig:
     dropout: float | None = None
     """Adapter input dropout, for methods that have one. Default: the method's own default."""
     targets: str = "all-linear"
-    """Modules to adapt: 'all-linear', a regular expression, or a comma-separated list of names (e.g. q_proj,v_proj)."""
+    """Modules to adapt: 'all-linear', module names or name suffixes separated by commas (e.g. q_proj,v_proj), or a regular expression matched against full module names."""
     train_modules: list[str] | None = None
     """Modules trained in full and saved with the adapter. Default: the classification head for --task classify."""
     method_args: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,275 @@
+"""The `lorakit` command line: train, eval, generate, merge.
+
+    lorakit train                                # the built-in job: SmolLM2-135M learns a task
+    lorakit train --data my.jsonl --method dora --r 16 --steps 300
+    lorakit train --config run.yaml --lr 1e-3    # flags override the file
+    lorakit train --print-config                 # the resolved config, as YAML
+    lorakit eval --adapter runs/<name>
+    lorakit generate --adapter runs/<name> "Reverse the order of the words: a b c"
+    lorakit merge --adapter runs/<name> --out merged/
+
+Errors in the user's input print one line, `error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .train import config as config_mod
+from .train.config import TrainConfig
+from .train.errors import LorakitError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, help from the field's docstring. Defaults are left out of
+    the namespace (SUPPRESS) so that only flags actually given override the config file."""
+    docs = config_mod.field_docs(TrainConfig)
+    kinds = config_mod.field_types()
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        help_text = docs.get(f.name, "")
+        default = getattr(defaults, f.name)
+        if f.name in config_mod.CHOICES:
+            help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
+        if kinds[f.name] is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")
+        elif kinds[f.name] is dict:
+            parser.add_argument("--method-arg", dest=f.name, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")
+
+
+def parse_method_args(pairs: list[str]) -> dict[str, Any]:
+    """['init_r=12', 'lr_ratio=0.5'] -> {'init_r': 12, 'lr_ratio': 0.5} (values read as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LorakitError(f"--method-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- the resumed run's config.yaml <- --config file <- flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if "method_args" in given:
+        given["method_args"] = parse_method_args(given["method_args"])
+    cfg = TrainConfig()
+    if given.get("resume"):
+        from .train.checkpoint import find_checkpoint, run_dir_of
+
+        saved = run_dir_of(find_checkpoint(given["resume"])) / "config.yaml"
+        if saved.is_file():
+            cfg = config_mod.from_dict(config_mod.load_yaml(saved), cfg)
+    if args.config:
+        cfg = config_mod.from_dict(config_mod.load_yaml(args.config), cfg)
+    return config_mod.from_dict(given, cfg)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_train_config(args)
+    if args.print_config:
+        print(config_mod.to_yaml(cfg), end="")
+        return 0
+    from .train.loop import train
+
+    result = train(cfg, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print()
+    print(result.table())
+    print()
+    print(f"saved to {result.run_dir}/: adapter/, config.yaml, metrics.jsonl, report.txt, checkpoints/")
+    return 0
+
+
+# --- eval / generate / merge: a base model plus a saved adapter ---------------------------------
+
+
+def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfig]:
+    """The adapter directory for `--adapter` (an adapter or a run directory) and the run's config
+    (defaults when the adapter was not written by `lorakit train`)."""
+    if adapter is None:
+        return None, TrainConfig()
+    path = Path(adapter)
+    if not path.exists():
+        raise LorakitError(f"adapter path {path} does not exist")
+    run_dir = path
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    else:
+        run_dir = path.parent
+    cfg = TrainConfig()
+    if (run_dir / "config.yaml").is_file():
+        cfg = config_mod.from_dict(config_mod.load_yaml(run_dir / "config.yaml"))
+    return path, cfg
+
+
+def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2):
+    """(model, tokenizer): the base model with the adapter loaded for inference."""
+    from . import io
+    from .train.loop import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_spec, task)
+    model = load_model(model_spec, task, num_labels, tokenizer)
+    if adapter is not None:
+        try:
+            io.load(model, adapter)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.loop import build_datasets, format_metrics, measure, pick_device, use_bf16
+
+    adapter, cfg = adapter_dir_and_config(args.adapter)
+    overrides = {k: v for k, v in {"model": args.model, "task": args.task, "data": args.data, "eval_data": args.data,
+                                   "max_eval_examples": args.max_examples, "device": args.device}.items() if v is not None}
+    if args.data is not None:
+        overrides["eval_fraction"] = 0.0
+    cfg = config_mod.from_dict(overrides, cfg)
+    labels: list[str] = []
+    if adapter is not None and (adapter.parent / "report.json").is_file():
+        labels = json.loads((adapter.parent / "report.json").read_text()).get("labels", [])
+    from .train.loop import load_tokenizer
+
+    # a classifier keeps the label order it was trained with; unknown labels are an error
+    datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None)
+    examples = datasets.eval  # with --data: the whole file (it is also the "eval data")
+    model, tokenizer = load_adapted(cfg.model, adapter, cfg.task, max(2, len(datasets.labels)))
+    device = pick_device(cfg.device)
+    model.to(device)
+    result = measure(datasets.metric, model, tokenizer, examples, device, use_bf16(cfg.precision, device))
+    print(f"{datasets.name}, {len(examples)} examples: {format_metrics(result)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .train.data import has_chat_template, render_chat
+
+    adapter, cfg = adapter_dir_and_config(args.adapter)
+    model_spec = args.model if args.model is not None else cfg.model
+    model, tokenizer = load_adapted(model_spec, adapter, "causal-lm")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat and has_chat_template(tokenizer):
+        text = render_chat(tokenizer, [{"role": "user", "content": prompt}], True)
+        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import inject
+
+    adapter, cfg = adapter_dir_and_config(args.adapter)
+    model_spec = args.model if args.model is not None else cfg.model
+    task = args.task or cfg.task
+    num_labels = 2
+    if task == "classify" and (adapter.parent / "report.json").is_file():
+        import json
+
+        num_labels = max(2, len(json.loads((adapter.parent / "report.json").read_text()).get("labels", [])))
+    model, tokenizer = load_adapted(model_spec, adapter, task, num_labels)
+    inject.merge_and_unload(model)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged model written to {out}/ (loads with transformers' from_pretrained)")
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    train = sub.add_parser("train", help="fine-tune a model with an adapter (no arguments: the built-in demo job)",
+                           description="Fine-tune a model with an adapter. With no arguments, SmolLM2-135M learns the built-in "
+                           "reverse-words task on CPU in a few minutes. Flags override --config.")
+    train.add_argument("--config", metavar="YAML", help="YAML file of config fields (flags override it)")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out metrics of a base model or base + adapter", formatter_class=fmt)
+    ev.add_argument("--adapter", help="adapter directory or run directory (runs/<name>)")
+    ev.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
+    ev.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
+    ev.add_argument("--data", help="evaluation data file (default: the held-out split of the built-in task)")
+    ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples")
+    ev.add_argument("--device", choices=config_mod.CHOICES["device"])
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
+    gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
+    gen.add_argument("--adapter", help="adapter directory or run directory (runs/<name>)")
+    gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                     help="wrap the prompt in the tokenizer's chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    merge = sub.add_parser("merge", help="write base + adapter as one plain Hugging Face model directory", formatter_class=fmt)
+    merge.add_argument("--adapter", required=True, help="adapter directory or run directory (runs/<name>)")
+    merge.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
+    merge.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lorakit` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LorakitError as err:
+        from .train.loop import TrainingInterrupted
+
+        print(f"error: {err}" if not isinstance(err, TrainingInterrupted) else str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(err, TrainingInterrupted) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a directory `<run>/checkpoints/step-000050/` holding
+
+- `adapter/`: the adapter as `lorakit.save` writes it (safetensors, PEFT layout);
+- `rng.safetensors`: the torch CPU (and CUDA) random-number-generator states;
+- `optimizer.pt`: optimizer and learning-rate scheduler state (tensors and numbers only; read back
+  with `torch.load(weights_only=True)`, which never unpickles arbitrary objects);
+- `hooks.pt`: the training hooks' state, same rules;
+- `state.json`: step, tokens seen, the metric before training, elapsed time.
+
+Everything is written into a hidden temporary directory first, then renamed into place with
+`os.replace`: a crash mid-save leaves the previous checkpoints untouched, and a half-written
+directory is never taken for a checkpoint (its name starts with `.tmp-`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import io
+from .errors import LorakitError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted((k for k in state if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hooks: Any,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint for `step` under `directory` atomically; keep the newest `keep`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / checkpoint_name(step)
+    if final.exists():  # the same step was saved already (e.g. Ctrl-C right after a save)
+        return final
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-{checkpoint_name(step)}-"))
+    try:
+        io.save(model, tmp / "adapter")
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(hooks.state_dict(), tmp / "hooks.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints under `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: `path` itself, or the newest one in a run directory."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise LorakitError(f"no checkpoint to resume from in {path}")
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/step-N`)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def load_checkpoint(
+    checkpoint: str | Path, model: nn.Module, hooks: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore hook state and adapter tensors into an adapted `model`.
+
+    Returns (state.json, optimizer+scheduler state, rng state); the caller loads the optimizer
+    state once it has built the optimizer, and sets the RNG state last, just before training.
+    """
+    checkpoint = Path(checkpoint)
+    hooks.load_state_dict(torch.load(checkpoint / "hooks.pt", weights_only=True))
+    saved = load_file(str(checkpoint / "adapter" / io.WEIGHTS_NAME))
+    io.load_adapter_state(model, saved)
+    state = json.loads((checkpoint / "state.json").read_text())
+    optim_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    return state, optim_state, load_file(str(checkpoint / "rng.safetensors"))

@@ -1,0 +1,510 @@
+"""`lorakit train`: the training loop, written out.
+
+    load model + data -> metric before -> adapt -> hooks.before_training -> optimizer
+    for each step:
+        for each micro-batch: loss (+ hooks.extra_loss on the last) -> backward
+        clip -> optimizer.step -> scheduler.step -> hooks.after_optimizer_step -> zero_grad
+        log; checkpoint every N steps; stop cleanly on Ctrl-C; stop on a non-finite loss
+    metric after -> save adapter, config, metrics, report -> print the summary table
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import re
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import inject, io, models
+from ..hooks import Hooks, training_hooks
+from ..methods import METHODS
+from ..optim import param_groups
+from ..quant import quantize
+from ..summary import parameter_counts
+from . import checkpoint as ckpt
+from . import data as data_mod
+from . import evaluate, tasks
+from .config import TrainConfig, to_yaml, validate
+from .errors import LorakitError
+
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class TrainingDiverged(LorakitError):
+    """The loss or gradient became NaN or infinite."""
+
+
+class TrainingInterrupted(LorakitError):
+    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("device cuda requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: on GPU by default, anywhere when asked for."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def load_tokenizer(spec: str | None, task: str):
+    try:
+        return models.load_tokenizer(spec, task)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise LorakitError(str(err).splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF loader draws its own tqdm bar per tensor, ignoring its logging switch."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
+    """The base model for the task; any loading problem becomes a one-line error."""
+    try:
+        with _no_gguf_progress_bar():
+            return _load_model(spec, task, num_labels, tokenizer)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise LorakitError(str(err).splitlines()[0]) from None
+
+
+def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
+    if task == "classify":
+        model = models.load_classifier(spec, num_labels=num_labels)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers need it
+        return model
+    return models.load_causal_lm(spec)
+
+
+def quantize_base(model: nn.Module, kind: str) -> None:
+    """QLoRA: store the frozen base's linear layers in 4 bits (`lorakit.quantize`)."""
+    try:
+        quantize(model, kind)
+    except (TypeError, ValueError) as err:
+        raise LorakitError(f"--quantize {kind}: {err}") from None
+
+
+def method_config(cfg: TrainConfig, model: nn.Module):
+    """The adapter config for `cfg.method`, built from the registry by dataclass fields, so a
+    newly registered method works without changes here. Common flags (r, alpha, dropout,
+    targets, train_modules) are passed only to methods that have such fields."""
+    if cfg.method not in METHODS:
+        raise LorakitError(f"unknown method {cfg.method!r}; choose from: {', '.join(sorted(METHODS))}")
+    cls = METHODS[cfg.method]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    targets: Any = cfg.targets
+    if isinstance(targets, str) and targets != "all-linear" and ("," in targets or re.fullmatch(r"[\w.]+", targets)):
+        # names ("q_proj", "q_proj,v_proj") match a full module name or a name suffix;
+        # anything else is a regular expression matched against full names
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    train_modules = cfg.train_modules
+    if train_modules is None:
+        train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task == "classify" else []
+    kwargs: dict[str, Any] = {"targets": targets, "train_modules": list(train_modules)}
+    for name in ("r", "alpha", "dropout"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name not in fields:
+            raise LorakitError(f"method {cfg.method!r} has no {name!r} setting; its settings: {', '.join(fields)}")
+        kwargs[name] = value
+    for name, value in cfg.method_args.items():
+        if name not in fields:
+            raise LorakitError(f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise LorakitError(f"method {cfg.method}: {err}") from None
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing through transformers (renamed in transformers 5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: allocated CUDA memory on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class StopFlag:
+    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Datasets:
+    train: list[data_mod.Example]
+    eval: list[data_mod.Example]
+    name: str  # for the run name
+    metric: str  # "exact_match", "accuracy" or "eval_loss"
+    labels: list[str] = field(default_factory=list)
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None) -> Datasets:
+    """Read, check and tokenize train and held-out data (or generate the built-in task).
+
+    `labels`: the classes of an already trained classifier (default: those of the training data)."""
+    if cfg.data is None:
+        if cfg.task == "classify":
+            raise LorakitError("--task classify needs --data (a .tsv/.csv or .jsonl with text and label)")
+        train_rec, eval_rec = tasks.generate(cfg.seed)
+        train = [data_mod.Record(r, f"{tasks.NAME}[{i}]") for i, r in enumerate(train_rec)]
+        held = [data_mod.Record(r, f"{tasks.NAME}[eval {i}]") for i, r in enumerate(eval_rec)]
+        fmt, name = "prompt-completion", tasks.NAME
+    else:
+        train = data_mod.read_records(cfg.data)
+        fmt = data_mod.check_records(train, cfg.data)
+        name = Path(cfg.data).stem
+        if cfg.eval_data is not None:
+            held = data_mod.read_records(cfg.eval_data)
+            eval_fmt = data_mod.check_records(held, cfg.eval_data)
+            if eval_fmt != fmt:
+                raise LorakitError(f"{cfg.eval_data} is {eval_fmt} data but {cfg.data} is {fmt}")
+        else:
+            train, held = data_mod.split_held_out(train, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.max_eval_examples]
+    if cfg.task == "classify":
+        labels = labels or data_mod.label_names(train)
+        if len(labels) < 2:
+            raise LorakitError(f"{cfg.data}: classification needs at least 2 labels, found {labels}")
+        train_ex = data_mod.encode_classify(train, fmt, tokenizer, cfg.max_length, labels)
+        eval_ex = data_mod.encode_classify(held, fmt, tokenizer, cfg.max_length, labels)
+        return Datasets(train_ex, eval_ex, name, "accuracy", labels)
+    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt)
+    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt)
+    return Datasets(train_ex, eval_ex, name, "exact_match" if cfg.data is None else "eval_loss")
+
+
+def measure(metric: str, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device, bf16: bool) -> dict[str, float]:
+    """The held-out metrics (empty without held-out data)."""
+    if not examples:
+        return {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if metric == "accuracy":
+        return evaluate.classify_accuracy(model, examples, pad, 32, device, bf16)
+    result = evaluate.causal_lm_loss(model, examples, pad, 16, device, bf16)
+    if metric == "exact_match":
+        result.update(evaluate.exact_match(model, tokenizer, examples, 50, device, bf16))
+    return result
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`exact_match 93.0%, eval_loss 0.0312`: percentages for accuracies."""
+    return ", ".join(f"{k} {100 * v:.1f}%" if k in ("exact_match", "accuracy") else f"{k} {v:.4f}" for k, v in metrics.items()) or "no held-out data"
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to `runs/<name>/report.json`)."""
+
+    run_dir: Path
+    steps: int
+    metric: str
+    before: dict[str, float]
+    after: dict[str, float]
+    method: str
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    peak_memory_mb: float
+    tokens_per_s: float
+    train_seconds: float
+    wall_seconds: float
+    final_loss: float
+
+    def table(self) -> str:
+        """The summary table printed at the end of a run."""
+        b, a = self.before.get(self.metric), self.after.get(self.metric)
+        fmt = (lambda v: f"{100 * v:.1f}%") if self.metric in ("exact_match", "accuracy") else (lambda v: f"{v:.4f}")
+        rows = [
+            ("method", self.method),
+            ("trainable params", f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
+            ("adapter size on disk", f"{self.adapter_bytes / 2**20:.2f} MiB"),
+            ("peak memory", f"{self.peak_memory_mb:,.0f} MiB"),
+            ("tokens/s", f"{self.tokens_per_s:,.0f}"),
+            ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training)"),
+            ("wall time", f"{self.wall_seconds:.0f} s (load, evaluation before and after, training, saving)"),
+            ("final train loss", f"{self.final_loss:.4f}"),
+        ]
+        if b is not None and a is not None:
+            rows.append((f"{self.metric} (held-out)", f"{fmt(b)} -> {fmt(a)}"))
+        if self.metric == "exact_match" and "eval_loss" in self.after:
+            rows.append(("eval loss", f"{self.before['eval_loss']:.4f} -> {self.after['eval_loss']:.4f}"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def default_run_name(cfg: TrainConfig, data_name: str) -> str:
+    return f"{data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: TrainConfig, echo=print) -> RunResult:
+    """Run `lorakit train` for a resolved config; returns the result (see `RunResult`).
+
+    Raises `LorakitError` for bad input, `TrainingDiverged` on a non-finite loss (the last good
+    checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
+    """
+    wall_start = time.perf_counter()
+    validate(cfg)
+    device = pick_device(cfg.device)
+    bf16 = use_bf16(cfg.precision, device)
+
+    resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    datasets = build_datasets(cfg, tokenizer)
+    if not datasets.train:
+        raise LorakitError(f"{cfg.data}: no training examples left after holding out the evaluation split")
+    if resume_from is not None:
+        run_dir = ckpt.run_dir_of(resume_from)
+    else:
+        run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg, datasets.name))
+        if (run_dir / "checkpoints").is_dir() and ckpt.list_checkpoints(run_dir / "checkpoints"):
+            raise LorakitError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or pick another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
+    echo(f"loading model {cfg.model or builtin} ...")
+    model = load_model(cfg.model, cfg.task, max(2, len(datasets.labels)), tokenizer)
+    if cfg.quantize:
+        quantize_base(model, cfg.quantize)
+    model.to(device)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    per_epoch = max(1, len(datasets.train) // cfg.batch_size)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+    if resume_from is None:
+        echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples before training ...")
+        t0 = time.perf_counter()
+        before = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
+        echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
+    torch.manual_seed(cfg.seed)
+    try:
+        inject.adapt(model, method_config(cfg, model))
+    except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
+        raise LorakitError(str(err)) from None
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    hooks: Hooks = training_hooks(model)
+
+    state: dict[str, Any] = {"tokens": 0, "train_seconds": 0.0}
+    optim_state = rng = None
+    if resume_from is not None:
+        state, optim_state, rng = ckpt.load_checkpoint(resume_from, model, hooks)
+        before = state["before"]
+        echo(f"resuming from {resume_from} (step {state['step']})")
+    elif hooks:
+        # a few training batches for hooks that probe the model first (LoRA-drop)
+        probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
+        hooks.before_training(model, [evaluate.to_device(batch, device) for batch in probe])
+    start_step = state.get("step", 0)
+    if start_step >= total_steps:
+        raise LorakitError(f"{resume_from} is at step {start_step}, already at --steps {total_steps}: raise --steps to train further")
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+        scheduler.load_state_dict(optim_state["scheduler"])
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    trainable = [p for _, p in inject.adapter_parameters(model)]
+    forward = torch.compile(model) if cfg.compile else model
+
+    (run_dir / "config.yaml").write_text(
+        f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
+        f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(cfg, resume=None))
+    )
+    checkpoints = run_dir / "checkpoints"
+    metrics_log = open_metrics_log(run_dir / "metrics.jsonl", start_step)
+
+    def save(step: int) -> Path:
+        keep = {**state, "before": before, "step": step}
+        return ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler, hooks, keep, cfg.keep_checkpoints)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not cfg.progress, dynamic_ncols=True, desc="train")
+    model.train()
+    loss_value = float("nan")
+    try:
+        with StopFlag() as stop:
+            for step in range(start_step + 1, total_steps + 1):
+                t0 = time.perf_counter()
+                step_loss, step_tokens = 0.0, 0
+                for micro in range(cfg.grad_accum):
+                    examples = data_mod.micro_batch(datasets.train, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+                    batch = evaluate.to_device(data_mod.collate(examples, pad_id), device)
+                    with evaluate.autocast(device, bf16):
+                        loss = forward(**batch).loss
+                    if micro == cfg.grad_accum - 1 and hooks:
+                        loss = loss + hooks.extra_loss(model)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"loss became {value} at step {step}; stopped. "
+                            + _last_good(checkpoints)
+                            + " Try a lower --lr or --grad-clip."
+                        )
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += value / cfg.grad_accum
+                    step_tokens += int(batch["attention_mask"].sum())
+                grad_norm = None
+                if cfg.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+                    if not math.isfinite(grad_norm):
+                        raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(checkpoints))
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                hooks.after_optimizer_step(model, step)
+                optimizer.zero_grad(set_to_none=True)
+
+                seconds = time.perf_counter() - t0
+                state["tokens"] += step_tokens
+                state["train_seconds"] += seconds
+                loss_value = step_loss
+                tokens_per_s = state["tokens"] / max(state["train_seconds"], 1e-9)
+                record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": state["tokens"], "tokens_per_s": round(tokens_per_s, 1)}
+                if grad_norm is not None:
+                    record["grad_norm"] = round(grad_norm, 6)
+                metrics_log.write(json.dumps(record) + "\n")
+                metrics_log.flush()
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.update(1)
+
+                if stop.requested:
+                    path = save(step)
+                    raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}. Resume with: lorakit train --resume {run_dir}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    save(step)
+    finally:
+        bar.close()
+        metrics_log.close()
+    save(total_steps)
+
+    echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples after training ...")
+    t0 = time.perf_counter()
+    after = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
+    echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
+    adapter_dir = run_dir / "adapter"
+    io.save(model, adapter_dir, base_model_name_or_path=cfg.model or None)
+    trainable_count, total_count = parameter_counts(model)
+    result = RunResult(
+        run_dir=run_dir,
+        steps=total_steps,
+        metric=datasets.metric,
+        before=before,
+        after=after,
+        method=cfg.method,
+        trainable_params=trainable_count,
+        total_params=total_count,
+        adapter_bytes=dir_size(adapter_dir),
+        peak_memory_mb=peak_memory_mb(device),
+        tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
+        train_seconds=state["train_seconds"],
+        wall_seconds=time.perf_counter() - wall_start,
+        final_loss=loss_value,
+    )
+    report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+    if datasets.labels:
+        report["labels"] = datasets.labels
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / "report.txt").write_text(result.table() + "\n")
+    return result
+
+
+def open_metrics_log(path: Path, start_step: int):
+    """The JSONL metrics log, opened for appending; on resume, lines for steps after the
+    checkpoint (logged by the interrupted run, about to be trained again) are dropped."""
+    if start_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= start_step]
+        path.write_text("".join(kept))
+    elif path.is_file():
+        path.unlink()
+    return open(path, "a")
+
+
+def _last_good(checkpoints: Path) -> str:
+    found = ckpt.list_checkpoints(checkpoints)
+    return f"The last good checkpoint is {found[-1]}." if found else "No checkpoint was written yet."

@@ -1,0 +1,174 @@
+"""The `lorakit` command line end to end on a tiny random model; one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_lm import save_tiny_llama, write_jsonl
+
+from lorakit import cli
+
+WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "alpaca.jsonl", [{"instruction": "Reverse", "input": f"{a} {b}", "output": f"{b} {a}"} for a in WORDS for b in WORDS[:3]])
+    write_jsonl(d / "chat.jsonl", [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]} for w in WORDS])
+    write_jsonl(d / "text.jsonl", [{"text": f"the {w} jumps over the lazy dog"} for w in WORDS])
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "alpaca.jsonl"), "--steps", "3", "--batch-size", "4",
+                     "--out-dir", str(out), "--name", "a", "--no-progress", "--r", "4", "--lr", "0.01"])
+    assert code == 0
+    return out / "a"
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_train_writes_run_and_summary(trained_run, capsys):
+    for name in ("adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "report.txt"):
+        assert (trained_run / name).is_file()
+    assert "r: 4" in (trained_run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_train_other_formats(fmt, tiny_model, data_dir, tmp_path, capsys):
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / f"{fmt}.jsonl"), "--steps", "2",
+                     "--batch-size", "4", "--out-dir", str(tmp_path), "--name", fmt, "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "eval_loss (held-out)" in out and f"saved to {tmp_path / fmt}/" in out
+
+
+def test_config_file_and_flag_precedence(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("lr: 0.0005\nsteps: 40\nmethod_args: {rslora: true}\n")
+    assert cli.main(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0005" in out and "steps: 7" in out and "rslora: true" in out
+
+
+def test_help_comes_from_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "Optimizer steps to train (overrides --epochs)" in out and "--method-arg KEY=VALUE" in out
+
+
+def test_eval_generate_merge(trained_run, tiny_model, data_dir, tmp_path, capsys):
+    assert cli.main(["eval", "--adapter", str(trained_run), "--data", str(data_dir / "alpaca.jsonl")]) == 0
+    assert "eval_loss" in capsys.readouterr().out
+    assert cli.main(["generate", "--adapter", str(trained_run), "--max-new-tokens", "4", "apple river"]) == 0
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    adapted = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+
+
+def test_error_missing_model(tmp_path, data_dir, capsys):
+    code = cli.main(["train", "--model", str(tmp_path / "nope"), "--data", str(data_dir / "text.jsonl"), "--out-dir", str(tmp_path)])
+    assert code == 2 and "does not exist" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl:2: invalid JSON"),
+        ("", r"bad.jsonl: no examples"),
+        ('{"question": "q"}\n', r"bad.jsonl:1: unknown record format"),
+        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', r"bad.jsonl:2: mixed formats"),
+    ],
+)
+def test_bad_data_is_one_line_error(content, message, tiny_model, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(content)
+    code = cli.main(["train", "--model", tiny_model, "--data", str(tmp_path / "bad.jsonl"), "--out-dir", str(tmp_path)])
+    assert code == 2
+    assert message.replace("\\", "") in error_line(capsys)
+
+
+def test_bad_flag_values(capsys, tmp_path):
+    assert cli.main(["train", "--steps", "many", "--print-config"]) == 2
+    assert "steps: expected int" in error_line(capsys)
+    assert cli.main(["train", "--schedule", "wavy", "--print-config"]) == 2
+    assert "not one of cosine, linear, constant" in error_line(capsys)
+    assert cli.main(["train", "--method-arg", "oops", "--print-config"]) == 2
+    assert "KEY=VALUE" in error_line(capsys)
+    assert cli.main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in error_line(capsys)
+
+
+def test_label_mismatch_via_cli(tmp_path, capsys):
+    from tiny_lm import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "bert")
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    (tmp_path / "e.tsv").write_text("sentence\tlabel\nmeh\t2\n")
+    code = cli.main(["train", "--task", "classify", "--model", str(model), "--data", str(tmp_path / "t.tsv"),
+                     "--eval-data", str(tmp_path / "e.tsv"), "--out-dir", str(tmp_path)])
+    assert code == 2 and "e.tsv:2: label '2' is not among the training labels ['0', '1']" in error_line(capsys)
+
+
+def test_resume_of_missing_run(tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path / "gone")]) == 2
+    assert "no checkpoint to resume from" in error_line(capsys)
+
+
+def test_eval_classifier_keeps_training_label_order(tmp_path, capsys):
+    from tiny_lm import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "bert")
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "good\tpos\nbad\tneg\n" * 4)
+    assert cli.main(["train", "--task", "classify", "--model", str(model), "--data", str(tmp_path / "t.tsv"), "--steps", "2",
+                     "--batch-size", "4", "--out-dir", str(tmp_path), "--name", "c", "--no-progress"]) == 0
+    capsys.readouterr()
+    (tmp_path / "only_pos.tsv").write_text("sentence\tlabel\ngood\tpos\n")  # one class: indices from training
+    assert cli.main(["eval", "--adapter", str(tmp_path / "c"), "--data", str(tmp_path / "only_pos.tsv")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    (tmp_path / "other.tsv").write_text("sentence\tlabel\nmeh\tneutral\n")
+    assert cli.main(["eval", "--adapter", str(tmp_path / "c"), "--data", str(tmp_path / "other.tsv")]) == 2
+    assert "label 'neutral' is not among the training labels ['neg', 'pos']" in error_line(capsys)
+
+
+@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
+def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "2", "--batch-size", "4",
+                     "--out-dir", str(tmp_path), "--name", "x", "--no-progress", *extra])
+    assert code == 0, capsys.readouterr().err
+    if "nf4" in extra:  # the adapter records the quantized base, and eval re-quantizes a fresh base
+        assert "quantization" in json.loads((tmp_path / "x" / "adapter" / "lorakit.json").read_text())
+        assert cli.main(["eval", "--adapter", str(tmp_path / "x")]) == 0
+
+
+def test_targets_matching_nothing_is_one_line_error(tiny_model, data_dir, tmp_path, capsys):
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--targets", "no_such_proj",
+                     "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 2 and "target module(s) ['no_such_proj'] not found in the model" in error_line(capsys)
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--targets", ".*nothing.*",
+                     "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 2 and "matched no adaptable module" in error_line(capsys)

@@ -1,0 +1,163 @@
+"""LoRA+ parameter groups: which parameter lands in which group, at which lr, for every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.optim import param_groups
+
+from conftest import tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def groups_by_name(groups):
+    return {g["name"]: g for g in groups}
+
+
+def names_in(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def check_partition(model, groups):
+    """Every trainable parameter exactly once, nothing frozen."""
+    listed = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for _, p in lorakit.adapter_parameters(model)]
+    assert len(listed) == len(set(listed)) and set(listed) == set(trainable)
+
+
+def test_lora_b_gets_ratio_times_lr_a_and_head_gets_lr():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64)
+    model = BertForSequenceClassification(config)
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["query", "value"], train_modules=["classifier"]))
+    groups = param_groups(model, lr=1e-4, loraplus_ratio=16.0, weight_decay=0.1)
+    check_partition(model, groups)
+    by = groups_by_name(groups)
+    assert set(by) == {"A", "A/no_decay", "B"}
+    assert by["B"]["lr"] == pytest.approx(1.6e-3) and by["A"]["lr"] == by["A/no_decay"]["lr"] == 1e-4
+    assert names_in(model, by["B"]) == {n for n, _ in model.named_parameters() if n.endswith("lora_B")}
+    a_side = {n for n, _ in model.named_parameters() if n.endswith("lora_A")}
+    assert names_in(model, by["A"]) == a_side | {"classifier.weight"}
+    assert names_in(model, by["A/no_decay"]) == {"classifier.bias"}
+    assert by["A"]["weight_decay"] == by["B"]["weight_decay"] == 0.1 and by["A/no_decay"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("ratio", [None, 1, 1.0])
+def test_ratio_none_or_one_is_plain_training(ratio):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=TARGETS))
+    groups = param_groups(model, lr=3e-4, loraplus_ratio=ratio)
+    check_partition(model, groups)
+    assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_bad_ratio_is_an_error():
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=TARGETS))
+    with pytest.raises(ValueError, match="loraplus_ratio"):
+        param_groups(model, lr=1e-3, loraplus_ratio=0.0)
+
+
+def test_adam_first_step_moves_b_ratio_times_further(input_ids):
+    """Adam's first update is about lr per element: B's should be 16x A's."""
+    torch.manual_seed(0)
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=TARGETS))
+    with torch.no_grad():
+        for _, layer in lorakit.adapted_layers(model):
+            layer.adapter.lora_B.normal_(std=0.1)  # so that A gets a gradient too
+    before = {n: p.detach().clone() for n, p in lorakit.adapter_parameters(model)}
+    opt = torch.optim.Adam(param_groups(model, lr=1e-4, loraplus_ratio=16.0))
+    model(input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    for name, p in lorakit.adapter_parameters(model):
+        step = (p.detach() - before[name]).abs().max().item()
+        expected = 1.6e-3 if name.endswith("lora_B") else 1e-4
+        assert step == pytest.approx(expected, rel=1e-3), name
+
+
+def test_lora_fa_only_b_and_delta_lora_like_lora():
+    fa = lorakit.adapt(tiny_llama(), lorakit.LoRAFA(r=4, targets=TARGETS))
+    groups = param_groups(fa, lr=1e-4)
+    check_partition(fa, groups)
+    assert [g["name"] for g in groups] == ["B"] and groups[0]["lr"] == pytest.approx(1.6e-3)
+
+    delta = lorakit.adapt(tiny_llama(), lorakit.DeltaLoRA(r=4, targets=TARGETS))
+    by = groups_by_name(param_groups(delta, lr=1e-4, loraplus_ratio=20))
+    assert set(by) == {"A", "B"} and by["B"]["lr"] == pytest.approx(2e-3)
+    assert all(n.endswith("lora_B") for n in names_in(delta, by["B"]))
+    assert all(n.endswith("lora_A") for n in names_in(delta, by["A"]))
+
+
+def test_dora_magnitude_and_b_are_fast_a_slow():
+    from lorakit.methods.dora import DoRAAdapter
+
+    if "loraplus_fast" not in vars(DoRAAdapter):
+        pytest.skip("DoRAAdapter does not declare loraplus_fast = ('magnitude',) yet")
+    model = lorakit.adapt(tiny_llama(), lorakit.DoRA(r=4, targets=TARGETS))
+    groups = param_groups(model, lr=1e-4, weight_decay=0.01)
+    check_partition(model, groups)
+    by = groups_by_name(groups)
+    assert names_in(model, by["B"]) == {n for n, _ in model.named_parameters() if n.endswith("lora_B")}
+    assert names_in(model, by["B/no_decay"]) == {n for n, _ in model.named_parameters() if n.endswith("magnitude")}
+    assert names_in(model, by["A"]) == {n for n, _ in model.named_parameters() if n.endswith("lora_A")}
+    assert by["B/no_decay"]["lr"] == pytest.approx(1.6e-3) and by["B/no_decay"]["weight_decay"] == 0.0
+
+
+def test_dora_inner_lora_pair_is_split_even_without_a_declaration():
+    """The nested LoRAAdapter declares lora_B fast, whatever the DoRA wrapper declares."""
+    model = lorakit.adapt(tiny_llama(), lorakit.DoRA(r=4, targets=TARGETS))
+    groups = param_groups(model, lr=1e-4)
+    check_partition(model, groups)
+    fast = {n for g in groups if g["name"].startswith("B") for n in names_in(model, g)}
+    assert {n for n, _ in model.named_parameters() if n.endswith("lora_B")} <= fast
+    assert not any(n.endswith("lora_A") for n in fast)
+
+
+def test_vera_b_fast_d_slow():
+    from lorakit.methods.vera import VeRAAdapter
+
+    if "loraplus_fast" not in vars(VeRAAdapter):
+        pytest.skip("VeRAAdapter does not declare loraplus_fast = ('vera_lambda_b',) yet")
+    model = lorakit.adapt(tiny_llama(), lorakit.VeRA(r=16, targets=TARGETS))
+    groups = param_groups(model, lr=1e-3)
+    check_partition(model, groups)
+    by = groups_by_name(groups)
+    assert names_in(model, by["B/no_decay"]) == {n for n, _ in model.named_parameters() if n.endswith("vera_lambda_b")}
+    assert names_in(model, by["A/no_decay"]) == {n for n, _ in model.named_parameters() if n.endswith("vera_lambda_d")}
+    assert by["B/no_decay"]["lr"] == pytest.approx(1.6e-2)
+
+
+class UndeclaredAdapter(lorakit.methods.base.AdditiveAdapter, nn.Module):
+    """An adapter of a method that says nothing about LoRA+."""
+
+    def __init__(self, in_f: int, out_f: int) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(2, in_f))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, 2))
+        self.gate = nn.Parameter(torch.ones(out_f))
+
+    def forward(self, x, base_layer):
+        return base_layer(x) + self.gate * (x @ self.lora_A.T @ self.lora_B.T)
+
+    def delta_weight(self, base_weight):
+        return self.gate[:, None] * (self.lora_B @ self.lora_A)
+
+
+def test_undeclared_adapter_defaults_to_lora_b_fast():
+    model = nn.Sequential(nn.Linear(8, 8))
+    config = lorakit.LoRA(targets=["0"])
+    config.make_adapter = lambda base: UndeclaredAdapter(8, 8)  # instance attribute wins
+    lorakit.adapt(model, config)
+    by = groups_by_name(param_groups(model, lr=1.0, loraplus_ratio=4.0))
+    assert names_in(model, by["B"]) == {"0.adapter.lora_B"}
+    assert names_in(model, by["A"]) == {"0.adapter.lora_A"}
+    assert names_in(model, by["A/no_decay"]) == {"0.adapter.gate"} and by["B"]["lr"] == 4.0
+
+
+def test_exported():
+    assert lorakit.param_groups is param_groups

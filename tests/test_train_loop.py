@@ -1,0 +1,214 @@
+"""The training loop on a tiny random model: a run's outputs, exact resume, crash-safe
+checkpoints, NaN stop, Ctrl-C, classification, config handling."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_lm import save_tiny_bert, save_tiny_llama, write_jsonl
+
+from lorakit.train import LorakitError, TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import config as config_mod
+from lorakit.train import data as data_mod
+from lorakit.train import loop
+
+WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def pc_data(tmp_path_factory):
+    records = [{"prompt": f"Reverse: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}\nAnswer:", "completion": f" {WORDS[(i * 5) % 12]} {WORDS[i % 12]}"} for i in range(40)]
+    return str(write_jsonl(tmp_path_factory.mktemp("data") / "pc.jsonl", records))
+
+
+def config(tiny_model, pc_data, tmp_path, **overrides) -> TrainConfig:
+    base = dict(model=tiny_model, data=pc_data, out_dir=str(tmp_path), name="run", steps=6, batch_size=4, lr=1e-2,
+                warmup_steps=2, checkpoint_every=2, progress=False, dropout=0.1, grad_accum=2)
+    return TrainConfig(**{**base, **overrides})
+
+
+def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def quiet(*_):
+    pass
+
+
+def in_training_loop() -> bool:
+    """Whether the trainer's Ctrl-C handler is installed (not while it probes batches for hooks)."""
+    return isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), loop.StopFlag)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, pc_data, tmp_path_factory):
+    """An uninterrupted 6-step run (dropout and gradient accumulation on)."""
+    result = train(config(tiny_model, pc_data, tmp_path_factory.mktemp("ref")), echo=quiet)
+    return result, adapter_tensors(result.run_dir)
+
+
+def test_run_writes_everything(reference):
+    result, tensors = reference
+    run = result.run_dir
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "metrics.jsonl", "report.json", "report.txt"):
+        assert (run / name).is_file(), name
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000004", "step-000006"]  # keep 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    assert result.metric == "eval_loss" and result.after["eval_loss"] < result.before["eval_loss"]
+    table = result.table()
+    for label in ("method", "trainable params", "adapter size on disk", "peak memory", "tokens/s", "eval_loss (held-out)"):
+        assert label in table
+    assert any(not torch.all(t == 0) for k, t in tensors.items() if "lora_B" in k)
+    saved = config_mod.from_dict(config_mod.load_yaml(run / "config.yaml"))
+    assert saved.steps == 6 and saved.resume is None
+
+
+def test_resume_after_ctrl_c_is_bit_identical(reference, tiny_model, pc_data, tmp_path, monkeypatch):
+    original = data_mod.micro_batch
+
+    def interrupt_during_step_3(examples, index, batch_size, seed):
+        if index == 4 and in_training_loop():  # the first micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(examples, index, batch_size, seed)
+
+    monkeypatch.setattr(data_mod, "micro_batch", interrupt_during_step_3)
+    cfg = config(tiny_model, pc_data, tmp_path, checkpoint_every=0)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3; checkpoint saved"):
+        train(cfg, echo=quiet)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000003"]
+    monkeypatch.setattr(data_mod, "micro_batch", original)
+    result = train(config(tiny_model, pc_data, tmp_path, checkpoint_every=0, resume=str(tmp_path / "run")), echo=quiet)
+    assert_bit_equal(adapter_tensors(result.run_dir), reference[1])
+    assert result.before == reference[0].before
+
+
+def test_crash_mid_save_keeps_last_checkpoint_and_resume_is_exact(reference, tiny_model, pc_data, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crash_on_second_checkpoint(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # checkpoint 1 writes optimizer.pt and hooks.pt; die inside checkpoint 2
+            raise OSError("simulated crash: disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", crash_on_second_checkpoint)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(config(tiny_model, pc_data, tmp_path), echo=quiet)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000002"]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]  # cleaned up
+    # a hard kill would leave the temporary directory behind: it must never be taken for a checkpoint
+    leftover = checkpoints / ".tmp-step-000004-abc"
+    leftover.mkdir()
+    (leftover / "state.json").write_text("{}")
+    assert ckpt.find_checkpoint(tmp_path / "run").name == "step-000002"
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    result = train(config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run")), echo=quiet)
+    assert_bit_equal(adapter_tensors(result.run_dir), reference[1])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, pc_data, tmp_path, monkeypatch):
+    real_ce = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def nan_from_step_3(*args, **kwargs):
+        out = real_ce(*args, **kwargs)
+        if torch.is_grad_enabled():  # training only, not the evaluation before training
+            calls["n"] += 1
+            if calls["n"] > 2 * 2:  # 2 micro-batches per step: NaN from step 3 on
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3; stopped\. The last good checkpoint is .*step-000002"):
+        train(config(tiny_model, pc_data, tmp_path), echo=quiet)
+    found = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in found] == ["step-000002"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_ce)
+    resumed = train(config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run")), echo=quiet)
+    assert resumed.steps == 6 and (resumed.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_classification_trains_head_and_adapter(tmp_path):
+    model = save_tiny_bert(tmp_path / "bert")
+    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
+                      name="cls", steps=3, batch_size=4, progress=False)
+    result = train(cfg, echo=quiet)
+    assert result.metric == "accuracy" and 0.0 <= result.after["accuracy"] <= 1.0
+    keys = adapter_tensors(result.run_dir)
+    assert any(k.endswith("classifier.weight") for k in keys) and any("lora_A" in k for k in keys)
+    (tmp_path / "eval.tsv").write_text("sentence\tlabel\nfox\tneutral\n")
+    with pytest.raises(LorakitError, match=r"eval\.tsv:2: label 'neutral' is not among the training labels \['neg', 'pos'\]"):
+        train(TrainConfig(**{**cfg.__dict__, "eval_data": str(tmp_path / "eval.tsv"), "name": "cls2"}), echo=quiet)
+
+
+def test_method_config_is_built_from_registry_fields(tiny_model):
+    model = torch.nn.Module()
+    cfg = loop.method_config(TrainConfig(method="lora", r=4, alpha=8.0, targets="q_proj,v_proj", method_args={"rslora": True}), model)
+    assert (cfg.r, cfg.alpha, cfg.targets, cfg.rslora) == (4, 8.0, ["q_proj", "v_proj"], True)
+    assert loop.method_config(TrainConfig(targets="q_proj"), model).targets == ["q_proj"]
+    assert loop.method_config(TrainConfig(targets=r".*\.(q|v)_proj"), model).targets == r".*\.(q|v)_proj"
+    assert loop.method_config(TrainConfig(), model).targets == "all-linear"
+    with pytest.raises(LorakitError, match="has no setting 'rank_pattern'"):
+        loop.method_config(TrainConfig(method_args={"rank_pattern": 3}), model)
+    with pytest.raises(LorakitError, match="unknown method 'nope'"):
+        loop.method_config(TrainConfig(method="nope"), model)
+
+
+def test_lr_schedule_shapes():
+    assert loop.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert loop.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert loop.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert loop.lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert loop.lr_factor(99, 100, 10, "constant") == 1.0
+
+
+def test_existing_run_is_not_overwritten(reference, tiny_model, pc_data):
+    result, _ = reference
+    cfg = config(tiny_model, pc_data, result.run_dir.parent)
+    with pytest.raises(LorakitError, match="already holds a run: resume it with --resume"):
+        train(cfg, echo=quiet)
+
+
+@pytest.mark.parametrize("method", sorted(__import__("lorakit").METHODS))
+def test_every_registered_method_trains_and_resumes_exactly(method, tiny_model, pc_data, tmp_path, monkeypatch):
+    """Methods come from the registry: each trains through the same loop, hooks included
+    (Delta-LoRA's base update), and an interrupted run resumes to bit-identical weights."""
+    # VeRA's default rank is large; the tiny model keeps it small.
+    overrides = dict(steps=3, grad_accum=1, method=method, r=4, dropout=None, checkpoint_every=0, loraplus_ratio=4.0)
+    if method == "delta-lora":
+        overrides["method_args"] = {"start_step": 1}
+    ref = train(config(tiny_model, pc_data, tmp_path / "ref", **overrides), echo=quiet)
+    original = data_mod.micro_batch
+
+    def interrupt_in_step_2(examples, index, batch_size, seed):
+        if index == 1 and in_training_loop():
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(examples, index, batch_size, seed)
+
+    monkeypatch.setattr(data_mod, "micro_batch", interrupt_in_step_2)
+    with pytest.raises(TrainingInterrupted):
+        train(config(tiny_model, pc_data, tmp_path / "cut", **overrides), echo=quiet)
+    monkeypatch.setattr(data_mod, "micro_batch", original)
+    resumed = train(config(tiny_model, pc_data, tmp_path / "cut", resume=str(tmp_path / "cut" / "run"), **overrides), echo=quiet)
+    assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(ref.run_dir))

@@ -1,0 +1,262 @@
+"""VeRA against its math, against Hugging Face PEFT (same seed -> same projections), and its files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import lorakit
+from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
+
+from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+
+
+def naive_vera(x, w0, bias, a, b_mat, d, b):
+    """Reference: y = x (W0 + diag(b) B diag(d) A)^T + bias, from the dense weight."""
+    y = x @ (w0 + torch.diag(b) @ b_mat @ torch.diag(d) @ a).T
+    return y + bias if bias is not None else y
+
+
+def two_layer_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 12), nn.Linear(12, 24, bias=False))
+
+
+def test_forward_and_grads_match_naive_reference():
+    model = lorakit.adapt(two_layer_model(), lorakit.VeRA(r=6, targets=["0", "1"]))
+    perturb_trainable(model)
+    first, second = model[0].adapter, model[1].adapter
+    proj = shared_projections(model)
+    assert first.projections is second.projections is proj
+    assert tuple(proj.vera_A.shape) == (6, 20) and tuple(proj.vera_B.shape) == (24, 6)
+
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    y = model(x)
+    refs = [{k: t.detach().clone().requires_grad_(True) for k, t in a.peft_state_dict().items()} for a in (first, second)]
+    x_ref = x.detach().clone().requires_grad_(True)
+    h = naive_vera(x_ref, model[0].base_layer.weight, model[0].base_layer.bias, proj.vera_A[:, :20],
+                   proj.vera_B[:12], refs[0]["vera_lambda_d"], refs[0]["vera_lambda_b"])
+    y_ref = naive_vera(h, model[1].base_layer.weight, None, proj.vera_A[:, :12], proj.vera_B[:24],
+                       refs[1]["vera_lambda_d"], refs[1]["vera_lambda_b"])
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for adapter, ref in zip((first, second), refs):
+        torch.testing.assert_close(adapter.vera_lambda_d.grad, ref["vera_lambda_d"].grad)
+        torch.testing.assert_close(adapter.vera_lambda_b.grad, ref["vera_lambda_b"].grad)
+    assert proj.vera_A.grad is None and not proj.vera_A.requires_grad
+
+
+def test_init_and_trainable_parameters(input_ids):
+    model = tiny_llama()
+    before = model(input_ids).logits
+    lorakit.adapt(model, lorakit.VeRA(r=16, d_initial=0.25, targets=["q_proj", "v_proj"]))
+    for _, layer in lorakit.adapted_layers(model):
+        assert torch.all(layer.adapter.vera_lambda_d == 0.25)
+        assert torch.count_nonzero(layer.adapter.vera_lambda_b) == 0
+    torch.testing.assert_close(model(input_ids).logits, before)
+    names = {n.rsplit(".", 1)[-1] for n, _ in lorakit.adapter_parameters(model)}
+    assert names == {"vera_lambda_b", "vera_lambda_d"}
+    # the projections are buffers, shared, and kept out of the model's state dict
+    assert not any("vera_A" in k or "vera_B" in k for k in model.state_dict())
+    assert sum(isinstance(m, VeRAProjections) for m in model.modules()) == 1
+
+
+def test_projections_are_peft_kaiming_uniform_from_the_seed():
+    a, b = vera_projections(8, 40, 24, seed=3)
+    a2, b2 = vera_projections(8, 40, 24, seed=3)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert not torch.equal(a, vera_projections(8, 40, 24, seed=4)[0])
+    assert a.abs().max() <= math.sqrt(6 / 40) and b.abs().max() <= math.sqrt(6 / 8)
+    assert a.std() > math.sqrt(6 / 40) / 3
+
+
+def test_dropout_applies_to_adapter_input_only():
+    torch.manual_seed(0)
+    model = lorakit.adapt(nn.Sequential(nn.Linear(16, 16)), lorakit.VeRA(r=4, dropout=0.5, targets=["0"]))
+    x = torch.randn(64, 16)
+    base_out = model[0].base_layer(x)
+    model.train()
+    torch.testing.assert_close(model(x), base_out)  # b = 0: nothing to drop yet
+    perturb_trainable(model)
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc", "c_proj"])])
+def test_merge_unmerge_and_unload(make_model, targets, input_ids):
+    model = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets=targets))
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    perturb_trainable(model)
+    adapted = model(input_ids).logits
+    lorakit.merge(model)
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    lorakit.unmerge(model)
+    for n, p in model.named_parameters():
+        if n in base_weights:
+            torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=0)
+    plain = lorakit.merge_and_unload(model)
+    torch.testing.assert_close(plain(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_compute_in_activation_dtype_with_fp32_master_weights():
+    torch.manual_seed(0)
+    model = lorakit.adapt(nn.Sequential(nn.Linear(32, 32)).to(torch.bfloat16), lorakit.VeRA(r=8, targets=["0"]))
+    perturb_trainable(model)
+    adapter = model[0].adapter
+    assert adapter.vera_lambda_b.dtype == torch.float32 and adapter.projections.vera_A.dtype == torch.float32
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    ref = naive_vera(x.float(), model[0].base_layer.weight.float(), model[0].base_layer.bias.float(),
+                     adapter.projections.vera_A, adapter.projections.vera_B, adapter.vera_lambda_d, adapter.vera_lambda_b)
+    torch.testing.assert_close(y.float(), ref.detach(), atol=0.05, rtol=0.02)
+    y.float().sum().backward()
+    assert adapter.vera_lambda_d.grad.dtype == torch.float32
+
+
+def test_no_graph_breaks_under_compile():
+    torch.manual_seed(0)
+    model = lorakit.adapt(nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)),
+                          lorakit.VeRA(r=8, dropout=0.1, targets=["0", "2"]))
+    perturb_trainable(model)
+    x = torch.randn(4, 16)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    model.eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_summary_counts_the_seed_document_example():
+    """in = out = 4096, r = 64, 80 layers: LoRA ~42M trainable, VeRA ~333K (a meta-device base)."""
+    def base():
+        with torch.device("meta"):
+            return nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(80)])
+
+    lora = lorakit.adapt(base(), lorakit.LoRA(r=64))
+    vera = lorakit.adapt(base(), lorakit.VeRA(r=64))
+    lora_count = sum(p.numel() for _, p in lorakit.adapter_parameters(lora))
+    vera_count = sum(p.numel() for _, p in lorakit.adapter_parameters(vera))
+    assert lora_count == 80 * 64 * (4096 + 4096) == 41_943_040
+    assert vera_count == 80 * (4096 + 64) == 332_800
+    assert round(lora_count / vera_count) == 126
+    assert "41,943,040" in lorakit.summary(lora) and "332,800" in lorakit.summary(vera)
+    assert "332,800" in lorakit.summary(vera, per_module=True).splitlines()[1]
+    assert shared_projections(vera).vera_A.shape == (64, 4096)
+
+
+def test_layers_larger_than_the_projections_are_refused():
+    proj = VeRAProjections(*vera_projections(4, 8, 8, seed=0))
+    with pytest.raises(ValueError, match="too small"):
+        VeRAAdapter(proj, 16, 8)
+
+
+# --- save / load -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_save_load_round_trip(save_projection, tmp_path, input_ids):
+    config = lorakit.VeRA(r=16, projection_prng_key=7, save_projection=save_projection, targets=["q_proj", "up_proj"])
+    model = lorakit.adapt(tiny_llama(), config)
+    perturb_trainable(model)
+    lorakit.save(model, tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert ("base_model.vera_A" in saved) == save_projection
+    assert all(k.endswith(("vera_lambda_b", "vera_lambda_d")) for k in saved if k not in ("base_model.vera_A", "base_model.vera_B"))
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["peft_type"] == "VERA" and peft_config["projection_prng_key"] == 7
+    loaded = lorakit.load(tiny_llama(), tmp_path)
+    assert type(lorakit.adapter_config(loaded)) is lorakit.VeRA
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
+
+
+def test_saved_projections_are_what_loads(tmp_path, input_ids):
+    """With save_projection, the file's matrices win over the seed (portability across platforms)."""
+    model = lorakit.adapt(tiny_llama(), lorakit.VeRA(r=8, save_projection=True, targets=["q_proj"]))
+    perturb_trainable(model)
+    with torch.no_grad():
+        shared_projections(model).vera_A.mul_(2)  # no longer what the seed gives
+    lorakit.save(model, tmp_path)
+    loaded = lorakit.load(tiny_llama(), tmp_path)
+    assert torch.equal(shared_projections(loaded).vera_A, shared_projections(model).vera_A)
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
+
+
+# --- parity with Hugging Face PEFT ------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+CASES = [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])]
+
+
+def peft_vera(make_model, targets, **kwargs):
+    config = peft.VeraConfig(r=16, target_modules=targets, fan_in_fan_out=make_model is tiny_gpt2, **kwargs)
+    return peft.get_peft_model(make_model(), config)
+
+
+def copy_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.vera_lambda_b["default"].copy_(layer.adapter.vera_lambda_b)
+            module.vera_lambda_d["default"].copy_(layer.adapter.vera_lambda_d)
+
+
+@pytest.mark.parametrize("make_model,targets", CASES)
+def test_same_seed_same_projections_as_peft(make_model, targets):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=5, targets=targets))
+    theirs = peft_vera(make_model, targets, projection_prng_key=5)
+    proj = shared_projections(ours)
+    assert torch.equal(proj.vera_A, theirs.base_model.vera_A["default"])
+    assert torch.equal(proj.vera_B, theirs.base_model.vera_B["default"])
+
+
+@pytest.mark.parametrize("make_model,targets", CASES)
+def test_outputs_and_gradients_match_peft(make_model, targets, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets=targets))
+    perturb_trainable(ours)
+    theirs = peft_vera(make_model, targets)
+    copy_into_peft(ours, theirs)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+@pytest.mark.parametrize("make_model,targets", CASES)
+def test_peft_loads_lorakit_adapter(make_model, targets, save_projection, tmp_path, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=3, save_projection=save_projection, targets=targets))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
+    assert torch.equal(theirs.base_model.vera_A["default"], shared_projections(ours).vera_A)
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+@pytest.mark.parametrize("make_model,targets", CASES)
+def test_lorakit_loads_peft_adapter(make_model, targets, save_projection, tmp_path, input_ids):
+    theirs = peft_vera(make_model, targets, projection_prng_key=11, save_projection=save_projection)
+    perturb_trainable(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(make_model(), tmp_path)
+    config = lorakit.adapter_config(ours)
+    assert isinstance(config, lorakit.VeRA) and config.projection_prng_key == 11 and config.save_projection == save_projection
+    peft_layers = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.vera.VeraLayer)]
+    assert sorted(n for n, _ in lorakit.adapted_layers(ours)) == sorted(peft_layers)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,75 @@
+"""A tiny random causal LM and a tiny tokenizer saved to a directory: offline and fast.
+
+Shared by the training and CLI tests (imported as a plain module; pytest puts tests/ on the path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Reverse the order of the words: apple river stone cloud tiger green lamp piano honey",
+    "Answer: the quick brown fox jumps over the lazy dog 0123456789 , . ! ? : ; - _ ' \" { } [ ]",
+    "instruction input output prompt completion text label positive negative good bad movie",
+]
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer (vocabulary < 400) with a chat template and an eos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=380, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+
+
+def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
+    """A 2-layer random LlamaForCausalLM plus the tiny tokenizer, as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    save_tokenizer(directory)
+    vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=max(vocab, 400), max_position_embeddings=256, eos_token_id=2, pad_token_id=2, bos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def save_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
+    """A 2-layer random BertModel config (classification heads are added on load) + tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    directory = Path(directory)
+    save_tokenizer(directory)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=400, max_position_embeddings=256, pad_token_id=2)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
