@@ -155,13 +155,16 @@ def test_eval_classifier_keeps_training_label_order(tmp_path, capsys):
     assert "label 'neutral' is not among the training labels ['neg', 'pos']" in error_line(capsys)
 
 
-@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
+@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--method", "qlora"], ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
 def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
     code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "2", "--batch-size", "4",
                      "--out-dir", str(tmp_path), "--name", "x", "--no-progress", *extra])
     assert code == 0, capsys.readouterr().err
-    if "nf4" in extra:  # the adapter records the quantized base, and eval re-quantizes a fresh base
-        assert "quantization" in json.loads((tmp_path / "x" / "adapter" / "lorakit.json").read_text())
+    if "nf4" in extra or "qlora" in extra:  # the adapter records the quantized base; eval re-quantizes a fresh base
+        meta = json.loads((tmp_path / "x" / "adapter" / "lorakit.json").read_text())
+        assert "quantization" in meta
+        if "qlora" in extra:  # QLoRA's defaults
+            assert (meta["config"]["method"], meta["config"]["r"], meta["config"]["alpha"]) == ("lora", 64, 16.0)
         assert cli.main(["eval", "--adapter", str(tmp_path / "x")]) == 0
 
 

@@ -115,6 +115,20 @@ def quantize_base(model: nn.Module, kind: str) -> None:
         raise LorakitError(f"--quantize {kind}: {err}") from None
 
 
+def expand_aliases(cfg: TrainConfig) -> TrainConfig:
+    """`--method qlora` is LoRA over an NF4 base (QLoRA's defaults where not given)."""
+    if cfg.method != "qlora":
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        method="lora",
+        quantize=cfg.quantize or "nf4",
+        r=cfg.r if cfg.r is not None else 64,
+        alpha=cfg.alpha if cfg.alpha is not None else 16.0,
+        dropout=cfg.dropout if cfg.dropout is not None else 0.05,
+    )
+
+
 def method_config(cfg: TrainConfig, model: nn.Module):
     """The adapter config for `cfg.method`, built from the registry by dataclass fields, so a
     newly registered method works without changes here. Common flags (r, alpha, dropout,
@@ -325,6 +339,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
     """
     wall_start = time.perf_counter()
+    cfg = expand_aliases(cfg)
     validate(cfg)
     device = pick_device(cfg.device)
     bf16 = use_bf16(cfg.precision, device)
