@@ -43,8 +43,8 @@ from torch import nn
 
 from .. import base_layers, inject
 from ..base_layers import DenseWeightProvider, in_out_features, weight_dtype_device
-from .base import AdapterConfig, register
-from .lora import LoRAAdapter, lora_scale
+from .base import register
+from .lora import LoRAAdapter, LowRankConfig
 
 PREFIX = "base_model.model."  # as in io.py: keys are the PEFT-style module paths
 BASE_WEIGHT_KEY = "base_weight"
@@ -109,7 +109,7 @@ class DeltaLoRAHook:
 
 @register
 @dataclass
-class DeltaLoRA(AdapterConfig):
+class DeltaLoRA(LowRankConfig):
     """Delta-LoRA (Zi et al. 2023): LoRA plus `W += λ·s·(B'A' - BA)` after each step past K.
 
     Attributes:
@@ -126,12 +126,8 @@ class DeltaLoRA(AdapterConfig):
     in memory), so the file holds a dense copy of those layers; `moves_base_weights` says so.
     """
 
-    r: int = 8
-    alpha: float = 16.0
     delta_lambda: float = 0.5
     start_step: int = 0
-    dropout: float = 0.0
-    rslora: bool = False
 
     method = "delta-lora"
     peft_type = None  # PEFT cannot express the moved base weights
@@ -146,10 +142,6 @@ class DeltaLoRA(AdapterConfig):
             )
         if self.start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {self.start_step}")
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.r, self.alpha, self.rslora)
 
     def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
         if isinstance(base_layer, DenseWeightProvider):

@@ -32,14 +32,13 @@ is off or in eval mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..base_layers import dense_weight, in_out_features, weight_dtype_device
-from .base import AdapterConfig, load_exact, register
-from .lora import LoRAAdapter, lora_fields_from_peft, lora_scale, low_rank_update
+from .base import load_exact, register
+from .lora import LoRAAdapter, LowRankConfig, low_rank_update
 
 NORM_EPS = 1e-6  # floor of a row norm: guards all-zero rows (PEFT divides 0 by 0 there)
 
@@ -171,7 +170,7 @@ class DoRAAdapter(nn.Module):
 
 @register
 @dataclass
-class DoRA(AdapterConfig):
+class DoRA(LowRankConfig):
     """DoRA (Liu et al. 2024): `W' = m ⊙ (W0 + s B A) / ||W0 + s B A||_c`, `s = alpha / r`.
 
     `||.||_c` is the norm of each output row (over the input axis); `m (out,)` trains and starts
@@ -184,37 +183,9 @@ class DoRA(AdapterConfig):
         rslora: rank-stabilised scale `alpha / sqrt(r)`.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-
     method = "dora"
     peft_type = "LORA"
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.r, self.alpha, self.rslora)
+    peft_use_dora = True
 
     def make_adapter(self, base_layer: nn.Module) -> DoRAAdapter:
         return DoRAAdapter(base_layer, self.r, self.scale, self.dropout, self.param_dtype)
-
-    def to_peft(self, target_names: list[str]) -> dict[str, Any]:
-        return {
-            **super().to_peft(target_names),
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "use_rslora": self.rslora,
-            "use_dora": True,
-            "init_lora_weights": True,
-            "fan_in_fan_out": False,
-        }
-
-    @classmethod
-    def matches_peft(cls, peft_config: dict[str, Any]) -> bool:
-        return bool(peft_config.get("use_dora", False))
-
-    @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "DoRA":
-        return cls(**lora_fields_from_peft(peft_config))

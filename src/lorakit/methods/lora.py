@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,10 +84,9 @@ class LoRAAdapter(AdditiveAdapter, nn.Module):
         return f"r={self.r}, scale={self.scale:g}"
 
 
-@register
 @dataclass
-class LoRA(AdapterConfig):
-    """LoRA (Hu et al. 2021): `y = x W0^T + s · dropout(x) A^T B^T`, `s = alpha / r`.
+class LowRankConfig(AdapterConfig):
+    """The fields of every method built on a LoRA pair (LoRA, LoRA-FA, DoRA, Delta-LoRA).
 
     Attributes:
         r: rank of the update.
@@ -101,17 +100,11 @@ class LoRA(AdapterConfig):
     dropout: float = 0.0
     rslora: bool = False
 
-    method = "lora"
-    peft_type = "LORA"
+    peft_use_dora: ClassVar[bool] = False  # how PEFT's LoraConfig tells DoRA from LoRA
 
     @property
     def scale(self) -> float:
         return lora_scale(self.r, self.alpha, self.rslora)
-
-    def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
-        in_f, out_f = in_out_features(base_layer)
-        _, device = weight_dtype_device(base_layer)
-        return LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device)
 
     def to_peft(self, target_names: list[str]) -> dict[str, Any]:
         return {
@@ -120,18 +113,35 @@ class LoRA(AdapterConfig):
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
-            "use_dora": False,
+            "use_dora": self.peft_use_dora,
             "init_lora_weights": True,
             "fan_in_fan_out": False,
         }
 
     @classmethod
     def matches_peft(cls, peft_config: dict[str, Any]) -> bool:
-        return not peft_config.get("use_dora", False)
+        return bool(peft_config.get("use_dora", False)) == cls.peft_use_dora
 
     @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "LoRA":
+    def from_peft(cls, peft_config: dict[str, Any]) -> "LowRankConfig":
         return cls(**lora_fields_from_peft(peft_config))
+
+
+@register
+@dataclass
+class LoRA(LowRankConfig):
+    """LoRA (Hu et al. 2021): `y = x W0^T + s · dropout(x) A^T B^T`, `s = alpha / r`.
+
+    Fields: see `LowRankConfig` (r, alpha, dropout, rslora) and `AdapterConfig` (targets, ...).
+    """
+
+    method = "lora"
+    peft_type = "LORA"
+
+    def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
+        in_f, out_f = in_out_features(base_layer)
+        _, device = weight_dtype_device(base_layer)
+        return LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device)
 
 
 def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

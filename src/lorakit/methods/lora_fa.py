@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdapterConfig, AdditiveAdapter, load_exact, register
-from .lora import lora_fields_from_peft, lora_scale
+from .base import AdditiveAdapter, load_exact, register
+from .lora import LowRankConfig
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ class LoRAFAAdapter(AdditiveAdapter, nn.Module):
 
 @register
 @dataclass
-class LoRAFA(AdapterConfig):
+class LoRAFA(LowRankConfig):
     """LoRA-FA (Zhang et al. 2023): LoRA with A frozen, saving only `z = x A^T` for backward.
 
     Attributes:
@@ -188,20 +188,12 @@ class LoRAFA(AdapterConfig):
         projection_damping: δ above (PEFT's LoRA-FA optimizer uses 1e-8).
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
     projected_grad: bool = False
     projection_damping: float = 1e-8
 
     method = "lora-fa"
     # PEFT has no LoRA-FA adapter type; the saved tensors are a plain LoRA, which PEFT reads.
     peft_type = "LORA"
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.r, self.alpha, self.rslora)
 
     def make_adapter(self, base_layer: nn.Module) -> LoRAFAAdapter:
         in_f, out_f = in_out_features(base_layer)
@@ -218,25 +210,8 @@ class LoRAFA(AdapterConfig):
             device,
         )
 
-    def to_peft(self, target_names: list[str]) -> dict[str, Any]:
-        return {
-            **super().to_peft(target_names),
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "use_rslora": self.rslora,
-            "use_dora": False,
-            "init_lora_weights": True,
-            "fan_in_fan_out": False,
-        }
-
     @classmethod
     def matches_peft(cls, peft_config: dict[str, Any]) -> bool:
         # A PEFT "LORA" file does not say whether A was frozen: read it as plain LoRA. lorakit's
         # own lorakit.json (method "lora-fa") is what brings a LoRA-FA adapter back as LoRA-FA.
         return False
-
-    @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "LoRAFA":
-        """A LoRA-FA config from a PEFT LoraConfig body (explicit conversion: A becomes frozen)."""
-        return cls(**lora_fields_from_peft(peft_config))
