@@ -149,7 +149,8 @@ def _candidate_summary(names: list[str], limit: int = 12) -> str:
 # --- adapting, merging, disabling --------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -173,7 +174,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         adapters = {n: config.make_adapter(model.get_submodule(n)) for n in names}
     for name in names:
         layer = AdaptedLayer(model.get_submodule(name), adapters[name])
-        _set_submodule(model, name, layer.train(model.training))  # new modules start in train mode
+        set_submodule(model, name, layer.train(model.training))  # new modules start in train mode
     for name in config.train_modules:
         try:
             module = model.get_submodule(name)
@@ -227,10 +228,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             weight = base_layers.dense_weight(base)
             if layer.merged:
                 weight = layer.adapter.unmerge(weight)
-            _set_submodule(model, name, make_merged(layer.adapter.merge(weight)))
+            set_submodule(model, name, make_merged(layer.adapter.merge(weight)))
         else:
             layer.merge()
-            _set_submodule(model, name, base)
+            set_submodule(model, name, base)
     if hasattr(model, "lorakit_config"):
         del model.lorakit_config
     if getattr(model, "lorakit_quantization", None) is not None and not any(

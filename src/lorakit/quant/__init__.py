@@ -75,12 +75,12 @@ def quantize(
         raise ValueError("quantize the base model before lorakit.adapt (this model already carries an adapter)")
     dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     config = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
-    from ..inject import _set_submodule, select_targets
+    from ..inject import set_submodule, select_targets
 
     for name in select_targets(model, config):
         module = model.get_submodule(name)
         if _quantizable(module):
-            _set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype))
+            set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype))
     model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
     return model
 

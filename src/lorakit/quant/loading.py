@@ -99,7 +99,7 @@ def load_quantized_causal_lm(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..inject import _set_submodule, select_targets
+    from ..inject import set_submodule, select_targets
     from ..models import _offline, resolve_model_path
     from . import _quantizable, quantization_settings
 
@@ -126,7 +126,7 @@ def load_quantized_causal_lm(
             layer = Linear4bit.from_linear(_with_weight(module, tensor), blocksize, double_quant, cdtype)
             if getattr(module, "bias", None) is not None and module.bias.is_meta:
                 layer.bias = module.bias  # filled when the bias tensor arrives
-            _set_submodule(model, module_name, layer)
+            set_submodule(model, module_name, layer)
         elif attr in module._parameters:
             old = module._parameters[attr]
             trainable = old.requires_grad and not isinstance(module, Linear4bit)
