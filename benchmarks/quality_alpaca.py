@@ -1,0 +1,114 @@
+"""Held-out loss on the Alpaca subset with SmolLM2-135M-Instruct, before and after a short run.
+
+    python benchmarks/quality_alpaca.py                       # LoRA and QLoRA (NF4 base)
+    python benchmarks/quality_alpaca.py --methods lora --train-size 400
+    python benchmarks/quality_alpaca.py --quick               # smoke run: 16 train / 8 held-out, 2 steps
+
+Reads ../shared/datasets/alpaca/alpaca_5000.json (CC BY-NC 4.0: used here for evaluation only,
+never shipped). A fixed random split gives `--train-size` training and `--eval-size` held-out
+examples; each condition runs `lorakit.train` (the same loop as `lorakit train`) with the same
+data, order and budget (`--train-size` examples x 1 epoch unless `--steps` is given), and reports
+the held-out loss on completion tokens before and after. Results are saved to
+benchmarks/results/quality-alpaca-<time>.json after every condition, so an interrupted run keeps
+what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit.train import TrainConfig, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca" / "alpaca_5000.json"
+
+CONDITIONS = {
+    "lora": {"method": "lora", "r": 16, "alpha": 32.0},
+    "qlora": {"method": "lora", "r": 16, "alpha": 32.0, "quantize": "nf4"},
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--train-size", type=int, default=200)
+    parser.add_argument("--eval-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="default: one epoch over --train-size")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 train / 8 held-out examples, 2 steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.train_size, args.eval_size, args.steps, args.batch_size = 16, 8, 2, 4
+    if args.steps is None:
+        args.steps = max(1, args.train_size // args.batch_size)
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
+               f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    command = "python " + " ".join(sys.argv)
+    path = args.json or RESULTS / f"quality-alpaca-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    if not ALPACA.is_file():
+        print(f"Alpaca subset not found at {ALPACA}", file=sys.stderr)
+        return 2
+    rows = json.loads(ALPACA.read_text())
+    random.Random(args.seed).shuffle(rows)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        write_jsonl(tmp_path / "train.jsonl", rows[: args.train_size])
+        write_jsonl(tmp_path / "eval.jsonl", rows[args.train_size : args.train_size + args.eval_size])
+        for name in args.methods:
+            config = TrainConfig(
+                data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
+                max_eval_examples=args.eval_size, steps=args.steps, batch_size=args.batch_size,
+                max_length=args.max_length, lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
+                out_dir=str(tmp_path / "runs"), name=name, progress=False, **CONDITIONS[name],
+            )
+            result = train(config, echo=lambda *a, **k: None)
+            results.append({"condition": name, "before": result.before, "after": result.after,
+                            "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
+                            "peak_memory_mb": result.peak_memory_mb})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"command": command, "machine": machine,
+                                        "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+            print(f"{name}: eval loss {result.before['eval_loss']:.4f} -> {result.after['eval_loss']:.4f}", flush=True)
+
+    print(f"\nAlpaca subset, SmolLM2-135M-Instruct: {args.train_size} train / {args.eval_size} held-out examples, "
+          f"{args.steps} steps x batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, seed {args.seed}")
+    print(f"command: {command}")
+    print(f"machine: {machine}\n")
+    print("| condition | held-out loss before | after | perplexity before -> after | train time | wall time | peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        b, a = r["before"], r["after"]
+        print(f"| {r['condition']} | {b['eval_loss']:.4f} | {a['eval_loss']:.4f} | {b['perplexity']:.2f} -> {a['perplexity']:.2f} "
+              f"| {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s | {r['peak_memory_mb']:,.0f} MiB |")
+    by_name = {r["condition"]: r for r in results}
+    if "lora" in by_name and "qlora" in by_name:
+        gap = by_name["qlora"]["after"]["eval_loss"] - by_name["lora"]["after"]["eval_loss"]
+        print(f"\nQLoRA - LoRA held-out loss after training: {gap:+.4f}")
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
