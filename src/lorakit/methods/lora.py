@@ -41,10 +41,29 @@ def low_rank_update(base_out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, s
     return y.view(base_out.shape)
 
 
-class LoRAAdapter(AdditiveAdapter, nn.Module):
+class LoRAPair(AdditiveAdapter):
+    """What every adapter holding `lora_A (r, in)` and `lora_B (out, r)` shares: its dense delta
+    `s·B·A`, PEFT's tensor names, and B as the LoRA+ fast side (LoRA, LoRA-FA, Delta-LoRA)."""
+
+    # LoRA+ (lorakit.param_groups): B is the output side of the pair and gets the larger lr.
+    loraplus_fast = ("lora_B",)
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.lora_B.to(base_weight.dtype) @ self.lora_A.to(base_weight.dtype))
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_exact(self, self.peft_state_dict(), state)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}"
+
+
+class LoRAAdapter(LoRAPair, nn.Module):
     """The LoRA pair for one layer: `lora_A (r, in)`, `lora_B (out, r)`, scale, dropout."""
 
-    loraplus_fast = ("lora_B",)  # LoRA+ (lorakit.param_groups): B is the fast, output side
 
     def __init__(
         self,
@@ -70,19 +89,6 @@ class LoRAAdapter(AdditiveAdapter, nn.Module):
         # Compute in the activation dtype; `.to` is free when the dtypes already agree.
         z = self.dropout(x) @ self.lora_A.to(x.dtype).T  # (..., r)
         return low_rank_update(y, z, self.lora_B.to(x.dtype), self.scale)
-
-    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (self.lora_B.to(base_weight.dtype) @ self.lora_A.to(base_weight.dtype))
-
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
-    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_exact(self, self.peft_state_dict(), state)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, scale={self.scale:g}"
-
 
 @dataclass
 class LowRankConfig(AdapterConfig):

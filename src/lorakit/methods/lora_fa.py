@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdditiveAdapter, load_exact, register
-from .lora import LowRankConfig
+from .base import register
+from .lora import LoRAPair, LowRankConfig
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -118,11 +118,8 @@ def projected_gradient_matrix(lora_A: torch.Tensor, scale: float, damping: float
     return torch.linalg.pinv(gram + damping * eye) / (scale * scale)
 
 
-class LoRAFAAdapter(AdditiveAdapter, nn.Module):
+class LoRAFAAdapter(LoRAPair, nn.Module):
     """LoRA-FA for one layer: frozen buffer `lora_A (r, in)`, trainable `lora_B (out, r)`."""
-
-    # LoRA+ (lorakit.param_groups): B is the output side of the pair and gets the larger lr.
-    loraplus_fast = ("lora_B",)
 
     def __init__(
         self,
@@ -160,15 +157,6 @@ class LoRAFAAdapter(AdditiveAdapter, nn.Module):
             x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, p, projection
         )
         return out.view(y.shape)
-
-    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        return self.scale * (self.lora_B.to(base_weight.dtype) @ self.lora_A.to(base_weight.dtype))
-
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
-    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_exact(self, self.peft_state_dict(), state)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, A frozen"
