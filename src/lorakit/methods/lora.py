@@ -64,7 +64,6 @@ class LoRAPair(AdditiveAdapter):
 class LoRAAdapter(LoRAPair, nn.Module):
     """The LoRA pair for one layer: `lora_A (r, in)`, `lora_B (out, r)`, scale, dropout."""
 
-
     def __init__(
         self,
         in_features: int,
