@@ -46,7 +46,10 @@ CONDITIONS = {
     "dora": (lambda: lorakit.DoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "delta-lora": (lambda: lorakit.DeltaLoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 1e-2, None),
+    # LoRA over the encoder's adapted linears stored in NF4 + double quantization
+    "qlora": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
 }
+QUANTIZED = {"qlora"}
 
 
 def read_tsv(path: Path, limit: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
@@ -80,6 +83,8 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
     wall0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model = models.load_classifier(num_labels=2)
+    if name in QUANTIZED:
+        lorakit.quantize(model, targets=TARGETS)
     if make_config is None:
         params = [{"params": list(model.parameters()), "lr": lr}]
     else:

@@ -165,7 +165,13 @@ def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
         assert "quantization" in meta
         if "qlora" in extra:  # QLoRA's defaults
             assert (meta["config"]["method"], meta["config"]["r"], meta["config"]["alpha"]) == ("lora", 64, 16.0)
+        capsys.readouterr()
         assert cli.main(["eval", "--adapter", str(tmp_path / "x")]) == 0
+        # the base streamed into NF4 for eval holds the same bits training had: the same metric
+        from lorakit.train.loop import format_metrics
+
+        after = json.loads((tmp_path / "x" / "report.json").read_text())["after"]
+        assert format_metrics(after) in capsys.readouterr().out
 
 
 def test_targets_matching_nothing_is_one_line_error(tiny_model, data_dir, tmp_path, capsys):

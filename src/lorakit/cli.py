@@ -131,7 +131,14 @@ def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_la
     from .train.loop import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_spec, task)
-    model = load_model(model_spec, task, num_labels, tokenizer)
+    quantization = None
+    if adapter is not None and (adapter / io.LORAKIT_CONFIG_NAME).is_file():
+        try:
+            _, meta = io.read_config(adapter)  # a QLoRA adapter: stream the base into 4 bits directly
+        except (ValueError, KeyError) as err:
+            raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+        quantization = meta.get("quantization")
+    model = load_model(model_spec, task, num_labels, tokenizer, quantization)
     if adapter is not None:
         try:
             io.load(model, adapter)

@@ -15,10 +15,17 @@ The result is bit-identical to `quantize(load_causal_lm(spec), ...)`.
 
 from __future__ import annotations
 
+import gc
+import math
+import os
+import platform
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,62 +64,201 @@ def _safetensors_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def _gguf_tensors(path: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(model parameter name, fp32 tensor) for each GGUF tensor, converted as transformers does."""
-    import numpy as np
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-        read_field,
-    )
+_CHUNK_BYTES = 8 << 20  # raw bytes read and dequantized at a time
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # config and tokenizer only
-    parsed["tensors"] = {}
-    reader = GGUFReader(str(path))
-    architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
-    mapping = get_gguf_hf_weights_map(model, processor)
-    for tensor in reader.tensors:
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
-        if result.name in mapping:
-            yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
+# GGUF metadata value types (gguf spec): fixed sizes; 8 = string, 9 = array
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _GGUFTensorInfo(NamedTuple):
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # numpy order (outermost first), in elements
+    offset: int  # absolute position of the first byte in the file
+    n_bytes: int
+
+
+def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
+    """(architecture, tensor table) of a GGUF file (v2/v3), read from its header alone.
+
+    `gguf.GGUFReader` also parses every metadata array into per-element views (the 49k-token
+    vocabulary of SmolLM2 takes seconds and ~150 MB); here arrays are skipped by their lengths.
+    """
+    from gguf import GGML_QUANT_SIZES
+
+    with open(path, "rb") as f:
+        def unpack(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string() -> str:
+            return f.read(unpack("Q")).decode("utf-8")
+
+        def skip(value_type: int) -> None:
+            if value_type == 8:
+                f.seek(unpack("Q"), 1)
+            elif value_type == 9:
+                item_type, count = unpack("I"), unpack("Q")
+                if item_type in _GGUF_SCALAR_BYTES:
+                    f.seek(count * _GGUF_SCALAR_BYTES[item_type], 1)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            else:
+                f.seek(_GGUF_SCALAR_BYTES[value_type], 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = unpack("I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or later)")
+        tensor_count, kv_count = unpack("Q"), unpack("Q")
+        architecture, alignment = None, 32
+        for _ in range(kv_count):
+            key, value_type = string(), unpack("I")
+            if key == "general.architecture" and value_type == 8:
+                architecture = string()
+            elif key == "general.alignment" and value_type == 4:
+                alignment = unpack("I")
+            else:
+                skip(value_type)
+        entries = []
+        for _ in range(tensor_count):
+            name = string()
+            dims = [unpack("Q") for _ in range(unpack("I"))]
+            entries.append((name, dims, unpack("I"), unpack("Q")))
+        data_start = -(-f.tell() // alignment) * alignment
+    table = []
+    for name, dims, ggml_type, offset in entries:
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        n_bytes = math.prod(dims) // block_size * type_size
+        table.append(_GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, n_bytes))
+    if architecture is None:
+        raise ValueError(f"{path} has no general.architecture")
+    return architecture, table
+
+
+@contextmanager
+def _tensor_name_map_cached() -> Iterator[None]:
+    """Build gguf's name table once while transformers maps the model's names.
+
+    `get_gguf_hf_weights_map` recurses into every submodule and rebuilds the same
+    `gguf.get_tensor_name_map(arch, layers)` table for each (about 6 s for SmolLM2's ~400
+    modules); the table depends on its two arguments only.
+    """
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`); a no-op elsewhere.
+
+    Loading frees a dense temporary for every weight it keeps a small packed copy of; glibc
+    keeps such medium-sized frees in its heap, where the interleaved live blocks stop them being
+    returned, and resident memory creeps up by several times the 4-bit model.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _gguf_tensors(path: Path, model: nn.Module, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model parameter name, fp32 tensor) for each GGUF tensor, converted as transformers does.
+
+    Name mapping and per-tensor fixes (the q/k un-permutation of Llama) are transformers' own
+    GGUF processors. The file is read with `pread` a chunk of rows at a time, not through a
+    memory map: file pages already consumed do not stay in the process's resident memory, and a
+    quantized tensor (the Q8_0 embedding table) is dequantized chunk by chunk into its fp32
+    result instead of through whole-tensor temporaries.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    architecture, table = _gguf_tensor_table(path)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+    with _tensor_name_map_cached():
+        mapping = get_gguf_hf_weights_map(model, processor)
+    parsed = {"config": config, "tensors": {}}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for info in table:
+            rows = math.prod(info.shape[:-1])
+            row_bytes = info.n_bytes // rows
+            step = max(1, _CHUNK_BYTES // row_bytes)
+            out = np.empty((rows, info.shape[-1]), dtype=np.float32)
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                raw = np.frombuffer(os.pread(fd, count * row_bytes, info.offset + first * row_bytes), dtype=np.uint8)
+                out[first : first + count] = dequantize(raw.reshape(count, row_bytes), GGMLQuantizationType(info.ggml_type))
+            weights = out.reshape(info.shape)
+            result = processor.process(weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+            del out, weights
+            if result.name in mapping:
+                weights = result.weights
+                if not (weights.flags.writeable and weights.flags.c_contiguous):
+                    weights = np.array(weights)
+                yield mapping[result.name], torch.from_numpy(weights)
+    finally:
+        os.close(fd)
 
 
 def load_quantized_causal_lm(
     spec: str | None = None,
+    method: str = "nf4",
     targets: str | list[str] = "all-linear",
     blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = None,
+    layers: list[int] | None = None,
+    exclude: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """A causal LM (default: the built-in SmolLM2-135M) with its linear layers loaded as NF4.
 
     `spec` is as in `lorakit.models.load_causal_lm` (built-in name, local directory, `.gguf`
-    file). Non-quantized tensors (embeddings, norms, the output head) get `dtype`, and weights
-    are rounded to `dtype` before quantization, so the result equals
-    `lorakit.quantize(load_causal_lm(spec, dtype), targets, blocksize, double_quant, compute_dtype)`.
+    file); the other arguments are those of `lorakit.quantize` (so `**model.lorakit_quantization`
+    redoes a recorded quantization). Non-quantized tensors (embeddings, norms, the output head)
+    get `dtype`, and weights are rounded to `dtype` before quantization, so the result equals
+    `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..inject import set_submodule, select_targets
     from ..models import _offline, resolve_model_path
-    from . import _quantizable, quantization_settings
+    from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
 
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
+    gc.collect()  # transformers parsed the whole GGUF metadata (tokenizer included) for the config
+    _release_free_heap()
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    chosen = {
-        n for n in select_targets(model, AdapterConfig(targets=targets)) if _quantizable(model.get_submodule(n))
-    }
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
+    selection = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
+    chosen = {n for n in select_targets(model, selection) if _quantizable(model.get_submodule(n))}
     cdtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
-    tensors = _gguf_tensors(directory / gguf, model) if gguf else _safetensors_tensors(directory)
+    tensors = _gguf_tensors(directory / gguf, model, config.to_dict()) if gguf else _safetensors_tensors(directory)
     unexpected = []
     for name, tensor in tensors:
         module_name, _, attr = name.rpartition(".")
@@ -136,6 +282,7 @@ def load_quantized_causal_lm(
         else:
             unexpected.append(name)
         del tensor
+        _release_free_heap()
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -144,7 +291,7 @@ def load_quantized_causal_lm(
     model.eval()
     if unexpected:
         warnings.warn(f"checkpoint tensors with no place in the model were skipped: {unexpected[:6]}", stacklevel=2)
-    model.lorakit_quantization = quantization_settings("nf4", targets, blocksize, double_quant, compute_dtype)
+    model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
     return model
 
 

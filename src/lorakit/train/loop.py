@@ -31,7 +31,7 @@ from .. import inject, io, models
 from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
 from ..optim import param_groups
-from ..quant import quantize
+from ..quant import load_quantized_causal_lm, quantize
 from ..summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
@@ -89,12 +89,23 @@ def _no_gguf_progress_bar():
         gguf_utils.tqdm = original
 
 
-def load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
-    """The base model for the task; any loading problem becomes a one-line error."""
+def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantization: dict | None = None) -> nn.Module:
+    """The base model for the task; any loading problem becomes a one-line error.
+
+    `quantization` (the keyword arguments of `lorakit.quantize`, e.g. `{"method": "nf4"}`)
+    gives a 4-bit base: a causal LM is then streamed into NF4 tensor by tensor
+    (`lorakit.quant.load_quantized_causal_lm`, the same bits as quantizing after a dense load),
+    so the full-precision model never sits in memory.
+    """
     try:
         with _no_gguf_progress_bar():
-            return _load_model(spec, task, num_labels, tokenizer)
-    except (FileNotFoundError, ValueError, OSError) as err:
+            if quantization and task != "classify":
+                return load_quantized_causal_lm(spec, **quantization)
+            model = _load_model(spec, task, num_labels, tokenizer)
+            if quantization:
+                quantize(model, **quantization)
+            return model
+    except (FileNotFoundError, ValueError, OSError, TypeError) as err:
         raise LorakitError(str(err).splitlines()[0]) from None
 
 
@@ -105,14 +116,6 @@ def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.M
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers need it
         return model
     return models.load_causal_lm(spec)
-
-
-def quantize_base(model: nn.Module, kind: str) -> None:
-    """QLoRA: store the frozen base's linear layers in 4 bits (`lorakit.quantize`)."""
-    try:
-        quantize(model, kind)
-    except (TypeError, ValueError) as err:
-        raise LorakitError(f"--quantize {kind}: {err}") from None
 
 
 def expand_aliases(cfg: TrainConfig) -> TrainConfig:
@@ -359,9 +362,8 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
 
     builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
     echo(f"loading model {cfg.model or builtin} ...")
-    model = load_model(cfg.model, cfg.task, max(2, len(datasets.labels)), tokenizer)
-    if cfg.quantize:
-        quantize_base(model, cfg.quantize)
+    quantization = {"method": cfg.quantize} if cfg.quantize else None
+    model = load_model(cfg.model, cfg.task, max(2, len(datasets.labels)), tokenizer, quantization)
     model.to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

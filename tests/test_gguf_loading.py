@@ -1,0 +1,109 @@
+"""Streaming a GGUF file into an NF4 model: header reader, chunked dequantization, exactness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.models import load_causal_lm
+from lorakit.quant import load_quantized_causal_lm, quantize
+from lorakit.quant import loading
+
+from conftest import tiny_llama
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives q/k projections (transformers undoes it)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(path, model) -> None:
+    """`model` (a tiny Llama) as a GGUF file: Q8_0 matrices, an F16 one, F32 norms, a tokenizer,
+    a non-default alignment, and no output tensor (the head is tied, as in SmolLM2's file)."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_custom_alignment(64)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_token_merges(["t 1"])
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue
+        module, _, suffix = hf_name.rpartition(".")
+        array = tensor.numpy()
+        if "q_proj" in module:
+            array = llama_cpp_permute(array, cfg.num_attention_heads)
+        elif "k_proj" in module:
+            array = llama_cpp_permute(array, cfg.num_key_value_heads)
+        name = f"{names.get_name(module)}.{suffix}"
+        if array.ndim == 1:
+            writer.add_tensor(name, array.astype(np.float32))
+        elif "v_proj" in module:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    model = tiny_llama(seed=4)
+    model.model.embed_tokens.weight.data = model.lm_head.weight.data.clone()  # the file has one table
+    write_tiny_gguf(path, model)
+    return path, model
+
+
+def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
+    path, _ = tiny_gguf
+    architecture, table = loading._gguf_tensor_table(path)
+    reader = gguf.GGUFReader(str(path))
+    assert architecture == "llama"
+    assert [t.name for t in table] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(table, reader.tensors):
+        assert ours.ggml_type == int(theirs.tensor_type)
+        assert ours.offset == theirs.data_offset and ours.n_bytes == theirs.n_bytes
+        assert ours.shape == tuple(int(d) for d in reversed(theirs.shape))
+
+
+def test_header_reader_rejects_other_files(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        loading._gguf_tensor_table(path)
+
+
+def test_streamed_gguf_equals_quantize_after_load(tiny_gguf, monkeypatch, input_ids):
+    path, original = tiny_gguf
+    monkeypatch.setattr(loading, "_CHUNK_BYTES", 100)  # a few rows per read: every chunk edge runs
+    streamed = load_quantized_causal_lm(str(path))
+    reference = quantize(load_causal_lm(str(path)))
+    assert streamed.lorakit_quantization == reference.lorakit_quantization
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert torch.equal(streamed(input_ids).logits, reference(input_ids).logits)
+    # and the file round-trips the original weights (Q8_0 / F16 rounding only; q/k un-permuted)
+    dense = load_causal_lm(str(path)).state_dict()
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(dense[key], value, atol=0.01, rtol=0.02)
