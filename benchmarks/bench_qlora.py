@@ -351,7 +351,7 @@ def report(r: dict[str, Any], args) -> str:
     out += [
         "",
         "gguf-nf4 / safetensors-nf4 stream: weights are quantized one tensor at a time as they are read "
-        "(GGUF tensors are dequantized one at a time by transformers' GGUF processors); the dense model never exists.",
+        "(GGUF tensors are read a chunk of rows at a time by lorakit's header reader and converted by transformers' GGUF processors); the dense model never exists.",
         f"Machine load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']}: "
         "other work on the same 2 cores makes single timings noisy.",
         f"Total benchmark time {r['seconds']:.0f} s. Command: `python benchmarks/bench_qlora.py {' '.join(sys.argv[1:])}`",
