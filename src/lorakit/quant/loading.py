@@ -15,7 +15,6 @@ The result is bit-identical to `quantize(load_causal_lm(spec), ...)`.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import platform
@@ -249,8 +248,6 @@ def load_quantized_causal_lm(
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
-    gc.collect()  # transformers parsed the whole GGUF metadata (tokenizer included) for the config
-    _release_free_heap()
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if method not in QUANTIZATION_METHODS:
