@@ -1,6 +1,6 @@
 """Held-out loss on the Alpaca subset with SmolLM2-135M-Instruct, before and after a short run.
 
-    python benchmarks/quality_alpaca.py                       # LoRA and QLoRA (NF4 base)
+    python benchmarks/quality_alpaca.py                       # LoRA, QLoRA (NF4 base), QLoRA + LoftQ init
     python benchmarks/quality_alpaca.py --methods lora --train-size 400
     python benchmarks/quality_alpaca.py --quick               # smoke run: 16 train / 8 held-out, 2 steps
     python benchmarks/quality_alpaca.py --train-size 400 --seeds 0 1 --threads 1   # noise: 2 training seeds
@@ -40,6 +40,8 @@ ALPACA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca" 
 CONDITIONS = {
     "lora": {"method": "lora", "r": 16, "alpha": 32.0},
     "qlora": {"method": "lora", "r": 16, "alpha": 32.0, "quantize": "nf4"},
+    # the same, the pair starting at the rank-16 SVD of each layer's rounding error (LoftQ)
+    "qlora-loftq": {"method": "lora", "r": 16, "alpha": 32.0, "quantize": "nf4", "init": "loftq"},
 }
 
 
@@ -117,9 +119,10 @@ def main() -> int:
         spread = f", spread over {len(values)} seeds (max - min) {max(values) - min(values):.4f}" if len(values) > 1 else ""
         print(f"\n{name}: mean held-out loss after training {statistics.mean(values):.4f}{spread}", end="")
     print()
-    if "lora" in args.methods and "qlora" in args.methods:
-        gaps = [after["qlora", s] - after["lora", s] for s in seeds]
-        print(f"QLoRA - LoRA held-out loss after training, per seed: {', '.join(f'{g:+.4f}' for g in gaps)}")
+    for quantized in ("qlora", "qlora-loftq"):
+        if "lora" in args.methods and quantized in args.methods:
+            gaps = [after[quantized, s] - after["lora", s] for s in seeds]
+            print(f"{quantized} - lora held-out loss after training, per seed: {', '.join(f'{g:+.4f}' for g in gaps)}")
     print(f"saved {path}")
     return 0
 

@@ -48,8 +48,10 @@ CONDITIONS = {
     "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 1e-2, None),
     # LoRA over the encoder's adapted linears stored in NF4 + double quantization
     "qlora": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
+    # the same, the pair starting at the rank-8 SVD of each layer's rounding error (LoftQ)
+    "qlora-loftq": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], init="loftq"), 1e-3, None),
 }
-QUANTIZED = {"qlora"}
+QUANTIZED = {"qlora", "qlora-loftq"}
 
 
 def read_tsv(path: Path, limit: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
@@ -84,7 +86,7 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
     torch.manual_seed(args.seed)
     model = models.load_classifier(num_labels=2)
     if name in QUANTIZED:
-        lorakit.quantize(model, targets=TARGETS)
+        lorakit.quantize(model, targets=TARGETS, loftq_rank=8 if name.endswith("loftq") else 0)
     if make_config is None:
         params = [{"params": list(model.parameters()), "lr": lr}]
     else:

@@ -155,7 +155,8 @@ def test_eval_classifier_keeps_training_label_order(tmp_path, capsys):
     assert "label 'neutral' is not among the training labels ['neg', 'pos']" in error_line(capsys)
 
 
-@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--method", "qlora"], ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
+@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--method", "qlora"], ["--method", "qlora", "--init", "loftq"],
+                                   ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
 def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
     code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "2", "--batch-size", "4",
                      "--out-dir", str(tmp_path), "--name", "x", "--no-progress", *extra])
@@ -165,6 +166,7 @@ def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
         assert "quantization" in meta
         if "qlora" in extra:  # QLoRA's defaults
             assert (meta["config"]["method"], meta["config"]["r"], meta["config"]["alpha"]) == ("lora", 64, 16.0)
+        assert meta["config"]["init"] == ("loftq" if "loftq" in extra else "default")
         capsys.readouterr()
         assert cli.main(["eval", "--adapter", str(tmp_path / "x")]) == 0
         # the base streamed into NF4 for eval holds the same bits training had: the same metric
@@ -172,6 +174,14 @@ def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
 
         after = json.loads((tmp_path / "x" / "report.json").read_text())["after"]
         assert format_metrics(after) in capsys.readouterr().out
+
+
+def test_loftq_needs_a_quantized_base_and_a_low_rank_method(tiny_model, data_dir, tmp_path, capsys):
+    common = ["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "1", "--out-dir", str(tmp_path)]
+    assert cli.main([*common, "--init", "loftq"]) == 2
+    assert "add --quantize nf4" in error_line(capsys)
+    assert cli.main([*common, "--init", "loftq", "--quantize", "nf4", "--method", "vera"]) == 2
+    assert "method 'vera' has no 'init' setting" in error_line(capsys)
 
 
 def test_targets_matching_nothing_is_one_line_error(tiny_model, data_dir, tmp_path, capsys):

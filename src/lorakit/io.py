@@ -17,6 +17,7 @@ must receive all its tensors, else the error names them. Loading never unpickles
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -133,7 +134,12 @@ def load(model: nn.Module, directory: str | os.PathLike, trainable: bool = False
         from .quant import quantize  # imported lazily: only quantized adapters need it
 
         quantize(model, **meta["quantization"])
-    inject.adapt(model, config)
+    if getattr(config, "init", "default") != "default":
+        # the saved tensors replace any initialisation; LoftQ's would need the full-precision base
+        inject.adapt(model, dataclasses.replace(config, init="default"))
+        model.lorakit_config = config
+    else:
+        inject.adapt(model, config)
     saved = load_file(str(weights))
     load_adapter_state(model, saved)
     for _, p in inject.adapter_parameters(model):

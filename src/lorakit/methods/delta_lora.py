@@ -134,6 +134,9 @@ class DeltaLoRA(LowRankConfig):
     moves_base_weights = True  # saved files carry W of the adapted modules (`<module>.base_weight`)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "default":
+            raise ValueError(f"Delta-LoRA supports only init='default' (init={self.init!r} needs a 4-bit base, which Delta-LoRA cannot move)")
         if self.dropout:
             raise ValueError(
                 f"Delta-LoRA takes no dropout on the low-rank branch (got dropout={self.dropout}): its base "

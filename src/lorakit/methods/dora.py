@@ -106,6 +106,12 @@ class DoRAAdapter(nn.Module):
     def scale(self) -> float:
         return self.lora.scale
 
+    @torch.no_grad()
+    def set_initial_pair(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_layer: nn.Module) -> None:
+        """Start the pair from `A`, `B` (LoftQ) with `m = ||W0 + s B A||_c`, so W' = W0 + s B A."""
+        self.lora.set_initial_pair(lora_A, lora_B, base_layer)
+        self.magnitude.copy_(self.weight_norm(base_layer))
+
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """`n = ||W0 + s B A||_c`, detached (no gradient flows through the norm)."""
         return factored_row_norm(
@@ -188,4 +194,4 @@ class DoRA(LowRankConfig):
     peft_use_dora = True
 
     def make_adapter(self, base_layer: nn.Module) -> DoRAAdapter:
-        return DoRAAdapter(base_layer, self.r, self.scale, self.dropout, self.param_dtype)
+        return self.initialise(DoRAAdapter(base_layer, self.r, self.scale, self.dropout, self.param_dtype), base_layer)

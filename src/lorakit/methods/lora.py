@@ -57,6 +57,12 @@ class LoRAPair(AdditiveAdapter):
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_exact(self, self.peft_state_dict(), state)
 
+    @torch.no_grad()
+    def set_initial_pair(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_layer: nn.Module) -> None:
+        """Start from the given `A (r, in)`, `B (out, r)` instead of the default init (LoftQ)."""
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}"
 
@@ -98,18 +104,37 @@ class LowRankConfig(AdapterConfig):
         alpha: scale numerator; `s = alpha / r` (or `alpha / sqrt(r)` with `rslora`).
         dropout: dropout on the adapter's input (the base path sees `x` unchanged).
         rslora: rank-stabilised scale `alpha / sqrt(r)` (Kalajdzievic 2023).
+        init: how the pair starts. "default": A random, B zero (the adapted model equals the
+            base). "loftq": over a 4-bit base quantized with `loftq_rank >= r`, `s·B·A` starts
+            as the best rank-r approximation of the base's rounding error `W - Q(W)` (LoftQ,
+            `lorakit.quant.loftq`), so the adapted model starts closer to the full-precision one.
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    init: str = "default"
 
     peft_use_dora: ClassVar[bool] = False  # how PEFT's LoraConfig tells DoRA from LoRA
+
+    def __post_init__(self) -> None:
+        if self.init not in LOW_RANK_INITS:
+            raise ValueError(f"init={self.init!r} is not one of {', '.join(LOW_RANK_INITS)}")
 
     @property
     def scale(self) -> float:
         return lora_scale(self.r, self.alpha, self.rslora)
+
+    def initialise(self, adapter: nn.Module, base_layer: nn.Module) -> nn.Module:
+        """Apply `init` to an adapter just built for `base_layer` (its constructor did "default")."""
+        if self.init == "loftq":
+            from ..quant.loftq import lora_pair  # the quant package imports the methods
+
+            lora_A, lora_B = lora_pair(base_layer, self.r, self.scale)
+            adapter.set_initial_pair(lora_A, lora_B, base_layer)
+            base_layer.residual_factors = None  # consumed; they weigh r x (in + out) floats a layer
+        return adapter
 
     def to_peft(self, target_names: list[str]) -> dict[str, Any]:
         return {
@@ -119,6 +144,8 @@ class LowRankConfig(AdapterConfig):
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
             "use_dora": self.peft_use_dora,
+            # The file holds the trained A and B whatever the init was; "loftq" here would make
+            # PEFT recompute LoftQ on load (and need its loftq_config).
             "init_lora_weights": True,
             "fan_in_fan_out": False,
         }
@@ -146,7 +173,10 @@ class LoRA(LowRankConfig):
     def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
-        return LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device)
+        return self.initialise(LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device), base_layer)
+
+
+LOW_RANK_INITS = ("default", "loftq")
 
 
 def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

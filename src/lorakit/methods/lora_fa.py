@@ -186,7 +186,7 @@ class LoRAFA(LowRankConfig):
     def make_adapter(self, base_layer: nn.Module) -> LoRAFAAdapter:
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
-        return LoRAFAAdapter(
+        adapter = LoRAFAAdapter(
             in_f,
             out_f,
             self.r,
@@ -197,6 +197,7 @@ class LoRAFA(LowRankConfig):
             self.param_dtype,
             device,
         )
+        return self.initialise(adapter, base_layer)
 
     @classmethod
     def matches_peft(cls, peft_config: dict[str, Any]) -> bool:

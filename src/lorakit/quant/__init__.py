@@ -53,6 +53,7 @@ def quantize(
     compute_dtype: torch.dtype | str | None = None,
     layers: list[int] | None = None,
     exclude: list[str] | None = None,
+    loftq_rank: int = 0,
 ) -> nn.Module:
     """Replace the chosen linear layers (`nn.Linear`, GPT-2 `Conv1D`) by NF4 `Linear4bit`, in place.
 
@@ -68,6 +69,9 @@ def quantize(
         double_quant: 8-bit absmax statistics (4.127 instead of 4.5 bits per weight).
         compute_dtype: matmul dtype (`torch.bfloat16` or "bfloat16", ...); `None`: bf16 on
             CUDA, fp32 on CPU.
+        loftq_rank: keep the top `loftq_rank` singular factors of each layer's rounding error
+            for an adapter built with `init="loftq"` (LoftQ, `lorakit.quant.loftq`); not part of
+            the base, so not recorded.
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
@@ -80,7 +84,7 @@ def quantize(
     for name in select_targets(model, config):
         module = model.get_submodule(name)
         if _quantizable(module):
-            set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype))
+            set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
     model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
     return model
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import base_layers
+from .loftq import residual_factors
 from .nf4 import DEFAULT_BLOCKSIZE, block_absmax, quantize_nf4
 from .triton_kernels import dequantize
 
@@ -85,14 +86,24 @@ class Linear4bit(nn.Module):
         blocksize: int = DEFAULT_BLOCKSIZE,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
+        loftq_rank: int = 0,
     ) -> "Linear4bit":
-        """Quantize an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`)."""
+        """Quantize an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`).
+
+        `loftq_rank > 0` also keeps the top singular factors of the rounding error
+        `W - deq(Q(W))` in `residual_factors`, for an adapter with `init="loftq"` (see `loftq.py`).
+        """
         weight = base_layers.dense_weight(module).detach()
-        return cls(weight, getattr(module, "bias", None), blocksize, double_quant, compute_dtype)
+        layer = cls(weight, getattr(module, "bias", None), blocksize, double_quant, compute_dtype)
+        if loftq_rank:
+            layer.residual_factors = residual_factors(weight, layer.dense_weight(torch.float32), loftq_rank)
+        return layer
 
     @torch.no_grad()
     def _store(self, weight: torch.Tensor) -> None:
         q = quantize_nf4(weight, self.blocksize, self.double_quant)
+        # LoftQ's factors of the rounding error (not saved: an adapter consumes them when built)
+        self.residual_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weight_packed = q.packed
         self.weight_absmax = q.absmax
         self.weight_absmax_scale = q.absmax_scale
@@ -153,6 +164,8 @@ class Linear4bit(nn.Module):
         super()._apply(fn, recurse)
         for name, tensor in stats.items():
             setattr(self, name, tensor.to(self.weight_packed.device))
+        if self.residual_factors is not None:  # fp32 as well, on the layer's device
+            self.residual_factors = tuple(t.to(self.weight_packed.device) for t in self.residual_factors)
         return self
 
     def extra_repr(self) -> str:

@@ -230,6 +230,7 @@ def load_quantized_causal_lm(
     layers: list[int] | None = None,
     exclude: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    loftq_rank: int = 0,
 ) -> nn.Module:
     """A causal LM (default: the built-in SmolLM2-135M) with its linear layers loaded as NF4.
 
@@ -238,6 +239,7 @@ def load_quantized_causal_lm(
     redoes a recorded quantization). Non-quantized tensors (embeddings, norms, the output head)
     get `dtype`, and weights are rounded to `dtype` before quantization, so the result equals
     `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
+    `loftq_rank` keeps LoftQ's factors of each layer's rounding error, as in `quantize`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -266,7 +268,7 @@ def load_quantized_causal_lm(
             continue
         tensor = tensor.to(dtype)
         if module_name in chosen and attr == "weight":
-            layer = Linear4bit.from_linear(_with_weight(module, tensor), blocksize, double_quant, cdtype)
+            layer = Linear4bit.from_linear(_with_weight(module, tensor), blocksize, double_quant, cdtype, loftq_rank)
             if getattr(module, "bias", None) is not None and module.bias.is_meta:
                 layer.bias = module.bias  # filled when the bias tensor arrives
             set_submodule(model, module_name, layer)

@@ -59,6 +59,8 @@ class TrainConfig:
     """LoRA+: learning rate of the B matrices = lr x this ratio (e.g. 16)."""
     quantize: str | None = None
     """Quantize the frozen base before adapting ('nf4' = QLoRA)."""
+    init: str | None = None
+    """How the adapter starts (LoRA, LoRA-FA, DoRA): 'default' (B = 0: the base model's outputs), or 'loftq' with --quantize (s·B·A starts as the best rank-r fit of the 4-bit base's rounding error, LoftQ)."""
 
     lr: float = 2e-3
     """Peak learning rate."""
@@ -107,6 +109,7 @@ class TrainConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("causal-lm", "classify"),
+    "init": ("default", "loftq"),
     "schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
@@ -210,3 +213,5 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"lr must be positive, got {config.lr}")
     if config.quantize not in (None, "nf4"):
         raise LorakitError(f"quantize: {config.quantize!r} is not supported (use nf4)")
+    if config.init == "loftq" and not config.quantize:
+        raise LorakitError("init: 'loftq' starts from the rounding error of a 4-bit base: add --quantize nf4 (or use --method qlora)")

@@ -149,7 +149,7 @@ def method_config(cfg: TrainConfig, model: nn.Module):
     if train_modules is None:
         train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task == "classify" else []
     kwargs: dict[str, Any] = {"targets": targets, "train_modules": list(train_modules)}
-    for name in ("r", "alpha", "dropout"):
+    for name in ("r", "alpha", "dropout", "init"):
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -363,6 +363,8 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
     echo(f"loading model {cfg.model or builtin} ...")
     quantization = {"method": cfg.quantize} if cfg.quantize else None
+    if quantization and cfg.init == "loftq":
+        quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
     model = load_model(cfg.model, cfg.task, max(2, len(datasets.labels)), tokenizer, quantization)
     model.to(device)
 
@@ -370,16 +372,17 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     per_epoch = max(1, len(datasets.train) // cfg.batch_size)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
-    if resume_from is None:
-        echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples before training ...")
-        t0 = time.perf_counter()
-        before = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
-        echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     torch.manual_seed(cfg.seed)
     try:
         inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
         raise LorakitError(str(err)) from None
+    if resume_from is None:
+        # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
+        echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples before training ...")
+        t0 = time.perf_counter()
+        before = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
+        echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     hooks: Hooks = training_hooks(model)
