@@ -213,3 +213,54 @@ def test_every_method_trains_on_a_quantized_base(method, input_ids):
     out.square().mean().backward()
     trainable = {n for n, _ in lorakit.adapter_parameters(model)}
     assert trainable and {n for n, p in model.named_parameters() if p.grad is not None} <= trainable
+
+
+# --- against PEFT + bitsandbytes (the reference QLoRA stack; runs on CPU with bitsandbytes >= 0.45) ---
+
+
+def peft_bnb_model(directory, double_quant: bool = True):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_qlora_matches_peft_over_bitsandbytes(tmp_path, input_ids, double_quant):
+    """The same LoRA weights over lorakit's NF4 and over bitsandbytes' NF4 give the same logits and
+    gradients (the 4-bit weights are bit-identical; only matmul rounding differs), and PEFT loads the
+    QLoRA adapter lorakit saves onto its own bitsandbytes base."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    tiny_llama(seed=2).save_pretrained(tmp_path / "base")
+    ours = lorakit.adapt(quantize(tiny_llama(seed=2), double_quant=double_quant), lorakit.LoRA(r=4, alpha=8))
+    perturb_trainable(ours)
+    theirs = peft.get_peft_model(peft_bnb_model(tmp_path / "base", double_quant),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    bnb_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    import bitsandbytes.functional as F
+
+    torch.testing.assert_close(F.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state),
+                               ours.model.layers[0].self_attn.q_proj.base_layer.dense_weight(torch.float32), rtol=0, atol=0)
+    state = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items() if "lora_" in k}
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                module, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
+                p.copy_(mine[f"{module}.adapter.lora_{kind.split('.')[0]}"])
+    assert state  # PEFT adapted the same linears
+    theirs.train(), ours.train()
+    out_ours, out_theirs = ours(input_ids, labels=input_ids), theirs(input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-4)
+    out_ours.loss.backward(), out_theirs.loss.backward()
+    grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in mine.items():
+        module, _, kind = name.rpartition(".adapter.")
+        torch.testing.assert_close(p.grad, grads[f"{module}.{kind}.default.weight"], atol=1e-5, rtol=1e-4)
+    # PEFT loads lorakit's QLoRA adapter over bitsandbytes and computes the same thing
+    lorakit.save(ours, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(peft_bnb_model(tmp_path / "base", double_quant), str(tmp_path / "adapter")).eval()
+    ours.eval()
+    torch.testing.assert_close(loaded(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-4)
