@@ -9,7 +9,8 @@ hooks where it has any (Delta-LoRA's base update). Conditions:
   step can beat it (see /work/shared/docs/PERFORMANCE.md).
 - `lorakit <method>` for every method in `lorakit.METHODS` (and QLoRA when `lorakit.quantize`
   exists), and `peft <method>` where PEFT has the same method with the same rank, alpha and
-  targets (LoRA, DoRA = `use_dora=True`, VeRA, LoRA-FA = LoRA + PEFT's LoRA-FA optimizer).
+  targets (LoRA, DoRA = `use_dora=True`, VeRA, LoRA-FA = LoRA + PEFT's LoRA-FA optimizer;
+  QLoRA = PEFT LoRA over bitsandbytes NF4 + double quant, when bitsandbytes is installed).
 
 All conditions share one base model's weights (methods that change the base, such as Delta-LoRA,
 get their own copy), see the same batch, and run in one process, interleaved: every round runs
@@ -31,6 +32,7 @@ import copy
 import dataclasses
 import datetime as dt
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -212,6 +214,16 @@ def peft_condition(base: nn.Module, method: str, args: argparse.Namespace) -> Co
     return Condition(f"peft {method}", "peft", method, model, optimizer)
 
 
+def peft_qlora_condition(base: nn.Module, args: argparse.Namespace) -> Condition:
+    """PEFT LoRA over a bitsandbytes NF4 (+ double quant) copy of the base: the reference QLoRA."""
+    import peft
+
+    model = common.bnb_quantize(copy.deepcopy(base), list(args.targets), compute_dtype=getattr(torch, args.dtype))
+    config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(args.targets))
+    model = peft.get_peft_model(model, config)
+    return Condition("peft qlora (bitsandbytes)", "peft", "qlora", model, adamw(model.parameters(), args.lr))
+
+
 def limit_condition(base: nn.Module) -> Condition:
     return Condition("limit (frozen base)", "base", "limit", base, None, feed="embeddings")
 
@@ -225,6 +237,8 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
         builders: list[Callable[[], Condition | None]] = []
         if method == "qlora":
             builders.append(lambda: lorakit_condition(base, "lora", args, quantized=True))
+            if not args.no_peft and importlib.util.find_spec("bitsandbytes") is not None:
+                builders.append(lambda: peft_qlora_condition(base, args))
         else:
             if method not in lorakit.METHODS:
                 raise SystemExit(f"unknown method {method!r}; registered: {', '.join(sorted(lorakit.METHODS))}")

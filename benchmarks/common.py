@@ -153,3 +153,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def bnb_quantize(model: nn.Module, targets: list[str], compute_dtype: torch.dtype, double_quant: bool = True) -> nn.Module:
+    """Replace the `nn.Linear`s whose name ends in one of `targets` by bitsandbytes NF4 `Linear4bit`s,
+    in place, on the weights' device: what `BitsAndBytesConfig(load_in_4bit=True, nf4)` loading
+    makes, for a model that already exists (random benchmark weights have no checkpoint to load)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                                  device="meta")
+        # bitsandbytes quantizes when a Params4bit moves to a (non-meta) device
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                         quant_type="nf4", module=layer).to(module.weight.device)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
