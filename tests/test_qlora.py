@@ -264,3 +264,9 @@ def test_qlora_matches_peft_over_bitsandbytes(tmp_path, input_ids, double_quant)
     loaded = peft.PeftModel.from_pretrained(peft_bnb_model(tmp_path / "base", double_quant), str(tmp_path / "adapter")).eval()
     ours.eval()
     torch.testing.assert_close(loaded(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_summary_counts_quantized_weights_as_parameters():
+    dense = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4))
+    quantized = lorakit.adapt(quantize(tiny_llama()), lorakit.LoRA(r=4))
+    assert lorakit.summary(quantized) == lorakit.summary(dense)  # the same share trains, packed or not

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import inject
+from .base_layers import DenseWeightProvider
 
 
 @dataclass
@@ -35,8 +36,13 @@ def module_rows(model: nn.Module) -> list[ModuleRow]:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each shared tensor counted once."""
+    """(trainable, total) parameters, each shared tensor counted once.
+
+    A quantized layer (`DenseWeightProvider`) stores its weight packed in buffers; it counts as the
+    `out x in` weights it represents, as in the full-precision model (PEFT counts the same way).
+    """
     total = sum(p.numel() for p in model.parameters())  # named_parameters already de-duplicates
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, DenseWeightProvider))
     trainable = sum(p.numel() for _, p in inject.adapter_parameters(model))
     return trainable, total
 
