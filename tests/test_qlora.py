@@ -270,3 +270,13 @@ def test_summary_counts_quantized_weights_as_parameters():
     dense = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4))
     quantized = lorakit.adapt(quantize(tiny_llama()), lorakit.LoRA(r=4))
     assert lorakit.summary(quantized) == lorakit.summary(dense)  # the same share trains, packed or not
+
+
+def test_load_onto_an_already_quantized_base(tmp_path, input_ids):
+    model = lorakit.adapt(quantize(tiny_llama(), exclude=["down_proj"]), lorakit.LoRA(r=4))
+    perturb_trainable(model)
+    lorakit.save(model, tmp_path)
+    restored = lorakit.load(quantize(tiny_llama(), exclude=["down_proj"]), tmp_path)  # e.g. streamed by the loader
+    assert torch.equal(restored(input_ids).logits, model(input_ids).logits)
+    with pytest.raises(ValueError, match=r"quantized differently.*blocksize: model 128 vs adapter 64.*exclude"):
+        lorakit.load(quantize(tiny_llama(), blocksize=128), tmp_path)

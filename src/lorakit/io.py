@@ -133,6 +133,7 @@ def load(model: nn.Module, directory: str | os.PathLike, trainable: bool = False
     if meta.get("quantization"):
         from .quant import quantize  # imported lazily: only quantized adapters need it
 
+        _check_same_quantization(getattr(model, "lorakit_quantization", None), meta["quantization"], path)
         quantize(model, **meta["quantization"])
     if getattr(config, "init", "default") != "default":
         # the saved tensors replace any initialisation; LoftQ's would need the full-precision base
@@ -145,6 +146,17 @@ def load(model: nn.Module, directory: str | os.PathLike, trainable: bool = False
     for _, p in inject.adapter_parameters(model):
         p.requires_grad_(trainable)
     return model
+
+
+def _check_same_quantization(model_settings: dict | None, saved: dict, path: Path) -> None:
+    """An already 4-bit base must hold the bits the adapter was trained on (the matmul dtype may differ)."""
+    if model_settings is None:
+        return
+    differ = {k: (model_settings.get(k), saved.get(k)) for k in set(model_settings) | set(saved)
+              if k != "compute_dtype" and model_settings.get(k) != saved.get(k)}
+    if differ:
+        detail = ", ".join(f"{k}: model {a!r} vs adapter {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(f"the model is quantized differently from the base {path} was trained on ({detail})")
 
 
 def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
