@@ -85,6 +85,25 @@ def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
         assert ours.shape == tuple(int(d) for d in reversed(theirs.shape))
 
 
+def test_config_from_header_equals_transformers(tiny_gguf):
+    from transformers import AutoConfig
+
+    path, _ = tiny_gguf
+    ours = loading._gguf_config(path)
+    assert ours.to_dict() == AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+
+
+@pytest.mark.integration
+def test_smollm2_config_from_header_equals_transformers():
+    from transformers import AutoConfig
+
+    from lorakit.models import resolve_model_path
+
+    directory, gguf = resolve_model_path(None, "causal-lm")
+    ours = loading._gguf_config(directory / gguf)
+    assert ours.to_dict() == AutoConfig.from_pretrained(directory, gguf_file=gguf).to_dict()
+
+
 def test_header_reader_rejects_other_files(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 not a gguf file")

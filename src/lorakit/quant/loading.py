@@ -65,9 +65,6 @@ def _safetensors_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 _CHUNK_BYTES = 8 << 20  # raw bytes read and dequantized at a time
 
-# GGUF metadata value types (gguf spec): fixed sizes; 8 = string, 9 = array
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
 
 class _GGUFTensorInfo(NamedTuple):
     name: str
@@ -77,11 +74,25 @@ class _GGUFTensorInfo(NamedTuple):
     n_bytes: int
 
 
-def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
-    """(architecture, tensor table) of a GGUF file (v2/v3), read from its header alone.
+class _GGUFArray(NamedTuple):
+    """A metadata array of strings (a vocabulary, merges), skipped: only its length is kept."""
 
-    `gguf.GGUFReader` also parses every metadata array into per-element views (the 49k-token
-    vocabulary of SmolLM2 takes seconds and ~150 MB); here arrays are skipped by their lengths.
+    count: int
+
+
+# GGUF scalar value types -> struct format
+_GGUF_SCALAR_FORMAT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SCALAR_BYTES = {t: struct.calcsize("<" + f) for t, f in _GGUF_SCALAR_FORMAT.items()}
+_SHORT_ARRAY = 1024  # scalar arrays up to this long are read (a config may want them), longer ones skipped
+
+
+def _read_gguf_header(path: Path) -> tuple[dict, list[_GGUFTensorInfo]]:
+    """(metadata, tensor table) of a GGUF file (v2/v3), read from its header alone.
+
+    Metadata keeps scalars, strings and short scalar arrays; string arrays and long arrays (the
+    tokenizer's vocabulary, merges, token types) are skipped by their lengths and stand as
+    `_GGUFArray(count)`. `gguf.GGUFReader` parses every array element into its own numpy view
+    (the 49k-token vocabulary of SmolLM2 takes seconds and ~150 MB).
     """
     from gguf import GGML_QUANT_SIZES
 
@@ -92,18 +103,23 @@ def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
         def string() -> str:
             return f.read(unpack("Q")).decode("utf-8")
 
-        def skip(value_type: int) -> None:
+        def value(value_type: int):
             if value_type == 8:
-                f.seek(unpack("Q"), 1)
-            elif value_type == 9:
-                item_type, count = unpack("I"), unpack("Q")
-                if item_type in _GGUF_SCALAR_BYTES:
-                    f.seek(count * _GGUF_SCALAR_BYTES[item_type], 1)
-                else:
-                    for _ in range(count):
-                        skip(item_type)
+                return string()
+            if value_type != 9:
+                return unpack(_GGUF_SCALAR_FORMAT[value_type])
+            item_type, count = unpack("I"), unpack("Q")
+            if item_type in _GGUF_SCALAR_BYTES:
+                if count <= _SHORT_ARRAY:
+                    return [unpack(_GGUF_SCALAR_FORMAT[item_type]) for _ in range(count)]
+                f.seek(count * _GGUF_SCALAR_BYTES[item_type], 1)
             else:
-                f.seek(_GGUF_SCALAR_BYTES[value_type], 1)
+                for _ in range(count):
+                    if item_type == 8:
+                        f.seek(unpack("Q"), 1)
+                    else:
+                        value(item_type)
+            return _GGUFArray(count)
 
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
@@ -111,29 +127,70 @@ def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported (2 or later)")
         tensor_count, kv_count = unpack("Q"), unpack("Q")
-        architecture, alignment = None, 32
+        metadata = {}
         for _ in range(kv_count):
             key, value_type = string(), unpack("I")
-            if key == "general.architecture" and value_type == 8:
-                architecture = string()
-            elif key == "general.alignment" and value_type == 4:
-                alignment = unpack("I")
-            else:
-                skip(value_type)
+            metadata[key] = value(value_type)
         entries = []
         for _ in range(tensor_count):
             name = string()
             dims = [unpack("Q") for _ in range(unpack("I"))]
             entries.append((name, dims, unpack("I"), unpack("Q")))
+        alignment = metadata.get("general.alignment", 32)
         data_start = -(-f.tell() // alignment) * alignment
+    if not isinstance(metadata.get("general.architecture"), str):
+        raise ValueError(f"{path} has no general.architecture")
     table = []
     for name, dims, ggml_type, offset in entries:
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
         n_bytes = math.prod(dims) // block_size * type_size
         table.append(_GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, n_bytes))
-    if architecture is None:
-        raise ValueError(f"{path} has no general.architecture")
-    return architecture, table
+    return metadata, table
+
+
+def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
+    """(architecture, tensor table) of a GGUF file."""
+    metadata, table = _read_gguf_header(path)
+    return metadata["general.architecture"], table
+
+
+# Architectures whose transformers config is the plain renaming of their GGUF metadata (no
+# special cases in transformers' GGUF loader); others are left to transformers.
+_PLAIN_GGUF_CONFIG_ARCHITECTURES = ("llama",)
+
+
+def _gguf_config(path: Path):
+    """The transformers config of a GGUF model, as `AutoConfig.from_pretrained(gguf_file=...)` makes it.
+
+    For plain architectures it is rebuilt from the header's metadata with transformers' own key
+    mapping (`GGUF_TO_TRANSFORMERS_MAPPING`); transformers' loader parses the whole tokenizer on
+    the way (SmolLM2: ~5 s and ~100 MiB of heap that stays).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    metadata, table = _read_gguf_header(path)
+    architecture = metadata["general.architecture"]
+    name = metadata.get("general.name", "")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+        config_renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    except ImportError:
+        config_renames = {}
+    if architecture not in config_renames or architecture not in _PLAIN_GGUF_CONFIG_ARCHITECTURES or "mistral" in name.lower():
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config = {"tie_word_embeddings": all(t.name != "output.weight" for t in table)}
+    for key, value in metadata.items():  # general.architecture -> model_type, tokenizer.ggml.bos_token_id, ...
+        prefix, _, field = key.partition(".")
+        target = config_renames.get(prefix, {}).get(field)
+        if target not in (None, -1) and not isinstance(value, _GGUFArray):
+            config[target] = value[0] if isinstance(value, list) and len(value) == 1 else value  # as transformers
+    if "vocab_size" not in config and isinstance(metadata.get("tokenizer.ggml.tokens"), _GGUFArray):
+        config["vocab_size"] = metadata["tokenizer.ggml.tokens"].count
+    built = CONFIG_MAPPING[architecture].from_dict(config)
+    built._name_or_path = str(path.parent)  # as from_pretrained(directory, gguf_file=...) records it
+    return built
 
 
 @contextmanager
@@ -249,7 +306,7 @@ def load_quantized_causal_lm(
 
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
-    config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
+    config = _gguf_config(directory / gguf) if gguf else AutoConfig.from_pretrained(directory)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if method not in QUANTIZATION_METHODS:
