@@ -107,15 +107,22 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
 
 
 def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM (default: SmolLM2-135M-Instruct), offline."""
+    """A causal LM (default: SmolLM2-135M-Instruct), offline.
+
+    A GGUF file is read tensor by tensor (`lorakit.quant.loading.stream_causal_lm`: the same
+    weights as transformers' GGUF loader, which first parses the whole file, vocabulary included).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    with _quiet(logging):  # the GGUF loader prints progress bars per tensor group
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    if gguf:
+        from .quant.loading import stream_causal_lm
+
+        return stream_causal_lm(str(directory / gguf), dtype)
+    with _quiet(logging):
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
 
 
 def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:

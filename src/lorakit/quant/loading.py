@@ -20,7 +20,7 @@ import os
 import platform
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -298,22 +298,49 @@ def load_quantized_causal_lm(
     `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
     `loftq_rank` keeps LoftQ's factors of each layer's rounding error, as in `quantize`.
     """
+    from ..inject import select_targets
+    from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
+
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
+    cdtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
+    selection = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
+
+    def chosen(model: nn.Module) -> set[str]:
+        return {n for n in select_targets(model, selection) if _quantizable(model.get_submodule(n))}
+
+    def quantized(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+        return Linear4bit.from_linear(_with_weight(module, weight), blocksize, double_quant, cdtype, loftq_rank)
+
+    model = stream_causal_lm(spec, dtype, chosen, quantized)
+    model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
+    return model
+
+
+def stream_causal_lm(
+    spec: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    chosen: Callable[[nn.Module], set[str]] | None = None,
+    replace: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+) -> nn.Module:
+    """A causal LM built on the meta device and filled one checkpoint tensor at a time.
+
+    The weight of each module named by `chosen(model)` is handed to `replace(module, weight)`,
+    whose result takes the module's place (a 4-bit layer); every other tensor is placed as it is,
+    in `dtype`. Without `chosen`, a plain dense load: for a GGUF file the same tensors as
+    transformers' `from_pretrained(gguf_file=...)`, without its whole-file parse.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..inject import set_submodule, select_targets
+    from ..inject import set_submodule
     from ..models import _offline, resolve_model_path
-    from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
 
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
     config = _gguf_config(directory / gguf) if gguf else AutoConfig.from_pretrained(directory)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
-    selection = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
-    chosen = {n for n in select_targets(model, selection) if _quantizable(model.get_submodule(n))}
-    cdtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
+    replaced = chosen(model) if chosen is not None else set()
     tensors = _gguf_tensors(directory / gguf, model, config.to_dict()) if gguf else _safetensors_tensors(directory)
     unexpected = []
     for name, tensor in tensors:
@@ -324,14 +351,14 @@ def load_quantized_causal_lm(
             unexpected.append(name)
             continue
         tensor = tensor.to(dtype)
-        if module_name in chosen and attr == "weight":
-            layer = Linear4bit.from_linear(_with_weight(module, tensor), blocksize, double_quant, cdtype, loftq_rank)
+        if module_name in replaced and attr == "weight":
+            layer = replace(module, tensor)
             if getattr(module, "bias", None) is not None and module.bias.is_meta:
                 layer.bias = module.bias  # filled when the bias tensor arrives
             set_submodule(model, module_name, layer)
         elif attr in module._parameters:
             old = module._parameters[attr]
-            trainable = old.requires_grad and not isinstance(module, Linear4bit)
+            trainable = old.requires_grad and module_name not in replaced
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=trainable)
         elif attr in module._buffers:
             module._buffers[attr] = tensor
@@ -347,7 +374,6 @@ def load_quantized_causal_lm(
     model.eval()
     if unexpected:
         warnings.warn(f"checkpoint tensors with no place in the model were skipped: {unexpected[:6]}", stacklevel=2)
-    model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
     return model
 
 
