@@ -96,7 +96,14 @@ def worker_load(kind: str, directory: str) -> dict[str, Any]:
     sampler = AnonPeak()
     start = time.perf_counter()
     if kind == "gguf-fp32":
-        model = load_causal_lm()
+        model = load_causal_lm()  # lorakit's tensor-by-tensor GGUF reader
+    elif kind == "gguf-fp32-transformers":
+        from transformers import AutoModelForCausalLM
+
+        from lorakit.models import resolve_model_path
+
+        gguf_dir, gguf_name = resolve_model_path(None)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     elif kind == "gguf-nf4":
         model = lorakit.quant.load_quantized_causal_lm()
     elif kind == "safetensors-fp32":
@@ -288,7 +295,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "command": " ".join(sys.argv)}
     results["load_average_start"] = common.load_average()
     with tempfile.TemporaryDirectory() as directory:
-        loads = {kind: run_worker([kind, directory]) for kind in ("gguf-fp32", "gguf-nf4", "safetensors-fp32", "safetensors-nf4")}
+        loads = {kind: run_worker([kind, directory]) for kind in ("gguf-fp32", "gguf-fp32-transformers", "gguf-nf4", "safetensors-fp32", "safetensors-nf4")}
         results["loads"] = loads
         if "error" in loads["gguf-fp32"]:
             raise SystemExit(f"could not load SmolLM2: {loads['gguf-fp32']['error']}")

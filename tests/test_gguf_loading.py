@@ -144,3 +144,31 @@ def test_streamed_gguf_equals_quantize_after_load(tiny_gguf, monkeypatch, input_
     dense = load_causal_lm(str(path)).state_dict()
     for key, value in original.state_dict().items():
         torch.testing.assert_close(dense[key], value, atol=0.01, rtol=0.02)
+
+
+def test_config_shortcut_is_scoped_and_only_for_its_file(tiny_gguf, tmp_path):
+    from transformers import modeling_gguf_pytorch_utils as utils
+
+    path, _ = tiny_gguf
+    original = utils.load_gguf_checkpoint
+    with loading.gguf_config_from_header(path):
+        assert utils.load_gguf_checkpoint(str(path))["config"] == loading._gguf_config_dict(path)
+        other = tmp_path / "other.gguf"
+        other.write_bytes(path.read_bytes())
+        assert utils.load_gguf_checkpoint(str(other))["config"]["model_type"] == "llama"  # transformers' own parse
+    assert utils.load_gguf_checkpoint is original
+
+
+@pytest.mark.integration
+def test_smollm2_tokenizer_equals_transformers():
+    from transformers import AutoTokenizer
+
+    from lorakit.models import load_tokenizer, resolve_model_path
+
+    directory, gguf = resolve_model_path(None, "causal-lm")
+    theirs = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    ours = load_tokenizer(None)
+    assert type(ours) is type(theirs) and ours.get_vocab() == theirs.get_vocab()
+    assert ours.chat_template == theirs.chat_template and ours.init_kwargs == theirs.init_kwargs
+    for text in ["Hello world!", "  tabs\tand\n\nnewlines 123 ü 😀", "<|im_start|>user\nhi<|im_end|>"]:
+        assert ours(text).input_ids == theirs(text).input_ids

@@ -100,7 +100,13 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
 
     _offline()
     directory, gguf = resolve_model_path(spec, task)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(directory)
+    if gguf:
+        from .quant.loading import gguf_config_from_header
+
+        with gguf_config_from_header(directory / gguf):  # transformers would parse the whole file for the config
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -159,27 +159,25 @@ def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:
 _PLAIN_GGUF_CONFIG_ARCHITECTURES = ("llama",)
 
 
-def _gguf_config(path: Path):
-    """The transformers config of a GGUF model, as `AutoConfig.from_pretrained(gguf_file=...)` makes it.
+def _gguf_config_dict(path: Path) -> dict | None:
+    """The config dict transformers' GGUF loader makes for this file (`load_gguf_checkpoint(...)["config"]`),
+    rebuilt from lorakit's header reader with transformers' own key mapping; None where the
+    architecture needs transformers' special cases.
 
-    For plain architectures it is rebuilt from the header's metadata with transformers' own key
-    mapping (`GGUF_TO_TRANSFORMERS_MAPPING`); transformers' loader parses the whole tokenizer on
-    the way (SmolLM2: ~5 s and ~100 MiB of heap that stays).
+    transformers' loader parses the whole file for it, the tokenizer's vocabulary included
+    (SmolLM2: ~5 s, for the config and again for the tokenizer's class).
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     metadata, table = _read_gguf_header(path)
     architecture = metadata["general.architecture"]
-    name = metadata.get("general.name", "")
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
 
         config_renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
     except ImportError:
-        config_renames = {}
+        return None
+    name = metadata.get("general.name", "")
     if architecture not in config_renames or architecture not in _PLAIN_GGUF_CONFIG_ARCHITECTURES or "mistral" in name.lower():
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return None
     config = {"tie_word_embeddings": all(t.name != "output.weight" for t in table)}
     for key, value in metadata.items():  # general.architecture -> model_type, tokenizer.ggml.bos_token_id, ...
         prefix, _, field = key.partition(".")
@@ -188,9 +186,42 @@ def _gguf_config(path: Path):
             config[target] = value[0] if isinstance(value, list) and len(value) == 1 else value  # as transformers
     if "vocab_size" not in config and isinstance(metadata.get("tokenizer.ggml.tokens"), _GGUFArray):
         config["vocab_size"] = metadata["tokenizer.ggml.tokens"].count
-    built = CONFIG_MAPPING[architecture].from_dict(config)
+    return config
+
+
+def _gguf_config(path: Path):
+    """The transformers config of a GGUF model, as `AutoConfig.from_pretrained(gguf_file=...)` makes it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = _gguf_config_dict(path)
+    if config is None:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    built = CONFIG_MAPPING[config["model_type"]].from_dict(config)
     built._name_or_path = str(path.parent)  # as from_pretrained(directory, gguf_file=...) records it
     return built
+
+
+@contextmanager
+def gguf_config_from_header(path: Path) -> Iterator[None]:
+    """Inside the block, transformers' GGUF loader answers a metadata-only call for `path` with
+    `_gguf_config_dict` instead of parsing the whole file (`AutoTokenizer.from_pretrained(gguf_file=...)`
+    makes such a call just to choose the tokenizer's class)."""
+    from transformers import modeling_gguf_pytorch_utils as utils
+
+    original = utils.load_gguf_checkpoint
+    config = _gguf_config_dict(path)
+
+    def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, **kwargs):
+        if config is not None and not return_tensors and Path(gguf_checkpoint_path).resolve() == path.resolve():
+            return {"config": dict(config), "tokenizer": {}, "tokenizer_config": {}}
+        return original(gguf_checkpoint_path, return_tensors=return_tensors, **kwargs)
+
+    utils.load_gguf_checkpoint = load_gguf_checkpoint
+    try:
+        yield
+    finally:
+        utils.load_gguf_checkpoint = original
 
 
 @contextmanager
