@@ -172,3 +172,17 @@ def test_smollm2_tokenizer_equals_transformers():
     assert ours.chat_template == theirs.chat_template and ours.init_kwargs == theirs.init_kwargs
     for text in ["Hello world!", "  tabs\tand\n\nnewlines 123 ü 😀", "<|im_start|>user\nhi<|im_end|>"]:
         assert ours(text).input_ids == theirs(text).input_ids
+
+
+@pytest.mark.integration
+def test_smollm2_dense_load_equals_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import resolve_model_path
+
+    directory, gguf = resolve_model_path(None, "causal-lm")
+    ours = load_causal_lm(None).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf).state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
