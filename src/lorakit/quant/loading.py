@@ -7,10 +7,12 @@ placed as it is. The dense model never exists, so peak memory stays near the 4-b
 the largest single tensor (plus the file pages the OS maps in).
 
 Sources: a Hugging Face directory of `.safetensors` files (read with `safe_open`, one tensor at a
-time), or a GGUF file, read tensor by tensor with the `gguf` reader and converted by
+time), or a GGUF file: its header is parsed here (config and tensor table, the vocabulary skipped),
+each tensor is `pread` a chunk of rows at a time, dequantized with `gguf` and converted by
 transformers' own per-tensor GGUF processors (name mapping, q/k un-permutation).
 
-The result is bit-identical to `quantize(load_causal_lm(spec), ...)`.
+The result is bit-identical to `quantize(load_causal_lm(spec), ...)`, and `stream_causal_lm`
+without a quantizer (what `load_causal_lm` uses for GGUF files) to transformers' GGUF loader.
 """
 
 from __future__ import annotations
