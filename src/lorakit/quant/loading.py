@@ -212,7 +212,10 @@ def gguf_config_from_header(path: Path) -> Iterator[None]:
     from transformers import modeling_gguf_pytorch_utils as utils
 
     original = utils.load_gguf_checkpoint
-    config = _gguf_config_dict(path)
+    try:
+        config = _gguf_config_dict(path)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError):
+        config = None  # a header this reader cannot parse: transformers' own loader decides
 
     def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, **kwargs):
         if config is not None and not return_tensors and Path(gguf_checkpoint_path).resolve() == path.resolve():
