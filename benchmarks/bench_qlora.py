@@ -42,7 +42,8 @@ import common  # noqa: E402  (benchmarks/ is not a package)
 
 import lorakit  # noqa: E402
 from lorakit.models import load_causal_lm, load_tokenizer  # noqa: E402
-from lorakit.quant import bits_per_parameter, nf4, quantized_layers, weight_bytes  # noqa: E402
+from lorakit.quant import bits_per_parameter, nf4, weight_bytes  # noqa: E402
+from lorakit.summary import parameter_counts  # noqa: E402
 
 MiB = 2**20
 
@@ -124,7 +125,7 @@ def worker_load(kind: str, directory: str) -> dict[str, Any]:
         "weight_mib": weight_bytes(model) / MiB,
         "bits_per_parameter": bits_per_parameter(model),
         "linear_bits_per_parameter": bits_per_parameter(model.model.layers),
-        "parameters": sum(p.numel() for p in model.parameters()) + sum(l.in_features * l.out_features for _, l in quantized_layers(model)),
+        "parameters": parameter_counts(model)[1],  # a 4-bit layer counts its out x in weights
     }
     if kind == "gguf-fp32":
         save_as_safetensors(model, directory)

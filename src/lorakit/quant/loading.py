@@ -89,6 +89,16 @@ _SHORT_ARRAY = 1024  # scalar arrays up to this long are read (a config may want
 
 
 def _read_gguf_header(path: Path) -> tuple[dict, list[_GGUFTensorInfo]]:
+    """(metadata, tensor table) of a GGUF file (v2/v3), read from its header alone; parsed once
+    per file version (a load reads it for the tokenizer, the config and the tensor table).
+    Callers must not modify the result.
+    """
+    stat = os.stat(path)
+    return _read_gguf_header_cached(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict, list[_GGUFTensorInfo]]:
     """(metadata, tensor table) of a GGUF file (v2/v3), read from its header alone.
 
     Metadata keeps scalars, strings and short scalar arrays; string arrays and long arrays (the
