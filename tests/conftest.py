@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+# torch.compile's on-disk kernel cache is keyed without the CPU's vector ISA: kernels built under one
+# ATEN_CPU_CAPABILITY (or on another CPU sharing the directory) were seen to crash or return wrong gradients
+# under another. Each test session compiles into its own directory unless the caller chose one.
+_OWN_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()

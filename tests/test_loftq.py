@@ -13,6 +13,7 @@ import lorakit
 from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers
 from lorakit.quant.loftq import residual_factors
 
+from bnb_reference import reference_dequantize_4bit
 from conftest import perturb_trainable, tiny_llama
 
 TARGETS = ["0", "2"]
@@ -133,7 +134,7 @@ def test_same_pair_as_peft_loftq_with_alpha_equal_r():
     model = two_layer(seed=4)
     weight = model[0].weight.detach().clone()
     q, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
-    residual = weight - bnb.functional.dequantize_4bit(q, state)
+    residual = weight - reference_dequantize_4bit(q, state)  # not the native kernel: tests/bnb_reference.py
     peft = loftq_utils._low_rank_decomposition(residual, reduced_rank=8)
     quantize(model, targets=["0"], double_quant=False, loftq_rank=8)
     lorakit.adapt(model, lorakit.LoRA(r=8, alpha=8.0, targets=["0"], init="loftq"))

@@ -1,4 +1,6 @@
-"""NF4 format: code books, bit-exact agreement with bitsandbytes, dequantization paths, memory."""
+"""NF4 format: code books, bit-exact agreement with bitsandbytes (stored state and its reference
+dequantization; tests/bnb_reference.py says why not its native CPU kernel everywhere), dequantization paths,
+memory."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import torch
 
 from lorakit.quant import Linear4bit, bits_per_parameter, nf4
 from lorakit.quant.triton_kernels import dequantize, triton_available
+
+from bnb_reference import (
+    native_kernel_is_exact, reference_dequantize_4bit, reference_dequantize_blockwise, reference_kernels,
+)
 
 # exact float32 values of bitsandbytes' get_4bit_type("nf4") (METHODS.md, section 6)
 NF4_REFERENCE = [
@@ -69,21 +75,27 @@ def test_roundtrip_error_is_small(double_quant):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_bit_exact_with_bitsandbytes(shape, dtype, double_quant):
+    """What bitsandbytes stores (packed codes, absmax, nested statistics) is bit-identical, and so are the
+    dequantized values of its reference implementation (and of its native kernel where that is exact)."""
     F = pytest.importorskip("bitsandbytes.functional")
     g = torch.Generator().manual_seed(SHAPES.index(shape) * 10 + DTYPES.index(dtype) * 2 + double_quant)
     w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
     packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
     mine = nf4.quantize_nf4(w, blocksize=64, double_quant=double_quant)
     assert torch.equal(mine.packed, packed.view(-1))
-    assert torch.equal(mine.absmax, state.absmax)
     if double_quant:
+        assert torch.equal(mine.absmax, state.absmax)  # the 8-bit codes of the block maxima
         assert torch.equal(mine.absmax_scale, state.state2.absmax)
         assert torch.equal(mine.absmax_offset, state.offset)
-        assert torch.equal(mine.block_absmax(), F.dequantize_blockwise(state.absmax, state.state2) + state.offset)
-    reference = F.dequantize_4bit(packed, state)
+        assert torch.equal(mine.block_absmax(), reference_dequantize_blockwise(state.absmax, state.state2) + state.offset)
+    else:
+        assert torch.equal(mine.absmax, state.absmax)
     ours = mine.dequantize()
+    reference = reference_dequantize_4bit(packed, state)
     assert ours.dtype == reference.dtype == dtype
     assert torch.equal(ours.reshape(-1), reference.reshape(-1))
+    if native_kernel_is_exact(shape, 64):
+        assert torch.equal(ours.reshape(-1), F.dequantize_4bit(packed, state).reshape(-1))
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
@@ -93,7 +105,53 @@ def test_bit_exact_other_blocksizes(blocksize):
     packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=True)
     mine = nf4.quantize_nf4(w, blocksize=blocksize, double_quant=True)
     assert torch.equal(mine.packed, packed.view(-1)) and torch.equal(mine.absmax, state.absmax)
-    assert torch.equal(mine.dequantize(), F.dequantize_4bit(packed, state))
+    assert torch.equal(mine.dequantize(), reference_dequantize_4bit(packed, state))
+
+
+# Shapes whose rows are a multiple of 16 but not of the block size: bitsandbytes 0.50.2's native CPU kernel
+# is wrong on these when the CPU has AVX-512 (docs/bitsandbytes-cpu-dequantize-4bit.md).
+STRADDLING_SHAPES = [(32, 32), (16, 48), (8, 80), (32, 96)]
+
+
+@pytest.mark.parametrize("shape", STRADDLING_SHAPES)
+def test_bit_exact_where_blocks_straddle_rows(shape):
+    """lorakit equals bitsandbytes' reference on the shapes its native AVX-512 kernel gets wrong (the tiny
+    test models' 32-wide layers are such shapes)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+    for double_quant in (False, True):
+        packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
+        mine = nf4.quantize_nf4(w, blocksize=64, double_quant=double_quant)
+        assert torch.equal(mine.packed, packed.view(-1))
+        assert torch.equal(mine.dequantize(), reference_dequantize_4bit(packed, state))
+
+
+def test_native_kernel_agrees_with_reference_where_documented():
+    """The claim the tests rely on, checked on this machine's own kernel: bitsandbytes' native CPU dequantization
+    equals its reference wherever `native_kernel_is_exact` says so (whatever the CPU's vector extensions), and
+    `reference_kernels()` really routes bitsandbytes' public call to the reference (and back afterwards)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for blocksize in (32, 64, 128):
+        for rows in (1, 3, 8):
+            for row_length in range(2, 260, 2 if blocksize == 64 else 6):
+                shape = (rows, row_length)
+                if not native_kernel_is_exact(shape, blocksize):
+                    continue
+                packed, state = F.quantize_4bit(torch.randn(shape, generator=g), quant_type="nf4", blocksize=blocksize)
+                assert torch.equal(F.dequantize_4bit(packed, state), reference_dequantize_4bit(packed, state)), shape
+                checked += 1
+    assert checked > 20
+    packed, state = F.quantize_4bit(torch.randn(32, 32, generator=g), quant_type="nf4", blocksize=64)
+    native_registration = torch._C._dispatch_dump("bitsandbytes::dequantize_4bit")
+    with reference_kernels():
+        assert "bnb_reference.py" in torch._C._dispatch_dump("bitsandbytes::dequantize_4bit")
+        inside = F.dequantize_4bit(packed, state)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=1).view(-1).long()  # high nibble first
+    naive = (torch.tensor(NF4_REFERENCE)[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(32, 32)
+    assert torch.equal(inside, naive)
+    assert torch._C._dispatch_dump("bitsandbytes::dequantize_4bit") == native_registration  # restored
 
 
 def test_nested_statistics_bit_exact_near_code_midpoints():
