@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorakit import lorakit_state
 from lorakit.models import load_causal_lm
 from lorakit.quant import load_quantized_causal_lm, quantize
 from lorakit.quant import loading
@@ -134,7 +135,7 @@ def test_streamed_gguf_equals_quantize_after_load(tiny_gguf, monkeypatch, input_
     monkeypatch.setattr(loading, "_CHUNK_BYTES", 100)  # a few rows per read: every chunk edge runs
     streamed = load_quantized_causal_lm(str(path))
     reference = quantize(load_causal_lm(str(path)))
-    assert streamed.lorakit_quantization == reference.lorakit_quantization
+    assert lorakit_state(streamed).quantization == lorakit_state(reference).quantization
     ours, theirs = streamed.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:

@@ -96,7 +96,7 @@ def test_loftq_trains_and_saves_a_plain_adapter(tmp_path):
     assert peft_config["init_lora_weights"] is True  # PEFT must not rerun LoftQ on load
     # loading needs no factors: the base is NF4(W) again, the file holds A and B
     restored = lorakit.load(tiny_llama(), tmp_path)
-    assert restored.lorakit_config.init == "loftq"
+    assert lorakit.adapter_config(restored).init == "loftq"
     assert torch.equal(restored(ids).logits, expected)
 
 
@@ -106,7 +106,7 @@ def test_streamed_loader_keeps_the_same_factors(tmp_path):
     tiny_llama(seed=3).save_pretrained(tmp_path)
     streamed = load_quantized_causal_lm(str(tmp_path), loftq_rank=4)
     reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), loftq_rank=4)
-    assert "loftq_rank" not in streamed.lorakit_quantization  # not part of the base
+    assert "loftq_rank" not in lorakit.lorakit_state(streamed).quantization  # not part of the base
     ref_layers = dict(quantized_layers(reference))
     for name, layer in quantized_layers(streamed):
         for ours, theirs in zip(layer.residual_factors, ref_layers[name].residual_factors):

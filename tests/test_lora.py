@@ -283,68 +283,6 @@ def test_train_modules_are_trained_and_saved(tmp_path, input_ids):
     torch.testing.assert_close(loaded(input_ids).logits, expected)
 
 
-# --- parity with Hugging Face PEFT ------------------------------------------------------------------
-
-peft = pytest.importorskip("peft")
-
-
-def copy_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
-    """Give PEFT's LoRA modules the same A and B as ours."""
-    for name, layer in lorakit.adapted_layers(ours):
-        module = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            module.lora_A["default"].weight.copy_(layer.adapter.lora_A)
-            module.lora_B["default"].weight.copy_(layer.adapter.lora_B)
-
-
-@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-                                                (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
-@pytest.mark.parametrize("rslora", [False, True])
-def test_outputs_and_gradients_match_peft(make_model, targets, rslora, input_ids):
-    ours = lorakit.adapt(make_model(), lorakit.LoRA(r=4, alpha=12, targets=targets, rslora=rslora))
-    perturb_trainable(ours)
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora,
-                             fan_in_fan_out=make_model is tiny_gpt2)
-    theirs = peft.get_peft_model(make_model(), config)
-    copy_into_peft(ours, theirs)
-    out_ours = ours(input_ids, labels=input_ids)
-    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    for name, layer in lorakit.adapted_layers(ours):
-        module = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_peft_loads_lorakit_adapter(tmp_path, input_ids):
-    ours = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
-    perturb_trainable(ours)
-    lorakit.save(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
-    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-def test_lorakit_loads_peft_adapter(tmp_path, input_ids, targets):
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    theirs = peft.get_peft_model(tiny_llama(), config)
-    theirs.save_pretrained(str(tmp_path))
-    ours = lorakit.load(tiny_llama(), tmp_path)
-    assert len(list(lorakit.adapted_layers(ours))) == (4 if isinstance(targets, list) else 14)
-    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_lorakit_loads_peft_gpt2_adapter(tmp_path, input_ids):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                             init_lora_weights=False)
-    theirs = peft.get_peft_model(tiny_gpt2(), config)
-    theirs.save_pretrained(str(tmp_path))
-    ours = lorakit.load(tiny_gpt2(), tmp_path)
-    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
-
-
 def test_adapter_module_is_plain():
     adapter = LoRAAdapter(8, 4, r=2, scale=1.0)
     assert isinstance(adapter, lorakit.methods.Adapter)

@@ -141,8 +141,8 @@ class UndeclaredAdapter(lorakit.methods.base.AdditiveAdapter, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_f, 2))
         self.gate = nn.Parameter(torch.ones(out_f))
 
-    def forward(self, x, base_layer):
-        return base_layer(x) + self.gate * (x @ self.lora_A.T @ self.lora_B.T)
+    def forward(self, x, result, base_out, base_layer):
+        return result + self.gate * (x @ self.lora_A.T @ self.lora_B.T)
 
     def delta_weight(self, base_weight):
         return self.gate[:, None] * (self.lora_B @ self.lora_A)
@@ -151,12 +151,12 @@ class UndeclaredAdapter(lorakit.methods.base.AdditiveAdapter, nn.Module):
 def test_undeclared_adapter_defaults_to_lora_b_fast():
     model = nn.Sequential(nn.Linear(8, 8))
     config = lorakit.LoRA(targets=["0"])
-    config.make_adapter = lambda base: UndeclaredAdapter(8, 8)  # instance attribute wins
+    config.make_adapter = lambda name, base: UndeclaredAdapter(8, 8)  # instance attribute wins
     lorakit.adapt(model, config)
     by = groups_by_name(param_groups(model, lr=1.0, loraplus_ratio=4.0))
-    assert names_in(model, by["B"]) == {"0.adapter.lora_B"}
-    assert names_in(model, by["A"]) == {"0.adapter.lora_A"}
-    assert names_in(model, by["A/no_decay"]) == {"0.adapter.gate"} and by["B"]["lr"] == 4.0
+    assert names_in(model, by["B"]) == {"0.adapters.default.lora_B"}
+    assert names_in(model, by["A"]) == {"0.adapters.default.lora_A"}
+    assert names_in(model, by["A/no_decay"]) == {"0.adapters.default.gate"} and by["B"]["lr"] == 4.0
 
 
 def test_exported():

@@ -38,7 +38,7 @@ def test_quantize_replaces_linear_layers_but_not_the_head():
     names = [n for n, _ in quantized_layers(model)]
     assert len(names) == 2 * 7 and all("layers." in n for n in names)
     assert type(model.lm_head) is nn.Linear
-    assert model.lorakit_quantization == {
+    assert lorakit.lorakit_state(model).quantization == {
         "method": "nf4", "targets": "all-linear", "blocksize": 64, "double_quant": True, "compute_dtype": None,
     }
     # idempotent: a second call finds the 4-bit layers and leaves them alone
@@ -151,7 +151,7 @@ def test_save_load_round_trip_requantizes_fresh_base(tmp_path, input_ids):
     expected = model(input_ids).logits
     lorakit.save(model, tmp_path)
     restored = lorakit.load(tiny_llama(), tmp_path)
-    assert restored.lorakit_quantization == model.lorakit_quantization
+    assert lorakit.lorakit_state(restored).quantization == lorakit.lorakit_state(model).quantization
     assert len(quantized_layers(restored)) == 2 * 6
     assert torch.equal(restored(input_ids).logits, expected)
 
@@ -162,7 +162,7 @@ def test_streaming_loader_equals_quantize_after_load(tmp_path, input_ids):
     tiny_llama(seed=3).save_pretrained(tmp_path)
     streamed = load_quantized_causal_lm(str(tmp_path))
     reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval())
-    assert streamed.lorakit_quantization == reference.lorakit_quantization
+    assert lorakit.lorakit_state(streamed).quantization == lorakit.lorakit_state(reference).quantization
     ref_state = reference.state_dict()
     for key, value in streamed.state_dict().items():
         assert torch.equal(value, ref_state[key]), key
@@ -267,7 +267,7 @@ def compare_with_peft_over_bitsandbytes(tmp_path, input_ids, double_quant, hidde
         for name, p in theirs.named_parameters():
             if "lora_" in name:
                 module, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
-                p.copy_(mine[f"{module}.adapter.lora_{kind.split('.')[0]}"])
+                p.copy_(mine[f"{module}.adapters.default.lora_{kind.split('.')[0]}"])
     assert state  # PEFT adapted the same linears
     theirs.train(), ours.train()
     out_ours, out_theirs = ours(input_ids, labels=input_ids), theirs(input_ids, labels=input_ids)
@@ -275,7 +275,7 @@ def compare_with_peft_over_bitsandbytes(tmp_path, input_ids, double_quant, hidde
     out_ours.loss.backward(), out_theirs.loss.backward()
     grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for name, p in mine.items():
-        module, _, kind = name.rpartition(".adapter.")
+        module, _, kind = name.rpartition(".adapters.default.")
         torch.testing.assert_close(p.grad, grads[f"{module}.{kind}.default.weight"], atol=1e-5, rtol=1e-4)
     # PEFT loads lorakit's QLoRA adapter over bitsandbytes and computes the same thing
     lorakit.save(ours, tmp_path / "adapter")

@@ -169,8 +169,11 @@ def test_method_config_is_built_from_registry_fields(tiny_model):
     assert loop.method_config(TrainConfig(targets="q_proj"), model).targets == ["q_proj"]
     assert loop.method_config(TrainConfig(targets=r".*\.(q|v)_proj"), model).targets == r".*\.(q|v)_proj"
     assert loop.method_config(TrainConfig(), model).targets == "all-linear"
-    with pytest.raises(LorakitError, match="has no setting 'rank_pattern'"):
+    with pytest.raises(LorakitError, match="has no setting 'rank_patern'"):
+        loop.method_config(TrainConfig(method_args={"rank_patern": {"q_proj": 3}}), model)
+    with pytest.raises(LorakitError, match="rank_pattern must be a mapping"):
         loop.method_config(TrainConfig(method_args={"rank_pattern": 3}), model)
+    assert loop.method_config(TrainConfig(method_args={"rank_pattern": {"q_proj": 3}}), model).rank_pattern == {"q_proj": 3}
     with pytest.raises(LorakitError, match="unknown method 'nope'"):
         loop.method_config(TrainConfig(method="nope"), model)
 

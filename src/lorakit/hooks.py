@@ -2,8 +2,12 @@
 
 Fixed points of a training step, in order::
 
-    before_training(model, batches)      once, before the first step (LoRA-drop's probe)
-    loss = task_loss + extra_loss(model)  every step (AdaLoRA's orthogonality term)
+    before_training(model, probe)        once, before the first step (LoRA-drop's probe); never
+                                          again on resume: what it decided is in the adapter's
+                                          config (`lorakit.reconfigure`) and the hooks' state
+    loss = task_loss + extra_loss(model)  every step (AdaLoRA's orthogonality term), once per
+                                          optimizer step with weight 1, whatever the gradient
+                                          accumulation
     loss.backward(); clip; optimizer.step()
     after_optimizer_step(model, step)     while .grad still exists (Delta-LoRA's base update,
                                           AdaLoRA's rank allocation)
@@ -12,21 +16,22 @@ Fixed points of a training step, in order::
 lorakit's trainer calls these; a user with their own loop calls them the same way::
 
     hooks = lorakit.training_hooks(model)
-    hooks.before_training(model, batches)
+    hooks.before_training(model, lorakit.Probe(sample_batches))   # a list of batches is fine too
     for step, batch in enumerate(batches, start=1):
         loss = model(**batch).loss + hooks.extra_loss(model)
         loss.backward(); optimizer.step()
         hooks.after_optimizer_step(model, step)
         optimizer.zero_grad()
 
-A method supplies hooks by giving its config a `training_hooks(model) -> list[TrainingHook]`.
-A hook implements any subset of the three methods. Hooks hold no math: they call the method's
-own functions.
+A method supplies hooks through its config's `training_hooks(model, name) -> list[TrainingHook]`
+(one call per active adapter). A hook implements any subset of the methods below. Hooks hold no
+math: they call the method's own functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -35,10 +40,40 @@ from torch import nn
 from . import inject
 
 
+def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The loss of a batch as Hugging Face models compute it: `model(**batch).loss`."""
+    return model(**batch).loss
+
+
+@dataclass
+class Probe:
+    """What `before_training` gets: a sample of the training data, the run's loss, and a way to
+    train on the sample briefly (LoRA-drop trains plain LoRA on a sample before deciding)."""
+
+    batches: list[Any]
+    loss: Callable[[nn.Module, Any], torch.Tensor] = model_loss
+
+    def train(self, model: nn.Module, steps: int, lr: float, params: Iterable[nn.Parameter] | None = None) -> list[float]:
+        """`steps` AdamW steps over the sample's batches (cycling) on `params` (default: every
+        trainable parameter); returns the losses. The optimizer is thrown away afterwards."""
+        if not self.batches:
+            raise ValueError("the probe holds no batches to train on")
+        params = list(params) if params is not None else [p for _, p in inject.adapter_parameters(model)]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        losses = []
+        for step in range(steps):
+            loss = self.loss(model, self.batches[step % len(self.batches)])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return losses
+
+
 class TrainingHook(Protocol):
     """Any subset of these methods; missing ones are skipped."""
 
-    def before_training(self, model: nn.Module, batches: Iterable[Any]) -> None: ...
+    def before_training(self, model: nn.Module, probe: Probe) -> None: ...
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None: ...
 
@@ -61,9 +96,12 @@ class Hooks:
             if callable(fn):
                 yield fn
 
-    def before_training(self, model: nn.Module, batches: Iterable[Any]) -> None:
+    def before_training(self, model: nn.Module, probe: Probe | Iterable[Any]) -> None:
+        """Run each hook's `before_training` (a plain list of batches is wrapped in a `Probe`)."""
+        if not isinstance(probe, Probe):
+            probe = Probe(list(probe))
         for fn in self._each("before_training"):
-            fn(model, batches)
+            fn(model, probe)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
         """Sum of the hooks' extra loss terms (0.0 when none)."""
@@ -94,7 +132,11 @@ class Hooks:
 
 
 def training_hooks(model: nn.Module) -> Hooks:
-    """The training hooks of the model's adapter method (empty for plain LoRA)."""
-    config = inject.adapter_config(model)
-    make = getattr(config, "training_hooks", None)
-    return Hooks(make(model) if callable(make) else [])
+    """The training hooks of the model's active adapters, in order (empty for plain LoRA)."""
+    state = inject.lorakit_state(model)
+    if state is None or not state.configs:
+        inject.adapter_config(model)  # the usual "no adapter" error
+    hooks: list[Any] = []
+    for name in state.active:
+        hooks.extend(state.configs[name].training_hooks(model, name))
+    return Hooks(hooks)

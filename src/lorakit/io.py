@@ -11,8 +11,13 @@ A saved adapter is a directory with
   a quantized base. PEFT ignores this file; lorakit prefers it when present, and otherwise reads
   `adapter_config.json`, so adapters saved by PEFT load too.
 
+Several named adapters follow PEFT's layout too: "default" in the directory itself, every other
+in a sub-directory named after it, each a complete adapter directory of its own (PEFT's
+`load_adapter(path/name, adapter_name=name)` reads each; `lorakit.load(model, path)` reads them all).
+
 Loading is strict: every saved tensor must land on an adapted module and every adapted module
-must receive all its tensors, else the error names them. Loading never unpickles.
+must receive all its tensors, else the error names them, and nothing half-loaded stays on the
+model. `hotswap` replaces an existing adapter's weights in place. Loading never unpickles.
 """
 
 from __future__ import annotations
@@ -38,19 +43,17 @@ LORAKIT_CONFIG_NAME = "lorakit.json"
 PREFIX = "base_model.model."
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor an adapter file holds, under PEFT's names."""
-    config = inject.adapter_config(model)
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor the file of adapter `name` holds, under PEFT's names."""
+    config = inject.adapter_config(model, name)
     state: dict[str, torch.Tensor] = {}
-    for name, layer in inject.adapted_layers(model):
-        for key, tensor in layer.adapter.peft_state_dict().items():
-            state[f"{PREFIX}{name}.{key}"] = tensor
+    for module_name, layer in inject.adapted_layers(model, name):
+        for key, tensor in layer.adapters[name].peft_state_dict().items():
+            state[f"{PREFIX}{module_name}.{key}"] = tensor
     for module_name in config.train_modules:
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = tensor
-    extra = getattr(config, "extra_state", None)
-    if callable(extra):
-        state.update(extra(model))
+    state.update(config.extra_state(model, name))
     return state
 
 
@@ -76,12 +79,36 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_write_bytes(path, write)
 
 
-def save(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Save the adapter of `model` to `directory` (PEFT layout; see module docstring)."""
-    config = inject.adapter_config(model)
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    names: str | list[str] | None = None,
+) -> Path:
+    """Save adapters of `model` under `directory` in PEFT's layout (see module docstring).
+
+    `names`: which adapters (default: all). The one named "default" goes to `directory` itself,
+    every other into `directory/<name>/`, as PEFT's `save_pretrained` lays them out.
+    """
+    state = inject.lorakit_state(model)
+    all_names = inject.adapter_names(model)
+    if not all_names:
+        inject.adapter_config(model)  # the usual "no adapter" error
+    names = all_names if names is None else ([names] if isinstance(names, str) else list(names))
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown} on this model; adapters: {all_names}")
     out = Path(directory)
+    for name in names:
+        target = out if name == inject.DEFAULT_NAME else out / name
+        _save_one(model, name, target, base_model_name_or_path, state.quantization)
+    return out
+
+
+def _save_one(model: nn.Module, name: str, out: Path, base_model_name_or_path: str | None, quantization) -> None:
+    config = inject.adapter_config(model, name)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
     # Shared adapters appear under several names: safetensors refuses shared storage, so copy.
     seen: set[int] = set()
     for key, tensor in state.items():
@@ -89,19 +116,18 @@ def save(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path
             state[key] = tensor.clone()
         seen.add(state[key].untyped_storage().data_ptr())
     _atomic_write_bytes(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    names = [name for name, _ in inject.adapted_layers(model)]
+    layers = list(inject.adapted_layers(model, name))
+    module_names = [module_name for module_name, _ in layers]
     if config.peft_type is not None:
-        peft_config = config.to_peft(names)
+        peft_config = config.to_peft(module_names)
         peft_config["base_model_name_or_path"] = base_model_name_or_path
         if "fan_in_fan_out" in peft_config:  # PEFT's flag for GPT-2 Conv1D bases
-            peft_config["fan_in_fan_out"] = any(is_conv1d(layer.base_layer) for _, layer in inject.adapted_layers(model))
+            peft_config["fan_in_fan_out"] = any(is_conv1d(layer.base_layer) for _, layer in layers)
         _write_json(out / PEFT_CONFIG_NAME, peft_config)
-    meta = {"config": config.to_dict(), "adapted_modules": names}
-    quantization = getattr(model, "lorakit_quantization", None)
+    meta = {"config": config.to_dict(), "adapted_modules": module_names, "adapter_name": name}
     if quantization is not None:
         meta["quantization"] = quantization
     _write_json(out / LORAKIT_CONFIG_NAME, meta)
-    return out
 
 
 def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
@@ -118,40 +144,142 @@ def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, 
     raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
 
 
-def load(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """Adapt `model` as the saved adapter in `directory` says and load its tensors, strictly.
+def has_adapter(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds an adapter file (lorakit's or PEFT's)."""
+    path = Path(directory)
+    return (path / WEIGHTS_NAME).is_file() and ((path / LORAKIT_CONFIG_NAME).is_file() or (path / PEFT_CONFIG_NAME).is_file())
 
-    Reads adapters saved by lorakit or by Hugging Face PEFT. With `trainable=False` (the
-    default, for inference) no parameter requires grad; `trainable=True` resumes training.
+
+def find_adapters(directory: str | os.PathLike) -> dict[str, Path]:
+    """The adapters of a PEFT-layout directory: itself as "default" (when it holds one) and every
+    sub-directory holding one, under the sub-directory's name."""
+    path = Path(directory)
+    found = {inject.DEFAULT_NAME: path} if has_adapter(path) else {}
+    if path.is_dir():
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name != inject.DEFAULT_NAME):
+            if has_adapter(sub):
+                found[sub.name] = sub
+    return found
+
+
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    trainable: bool = False,
+    name: str | None = None,
+) -> nn.Module:
+    """Add the saved adapter(s) in `directory` to `model` and load their tensors, strictly.
+
+    Reads adapters saved by lorakit or by Hugging Face PEFT. With `name`, the adapter stored in
+    `directory` itself is added under that name. Without, every adapter of the PEFT layout is
+    added: `directory` itself as "default" and each sub-directory holding an adapter under its
+    own name. A model that had no active adapter activates the first one loaded ("default" when
+    present); otherwise the active set is unchanged (`lorakit.set_active` changes it).
+    With `trainable=False` (the default, for inference) no loaded parameter requires grad;
+    `trainable=True` resumes training.
     """
     path = Path(directory)
+    if name is not None:
+        found = {name: path}
+    else:
+        found = find_adapters(path)
+        if not found:
+            _require_weights(path)  # names what is missing
+            raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
+    state = inject.lorakit_state(model)
+    active_before = state.active if state is not None else ()
+    loaded: list[str] = []
+    try:
+        for adapter_name, adapter_path in found.items():
+            _load_one(model, adapter_path, adapter_name, trainable)
+            loaded.append(adapter_name)
+    except BaseException:
+        for adapter_name in loaded:  # all or nothing
+            inject.remove(model, adapter_name)
+        if active_before:
+            inject.set_active(model, active_before)
+        raise
+    inject.set_active(model, active_before or [next(iter(found))])
+    return model
+
+
+def _require_weights(path: Path) -> Path:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         hint = " (lorakit reads safetensors only; it never unpickles .bin files)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{weights} not found{hint}")
+    return weights
+
+
+def _load_one(model: nn.Module, path: Path, name: str, trainable: bool) -> None:
+    weights = _require_weights(path)
     config, meta = read_config(path)
+    state = inject.lorakit_state(model)
     if meta.get("quantization"):
         from .quant import quantize  # imported lazily: only quantized adapters need it
 
-        _check_same_quantization(getattr(model, "lorakit_quantization", None), meta["quantization"], path)
-        quantize(model, **meta["quantization"])
-    if getattr(config, "init", "default") != "default":
-        # the saved tensors replace any initialisation; LoftQ's would need the full-precision base
-        inject.adapt(model, dataclasses.replace(config, init="default"))
-        model.lorakit_config = config
-    else:
-        inject.adapt(model, config)
+        if state is not None and state.quantization is not None:
+            _check_same_quantization(state.quantization, meta["quantization"], path)
+        else:
+            quantize(model, **meta["quantization"])
     saved = load_file(str(weights))
-    load_adapter_state(model, saved)
-    for _, p in inject.adapter_parameters(model):
+    adapt_as_saved(model, config, name)
+    try:
+        load_adapter_state(model, saved, name)
+    except BaseException:
+        inject.remove(model, name)  # nothing half-loaded stays on the model
+        raise
+    for _, p in list(inject.adapter_parameters(model)):  # after adapt: this adapter (+ train_modules)
         p.requires_grad_(trainable)
+
+
+def adapt_as_saved(model: nn.Module, config: AdapterConfig, name: str = inject.DEFAULT_NAME) -> nn.Module:
+    """Adapt `model` with a saved adapter's config, ready for its tensors: with the default start
+    (saved tensors replace any initialisation; LoftQ's would need the full-precision base), the
+    saved config (its `init` included) recorded as the adapter's."""
+    if getattr(config, "init", "default") != "default":
+        inject.adapt(model, dataclasses.replace(config, init="default"), name)
+        inject.lorakit_state(model).configs[name] = config
+    else:
+        inject.adapt(model, config, name)
     return model
 
 
-def _check_same_quantization(model_settings: dict | None, saved: dict, path: Path) -> None:
+def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = inject.DEFAULT_NAME) -> nn.Module:
+    """Replace the weights of the existing adapter `name` by those saved in `directory`, in place.
+
+    Nothing is re-wrapped and no tensor is re-allocated, so a `torch.compile`d model keeps its
+    compiled code (serving: one base, many task adapters). The saved adapter must have the same
+    method, modules, ranks and scales; what differs is named.
+    """
+    path = Path(directory)
+    weights = _require_weights(path)
+    config, _ = read_config(path)
+    current = inject.adapter_config(model, name)
+    modules = [m for m, _ in inject.adapted_layers(model, name)]
+    problems = []
+    if type(config) is not type(current):
+        problems.append(f"method {config.method!r} vs the model's {current.method!r}")
+    elif sorted(inject.select_targets(model, config)) != sorted(modules):
+        saved_modules = set(inject.select_targets(model, config))
+        problems.append(f"adapted modules differ (only saved: {sorted(saved_modules - set(modules))[:4]}, "
+                        f"only in the model: {sorted(set(modules) - saved_modules)[:4]})")
+    else:
+        for module_name in modules:
+            if config.module_settings(module_name) != current.module_settings(module_name):
+                problems.append(f"{module_name}: {config.module_settings(module_name)} vs the model's "
+                                f"{current.module_settings(module_name)}")
+        differ = [f for f in ("alpha", "rslora", "dropout") if getattr(config, f, None) != getattr(current, f, None)]
+        if differ:
+            problems.append("fields " + ", ".join(f"{f}: {getattr(config, f)!r} vs {getattr(current, f)!r}" for f in differ))
+    if problems:
+        raise ValueError(f"cannot hot-swap {path} into adapter {name!r}: " + "; ".join(problems[:6]))
+    load_adapter_state(model, load_file(str(weights)), name)
+    return model
+
+
+def _check_same_quantization(model_settings: dict, saved: dict, path: Path) -> None:
     """An already 4-bit base must hold the bits the adapter was trained on (the matmul dtype may differ)."""
-    if model_settings is None:
-        return
     differ = {k: (model_settings.get(k), saved.get(k)) for k in set(model_settings) | set(saved)
               if k != "compute_dtype" and model_settings.get(k) != saved.get(k)}
     if differ:
@@ -159,23 +287,24 @@ def _check_same_quantization(model_settings: dict | None, saved: dict, path: Pat
         raise ValueError(f"the model is quantized differently from the base {path} was trained on ({detail})")
 
 
-def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors (PEFT names) into an adapted model; every tensor must be used."""
-    config = inject.adapter_config(model)
+def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor], name: str = inject.DEFAULT_NAME) -> None:
+    """Copy saved tensors (PEFT names) into adapter `name`, in place; every tensor must be used."""
+    config = inject.adapter_config(model, name)
     remaining = dict(saved)
     problems: list[str] = []
-    for name, layer in inject.adapted_layers(model):
-        prefix = f"{PREFIX}{name}."
-        expected = layer.adapter.peft_state_dict()
+    for module_name, layer in inject.adapted_layers(model, name):
+        prefix = f"{PREFIX}{module_name}."
+        adapter = layer.adapters[name]
+        expected = adapter.peft_state_dict()
         mine = {k: remaining.pop(prefix + k) for k in expected if prefix + k in remaining}
         missing = [k for k in expected if k not in mine]
         if missing:
-            problems.append(f"{name}: missing {missing}")
+            problems.append(f"{module_name}: missing {missing}")
             continue
         try:
-            layer.adapter.load_peft_state_dict(mine)
+            adapter.load_peft_state_dict(mine)
         except (KeyError, ValueError) as err:
-            problems.append(f"{name}: {err}")
+            problems.append(f"{module_name}: {err}")
     for module_name in config.train_modules:
         module = model.get_submodule(module_name)
         prefix = f"{PREFIX}{module_name}."
@@ -184,9 +313,10 @@ def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None
             _load_module_strict(module, mine)
         except ValueError as err:
             problems.append(f"{module_name}: {err}")
-    load_extra = getattr(config, "load_extra_state", None)
-    if callable(load_extra):
-        load_extra(model, remaining)  # pops what it uses
+    try:
+        config.load_extra_state(model, name, remaining)  # pops what it uses
+    except ValueError as err:
+        problems.append(str(err))
     if remaining:
         unused = sorted(remaining)
         problems.append(

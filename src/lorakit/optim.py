@@ -45,9 +45,10 @@ def fast_parameter_ids(model: nn.Module) -> set[int]:
     """ids of the adapter parameters that LoRA+ puts in the fast (`ratio · lr`) group."""
     fast: set[int] = set()
     for _, layer in inject.adapted_layers(model):
-        for name, p in layer.adapter.named_parameters():
-            if _is_fast(layer.adapter, name):
-                fast.add(id(p))
+        for adapter in layer.adapters.values():
+            for name, p in adapter.named_parameters():
+                if _is_fast(adapter, name):
+                    fast.add(id(p))
     return fast
 
 

@@ -12,26 +12,32 @@ from .base_layers import DenseWeightProvider
 
 @dataclass
 class ModuleRow:
-    """One adapted module: its name, shape, method and own trainable parameter count."""
+    """One adapter on one module: module name, shape, adapter name, method, own trainable count."""
 
     name: str
     shape: tuple[int, int]  # (out, in)
+    adapter: str
     method: str
     trainable: int
 
 
 def module_rows(model: nn.Module) -> list[ModuleRow]:
-    """Per adapted module. A shared adapter's parameters count on the first module using them."""
-    config = inject.adapter_config(model)
+    """Per adapted module and adapter. A shared adapter's parameters count on the first module
+    using them; frozen adapters count 0."""
+    state = inject.lorakit_state(model)
+    if state is None or not state.configs:
+        inject.adapter_config(model)  # the usual "no adapter" error
     seen: set[int] = set()
     rows = []
     for name, layer in inject.adapted_layers(model):
-        count = 0
-        for p in layer.adapter.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                count += p.numel()
-        rows.append(ModuleRow(name, (layer.out_features, layer.in_features), config.method, count))
+        for adapter_name, adapter in layer.adapters.items():
+            count = 0
+            for p in adapter.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    count += p.numel()
+            rows.append(ModuleRow(name, (layer.out_features, layer.in_features), adapter_name,
+                                  state.configs[adapter_name].method, count))
     return rows
 
 
@@ -48,26 +54,32 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def summary(model: nn.Module, per_module: bool = False) -> str:
-    """A table: method, adapted modules, trainable parameters and their share of the model.
-
-    With `per_module=True`, one line per adapted module follows (name, shape, method, trainable).
-    """
-    config = inject.adapter_config(model)
+    """A table: per adapter its method, adapted modules and trainable parameters, then the
+    model's trainable share. With `per_module=True`, one line per adapted module and adapter
+    follows (name, shape, adapter, method, trainable)."""
+    state = inject.lorakit_state(model)
     rows = module_rows(model)
     trainable, total = parameter_counts(model)
-    adapter_params = sum(r.trainable for r in rows)
+    several = len(state.configs) > 1
     head = f"{'method':<12} {'modules':>8} {'adapter params':>15} {'trainable':>12} {'total':>14} {'% trainable':>12}"
-    line = (
-        f"{config.method:<12} {len(rows):>8} {adapter_params:>15,} {trainable:>12,} {total:>14,} "
-        f"{100 * trainable / max(total, 1):>11.4f}%"
-    )
-    out = [head, line]
-    if config.train_modules:
-        out.append(f"fully trained modules: {', '.join(config.train_modules)}")
+    if several:
+        head = f"{'adapter':<12} {'active':>6} " + head
+    out = [head]
+    for name, config in state.configs.items():
+        own = [r for r in rows if r.adapter == name]
+        line = (
+            f"{config.method:<12} {len(own):>8} {sum(r.trainable for r in own):>15,} {trainable:>12,} {total:>14,} "
+            f"{100 * trainable / max(total, 1):>11.4f}%"
+        )
+        if several:
+            line = f"{name:<12} {'yes' if name in state.active else 'no':>6} " + line
+        out.append(line)
+        if config.train_modules:
+            out.append(f"fully trained modules{f' ({name})' if several else ''}: {', '.join(config.train_modules)}")
     if per_module:
         width = max(len(r.name) for r in rows)
         out.append("")
-        out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'method':>10} {'trainable':>12}")
+        out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'trainable':>12}")
         for r in rows:
-            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.method:>10} {r.trainable:>12,}")
+            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {r.trainable:>12,}")
     return "\n".join(out)

@@ -4,9 +4,13 @@ A method is one file in `lorakit/methods/` holding
 
 - a config dataclass derived from `AdapterConfig` (which modules to adapt, plus the method's own
   hyper-parameters), registered with `@register`, and
-- an adapter `nn.Module` built by `config.make_adapter(base_layer)` that follows the `Adapter`
-  protocol: its `forward(x, base_layer)` holds the method's whole formula, and it knows how to
-  merge itself into a dense weight and how its tensors are named in PEFT's file format.
+- an adapter `nn.Module` built by `config.make_adapter(module_name, base_layer)` that follows the
+  `Adapter` protocol: its `forward(x, result, base_out, base_layer)` holds the method's whole
+  formula (adding its change to the layer's running output), and it knows how to merge itself into
+  a dense weight and how its tensors are named in PEFT's file format.
+
+`AdapterConfig` declares every optional capability with a default (shared adapters, per-module
+settings, training hooks, extra saved state), so the machinery never probes with `getattr`.
 
 The shared machinery (`inject.py`, `io.py`, the trainer) only talks to these two interfaces, so a
 new method never touches it.
@@ -26,8 +30,14 @@ from torch import nn
 class Adapter(Protocol):
     """The interface of a method's adapter module (one per adapted layer, or shared by several)."""
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """The adapted layer's output for input `x` (the base layer is passed, frozen)."""
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """`result` plus this adapter's change to the layer's output for input `x`.
+
+        `base_out` is the frozen base layer's own output `base_layer(x)`, computed once per layer;
+        `result` is the running output (`base_out` itself when this adapter runs alone, else with
+        other active adapters' changes already added). Adding into `result` in place is not allowed
+        (autograd may need it); `torch.addmm`-style out-of-place fusion is the fast path.
+        """
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The dense change `W' - W0` the adapter makes to the `(out, in)` base weight."""
@@ -46,7 +56,10 @@ class Adapter(Protocol):
 
 
 class AdditiveAdapter:
-    """Mixin for methods whose merge is `W' = W0 + delta` (all but DoRA)."""
+    """Mixin for methods whose merge is `W' = W0 + delta` with a delta that does not depend on W0
+    (all but DoRA). Several such adapters merge into one weight in any order."""
+
+    additive = True
 
     def merge(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.delta_weight(weight).to(weight.dtype)
@@ -98,10 +111,43 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
+    # Fields that training may change (`lorakit.reconfigure`): saved with the adapter, restored by
+    # `load` and `--resume` before any tensor is loaded.
+    layout_fields: ClassVar[tuple[str, ...]] = ()
 
-    # Each method defines `make_adapter(self, base_layer) -> nn.Module`, building the adapter for
-    # one base layer, and may define `make_adapters(self, model, names) -> dict[name, adapter]`
-    # when adapters are shared across layers (VeRA's projections, LoRA-drop's shared pairs).
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16, float64")
+
+    # --- what a method provides --------------------------------------------------------------
+    def make_adapter(self, name: str, base_layer: nn.Module) -> nn.Module:
+        """The adapter for the module `name` (its full name in the model), over `base_layer`."""
+        raise TypeError(f"{type(self).__name__} must define make_adapter(name, base_layer)")
+
+    def make_adapters(self, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Adapters for several modules at once (module name -> base layer). Override to share
+        tensors between modules (VeRA's projections, LoRA-drop's shared pairs)."""
+        return {name: self.make_adapter(name, base_layer) for name, base_layer in layers.items()}
+
+    def initialise(self, adapter: nn.Module, base_layer: nn.Module) -> nn.Module:
+        """Apply a non-default start to an adapter just built for `base_layer` (e.g. LoftQ)."""
+        return adapter
+
+    def module_settings(self, name: str) -> dict[str, Any]:
+        """The settings that differ by module (e.g. its rank), for the module `name`. Adapters of a
+        module whose settings change under `lorakit.reconfigure` are rebuilt."""
+        return {}
+
+    def training_hooks(self, model: nn.Module, name: str) -> list[Any]:
+        """Hooks that act during training on the adapter `name` (lorakit.hooks); none by default."""
+        return []
+
+    def extra_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter `name` saved beside the per-module ones (full file keys)."""
+        return {}
+
+    def load_extra_state(self, model: nn.Module, name: str, remaining: dict[str, torch.Tensor]) -> None:
+        """Load what `extra_state` saved, popping its keys from `remaining`."""
 
     @property
     def param_dtype(self) -> torch.dtype:

@@ -53,17 +53,18 @@ BASE_WEIGHT_KEY = "base_weight"
 @torch.no_grad()
 def update_base_weight(
     layer: nn.Module,
+    adapter: nn.Module,
     prev_A: torch.Tensor,
     prev_B: torch.Tensor,
     delta_lambda: float,
 ) -> None:
     """Delta-LoRA's step: `W += λ · s · (B A - B_prev A_prev)` for one adapted layer.
 
-    `layer` is an `AdaptedLayer` whose adapter holds the new `lora_A`, `lora_B` and `scale`.
+    `layer` is an `AdaptedLayer`; `adapter` (one of its adapters) holds the new `lora_A`, `lora_B`
+    and `scale`.
     The difference of the two rank-r products is formed as one rank-2r product
     `[B, B_prev] @ [A; -A_prev]` in the adapter's (master) dtype, then added in W's dtype.
     """
-    adapter = layer.adapter
     up = torch.cat([adapter.lora_B, prev_B.to(adapter.lora_B.dtype)], dim=1)  # (out, 2r)
     down = torch.cat([adapter.lora_A, -prev_A.to(adapter.lora_A.dtype)], dim=0)  # (2r, in)
     weight = base_layers.dense_weight(layer.base_layer)
@@ -74,22 +75,23 @@ def update_base_weight(
 class DeltaLoRAHook:
     """Training hook: keeps each layer's previous A, B and moves W after every step past K."""
 
-    def __init__(self, model: nn.Module, delta_lambda: float, start_step: int) -> None:
-        self.delta_lambda, self.start_step = delta_lambda, start_step
+    def __init__(self, model: nn.Module, name: str, delta_lambda: float, start_step: int) -> None:
+        self.name, self.delta_lambda, self.start_step = name, delta_lambda, start_step
         self.prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._remember(model)
 
     @torch.no_grad()
     def _remember(self, model: nn.Module) -> None:
-        for name, layer in inject.adapted_layers(model):
-            self.prev[name] = (layer.adapter.lora_A.detach().clone(), layer.adapter.lora_B.detach().clone())
+        for module_name, layer in inject.adapted_layers(model, self.name):
+            adapter = layer.adapters[self.name]
+            self.prev[module_name] = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """`step` counts optimizer steps taken (1 after the first); W moves for step > start_step."""
         if step > self.start_step:
-            for name, layer in inject.adapted_layers(model):
-                prev_A, prev_B = self.prev[name]
-                update_base_weight(layer, prev_A, prev_B, self.delta_lambda)
+            for module_name, layer in inject.adapted_layers(model, self.name):
+                prev_A, prev_B = self.prev[module_name]
+                update_base_weight(layer, layer.adapters[self.name], prev_A, prev_B, self.delta_lambda)
         self._remember(model)
 
     def state_dict(self) -> dict[str, Any]:
@@ -146,42 +148,41 @@ class DeltaLoRA(LowRankConfig):
         if self.start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {self.start_step}")
 
-    def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
+    def make_adapter(self, name: str, base_layer: nn.Module) -> LoRAAdapter:
         if isinstance(base_layer, DenseWeightProvider):
             # The base update would re-quantize W every step, losing the small update each time.
             raise ValueError("Delta-LoRA moves the base weights and cannot run over a 4-bit (quantized) base")
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
-        return LoRAAdapter(in_f, out_f, self.r, self.scale, 0.0, self.param_dtype, device)
+        r, scale = self.module_rank_scale(name)
+        return LoRAAdapter(in_f, out_f, r, scale, 0.0, self.param_dtype, device)
 
-    def training_hooks(self, model: nn.Module) -> list[DeltaLoRAHook]:
-        return [DeltaLoRAHook(model, self.delta_lambda, self.start_step)]
+    def training_hooks(self, model: nn.Module, name: str) -> list[DeltaLoRAHook]:
+        return [DeltaLoRAHook(model, name, self.delta_lambda, self.start_step)]
 
-    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The moved base weight W (unmerged, `(out, in)`) of each adapted module."""
-        state = {}
-        for name, layer in inject.adapted_layers(model):
-            weight = base_layers.dense_weight(layer.base_layer)
-            if layer.merged:
-                weight = layer.adapter.unmerge(weight)
-            state[f"{PREFIX}{name}.{BASE_WEIGHT_KEY}"] = weight
-        return state
+    def extra_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The moved base weight W (unmerged, `(out, in)`) of each module adapter `name` adapts."""
+        return {
+            f"{PREFIX}{module_name}.{BASE_WEIGHT_KEY}": layer._unmerged_base_weight()
+            for module_name, layer in inject.adapted_layers(model, name)
+        }
 
-    def load_extra_state(self, model: nn.Module, remaining: dict[str, torch.Tensor]) -> None:
+    def load_extra_state(self, model: nn.Module, name: str, remaining: dict[str, torch.Tensor]) -> None:
         """Write the saved base weights back (popping them); every adapted module needs one."""
         missing = []
-        for name, layer in inject.adapted_layers(model):
-            key = f"{PREFIX}{name}.{BASE_WEIGHT_KEY}"
+        for module_name, layer in inject.adapted_layers(model, name):
+            key = f"{PREFIX}{module_name}.{BASE_WEIGHT_KEY}"
             if key not in remaining:
-                missing.append(name)
+                missing.append(module_name)
                 continue
             weight = remaining.pop(key)
             out_f, in_f = layer.out_features, layer.in_features
             if tuple(weight.shape) != (out_f, in_f):
-                raise ValueError(f"{name}: saved base weight {tuple(weight.shape)} != model {(out_f, in_f)}")
-            if layer.merged:
-                weight = layer.adapter.merge(weight.to(layer.weight.device))
-            base_layers.set_dense_weight(layer.base_layer, weight)
+                raise ValueError(f"{module_name}: saved base weight {tuple(weight.shape)} != model {(out_f, in_f)}")
+            merged = layer.merged
+            layer.unmerge()
+            base_layers.set_dense_weight(layer.base_layer, weight.to(layer.weight.device))
+            layer.merge(merged)
         if missing:
             raise ValueError(f"Delta-LoRA adapter lacks the moved base weights of {missing[:6]}")
 

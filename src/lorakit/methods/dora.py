@@ -27,6 +27,12 @@ Dropout applies to the low-rank branch only, and the base matmul runs once:
 `y = base + (m/n - 1) ⊙ base + (m/n) ⊙ s · dropout(x) A^T B^T`. PEFT and the official code
 instead multiply `(m/n - 1)` by a SECOND base matmul of the dropped input; both agree when dropout
 is off or in eval mode.
+
+With other adapters active on the same layer, DoRA adds its own change `W' x - W0 x` to the running
+output: its magnitude rescales its own direction `W0 + s B A`, not the other adapters' changes, so
+several active adapters still sum their changes (as PEFT composes them). Merging follows the same
+rule: DoRA is merged against W0, the others add to it; two DoRA adapters cannot merge into one
+weight exactly and are refused (`lorakit.merge`).
 """
 
 from __future__ import annotations
@@ -106,6 +112,10 @@ class DoRAAdapter(nn.Module):
     def scale(self) -> float:
         return self.lora.scale
 
+    @property
+    def r(self) -> int:
+        return self.lora.r
+
     @torch.no_grad()
     def set_initial_pair(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_layer: nn.Module) -> None:
         """Start the pair from `A`, `B` (LoftQ) with `m = ||W0 + s B A||_c`, so W' = W0 + s B A."""
@@ -122,16 +132,20 @@ class DoRAAdapter(nn.Module):
             self.scale,
         )
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        base = base_layer(x)  # x W0^T + bias, computed once
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         z = self.lora.dropout(x) @ self.lora.lora_A.to(x.dtype).T  # (..., r)
-        direction = low_rank_update(base, z, self.lora.lora_B.to(x.dtype), self.scale)  # base + s z B^T
+        direction = low_rank_update(base_out, z, self.lora.lora_B.to(x.dtype), self.scale)  # base + s z B^T
         mag_norm = (self.magnitude / self.weight_norm(base_layer)).to(x.dtype)  # (out,)
         bias = getattr(base_layer, "bias", None)
         if bias is None:
-            return direction * mag_norm
-        # The bias is not part of W0: (m/n)(x W0^T + b + s...) + (1 - m/n) b = (m/n)(x W0^T + s...) + b
-        return torch.addcmul(bias.to(x.dtype) * (1 - mag_norm), direction, mag_norm)
+            own = direction * mag_norm
+        else:
+            # The bias is not part of W0: (m/n)(x W0^T + b + s...) + (1 - m/n) b = (m/n)(x W0^T + s...) + b
+            own = torch.addcmul(bias.to(x.dtype) * (1 - mag_norm), direction, mag_norm)
+        if result is base_out:
+            return own
+        # with other active adapters: DoRA adds its own change W' x - W0 x to the running output
+        return result + (own - base_out)
 
     def merged_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(W', n)`: `W' = m/n ⊙ (W0 + s B A)` in float32 for the `(out, in)` base weight `W0`."""
@@ -193,5 +207,6 @@ class DoRA(LowRankConfig):
     peft_type = "LORA"
     peft_use_dora = True
 
-    def make_adapter(self, base_layer: nn.Module) -> DoRAAdapter:
-        return self.initialise(DoRAAdapter(base_layer, self.r, self.scale, self.dropout, self.param_dtype), base_layer)
+    def make_adapter(self, name: str, base_layer: nn.Module) -> DoRAAdapter:
+        r, scale = self.module_rank_scale(name)
+        return self.initialise(DoRAAdapter(base_layer, r, scale, self.dropout, self.param_dtype), base_layer)

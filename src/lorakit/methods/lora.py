@@ -15,7 +15,8 @@ model equals the base model at step 0. Merging writes W = W0 + s·B·A into the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -81,19 +82,17 @@ class LoRAAdapter(LoRAPair, nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        check_rank(r, "LoRA rank r")
         self.r, self.scale = r, scale
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        y = base_layer(x)
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         # Compute in the activation dtype; `.to` is free when the dtypes already agree.
         z = self.dropout(x) @ self.lora_A.to(x.dtype).T  # (..., r)
-        return low_rank_update(y, z, self.lora_B.to(x.dtype), self.scale)
+        return low_rank_update(result, z, self.lora_B.to(x.dtype), self.scale)
 
 @dataclass
 class LowRankConfig(AdapterConfig):
@@ -108,6 +107,11 @@ class LowRankConfig(AdapterConfig):
             base). "loftq": over a 4-bit base quantized with `loftq_rank >= r`, `s·B·A` starts
             as the best rank-r approximation of the base's rounding error `W - Q(W)` (LoftQ,
             `lorakit.quant.loftq`), so the adapted model starts closer to the full-precision one.
+        rank_pattern: per-module ranks, `{pattern: r}`; a pattern is a regular expression matched
+            against the end of the module's name after a dot (PEFT's rule: `"q_proj"`,
+            `"layers\\.0\\.mlp\\..*"`); the first matching pattern wins, others get `r`.
+            Training may change it (`lorakit.reconfigure`), e.g. AdaLoRA's final ranks.
+        alpha_pattern: per-module alphas, the same way; others get `alpha`.
     """
 
     r: int = 8
@@ -115,23 +119,54 @@ class LowRankConfig(AdapterConfig):
     dropout: float = 0.0
     rslora: bool = False
     init: str = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     peft_use_dora: ClassVar[bool] = False  # how PEFT's LoraConfig tells DoRA from LoRA
+    layout_fields: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rank(self.r, "r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in LOW_RANK_INITS:
             raise ValueError(f"init={self.init!r} is not one of {', '.join(LOW_RANK_INITS)}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, field_name), dict):
+                raise ValueError(f"{field_name} must be a mapping {{module pattern: value}}, got {getattr(self, field_name)!r}")
+        for pattern, rank in self.rank_pattern.items():
+            check_rank(rank, f"rank_pattern[{pattern!r}]")
+            re.compile(pattern)
+        for pattern, alpha in self.alpha_pattern.items():
+            re.compile(pattern)
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise ValueError(f"alpha_pattern[{pattern!r}] must be a number, got {alpha!r}")
 
     @property
     def scale(self) -> float:
         return lora_scale(self.r, self.alpha, self.rslora)
+
+    def module_settings(self, name: str) -> dict[str, Any]:
+        """`{"r": ..., "alpha": ...}` of the module `name`, patterns resolved as PEFT does."""
+        r_key = pattern_key(self.rank_pattern, name)
+        alpha_key = pattern_key(self.alpha_pattern, name)
+        return {
+            "r": int(self.rank_pattern[r_key]) if r_key is not None else self.r,
+            "alpha": float(self.alpha_pattern[alpha_key]) if alpha_key is not None else self.alpha,
+        }
+
+    def module_rank_scale(self, name: str) -> tuple[int, float]:
+        """The rank and LoRA scale of the module `name`."""
+        settings = self.module_settings(name)
+        return settings["r"], lora_scale(settings["r"], settings["alpha"], self.rslora)
 
     def initialise(self, adapter: nn.Module, base_layer: nn.Module) -> nn.Module:
         """Apply `init` to an adapter just built for `base_layer` (its constructor did "default")."""
         if self.init == "loftq":
             from ..quant.loftq import lora_pair  # the quant package imports the methods
 
-            lora_A, lora_B = lora_pair(base_layer, self.r, self.scale)
+            lora_A, lora_B = lora_pair(base_layer, adapter.r, adapter.scale)
             adapter.set_initial_pair(lora_A, lora_B, base_layer)
             base_layer.residual_factors = None  # consumed; they weigh r x (in + out) floats a layer
         return adapter
@@ -144,6 +179,8 @@ class LowRankConfig(AdapterConfig):
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
             "use_dora": self.peft_use_dora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             # The file holds the trained A and B whatever the init was; "loftq" here would make
             # PEFT recompute LoftQ on load (and need its loftq_config).
             "init_lora_weights": True,
@@ -159,6 +196,19 @@ class LowRankConfig(AdapterConfig):
         return cls(**lora_fields_from_peft(peft_config))
 
 
+def check_rank(r: Any, what: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {r!r}")
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """The first pattern matching the module `name` as PEFT matches it (`(.*\\.)?(pattern)$`)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
 @register
 @dataclass
 class LoRA(LowRankConfig):
@@ -170,10 +220,11 @@ class LoRA(LowRankConfig):
     method = "lora"
     peft_type = "LORA"
 
-    def make_adapter(self, base_layer: nn.Module) -> LoRAAdapter:
+    def make_adapter(self, name: str, base_layer: nn.Module) -> LoRAAdapter:
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
-        return self.initialise(LoRAAdapter(in_f, out_f, self.r, self.scale, self.dropout, self.param_dtype, device), base_layer)
+        r, scale = self.module_rank_scale(name)
+        return self.initialise(LoRAAdapter(in_f, out_f, r, scale, self.dropout, self.param_dtype, device), base_layer)
 
 
 LOW_RANK_INITS = ("default", "loftq")
@@ -181,8 +232,6 @@ LOW_RANK_INITS = ("default", "loftq")
 
 def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     """The LoRA-family fields of a PEFT LoraConfig body (shared with DoRA and friends)."""
-    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
-        raise ValueError("PEFT adapters with rank_pattern/alpha_pattern are not supported yet")
     if peft_config.get("bias", "none") != "none":
         raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
     targets = peft_config.get("target_modules") or []
@@ -194,4 +243,6 @@ def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
         "alpha": float(peft_config.get("lora_alpha", 8)),
         "dropout": float(peft_config.get("lora_dropout", 0.0)),
         "rslora": bool(peft_config.get("use_rslora", False)),
+        "rank_pattern": {str(k): int(v) for k, v in (peft_config.get("rank_pattern") or {}).items()},
+        "alpha_pattern": {str(k): float(v) for k, v in (peft_config.get("alpha_pattern") or {}).items()},
     }

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import register
-from .lora import LoRAPair, LowRankConfig
+from .lora import LoRAPair, LowRankConfig, check_rank
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -134,8 +134,7 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA-FA rank must be positive, got r={r}")
+        check_rank(r, "LoRA-FA rank r")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.r, self.scale, self.dropout = r, scale, dropout
@@ -147,8 +146,8 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
         self.register_buffer("lora_A", lora_A)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        y = base_layer(x)
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        y = result
         p = self.dropout if self.training else 0.0
         projection = None
         if self.projected_grad and torch.is_grad_enabled():
@@ -183,14 +182,15 @@ class LoRAFA(LowRankConfig):
     # PEFT has no LoRA-FA adapter type; the saved tensors are a plain LoRA, which PEFT reads.
     peft_type = "LORA"
 
-    def make_adapter(self, base_layer: nn.Module) -> LoRAFAAdapter:
+    def make_adapter(self, name: str, base_layer: nn.Module) -> LoRAFAAdapter:
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
+        r, scale = self.module_rank_scale(name)
         adapter = LoRAFAAdapter(
             in_f,
             out_f,
-            self.r,
-            self.scale,
+            r,
+            scale,
             self.dropout,
             self.projected_grad,
             self.projection_damping,

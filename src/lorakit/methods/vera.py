@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import inject
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, load_exact, register
 from .lora import low_rank_update
@@ -105,8 +106,8 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         vera_B = self.projections.vera_B[: self.out_features].to(device=b.device, dtype=b.dtype)
         return b[:, None] * vera_B * self.vera_lambda_d[None, :]
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        y = base_layer(x)
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        y = result
         vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=x.dtype)
         z = self.dropout(x) @ vera_A.T  # (..., r); A is frozen, so autograd keeps z, not x
         up = self.scaled_up_projection().to(device=x.device, dtype=x.dtype)  # (out, r)
@@ -153,17 +154,22 @@ class VeRA(AdapterConfig):
     method = "vera"
     peft_type = "VERA"
 
-    def make_adapters(self, model: nn.Module, names: list[str]) -> dict[str, VeRAAdapter]:
-        """One adapter per module in `names`, all over ONE shared pair sized to the largest layer."""
-        return self.adapters_for({name: model.get_submodule(name) for name in names})
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"VeRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def make_adapter(self, base_layer: nn.Module) -> VeRAAdapter:
+    def make_adapters(self, layers: dict[str, nn.Module]) -> dict[str, VeRAAdapter]:
+        """One adapter per module, all over ONE shared pair sized to the largest layer."""
+        return self.adapters_for(layers)
+
+    def make_adapter(self, name: str, base_layer: nn.Module) -> VeRAAdapter:
         """A lone VeRA adapter with its own projections, sized to `base_layer`."""
-        return self.adapters_for({"": base_layer})[""]
+        return self.adapters_for({name: base_layer})[name]
 
     def adapters_for(self, layers: Mapping[str, nn.Module]) -> dict[str, VeRAAdapter]:
-        if self.r <= 0:
-            raise ValueError(f"VeRA rank must be positive, got r={self.r}")
         shapes = {name: in_out_features(layer) for name, layer in layers.items()}
         max_in = max(i for i, _ in shapes.values())
         max_out = max(o for _, o in shapes.values())
@@ -183,15 +189,15 @@ class VeRA(AdapterConfig):
         return adapters
 
     # --- the shared projections in the adapter file ------------------------------------------
-    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def extra_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The projection matrices under PEFT's keys when `save_projection`, else nothing (the seed
         in the config regenerates them)."""
         if not self.save_projection:
             return {}
-        projections = shared_projections(model)
+        projections = shared_projections(model, name)
         return {PROJECTION_KEYS[0]: projections.vera_A, PROJECTION_KEYS[1]: projections.vera_B}
 
-    def load_extra_state(self, model: nn.Module, remaining: dict[str, torch.Tensor]) -> None:
+    def load_extra_state(self, model: nn.Module, name: str, remaining: dict[str, torch.Tensor]) -> None:
         """Load saved projections when the file holds them (popping their keys)."""
         saved = [remaining.pop(key, None) for key in PROJECTION_KEYS]
         if all(t is None for t in saved):
@@ -200,7 +206,7 @@ class VeRA(AdapterConfig):
             return
         if any(t is None for t in saved):
             raise ValueError(f"adapter file holds only one of {PROJECTION_KEYS}")
-        projections = shared_projections(model)
+        projections = shared_projections(model, name)
         targets = dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
         load_exact(projections, targets, dict(zip(PROJECTION_KEYS, saved)))
 
@@ -234,9 +240,10 @@ class VeRA(AdapterConfig):
         )
 
 
-def shared_projections(model: nn.Module) -> VeRAProjections:
-    """The model's one `VeRAProjections` module (`model.modules()` lists a shared module once)."""
-    found = [m for m in model.modules() if isinstance(m, VeRAProjections)]
+def shared_projections(model: nn.Module, name: str) -> VeRAProjections:
+    """The one `VeRAProjections` module the VeRA adapter `name` shares across its layers."""
+    found = {id(layer.adapters[name].projections): layer.adapters[name].projections
+             for _, layer in inject.adapted_layers(model, name)}
     if len(found) != 1:
-        raise ValueError(f"expected one shared VeRA projection pair in the model, found {len(found)}")
-    return found[0]
+        raise ValueError(f"expected one shared VeRA projection pair for adapter {name!r}, found {len(found)}")
+    return next(iter(found.values()))

@@ -60,7 +60,7 @@ def quantize(
     `targets`/`layers`/`exclude` select modules exactly as in an adapter config; "all-linear"
     leaves the output head dense (as QLoRA does). Deterministic: the same base and arguments
     give the same bits, so `lorakit.load` re-quantizes a fresh base from the arguments recorded
-    in `model.lorakit_quantization` (written to lorakit.json by `lorakit.save`). Layers that are
+    in the model's `lorakit_state(model).quantization` (written to lorakit.json by `lorakit.save`). Layers that are
     already 4-bit are left as they are. Call before `lorakit.adapt`. Returns `model`.
 
     Args:
@@ -75,17 +75,19 @@ def quantize(
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
-    if getattr(model, "lorakit_config", None) is not None:
+    from ..inject import adapter_names, lorakit_state, select_targets, set_submodule
+
+    if adapter_names(model):
         raise ValueError("quantize the base model before lorakit.adapt (this model already carries an adapter)")
     dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     config = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
-    from ..inject import set_submodule, select_targets
-
     for name in select_targets(model, config):
         module = model.get_submodule(name)
         if _quantizable(module):
             set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
-    model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
+    lorakit_state(model, create=True).quantization = quantization_settings(
+        method, targets, blocksize, double_quant, compute_dtype, layers, exclude
+    )
     return model
 
 
@@ -123,11 +125,14 @@ def requantize(model: nn.Module, **settings: Any) -> dict[str, Any]:
     """Quantize a dense (e.g. merged) model again, in place, and report what that rounding costs.
 
     Uses `settings` (the keyword arguments of `quantize`), else the model's recorded
-    `lorakit_quantization`, else the defaults. Returns a report: per layer and overall, the
+    quantization (`lorakit_state(model).quantization`), else the defaults. Returns a report: per layer and overall, the
     relative Frobenius error `||W - Q(W)|| / ||W||` and the largest absolute error.
     """
+    from ..inject import lorakit_state
+
     if not settings:
-        settings = dict(getattr(model, "lorakit_quantization", None) or {})
+        state = lorakit_state(model)
+        settings = dict(state.quantization or {}) if state is not None else {}
     config = AdapterConfig(
         targets=settings.get("targets", "all-linear"), layers=settings.get("layers"), exclude=settings.get("exclude")
     )

@@ -338,13 +338,13 @@ def load_quantized_causal_lm(
     """A causal LM (default: the built-in SmolLM2-135M) with its linear layers loaded as NF4.
 
     `spec` is as in `lorakit.models.load_causal_lm` (built-in name, local directory, `.gguf`
-    file); the other arguments are those of `lorakit.quantize` (so `**model.lorakit_quantization`
+    file); the other arguments are those of `lorakit.quantize` (so `**lorakit_state(model).quantization`
     redoes a recorded quantization). Non-quantized tensors (embeddings, norms, the output head)
     get `dtype`, and weights are rounded to `dtype` before quantization, so the result equals
     `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
     `loftq_rank` keeps LoftQ's factors of each layer's rounding error, as in `quantize`.
     """
-    from ..inject import select_targets
+    from ..inject import lorakit_state, select_targets
     from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
 
     if method not in QUANTIZATION_METHODS:
@@ -359,7 +359,9 @@ def load_quantized_causal_lm(
         return Linear4bit.from_linear(_with_weight(module, weight), blocksize, double_quant, cdtype, loftq_rank)
 
     model = stream_causal_lm(spec, dtype, chosen, quantized)
-    model.lorakit_quantization = quantization_settings(method, targets, blocksize, double_quant, compute_dtype, layers, exclude)
+    lorakit_state(model, create=True).quantization = quantization_settings(
+        method, targets, blocksize, double_quant, compute_dtype, layers, exclude
+    )
     return model
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import inject, io, models
-from ..hooks import Hooks, training_hooks
+from ..hooks import Hooks, Probe, training_hooks
 from ..methods import METHODS
 from ..optim import param_groups
 from ..quant import load_quantized_causal_lm, quantize
@@ -374,7 +374,11 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
 
     torch.manual_seed(cfg.seed)
     try:
-        inject.adapt(model, method_config(cfg, model))
+        if resume_from is not None:
+            # the layout the run had reached (e.g. ranks decided during training), not the flags' start
+            io.adapt_as_saved(model, io.read_config(resume_from / "adapter")[0])
+        else:
+            inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
         raise LorakitError(str(err)) from None
     if resume_from is None:
@@ -394,15 +398,23 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         before = state["before"]
         echo(f"resuming from {resume_from} (step {state['step']})")
     elif hooks:
-        # a few training batches for hooks that probe the model first (LoRA-drop)
+        # a few training batches for hooks that probe the model first (LoRA-drop); on resume their
+        # decisions come back with the checkpoint's adapter config and hook state instead
         probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
-        hooks.before_training(model, [evaluate.to_device(batch, device) for batch in probe])
+        hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe], functools.partial(task_loss, device=device, bf16=bf16)))
     start_step = state.get("step", 0)
     if start_step >= total_steps:
         raise LorakitError(f"{resume_from} is at step {start_step}, already at --steps {total_steps}: raise --steps to train further")
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+    def make_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+
+    optimizer = make_optimizer()
+    scheduler = make_scheduler(optimizer)
+    layout_version = inject.lorakit_state(model).layout_version
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
@@ -437,8 +449,6 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                     batch = evaluate.to_device(data_mod.collate(examples, pad_id), device)
                     with evaluate.autocast(device, bf16):
                         loss = forward(**batch).loss
-                    if micro == cfg.grad_accum - 1 and hooks:
-                        loss = loss + hooks.extra_loss(model)
                     value = loss.item()
                     if not math.isfinite(value):
                         raise TrainingDiverged(
@@ -449,6 +459,17 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                     (loss / cfg.grad_accum).backward()
                     step_loss += value / cfg.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
+                extra_value = None
+                if hooks:
+                    # a method's own loss term (AdaLoRA's regulariser) counts once per optimizer step
+                    # with weight 1, whatever --grad-accum is, and is logged apart from the task loss
+                    extra = hooks.extra_loss(model)
+                    if isinstance(extra, torch.Tensor):
+                        extra_value = extra.item()
+                        if not math.isfinite(extra_value):
+                            raise TrainingDiverged(f"the method's extra loss became {extra_value} at step {step}; stopped. "
+                                                   + _last_good(checkpoints))
+                        extra.backward()
                 grad_norm = None
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
@@ -459,6 +480,11 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                 scheduler.step()
                 hooks.after_optimizer_step(model, step)
                 optimizer.zero_grad(set_to_none=True)
+                if inject.lorakit_state(model).layout_version != layout_version:
+                    # a hook rebuilt adapters (lorakit.reconfigure): optimize the new parameters
+                    optimizer, scheduler = rebuild_optimizer(optimizer, scheduler, make_optimizer(), make_scheduler)
+                    trainable = [p for _, p in inject.adapter_parameters(model)]
+                    layout_version = inject.lorakit_state(model).layout_version
 
                 seconds = time.perf_counter() - t0
                 state["tokens"] += step_tokens
@@ -468,6 +494,8 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                 record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": state["tokens"], "tokens_per_s": round(tokens_per_s, 1)}
                 if grad_norm is not None:
                     record["grad_norm"] = round(grad_norm, 6)
+                if extra_value is not None:
+                    record["extra_loss"] = round(extra_value, 6)
                 metrics_log.write(json.dumps(record) + "\n")
                 metrics_log.flush()
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -512,6 +540,26 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (run_dir / "report.txt").write_text(result.table() + "\n")
     return result
+
+
+def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> torch.Tensor:
+    """The run's training loss of one batch (what the step loop computes), for hooks' probes."""
+    with evaluate.autocast(device, bf16):
+        return model(**batch).loss
+
+
+def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch.optim.Optimizer, make_scheduler) -> tuple:
+    """(`new`, its scheduler) continuing `old`: the schedule's position and current learning rates,
+    and the optimizer state of every parameter both share (only rebuilt adapters start afresh)."""
+    scheduler = make_scheduler(new)
+    scheduler.load_state_dict(old_scheduler.state_dict())
+    for old_group, new_group in zip(old.param_groups, new.param_groups):
+        new_group["lr"] = old_group["lr"]
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]
+    return new, scheduler
 
 
 def open_metrics_log(path: Path, start_step: int):

@@ -1,0 +1,284 @@
+"""Numerical parity and file interchange with Hugging Face PEFT, every method that PEFT implements.
+
+PEFT is a test dependency only: without it this whole module is skipped, and nothing else is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.methods.vera import shared_projections
+
+from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+def copy_into_peft_lora(ours: nn.Module, theirs: nn.Module) -> None:
+    """Give PEFT's LoRA modules the same A and B as ours."""
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(layer.adapter.lora_A)
+            module.lora_B["default"].weight.copy_(layer.adapter.lora_B)
+
+
+@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                                                (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_outputs_and_gradients_match_peft(make_model, targets, rslora, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.LoRA(r=4, alpha=12, targets=targets, rslora=rslora))
+    perturb_trainable(ours)
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora,
+                             fan_in_fan_out=make_model is tiny_gpt2)
+    theirs = peft.get_peft_model(make_model(), config)
+    copy_into_peft_lora(ours, theirs)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_peft_loads_lorakit_adapter(tmp_path, input_ids):
+    ours = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_lorakit_loads_peft_adapter(tmp_path, input_ids, targets):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(tiny_llama(), tmp_path)
+    assert len(list(lorakit.adapted_layers(ours))) == (4 if isinstance(targets, list) else 14)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_lorakit_loads_peft_gpt2_adapter(tmp_path, input_ids):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_gpt2(), config)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(tiny_gpt2(), tmp_path)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- DoRA --------------------------------------------------------------------------------------
+DORA_CASES = [(tiny_llama, ["q_proj", "v_proj", "o_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])]
+
+
+def peft_dora(make_model, targets, **kwargs):
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_dora=True,
+                             fan_in_fan_out=make_model is tiny_gpt2, **kwargs)
+    return peft.get_peft_model(make_model(), config)
+
+
+def copy_into_peft_dora(ours: nn.Module, theirs: nn.Module) -> None:
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(layer.adapter.lora.lora_A)
+            module.lora_B["default"].weight.copy_(layer.adapter.lora.lora_B)
+            module.lora_magnitude_vector["default"].weight.copy_(layer.adapter.magnitude)
+
+
+@pytest.mark.parametrize("make_model,targets", DORA_CASES)
+def test_dora_magnitude_init_matches_peft(make_model, targets):
+    ours = lorakit.adapt(make_model(), lorakit.DoRA(r=4, alpha=12, targets=targets))
+    theirs = peft_dora(make_model, targets)
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.magnitude, module.lora_magnitude_vector["default"].weight)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("make_model,targets", DORA_CASES)
+def test_dora_outputs_and_gradients_match_peft(make_model, targets, dropout, input_ids):
+    """With dropout the comparison runs in eval mode (see the module docstring of lorakit.methods.dora)."""
+    ours = lorakit.adapt(make_model(), lorakit.DoRA(r=4, alpha=12, dropout=dropout, targets=targets))
+    perturb_trainable(ours)
+    theirs = peft_dora(make_model, targets, lora_dropout=dropout)
+    copy_into_peft_dora(ours, theirs)
+    for model in (ours, theirs):
+        model.train(dropout == 0.0)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        pairs = [(layer.adapter.lora.lora_A, module.lora_A["default"].weight),
+                 (layer.adapter.lora.lora_B, module.lora_B["default"].weight),
+                 (layer.adapter.magnitude, module.lora_magnitude_vector["default"].weight)]
+        for mine, peft_param in pairs:
+            torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make_model,targets", DORA_CASES)
+def test_dora_peft_loads_lorakit_adapter(make_model, targets, tmp_path, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.DoRA(r=4, alpha=8, targets=targets))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_model,targets", DORA_CASES)
+def test_dora_lorakit_loads_peft_adapter(make_model, targets, tmp_path, input_ids):
+    theirs = peft_dora(make_model, targets)
+    perturb_trainable(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(make_model(), tmp_path)
+    assert type(lorakit.adapter_config(ours)) is lorakit.DoRA
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- LoRA-FA (read by PEFT as plain LoRA) ------------------------------------------------------
+@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "v_proj", "gate_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])])
+def test_lora_fa_peft_loads_lora_fa_adapter_with_equal_outputs(tmp_path, input_ids, make_model, targets):
+    ours = lorakit.adapt(make_model(), lorakit.LoRAFA(r=4, alpha=12, targets=targets))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- VeRA --------------------------------------------------------------------------------------
+VERA_CASES = [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])]
+
+
+def peft_vera(make_model, targets, **kwargs):
+    config = peft.VeraConfig(r=16, target_modules=targets, fan_in_fan_out=make_model is tiny_gpt2, **kwargs)
+    return peft.get_peft_model(make_model(), config)
+
+
+def copy_into_peft_vera(ours: nn.Module, theirs: nn.Module) -> None:
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.vera_lambda_b["default"].copy_(layer.adapter.vera_lambda_b)
+            module.vera_lambda_d["default"].copy_(layer.adapter.vera_lambda_d)
+
+
+@pytest.mark.parametrize("make_model,targets", VERA_CASES)
+def test_vera_same_seed_same_projections_as_peft(make_model, targets):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=5, targets=targets))
+    theirs = peft_vera(make_model, targets, projection_prng_key=5)
+    proj = shared_projections(ours, "default")
+    assert torch.equal(proj.vera_A, theirs.base_model.vera_A["default"])
+    assert torch.equal(proj.vera_B, theirs.base_model.vera_B["default"])
+
+
+@pytest.mark.parametrize("make_model,targets", VERA_CASES)
+def test_vera_outputs_and_gradients_match_peft(make_model, targets, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets=targets))
+    perturb_trainable(ours)
+    theirs = peft_vera(make_model, targets)
+    copy_into_peft_vera(ours, theirs)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in lorakit.adapted_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+@pytest.mark.parametrize("make_model,targets", VERA_CASES)
+def test_vera_peft_loads_lorakit_adapter(make_model, targets, save_projection, tmp_path, input_ids):
+    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=3, save_projection=save_projection, targets=targets))
+    perturb_trainable(ours)
+    lorakit.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
+    assert torch.equal(theirs.base_model.vera_A["default"], shared_projections(ours, "default").vera_A)
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save_projection", [False, True])
+@pytest.mark.parametrize("make_model,targets", VERA_CASES)
+def test_vera_lorakit_loads_peft_adapter(make_model, targets, save_projection, tmp_path, input_ids):
+    theirs = peft_vera(make_model, targets, projection_prng_key=11, save_projection=save_projection)
+    perturb_trainable(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(make_model(), tmp_path)
+    config = lorakit.adapter_config(ours)
+    assert isinstance(config, lorakit.VeRA) and config.projection_prng_key == 11 and config.save_projection == save_projection
+    peft_layers = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.vera.VeraLayer)]
+    assert sorted(n for n, _ in lorakit.adapted_layers(ours)) == sorted(peft_layers)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- several named adapters and per-module ranks ---------------------------------------------------
+
+
+def test_peft_reads_each_of_several_lorakit_adapters(tmp_path, input_ids):
+    ours = tiny_llama()
+    lorakit.adapt(ours, lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    lorakit.adapt(ours, lorakit.LoRA(r=4, alpha=8, targets="all-linear", rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6},
+                                     alpha_pattern={"v_proj": 3.0}), name="sql")
+    lorakit.adapt(ours, lorakit.DoRA(r=2, targets=["o_proj", "up_proj"]), name="chat")
+    for name in lorakit.adapter_names(ours):
+        lorakit.set_active(ours, name)
+        for p in (p for _, layer in lorakit.adapted_layers(ours, name) for p in layer.adapters[name].parameters()):
+            torch.nn.init.normal_(p.data, std=0.1)
+    lorakit.save(ours, tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "sql" / "adapter_config.json").is_file()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    theirs.load_adapter(str(tmp_path / "sql"), adapter_name="sql")
+    theirs.load_adapter(str(tmp_path / "chat"), adapter_name="chat")
+    for name in ("default", "sql", "chat"):
+        theirs.set_adapter(name)
+        lorakit.set_active(ours, name)
+        torch.testing.assert_close(theirs(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+    assert theirs.peft_config["sql"].rank_pattern == {"q_proj": 2, r"layers\.1\.mlp\..*": 6}
+
+
+def test_lorakit_reads_a_peft_multi_adapter_directory(tmp_path, input_ids):
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    theirs.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["k_proj", "down_proj"],
+                                                rank_pattern={"down_proj": 3}, alpha_pattern={"k_proj": 2.0},
+                                                init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lorakit.load(tiny_llama(), tmp_path)
+    assert lorakit.adapter_names(ours) == ["default", "other"] and lorakit.active_adapters(ours) == ("default",)
+    assert lorakit.adapter_config(ours, "other").rank_pattern == {"down_proj": 3}
+    for name in ("default", "other"):
+        theirs.set_adapter(name)
+        lorakit.set_active(ours, name)
+        torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+    # PEFT's multiple active adapters add up; so do lorakit's
+    theirs.base_model.set_adapter(["default", "other"])
+    lorakit.set_active(ours, ["default", "other"])
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rank_and_alpha_patterns_match_peft(method, tmp_path, input_ids):
+    patterns = {"rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, "alpha_pattern": {"v_proj": 3.0}}
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               use_dora=method == "dora", init_lora_weights=False,
+                                                               **patterns))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = lorakit.load(tiny_llama(), tmp_path / "peft")
+    assert lorakit.adapter_config(ours).method == method
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+    lorakit.save(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    torch.testing.assert_close(again(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
