@@ -21,6 +21,7 @@ each condition once, in alternating order, and the tables report medians over th
     python benchmarks/bench_step.py --device cuda         # Llama-3.2-1B shape, bf16, batch 4 x 2048
     python benchmarks/bench_step.py --methods lora dora --compile
     python benchmarks/bench_step.py --profile lora        # where lorakit's and PEFT's LoRA step spend time
+    python benchmarks/bench_step.py --methods lora dora --before HEAD~1   # before/after a change, one run
 
 On a CPU shared with other busy processes, add `--threads 1` (see the note printed under the table).
 """
@@ -166,9 +167,32 @@ def adamw(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
 
 
-def lorakit_config(method: str, args: argparse.Namespace) -> lorakit.AdapterConfig:
+def lorakit_at(revision: str) -> Any:
+    """lorakit as it was at git `revision`, imported beside the current one as `lorakit_<rev>`
+    (its source extracted with `git archive`; nothing in the working tree changes)."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+    target = Path(tempfile.mkdtemp(prefix=f"lorakit-{commit}-"))
+    archive = subprocess.run(["git", "archive", commit, "src/lorakit"], cwd=root, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    package = target / "src" / "lorakit"
+    name = f"lorakit_{commit}"
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    module.revision = commit
+    return module
+
+
+def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit) -> lorakit.AdapterConfig:
     """The method's config with the shared rank / alpha / targets where it has such fields."""
-    cls = lorakit.METHODS[method]
+    cls = lib.METHODS[method]
     fields = {f.name for f in dataclasses.fields(cls)}
     wanted: dict[str, Any] = {"targets": list(args.targets), "dropout": 0.0}
     wanted["r"] = args.vera_r if method == "vera" else args.r
@@ -176,17 +200,20 @@ def lorakit_config(method: str, args: argparse.Namespace) -> lorakit.AdapterConf
     return cls(**{k: v for k, v in wanted.items() if k in fields})
 
 
-def lorakit_condition(base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False) -> Condition:
-    config = lorakit_config(method, args)
-    # Methods with training hooks may write the base weights (Delta-LoRA): give them their own.
-    own_weights = quantized or callable(getattr(config, "training_hooks", None))
+def lorakit_condition(
+    base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False, lib: Any = lorakit
+) -> Condition:
+    config = lorakit_config(method, args, lib)
+    # Methods that write the base weights (Delta-LoRA) get their own copy.
+    own_weights = quantized or getattr(config, "moves_base_weights", False)
     model = copy.deepcopy(base) if own_weights else sharing_copy(base)
     if quantized:
-        model = lorakit.quantize(model, targets=list(args.targets))
-    model = lorakit.adapt(model, config)
-    optimizer = adamw((p for _, p in lorakit.adapter_parameters(model)), args.lr)
-    hooks = lorakit.training_hooks(model)
-    name = f"lorakit {'qlora' if quantized else method}"
+        model = lib.quantize(model, targets=list(args.targets))
+    model = lib.adapt(model, config)
+    optimizer = adamw((p for _, p in lib.adapter_parameters(model)), args.lr)
+    hooks = lib.training_hooks(model)
+    version = f"@{lib.revision}" if lib is not lorakit else ""
+    name = f"lorakit{version} {'qlora' if quantized else method}"
     return Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None)
 
 
@@ -243,6 +270,8 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
             if method not in lorakit.METHODS:
                 raise SystemExit(f"unknown method {method!r}; registered: {', '.join(sorted(lorakit.METHODS))}")
             builders.append(lambda m=method: lorakit_condition(base, m, args))
+            if args.before_lib is not None and method in args.before_lib.METHODS:
+                builders.append(lambda m=method: lorakit_condition(base, m, args, lib=args.before_lib))
             if method in PEFT_COUNTERPARTS and not args.no_peft:
                 builders.append(lambda m=method: peft_condition(base, m, args))
         for build in builders:
@@ -478,7 +507,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/step-<device>-<model>-<time>.json)")
+    p.add_argument("--before", metavar="REV", help="also time lorakit as it was at git revision REV (same run, "
+                   "interleaved): before/after a change")
     args = p.parse_args(argv)
+    args.before_lib = lorakit_at(args.before) if args.before else None
     gpu = args.device == "cuda"
     args.model = args.model or ("llama-1b" if gpu else "smollm2")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -514,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "bench_step",
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "before_lib"},
         "machine": info,
         **extra,
         "results": rows,

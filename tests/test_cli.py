@@ -72,6 +72,39 @@ def test_help_comes_from_field_docstrings(capsys):
     assert "Optimizer steps to train (overrides --epochs)" in out and "--method-arg KEY=VALUE" in out
 
 
+def test_generate_with_several_adapters_and_a_per_prompt_choice(trained_run, tiny_model, data_dir, tmp_path, capsys):
+    out = trained_run.parent
+    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "3", "--batch-size", "4",
+                     "--out-dir", str(out), "--name", "b", "--no-progress", "--r", "4", "--lr", "0.05", "--method", "dora"])
+    assert code == 0
+    capsys.readouterr()
+    one_by_one = {}
+    for name in ("a", "b", "__base__"):
+        assert cli.main(["generate", "--adapter", str(trained_run), "--adapter", str(out / "b"), "--use", name,
+                         "--max-new-tokens", "5", "apple river"]) == 0
+        one_by_one[name] = capsys.readouterr().out.strip()
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "apple river", "adapter": "a"}, {"prompt": "apple river", "adapter": "b"},
+                          {"prompt": "apple river", "adapter": "__base__"}, {"prompt": "apple river"}])
+    assert cli.main(["generate", "--adapter", str(trained_run), "--adapter", f"b={out / 'b'}", "--prompts", str(prompts),
+                     "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["adapter"] for r in rows] == ["a", "b", "__base__", "a"]  # no "adapter": the first one
+    for row in rows:
+        assert row["completion"].strip() == one_by_one[row["adapter"]]
+    # bad input: one line each, exit 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "adapter": "c"}\n')
+    assert cli.main(["generate", "--adapter", str(trained_run), "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: no adapter named 'c'" in error_line(capsys)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
+    assert cli.main(["generate", "--adapter", str(trained_run), "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: needs a string" in error_line(capsys)
+    assert cli.main(["generate", "--adapter", str(trained_run), "--adapter", str(trained_run), "x"]) == 2
+    assert "the name 'a' is taken" in error_line(capsys)
+    assert cli.main(["generate", "--adapter", f"__base__={trained_run}", "x"]) == 2
+    assert "adapter name" in error_line(capsys)
+
+
 def test_eval_generate_merge(trained_run, tiny_model, data_dir, tmp_path, capsys):
     assert cli.main(["eval", "--adapter", str(trained_run), "--data", str(data_dir / "alpaca.jsonl")]) == 0
     assert "eval_loss" in capsys.readouterr().out

@@ -99,3 +99,83 @@ def test_save_load_round_trip(method, arch, input_ids, tmp_path):
     loaded = lorakit.load(MAKERS[arch](), tmp_path)
     assert type(lorakit.adapter_config(loaded)) is type(lorakit.adapter_config(model))
     torch.testing.assert_close(loaded(input_ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_compiles_whole_and_equals_eager(method, input_ids):
+    """No graph break in forward or backward (the adapter layers keep the model one graph), and the
+    compiled step computes what eager does. `aot_eager` traces exactly as inductor would."""
+    model = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(model)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=input_ids, labels=input_ids, use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    def loss_and_grads(forward):
+        loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model)}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=lambda m: f"{method} {name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_bf16_base_keeps_fp32_master_weights(method, input_ids):
+    """Over a bf16 base: adapter parameters stay fp32 (their gradients too), the model computes in
+    bf16, and the result is the fp32 computation up to bf16 rounding."""
+    reference = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(reference)
+    model = lorakit.adapt(tiny_llama().to(torch.bfloat16), make_config(method, "llama"))
+    with torch.no_grad():
+        mine = dict(model.named_parameters())
+        for name, p in reference.named_parameters():
+            if p.requires_grad:
+                mine[name].copy_(p)
+    trainable = [p for _, p in lorakit.adapter_parameters(model)]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    out = model(input_ids, labels=input_ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    torch.testing.assert_close(out.logits.float(), reference(input_ids).logits, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_hook_state_restores_training_exactly(method, input_ids, tmp_path):
+    """What a resume restores (adapter file + hooks' state) continues training bit for bit."""
+    model = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(model)
+    one_step(model, input_ids)
+    hooks = lorakit.training_hooks(model)
+    lorakit.save(model, tmp_path)
+    twin = lorakit.load(tiny_llama(), tmp_path, trainable=True)
+    twin_hooks = lorakit.training_hooks(twin)
+    twin_hooks.load_state_dict(hooks.state_dict())
+    for m, h in ((model, hooks), (twin, twin_hooks)):
+        params = [p for _, p in lorakit.adapter_parameters(m)]
+        opt = torch.optim.SGD(params, lr=1e-2)
+        (m(input_ids, labels=input_ids).loss + h.extra_loss(m)).backward()
+        opt.step()
+        h.after_optimizer_step(m, 2)
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(twin.state_dict().items())):
+        assert torch.equal(a, b), f"{method}: {name}"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_loraplus_groups_cover_every_trainable_parameter_once(method):
+    model = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    groups = lorakit.param_groups(model, lr=1e-3, loraplus_ratio=8.0)
+    grouped = [p for g in groups for p in g["params"]]
+    trainable = [p for _, p in lorakit.adapter_parameters(model)]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)
+    assert {id(p) for p in grouped} == {id(p) for p in trainable}
+    fast = [g for g in groups if g["name"].startswith("B")]
+    assert fast and all(g["lr"] == pytest.approx(8e-3) for g in fast)
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups if g["name"].startswith("A"))

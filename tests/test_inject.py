@@ -186,6 +186,12 @@ def test_names_are_checked():
         lorakit.set_active(model, ["z"])
     with pytest.raises(ValueError, match="repeat"):
         lorakit.set_active(model, ["a", "a"])
+    with pytest.raises(ValueError, match="expected an adapter name or a list of names, got 3"):
+        lorakit.set_active(model, 3)
+    with pytest.raises(ValueError, match="must be strings"):
+        lorakit.set_active(model, ["a", None])
+    with pytest.raises(ValueError, match="one name per sample"):
+        model(INPUT, adapter_names="a")
     with pytest.raises(ValueError, match="no adapter named 'z'"):
         lorakit.remove(model, "z")
     lorakit.adapt(model, lorakit.LoRA(targets=["v_proj"]), name="b")

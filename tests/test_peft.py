@@ -282,3 +282,24 @@ def test_rank_and_alpha_patterns_match_peft(method, tmp_path, input_ids):
     lorakit.save(ours, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
     torch.testing.assert_close(again(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- the contract: every registered method with a PEFT counterpart --------------------------------
+
+PEFT_METHODS = sorted(m for m, cls in lorakit.METHODS.items() if cls.peft_type is not None)
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_round_trip_through_peft(method, tmp_path, input_ids):
+    """lorakit saves -> PEFT loads (same logits) -> PEFT saves -> lorakit loads (same logits)."""
+    from test_contract import make_config
+
+    ours = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(ours)
+    expected = ours(input_ids).logits
+    lorakit.save(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    torch.testing.assert_close(theirs(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = lorakit.load(tiny_llama(), tmp_path / "theirs")
+    torch.testing.assert_close(back(input_ids).logits, expected, atol=1e-5, rtol=1e-5)

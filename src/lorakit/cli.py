@@ -6,6 +6,7 @@
     lorakit train --print-config                 # the resolved config, as YAML
     lorakit eval --adapter runs/<name>
     lorakit generate --adapter runs/<name> "Reverse the order of the words: a b c"
+    lorakit generate --adapter sql=runs/a --adapter chat=runs/b --prompts prompts.jsonl   # per-prompt adapter
     lorakit merge --adapter runs/<name> --out merged/
 
 Errors in the user's input print one line, `error: ...`, and exit with status 2.
@@ -125,27 +126,56 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     return path, cfg
 
 
-def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2):
-    """(model, tokenizer): the base model with the adapter loaded for inference."""
+def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2,
+                 extra: dict[str, Path] | None = None):
+    """(model, tokenizer): the base model with the adapter loaded for inference (and the `extra`
+    adapters, name -> directory, beside it on the same base)."""
     from . import io
     from .train.loop import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_spec, task)
     quantization = None
-    if adapter is not None and (adapter / io.LORAKIT_CONFIG_NAME).is_file():
+    first = adapter if adapter is not None else next(iter((extra or {}).values()), None)
+    if first is not None and (first / io.LORAKIT_CONFIG_NAME).is_file():
         try:
-            _, meta = io.read_config(adapter)  # a QLoRA adapter: stream the base into 4 bits directly
+            _, meta = io.read_config(first)  # a QLoRA adapter: stream the base into 4 bits directly
         except (ValueError, KeyError) as err:
-            raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+            raise LorakitError(f"cannot load adapter {first}: {' '.join(str(err).split())}") from None
         quantization = meta.get("quantization")
     model = load_model(model_spec, task, num_labels, tokenizer, quantization)
-    if adapter is not None:
+    named = {None: adapter} if adapter is not None else {}
+    named.update(extra or {})
+    for name, path in named.items():
         try:
-            io.load(model, adapter)
+            io.load(model, path, name=name) if name is not None else io.load(model, path)
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+            raise LorakitError(f"cannot load adapter {path}: {' '.join(str(err).split())}") from None
     model.eval()
     return model, tokenizer
+
+
+def named_adapters(specs: list[str]) -> dict[str, Path]:
+    """`--adapter` values (`PATH` or `NAME=PATH`, an adapter or run directory) -> name -> adapter
+    directory. A bare PATH is named after its run (the directory's name)."""
+    from .inject import BASE_NAME, check_name
+
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        directory, _ = adapter_dir_and_config(path)
+        if not name:
+            run = directory.parent if directory.name == "adapter" else directory
+            name = run.name.replace(".", "_") or "default"
+        try:
+            check_name(name)
+        except ValueError as err:
+            raise LorakitError(f"--adapter {spec}: {err} (write NAME=PATH)") from None
+        if name in named or name == BASE_NAME:
+            raise LorakitError(f"--adapter {spec}: the name {name!r} is taken; write NAME=PATH with another name")
+        named[name] = directory
+    return named
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -179,23 +209,103 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from .inject import BASE_NAME, per_sample_adapters
     from .train.data import has_chat_template, render_chat
 
-    adapter, cfg = adapter_dir_and_config(args.adapter)
+    adapters = named_adapters(args.adapter or [])
+    first = next(iter(adapters.values()), None)
+    _, cfg = adapter_dir_and_config(str(first) if first is not None else None)
     model_spec = args.model if args.model is not None else cfg.model
-    model, tokenizer = load_adapted(model_spec, adapter, "causal-lm")
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.chat and has_chat_template(tokenizer):
-        text = render_chat(tokenizer, [{"role": "user", "content": prompt}], True)
-        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    jobs = prompt_jobs(args, list(adapters))
+    model, tokenizer = load_adapted(model_spec, None, "causal-lm", extra=adapters)
+
+    def encode(prompt: str) -> list[int]:
+        if args.chat and has_chat_template(tokenizer):
+            return tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}], True), add_special_tokens=False)["input_ids"]
+        return tokenizer(prompt)["input_ids"]
+
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(args.seed)
-    with torch.no_grad():
-        model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
+    if args.prompts is None:  # one prompt: streamed
+        (name, prompt), = jobs
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = torch.tensor([encode(prompt)])
+        with torch.no_grad(), per_sample_adapters(model, [name]) if adapters else _nothing():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                           streamer=streamer, pad_token_id=pad_id, **sampling)
+        return 0
+    # several prompts, each with its own adapter: left-padded batches of --batch-size
+    import json
+
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start:start + args.batch_size]
+        encoded = [encode(prompt) for _, prompt in chunk]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        with torch.no_grad(), per_sample_adapters(model, [name for name, _ in chunk]) if adapters else _nothing():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=pad_id, **sampling)
+        for (name, prompt), row in zip(chunk, out[:, width:]):
+            completion = tokenizer.decode(row, skip_special_tokens=True)
+            print(json.dumps({"adapter": name if adapters else BASE_NAME, "prompt": prompt, "completion": completion}), flush=True)
     return 0
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str]]:
+    """(adapter name, prompt) for each prompt: the positional prompt (or stdin) with `--use`, or
+    each line of `--prompts` (a JSONL file of {"prompt": ..., "adapter": ...}, or plain lines)."""
+    import json
+
+    from .inject import BASE_NAME
+
+    known = names + [BASE_NAME]
+    default = names[0] if names else BASE_NAME
+
+    def check(name: str, where: str) -> str:
+        if name not in known:
+            raise LorakitError(f"{where}: no adapter named {name!r}; loaded: {', '.join(known)}")
+        return name
+
+    if args.prompts is None:
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        return [(check(args.use or default, "--use"), prompt)]
+    if args.prompt is not None or args.use is not None:
+        raise LorakitError("--prompts takes the prompts (and their adapters) from the file: drop the positional prompt and --use")
+    path = Path(args.prompts)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read --prompts {path}: {err}") from None
+    jobs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LorakitError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record.get("prompt"), str):
+                raise LorakitError(f"{path}:{number}: needs a string \"prompt\" (and optionally \"adapter\")")
+            adapter = record.get("adapter", default)
+            if not isinstance(adapter, str):
+                raise LorakitError(f"{path}:{number}: \"adapter\" must be a name, got {adapter!r}")
+            jobs.append((check(adapter, f"{path}:{number}"), record["prompt"]))
+        else:
+            jobs.append((default, line))
+    if not jobs:
+        raise LorakitError(f"{path}: no prompts")
+    return jobs
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -219,6 +329,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,9 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
-    gen.add_argument("--adapter", help="adapter directory or run directory (runs/<name>)")
+    gen.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
+                     help="adapter or run directory; repeat to load several on one base (named NAME, or after the run)")
+    gen.add_argument("--use", metavar="NAME", help="the adapter for the prompt (default: the first; __base__ for none)")
+    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or plain lines): "
+                     "generated in one batch, each prompt through its own adapter; prints JSONL")
     gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together with --prompts")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,

@@ -353,7 +353,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> 
 def set_active(model: nn.Module, names: str | Iterable[str]) -> nn.Module:
     """Run the adapters `names` (one name or several; several add up), in that order."""
     state = _state(model)
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names, "set_active")
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"no adapter named {unknown} on this model; adapters: {list(state.configs)}")
@@ -370,6 +370,20 @@ def _push_active(model: nn.Module, state: LorakitState) -> None:
     for _, layer in adapted_layers(model):
         layer.active = state.active
         layer._refresh()
+
+
+def _name_list(names: Any, what: str) -> list[str]:
+    """One name or an iterable of names, as a list; anything else is a clear error."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise ValueError(f"{what}: expected an adapter name or a list of names, got {names!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"{what}: adapter names must be strings, got {bad[:3]}")
+    return names
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
@@ -478,7 +492,7 @@ def reconfigure(model: nn.Module, name: str, **changes: Any) -> list[str]:
 
 def _names(model: nn.Module, names: str | Iterable[str] | None) -> list[str]:
     state = _state(model)
-    names = list(state.active) if names is None else ([names] if isinstance(names, str) else list(names))
+    names = list(state.active) if names is None else _name_list(names, "adapter names")
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"no adapter named {unknown} on this model; adapters: {list(state.configs)}")
@@ -571,7 +585,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     alone (`"__base__"`: the base model), whatever the active set; e.g. around `model.generate`.
     Each sample's result equals running its adapter alone. Merged adapters must be unmerged first."""
     state = _state(model)
-    names = list(names)
+    if isinstance(names, str):
+        raise ValueError(f"adapter_names takes one name per sample (a list), got the string {names!r}")
+    names = _name_list(names, "adapter_names")
     unknown = sorted({n for n in names if n != BASE_NAME and n not in state.configs})
     if unknown:
         raise ValueError(f"adapter_names: no adapter named {unknown}; adapters: {list(state.configs)} "
@@ -603,6 +619,8 @@ def _install_mixed_batch_hook(model: nn.Module) -> None:
         if names is None:
             contexts.append(None)
             return args, kwargs
+        if isinstance(names, str):
+            raise ValueError(f"adapter_names takes one name per sample (a list), got the string {names!r}")
         batch = _batch_size(args, kwargs)
         if batch is not None and len(names) != batch:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch}")

@@ -114,6 +114,9 @@ class AdapterConfig:
     # Fields that training may change (`lorakit.reconfigure`): saved with the adapter, restored by
     # `load` and `--resume` before any tensor is loaded.
     layout_fields: ClassVar[tuple[str, ...]] = ()
+    # True for methods that write the base weights during training (Delta-LoRA): saved adapters
+    # then carry those weights, and benchmarks give such a method its own copy of the base.
+    moves_base_weights: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
