@@ -77,7 +77,7 @@ def toy_method(method_name, hook_class):
     class Toy(lorakit.LoRA):
         method = method_name
 
-        def training_hooks(self, model, name):
+        def training_hooks(self, model, name, total_steps=None):
             return [hook_class(name)]
 
     return Toy

@@ -318,3 +318,18 @@ def test_hotswap_refuses_a_different_layout(tmp_path):
         lorakit.hotswap(serving, tmp_path / "alpha")
     with pytest.raises(ValueError, match="no adapter named 'x'"):
         lorakit.hotswap(serving, tmp_path / "r2", name="x")
+
+
+def test_mixed_batch_refuses_a_layer_that_does_not_see_the_batch_dimension():
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x.reshape(-1, 4)).reshape(x.shape)
+
+    model = Flattening()
+    lorakit.adapt(model, lorakit.LoRA(r=2, targets=["proj"]), name="a")
+    with pytest.raises(ValueError, match="6 rows in dim 0 for 2 samples"):
+        model(torch.randn(2, 3, 4), adapter_names=["a", "__base__"])

@@ -303,3 +303,68 @@ def test_round_trip_through_peft(method, tmp_path, input_ids):
     theirs.save_pretrained(str(tmp_path / "theirs"))
     back = lorakit.load(tiny_llama(), tmp_path / "theirs")
     torch.testing.assert_close(back(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- AdaLoRA ----------------------------------------------------------------------------------------
+
+ADALORA = dict(init_r=4, target_r=2, tinit=1, tfinal=2, beta1=0.85, beta2=0.85, orth_reg_weight=0.1)
+ADALORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def peft_adalora(total_step):
+    config = peft.AdaLoraConfig(lora_alpha=8, target_modules=ADALORA_TARGETS, deltaT=1, total_step=total_step, **ADALORA)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def test_adalora_allocates_as_peft_does(input_ids):
+    """Same start, data and optimizer: the same losses (task + regulariser) and the same kept triplets
+    after every allocation round, through the final allocation and the frozen phase."""
+    steps = 8
+    theirs = peft_adalora(steps).train()
+    ours = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(alpha=8.0, targets=ADALORA_TARGETS, **ADALORA))
+    with torch.no_grad():
+        for name, layer in lorakit.adapted_layers(ours):
+            module = theirs.base_model.model.get_submodule(name)
+            for kind in ("lora_A", "lora_B", "lora_E"):
+                getattr(layer.adapter, kind).copy_(getattr(module, kind)["default"])
+    hooks = lorakit.training_hooks(ours, total_steps=steps)
+    opt_ours = torch.optim.AdamW([p for _, p in lorakit.adapter_parameters(ours)], lr=0.05)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
+    for step in range(1, steps + 1):
+        # through AdaLoraModel.forward, which adds the regulariser: PeftModel.forward calls the wrapped
+        # model directly and silently leaves it out (PEFT 0.21)
+        loss_theirs = theirs.base_model(input_ids=input_ids, labels=input_ids).loss
+        loss_ours = ours(input_ids, labels=input_ids).loss + hooks.extra_loss(ours)
+        torch.testing.assert_close(loss_ours, loss_theirs, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+        loss_ours.backward(), loss_theirs.backward()
+        opt_ours.step(), opt_theirs.step()
+        hooks.after_optimizer_step(ours, step)
+        theirs.base_model.update_and_allocate(step)
+        opt_ours.zero_grad(), opt_theirs.zero_grad()
+        for name, layer in lorakit.adapted_layers(ours):
+            their_E = theirs.base_model.model.get_submodule(name).lora_E["default"]
+            assert torch.equal(layer.adapter.lora_E == 0, their_E == 0), f"step {step}, {name}"
+    their_pattern = theirs.peft_config["default"].rank_pattern
+    assert lorakit.adapter_config(ours).rank_pattern == {
+        name: their_pattern[f"{name}.lora_E.default"] for name, _ in lorakit.adapted_layers(ours)
+    }
+
+
+def test_adalora_adapters_load_both_ways(tmp_path, input_ids):
+    steps = 6
+    ours = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(alpha=8.0, targets=ADALORA_TARGETS, **ADALORA))
+    hooks = lorakit.training_hooks(ours, total_steps=steps)
+    opt = torch.optim.AdamW([p for _, p in lorakit.adapter_parameters(ours)], lr=0.05)
+    for step in range(1, steps + 1):
+        (ours(input_ids, labels=input_ids).loss + hooks.extra_loss(ours)).backward()
+        opt.step()
+        hooks.after_optimizer_step(ours, step)
+        opt.zero_grad()
+    ours.eval()
+    lorakit.save(ours, tmp_path / "ours")
+    loaded_by_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(loaded_by_peft(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+    loaded_by_peft.save_pretrained(str(tmp_path / "theirs"))
+    back = lorakit.load(tiny_llama(), tmp_path / "theirs")
+    assert lorakit.adapter_config(back).rank_pattern == lorakit.adapter_config(ours).rank_pattern
+    torch.testing.assert_close(back(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)

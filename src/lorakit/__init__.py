@@ -36,7 +36,7 @@ from .inject import (
 )
 from .hooks import Hooks, Probe, TrainingHook, training_hooks
 from .io import hotswap, load, save
-from .methods import METHODS, AdapterConfig, LoRA, DoRA, VeRA, LoRAFA, DeltaLoRA
+from .methods import METHODS, AdapterConfig, AdaLoRA, LoRA, DoRA, VeRA, LoRAFA, DeltaLoRA
 from .optim import param_groups
 from .summary import summary
 from .quant import Linear4bit, quantize
@@ -61,6 +61,7 @@ __all__ = [
     "VeRA",
     "LoRAFA",
     "DeltaLoRA",
+    "AdaLoRA",
     "param_groups",
     "METHODS",
     "adapt",

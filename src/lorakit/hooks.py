@@ -131,12 +131,13 @@ class Hooks:
         return bool(self.hooks)
 
 
-def training_hooks(model: nn.Module) -> Hooks:
-    """The training hooks of the model's active adapters, in order (empty for plain LoRA)."""
+def training_hooks(model: nn.Module, total_steps: int | None = None) -> Hooks:
+    """The training hooks of the model's active adapters, in order (empty for plain LoRA).
+    `total_steps`: the run's optimizer steps (AdaLoRA's budget schedule needs them)."""
     state = inject.lorakit_state(model)
     if state is None or not state.configs:
         inject.adapter_config(model)  # the usual "no adapter" error
     hooks: list[Any] = []
     for name in state.active:
-        hooks.extend(state.configs[name].training_hooks(model, name))
+        hooks.extend(state.configs[name].training_hooks(model, name, total_steps))
     return Hooks(hooks)

@@ -132,6 +132,10 @@ class AdaptedLayer(nn.Module):
 
     def _mixed_batch(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Each sample (row of dim 0) through its own adapter; rows of other adapters untouched."""
+        samples = sum(len(rows) for rows in self.sample_groups.values())
+        if x.shape[0] != samples:
+            raise ValueError(f"per-sample adapters: this layer's input has {x.shape[0]} rows in dim 0 for {samples} samples "
+                             "(the model reshapes activations before it); run such adapters one at a time")
         y = base_out
         for name, rows in self.sample_groups.items():
             if name == BASE_NAME or name not in self.adapters:

@@ -19,6 +19,7 @@ class ModuleRow:
     adapter: str
     method: str
     trainable: int
+    rank: int | None = None  # the adapter's live rank on this module (AdaLoRA's changes in training)
 
 
 def module_rows(model: nn.Module) -> list[ModuleRow]:
@@ -37,7 +38,7 @@ def module_rows(model: nn.Module) -> list[ModuleRow]:
                     seen.add(id(p))
                     count += p.numel()
             rows.append(ModuleRow(name, (layer.out_features, layer.in_features), adapter_name,
-                                  state.configs[adapter_name].method, count))
+                                  state.configs[adapter_name].method, count, getattr(adapter, "r", None)))
     return rows
 
 
@@ -79,7 +80,8 @@ def summary(model: nn.Module, per_module: bool = False) -> str:
     if per_module:
         width = max(len(r.name) for r in rows)
         out.append("")
-        out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'trainable':>12}")
+        out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'rank':>5} {'trainable':>12}")
         for r in rows:
-            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {r.trainable:>12,}")
+            rank = "–" if r.rank is None else str(r.rank)
+            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {rank:>5} {r.trainable:>12,}")
     return "\n".join(out)

@@ -6,5 +6,6 @@ from .dora import DoRA
 from .vera import VeRA
 from .lora_fa import LoRAFA
 from .delta_lora import DeltaLoRA
+from .adalora import AdaLoRA
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA"]
+__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA"]

@@ -117,6 +117,9 @@ class AdapterConfig:
     # True for methods that write the base weights during training (Delta-LoRA): saved adapters
     # then carry those weights, and benchmarks give such a method its own copy of the base.
     moves_base_weights: ClassVar[bool] = False
+    # The common training flags (r, alpha, dropout, init) under the method's own field names, where
+    # they differ (AdaLoRA's rank is its starting rank, `init_r`).
+    flag_fields: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
@@ -141,8 +144,9 @@ class AdapterConfig:
         module whose settings change under `lorakit.reconfigure` are rebuilt."""
         return {}
 
-    def training_hooks(self, model: nn.Module, name: str) -> list[Any]:
-        """Hooks that act during training on the adapter `name` (lorakit.hooks); none by default."""
+    def training_hooks(self, model: nn.Module, name: str, total_steps: int | None = None) -> list[Any]:
+        """Hooks that act during training on the adapter `name` (lorakit.hooks); none by default.
+        `total_steps`: the run's optimizer steps, when the caller knows them (schedules need it)."""
         return []
 
     def extra_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -157,7 +157,7 @@ class DeltaLoRA(LowRankConfig):
         r, scale = self.module_rank_scale(name)
         return LoRAAdapter(in_f, out_f, r, scale, 0.0, self.param_dtype, device)
 
-    def training_hooks(self, model: nn.Module, name: str) -> list[DeltaLoRAHook]:
+    def training_hooks(self, model: nn.Module, name: str, total_steps: int | None = None) -> list[DeltaLoRAHook]:
         return [DeltaLoRAHook(model, name, self.delta_lambda, self.start_step)]
 
     def extra_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:

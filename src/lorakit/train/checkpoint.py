@@ -2,7 +2,11 @@
 
 A checkpoint is a directory `<run>/checkpoints/step-000050/` holding
 
-- `adapter/`: the adapter as `lorakit.save` writes it (safetensors, PEFT layout);
+- `adapter/`: the adapter as `lorakit.save` writes it (safetensors, PEFT layout), with its config:
+  the layout the run had reached (e.g. ranks decided in training) is what `--resume` rebuilds;
+- `adapter_state.safetensors`: every adapter tensor exactly as the model holds it (the PEFT file may
+  hold less: AdaLoRA's keeps only the triplets it kept, while the pruned ones still shape the
+  regulariser and the optimizer's moments), so a resume continues bit for bit;
 - `rng.safetensors`: the torch CPU (and CUDA) random-number-generator states;
 - `optimizer.pt`: optimizer and learning-rate scheduler state (tensors and numbers only; read back
   with `torch.load(weights_only=True)`, which never unpickles arbitrary objects);
@@ -72,6 +76,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-{checkpoint_name(step)}-"))
     try:
         io.save(model, tmp / "adapter")
+        save_file(exact_adapter_state(model), str(tmp / "adapter_state.safetensors"))
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(hooks.state_dict(), tmp / "hooks.pt")
@@ -110,6 +115,24 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+def exact_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (parameters and persistent buffers) by its name in the model."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items() if ".adapters." in k}
+
+
+@torch.no_grad()
+def load_exact_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy `exact_adapter_state` back; the names and shapes must be the model's exactly."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".adapters." in k}
+    if set(own) != set(saved):
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        raise LorakitError(f"checkpoint adapter state does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, value in saved.items():
+        if own[key].shape != value.shape:
+            raise LorakitError(f"checkpoint adapter state {key}: shape {tuple(value.shape)} != model {tuple(own[key].shape)}")
+        own[key].copy_(value)
+
+
 def load_checkpoint(
     checkpoint: str | Path, model: nn.Module, hooks: Any
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
@@ -122,6 +145,9 @@ def load_checkpoint(
     hooks.load_state_dict(torch.load(checkpoint / "hooks.pt", weights_only=True))
     saved = load_file(str(checkpoint / "adapter" / io.WEIGHTS_NAME))
     io.load_adapter_state(model, saved)
+    exact = checkpoint / "adapter_state.safetensors"
+    if exact.is_file():
+        load_exact_adapter_state(model, load_file(str(exact)))
     state = json.loads((checkpoint / "state.json").read_text())
     optim_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     return state, optim_state, load_file(str(checkpoint / "rng.safetensors"))

@@ -149,12 +149,13 @@ def method_config(cfg: TrainConfig, model: nn.Module):
     if train_modules is None:
         train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task == "classify" else []
     kwargs: dict[str, Any] = {"targets": targets, "train_modules": list(train_modules)}
-    for name in ("r", "alpha", "dropout", "init"):
-        value = getattr(cfg, name)
+    for flag in ("r", "alpha", "dropout", "init"):
+        value = getattr(cfg, flag)
         if value is None:
             continue
+        name = cls.flag_fields.get(flag, flag)
         if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no {name!r} setting; its settings: {', '.join(fields)}")
+            raise LorakitError(f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}")
         kwargs[name] = value
     for name, value in cfg.method_args.items():
         if name not in fields:
@@ -389,7 +390,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    hooks: Hooks = training_hooks(model)
+    hooks: Hooks = training_hooks(model, total_steps)
 
     state: dict[str, Any] = {"tokens": 0, "train_seconds": 0.0}
     optim_state = rng = None
