@@ -36,7 +36,8 @@ from .inject import (
 )
 from .hooks import Hooks, Probe, TrainingHook, training_hooks
 from .io import hotswap, load, save
-from .methods import METHODS, AdapterConfig, AdaLoRA, LoRA, DoRA, VeRA, LoRAFA, DeltaLoRA
+from .methods import METHODS, AdapterConfig, AdaLoRA, LoRA, LoRADrop, DoRA, VeRA, LoRAFA, DeltaLoRA
+from .methods import lora_drop
 from .optim import param_groups
 from .summary import summary
 from .quant import Linear4bit, quantize
@@ -62,6 +63,8 @@ __all__ = [
     "LoRAFA",
     "DeltaLoRA",
     "AdaLoRA",
+    "LoRADrop",
+    "lora_drop",
     "param_groups",
     "METHODS",
     "adapt",

@@ -52,17 +52,26 @@ class Probe:
 
     batches: list[Any]
     loss: Callable[[nn.Module, Any], torch.Tensor] = model_loss
+    lr: float | None = None  # the run's learning rate
+    sampler: Callable[[float], list[Any]] | None = None  # fraction of the training data -> batches
 
-    def train(self, model: nn.Module, steps: int, lr: float, params: Iterable[nn.Parameter] | None = None) -> list[float]:
-        """`steps` AdamW steps over the sample's batches (cycling) on `params` (default: every
-        trainable parameter); returns the losses. The optimizer is thrown away afterwards."""
-        if not self.batches:
+    def sample(self, fraction: float) -> list[Any]:
+        """Batches covering `fraction` of the training data (evenly spread over it), or the probe's
+        own batches when it has no access to the data set."""
+        return self.sampler(fraction) if self.sampler is not None else list(self.batches)
+
+    def train(self, model: nn.Module, steps: int, lr: float, params: Iterable[nn.Parameter] | None = None,
+              batches: list[Any] | None = None) -> list[float]:
+        """`steps` AdamW steps over `batches` (default: the probe's; cycling) on `params` (default:
+        every trainable parameter); returns the losses. The optimizer is thrown away afterwards."""
+        batches = self.batches if batches is None else batches
+        if not batches:
             raise ValueError("the probe holds no batches to train on")
         params = list(params) if params is not None else [p for _, p in inject.adapter_parameters(model)]
         optimizer = torch.optim.AdamW(params, lr=lr)
         losses = []
         for step in range(steps):
-            loss = self.loss(model, self.batches[step % len(self.batches)])
+            loss = self.loss(model, batches[step % len(batches)])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

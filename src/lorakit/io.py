@@ -47,14 +47,27 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Every tensor the file of adapter `name` holds, under PEFT's names."""
     config = inject.adapter_config(model, name)
     state: dict[str, torch.Tensor] = {}
-    for module_name, layer in inject.adapted_layers(model, name):
-        for key, tensor in layer.adapters[name].peft_state_dict().items():
+    for module_name, adapter in unique_adapters(model, name):  # a shared adapter is written once
+        for key, tensor in adapter.peft_state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = tensor
     for module_name in config.train_modules:
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = tensor
     state.update(config.extra_state(model, name))
     return state
+
+
+def unique_adapters(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """(first module using it, adapter) for each distinct adapter object of `name`: an adapter shared
+    by several modules (LoRA-drop's shared pairs) is stored under the first of them only."""
+    seen: set[int] = set()
+    out = []
+    for module_name, layer in inject.adapted_layers(model, name):
+        adapter = layer.adapters[name]
+        if id(adapter) not in seen:
+            seen.add(id(adapter))
+            out.append((module_name, adapter))
+    return out
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -292,9 +305,8 @@ def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor], name: s
     config = inject.adapter_config(model, name)
     remaining = dict(saved)
     problems: list[str] = []
-    for module_name, layer in inject.adapted_layers(model, name):
+    for module_name, adapter in unique_adapters(model, name):
         prefix = f"{PREFIX}{module_name}."
-        adapter = layer.adapters[name]
         expected = adapter.peft_state_dict()
         mine = {k: remaining.pop(prefix + k) for k in expected if prefix + k in remaining}
         missing = [k for k in expected if k not in mine]

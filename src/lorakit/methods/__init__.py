@@ -7,5 +7,6 @@ from .vera import VeRA
 from .lora_fa import LoRAFA
 from .delta_lora import DeltaLoRA
 from .adalora import AdaLoRA
+from .lora_drop import LoRADrop
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA"]
+__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA", "LoRADrop"]

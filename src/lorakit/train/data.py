@@ -340,6 +340,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def evenly_spaced(examples: list[Example], fraction: float) -> list[Example]:
+    """About `fraction` of `examples` (at least one), taken at even intervals over the whole list, so
+    the sample spans the data as it comes (all parts of a sorted or grouped file)."""
+    count = max(1, min(len(examples), round(len(examples) * fraction)))
+    return [examples[(i * len(examples)) // count] for i in range(count)]
+
+
 def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:
     """The `index`-th micro-batch of the endless seeded stream (epochs follow each other;
     the last partial batch of an epoch is dropped so every batch has `batch_size` examples)."""

@@ -402,7 +402,14 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         # a few training batches for hooks that probe the model first (LoRA-drop); on resume their
         # decisions come back with the checkpoint's adapter config and hook state instead
         probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
-        hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe], functools.partial(task_loss, device=device, bf16=bf16)))
+
+        def sample(fraction: float) -> list[dict[str, torch.Tensor]]:
+            chosen = data_mod.evenly_spaced(datasets.train, fraction)
+            return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
+                    for i in range(0, len(chosen), cfg.batch_size)]
+
+        hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
+                                           functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
     start_step = state.get("step", 0)
     if start_step >= total_steps:
         raise LorakitError(f"{resume_from} is at step {start_step}, already at --steps {total_steps}: raise --steps to train further")
