@@ -54,7 +54,10 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # lorakit method name -> PEFT's counterpart; methods not listed here have none in PEFT.
-PEFT_COUNTERPARTS = ("lora", "dora", "vera", "lora-fa")
+PEFT_COUNTERPARTS = ("lora", "dora", "vera", "lora-fa", "adalora")
+# AdaLoRA's run length for its budget schedule: long, so every timed step is in the cubic phase and
+# runs the allocator (both libraries, deltaT = 1), as PEFT's AdaLoRA "with allocator" in PERFORMANCE.md
+ADALORA_TOTAL_STEPS = 10_000
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ def lorakit_condition(
         model = lib.quantize(model, targets=list(args.targets))
     model = lib.adapt(model, config)
     optimizer = adamw((p for _, p in lib.adapter_parameters(model)), args.lr)
-    hooks = lib.training_hooks(model)
+    hooks = lib.training_hooks(model, total_steps=ADALORA_TOTAL_STEPS) if lib is lorakit else lib.training_hooks(model)
     version = f"@{lib.revision}" if lib is not lorakit else ""
     name = f"lorakit{version} {'qlora' if quantized else method}"
     return Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None)
@@ -229,6 +232,13 @@ def peft_condition(base: nn.Module, method: str, args: argparse.Namespace) -> Co
         )
     elif method == "vera":
         config = peft.VeraConfig(r=args.vera_r, target_modules=targets, vera_dropout=0.0)
+    elif method == "adalora":
+        config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
+                                    total_step=ADALORA_TOTAL_STEPS)
+        # AdaLoraModel.forward adds the regulariser (PeftModel.forward would skip it); the allocator
+        # runs after each optimizer step, as PEFT's docs ask
+        model = peft.get_peft_model(model, config).base_model
+        return Condition("peft adalora", "peft", method, model, adamw(model.parameters(), args.lr), PeftAllocator())
     else:
         return None
     model = peft.get_peft_model(model, config)
@@ -239,6 +249,16 @@ def peft_condition(base: nn.Module, method: str, args: argparse.Namespace) -> Co
     else:
         optimizer = adamw(model.parameters(), args.lr)
     return Condition(f"peft {method}", "peft", method, model, optimizer)
+
+
+class PeftAllocator:
+    """PEFT AdaLoRA's `update_and_allocate`, called where lorakit's hooks are."""
+
+    def extra_loss(self, model: nn.Module) -> float:
+        return 0.0  # already in the model's loss (AdaLoraModel.forward)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        model.update_and_allocate(step)
 
 
 def peft_qlora_condition(base: nn.Module, args: argparse.Namespace) -> Condition:

@@ -46,6 +46,13 @@ CONDITIONS = {
     "dora": (lambda: lorakit.DoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "delta-lora": (lambda: lorakit.DeltaLoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 1e-2, None),
+    # AdaLoRA: 12 triplets a module at the start, 8 on average at the end (LoRA r=8's final budget);
+    # allocation from 10 % of the steps, frozen for the last 20 %; gamma 0.1 as the paper
+    "adalora": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
+                                        orth_reg_weight=0.1), 1e-3, None),
+    # LoRA-drop: stage 1 on 10 % of the training sentences, keep modules up to 90 % of the importance
+    "lora-drop": (lambda: lorakit.LoRADrop(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
+                                           sample_fraction=0.1, threshold=0.9), 1e-3, None),
     # LoRA over the encoder's adapted linears stored in NF4 + double quantization
     "qlora": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     # the same, the pair starting at the rank-8 SVD of each layer's rounding error (LoftQ)
@@ -89,18 +96,25 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         lorakit.quantize(model, targets=TARGETS, loftq_rank=8 if name.endswith("loftq") else 0)
     if make_config is None:
         params = [{"params": list(model.parameters()), "lr": lr}]
+        hooks = lorakit.Hooks([])
     else:
-        lorakit.adapt(model, make_config())
+        config = make_config()
+        if isinstance(config, lorakit.AdaLoRA):
+            config.tinit, config.tfinal = max(1, args.steps // 10), max(1, args.steps // 5)
+        lorakit.adapt(model, config)
+        hooks = lorakit.training_hooks(model, total_steps=args.steps)
+        # before the optimizer exists: a method may rebuild its adapters here (LoRA-drop's stage 1)
+        sample = lambda fraction: list(batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size,
+                                               args.max_length))  # noqa: E731
+        hooks.before_training(model, lorakit.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
+                                                                args.max_length)), lr=lr, sampler=sample))
         params = lorakit.param_groups(model, lr, loraplus_ratio=ratio)
     optimizer = torch.optim.AdamW(params, lr=lr)
-    hooks = lorakit.training_hooks(model) if make_config is not None else lorakit.Hooks([])
     steps_per_epoch = len(train_rows) // args.batch_size
     warmup = max(1, int(0.06 * args.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - max(0, s - warmup) / max(1, args.steps - warmup))
     )
-    # Methods that initialise from data (e.g. from gradients) look at the first batches; none do here.
-    hooks.before_training(model, batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size, args.max_length))
     order = random.Random(args.seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -128,7 +142,17 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             lorakit.save(model, tmp)
             size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-    return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size,
+    layout = {}
+    if make_config is not None:
+        config = lorakit.adapter_config(model)
+        if isinstance(config, lorakit.LoRADrop):
+            layout = {"kept": config.plan["kept"], "shared_groups": sorted(set(config.plan["groups"].values()))}
+        elif isinstance(config, lorakit.AdaLoRA):
+            layout = {"final_ranks": {m: sum(k) for m, k in config.rank_pattern.items()}}
+        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.adapted_layers(model))
+        layout["adapter_params_vs_lora_r8"] = sum(p.numel() for n, p in lorakit.adapter_parameters(model)
+                                                  if ".adapters." in n) / full_lora
+    return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size, "layout": layout,
             "lr": lr, "loraplus_ratio": ratio, "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - wall0, "losses": losses}
 

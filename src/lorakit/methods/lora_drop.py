@@ -26,6 +26,7 @@ PEFT has no LoRA-drop (nor shared pairs), so the adapter is saved in lorakit's l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,7 +58,7 @@ def module_importance(model: nn.Module, name: str, batches: list[Any]) -> dict[s
     model.eval()
     try:
         for batch in batches:
-            model(**batch) if isinstance(batch, dict) else model(batch)
+            model(**batch) if isinstance(batch, Mapping) else model(batch)
     finally:
         for handle in handles:
             handle.remove()
