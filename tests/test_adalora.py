@@ -162,3 +162,19 @@ def test_lorakit_train_runs_the_allocator_and_resumes_across_the_final_allocatio
     assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(reference.run_dir))
     record = json.loads((reference.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["extra_loss"] > 0  # the regulariser is logged apart from the task loss
+
+
+def test_a_schedule_longer_than_the_run_is_one_clear_error(tmp_path, capsys):
+    from lorakit import cli
+    from tiny_lm import save_tiny_llama, write_jsonl
+
+    model_dir = str(save_tiny_llama(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}] * 8)
+    code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora",
+                     "--method-arg", "tinit=2", "--method-arg", "tfinal=2", "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: total_step=3 must be an integer above tinit + tfinal = 4")
+    code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora", "--r", "4",
+                     "--out-dir", str(tmp_path), "--name", "x", "--no-progress"])
+    assert code == 2 and "target_r must be an integer in 1..init_r=4" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def test_the_loud_branches_keep_their_own_pairs_and_the_quiet_ones_share_one(tmp
     # parameters: two own pairs + one shared pair, each r (in + out) = 2 * 16
     assert sum(p.numel() for _, p in lorakit.adapter_parameters(model)) == 3 * 2 * 16
     assert all(torch.equal(layer.adapter.lora_B, torch.zeros(8, 2)) for layer in layers.values())  # stage 2 starts afresh
+    table = lorakit.summary(model, per_module=True)
+    assert "inner.blocks.3.proj" in table and "(shares inner.blocks.2.proj's pair)" in table
 
     with torch.no_grad():
         for _, p in lorakit.adapter_parameters(model):
@@ -142,6 +144,8 @@ def test_lorakit_train_runs_both_stages_and_resume_does_not_repeat_stage_one(tmp
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     plan = json.loads((reference.run_dir / "adapter" / "lorakit.json").read_text())["config"]["plan"]
     assert plan["kept"] and plan["groups"] and len(calls) == 1
+    report = json.loads((reference.run_dir / "report.json").read_text())
+    assert report["adapter_layout"]["plan"]["kept"] == plan["kept"]
     assert reference.trainable_params < 2 * 7 * 4 * (32 + 64)  # fewer than plain LoRA on all 14 modules
     calls.clear()
     resumed = interrupted_then_resumed(cfg_of, tmp_path, monkeypatch, at_index=2)

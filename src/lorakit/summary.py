@@ -20,6 +20,7 @@ class ModuleRow:
     method: str
     trainable: int
     rank: int | None = None  # the adapter's live rank on this module (AdaLoRA's changes in training)
+    shared_with: str | None = None  # the first module using the same adapter object (LoRA-drop's shared pairs)
 
 
 def module_rows(model: nn.Module) -> list[ModuleRow]:
@@ -29,16 +30,19 @@ def module_rows(model: nn.Module) -> list[ModuleRow]:
     if state is None or not state.configs:
         inject.adapter_config(model)  # the usual "no adapter" error
     seen: set[int] = set()
+    first_user: dict[int, str] = {}
     rows = []
     for name, layer in inject.adapted_layers(model):
         for adapter_name, adapter in layer.adapters.items():
+            owner = first_user.setdefault(id(adapter), name)
             count = 0
             for p in adapter.parameters():
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     count += p.numel()
             rows.append(ModuleRow(name, (layer.out_features, layer.in_features), adapter_name,
-                                  state.configs[adapter_name].method, count, getattr(adapter, "r", None)))
+                                  state.configs[adapter_name].method, count, getattr(adapter, "r", None),
+                                  owner if owner != name else None))
     return rows
 
 
@@ -83,5 +87,6 @@ def summary(model: nn.Module, per_module: bool = False) -> str:
         out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'rank':>5} {'trainable':>12}")
         for r in rows:
             rank = "–" if r.rank is None else str(r.rank)
-            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {rank:>5} {r.trainable:>12,}")
+            shared = f"  (shares {r.shared_with}'s pair)" if r.shared_with else ""
+            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {rank:>5} {r.trainable:>12,}{shared}")
     return "\n".join(out)

@@ -390,7 +390,10 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    hooks: Hooks = training_hooks(model, total_steps)
+    try:
+        hooks: Hooks = training_hooks(model, total_steps)
+    except ValueError as err:  # e.g. AdaLoRA's schedule longer than --steps
+        raise LorakitError(str(err)) from None
 
     state: dict[str, Any] = {"tokens": 0, "train_seconds": 0.0}
     optim_state = rng = None
@@ -408,8 +411,11 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
             return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
                     for i in range(0, len(chosen), cfg.batch_size)]
 
-        hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
-                                           functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
+        try:
+            hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
+                                               functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
+        except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
+            raise LorakitError(f"{cfg.method} before training: {err}") from None
     start_step = state.get("step", 0)
     if start_step >= total_steps:
         raise LorakitError(f"{resume_from} is at step {start_step}, already at --steps {total_steps}: raise --steps to train further")
@@ -545,6 +551,10 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
     if datasets.labels:
         report["labels"] = datasets.labels
+    adapter_config = inject.adapter_config(model)
+    layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
+    if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
+        report["adapter_layout"] = layout
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (run_dir / "report.txt").write_text(result.table() + "\n")
     return result
