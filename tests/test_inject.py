@@ -333,3 +333,45 @@ def test_mixed_batch_refuses_a_layer_that_does_not_see_the_batch_dimension():
     lorakit.adapt(model, lorakit.LoRA(r=2, targets=["proj"]), name="a")
     with pytest.raises(ValueError, match="6 rows in dim 0 for 2 samples"):
         model(torch.randn(2, 3, 4), adapter_names=["a", "__base__"])
+
+
+def test_disabled_blocks_nest():
+    model = two_adapters("lora", "lora")
+    base = tiny_llama()(INPUT).logits
+    with lorakit.disabled(model):
+        with lorakit.disabled(model):
+            pass
+        torch.testing.assert_close(model(INPUT).logits, base)  # still the base after the inner block
+    assert not torch.allclose(model(INPUT).logits, base, atol=1e-4)
+
+
+def test_merging_into_a_4bit_base_is_refused_and_merge_and_unload_is_exact():
+    from lorakit.quant import quantize
+
+    model = lorakit.adapt(quantize(tiny_llama()), lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    perturb_trainable(model)
+    expected = model(INPUT).logits
+    with lorakit.disabled(model):
+        base = model(INPUT).logits
+    with pytest.raises(ValueError, match="cannot merge into a 4-bit base.*merge_and_unload"):
+        lorakit.merge(model)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(model(INPUT).logits, base, rtol=0, atol=0)  # nothing moved
+    torch.testing.assert_close(lorakit.merge_and_unload(model)(INPUT).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_merging_into_a_tied_output_head_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True))
+    lorakit.adapt(model, lorakit.LoRA(r=2, targets=["lm_head", "q_proj"]))
+    perturb_trainable(model)
+    expected = model(INPUT).logits
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    for merge in (lorakit.merge, lorakit.merge_and_unload):
+        with pytest.raises(ValueError, match="cannot merge into lm_head: its weight is tied to model.embed_tokens.weight"):
+            merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    torch.testing.assert_close(model(INPUT).logits, expected)

@@ -163,6 +163,10 @@ class AdaptedLayer(nn.Module):
         cannot be computed exactly."""
         names = [n for n in (self.active if names is None else names) if n in self.adapters]
         together = list(self.merged) + [n for n in names if n not in self.merged]
+        if together != list(self.merged) and isinstance(self.base_layer, base_layers.DenseWeightProvider):
+            raise ValueError("cannot merge into a 4-bit base: writing W + delta back would round it to 4 bits, and "
+                             "unmerging would not restore the base; lorakit.merge_and_unload(model) gives the exact "
+                             "merged model in full precision")
         scaling = [n for n in together if not getattr(self.adapters[n], "additive", False)]
         if len(scaling) > 1:
             raise ValueError(f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
@@ -510,9 +514,26 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Modu
     layers = [layer for _, layer in adapted_layers(model)]
     for layer in layers:  # check every layer before changing any
         layer.merge_plan(names)
+    _refuse_tied_merge(model, names)
     for layer in layers:
         layer.merge(names)
     return model
+
+
+def _refuse_tied_merge(model: nn.Module, names: Sequence[str]) -> None:
+    """Merging into a weight that another module shares (a tied output head) would change both."""
+    owners: dict[int, list[str]] = {}
+    for param_name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(param_name)
+    for module_name, layer in adapted_layers(model):
+        if not any(n in layer.adapters for n in names):
+            continue
+        weight = getattr(layer.base_layer, "weight", None)
+        tied = [n for n in owners.get(id(weight), []) if not n.startswith(f"{module_name}.")]
+        if tied:
+            raise ValueError(f"cannot merge into {module_name}: its weight is tied to {tied[0]} (tied embeddings), so "
+                             "merging would change that module too; keep this adapter unmerged, or untie the weights "
+                             "first (e.g. model.config.tie_word_embeddings = False and a copy of the weight)")
 
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
@@ -535,6 +556,7 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     `merged_module(weight) -> nn.Module`, which is used instead.
     """
     names = _names(model, names)
+    _refuse_tied_merge(model, names)
     for module_name, layer in list(adapted_layers(model)):
         base = layer.base_layer
         make_merged = getattr(base, "merged_module", None)
@@ -567,15 +589,15 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter off (and merged ones unmerged) inside the block."""
     layers = [layer for _, layer in adapted_layers(model)]
-    was_merged = [layer.merged for layer in layers]
+    before = [(layer.merged, layer.enabled) for layer in layers]  # restored as they were: blocks nest
     for layer in layers:
         layer.unmerge()
         layer.enabled = False
     try:
         yield model
     finally:
-        for layer, merged in zip(layers, was_merged):
-            layer.enabled = True
+        for layer, (merged, enabled) in zip(layers, before):
+            layer.enabled = enabled
             if merged:
                 layer.merge(merged)
 
