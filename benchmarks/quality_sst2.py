@@ -50,6 +50,10 @@ CONDITIONS = {
     # allocation from 10 % of the steps, frozen for the last 20 %; gamma 0.1 as the paper
     "adalora": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
                                         orth_reg_weight=0.1), 1e-3, None),
+    # the same at 10x the learning rate: P and Q start at std 0.02 and E at 0, so the update starts far
+    # smaller than LoRA's and 1e-3 barely moves it in a short run
+    "adalora-lr1e-2": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
+                                               orth_reg_weight=0.1), 1e-2, None),
     # LoRA-drop: stage 1 on 10 % of the training sentences, keep modules up to 90 % of the importance
     "lora-drop": (lambda: lorakit.LoRADrop(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
                                            sample_fraction=0.1, threshold=0.9), 1e-3, None),

@@ -49,7 +49,7 @@ from torch import nn
 
 from .. import inject
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdapterConfig, AdditiveAdapter, register
+from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, register
 from .lora import check_rank, low_rank_update
 
 SCALE_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
@@ -376,16 +376,11 @@ class AdaLoRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> "AdaLoRA":
-        if peft_config.get("bias", "none") != "none":
-            raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
-        targets = peft_config.get("target_modules") or []
         pattern = {}
         for key, kept in (peft_config.get("rank_pattern") or {}).items():
             pattern[key.removesuffix(".lora_E")] = [bool(k) for k in kept]  # module names, as lorakit's
         return cls(
-            targets=sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
-            layers=peft_config.get("layers_to_transform"),
-            train_modules=list(peft_config.get("modules_to_save") or []),
+            **common_fields_from_peft(peft_config),
             init_r=int(peft_config.get("init_r", 12)),
             target_r=int(peft_config.get("target_r", 8)),
             alpha=float(peft_config.get("lora_alpha", 8)),

@@ -188,6 +188,19 @@ class AdapterConfig:
         return {"method": self.method, **dataclasses.asdict(self)}
 
 
+def common_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
+    """The `AdapterConfig` fields of any PEFT adapter_config.json body (targets, layers,
+    train_modules); refuses what lorakit does not implement (trained biases)."""
+    if peft_config.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
+    targets = peft_config.get("target_modules") or []
+    return {
+        "targets": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+        "layers": peft_config.get("layers_to_transform"),
+        "train_modules": list(peft_config.get("modules_to_save") or []),
+    }
+
+
 METHODS: dict[str, type[AdapterConfig]] = {}
 
 

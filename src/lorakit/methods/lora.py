@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdapterConfig, AdditiveAdapter, load_exact, register
+from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
 
 
 def lora_scale(r: int, alpha: float, rslora: bool) -> float:
@@ -232,13 +232,8 @@ LOW_RANK_INITS = ("default", "loftq")
 
 def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     """The LoRA-family fields of a PEFT LoraConfig body (shared with DoRA and friends)."""
-    if peft_config.get("bias", "none") != "none":
-        raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
-    targets = peft_config.get("target_modules") or []
     return {
-        "targets": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
-        "layers": peft_config.get("layers_to_transform"),
-        "train_modules": list(peft_config.get("modules_to_save") or []),
+        **common_fields_from_peft(peft_config),
         "r": int(peft_config.get("r", 8)),
         "alpha": float(peft_config.get("lora_alpha", 8)),
         "dropout": float(peft_config.get("lora_dropout", 0.0)),

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import inject
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdapterConfig, AdditiveAdapter, load_exact, register
+from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
 from .lora import low_rank_update
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # PEFT's keys in adapter_model.safetensors
@@ -225,13 +225,8 @@ class VeRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> "VeRA":
-        if peft_config.get("bias", "none") != "none":
-            raise ValueError(f"PEFT adapters with bias={peft_config['bias']!r} are not supported")
-        targets = peft_config.get("target_modules") or []
         return cls(
-            targets=sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
-            layers=peft_config.get("layers_to_transform"),
-            train_modules=list(peft_config.get("modules_to_save") or []),
+            **common_fields_from_peft(peft_config),
             r=int(peft_config.get("r", 256)),
             projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
             save_projection=bool(peft_config.get("save_projection", True)),
