@@ -138,9 +138,11 @@ def test_bad_settings_are_clear_errors():
         lorakit.AdaLoRA(orth_reg_weight=-1.0)
 
 
-def test_lorakit_train_runs_the_allocator_and_resumes_across_the_final_allocation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut_in_step", [3, 5])
+def test_lorakit_train_runs_the_allocator_and_resumes_exactly(cut_in_step, tmp_path, monkeypatch):
     """`--method adalora`: the run's length reaches the allocator, the final ranks are saved, and a run
-    cut after the allocation froze resumes to bit-identical weights (pruned rows included)."""
+    cut in the middle of the budget's fall (step 3) or after the allocation froze (step 5) resumes to
+    bit-identical weights (pruned rows included)."""
     from lorakit.train import TrainConfig, train
     from test_hooks import interrupted_then_resumed
     from test_train_loop import adapter_tensors, assert_bit_equal, quiet
@@ -158,7 +160,7 @@ def test_lorakit_train_runs_the_allocator_and_resumes_across_the_final_allocatio
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     meta = json.loads((reference.run_dir / "adapter" / "lorakit.json").read_text())["config"]
     assert meta["total_step"] == 6 and meta["init_r"] == 4 and len(meta["rank_pattern"]) == 4
-    resumed = interrupted_then_resumed(cfg_of, tmp_path, monkeypatch, at_index=4)  # in step 5: frozen phase
+    resumed = interrupted_then_resumed(cfg_of, tmp_path, monkeypatch, at_index=cut_in_step - 1)
     assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(reference.run_dir))
     record = json.loads((reference.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["extra_loss"] > 0  # the regulariser is logged apart from the task loss
