@@ -375,3 +375,16 @@ def test_merging_into_a_tied_output_head_is_refused():
             merge(model)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     torch.testing.assert_close(model(INPUT).logits, expected)
+
+
+def test_a_deep_copy_routes_its_own_mixed_batches():
+    import copy
+
+    model = two_adapters("lora", "lora")
+    twin = copy.deepcopy(model)
+    expected = model(INPUT, adapter_names=["a", "b", "__base__"]).logits
+    torch.testing.assert_close(twin(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected)
+    lorakit.remove(twin, "a")
+    lorakit.remove(twin, "b")
+    assert not twin._forward_pre_hooks and not twin._forward_hooks  # the copy's hooks went with its adapters
+    torch.testing.assert_close(model(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected)  # the original's stay

@@ -435,8 +435,12 @@ def _drop_state_if_empty(model: nn.Module) -> None:
         state.active = ()
         return
     del model.__dict__["lorakit_state"]
-    for handle in model.__dict__.pop("_lorakit_hook_handles", ()):
-        handle.remove()
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "lorakit_mixed_batch", False)]:
+            del hooks[key]
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def _state(model: nn.Module) -> LorakitState:
@@ -635,8 +639,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
 
 
 def _install_mixed_batch_hook(model: nn.Module) -> None:
-    """Let `model(..., adapter_names=[...])` route samples (the keyword never reaches the model)."""
-    if model.__dict__.get("_lorakit_hook_handles"):
+    """Let `model(..., adapter_names=[...])` route samples (the keyword never reaches the model).
+    The hooks are found again by a mark on the function (a deep copy of the model keeps them)."""
+    if any(getattr(fn, "lorakit_mixed_batch", False) for fn in model._forward_pre_hooks.values()):
         return
     contexts: list[Any] = []
 
@@ -660,10 +665,9 @@ def _install_mixed_batch_hook(model: nn.Module) -> None:
         if context is not None:
             context.__exit__(None, None, None)
 
-    model.__dict__["_lorakit_hook_handles"] = (
-        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        model.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
-    )
+    pre_hook.lorakit_mixed_batch = post_hook.lorakit_mixed_batch = True
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
