@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,16 @@ def test_python_dash_m_lorakit_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--print-config"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "method: lora" in out.stdout
+
+
+def test_merge_never_writes_over_the_base_or_a_file(trained_run, tiny_model, tmp_path, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in Path(tiny_model).iterdir()}
+    assert cli.main(["merge", "--adapter", str(trained_run), "--model", tiny_model, "--out", tiny_model]) == 2
+    assert "is the base model's own directory" in error_line(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_model).iterdir()} == before
+    (tmp_path / "taken").write_text("not a directory")
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(tmp_path / "taken")]) == 2
+    assert "is an existing file" in error_line(capsys)
+    assert (tmp_path / "taken").read_text() == "not a directory"
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(trained_run)]) == 2
+    assert "adapter's (or its run's) directory" in error_line(capsys)

@@ -189,7 +189,7 @@ def test_lr_schedule_shapes():
 def test_existing_run_is_not_overwritten(reference, tiny_model, pc_data):
     result, _ = reference
     cfg = config(tiny_model, pc_data, result.run_dir.parent)
-    with pytest.raises(LorakitError, match="already holds a run: resume it with --resume"):
+    with pytest.raises(LorakitError, match="already holds files: resume the run with --resume"):
         train(cfg, echo=quiet)
 
 
@@ -217,3 +217,56 @@ def test_every_registered_method_trains_and_resumes_exactly(method, tiny_model, 
     monkeypatch.setattr(data_mod, "micro_batch", original)
     resumed = train(config(tiny_model, pc_data, tmp_path / "cut", resume=str(tmp_path / "cut" / "run"), **overrides), echo=quiet)
     assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(ref.run_dir))
+
+
+# --- nothing lost (issue 19) ---------------------------------------------------------------------
+
+
+def test_a_directory_with_files_is_not_reused_without_overwrite(tiny_model, pc_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(LorakitError, match="already holds files: resume the run with --resume .* --overwrite"):
+        train(config(tiny_model, pc_data, tmp_path, steps=2), echo=quiet)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
+    result = train(config(tiny_model, pc_data, tmp_path, steps=2, overwrite=True), echo=quiet)
+    assert (run / "notes.txt").read_text() == "mine" and (result.run_dir / "adapter").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LorakitError, match="is a file, not a run directory"):
+        train(config(tiny_model, pc_data, tmp_path, steps=2, name="file"), echo=quiet)
+
+
+def test_non_finite_weights_stop_the_run_and_only_finite_checkpoints_exist(tiny_model, pc_data, tmp_path, monkeypatch):
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the loss stays finite at this step; the weights do not
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite at step 3.*last good checkpoint is .*step-000002"):
+        train(config(tiny_model, pc_data, tmp_path, steps=6, checkpoint_every=1, keep_checkpoints=1), echo=quiet)
+    found = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in found] == ["step-000002"] and ckpt.is_finite(found[0])
+
+
+def test_resume_of_a_run_cut_after_its_last_checkpoint_finishes_it(tiny_model, pc_data, tmp_path, capsys):
+    import shutil
+
+    from lorakit import cli
+
+    result = train(config(tiny_model, pc_data, tmp_path, steps=2), echo=quiet)
+    expected = adapter_tensors(result.run_dir)
+    shutil.rmtree(result.run_dir / "adapter")  # killed after the last checkpoint, before adapter/ was written
+    (result.run_dir / "report.json").unlink()
+    assert cli.main(["eval", "--adapter", str(result.run_dir)]) == 2
+    assert "has no adapter/ yet (the run did not finish): `lorakit train --resume" in capsys.readouterr().err
+    finished = train(config(tiny_model, pc_data, tmp_path, steps=2, resume=str(result.run_dir)), echo=quiet)
+    assert_bit_equal(adapter_tensors(finished.run_dir), expected)
+    assert (finished.run_dir / "report.json").is_file()

@@ -118,6 +118,9 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     run_dir = path
     if (path / "adapter").is_dir():
         path = path / "adapter"
+    elif (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        raise LorakitError(f"{path} has no adapter/ yet (the run did not finish): `lorakit train --resume {path}` "
+                           "finishes it")
     else:
         run_dir = path.parent
     cfg = TrainConfig()
@@ -308,11 +311,27 @@ def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, s
     return jobs
 
 
+def check_merge_target(out: Path, model_spec: str | None, adapter: Path) -> None:
+    """`--out` must be a directory that is neither the base model's nor the adapter's."""
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is an existing file; give a directory for the merged model")
+    resolved = out.resolve()
+    if model_spec is not None and Path(model_spec).exists():
+        base = Path(model_spec).resolve()
+        if resolved == base:
+            raise LorakitError(f"--out {out} is the base model's own directory: merging there would overwrite the base; "
+                               "give another directory")
+    if resolved in (adapter.resolve(), adapter.resolve().parent):
+        raise LorakitError(f"--out {out} is the adapter's (or its run's) directory; give another directory")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import inject
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
+    out = Path(args.out)
+    check_merge_target(out, model_spec, adapter)  # before any model is loaded
     task = args.task or cfg.task
     num_labels = 2
     if task == "classify" and (adapter.parent / "report.json").is_file():
@@ -320,8 +339,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         num_labels = max(2, len(json.loads((adapter.parent / "report.json").read_text()).get("labels", [])))
     model, tokenizer = load_adapted(model_spec, adapter, task, num_labels)
-    inject.merge_and_unload(model)
-    out = Path(args.out)
+    try:
+        inject.merge_and_unload(model)
+    except ValueError as err:  # e.g. an adapter on a tied output head
+        raise LorakitError(str(err)) from None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model written to {out}/ (loads with transformers' from_pretrained)")

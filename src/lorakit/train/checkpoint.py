@@ -73,10 +73,13 @@ def save_checkpoint(
     final = directory / checkpoint_name(step)
     if final.exists():  # the same step was saved already (e.g. Ctrl-C right after a save)
         return final
+    exact = exact_adapter_state(model)
+    if not all(bool(torch.isfinite(t).all()) for t in exact.values() if t.is_floating_point()):
+        raise LorakitError(f"refusing to write checkpoint {final.name}: the adapter weights are not finite")
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-{checkpoint_name(step)}-"))
     try:
         io.save(model, tmp / "adapter")
-        save_file(exact_adapter_state(model), str(tmp / "adapter_state.safetensors"))
+        save_file(exact, str(tmp / "adapter_state.safetensors"))
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(hooks.state_dict(), tmp / "hooks.pt")
@@ -86,8 +89,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # every checkpoint kept is finite: written only from finite weights
     return final
+
+
+def is_finite(checkpoint: Path) -> bool:
+    """Whether a checkpoint's adapter tensors are all finite (read back from disk)."""
+    for name in ("adapter_state.safetensors", f"adapter/{io.WEIGHTS_NAME}"):
+        path = checkpoint / name
+        if path.is_file():
+            try:
+                tensors = load_file(str(path))
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint is not a good one
+                return False
+            return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+    return False
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -103,6 +103,8 @@ class TrainConfig:
     """How many most recent checkpoints to keep."""
     resume: str | None = None
     """Continue a run from its latest checkpoint: give the run directory (or one checkpoint directory)."""
+    overwrite: bool = False
+    """Start afresh in a run directory that already holds a run (its checkpoints, adapter, metrics and reports are replaced); without it such a directory is refused."""
     progress: bool = True
     """Show the progress bar."""
 

@@ -357,8 +357,13 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         run_dir = ckpt.run_dir_of(resume_from)
     else:
         run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg, datasets.name))
-        if (run_dir / "checkpoints").is_dir() and ckpt.list_checkpoints(run_dir / "checkpoints"):
-            raise LorakitError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or pick another --name")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise LorakitError(f"{run_dir} is a file, not a run directory: pick another --name or --out-dir")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            if not cfg.overwrite:
+                raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
+                                   "with --overwrite, or pick another --name")
+            clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
@@ -417,8 +422,10 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
             raise LorakitError(f"{cfg.method} before training: {err}") from None
     start_step = state.get("step", 0)
-    if start_step >= total_steps:
-        raise LorakitError(f"{resume_from} is at step {start_step}, already at --steps {total_steps}: raise --steps to train further")
+    if start_step > total_steps:
+        raise LorakitError(f"{resume_from} is at step {start_step}, past --steps {total_steps}: raise --steps to train further")
+    # start_step == total_steps: the run was cut after its last checkpoint; resuming finishes it
+    # (evaluation, adapter/, reports) without training
 
     def make_optimizer() -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
@@ -491,6 +498,10 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                         raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(checkpoints))
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
+                if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                    # a finite loss can still leave non-finite weights (--lr inf, --lr 1e6): never checkpoint them
+                    raise TrainingDiverged(f"the adapter weights became non-finite at step {step}; stopped. "
+                                           + _last_good(checkpoints) + " Try a lower --lr or --grad-clip.")
                 scheduler.step()
                 hooks.after_optimizer_step(model, step)
                 optimizer.zero_grad(set_to_none=True)
@@ -580,6 +591,21 @@ def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch
     return new, scheduler
 
 
+RUN_FILES = ("checkpoints", "adapter", "metrics.jsonl", "report.json", "report.txt", "config.yaml")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """What a run writes, removed for --overwrite; anything else the user put there stays."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def open_metrics_log(path: Path, start_step: int):
     """The JSONL metrics log, opened for appending; on resume, lines for steps after the
     checkpoint (logged by the interrupted run, about to be trained again) are dropped."""
@@ -592,5 +618,8 @@ def open_metrics_log(path: Path, start_step: int):
 
 
 def _last_good(checkpoints: Path) -> str:
-    found = ckpt.list_checkpoints(checkpoints)
-    return f"The last good checkpoint is {found[-1]}." if found else "No checkpoint was written yet."
+    """Names the newest checkpoint whose adapter tensors are all finite (checked, not assumed)."""
+    for found in reversed(ckpt.list_checkpoints(checkpoints)):
+        if ckpt.is_finite(found):
+            return f"The last good checkpoint is {found}."
+    return "No good checkpoint was written yet."
