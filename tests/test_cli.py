@@ -247,3 +247,13 @@ def test_merge_never_writes_over_the_base_or_a_file(trained_run, tiny_model, tmp
     assert (tmp_path / "taken").read_text() == "not a directory"
     assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(trained_run)]) == 2
     assert "adapter's (or its run's) directory" in error_line(capsys)
+
+
+def test_resume_refuses_settings_it_cannot_honour(trained_run, capsys):
+    assert cli.main(["train", "--resume", str(trained_run), "--lr", "0.5", "--r", "8", "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert "a resume cannot change r (4 -> 8), lr (0.01 -> 0.5)" in line and "another --name" in line
+    assert cli.main(["train", "--resume", str(trained_run), "--method", "dora", "--print-config"]) == 2
+    assert "method ('lora' -> 'dora')" in error_line(capsys)
+    assert cli.main(["train", "--resume", str(trained_run), "--steps", "5", "--keep-checkpoints", "3", "--print-config"]) == 0
+    assert "steps: 5" in capsys.readouterr().out

@@ -78,15 +78,29 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     if "method_args" in given:
         given["method_args"] = parse_method_args(given["method_args"])
     cfg = TrainConfig()
+    saved_cfg = None
     if given.get("resume"):
         from .train.checkpoint import find_checkpoint, run_dir_of
 
         saved = run_dir_of(find_checkpoint(given["resume"])) / "config.yaml"
         if saved.is_file():
-            cfg = config_mod.from_dict(config_mod.load_yaml(saved), cfg)
+            cfg = saved_cfg = config_mod.from_dict(config_mod.load_yaml(saved), cfg)
     if args.config:
         cfg = config_mod.from_dict(config_mod.load_yaml(args.config), cfg)
-    return config_mod.from_dict(given, cfg)
+    cfg = config_mod.from_dict(given, cfg)
+    if saved_cfg is not None:
+        changed = [f"{name} ({getattr(saved_cfg, name)!r} -> {getattr(cfg, name)!r})"
+                   for name in (f.name for f in dataclasses.fields(TrainConfig))
+                   if name not in RESUME_MAY_CHANGE and getattr(cfg, name) != getattr(saved_cfg, name)]
+        if changed:
+            raise LorakitError(f"--resume continues the run as {saved} configures it; a resume cannot change "
+                               f"{', '.join(changed)}: drop those settings, or start a new run with another --name")
+    return cfg
+
+
+# what a resumed run may set anew: its length, where and how it runs, what it reports
+RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device",
+                     "max_eval_examples", "compile", "gradient_checkpointing", "overwrite"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
