@@ -243,8 +243,11 @@ def test_bad_patterns_are_clear_errors():
         lorakit.LoRA(alpha_pattern={"q_proj": "high"})
     with pytest.raises(Exception, match="unterminated|missing"):
         lorakit.LoRA(rank_pattern={"q_proj[": 2})
-    for bad in (0, -1, 2.5, True):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="positive integer"):
+            lorakit.LoRA(r=bad)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(ValueError, match="LoRA.r must be int"):
             lorakit.LoRA(r=bad)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         lorakit.DoRA(dropout=1.0)

@@ -270,3 +270,27 @@ def test_resume_of_a_run_cut_after_its_last_checkpoint_finishes_it(tiny_model, p
     finished = train(config(tiny_model, pc_data, tmp_path, steps=2, resume=str(result.run_dir)), echo=quiet)
     assert_bit_equal(adapter_tensors(finished.run_dir), expected)
     assert (finished.run_dir / "report.json").is_file()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"grad_clip": -1.0}, "grad_clip must be positive"), ({"grad_clip": 0}, "grad_clip must be positive"),
+    ({"steps": True}, "steps: expected int, got True"), ({"lr": "inf"}, "lr: must be a finite number"),
+    ({"lr": float("nan")}, "lr: must be a finite number"), ({"r": 10**40}, "r: .* is out of range"),
+    ({"loraplus_ratio": -2}, "loraplus_ratio must be positive"),
+])
+def test_config_values_that_used_to_pass_silently(fields, message):
+    with pytest.raises(LorakitError, match=message):
+        config_mod.validate(config_mod.from_dict(fields))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rslora": "maybe"}, "LoRA.rslora must be bool, got 'maybe'"), ({"rslora": "no"}, "LoRA.rslora must be bool"),
+    ({"alpha": float("nan")}, "LoRA.alpha must be finite"), ({"r": True}, "LoRA.r must be int"),
+])
+def test_method_fields_are_typed(kwargs, message):
+    import lorakit
+
+    with pytest.raises(ValueError, match=message):
+        lorakit.LoRA(**kwargs)
+    with pytest.raises(LorakitError, match=message):
+        loop.method_config(TrainConfig(method_args=kwargs), torch.nn.Module())

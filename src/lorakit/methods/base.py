@@ -19,6 +19,7 @@ new method never touches it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -122,6 +123,7 @@ class AdapterConfig:
     flag_fields: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16, float64")
 
@@ -186,6 +188,27 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
+
+
+_SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def check_field_types(config: Any) -> None:
+    """Scalar fields hold what they declare: a bool is True or False (not "no"), an int or float is
+    not a bool, a float is finite. Config files and flags are user input; nothing is coerced."""
+    for f in dataclasses.fields(config):
+        declared = str(f.type).replace(" ", "")
+        optional = declared.endswith("|None")
+        kinds = _SCALAR_TYPES.get(declared.removesuffix("|None"))
+        if kinds is None:
+            continue
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {declared.replace('|', ' or ')}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be finite, got {value!r}")
 
 
 def common_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

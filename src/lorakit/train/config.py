@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -160,8 +161,14 @@ def convert(name: str, value: Any) -> Any:
                 raise ValueError(value)
         elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = float(value)
+            if not math.isfinite(value):
+                raise LorakitError(f"{name}: must be a finite number, got {value!r}")
         elif kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit()):
             value = int(value)
+            if abs(value) >= 2**31:
+                raise LorakitError(f"{name}: {value} is out of range")
+        elif isinstance(value, bool) and kind is not bool:
+            raise ValueError(value)
         elif not isinstance(value, kind):
             raise ValueError(value)
     except ValueError:
@@ -213,6 +220,12 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
+    if config.grad_clip is not None and config.grad_clip <= 0:
+        raise LorakitError(f"grad_clip must be positive (or none to turn clipping off), got {config.grad_clip}")
+    if config.loraplus_ratio is not None and config.loraplus_ratio <= 0:
+        raise LorakitError(f"loraplus_ratio must be positive, got {config.loraplus_ratio}")
+    if config.weight_decay < 0:
+        raise LorakitError(f"weight_decay must be >= 0, got {config.weight_decay}")
     if config.quantize not in (None, "nf4"):
         raise LorakitError(f"quantize: {config.quantize!r} is not supported (use nf4)")
     if config.init == "loftq" and not config.quantize:
