@@ -167,10 +167,7 @@ class AdaptedLayer(nn.Module):
             raise ValueError("cannot merge into a 4-bit base: writing W + delta back would round it to 4 bits, and "
                              "unmerging would not restore the base; lorakit.merge_and_unload(model) gives the exact "
                              "merged model in full precision")
-        scaling = [n for n in together if not getattr(self.adapters[n], "additive", False)]
-        if len(scaling) > 1:
-            raise ValueError(f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
-                             "(DoRA); merge one of them, or run them unmerged")
+        self._scaling(together)
         self.check_exact(self.active, together)
         return together
 
@@ -185,15 +182,28 @@ class AdaptedLayer(nn.Module):
         together = self.merge_plan(names)
         if together == list(self.merged):
             return
-        scaling = [n for n in together if not getattr(self.adapters[n], "additive", False)]
-        base = self._unmerged_base_weight()
-        weight = self.adapters[scaling[0]].merge(base) if scaling else base
-        for name in together:
-            if name not in scaling:
-                weight = self.adapters[name].merge(weight)
+        weight, order = self.merged_weight(together, self._unmerged_base_weight())
         base_layers.set_dense_weight(self.base_layer, weight)
-        self.merged = tuple(scaling + [n for n in together if n not in scaling])
+        self.merged = order
         self._refresh()
+
+    def _scaling(self, names: Sequence[str]) -> list[str]:
+        """The adapters among `names` whose change depends on W0 (DoRA); more than one cannot merge."""
+        scaling = [n for n in names if not getattr(self.adapters[n], "additive", False)]
+        if len(scaling) > 1:
+            raise ValueError(f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
+                             "(DoRA); merge one of them, or run them unmerged")
+        return scaling
+
+    def merged_weight(self, names: Sequence[str], base: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """`(W0 + sum of the adapters' changes, the merge order)` for the unmerged base weight `base`:
+        the adapter whose change depends on W0 (DoRA) first, against W0, then the additive ones."""
+        scaling = self._scaling(names)
+        order = tuple(scaling + [n for n in names if n not in scaling])
+        weight = base
+        for name in order:
+            weight = self.adapters[name].merge(weight)
+        return weight, order
 
     @torch.no_grad()
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -564,18 +574,9 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     for module_name, layer in list(adapted_layers(model)):
         base = layer.base_layer
         make_merged = getattr(base, "merged_module", None)
-        if callable(make_merged):
-            layer.unmerge()
-            weight = base_layers.dense_weight(base)
-            merging = [n for n in names if n in layer.adapters]
-            if merging:
-                stand_in = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-                with torch.no_grad():
-                    stand_in.weight.copy_(weight)
-                probe = AdaptedLayer(stand_in)
-                probe.adapters.update({n: layer.adapters[n] for n in merging})
-                probe.merge(merging)
-                weight = stand_in.weight.detach()
+        if callable(make_merged):  # a 4-bit base: the merged weight goes into a new dense module
+            with torch.no_grad():
+                weight, _ = layer.merged_weight([n for n in names if n in layer.adapters], layer._unmerged_base_weight())
             set_submodule(model, module_name, make_merged(weight))
         else:
             layer.unmerge()
