@@ -257,3 +257,31 @@ def test_resume_refuses_settings_it_cannot_honour(trained_run, capsys):
     assert "method ('lora' -> 'dora')" in error_line(capsys)
     assert cli.main(["train", "--resume", str(trained_run), "--steps", "5", "--keep-checkpoints", "3", "--print-config"]) == 0
     assert "steps: 5" in capsys.readouterr().out
+
+
+def test_config_errors_come_before_any_model_is_loaded(capsys, monkeypatch):
+    from lorakit.train import loop
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking the config"))
+    monkeypatch.setattr(loop, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking the config"))
+    assert cli.main(["train", "--method", "nosuch", "--no-progress"]) == 2
+    assert "unknown method 'nosuch'" in error_line(capsys)
+    assert cli.main(["train", "--method-arg", "rslora=maybe", "--no-progress"]) == 2
+    assert "rslora must be bool" in error_line(capsys)
+    assert cli.main(["train", "--dropout", "1.5", "--print-config"]) == 2
+    assert "dropout must be in [0, 1)" in error_line(capsys)
+
+
+def test_an_adapter_records_its_base_and_another_base_is_warned_about(trained_run, tiny_model, tmp_path, capsys):
+    import json as json_mod
+
+    saved = json_mod.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == tiny_model
+    assert json_mod.loads((trained_run / "adapter" / "lorakit.json").read_text())["base_model_name_or_path"] == tiny_model
+    from tiny_lm import save_tiny_llama
+
+    other = str(save_tiny_llama(tmp_path / "other-base", seed=1))
+    assert cli.main(["generate", "--adapter", str(trained_run), "--model", other, "--max-new-tokens", "2", "x"]) == 0
+    assert f"warning: {trained_run / 'adapter'} was trained on {tiny_model}; loading it onto {other}" in capsys.readouterr().err
+    assert cli.main(["generate", "--adapter", str(trained_run), "--max-new-tokens", "2", "x"]) == 0
+    assert "warning" not in capsys.readouterr().err

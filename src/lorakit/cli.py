@@ -106,6 +106,9 @@ RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints"
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args)
     if args.print_config:
+        from .train.loop import check_config
+
+        check_config(cfg)  # a printed config is a valid one
         print(config_mod.to_yaml(cfg), end="")
         return 0
     from .train.loop import train
@@ -163,12 +166,27 @@ def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_la
     named = {None: adapter} if adapter is not None else {}
     named.update(extra or {})
     for name, path in named.items():
+        warn_if_other_base(path, model_spec, task)
         try:
             io.load(model, path, name=name) if name is not None else io.load(model, path)
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise LorakitError(f"cannot load adapter {path}: {' '.join(str(err).split())}") from None
     model.eval()
     return model, tokenizer
+
+
+def warn_if_other_base(adapter: Path, model_spec: str | None, task: str) -> None:
+    """A warning (not an error: a moved or renamed base is fine) when the adapter records another base."""
+    from . import io, models
+
+    recorded = io.recorded_base(adapter)
+    loading = model_spec or (models.DEFAULT_ENCODER if task == "classify" else models.DEFAULT_CAUSAL_LM)
+    if recorded is None:
+        return
+    same = recorded == loading or (Path(recorded).exists() and Path(loading).exists()
+                                   and Path(recorded).resolve() == Path(loading).resolve())
+    if not same:
+        print(f"warning: {adapter} was trained on {recorded}; loading it onto {loading}", file=sys.stderr)
 
 
 def named_adapters(specs: list[str]) -> dict[str, Path]:

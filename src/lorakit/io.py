@@ -137,10 +137,25 @@ def _save_one(model: nn.Module, name: str, out: Path, base_model_name_or_path: s
         if "fan_in_fan_out" in peft_config:  # PEFT's flag for GPT-2 Conv1D bases
             peft_config["fan_in_fan_out"] = any(is_conv1d(layer.base_layer) for _, layer in layers)
         _write_json(out / PEFT_CONFIG_NAME, peft_config)
-    meta = {"config": config.to_dict(), "adapted_modules": module_names, "adapter_name": name}
+    meta = {"config": config.to_dict(), "adapted_modules": module_names, "adapter_name": name,
+            "base_model_name_or_path": base_model_name_or_path}
     if quantization is not None:
         meta["quantization"] = quantization
     _write_json(out / LORAKIT_CONFIG_NAME, meta)
+
+
+def recorded_base(directory: str | os.PathLike) -> str | None:
+    """The base model the adapter in `directory` was trained on, as recorded (lorakit's or PEFT's file)."""
+    path = Path(directory)
+    for name in (LORAKIT_CONFIG_NAME, PEFT_CONFIG_NAME):
+        if (path / name).is_file():
+            try:
+                value = json.loads((path / name).read_text()).get("base_model_name_or_path")
+            except (ValueError, AttributeError):
+                return None
+            if isinstance(value, str) and value:
+                return value
+    return None
 
 
 def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:

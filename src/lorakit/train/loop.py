@@ -118,6 +118,15 @@ def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.M
     return models.load_causal_lm(spec)
 
 
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """The config with aliases expanded, every value and the method's settings checked: before
+    anything slow (a model load) happens, so a typo costs no waiting."""
+    cfg = expand_aliases(cfg)
+    validate(cfg)
+    method_config(cfg, nn.Module())  # the method exists and takes these settings (targets need the model)
+    return cfg
+
+
 def expand_aliases(cfg: TrainConfig) -> TrainConfig:
     """`--method qlora` is LoRA over an NF4 base (QLoRA's defaults where not given)."""
     if cfg.method != "qlora":
@@ -343,8 +352,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
     """
     wall_start = time.perf_counter()
-    cfg = expand_aliases(cfg)
-    validate(cfg)
+    cfg = check_config(cfg)
     device = pick_device(cfg.device)
     bf16 = use_bf16(cfg.precision, device)
 
@@ -541,7 +549,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     after = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
     echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     adapter_dir = run_dir / "adapter"
-    io.save(model, adapter_dir, base_model_name_or_path=cfg.model or None)
+    io.save(model, adapter_dir, base_model_name_or_path=cfg.model or builtin)  # the base it needs, as PEFT records it
     trainable_count, total_count = parameter_counts(model)
     result = RunResult(
         run_dir=run_dir,
