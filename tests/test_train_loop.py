@@ -294,3 +294,17 @@ def test_method_fields_are_typed(kwargs, message):
         lorakit.LoRA(**kwargs)
     with pytest.raises(LorakitError, match=message):
         loop.method_config(TrainConfig(method_args=kwargs), torch.nn.Module())
+
+
+def test_crash_leftovers_are_cleaned_and_a_failed_start_leaves_no_run_dir(tiny_model, pc_data, tmp_path, monkeypatch):
+    result = train(config(tiny_model, pc_data, tmp_path, steps=4, checkpoint_every=2), echo=quiet)
+    checkpoints = result.run_dir / "checkpoints"
+    (checkpoints / ".tmp-step-000006-x").mkdir()
+    (checkpoints / "step-000001").mkdir()  # half deleted: no state.json
+    (checkpoints / "step-000001" / "rng.safetensors").write_bytes(b"")
+    train(config(tiny_model, pc_data, tmp_path, steps=6, checkpoint_every=2, resume=str(result.run_dir)), echo=quiet)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004", "step-000006"]
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: (_ for _ in ()).throw(LorakitError("no such model")))
+    with pytest.raises(LorakitError, match="no such model"):
+        train(config(tiny_model, pc_data, tmp_path, name="never"), echo=quiet)
+    assert not (tmp_path / "never").exists()

@@ -93,6 +93,19 @@ def save_checkpoint(
     return final
 
 
+def clean_leftovers(directory: Path) -> None:
+    """Remove what a crash can leave among the checkpoints: temporary `.tmp-step-*` directories of a
+    save that never finished, and `step-*` directories a rotation half deleted (no state.json).
+    Complete checkpoints are never touched."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        partial_save = path.name.startswith(".tmp-step-")
+        half_deleted = STEP_DIR.match(path.name) is not None and not (path / "state.json").is_file()
+        if path.is_dir() and not path.is_symlink() and (partial_save or half_deleted):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def is_finite(checkpoint: Path) -> bool:
     """Whether a checkpoint's adapter tensors are all finite (read back from disk)."""
     for name in ("adapter_state.safetensors", f"adapter/{io.WEIGHTS_NAME}"):

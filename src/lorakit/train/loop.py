@@ -372,7 +372,6 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                 raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
                                    "with --overwrite, or pick another --name")
             clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
     echo(f"loading model {cfg.model or builtin} ...")
@@ -452,6 +451,9 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     trainable = [p for _, p in inject.adapter_parameters(model)]
     forward = torch.compile(model) if cfg.compile else model
 
+    # created only now: a run that fails while setting up leaves no empty run directory behind
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_leftovers(run_dir / "checkpoints")
     (run_dir / "config.yaml").write_text(
         f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
         f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(cfg, resume=None))
