@@ -3,6 +3,7 @@ checkpoints, NaN stop, Ctrl-C, classification, config handling."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -308,3 +309,34 @@ def test_crash_leftovers_are_cleaned_and_a_failed_start_leaves_no_run_dir(tiny_m
     with pytest.raises(LorakitError, match="no such model"):
         train(config(tiny_model, pc_data, tmp_path, name="never"), echo=quiet)
     assert not (tmp_path / "never").exists()
+
+
+def test_paths_names_torn_logs_and_a_full_disk(tiny_model, pc_data, tmp_path, monkeypatch):
+    import errno
+
+    for bad in ("a/b", "..", "x\ny", ""):
+        with pytest.raises(LorakitError, match="must be a plain directory name"):
+            train(config(tiny_model, pc_data, tmp_path, name=bad), echo=quiet)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LorakitError, match="--out-dir .* is a file"):
+        train(config(tiny_model, pc_data, tmp_path / "file"), echo=quiet)
+    result = train(config(tiny_model, pc_data, tmp_path, steps=4, checkpoint_every=2), echo=quiet)
+    log = result.run_dir / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2]) + '\n{"step": 3, "lo')  # a crash tore the last line
+    checkpoints = result.run_dir / "checkpoints"
+    for step in ("step-000004",):
+        import shutil
+
+        shutil.rmtree(checkpoints / step)
+    train(config(tiny_model, pc_data, tmp_path, steps=4, checkpoint_every=2, resume=str(result.run_dir)), echo=quiet)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    real_save = torch.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(LorakitError, match="the disk is full: checkpoint step-000002 was not written"):
+        train(config(tiny_model, pc_data, tmp_path, steps=4, checkpoint_every=2, name="full"), echo=quiet)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)

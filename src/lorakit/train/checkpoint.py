@@ -20,6 +20,7 @@ directory is never taken for a checkpoint (its name starts with `.tmp-`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -85,8 +86,12 @@ def save_checkpoint(
         torch.save(hooks.state_dict(), tmp / "hooks.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            kept = list_checkpoints(directory)
+            raise LorakitError(f"the disk is full: checkpoint {final.name} was not written"
+                               + (f"; {kept[-1]} is kept" if kept else "")) from None
         raise
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)  # every checkpoint kept is finite: written only from finite weights

@@ -220,6 +220,10 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
+    if config.name is not None and (not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\")
+                                    or not config.name.isprintable()):
+        raise LorakitError(f"name {config.name!r} must be a plain directory name (no path separators, no control "
+                           "characters): runs stay inside --out-dir")
     if config.grad_clip is not None and config.grad_clip <= 0:
         raise LorakitError(f"grad_clip must be positive (or none to turn clipping off), got {config.grad_clip}")
     if config.loraplus_ratio is not None and config.loraplus_ratio <= 0:

@@ -364,7 +364,10 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     if resume_from is not None:
         run_dir = ckpt.run_dir_of(resume_from)
     else:
-        run_dir = Path(cfg.out_dir) / (cfg.name or default_run_name(cfg, datasets.name))
+        out_dir = Path(cfg.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise LorakitError(f"--out-dir {out_dir} is a file, not a directory")
+        run_dir = out_dir / (cfg.name or default_run_name(cfg, datasets.name))
         if run_dir.exists() and not run_dir.is_dir():
             raise LorakitError(f"{run_dir} is a file, not a run directory: pick another --name or --out-dir")
         if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -616,12 +619,22 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
+def _metrics_record(line: str) -> dict | None:
+    """One metrics line, or None for a line a crash tore (it is dropped, not fatal)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
+
+
 def open_metrics_log(path: Path, start_step: int):
     """The JSONL metrics log, opened for appending; on resume, lines for steps after the
     checkpoint (logged by the interrupted run, about to be trained again) are dropped."""
     if start_step and path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= start_step]
-        path.write_text("".join(kept))
+        kept = [line for line in path.read_text(errors="replace").splitlines(keepends=True)
+                if (record := _metrics_record(line)) is not None and record.get("step", 0) <= start_step]
+        path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
     elif path.is_file():
         path.unlink()
     return open(path, "a")
