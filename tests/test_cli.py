@@ -236,6 +236,14 @@ def test_python_dash_m_lorakit_runs_the_cli():
     assert "method: lora" in out.stdout
 
 
+def test_a_damaged_adapter_is_one_line(tmp_path, capsys):
+    from test_io import damaged_copies
+
+    for name, directory in damaged_copies(tmp_path):
+        assert cli.main(["eval", "--adapter", str(directory), "--max-examples", "2"]) == 2, name
+        assert "cannot load adapter" in error_line(capsys), name
+
+
 def test_merge_never_writes_over_the_base_or_a_file(trained_run, tiny_model, tmp_path, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in Path(tiny_model).iterdir()}
     assert cli.main(["merge", "--adapter", str(trained_run), "--model", tiny_model, "--out", tiny_model]) == 2
@@ -270,6 +278,8 @@ def test_config_errors_come_before_any_model_is_loaded(capsys, monkeypatch):
     assert "rslora must be bool" in error_line(capsys)
     assert cli.main(["train", "--dropout", "1.5", "--print-config"]) == 2
     assert "dropout must be in [0, 1)" in error_line(capsys)
+    assert cli.main(["train", "--targets", "q_proj[", "--no-progress"]) == 2
+    assert "is not a valid regular expression" in error_line(capsys)
 
 
 def test_an_adapter_records_its_base_and_another_base_is_warned_about(trained_run, tiny_model, tmp_path, capsys):

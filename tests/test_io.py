@@ -124,3 +124,60 @@ def test_a_layout_decided_in_training_survives_save_and_load(tmp_path):
     loaded = lorakit.load(tiny_llama(), tmp_path)
     assert {layer.adapter.r for _, layer in lorakit.adapted_layers(loaded)} == {1, 4}
     torch.testing.assert_close(loaded(INPUT).logits, model(INPUT).logits)
+
+
+def damaged_copies(tmp_path):
+    """An adapter directory, then the same with each kind of damage a user's files can have."""
+    good = tmp_path / "good"
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=2, targets=["q_proj"]))
+    lorakit.save(model, good)
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    meta = (good / "lorakit.json").read_text()
+    cases = {
+        "truncated": {"adapter_model.safetensors": weights[: len(weights) // 2]},
+        "empty": {"adapter_model.safetensors": b""},
+        "absurd header": {"adapter_model.safetensors": (10**15).to_bytes(8, "little") + b"{}"},
+        "renamed pickle": {"adapter_model.safetensors": b"\x80\x04\x95\x00\x00cos\nsystem\n."},
+        "json list": {"lorakit.json": "[1, 2]"},
+        "json null config": {"lorakit.json": '{"config": null, "adapted_modules": []}'},
+        "json wrong types": {"lorakit.json": meta.replace('"r": 2', '"r": "two"')},
+        "json not json": {"lorakit.json": "{not json"},
+        "json deep": {"lorakit.json": "[" * 100_000 + "]" * 100_000},
+        "peft without type": {"lorakit.json": None, "adapter_config.json": '{"r": 8, "target_modules": ["q_proj"]}'},
+    }
+    for name, files in cases.items():
+        target = tmp_path / name.replace(" ", "-")
+        target.mkdir()
+        for f in good.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        for file, content in files.items():
+            if content is None:
+                (target / file).unlink()
+            else:
+                (target / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        yield name, target
+
+
+def test_damaged_adapter_files_are_one_clear_error(tmp_path):
+    for name, directory in damaged_copies(tmp_path):
+        with pytest.raises((ValueError, FileNotFoundError)) as caught:
+            lorakit.load(tiny_llama(), directory)
+        message = str(caught.value)
+        assert str(directory) in message or "peft_type" in message, (name, message)
+        assert "Traceback" not in message
+
+
+def test_integer_tensors_are_refused_not_converted(tmp_path):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=2, targets=["q_proj"]))
+    lorakit.save(model, tmp_path)
+    state = lorakit.io.load_file(str(tmp_path / "adapter_model.safetensors"))
+    lorakit.io.save_file({k: v.to(torch.int32) for k, v in state.items()}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="are torch.int32, not floating point"):
+        lorakit.load(tiny_llama(), tmp_path)
+
+
+def test_a_bad_targets_regex_is_caught_when_the_config_is_made():
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
+        lorakit.LoRA(targets="q_proj[")
+    with pytest.raises(ValueError, match="targets must be"):
+        lorakit.LoRA(targets=3)

@@ -158,17 +158,42 @@ def recorded_base(directory: str | os.PathLike) -> str | None:
     return None
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a ValueError saying the file is not one (truncated, empty, a
+    renamed pickle, ...). Only floating-point tensors are adapter weights: an integer or boolean one
+    would be silently converted on load, so it is refused."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(err).split())[:200]})") from None
+    odd = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if odd:
+        raise ValueError(f"{path}: tensors {odd[:4]} are {tensors[odd[0]].dtype}, not floating point")
+    return tensors
+
+
 def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The adapter's config and lorakit's metadata (empty for adapters saved by PEFT)."""
+    """The adapter's config and lorakit's metadata (empty for adapters saved by PEFT); a malformed
+    file is a ValueError that names it."""
     path = Path(directory)
-    if (path / LORAKIT_CONFIG_NAME).is_file():
-        meta = json.loads((path / LORAKIT_CONFIG_NAME).read_text())
-        config = config_from_dict(meta["config"])
-        # Re-select exactly the modules that were adapted, whatever selection made them.
-        config.targets, config.layers, config.exclude = list(meta["adapted_modules"]), None, None
-        return config, meta
-    if (path / PEFT_CONFIG_NAME).is_file():
-        return config_from_peft(json.loads((path / PEFT_CONFIG_NAME).read_text())), {}
+    for name in (LORAKIT_CONFIG_NAME, PEFT_CONFIG_NAME):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            if name == PEFT_CONFIG_NAME:
+                return config_from_peft(data), {}
+            if not isinstance(data.get("config"), dict) or not isinstance(data.get("adapted_modules"), list):
+                raise ValueError("expected 'config' (an object) and 'adapted_modules' (a list)")
+            config = config_from_dict(data["config"])
+            # Re-select exactly the modules that were adapted, whatever selection made them.
+            config.targets, config.layers, config.exclude = list(data["adapted_modules"]), None, None
+            return config, data
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not a valid adapter config: {' '.join(str(err).split())[:300]}") from None
     raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
 
 
@@ -250,7 +275,7 @@ def _load_one(model: nn.Module, path: Path, name: str, trainable: bool) -> None:
             _check_same_quantization(state.quantization, meta["quantization"], path)
         else:
             quantize(model, **meta["quantization"])
-    saved = load_file(str(weights))
+    saved = read_tensors(weights)
     adapt_as_saved(model, config, name)
     try:
         load_adapter_state(model, saved, name)
@@ -302,7 +327,7 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = inject.D
             problems.append("fields " + ", ".join(f"{f}: {getattr(config, f)!r} vs {getattr(current, f)!r}" for f in differ))
     if problems:
         raise ValueError(f"cannot hot-swap {path} into adapter {name!r}: " + "; ".join(problems[:6]))
-    load_adapter_state(model, load_file(str(weights)), name)
+    load_adapter_state(model, read_tensors(weights), name)
     return model
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -124,6 +125,14 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as err:
+                raise ValueError(f"targets {self.targets!r} is not a valid regular expression ({err})") from None
+        elif not isinstance(self.targets, str) and (
+                not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)):
+            raise ValueError(f"targets must be 'all-linear', a regular expression or a list of module names, got {self.targets!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16, float64")
 
@@ -249,6 +258,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 def config_from_peft(peft_config: dict[str, Any]) -> AdapterConfig:
     """Pick the registered method that reads this PEFT config and build it."""
     peft_type = peft_config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise ValueError(f"the PEFT config names no peft_type (got {peft_type!r})")
     for cls in METHODS.values():
         if cls.peft_type == peft_type and cls.matches_peft(peft_config):
             return cls.from_peft(peft_config)

@@ -177,7 +177,10 @@ def load_checkpoint(
     """
     checkpoint = Path(checkpoint)
     hooks.load_state_dict(torch.load(checkpoint / "hooks.pt", weights_only=True))
-    saved = load_file(str(checkpoint / "adapter" / io.WEIGHTS_NAME))
+    try:
+        saved = io.read_tensors(checkpoint / "adapter" / io.WEIGHTS_NAME)
+    except ValueError as err:
+        raise LorakitError(f"checkpoint {checkpoint} is damaged: {err}") from None
     io.load_adapter_state(model, saved)
     exact = checkpoint / "adapter_state.safetensors"
     if exact.is_file():
