@@ -295,3 +295,22 @@ def test_an_adapter_records_its_base_and_another_base_is_warned_about(trained_ru
     assert f"warning: {trained_run / 'adapter'} was trained on {tiny_model}; loading it onto {other}" in capsys.readouterr().err
     assert cli.main(["generate", "--adapter", str(trained_run), "--max-new-tokens", "2", "x"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_run_config_paths_work_from_any_directory_and_help_lists_methods(tiny_model, data_dir, tmp_path, capsys, monkeypatch):
+    from lorakit.train import config as config_mod
+
+    monkeypatch.chdir(data_dir)  # a run started with relative paths
+    assert cli.main(["train", "--model", tiny_model, "--data", "alpaca.jsonl", "--steps", "1", "--batch-size", "4",
+                     "--out-dir", str(tmp_path / "runs"), "--name", "rel", "--no-progress", "--r", "2"]) == 0
+    saved = config_mod.load_yaml(tmp_path / "runs" / "rel" / "config.yaml")
+    assert saved["data"] == str(data_dir / "alpaca.jsonl")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run still finds its data
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(tmp_path / "runs" / "rel")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "adalora, delta-lora, dora, lora, lora-drop, lora-fa, vera, qlora" in " ".join(text.split())
+    assert "(default: None)" not in text

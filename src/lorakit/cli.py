@@ -48,14 +48,19 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         if f.name in config_mod.CHOICES:
             help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
+        if f.name == "method":
+            from .methods import METHODS
+
+            help_text += f" Choices: {', '.join(sorted(METHODS) + ['qlora'])}."
+        shown_default = "" if default is None else f" (default: {default})"  # a None default is explained in prose
         if kinds[f.name] is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")
+                                help=f"{help_text}{shown_default}")
         elif kinds[f.name] is dict:
             parser.add_argument("--method-arg", dest=f.name, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")
+                                help=f"{help_text}{shown_default}")
 
 
 def parse_method_args(pairs: list[str]) -> dict[str, Any]:
@@ -89,9 +94,10 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
         cfg = config_mod.from_dict(config_mod.load_yaml(args.config), cfg)
     cfg = config_mod.from_dict(given, cfg)
     if saved_cfg is not None:
+        saved_values, new_values = config_mod.with_resolved_paths(saved_cfg), config_mod.with_resolved_paths(cfg)
         changed = [f"{name} ({getattr(saved_cfg, name)!r} -> {getattr(cfg, name)!r})"
                    for name in (f.name for f in dataclasses.fields(TrainConfig))
-                   if name not in RESUME_MAY_CHANGE and getattr(cfg, name) != getattr(saved_cfg, name)]
+                   if name not in RESUME_MAY_CHANGE and getattr(new_values, name) != getattr(saved_values, name)]
         if changed:
             raise LorakitError(f"--resume continues the run as {saved} configures it; a resume cannot change "
                                f"{', '.join(changed)}: drop those settings, or start a new run with another --name")

@@ -202,6 +202,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PATH_FIELDS = ("model", "data", "eval_data")
+
+
+def with_resolved_paths(config: TrainConfig) -> TrainConfig:
+    """The config with its file and directory fields absolute where they name existing paths, so a
+    saved run config means the same from any working directory (built-in names stay as they are)."""
+    resolved = {name: str(Path(getattr(config, name)).resolve()) for name in PATH_FIELDS
+                if getattr(config, name) is not None and Path(getattr(config, name)).exists()}
+    return dataclasses.replace(config, **resolved)
+
+
 def to_yaml(config: TrainConfig) -> str:
     """The resolved config as YAML, every field in declaration order."""
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

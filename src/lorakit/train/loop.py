@@ -36,7 +36,7 @@ from ..summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import evaluate, tasks
-from .config import TrainConfig, to_yaml, validate
+from .config import TrainConfig, to_yaml, validate, with_resolved_paths
 from .errors import LorakitError
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -459,7 +459,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     ckpt.clean_leftovers(run_dir / "checkpoints")
     (run_dir / "config.yaml").write_text(
         f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
-        f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(cfg, resume=None))
+        f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None))
     )
     checkpoints = run_dir / "checkpoints"
     metrics_log = open_metrics_log(run_dir / "metrics.jsonl", start_step)
