@@ -511,7 +511,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                         raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(checkpoints))
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
-                if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                if trainable and not bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()):  # one host sync
                     # a finite loss can still leave non-finite weights (--lr inf, --lr 1e6): never checkpoint them
                     raise TrainingDiverged(f"the adapter weights became non-finite at step {step}; stopped. "
                                            + _last_good(checkpoints) + " Try a lower --lr or --grad-clip.")
