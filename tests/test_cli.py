@@ -135,8 +135,8 @@ def test_error_missing_model(tmp_path, data_dir, capsys):
     [
         ('{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl:2: invalid JSON"),
         ("", r"bad.jsonl: no examples"),
-        ('{"question": "q"}\n', r"bad.jsonl:1: unknown record format"),
-        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', r"bad.jsonl:2: mixed formats"),
+        ('{"question": "q"}\n', r"bad.jsonl:1: no known layout in the columns"),
+        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', r"bad.jsonl:2: mixed layouts"),
     ],
 )
 def test_bad_data_is_one_line_error(content, message, tiny_model, tmp_path, capsys):

@@ -28,8 +28,8 @@ def tokenizer(tmp_path_factory):
         ({"prompt": "p", "completion": "c"}, "prompt-completion"),
         ({"text": "t"}, "text"),
         ({"text": "t", "label": 1}, "label"),
-        ({"sentence": "t", "label": "pos"}, "label"),
-        ({"question": "q", "answer": "a"}, None),
+        ({"text": "t", "text_pair": "u", "label": "pos"}, "label"),
+        ({"text": "t", "text_pair": "u"}, None),
         ({"prompt": "p"}, None),
     ],
 )
@@ -37,8 +37,8 @@ def test_detect_format(record, fmt):
     assert data.detect_format(set(record)) == fmt
 
 
-def read(path):
-    records = data.read_records(path)
+def read(path, task="causal-lm"):
+    records = data.read_records(path, task=task)
     return records, data.check_records(records, path)
 
 
@@ -56,11 +56,11 @@ def test_wrong_type_names_line(tmp_path):
 
 
 def test_unknown_and_mixed_formats(tmp_path):
-    unknown = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(LorakitError, match=r"u\.jsonl:1: unknown record format with keys \['answer', 'question'\]"):
+    unknown = write_jsonl(tmp_path / "u.jsonl", [{"query": "q", "reply": "a"}])
+    with pytest.raises(LorakitError, match=r"u\.jsonl:1: no known layout in the columns \['query', 'reply'\].*--columns"):
         read(unknown)
     mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}, {"prompt": "p", "completion": "c"}])
-    with pytest.raises(LorakitError, match=r"m\.jsonl:2: mixed formats .* is text, this line is prompt-completion"):
+    with pytest.raises(LorakitError, match=r"m\.jsonl:2: mixed layouts .* is text, this one is prompt-completion"):
         read(mixed)
 
 
@@ -75,11 +75,11 @@ def test_json_list_and_tsv(tmp_path):
     assert read(tmp_path / "a.json")[1] == "alpaca"
     # SST-2 style: tab separated, bare quotes inside sentences
     (tmp_path / "s.tsv").write_text('sentence\tlabel\nit \'s "great"\t1\nbad\t0\n')
-    records, fmt = read(tmp_path / "s.tsv")
+    records, fmt = read(tmp_path / "s.tsv", task="classify")
     assert fmt == "label" and records[0].data == {"text": 'it \'s "great"', "label": "1"}
     (tmp_path / "bad.tsv").write_text("sentence\tlabel\nfine\t1\ntoo\tmany\tcells\n")
     with pytest.raises(LorakitError, match=r"bad\.tsv:3: expected 2 columns, found 3"):
-        read(tmp_path / "bad.tsv")
+        read(tmp_path / "bad.tsv", task="classify")
 
 
 def test_prompt_completion_loss_only_on_completion(tokenizer):
@@ -117,7 +117,7 @@ def test_label_mismatch_and_label_order(tmp_path, tokenizer):
 
 
 def test_label_data_needs_classify_task(tokenizer):
-    with pytest.raises(LorakitError, match="--task classify"):
+    with pytest.raises(LorakitError, match="--task classify \\(or --task regress\\)"):
         data.encode_causal([data.Record({"text": "a", "label": 1}, "x")], "label", tokenizer, 32, False)
 
 

@@ -57,14 +57,30 @@ def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def save_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
-    """A 2-layer random BertModel config (classification heads are added on load) + tokenizer."""
+def save_wordpiece_tokenizer(directory: Path) -> None:
+    """A BERT WordPiece tokenizer over the corpus's words: [CLS] a [SEP] b [SEP] pair encoding
+    with token_type_ids, as real BERT checkpoints have."""
+    from transformers import BertTokenizerFast
+
+    words = sorted({w for line in CORPUS for w in line.lower().split()})
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
+
+
+def save_tiny_bert(directory: str | Path, seed: int = 0, wordpiece: bool = False) -> Path:
+    """A 2-layer random BertModel config (classification heads are added on load) + tokenizer
+    (the byte-level BPE one, or with `wordpiece` a BERT tokenizer with pair encoding)."""
     from transformers import BertConfig, BertModel
 
     directory = Path(directory)
-    save_tokenizer(directory)
+    if wordpiece:
+        save_wordpiece_tokenizer(directory)
+    else:
+        save_tokenizer(directory)
     config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=400, max_position_embeddings=256, pad_token_id=2)
+                        vocab_size=400, max_position_embeddings=256, pad_token_id=0 if wordpiece else 2)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(directory)
     return directory

@@ -56,8 +56,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kinds[f.name] is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text}{shown_default}")
-        elif kinds[f.name] is dict:
+        elif f.name == "method_args":
             parser.add_argument("--method-arg", dest=f.name, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
+        elif kinds[f.name] is dict:  # --columns a=b,c=d (repeatable)
+            parser.add_argument(_flag(f.name), dest=f.name, action="append", metavar="ROLE=COLUMN", default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
                                 help=f"{help_text}{shown_default}")
@@ -82,6 +85,10 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if "method_args" in given:
         given["method_args"] = parse_method_args(given["method_args"])
+    if "columns" in given:
+        from .train.data import parse_columns
+
+        given["columns"] = {k: v for text in given["columns"] for k, v in parse_columns(text).items()}
     cfg = TrainConfig()
     saved_cfg = None
     if given.get("resume"):
@@ -106,7 +113,8 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 
 # what a resumed run may set anew: its length, where and how it runs, what it reports
 RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device",
-                     "max_eval_examples", "compile", "gradient_checkpointing", "overwrite"}
+                     "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
+                     "answer_pattern"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -186,7 +194,7 @@ def warn_if_other_base(adapter: Path, model_spec: str | None, task: str) -> None
     from . import io, models
 
     recorded = io.recorded_base(adapter)
-    loading = model_spec or (models.DEFAULT_ENCODER if task == "classify" else models.DEFAULT_CAUSAL_LM)
+    loading = model_spec or (models.DEFAULT_ENCODER if task in ("classify", "regress") else models.DEFAULT_CAUSAL_LM)
     if recorded is None:
         return
     same = recorded == loading or (Path(recorded).exists() and Path(loading).exists()
@@ -219,30 +227,45 @@ def named_adapters(specs: list[str]) -> dict[str, Path]:
     return named
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def trained_labels(adapter: Path | None) -> list[str]:
+    """The class names a classifier was trained with (its run's report), in index order."""
     import json
 
-    from .train.loop import build_datasets, format_metrics, measure, pick_device, use_bf16
+    if adapter is None or not (adapter.parent / "report.json").is_file():
+        return []
+    try:
+        labels = json.loads((adapter.parent / "report.json").read_text()).get("labels", [])
+    except (ValueError, AttributeError):
+        raise LorakitError(f"{adapter.parent / 'report.json'} is not valid JSON") from None
+    return labels if isinstance(labels, list) and all(isinstance(x, str) for x in labels) else []
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.loop import build_datasets, describe_eval, format_metrics, load_tokenizer, measure, num_outputs, pick_device, use_bf16
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     overrides = {k: v for k, v in {"model": args.model, "task": args.task, "data": args.data, "eval_data": args.data,
+                                   "split": args.split, "eval_split": args.split, "columns": args.columns,
+                                   "metric": args.metric, "answer_pattern": args.answer_pattern,
                                    "max_eval_examples": args.max_examples, "device": args.device}.items() if v is not None}
     if args.data is not None:
         overrides["eval_fraction"] = 0.0
+        # --data is the data to score: the training data's settings do not apply to it
+        overrides.setdefault("columns", {})
+        overrides.setdefault("split", None)
+        overrides.setdefault("eval_split", None)
     cfg = config_mod.from_dict(overrides, cfg)
-    labels: list[str] = []
-    if adapter is not None and (adapter.parent / "report.json").is_file():
-        labels = json.loads((adapter.parent / "report.json").read_text()).get("labels", [])
-    from .train.loop import load_tokenizer
-
+    config_mod.validate(cfg)
     # a classifier keeps the label order it was trained with; unknown labels are an error
+    labels = trained_labels(adapter)
     datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None)
     examples = datasets.eval  # with --data: the whole file (it is also the "eval data")
-    model, tokenizer = load_adapted(cfg.model, adapter, cfg.task, max(2, len(datasets.labels)))
+    model, tokenizer = load_adapted(cfg.model, adapter, cfg.task, num_outputs(cfg.task, datasets.labels))
     device = pick_device(cfg.device)
     model.to(device)
-    result = measure(datasets.metric, model, tokenizer, examples, device, use_bf16(cfg.precision, device))
-    print(f"{datasets.name}, {len(examples)} examples: {format_metrics(result)}")
+    result = measure(datasets, model, tokenizer, examples, device, use_bf16(cfg.precision, device),
+                     args.batch_size or cfg.eval_batch_size or cfg.batch_size)
+    print(f"{describe_eval(datasets)}: {format_metrics(result)}")
     return 0
 
 
@@ -371,12 +394,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_merge_target(out, model_spec, adapter)  # before any model is loaded
     task = args.task or cfg.task
-    num_labels = 2
-    if task == "classify" and (adapter.parent / "report.json").is_file():
-        import json
+    from .train.loop import num_outputs
 
-        num_labels = max(2, len(json.loads((adapter.parent / "report.json").read_text()).get("labels", [])))
-    model, tokenizer = load_adapted(model_spec, adapter, task, num_labels)
+    model, tokenizer = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)))
     try:
         inject.merge_and_unload(model)
     except ValueError as err:  # e.g. an adapter on a tied output head
@@ -388,6 +408,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------------
+
+
+def _columns(text: str) -> dict[str, str]:
+    from .train.data import parse_columns
+
+    try:
+        return parse_columns(text)
+    except LorakitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:
@@ -417,8 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="adapter directory or run directory (runs/<name>)")
     ev.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     ev.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
-    ev.add_argument("--data", help="evaluation data file (default: the held-out split of the built-in task)")
-    ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples")
+    ev.add_argument("--data", help="evaluation data, read like train's --data (default: the run's held-out data)")
+    ev.add_argument("--split", help="the split of a saved DatasetDict given as --data")
+    ev.add_argument("--columns", type=_columns, help="map the data's columns: ROLE=COLUMN,... (as for train)")
+    ev.add_argument("--metric", choices=config_mod.CHOICES["metric"], help="the headline metric (default: the run's)")
+    ev.add_argument("--answer-pattern", help="exact match of extracted answers: gsm8k, last-number or a regex")
+    ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples (spread over the data)")
+    ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
     ev.set_defaults(func=cmd_eval)
 

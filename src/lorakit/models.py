@@ -58,7 +58,7 @@ def resolve_model_path(spec: str | None, task: str = "causal-lm") -> tuple[Path,
     a `.gguf` file.
     """
     if spec is None:
-        spec = DEFAULT_ENCODER if task == "classify" else DEFAULT_CAUSAL_LM
+        spec = DEFAULT_ENCODER if task in ("classify", "regress") else DEFAULT_CAUSAL_LM
     if spec == DEFAULT_CAUSAL_LM:
         gguf = smollm2_gguf()
         return gguf.parent, gguf.name
@@ -131,8 +131,10 @@ def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) 
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
 
 
-def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A sequence classifier (default: all-MiniLM-L6-v2 with a fresh head), offline."""
+def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.dtype = torch.float32,
+                    regression: bool = False) -> nn.Module:
+    """A sequence classifier (default: all-MiniLM-L6-v2 with a fresh head), offline; with
+    `regression`, one output trained with mean squared error (transformers' "regression" problem)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -140,4 +142,8 @@ def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.d
     directory, gguf = resolve_model_path(spec, "classify")
     kwargs = {"gguf_file": gguf} if gguf else {}
     with _quiet(logging):  # "some weights newly initialized" is expected for the head
-        return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, dtype=dtype, **kwargs)
+        if regression:
+            kwargs.update(num_labels=1, problem_type="regression")
+        else:
+            kwargs["num_labels"] = num_labels
+        return AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, **kwargs)

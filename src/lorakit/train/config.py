@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import textwrap
 import types
 import typing
@@ -30,15 +31,29 @@ class TrainConfig:
     model: str | None = None
     """Base model: a local Hugging Face directory, a .gguf file, or a built-in name ('smollm2', 'minilm'). Default: the built-in model for the task."""
     task: str = "causal-lm"
-    """'causal-lm' (instruction / chat / text data) or 'classify' (text + label; encoder models)."""
+    """'causal-lm' (instruction / chat / text data), 'classify' (text or a sentence pair + a class label; encoder models) or 'regress' (text or a pair + a number: one output, MSE loss)."""
     data: str | None = None
-    """Training data: .jsonl/.json (Alpaca, chat messages, prompt/completion, text) or .tsv/.csv (text or sentence, label). Default: the built-in generated task."""
+    """Training data: .jsonl/.json (Alpaca, chat messages, prompt/completion, text; or text + label), .csv/.tsv, .parquet, .arrow, or a directory written by datasets' save_to_disk; several files as a comma-separated list or a glob. Default: the built-in generated task."""
     eval_data: str | None = None
-    """Held-out data in the same format as --data. Default: a --eval-fraction of --data."""
+    """Held-out data, read like --data. Default: the 'validation' split of a saved DatasetDict given as --data, else an --eval-fraction of --data."""
+    split: str | None = None
+    """The split of a saved DatasetDict (--data DIR) to train on. Default: 'train' (or its only split)."""
+    eval_split: str | None = None
+    """The split of a saved DatasetDict to evaluate on (of --eval-data, else of --data). Default: 'validation' when there is one."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map your data's columns onto lorakit's: ROLE=COLUMN, comma separated (e.g. prompt=question,completion=answer; text=premise,text_pair=hypothesis,label=gold). Roles: prompt, completion, instruction, input, output, messages, text, text_pair, label. Well-known names (GLUE's sentence1/sentence2, question/sentence, question1/question2, a score column, GSM8K's question/answer) need no mapping."""
+    prompt_template: str | None = None
+    """How a prompt is shown to the model. Default: as given, then the completion right after it (no separator is added: end the prompt with a space or newline if the completion needs one), then end-of-sequence. 'chat': the prompt as a user turn in the tokenizer's chat template. Or a template over the record's columns, e.g. 'Question: {question}\\nAnswer: ' ({prompt} is the mapped prompt; \\n is a newline)."""
     eval_fraction: float = 0.1
     """Fraction of --data held out for evaluation when --eval-data is not given."""
     max_eval_examples: int = 200
-    """At most this many held-out examples are evaluated (before and after training)."""
+    """At most this many held-out examples are evaluated (before and after training), spread evenly over the held-out set."""
+    eval_batch_size: int | None = None
+    """Examples per evaluation batch. Default: --batch-size."""
+    metric: str | None = None
+    """The held-out metric shown before -> after (all of the task's metrics are reported). Default: accuracy (classify), pearson (regress), exact_match for the built-in task or with --answer-pattern, else eval_loss."""
+    answer_pattern: str | None = None
+    """Exact match compares only the answer extracted from the generated and the reference completion: 'gsm8k' (the number after ####), 'last-number', or a regular expression (its group 1, or the whole match). Implies --metric exact_match."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on completion / assistant tokens)."""
 
@@ -111,7 +126,8 @@ class TrainConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("causal-lm", "classify"),
+    "task": ("causal-lm", "classify", "regress"),
+    "metric": ("accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "eval_loss", "perplexity"),
     "init": ("default", "loftq"),
     "schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "bf16", "fp32"),
@@ -157,6 +173,10 @@ def convert(name: str, value: Any) -> Any:
         elif kind is list:
             value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         elif kind is dict:
+            if name == "columns" and isinstance(value, str):
+                from .data import parse_columns
+
+                value = parse_columns(value)
             if not isinstance(value, dict):
                 raise ValueError(value)
         elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -202,14 +222,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-PATH_FIELDS = ("model", "data", "eval_data")
-
-
 def with_resolved_paths(config: TrainConfig) -> TrainConfig:
-    """The config with its file and directory fields absolute where they name existing paths, so a
-    saved run config means the same from any working directory (built-in names stay as they are)."""
-    resolved = {name: str(Path(getattr(config, name)).resolve()) for name in PATH_FIELDS
-                if getattr(config, name) is not None and Path(getattr(config, name)).exists()}
+    """The config with its file and directory fields absolute, so a saved run config means the same
+    from any working directory: the model where it names an existing path (built-in names stay as
+    they are), each file or glob of a data list."""
+    resolved = {}
+    if config.model is not None and Path(config.model).exists():
+        resolved["model"] = str(Path(config.model).resolve())
+    for name in ("data", "eval_data"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        parts = [value] if Path(value).exists() else [p.strip() for p in value.split(",") if p.strip()]
+        resolved[name] = ",".join(str(Path(p).resolve()) if Path(p).exists() else os.path.abspath(p) for p in parts)
     return dataclasses.replace(config, **resolved)
 
 
@@ -224,8 +249,8 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"steps must be positive, got {config.steps}")
     if config.steps is None and config.epochs <= 0:
         raise LorakitError(f"epochs must be positive, got {config.epochs}")
-    for name in ("batch_size", "grad_accum", "max_length", "max_eval_examples"):
-        if getattr(config, name) <= 0:
+    for name in ("batch_size", "grad_accum", "max_length", "max_eval_examples", "eval_batch_size"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise LorakitError(f"{name} must be positive, got {getattr(config, name)}")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
@@ -243,5 +268,22 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"weight_decay must be >= 0, got {config.weight_decay}")
     if config.quantize not in (None, "nf4"):
         raise LorakitError(f"quantize: {config.quantize!r} is not supported (use nf4)")
+    from . import data, metrics
+
+    data.check_column_roles(config.columns)
+    data.check_prompt_template(config.prompt_template)
+    sequence_metrics = {"classify": ("accuracy", "f1", "mcc", "eval_loss"), "regress": ("pearson", "spearman", "eval_loss")}
+    allowed = sequence_metrics.get(config.task, ("exact_match", "eval_loss", "perplexity"))
+    if config.metric is not None and config.metric not in allowed:
+        raise LorakitError(f"metric {config.metric!r} does not apply to --task {config.task}; its metrics: {', '.join(allowed)}")
+    if config.answer_pattern is not None:
+        if config.task != "causal-lm":
+            raise LorakitError("answer_pattern applies to generation (--task causal-lm)")
+        if config.metric not in (None, "exact_match"):
+            raise LorakitError(f"answer_pattern scores exact_match; it does not go with --metric {config.metric}")
+        try:
+            metrics.compile_answer_pattern(config.answer_pattern)
+        except ValueError as err:
+            raise LorakitError(f"answer_pattern: {err}") from None
     if config.init == "loftq" and not config.quantize:
         raise LorakitError("init: 'loftq' starts from the rounding error of a 4-bit base: add --quantize nf4 (or use --method qlora)")

@@ -1,4 +1,4 @@
-"""Held-out metrics: loss / perplexity, classification accuracy, exact match of greedy generations."""
+"""Held-out evaluation: runs the model over examples and scores it (`metrics` holds the formulas)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from . import tasks
+from . import metrics
 from .data import IGNORE_INDEX, Example, collate
 
 
@@ -45,19 +45,37 @@ def causal_lm_loss(model: nn.Module, examples: list[Example], pad_id: int, batch
 
 
 @torch.no_grad()
-def classify_accuracy(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device, bf16: bool) -> dict[str, float]:
-    """Fraction of examples whose arg-max class is the label."""
+def sequence_outputs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+                     bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a classifier or regressor over `examples`, on the CPU in fp32."""
     was_training = model.training
     model.eval()
-    correct = 0
+    outputs, targets = [], []
     for start in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
-        labels = batch.pop("labels")
+        targets.append(batch.pop("labels").cpu())
         with autocast(device, bf16):
-            logits = model(**batch).logits
-        correct += int((logits.argmax(-1) == labels).sum())
+            outputs.append(model(**batch).logits.float().cpu())
     model.train(was_training)
-    return {"accuracy": correct / max(len(examples), 1)}
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def classify_scores(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+                    bf16: bool, num_classes: int) -> dict[str, float]:
+    """Accuracy, F1 (binary, or macro over classes), Matthews correlation and the cross-entropy."""
+    logits, labels = sequence_outputs(model, examples, pad_id, batch_size, device, bf16)
+    scores = metrics.classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), num_classes)
+    scores["eval_loss"] = float(nn.functional.cross_entropy(logits, labels))
+    return scores
+
+
+def regress_scores(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+                   bf16: bool) -> dict[str, float]:
+    """Pearson and Spearman correlation of predictions and targets, and the mean squared error."""
+    predictions, targets = sequence_outputs(model, examples, pad_id, batch_size, device, bf16)
+    scores = metrics.regression_metrics(predictions[:, 0].tolist(), targets.tolist())
+    scores["eval_loss"] = scores.pop("mse")
+    return scores
 
 
 @torch.no_grad()
@@ -84,11 +102,19 @@ def greedy_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
     return outputs
 
 
-def exact_match(model: nn.Module, tokenizer, examples: list[Example], batch_size: int, device: torch.device, bf16: bool) -> dict[str, float]:
-    """Exact-match accuracy of greedy generations against the examples' answers."""
+def exact_match(model: nn.Module, tokenizer, examples: list[Example], batch_size: int, device: torch.device, bf16: bool,
+                answer_pattern: str | None = None) -> dict[str, float]:
+    """Exact-match accuracy of greedy generations: of the whole completion, or of the answer
+    `answer_pattern` extracts from it (`metrics.compile_answer_pattern`)."""
     prompts = [e.prompt for e in examples]
     answers = [e.answer for e in examples]
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    predictions = greedy_completions(model, tokenizer, prompts, longest + 2, batch_size, device, bf16)
-    hits = sum(tasks.exact_match(p, a) for p, a in zip(predictions, answers))
+    if answer_pattern is None:
+        predictions = greedy_completions(model, tokenizer, prompts, longest + 2, batch_size, device, bf16)
+        hits = sum(metrics.whole_completion_match(p, a) for p, a in zip(predictions, answers))
+    else:
+        # a worked solution may run longer than the reference before reaching its answer
+        predictions = greedy_completions(model, tokenizer, prompts, longest + max(16, longest // 4), batch_size, device, bf16)
+        pattern = metrics.compile_answer_pattern(answer_pattern)
+        hits = sum(metrics.answers_match(p, a, pattern) for p, a in zip(predictions, answers))
     return {"exact_match": hits / max(len(examples), 1)}

@@ -40,6 +40,7 @@ from .config import TrainConfig, to_yaml, validate, with_resolved_paths
 from .errors import LorakitError
 
 CLASSIFIER_HEADS = ("classifier", "score")
+SEQUENCE_TASKS = ("classify", "regress")  # a head over an encoder's (or decoder's) sequence output
 
 
 class TrainingDiverged(LorakitError):
@@ -99,7 +100,7 @@ def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantiza
     """
     try:
         with _no_gguf_progress_bar():
-            if quantization and task != "classify":
+            if quantization and task not in SEQUENCE_TASKS:
                 return load_quantized_causal_lm(spec, **quantization)
             model = _load_model(spec, task, num_labels, tokenizer)
             if quantization:
@@ -109,9 +110,14 @@ def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantiza
         raise LorakitError(str(err).splitlines()[0]) from None
 
 
+def num_outputs(task: str, labels: list[str]) -> int:
+    """The head's width: one per class, one for a regression target."""
+    return 1 if task == "regress" else max(2, len(labels))
+
+
 def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
-    if task == "classify":
-        model = models.load_classifier(spec, num_labels=num_labels)
+    if task in SEQUENCE_TASKS:
+        model = models.load_classifier(spec, num_labels=num_labels, regression=task == "regress")
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers need it
         return model
@@ -156,7 +162,7 @@ def method_config(cfg: TrainConfig, model: nn.Module):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     train_modules = cfg.train_modules
     if train_modules is None:
-        train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task == "classify" else []
+        train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task in SEQUENCE_TASKS else []
     kwargs: dict[str, Any] = {"targets": targets, "train_modules": list(train_modules)}
     for flag in ("r", "alpha", "dropout", "init"):
         value = getattr(cfg, flag)
@@ -240,61 +246,109 @@ class Datasets:
     train: list[data_mod.Example]
     eval: list[data_mod.Example]
     name: str  # for the run name
-    metric: str  # "exact_match", "accuracy" or "eval_loss"
-    labels: list[str] = field(default_factory=list)
+    metric: str  # the headline metric (--metric or the task's default)
+    task: str = "causal-lm"
+    labels: list[str] = field(default_factory=list)  # classify: the class names, in index order
+    eval_total: int = 0  # held-out examples before --max-eval-examples
+    eval_source: str = ""  # what the held-out examples are, for messages
+    answer_pattern: str | None = None
+    columns: str = ""  # how the data's columns were mapped (for the log)
+
+
+def default_metric(cfg: TrainConfig) -> str:
+    if cfg.metric is not None:
+        return cfg.metric
+    if cfg.task == "classify":
+        return "accuracy"
+    if cfg.task == "regress":
+        return "pearson"
+    return "exact_match" if cfg.data is None or cfg.answer_pattern is not None else "eval_loss"
+
+
+def _records(spec: str, cfg: TrainConfig, split: str | None) -> tuple[list[data_mod.Record], str, str]:
+    """(records with roles, their layout, how columns were mapped) of one data spec."""
+    records, summary = data_mod.map_columns(data_mod.read_table(spec, split), cfg.columns, cfg.task, spec)
+    return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None) -> Datasets:
     """Read, check and tokenize train and held-out data (or generate the built-in task).
 
     `labels`: the classes of an already trained classifier (default: those of the training data)."""
+    columns = ""
     if cfg.data is None:
-        if cfg.task == "classify":
-            raise LorakitError("--task classify needs --data (a .tsv/.csv or .jsonl with text and label)")
+        if cfg.task in SEQUENCE_TASKS:
+            raise LorakitError(f"--task {cfg.task} needs --data (text + label columns: .tsv/.csv, .jsonl, .parquet, ...)")
         train_rec, eval_rec = tasks.generate(cfg.seed)
         train = [data_mod.Record(r, f"{tasks.NAME}[{i}]") for i, r in enumerate(train_rec)]
         held = [data_mod.Record(r, f"{tasks.NAME}[eval {i}]") for i, r in enumerate(eval_rec)]
-        fmt, name = "prompt-completion", tasks.NAME
+        fmt, name, eval_source = "prompt-completion", tasks.NAME, f"{tasks.NAME} (held-out word lists)"
     else:
-        train = data_mod.read_records(cfg.data)
-        fmt = data_mod.check_records(train, cfg.data)
-        name = Path(cfg.data).stem
-        if cfg.eval_data is not None:
-            held = data_mod.read_records(cfg.eval_data)
-            eval_fmt = data_mod.check_records(held, cfg.eval_data)
+        train, fmt, columns = _records(cfg.data, cfg, cfg.split)
+        name = data_mod.data_files(cfg.data)[0].stem
+        eval_spec, eval_split = cfg.eval_data, cfg.eval_split
+        if eval_spec is None and (eval_split is not None or "validation" in data_mod.saved_splits(cfg.data)):
+            eval_spec, eval_split = cfg.data, eval_split or "validation"  # a DatasetDict's own held-out split
+        if eval_spec is not None:
+            if eval_split is None and "validation" in data_mod.saved_splits(eval_spec):
+                eval_split = "validation"
+            held, eval_fmt, _ = _records(eval_spec, cfg, eval_split)
             if eval_fmt != fmt:
-                raise LorakitError(f"{cfg.eval_data} is {eval_fmt} data but {cfg.data} is {fmt}")
+                raise LorakitError(f"{eval_spec} is {eval_fmt} data but {cfg.data} is {fmt}")
+            eval_source = f"{eval_spec}" + (f" (split {eval_split})" if eval_split else "")
         else:
             train, held = data_mod.split_held_out(train, cfg.eval_fraction, cfg.seed)
-    held = held[: cfg.max_eval_examples]
+            eval_source = f"{cfg.eval_fraction:g} of {cfg.data} held out"
+    eval_total = len(held)
+    if len(held) > cfg.max_eval_examples:  # spread over the whole set: a file sorted by label stays balanced
+        held = data_mod.evenly_spaced(held, cfg.max_eval_examples / len(held))[: cfg.max_eval_examples]
+    common = dict(task=cfg.task, eval_total=eval_total, eval_source=eval_source, columns=columns, metric=default_metric(cfg))
     if cfg.task == "classify":
         labels = labels or data_mod.label_names(train)
         if len(labels) < 2:
             raise LorakitError(f"{cfg.data}: classification needs at least 2 labels, found {labels}")
         train_ex = data_mod.encode_classify(train, fmt, tokenizer, cfg.max_length, labels)
         eval_ex = data_mod.encode_classify(held, fmt, tokenizer, cfg.max_length, labels)
-        return Datasets(train_ex, eval_ex, name, "accuracy", labels)
-    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt)
-    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt)
-    return Datasets(train_ex, eval_ex, name, "exact_match" if cfg.data is None else "eval_loss")
+        return Datasets(train_ex, eval_ex, name, labels=labels, **common)
+    if cfg.task == "regress":
+        train_ex = data_mod.encode_regress(train, fmt, tokenizer, cfg.max_length)
+        eval_ex = data_mod.encode_regress(held, fmt, tokenizer, cfg.max_length)
+        return Datasets(train_ex, eval_ex, name, **common)
+    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template)
+    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template)
+    if common["metric"] == "exact_match" and eval_ex and any(e.answer is None for e in eval_ex):
+        raise LorakitError(f"exact_match compares generated completions: {fmt} data has none (use --metric eval_loss)")
+    return Datasets(train_ex, eval_ex, name, answer_pattern=cfg.answer_pattern, **common)
 
 
-def measure(metric: str, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device, bf16: bool) -> dict[str, float]:
-    """The held-out metrics (empty without held-out data)."""
+def measure(datasets: Datasets, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device,
+            bf16: bool, batch_size: int) -> dict[str, float]:
+    """The held-out metrics of the task (empty without held-out data)."""
     if not examples:
         return {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if metric == "accuracy":
-        return evaluate.classify_accuracy(model, examples, pad, 32, device, bf16)
-    result = evaluate.causal_lm_loss(model, examples, pad, 16, device, bf16)
-    if metric == "exact_match":
-        result.update(evaluate.exact_match(model, tokenizer, examples, 50, device, bf16))
+    if datasets.task == "classify":
+        return evaluate.classify_scores(model, examples, pad, batch_size, device, bf16, len(datasets.labels))
+    if datasets.task == "regress":
+        return evaluate.regress_scores(model, examples, pad, batch_size, device, bf16)
+    result = evaluate.causal_lm_loss(model, examples, pad, batch_size, device, bf16)
+    if datasets.metric == "exact_match":
+        result.update(evaluate.exact_match(model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern))
     return result
+
+
+def describe_eval(datasets: Datasets) -> str:
+    """`accuracy on 200 of 277 held-out examples (dev.tsv)`."""
+    count = f"{len(datasets.eval)} of {datasets.eval_total}" if len(datasets.eval) < datasets.eval_total else f"{len(datasets.eval)}"
+    return f"{datasets.metric} on {count} held-out examples ({datasets.eval_source})"
+
+
+PERCENT_METRICS = ("exact_match", "accuracy", "f1")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """`exact_match 93.0%, eval_loss 0.0312`: percentages for accuracies."""
-    return ", ".join(f"{k} {100 * v:.1f}%" if k in ("exact_match", "accuracy") else f"{k} {v:.4f}" for k, v in metrics.items()) or "no held-out data"
+    return ", ".join(f"{k} {100 * v:.1f}%" if k in PERCENT_METRICS else f"{k} {v:.4f}" for k, v in metrics.items()) or "no held-out data"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -322,7 +376,7 @@ class RunResult:
     def table(self) -> str:
         """The summary table printed at the end of a run."""
         b, a = self.before.get(self.metric), self.after.get(self.metric)
-        fmt = (lambda v: f"{100 * v:.1f}%") if self.metric in ("exact_match", "accuracy") else (lambda v: f"{v:.4f}")
+        fmt = (lambda v: f"{100 * v:.1f}%") if self.metric in PERCENT_METRICS else (lambda v: f"{v:.4f}")
         rows = [
             ("method", self.method),
             ("trainable params", f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
@@ -335,7 +389,7 @@ class RunResult:
         ]
         if b is not None and a is not None:
             rows.append((f"{self.metric} (held-out)", f"{fmt(b)} -> {fmt(a)}"))
-        if self.metric == "exact_match" and "eval_loss" in self.after:
+        if self.metric != "eval_loss" and "eval_loss" in self.after and "eval_loss" in self.before:
             rows.append(("eval loss", f"{self.before['eval_loss']:.4f} -> {self.after['eval_loss']:.4f}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -359,6 +413,8 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     datasets = build_datasets(cfg, tokenizer)
+    if datasets.columns:
+        echo(f"data columns: {datasets.columns}")
     if not datasets.train:
         raise LorakitError(f"{cfg.data}: no training examples left after holding out the evaluation split")
     if resume_from is not None:
@@ -376,15 +432,16 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
                                    "with --overwrite, or pick another --name")
             clear_run_dir(run_dir)
 
-    builtin = models.DEFAULT_ENCODER if cfg.task == "classify" else models.DEFAULT_CAUSAL_LM
+    builtin = models.DEFAULT_ENCODER if cfg.task in SEQUENCE_TASKS else models.DEFAULT_CAUSAL_LM
     echo(f"loading model {cfg.model or builtin} ...")
     quantization = {"method": cfg.quantize} if cfg.quantize else None
     if quantization and cfg.init == "loftq":
         quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
-    model = load_model(cfg.model, cfg.task, max(2, len(datasets.labels)), tokenizer, quantization)
+    model = load_model(cfg.model, cfg.task, num_outputs(cfg.task, datasets.labels), tokenizer, quantization)
     model.to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
     per_epoch = max(1, len(datasets.train) // cfg.batch_size)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
@@ -399,9 +456,9 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         raise LorakitError(str(err)) from None
     if resume_from is None:
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
-        echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples before training ...")
+        echo(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
-        before = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
+        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
         echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -549,9 +606,9 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
         metrics_log.close()
     save(total_steps)
 
-    echo(f"measuring {datasets.metric} on {len(datasets.eval)} held-out examples after training ...")
+    echo(f"measuring {describe_eval(datasets)} after training ...")
     t0 = time.perf_counter()
-    after = measure(datasets.metric, model, tokenizer, datasets.eval, device, bf16)
+    after = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
     echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     adapter_dir = run_dir / "adapter"
     io.save(model, adapter_dir, base_model_name_or_path=cfg.model or builtin)  # the base it needs, as PEFT records it
@@ -575,6 +632,7 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
     if datasets.labels:
         report["labels"] = datasets.labels
+    report["eval_examples"] = {"scored": len(datasets.eval), "of": datasets.eval_total, "source": datasets.eval_source}
     adapter_config = inject.adapter_config(model)
     layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
     if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
