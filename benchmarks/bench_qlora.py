@@ -43,7 +43,7 @@ import common  # noqa: E402  (benchmarks/ is not a package)
 import lorakit  # noqa: E402
 from lorakit.models import load_causal_lm, load_tokenizer  # noqa: E402
 from lorakit.quant import bits_per_parameter, nf4, weight_bytes  # noqa: E402
-from lorakit.summary import parameter_counts  # noqa: E402
+from lorakit.param_summary import parameter_counts  # noqa: E402
 
 MiB = 2**20
 

@@ -187,3 +187,34 @@ def test_smollm2_dense_load_equals_transformers():
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def _damaged_variants(data: bytes) -> dict[str, bytes]:
+    """The tiny GGUF file cut short or with impossible numbers in its header."""
+    import struct
+
+    def patch(offset: int, fmt: str, value: int) -> bytes:
+        return data[:offset] + struct.pack("<" + fmt, value) + data[offset + struct.calcsize("<" + fmt):]
+
+    variants = {f"truncated at {n}": data[:n] for n in (6, 20, 40, 200, len(data) // 2, len(data) - 3)}
+    variants["2^62 tensors"] = patch(8, "Q", 2**62)
+    variants["2^62 keys"] = patch(16, "Q", 2**62)
+    variants["a 2^62-byte key"] = patch(24, "Q", 2**62)
+    key_length = struct.unpack("<Q", data[24:32])[0]
+    variants["unknown value type"] = patch(32 + key_length, "I", 77)
+    return variants
+
+
+def test_damaged_gguf_headers_are_one_clear_error(tiny_gguf, tmp_path, capsys):
+    from lorakit import cli
+
+    path, _ = tiny_gguf
+    for what, content in _damaged_variants(path.read_bytes()).items():
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=r"bad\.gguf: (damaged GGUF header|tensor .* past the end|.*not a GGUF)"):
+            loading._gguf_tensor_table(bad)
+        loading._read_gguf_header_cached.cache_clear()
+        code = cli.main(["train", "--model", str(bad), "--steps", "1", "--out-dir", str(tmp_path / "runs"), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "bad.gguf" in err[0], (what, err)

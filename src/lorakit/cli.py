@@ -483,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lorakit` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: --help imports the methods (and torch)
         return args.func(args)
     except LorakitError as err:
         from .train.loop import TrainingInterrupted

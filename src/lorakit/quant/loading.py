@@ -88,6 +88,10 @@ _GGUF_SCALAR_BYTES = {t: struct.calcsize("<" + f) for t, f in _GGUF_SCALAR_FORMA
 _SHORT_ARRAY = 1024  # scalar arrays up to this long are read (a config may want them), longer ones skipped
 
 
+class GGUFHeaderError(ValueError):
+    """A GGUF file whose header cannot be what it says (truncated, counts larger than the file)."""
+
+
 def _read_gguf_header(path: Path) -> tuple[dict, list[_GGUFTensorInfo]]:
     """(metadata, tensor table) of a GGUF file (v2/v3), read from its header alone; parsed once
     per file version (a load reads it for the tokenizer, the config and the tensor table).
@@ -108,37 +112,64 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
     """
     from gguf import GGML_QUANT_SIZES
 
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        def damaged(what: str) -> GGUFHeaderError:
+            return GGUFHeaderError(f"{path}: damaged GGUF header ({what} at byte {f.tell()} of {size})")
+
         def unpack(fmt: str):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+            raw = f.read(struct.calcsize("<" + fmt))
+            if len(raw) != struct.calcsize("<" + fmt):
+                raise damaged("the file ends inside the header")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def count(what: str, item_bytes: int = 1) -> int:
+            # every item takes at least `item_bytes` of the file: a larger count is a damaged header
+            n = unpack("Q")
+            if n * item_bytes > size - f.tell():
+                raise damaged(f"{what} {n} does not fit in the file")
+            return n
 
         def string() -> str:
-            return f.read(unpack("Q")).decode("utf-8")
+            try:
+                return f.read(count("a string length")).decode("utf-8")
+            except UnicodeDecodeError:
+                raise damaged("a string that is not UTF-8") from None
 
         def value(value_type: int):
             if value_type == 8:
                 return string()
             if value_type != 9:
+                if value_type not in _GGUF_SCALAR_FORMAT:
+                    raise damaged(f"unknown value type {value_type}")
                 return unpack(_GGUF_SCALAR_FORMAT[value_type])
-            item_type, count = unpack("I"), unpack("Q")
+            item_type = unpack("I")
             if item_type in _GGUF_SCALAR_BYTES:
-                if count <= _SHORT_ARRAY:
-                    return [unpack(_GGUF_SCALAR_FORMAT[item_type]) for _ in range(count)]
-                f.seek(count * _GGUF_SCALAR_BYTES[item_type], 1)
-            else:
-                for _ in range(count):
+                n = count("an array length", _GGUF_SCALAR_BYTES[item_type])
+                if n <= _SHORT_ARRAY:
+                    return [unpack(_GGUF_SCALAR_FORMAT[item_type]) for _ in range(n)]
+                f.seek(n * _GGUF_SCALAR_BYTES[item_type], 1)
+            elif item_type in (8, 9):
+                n = count("an array length", 8)
+                for _ in range(n):
                     if item_type == 8:
-                        f.seek(unpack("Q"), 1)
+                        f.seek(count("a string length"), 1)
                     else:
                         value(item_type)
-            return _GGUFArray(count)
+            else:
+                raise damaged(f"unknown array item type {item_type}")
+            return _GGUFArray(n)
 
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
         version = unpack("I")
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported (2 or later)")
+        if version > 3:
+            raise ValueError(f"{path}: GGUF version {version} is newer than lorakit reads (2, 3)")
         tensor_count, kv_count = unpack("Q"), unpack("Q")
+        if (tensor_count + kv_count) * 12 > size:  # a key or a tensor entry takes at least 12 bytes
+            raise damaged(f"{tensor_count} tensors and {kv_count} keys do not fit in the file")
         metadata = {}
         for _ in range(kv_count):
             key, value_type = string(), unpack("I")
@@ -146,16 +177,26 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
         entries = []
         for _ in range(tensor_count):
             name = string()
-            dims = [unpack("Q") for _ in range(unpack("I"))]
+            n_dims = unpack("I")
+            if n_dims > 8:
+                raise damaged(f"tensor {name!r} with {n_dims} dimensions")
+            dims = [unpack("Q") for _ in range(n_dims)]
             entries.append((name, dims, unpack("I"), unpack("Q")))
         alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20:
+            raise damaged(f"general.alignment {alignment!r}")
         data_start = -(-f.tell() // alignment) * alignment
     if not isinstance(metadata.get("general.architecture"), str):
         raise ValueError(f"{path} has no general.architecture")
     table = []
     for name, dims, ggml_type, offset in entries:
+        if ggml_type not in GGML_QUANT_SIZES:
+            raise GGUFHeaderError(f"{path}: tensor {name!r} has an unknown type {ggml_type}")
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
         n_bytes = math.prod(dims) // block_size * type_size
+        if data_start + offset + n_bytes > size:
+            raise GGUFHeaderError(f"{path}: tensor {name!r} ends at byte {data_start + offset + n_bytes}, past the end "
+                                  f"of the file ({size} bytes): the file is truncated or damaged")
         table.append(_GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, n_bytes))
     return metadata, table
 
@@ -224,6 +265,8 @@ def gguf_config_from_header(path: Path) -> Iterator[None]:
     original = utils.load_gguf_checkpoint
     try:
         config = _gguf_config_dict(path)
+    except GGUFHeaderError:
+        raise  # a damaged file: transformers' reader would fail on it less clearly (or run out of memory)
     except (ValueError, KeyError, struct.error, UnicodeDecodeError):
         config = None  # a header this reader cannot parse: transformers' own loader decides
 

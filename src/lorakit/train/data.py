@@ -604,10 +604,8 @@ def _check_types(record: Record, fmt: str) -> None:
                 raise LorakitError(f"{where}: 'label' must be a string or a number, got {type(value).__name__}")
         elif not isinstance(value, str):
             raise LorakitError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    if fmt == "alpaca" and not data["output"].strip():
-        raise LorakitError(f"{where}: empty 'output'")
-    if fmt == "prompt-completion" and not data["completion"].strip():
-        raise LorakitError(f"{where}: empty 'completion'")
+    # An empty output or completion is kept (public sets have them: Alpaca's item 2335): its target
+    # is the end-of-sequence token; `encode_causal` refuses it when the tokenizer has none.
     if fmt in ("label", "text") and not data["text"].strip():
         raise LorakitError(f"{where}: empty text")
 

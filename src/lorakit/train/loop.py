@@ -32,7 +32,7 @@ from ..hooks import Hooks, Probe, training_hooks
 from ..methods import METHODS
 from ..optim import param_groups
 from ..quant import load_quantized_causal_lm, quantize
-from ..summary import parameter_counts
+from ..param_summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import evaluate, tasks
