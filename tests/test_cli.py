@@ -327,9 +327,11 @@ def test_ctrl_c_while_importing_is_a_clean_exit():
     probe = subprocess.run([sys.executable, "-c", "import sys, lorakit.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datasets')))"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]"
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--print-config"], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    time.sleep(0.8)  # inside the import of torch (seconds), well after lorakit.cli's (milliseconds)
+    # `lorakit` as the console script runs it (import lorakit.cli, call main), telling us when main starts
+    script = "import sys, lorakit.cli; print('ready', flush=True); sys.exit(lorakit.cli.main(['train', '--print-config']))"
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # inside main, importing torch (seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:

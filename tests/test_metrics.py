@@ -281,8 +281,10 @@ def test_whole_completion_match_matches_tasks_exact_match():
         ("  a b  \r\nc", "a b"),
         ("", ""),
         ("x", " x\n"),
+        ("48/2 = 24\n#### 72\nQuestion: next", "48/2 = 24\n#### 72"),  # a worked solution: all its lines
+        ("48/2 = 24\n#### 71", "48/2 = 24\n#### 72"),
     ]
-    expected = [True, True, False, False, True, True, True]
+    expected = [True, True, False, False, True, True, True, True, False]
     for (prediction, answer), want in zip(cases, expected):
         assert whole_completion_match(prediction, answer) is want, (prediction, answer)
-        assert exact_match(prediction, answer) is want
+        assert exact_match(prediction, answer) is want  # the built-in task's metric is the same rule

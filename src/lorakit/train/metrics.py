@@ -16,7 +16,8 @@ Regression (predicted scores against targets):
     mse        mean squared error (reported by ``regression_metrics``).
 
 Generation (generated text against a reference):
-    whole_completion_match   the first line of the generation, stripped, equals the stripped reference.
+    whole_completion_match   the generation's first lines (as many as the reference has), stripped, equal the
+                             reference's lines.
     answers_match            the answers pulled out of both texts by an answer pattern are equal after
                              normalisation (GSM8K's "#### 72", the last number in the text, or a user regex).
 
@@ -260,5 +261,7 @@ def answers_match(prediction: str, reference: str, pattern: AnswerPattern | str)
 
 
 def whole_completion_match(prediction: str, answer: str) -> bool:
-    """The generation up to its first newline, stripped, equals the stripped answer."""
-    return prediction.split("\n")[0].strip() == answer.strip()
+    """The generation's first lines, as many as the stripped answer has, equal the answer's lines
+    (each stripped): what the model writes after a complete answer does not count."""
+    expected = [line.strip() for line in answer.strip().split("\n")]
+    return [line.strip() for line in prediction.split("\n")[: len(expected)]] == expected

@@ -49,4 +49,6 @@ def generate(seed: int = 0, n_train: int = 800, n_eval: int = 100) -> tuple[list
 
 def exact_match(prediction: str, answer: str) -> bool:
     """The metric: the generated text (up to end of sequence or line) equals the answer."""
-    return prediction.split("\n")[0].strip() == answer.strip()
+    from .metrics import whole_completion_match
+
+    return whole_completion_match(prediction, answer)
