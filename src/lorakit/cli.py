@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,29 @@ RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints"
                      "answer_pattern"}
 
 
+def launch_processes(args: argparse.Namespace) -> int:
+    """`lorakit train --nproc N ...`: the same command under torchrun, N processes (DDP)."""
+    import subprocess
+
+    from .train.distributed import torchrun_command
+
+    argv = list(args.argv)
+    for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N
+        if arg == "--nproc":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    return subprocess.call(torchrun_command(args.nproc, argv))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.distributed import launched_by_torchrun
+
+    if args.nproc and args.nproc > 1 and not args.print_config and not launched_by_torchrun():
+        resolve_train_config(args)  # a bad flag is one error here, not one per process
+        return launch_processes(args)
     cfg = resolve_train_config(args)
     if args.print_config:
         from .train.loop import check_config
@@ -128,6 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     result = train(cfg, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the main process reports
     print()
     print(result.table())
     print()
@@ -439,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "reverse-words task on CPU in a few minutes. Flags override --config.")
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields (flags override it)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    train.add_argument("--nproc", type=positive_int, metavar="N",
+                       help="train on N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPU): the same as "
+                       "`torchrun --nproc_per_node N -m lorakit train ...`. The global batch is --batch-size x N x "
+                       "--grad-accum")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -485,11 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lorakit` command; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)  # inside: --help imports the methods (and torch)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except LorakitError as err:
         from .train.loop import TrainingInterrupted
 
-        print(f"error: {err}" if not isinstance(err, TrainingInterrupted) else str(err), file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        where = f"[process {rank}] " if rank else ""
+        print(f"error: {where}{err}" if not isinstance(err, TrainingInterrupted) else str(err), file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(err, TrainingInterrupted) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

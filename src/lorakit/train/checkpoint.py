@@ -51,6 +51,26 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def merge_rank_rng_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The random states of every process of a run, in one file: process 0's as `torch`, the others
+    as `rank1.torch`, ..."""
+    merged = dict(states[0])
+    for rank, state in enumerate(states[1:], start=1):
+        merged.update({f"rank{rank}.{key}": value for key, value in state.items()})
+    return merged
+
+
+def rank_rng_state(merged: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Process `rank`'s random state from `merge_rank_rng_states`' file."""
+    if rank == 0:
+        return {k: v for k, v in merged.items() if not k.startswith("rank")}
+    prefix = f"rank{rank}."
+    own = {k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)}
+    if "torch" not in own:
+        raise LorakitError(f"the checkpoint holds no random state for process {rank}")
+    return own
+
+
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     cuda = [state[k] for k in sorted((k for k in state if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))]
@@ -67,6 +87,7 @@ def save_checkpoint(
     hooks: Any,
     state: dict[str, Any],
     keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint for `step` under `directory` atomically; keep the newest `keep`."""
     directory = Path(directory)
@@ -81,7 +102,7 @@ def save_checkpoint(
     try:
         io.save(model, tmp / "adapter")
         save_file(exact, str(tmp / "adapter_state.safetensors"))
-        save_file(rng_state(), str(tmp / "rng.safetensors"))
+        save_file(rng if rng is not None else rng_state(), str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(hooks.state_dict(), tmp / "hooks.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")

@@ -1,11 +1,15 @@
 """`lorakit train`: the training loop, written out.
 
-    load model + data -> metric before -> adapt -> hooks.before_training -> optimizer
-    for each step:
-        for each micro-batch: loss (+ hooks.extra_loss on the last) -> backward
-        clip -> optimizer.step -> scheduler.step -> hooks.after_optimizer_step -> zero_grad
-        log; checkpoint every N steps; stop cleanly on Ctrl-C; stop on a non-finite loss
-    metric after -> save adapter, config, metrics, report -> print the summary table
+    set_up:      load model + data -> metric before -> adapt -> hooks.before_training -> optimizer
+    train_steps: for each step:
+                     for each micro-batch (this process's share): loss (+ hooks.extra_loss on the last) -> backward
+                     clip -> optimizer.step -> scheduler.step -> hooks.after_optimizer_step -> zero_grad
+                     log; checkpoint every N steps; stop cleanly on Ctrl-C; stop on a non-finite loss
+    finish:      metric after -> save adapter, config, metrics, report
+
+A strategy (`distributed.SingleProcess`, or `DataParallel` under torchrun) owns what depends on
+the number of processes: model wrapping, each process's share of a batch, sums over processes,
+and which process writes files.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import evaluate, tasks
 from .config import TrainConfig, to_yaml, validate, with_resolved_paths
+from .distributed import SingleProcess, strategy_for
 from .errors import LorakitError
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -55,11 +60,8 @@ class TrainingInterrupted(LorakitError):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LorakitError("device cuda requested but no CUDA GPU is available")
-    return torch.device(name)
+    """The device of a single-process run (`lorakit eval`, `generate`)."""
+    return SingleProcess().device(name)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -399,41 +401,84 @@ def default_run_name(cfg: TrainConfig, data_name: str) -> str:
     return f"{data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: TrainConfig, echo=print) -> RunResult:
+@dataclass
+class Run:
+    """Everything a run holds between set-up, the step loop and the finish."""
+
+    cfg: TrainConfig
+    strategy: SingleProcess
+    device: torch.device
+    bf16: bool
+    datasets: Datasets
+    model: nn.Module
+    tokenizer: Any
+    hooks: Hooks
+    run_dir: Path
+    total_steps: int
+    start_step: int
+    before: dict[str, float]
+    state: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    forward: nn.Module  # what a step calls: the model, compiled and/or wrapped by the strategy
+    builtin: str
+    pad_id: int
+    eval_batch: int
+    wall_start: float
+    loss_value: float = float("nan")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def echo(self, message: str) -> None:
+        if self.strategy.is_main:
+            self._echo(message)
+
+    _echo: Any = print
+
+
+def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -> RunResult:
     """Run `lorakit train` for a resolved config; returns the result (see `RunResult`).
 
+    Started by torchrun with several processes, it trains with DDP (`lorakit.train.distributed`).
     Raises `LorakitError` for bad input, `TrainingDiverged` on a non-finite loss (the last good
     checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
     """
+    own = strategy is None
+    strategy = strategy or strategy_for()
+    try:
+        run = set_up(cfg, echo, strategy)
+        train_steps(run)
+        return finish(run)
+    finally:
+        if own:
+            strategy.close()
+
+
+def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
+    """Check the config, read the data, load and adapt the model, restore a checkpoint, build the
+    optimizer: everything before the first step. Only the main process writes files or prints."""
+    say = echo if strategy.is_main else (lambda *_: None)
     wall_start = time.perf_counter()
     cfg = check_config(cfg)
-    device = pick_device(cfg.device)
+    device = strategy.device(cfg.device)
     bf16 = use_bf16(cfg.precision, device)
 
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     datasets = build_datasets(cfg, tokenizer)
     if datasets.columns:
-        echo(f"data columns: {datasets.columns}")
+        say(f"data columns: {datasets.columns}")
     if not datasets.train:
         raise LorakitError(f"{cfg.data}: no training examples left after holding out the evaluation split")
     if resume_from is not None:
         run_dir = ckpt.run_dir_of(resume_from)
     else:
-        out_dir = Path(cfg.out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise LorakitError(f"--out-dir {out_dir} is a file, not a directory")
-        run_dir = out_dir / (cfg.name or default_run_name(cfg, datasets.name))
-        if run_dir.exists() and not run_dir.is_dir():
-            raise LorakitError(f"{run_dir} is a file, not a run directory: pick another --name or --out-dir")
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not cfg.overwrite:
-                raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
-                                   "with --overwrite, or pick another --name")
-            clear_run_dir(run_dir)
+        run_dir = new_run_dir(cfg, datasets.name, strategy)
 
     builtin = models.DEFAULT_ENCODER if cfg.task in SEQUENCE_TASKS else models.DEFAULT_CAUSAL_LM
-    echo(f"loading model {cfg.model or builtin} ...")
+    say(f"loading model {cfg.model or builtin} ...")
     quantization = {"method": cfg.quantize} if cfg.quantize else None
     if quantization and cfg.init == "loftq":
         quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
@@ -442,7 +487,8 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_batch = cfg.eval_batch_size or cfg.batch_size
-    per_epoch = max(1, len(datasets.train) // cfg.batch_size)
+    global_batch = cfg.batch_size * strategy.world_size
+    per_epoch = max(1, len(datasets.train) // global_batch)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
     torch.manual_seed(cfg.seed)
@@ -454,12 +500,13 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
             inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
         raise LorakitError(str(err)) from None
-    if resume_from is None:
+    before: dict[str, float] = {}
+    if resume_from is None and strategy.is_main:
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
-        echo(f"measuring {describe_eval(datasets)} before training ...")
+        say(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
         before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
-        echo(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
+        say(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     try:
@@ -467,178 +514,287 @@ def train(cfg: TrainConfig, echo=print) -> RunResult:
     except ValueError as err:  # e.g. AdaLoRA's schedule longer than --steps
         raise LorakitError(str(err)) from None
 
-    state: dict[str, Any] = {"tokens": 0, "train_seconds": 0.0}
+    state: dict[str, Any] = {"tokens": 0, "train_seconds": 0.0, "world_size": strategy.world_size}
     optim_state = rng = None
     if resume_from is not None:
-        state, optim_state, rng = ckpt.load_checkpoint(resume_from, model, hooks)
-        before = state["before"]
-        echo(f"resuming from {resume_from} (step {state['step']})")
-    elif hooks:
-        # a few training batches for hooks that probe the model first (LoRA-drop); on resume their
-        # decisions come back with the checkpoint's adapter config and hook state instead
-        probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
-
-        def sample(fraction: float) -> list[dict[str, torch.Tensor]]:
-            chosen = data_mod.evenly_spaced(datasets.train, fraction)
-            return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
-                    for i in range(0, len(chosen), cfg.batch_size)]
-
         try:
-            hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
-                                               functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
-        except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
-            raise LorakitError(f"{cfg.method} before training: {err}") from None
+            state, optim_state, rng = ckpt.load_checkpoint(resume_from, model, hooks)
+        except (ValueError, KeyError) as err:  # e.g. resumed onto another base model
+            raise LorakitError(f"cannot resume from {resume_from}: {' '.join(str(err).split())}") from None
+        saved_world = state.get("world_size", 1)
+        if saved_world != strategy.world_size:
+            raise LorakitError(f"{resume_from} was written by a run on {saved_world} process(es); resume it on the same "
+                               f"number (this run has {strategy.world_size}): the data order and random streams are per process")
+        before = state["before"]
+        say(f"resuming from {resume_from} (step {state['step']})")
+    elif hooks:
+        run_probe(cfg, model, hooks, datasets, pad_id, device, bf16, strategy)
     start_step = state.get("step", 0)
     if start_step > total_steps:
         raise LorakitError(f"{resume_from} is at step {start_step}, past --steps {total_steps}: raise --steps to train further")
     # start_step == total_steps: the run was cut after its last checkpoint; resuming finishes it
     # (evaluation, adapter/, reports) without training
 
-    def make_optimizer() -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
-
-    def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
-
-    optimizer = make_optimizer()
-    scheduler = make_scheduler(optimizer)
-    layout_version = inject.lorakit_state(model).layout_version
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
     if rng is not None:
-        ckpt.set_rng_state(rng)
-    trainable = [p for _, p in inject.adapter_parameters(model)]
-    forward = torch.compile(model) if cfg.compile else model
+        ckpt.set_rng_state(ckpt.rank_rng_state(rng, strategy.rank))
+    elif strategy.world_size > 1:
+        torch.manual_seed(cfg.seed + 1_000_003 * strategy.rank)  # each process its own dropout masks
 
-    # created only now: a run that fails while setting up leaves no empty run directory behind
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_leftovers(run_dir / "checkpoints")
-    (run_dir / "config.yaml").write_text(
-        f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
-        f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None))
-    )
-    checkpoints = run_dir / "checkpoints"
-    metrics_log = open_metrics_log(run_dir / "metrics.jsonl", start_step)
+    if strategy.is_main:
+        # created only now: a run that fails while setting up leaves no empty run directory behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_leftovers(run_dir / "checkpoints")
+        (run_dir / "config.yaml").write_text(
+            f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
+            f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None))
+        )
+    run = Run(cfg=cfg, strategy=strategy, device=device, bf16=bf16, datasets=datasets, model=model, tokenizer=tokenizer,
+              hooks=hooks, run_dir=run_dir, total_steps=total_steps, start_step=start_step, before=before, state=state,
+              optimizer=optimizer, scheduler=scheduler, forward=model, builtin=builtin, pad_id=pad_id,
+              eval_batch=eval_batch, wall_start=wall_start)
+    run._echo = echo
+    run.forward = forward_module(run)
+    return run
 
-    def save(step: int) -> Path:
-        keep = {**state, "before": before, "step": step}
-        return ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler, hooks, keep, cfg.keep_checkpoints)
 
+def new_run_dir(cfg: TrainConfig, data_name: str, strategy: SingleProcess) -> Path:
+    """The directory of a new run (named by the main process); an existing run in it is refused
+    unless --overwrite, which clears it."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LorakitError(f"--out-dir {out_dir} is a file, not a directory")
+    run_dir = out_dir / strategy.broadcast(cfg.name or default_run_name(cfg, data_name))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"{run_dir} is a file, not a run directory: pick another --name or --out-dir")
+    holds_files = run_dir.is_dir() and any(run_dir.iterdir())
+    strategy.barrier()  # every process has looked before the main one clears anything
+    if holds_files:
+        if not cfg.overwrite:
+            raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
+                               "with --overwrite, or pick another --name")
+        if strategy.is_main:
+            clear_run_dir(run_dir)
+    return run_dir
+
+
+def run_probe(cfg: TrainConfig, model: nn.Module, hooks: Hooks, datasets: Datasets, pad_id: int, device: torch.device,
+              bf16: bool, strategy: SingleProcess) -> None:
+    """Hooks that probe the model before training (LoRA-drop) decide on the main process; the
+    others take its decision (the adapter layout; the tensors follow when DDP wraps the model)."""
+    per_epoch = max(1, len(datasets.train) // cfg.batch_size)
+    probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
+
+    def sample(fraction: float) -> list[dict[str, torch.Tensor]]:
+        chosen = data_mod.evenly_spaced(datasets.train, fraction)
+        return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
+                for i in range(0, len(chosen), cfg.batch_size)]
+
+    if strategy.is_main:
+        try:
+            hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
+                                               functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
+        except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
+            error = f"{cfg.method} before training: {err}"
+        else:
+            error = None
+    else:
+        error = None
+    error = strategy.broadcast(error)
+    if error is not None:
+        raise LorakitError(error)
+    if strategy.world_size > 1:
+        name = inject.lorakit_state(model).active[0]
+        config = inject.adapter_config(model, name)
+        layout = strategy.broadcast({field: getattr(config, field) for field in config.layout_fields})
+        if any(getattr(config, field) != value for field, value in layout.items()):
+            inject.reconfigure(model, name, **layout)
+        hooks.load_state_dict(strategy.broadcast(hooks.state_dict()))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+
+
+def forward_module(run: Run) -> nn.Module:
+    """The module a step calls: compiled with --compile, then wrapped by the strategy (DDP)."""
+    module = torch.compile(run.model) if run.cfg.compile else run.model
+    return run.strategy.wrap(module)
+
+
+def save(run: Run, step: int) -> Path | None:
+    """A checkpoint of `step`, written by the main process (with every process's random state)."""
+    rng = run.strategy.gather(ckpt.rng_state())
+    if not run.strategy.is_main:
+        return None
+    keep = {**run.state, "before": run.before, "step": step}
+    return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
+                                run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
+
+
+def train_steps(run: Run) -> None:
+    """The step loop: micro-batches -> backward -> clip -> optimizer step -> hooks; logging and
+    checkpoints on the main process; a stop (Ctrl-C, a non-finite value) agreed by all processes."""
+    cfg, strategy = run.cfg, run.strategy
+    metrics_log = open_metrics_log(run.run_dir / "metrics.jsonl", run.start_step) if strategy.is_main else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not cfg.progress, dynamic_ncols=True, desc="train")
-    model.train()
-    loss_value = float("nan")
+    bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step", disable=not (cfg.progress and strategy.is_main),
+               dynamic_ncols=True, desc="train")
+    trainable = [p for _, p in inject.adapter_parameters(run.model)]
+    layout_version = inject.lorakit_state(run.model).layout_version
+    run.model.train()
     try:
         with StopFlag() as stop:
-            for step in range(start_step + 1, total_steps + 1):
+            for step in range(run.start_step + 1, run.total_steps + 1):
                 t0 = time.perf_counter()
-                step_loss, step_tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    examples = data_mod.micro_batch(datasets.train, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-                    batch = evaluate.to_device(data_mod.collate(examples, pad_id), device)
-                    with evaluate.autocast(device, bf16):
-                        loss = forward(**batch).loss
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(
-                            f"loss became {value} at step {step}; stopped. "
-                            + _last_good(checkpoints)
-                            + " Try a lower --lr or --grad-clip."
-                        )
-                    (loss / cfg.grad_accum).backward()
-                    step_loss += value / cfg.grad_accum
-                    step_tokens += int(batch["attention_mask"].sum())
-                extra_value = None
-                if hooks:
-                    # a method's own loss term (AdaLoRA's regulariser) counts once per optimizer step
-                    # with weight 1, whatever --grad-accum is, and is logged apart from the task loss
-                    extra = hooks.extra_loss(model)
-                    if isinstance(extra, torch.Tensor):
-                        extra_value = extra.item()
-                        if not math.isfinite(extra_value):
-                            raise TrainingDiverged(f"the method's extra loss became {extra_value} at step {step}; stopped. "
-                                                   + _last_good(checkpoints))
-                        extra.backward()
+                step_loss, step_tokens, extra_value = accumulate_gradients(run, step)
                 grad_norm = None
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-                    if not math.isfinite(grad_norm):
-                        raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(checkpoints))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                    if not math.isfinite(grad_norm):  # the same on every process: gradients are reduced
+                        raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(run.checkpoints))
+                lr = run.optimizer.param_groups[0]["lr"]
+                run.optimizer.step()
                 if trainable and not bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()):  # one host sync
                     # a finite loss can still leave non-finite weights (--lr inf, --lr 1e6): never checkpoint them
                     raise TrainingDiverged(f"the adapter weights became non-finite at step {step}; stopped. "
-                                           + _last_good(checkpoints) + " Try a lower --lr or --grad-clip.")
-                scheduler.step()
-                hooks.after_optimizer_step(model, step)
-                optimizer.zero_grad(set_to_none=True)
-                if inject.lorakit_state(model).layout_version != layout_version:
-                    # a hook rebuilt adapters (lorakit.reconfigure): optimize the new parameters
-                    optimizer, scheduler = rebuild_optimizer(optimizer, scheduler, make_optimizer(), make_scheduler)
-                    trainable = [p for _, p in inject.adapter_parameters(model)]
-                    layout_version = inject.lorakit_state(model).layout_version
+                                           + _last_good(run.checkpoints) + " Try a lower --lr or --grad-clip.")
+                run.scheduler.step()
+                run.hooks.after_optimizer_step(run.model, step)
+                run.optimizer.zero_grad(set_to_none=True)
+                if inject.lorakit_state(run.model).layout_version != layout_version:
+                    # a hook rebuilt adapters (lorakit.reconfigure): optimize (and reduce) the new parameters
+                    run.optimizer, run.scheduler = rebuild_optimizer(run.optimizer, run.scheduler, make_optimizer(run.model, cfg),
+                                                                     lambda o: make_scheduler(o, cfg, run.total_steps))
+                    trainable = [p for _, p in inject.adapter_parameters(run.model)]
+                    layout_version = inject.lorakit_state(run.model).layout_version
+                    run.forward = forward_module(run)
 
                 seconds = time.perf_counter() - t0
-                state["tokens"] += step_tokens
-                state["train_seconds"] += seconds
-                loss_value = step_loss
-                tokens_per_s = state["tokens"] / max(state["train_seconds"], 1e-9)
-                record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": state["tokens"], "tokens_per_s": round(tokens_per_s, 1)}
-                if grad_norm is not None:
-                    record["grad_norm"] = round(grad_norm, 6)
-                if extra_value is not None:
-                    record["extra_loss"] = round(extra_value, 6)
-                metrics_log.write(json.dumps(record) + "\n")
-                metrics_log.flush()
+                run.state["tokens"] += step_tokens
+                run.state["train_seconds"] += seconds
+                run.loss_value = step_loss
+                tokens_per_s = run.state["tokens"] / max(run.state["train_seconds"], 1e-9)
+                if metrics_log is not None:
+                    record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": run.state["tokens"],
+                              "tokens_per_s": round(tokens_per_s, 1)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = round(grad_norm, 6)
+                    if extra_value is not None:
+                        record["extra_loss"] = round(extra_value, 6)
+                    metrics_log.write(json.dumps(record) + "\n")
+                    metrics_log.flush()
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
 
-                if stop.requested:
-                    path = save(step)
-                    raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}. Resume with: lorakit train --resume {run_dir}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    save(step)
+                if strategy.any(stop.requested):
+                    path = save(run, step)
+                    raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path or run.checkpoints}. "
+                                              f"Resume with: lorakit train --resume {run.run_dir}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.total_steps:
+                    save(run, step)
     finally:
         bar.close()
-        metrics_log.close()
-    save(total_steps)
+        if metrics_log is not None:
+            metrics_log.close()
+    save(run, run.total_steps)
 
-    echo(f"measuring {describe_eval(datasets)} after training ...")
-    t0 = time.perf_counter()
-    after = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
-    echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
-    adapter_dir = run_dir / "adapter"
-    io.save(model, adapter_dir, base_model_name_or_path=cfg.model or builtin)  # the base it needs, as PEFT records it
-    trainable_count, total_count = parameter_counts(model)
+
+def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
+    """Forward and backward over the step's micro-batches (this process's share of each).
+
+    Returns (the step's loss averaged over micro-batches and processes, tokens in the global batch,
+    the method's extra loss or None). A non-finite loss in any process stops every process."""
+    cfg, strategy = run.cfg, run.strategy
+    losses, tokens = 0.0, 0
+    extra_value = None
+    for micro in range(cfg.grad_accum):
+        last = micro == cfg.grad_accum - 1
+        examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro,
+                                        cfg.batch_size * strategy.world_size, cfg.seed)
+        batch = evaluate.to_device(data_mod.collate(strategy.shard(examples), run.pad_id), run.device)
+        kwargs = {}
+        if strategy.world_size > 1 and cfg.task not in SEQUENCE_TASKS:
+            # the loss of the global micro-batch is its mean over all label tokens: each process's
+            # sum is divided by the global count (over the process count, which DDP's mean undoes)
+            counts = strategy.sum([float((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())])[0]
+            kwargs["num_items_in_batch"] = torch.tensor(counts / strategy.world_size, device=run.device)
+        with strategy.no_sync(run.forward, last):
+            with evaluate.autocast(run.device, run.bf16):
+                loss = run.forward(**batch, **kwargs).loss
+            total = loss / cfg.grad_accum
+            if last and run.hooks:
+                # a method's own loss term (AdaLoRA's regulariser) counts once per optimizer step with
+                # weight 1, whatever --grad-accum is, and is logged apart from the task loss; it is the
+                # same on every process (the weights are), so DDP's average leaves it as it is
+                extra = run.hooks.extra_loss(run.model)
+                if isinstance(extra, torch.Tensor):
+                    extra_value = extra.item()
+                    total = total + extra
+            total.backward()
+        losses += loss.item() / cfg.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+    losses, tokens_all = strategy.sum([losses, float(tokens)])
+    step_loss = losses / strategy.world_size
+    if not math.isfinite(step_loss):
+        raise TrainingDiverged(f"loss became {step_loss} at step {step}; stopped. " + _last_good(run.checkpoints)
+                               + " Try a lower --lr or --grad-clip.")
+    if extra_value is not None and not math.isfinite(extra_value):
+        raise TrainingDiverged(f"the method's extra loss became {extra_value} at step {step}; stopped. " + _last_good(run.checkpoints))
+    return step_loss, int(tokens_all), extra_value
+
+
+def finish(run: Run) -> RunResult:
+    """Evaluate after training, save the adapter and the reports (main process), print nothing."""
+    cfg, strategy = run.cfg, run.strategy
+    after: dict[str, float] = {}
+    if strategy.is_main:
+        run.echo(f"measuring {describe_eval(run.datasets)} after training ...")
+        t0 = time.perf_counter()
+        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch)
+        run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
+        adapter_dir = run.run_dir / "adapter"
+        io.save(run.model, adapter_dir, base_model_name_or_path=cfg.model or run.builtin)  # the base it needs, as PEFT records it
+    strategy.barrier()
+    adapter_dir = run.run_dir / "adapter"
+    trainable_count, total_count = parameter_counts(run.model)
     result = RunResult(
-        run_dir=run_dir,
-        steps=total_steps,
-        metric=datasets.metric,
-        before=before,
+        run_dir=run.run_dir,
+        steps=run.total_steps,
+        metric=run.datasets.metric,
+        before=run.before,
         after=after,
         method=cfg.method,
         trainable_params=trainable_count,
         total_params=total_count,
         adapter_bytes=dir_size(adapter_dir),
-        peak_memory_mb=peak_memory_mb(device),
-        tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
-        train_seconds=state["train_seconds"],
-        wall_seconds=time.perf_counter() - wall_start,
-        final_loss=loss_value,
+        peak_memory_mb=peak_memory_mb(run.device),
+        tokens_per_s=run.state["tokens"] / max(run.state["train_seconds"], 1e-9),
+        train_seconds=run.state["train_seconds"],
+        wall_seconds=time.perf_counter() - run.wall_start,
+        final_loss=run.loss_value,
     )
-    report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-    if datasets.labels:
-        report["labels"] = datasets.labels
-    report["eval_examples"] = {"scored": len(datasets.eval), "of": datasets.eval_total, "source": datasets.eval_source}
-    adapter_config = inject.adapter_config(model)
-    layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
-    if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
-        report["adapter_layout"] = layout
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / "report.txt").write_text(result.table() + "\n")
+    if strategy.is_main:
+        report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+        if run.datasets.labels:
+            report["labels"] = run.datasets.labels
+        report["eval_examples"] = {"scored": len(run.datasets.eval), "of": run.datasets.eval_total, "source": run.datasets.eval_source}
+        report["processes"] = strategy.world_size
+        adapter_config = inject.adapter_config(run.model)
+        layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
+        if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
+            report["adapter_layout"] = layout
+        (run.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (run.run_dir / "report.txt").write_text(result.table() + "\n")
     return result
 
 
