@@ -149,3 +149,17 @@ def test_shards_split_each_global_micro_batch_in_rank_order():
     assert [Fake(r, 2).shard(batch) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(LorakitError, match="cannot be split over 4 processes"):
         Fake(0, 4).shard([1, 2, 3])
+
+
+def test_lora_drop_plan_is_decided_once_and_shared(tiny_model, pc_data, tmp_path):
+    """LoRA-drop's probe runs on the main process; the others take its sharing plan (a process that
+    kept its own plan would hold other parameters, and DDP would refuse to start)."""
+    flags = ["--model", tiny_model, "--data", pc_data, "--out-dir", str(tmp_path), "--name", "drop", "--method", "lora-drop",
+             "--method-arg", "threshold=0.5", "--method-arg", "probe_steps=2", "--steps", "2", "--batch-size", "2",
+             "--no-progress"]
+    done = torchrun(flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "drop" / "report.json").read_text())
+    assert report["processes"] == 2 and report["adapter_layout"]

@@ -125,26 +125,33 @@ def test_crash_mid_save_keeps_last_checkpoint_and_resume_is_exact(reference, tin
     assert_bit_equal(adapter_tensors(result.run_dir), reference[1])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, pc_data, tmp_path, monkeypatch):
-    real_ce = torch.nn.functional.cross_entropy
+@pytest.mark.parametrize("chunked_loss", [True, False])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, pc_data, tmp_path, monkeypatch, chunked_loss):
+    from lorakit import losses
+
+    real_ce, real_chunked = torch.nn.functional.cross_entropy, losses.linear_cross_entropy
     calls = {"n": 0}
 
-    def nan_from_step_3(*args, **kwargs):
-        out = real_ce(*args, **kwargs)
-        if torch.is_grad_enabled():  # training only, not the evaluation before training
-            calls["n"] += 1
-            if calls["n"] > 2 * 2:  # 2 micro-batches per step: NaN from step 3 on
-                return out * float("nan")
-        return out
+    def nan_from_step_3(real):
+        def loss(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if torch.is_grad_enabled():  # training only, not the evaluation before training
+                calls["n"] += 1
+                if calls["n"] > 2 * 2:  # 2 micro-batches per step: NaN from step 3 on
+                    return out * float("nan")
+            return out
+        return loss
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3(real_ce))
+    monkeypatch.setattr(losses, "linear_cross_entropy", nan_from_step_3(real_chunked))
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3; stopped\. The last good checkpoint is .*step-000002"):
-        train(config(tiny_model, pc_data, tmp_path), echo=quiet)
+        train(config(tiny_model, pc_data, tmp_path, chunked_loss=chunked_loss), echo=quiet)
     found = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in found] == ["step-000002"]
     assert not (tmp_path / "run" / "adapter").exists()
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_ce)
-    resumed = train(config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run")), echo=quiet)
+    monkeypatch.setattr(losses, "linear_cross_entropy", real_chunked)
+    resumed = train(config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run"), chunked_loss=chunked_loss), echo=quiet)
     assert resumed.steps == 6 and (resumed.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

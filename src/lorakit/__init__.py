@@ -30,6 +30,7 @@ _EXPORTS = {
     "io": ("hotswap", "load", "save"),
     "methods": ("METHODS", "AdapterConfig", "AdaLoRA", "LoRA", "LoRADrop", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "lora_drop"),
     "optim": ("param_groups",),
+    "losses": ("causal_lm_loss",),
     "param_summary": ("summary",),
     "quant": ("Linear4bit", "quantize"),
 }
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
                          adapter_parameters, disabled, lorakit_state, merge, merge_and_unload, per_sample_adapters,
                          reconfigure, remove, set_active, unmerge)
     from .io import hotswap, load, save
+    from .losses import causal_lm_loss
     from .methods import METHODS, AdaLoRA, AdapterConfig, DeltaLoRA, DoRA, LoRA, LoRADrop, LoRAFA, VeRA, lora_drop
     from .optim import param_groups
     from .quant import Linear4bit, quantize
@@ -101,4 +103,5 @@ __all__ = [
     "Hooks",
     "TrainingHook",
     "training_hooks",
+    "causal_lm_loss",
 ]

@@ -115,7 +115,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 # what a resumed run may set anew: its length, where and how it runs, what it reports
 RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device",
                      "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
-                     "answer_pattern"}
+                     "answer_pattern", "chunked_loss"}
 
 
 def launch_processes(args: argparse.Namespace) -> int:

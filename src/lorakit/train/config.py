@@ -108,6 +108,8 @@ class TrainConfig:
     """Recompute activations in backward to save memory."""
     compile: bool = False
     """Run the model through torch.compile."""
+    chunked_loss: bool = True
+    """Causal LMs: compute the output head and cross-entropy a chunk of tokens at a time, never holding the full (tokens x vocabulary) logits (the same loss and gradients; used where the model's head is a plain linear layer). --no-chunked-loss: the model's own loss."""
 
     name: str | None = None
     """Run name: results go to <out-dir>/<name>/. Default: derived from the task, method and time."""

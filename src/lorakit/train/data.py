@@ -731,8 +731,9 @@ def to_prompt_completion(record: dict[str, Any] | Record, fmt: str, tokenizer, t
 
 
 def encode_causal(records: list[Record], fmt: str, tokenizer, max_length: int, train_on_prompt: bool,
-                  template: str | None = None) -> list[Example]:
-    """Token ids and labels for a causal LM; examples with no loss token left are an error."""
+                  template: str | None = None, skipped: list[str] | None = None) -> list[Example]:
+    """Token ids and labels for a causal LM. An example with no loss token left within `max_length`
+    is an error, or, with a `skipped` list, left out and its place appended there."""
     if fmt == "label":
         raise LorakitError("text + label data is for sequence tasks: add --task classify (or --task regress)")
     if fmt == "chat" and not has_chat_template(tokenizer):
@@ -751,6 +752,9 @@ def encode_causal(records: list[Record], fmt: str, tokenizer, max_length: int, t
             labels = list(ids)
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels[1:]):
+            if skipped is not None:
+                skipped.append(str(record.source))
+                continue
             raise LorakitError(
                 f"{record.source}: no completion tokens left within max_length={max_length} (prompt is {len(ids)}+ tokens)"
             )

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import inject, io, models
+from .. import inject, io, losses, models
 from ..hooks import Hooks, Probe, training_hooks
 from ..methods import METHODS
 from ..optim import param_groups
@@ -255,6 +255,7 @@ class Datasets:
     eval_source: str = ""  # what the held-out examples are, for messages
     answer_pattern: str | None = None
     columns: str = ""  # how the data's columns were mapped (for the log)
+    notes: list[str] = field(default_factory=list)  # what the reader left out, for the log
 
 
 def default_metric(cfg: TrainConfig) -> str:
@@ -316,8 +317,15 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None)
         train_ex = data_mod.encode_regress(train, fmt, tokenizer, cfg.max_length)
         eval_ex = data_mod.encode_regress(held, fmt, tokenizer, cfg.max_length)
         return Datasets(train_ex, eval_ex, name, **common)
-    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template)
-    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template)
+    skipped: list[str] = []
+    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+    if skipped:
+        if not train_ex:
+            raise LorakitError(f"no example has completion tokens within max_length={cfg.max_length} (e.g. {skipped[0]}): "
+                               "raise --max-length")
+        common["notes"] = [f"left out {len(skipped)} example(s) whose prompt fills max_length={cfg.max_length} "
+                           f"(first: {skipped[0]}); raise --max-length to keep them"]
     if common["metric"] == "exact_match" and eval_ex and any(e.answer is None for e in eval_ex):
         raise LorakitError(f"exact_match compares generated completions: {fmt} data has none (use --metric eval_loss)")
     return Datasets(train_ex, eval_ex, name, answer_pattern=cfg.answer_pattern, **common)
@@ -470,6 +478,8 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     datasets = build_datasets(cfg, tokenizer)
     if datasets.columns:
         say(f"data columns: {datasets.columns}")
+    for note in datasets.notes:
+        say(f"note: {note}")
     if not datasets.train:
         raise LorakitError(f"{cfg.data}: no training examples left after holding out the evaluation split")
     if resume_from is not None:
@@ -625,8 +635,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
 
 def forward_module(run: Run) -> nn.Module:
-    """The module a step calls: compiled with --compile, then wrapped by the strategy (DDP)."""
-    module = torch.compile(run.model) if run.cfg.compile else run.model
+    """The module a step calls: the model (with the chunked loss where it applies), compiled with
+    --compile, then wrapped by the strategy (DDP)."""
+    module = run.model
+    if run.cfg.chunked_loss and run.cfg.task not in SEQUENCE_TASKS and losses.plain_head(module) is not None:
+        module = losses.ChunkedLossModel(module)
+    module = torch.compile(module) if run.cfg.compile else module
     return run.strategy.wrap(module)
 
 

@@ -1,0 +1,147 @@
+"""A causal-LM loss that never holds the full (tokens x vocabulary) logits.
+
+The output head and the cross-entropy are computed a chunk of tokens at a time, in one custom
+autograd function: forward keeps only each token's log-sum-exp (one float per token), backward
+recomputes each chunk's logits and turns them into the gradient at once,
+
+    d loss / d logits = (softmax(logits) - onehot(target)) * grad / n_items,
+
+so peak memory holds one chunk of logits instead of all of them (and of their fp32 copy, their
+softmax and their gradient). The loss and the gradients are those of transformers' own
+`ForCausalLMLoss` (shift by one, `ignore_index=-100`, sum over tokens divided by `num_items_in_batch`
+or by the number of label tokens) to float tolerance: tested against it.
+
+    loss = lorakit.causal_lm_loss(model, input_ids, attention_mask, labels)   # a user's own loop
+    model = lorakit.losses.ChunkedLossModel(model)                             # model(**batch).loss, chunked
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024
+
+# Architectures whose causal-LM head is exactly `lm_head(hidden_states)` on the backbone's last hidden
+# state (no logit soft-capping or scaling) and whose loss is transformers' ForCausalLMLoss.
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "olmo", "olmo2", "starcoder2")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weight.T + bias, targets) * scale, by chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk):  # noqa: D102 -- see the class
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start:start + chunk], weight, bias).float()
+            target = targets[start:start + chunk]
+            valid = target != IGNORE_INDEX
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += torch.where(valid, chunk_lse - picked, 0.0).sum()
+            lse[start:start + chunk] = chunk_lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.scale, ctx.chunk, ctx.autocast_dtype = scale, chunk, autocast_dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        factor = grad_output.float() * ctx.scale
+        device = hidden.device.type
+        with torch.autocast(device, dtype=ctx.autocast_dtype or torch.bfloat16, enabled=ctx.autocast_dtype is not None):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[start:start + ctx.chunk]
+                logits = F.linear(h, weight, bias)
+                compute_dtype = logits.dtype
+                target = targets[start:start + ctx.chunk]
+                valid = (target != IGNORE_INDEX).unsqueeze(1)
+                grad_logits = torch.exp(logits.float() - lse[start:start + ctx.chunk].unsqueeze(1))
+                grad_logits.scatter_add_(1, target.clamp(min=0).unsqueeze(1), torch.full_like(lse[start:start + ctx.chunk].unsqueeze(1), -1.0))
+                grad_logits = torch.where(valid, grad_logits * factor, 0.0).to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:start + ctx.chunk] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad_logits.t() @ h.to(compute_dtype)).float()
+                if grad_bias is not None:
+                    grad_bias += grad_logits.float().sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         num_items: torch.Tensor | float | None = None, chunk: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T + bias` against `targets` (IGNORE_INDEX: no loss), summed
+    and divided by `num_items` (default: the number of targets that count), without materialising
+    more than `chunk` rows of logits. `hidden` (N, H), `weight` (V, H), `targets` (N,)."""
+    if num_items is None:
+        num_items = (targets != IGNORE_INDEX).sum()
+    scale = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device).clamp(min=1)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, scale, max(1, int(chunk)))
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t + 1: labels moved left by one, the last position ignored (as
+    transformers' ForCausalLMLoss pads and shifts), flattened."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output head when the model's logits are exactly `head(last hidden state)`, else None
+    (soft-capped or scaled logits, an adapted or quantized head, an unknown architecture)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if type(head) is not nn.Linear or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return head if isinstance(backbone, nn.Module) else None
+
+
+@dataclass
+class LossOutput:
+    """What `ChunkedLossModel` returns: the loss only (there are no full logits to return)."""
+
+    loss: torch.Tensor
+
+
+class ChunkedLossModel(nn.Module):
+    """A causal LM whose forward with `labels` returns the loss computed by chunks (`model(**batch).loss`
+    as before, without the logits). Wraps a model for which `plain_head` is not None."""
+
+    def __init__(self, model: nn.Module, chunk: int = DEFAULT_CHUNK_TOKENS) -> None:
+        super().__init__()
+        if plain_head(model) is None:
+            raise ValueError(f"{type(model).__name__}: the chunked loss needs a plain linear output head on a known "
+                             f"architecture ({', '.join(PLAIN_HEAD_MODEL_TYPES)})")
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | float | None = None, **kwargs) -> LossOutput:
+        return LossOutput(causal_lm_loss(self.model, input_ids, attention_mask, labels, num_items_in_batch, self.chunk, **kwargs))
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                   num_items_in_batch: torch.Tensor | float | None = None, chunk: int = DEFAULT_CHUNK_TOKENS,
+                   **kwargs) -> torch.Tensor:
+    """transformers' causal-LM loss of `model` on a batch, computed without the full logits."""
+    head = plain_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no plain output head: use model(**batch).loss")
+    backbone = getattr(model, model.base_model_prefix)
+    kwargs.setdefault("use_cache", False)  # training keeps no key/value cache (the model's own loss path may)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, shifted_targets(labels),
+                                num_items_in_batch, chunk)
