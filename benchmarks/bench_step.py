@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package)
 
 import lorakit  # noqa: E402
+import lorakit.losses  # noqa: E402
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -128,6 +129,7 @@ class Condition:
     hooks: Any = None
     feed: str = "ids"  # "ids" or "embeddings" (the limit)
     compiled: bool = False
+    chunked_loss: bool = False  # lorakit.causal_lm_loss instead of the model's own loss (full logits)
     times: list[float] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -137,7 +139,12 @@ class Condition:
         """One training step; returns the loss. `check` verifies that gradients reached their targets."""
         if self.feed == "embeddings":
             embeddings = self.model.get_input_embeddings()(batch).detach().requires_grad_(True)
-            loss = self.model(inputs_embeds=embeddings, labels=batch).loss
+            if self.chunked_loss:
+                loss = lorakit.losses.causal_lm_loss(self.model, None, None, batch, inputs_embeds=embeddings)
+            else:
+                loss = self.model(inputs_embeds=embeddings, labels=batch).loss
+        elif self.chunked_loss:
+            loss = lorakit.losses.causal_lm_loss(self.model, batch, None, batch)
         else:
             loss = self.model(input_ids=batch, labels=batch).loss
         if self.hooks:
@@ -302,6 +309,9 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
                 condition = Condition(f"? {method}", "?", method, nn.Identity(), None, error=f"{type(exc).__name__}: {exc}")
             if condition is not None:
                 conditions.append(condition)
+    if args.chunked_loss:
+        conditions += [dataclasses.replace(c, name=c.name + " +chunked loss", chunked_loss=True, times=[], memory={})
+                       for c in conditions if c.error is None and c.library in ("base", "lorakit")]
     if args.compile:
         conditions += [compiled_variant(c) for c in conditions if c.error is None]
     return conditions
@@ -403,12 +413,12 @@ def profile_method(conditions: list[Condition], method: str, batch: torch.Tensor
 
 
 def summarize(conditions: list[Condition]) -> list[dict[str, Any]]:
-    by_key = {(c.library, c.method, c.compiled): c for c in conditions}
+    by_key = {(c.library, c.method, c.compiled, c.chunked_loss): c for c in conditions}
     rows = []
     for c in conditions:
         ms = common.median(c.times) * 1e3
-        limit = by_key.get(("base", "limit", c.compiled))
-        peft = by_key.get(("peft", c.method, c.compiled))
+        limit = by_key.get(("base", "limit", c.compiled, c.chunked_loss))  # the limit with the same loss
+        peft = by_key.get(("peft", c.method, c.compiled, False))  # PEFT has only the model's own loss
         limit_ms = common.median(limit.times) * 1e3 if limit and limit.times else math.nan
         peft_ms = common.median(peft.times) * 1e3 if peft and peft.times and c.library == "lorakit" else math.nan
         row = {
@@ -522,6 +532,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory step")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="also time lorakit's conditions (and the limit) with lorakit.causal_lm_loss (no full logits)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="smaller batch and fewer rounds")
     p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")

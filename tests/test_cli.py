@@ -275,7 +275,7 @@ def test_config_errors_come_before_any_model_is_loaded(capsys, monkeypatch):
     assert cli.main(["train", "--method", "nosuch", "--no-progress"]) == 2
     assert "unknown method 'nosuch'" in error_line(capsys)
     assert cli.main(["train", "--method-arg", "rslora=maybe", "--no-progress"]) == 2
-    assert "rslora must be bool" in error_line(capsys)
+    assert "rslora must be true or false" in error_line(capsys)
     assert cli.main(["train", "--dropout", "1.5", "--print-config"]) == 2
     assert "dropout must be in [0, 1)" in error_line(capsys)
     assert cli.main(["train", "--targets", "q_proj[", "--no-progress"]) == 2

@@ -235,7 +235,7 @@ def test_rank_and_alpha_patterns_resolve_per_module(method):
 
 
 def test_bad_patterns_are_clear_errors():
-    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be a positive integer"):
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be an integer from 1 to 65536"):
         lorakit.LoRA(rank_pattern={"q_proj": 0})
     with pytest.raises(ValueError, match="rank_pattern must be a mapping"):
         lorakit.LoRA(rank_pattern=["q_proj"])
@@ -243,15 +243,15 @@ def test_bad_patterns_are_clear_errors():
         lorakit.LoRA(alpha_pattern={"q_proj": "high"})
     with pytest.raises(Exception, match="unterminated|missing"):
         lorakit.LoRA(rank_pattern={"q_proj[": 2})
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match="positive integer"):
+    for bad in (0, -1, 10**6):
+        with pytest.raises(ValueError, match="integer from 1 to 65536"):
             lorakit.LoRA(r=bad)
     for bad in (2.5, True, "8"):
-        with pytest.raises(ValueError, match="LoRA.r must be int"):
+        with pytest.raises(ValueError, match="LoRA.r must be an integer"):
             lorakit.LoRA(r=bad)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         lorakit.DoRA(dropout=1.0)
-    with pytest.raises(ValueError, match="VeRA rank r must be a positive integer"):
+    with pytest.raises(ValueError, match="VeRA rank r must be an integer from 1 to 65536"):
         lorakit.VeRA(r=0)
 
 

@@ -292,8 +292,8 @@ def test_config_values_that_used_to_pass_silently(fields, message):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"rslora": "maybe"}, "LoRA.rslora must be bool, got 'maybe'"), ({"rslora": "no"}, "LoRA.rslora must be bool"),
-    ({"alpha": float("nan")}, "LoRA.alpha must be finite"), ({"r": True}, "LoRA.r must be int"),
+    ({"rslora": "maybe"}, "LoRA.rslora must be true or false, got 'maybe'"), ({"rslora": "no"}, "LoRA.rslora must be true or false"),
+    ({"alpha": float("nan")}, "LoRA.alpha must be finite"), ({"r": True}, "LoRA.r must be an integer"),
 ])
 def test_method_fields_are_typed(kwargs, message):
     import lorakit

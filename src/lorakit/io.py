@@ -172,6 +172,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+QUANTIZATION_RECORD_FIELDS = {"method": str, "targets": (str, list), "blocksize": int, "double_quant": bool,
+                              "compute_dtype": (str, type(None)), "layers": (list, type(None)), "exclude": (list, type(None)),
+                              "loftq_rank": int}
+
+
+def _check_quantization_record(record: Any) -> None:
+    """lorakit.json's `quantization` (the keyword arguments of `lorakit.quantize`), or nothing."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise ValueError(f"'quantization' must be an object of lorakit.quantize settings, got {type(record).__name__}")
+    for key, value in record.items():
+        if key not in QUANTIZATION_RECORD_FIELDS:
+            raise ValueError(f"'quantization' has an unknown setting {key!r}; known: {', '.join(QUANTIZATION_RECORD_FIELDS)}")
+        if not isinstance(value, QUANTIZATION_RECORD_FIELDS[key]) or (isinstance(value, bool) and QUANTIZATION_RECORD_FIELDS[key] is int):
+            raise ValueError(f"'quantization.{key}' has the wrong type ({type(value).__name__})")
+
+
 def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
     """The adapter's config and lorakit's metadata (empty for adapters saved by PEFT); a malformed
     file is a ValueError that names it."""
@@ -186,13 +204,15 @@ def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, 
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if name == PEFT_CONFIG_NAME:
                 return config_from_peft(data), {}
-            if not isinstance(data.get("config"), dict) or not isinstance(data.get("adapted_modules"), list):
-                raise ValueError("expected 'config' (an object) and 'adapted_modules' (a list)")
+            if not isinstance(data.get("config"), dict) or not isinstance(data.get("adapted_modules"), list) \
+                    or not all(isinstance(m, str) for m in data["adapted_modules"]):
+                raise ValueError("expected 'config' (an object) and 'adapted_modules' (a list of module names)")
+            _check_quantization_record(data.get("quantization"))
             config = config_from_dict(data["config"])
             # Re-select exactly the modules that were adapted, whatever selection made them.
             config.targets, config.layers, config.exclude = list(data["adapted_modules"]), None, None
             return config, data
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError, OverflowError) as err:
             raise ValueError(f"{file} is not a valid adapter config: {' '.join(str(err).split())[:300]}") from None
     raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
 
@@ -375,7 +395,8 @@ def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor], name: s
             f"{len(unused)} saved tensor(s) match no adapted module: {unused[:6]}{' ...' if len(unused) > 6 else ''}"
         )
     if problems:
-        raise ValueError("adapter does not fit this model:\n  " + "\n  ".join(problems))
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise ValueError("adapter does not fit this model: " + "; ".join(shown))
 
 
 def _load_module_strict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

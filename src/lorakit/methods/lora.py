@@ -137,9 +137,9 @@ class LowRankConfig(AdapterConfig):
                 raise ValueError(f"{field_name} must be a mapping {{module pattern: value}}, got {getattr(self, field_name)!r}")
         for pattern, rank in self.rank_pattern.items():
             check_rank(rank, f"rank_pattern[{pattern!r}]")
-            re.compile(pattern)
+            _check_pattern(pattern, "rank_pattern")
         for pattern, alpha in self.alpha_pattern.items():
-            re.compile(pattern)
+            _check_pattern(pattern, "alpha_pattern")
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
                 raise ValueError(f"alpha_pattern[{pattern!r}] must be a number, got {alpha!r}")
 
@@ -196,9 +196,12 @@ class LowRankConfig(AdapterConfig):
         return cls(**lora_fields_from_peft(peft_config))
 
 
+MAX_RANK = 65536  # far above any published setting; a larger rank is a typo that would exhaust memory
+
+
 def check_rank(r: Any, what: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {r!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= MAX_RANK:
+        raise ValueError(f"{what} must be an integer from 1 to {MAX_RANK}, got {r!r}"[:200])
 
 
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
@@ -234,10 +237,19 @@ def lora_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     """The LoRA-family fields of a PEFT LoraConfig body (shared with DoRA and friends)."""
     return {
         **common_fields_from_peft(peft_config),
-        "r": int(peft_config.get("r", 8)),
-        "alpha": float(peft_config.get("lora_alpha", 8)),
-        "dropout": float(peft_config.get("lora_dropout", 0.0)),
-        "rslora": bool(peft_config.get("use_rslora", False)),
-        "rank_pattern": {str(k): int(v) for k, v in (peft_config.get("rank_pattern") or {}).items()},
-        "alpha_pattern": {str(k): float(v) for k, v in (peft_config.get("alpha_pattern") or {}).items()},
+        # taken as written: the config's own type checks refuse `r: 1.5` or `use_rslora: "no"` (no coercion)
+        "r": peft_config.get("r", 8),
+        "alpha": peft_config.get("lora_alpha", 8),
+        "dropout": peft_config.get("lora_dropout", 0.0),
+        "rslora": peft_config.get("use_rslora", False),
+        "rank_pattern": dict(peft_config.get("rank_pattern") or {}),
+        "alpha_pattern": dict(peft_config.get("alpha_pattern") or {}),
     }
+
+
+def _check_pattern(pattern: str, field_name: str) -> None:
+    """A rank or alpha pattern key is a regular expression over module names (as in PEFT)."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{field_name} key {pattern!r} is not a valid regular expression ({err})") from None

@@ -35,7 +35,7 @@ from torch import nn
 from .. import inject
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
-from .lora import low_rank_update
+from .lora import check_rank, low_rank_update
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # PEFT's keys in adapter_model.safetensors
 
@@ -156,8 +156,7 @@ class VeRA(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"VeRA rank r must be a positive integer, got {self.r!r}")
+        check_rank(self.r, "VeRA rank r")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

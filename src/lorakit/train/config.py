@@ -162,10 +162,27 @@ def field_types() -> dict[str, Any]:
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
 
 
+def optional_fields() -> set[str]:
+    """Fields whose declared type admits None (`int | None`): the others must hold a value."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name for name, hint in hints.items() if type(None) in typing.get_args(hint)}
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: a 5,000-digit number or a 3,000-deep list stays one short line."""
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 2, 60, 60, 40
+    return shortener.repr(value)
+
+
 def convert(name: str, value: Any) -> Any:
     """Check and convert one field's value (from YAML or a flag), or raise a one-line error."""
     kind = field_types()[name]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+        if name not in optional_fields():
+            raise LorakitError(f"{name}: needs a value ({kind.__name__}), got none")
         return None
     try:
         if kind is bool and isinstance(value, str):
@@ -173,40 +190,53 @@ def convert(name: str, value: Any) -> Any:
                 raise ValueError(value)
             value = value.lower() in ("true", "1", "yes")
         elif kind is list:
-            value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = list(value)
+            else:
+                raise ValueError(value)
         elif kind is dict:
             if name == "columns" and isinstance(value, str):
                 from .data import parse_columns
 
                 value = parse_columns(value)
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise ValueError(value)
         elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise LorakitError(f"{name}: {_short(value)} is out of range") from None
             if not math.isfinite(value):
                 raise LorakitError(f"{name}: must be a finite number, got {value!r}")
         elif kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit()):
+            if isinstance(value, str) and len(value.lstrip("-")) > 12:
+                raise LorakitError(f"{name}: {_short(value)} is out of range")
             value = int(value)
             if abs(value) >= 2**31:
-                raise LorakitError(f"{name}: {value} is out of range")
+                raise LorakitError(f"{name}: {_short(value)} is out of range")
         elif isinstance(value, bool) and kind is not bool:
             raise ValueError(value)
         elif not isinstance(value, kind):
             raise ValueError(value)
     except ValueError:
-        raise LorakitError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+        raise LorakitError(f"{name}: expected {kind.__name__}, got {_short(value)}") from None
     if name in CHOICES and value not in CHOICES[name]:
-        raise LorakitError(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
+        raise LorakitError(f"{name}: {_short(value)} is not one of {', '.join(CHOICES[name])}")
     return value
 
 
 def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """A config from `base` (default: the defaults) with the fields in `data` replaced."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise LorakitError(f"config field names are words, got {_short(odd[0])}")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise LorakitError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(known))}")
+        raise LorakitError(f"unknown config field(s) {_short(unknown)}; known: {', '.join(sorted(known))}")
     return dataclasses.replace(base or TrainConfig(), **{k: convert(k, v) for k, v in data.items()})
 
 
@@ -216,9 +246,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LorakitError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{path}: not UTF-8 text (byte at position {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
-        raise LorakitError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+        raise LorakitError(f"{path}: invalid YAML: {' '.join(str(err).split())[:300]}") from None
+    except RecursionError:
+        raise LorakitError(f"{path}: nested too deeply to be a config") from None
+    except ValueError as err:  # e.g. an integer of thousands of digits
+        raise LorakitError(f"{path}: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(data, dict):
         raise LorakitError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     return data

@@ -188,16 +188,17 @@ def _read_source(path: Path, split: str | None) -> Iterator[tuple[Origin, list[d
         raise LorakitError(f"--split {split} picks a split of a saved dataset directory; {path} is one file")
     origin = Origin(path, kind)
     _check_encoding_start(path, kind)
-    if kind in ("jsonl", "json") and _bracket_depth_bound(path) > MAX_ARROW_JSON_DEPTH:
-        # pyarrow's JSON reader overflows its stack (a segfault, pyarrow 26) on deeply nested values:
-        # such a file is read by Python's json, which stops at its recursion limit with an error
-        rows = _scan_jsonl(path) if kind == "jsonl" else _scan_json(path)
+    if kind == "json":
+        # One JSON document: `datasets` would parse it whole with ujson and hand the items to pyarrow,
+        # which crashes (segfault, pyarrow 26) on an item that is not an object; Python's json reads
+        # it the same way and names the item that is wrong.
+        rows = _scan_json(path)
+    elif kind == "jsonl" and (_bracket_depth_bound(path) > MAX_ARROW_JSON_DEPTH or not _every_line_an_object(path)):
+        # pyarrow's JSON reader also crashes on deeply nested values and on lines that are not
+        # objects (`null`): such a file is read line by line, which names the bad line
+        rows = _scan_jsonl(path)
     else:
         rows = _load_file(path, kind)
-    if kind == "json" and len(rows) == 1 and len(rows[0]) == 1:
-        (key, value), = rows[0].items()
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            rows = _load_file(path, kind, field_name=key)  # {"data": [...]}: the examples are the list
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise LorakitError(f"{origin.describe(i)}: expected an object, got {type(row).__name__}")
@@ -221,6 +222,18 @@ def _bracket_depth_bound(path: Path) -> int:
             if running.size:
                 deepest, depth = max(deepest, int(running.max())), int(running[-1])
     return deepest
+
+
+def _every_line_an_object(path: Path) -> bool:
+    """Whether every non-blank line of a JSON Lines file starts like an object (a cheap look)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f):
+            start = line.lstrip()
+            if number == 0:
+                start = start.removeprefix(codecs.BOM_UTF8).lstrip()
+            if start and not start.startswith(b"{"):
+                return False
+    return True
 
 
 def _check_encoding_start(path: Path, kind: str) -> None:
@@ -247,9 +260,17 @@ def _quiet_datasets() -> Iterator[Any]:
     level = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
     datasets.disable_progress_bars()
+    # Offline even when `datasets` was imported (by the user's code) before lorakit set the environment:
+    # no Hub request, not even the download count it sends for every load_dataset otherwise.
+    offline = {"HF_HUB_OFFLINE": True, "HF_DATASETS_OFFLINE": True, "HF_UPDATE_DOWNLOAD_COUNTS": False}
+    saved = {key: getattr(datasets.config, key) for key in offline if hasattr(datasets.config, key)}
+    for key in saved:
+        setattr(datasets.config, key, offline[key])
     try:
         yield datasets
     finally:
+        for key, value in saved.items():
+            setattr(datasets.config, key, value)
         ds_logging.set_verbosity(level)
         if bars is False:
             datasets.enable_progress_bars()
@@ -411,6 +432,9 @@ def _diagnose_encoding(path: Path) -> str | None:
 
 def _scan_jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON Lines file, or a one-line error at the first line that is not one."""
+    found = _diagnose_encoding(path)
+    if found:
+        raise LorakitError(found)
     rows = []
     with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
@@ -422,6 +446,8 @@ def _scan_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise LorakitError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
             except RecursionError:
                 raise LorakitError(f"{path}:{number}: JSON nested too deeply") from None
+            except ValueError as err:  # e.g. an integer of more digits than Python converts
+                raise LorakitError(f"{path}:{number}: {' '.join(str(err).split())[:200]}") from None
             if not isinstance(obj, dict):
                 raise LorakitError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
@@ -430,6 +456,11 @@ def _scan_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _scan_json(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON list (or of `{"key": [...]}`), or a one-line error naming the item."""
+    found = _diagnose_encoding(path)
+    if found:
+        raise LorakitError(found)
+    if _blank(path):
+        raise LorakitError(f"{path}: no examples (the file is empty)")
     text = path.read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
@@ -439,6 +470,8 @@ def _scan_json(path: Path) -> list[dict[str, Any]]:
         raise LorakitError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise LorakitError(f"{path}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise LorakitError(f"{path}: {' '.join(str(err).split())[:200]}") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))
     if not isinstance(obj, list):
@@ -584,6 +617,15 @@ def check_records(records: list[Record], path: Any) -> str:
     return fmt
 
 
+def _check_text(value: str, key: str, where: Any) -> None:
+    """Text a tokenizer can take: no lone surrogate (JSON's "\\ud800" escapes decode to one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LorakitError(f"{where}: '{key}' holds an invalid character ({value[err.start]!r}, a lone surrogate: "
+                           "an escape such as \\ud800 without its pair)") from None
+
+
 def _check_types(record: Record, fmt: str) -> None:
     data, where = record.data, record.source
     if fmt == "chat":
@@ -593,6 +635,8 @@ def _check_types(record: Record, fmt: str) -> None:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise LorakitError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+            _check_text(m["content"], f"messages[{i}].content", where)
+            _check_text(m["role"], f"messages[{i}].role", where)
         if not any(m["role"] == "assistant" for m in messages):
             raise LorakitError(f"{where}: no assistant message to learn from")
         if messages[0]["role"] == "assistant" or not any(m["role"] in ("user", "system") for m in messages):
@@ -602,8 +646,12 @@ def _check_types(record: Record, fmt: str) -> None:
         if key == "label":
             if not isinstance(value, (str, int, float, bool)):
                 raise LorakitError(f"{where}: 'label' must be a string or a number, got {type(value).__name__}")
+            if isinstance(value, str):
+                _check_text(value, key, where)
         elif not isinstance(value, str):
             raise LorakitError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        else:
+            _check_text(value, key, where)
     # An empty output or completion is kept (public sets have them: Alpaca's item 2335): its target
     # is the end-of-sequence token; `encode_causal` refuses it when the tokenizer has none.
     if fmt in ("label", "text") and not data["text"].strip():
@@ -735,7 +783,7 @@ def encode_causal(records: list[Record], fmt: str, tokenizer, max_length: int, t
     """Token ids and labels for a causal LM. An example with no loss token left within `max_length`
     is an error, or, with a `skipped` list, left out and its place appended there."""
     if fmt == "label":
-        raise LorakitError("text + label data is for sequence tasks: add --task classify (or --task regress)")
+        raise LorakitError(f"{data_name(records)}: text + label data is for sequence tasks: add --task classify (or --task regress)")
     if fmt == "chat" and not has_chat_template(tokenizer):
         raise LorakitError("chat data needs a tokenizer with a chat template; this model's tokenizer has none")
     examples = []
@@ -783,18 +831,26 @@ def label_text(record: Record) -> str:
 def _is_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         return False
+
+
+def data_name(records: list[Record]) -> str:
+    """The file the records came from (for messages about the data as a whole)."""
+    source = records[0].source if records else "data"
+    return str(source.origin.path) if isinstance(source, Where) else str(source).split(":")[0]
 
 
 def label_names(records: list[Record]) -> list[str]:
     """The sorted label set (numerically when every label is an integer)."""
+    from decimal import Decimal
+
     labels = {label_text(r) for r in records}
     if all(re.fullmatch(r"-?\d+", label) for label in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=Decimal)  # Decimal: no digit limit, unlike int()
     if all(_is_number(label) for label in labels):
-        raise LorakitError(f"the labels are real numbers (e.g. {sorted(labels, key=float)[len(labels) // 2]}): "
-                           "for a numeric target use --task regress")
+        raise LorakitError(f"{data_name(records)}: the labels are real numbers (e.g. "
+                           f"{sorted(labels, key=Decimal)[len(labels) // 2][:40]}): for a numeric target use --task regress")
     return sorted(labels)
 
 
@@ -808,7 +864,7 @@ def _sequence_ids(tokenizer, record: Record, max_length: int) -> tuple[list[int]
 def encode_classify(records: list[Record], fmt: str, tokenizer, max_length: int, labels: list[str]) -> list[Example]:
     """Token ids and label indices; a label outside `labels` is an error naming it."""
     if fmt != "label":
-        raise LorakitError(f"--task classify needs text + label data, got {fmt} {FORMATS[fmt]}")
+        raise LorakitError(f"{data_name(records)}: --task classify needs text + label data, got {fmt} {FORMATS[fmt]}")
     index = {name: i for i, name in enumerate(labels)}
     examples = []
     for record in records:
@@ -826,7 +882,7 @@ def regression_target(record: Record) -> float:
         raise LorakitError(f"{record.source}: the target must be a number, got {value!r}")
     try:
         target = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise LorakitError(f"{record.source}: the target {str(value)[:40]!r} is not a number (--task regress)") from None
     if not math.isfinite(target):
         raise LorakitError(f"{record.source}: the target {value!r} is not a finite number")
@@ -836,7 +892,7 @@ def regression_target(record: Record) -> float:
 def encode_regress(records: list[Record], fmt: str, tokenizer, max_length: int) -> list[Example]:
     """Token ids and float targets (--task regress)."""
     if fmt != "label":
-        raise LorakitError(f"--task regress needs text + a numeric label or score column, got {fmt} {FORMATS[fmt]}")
+        raise LorakitError(f"{data_name(records)}: --task regress needs text + a numeric label or score column, got {fmt} {FORMATS[fmt]}")
     examples = []
     for record in records:
         ids, types = _sequence_ids(tokenizer, record, max_length)
