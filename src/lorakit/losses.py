@@ -1,13 +1,13 @@
 """A causal-LM loss that never holds the full (tokens x vocabulary) logits.
 
 The output head and the cross-entropy are computed a chunk of tokens at a time, in one custom
-autograd function: forward keeps only each token's log-sum-exp (one float per token), backward
-recomputes each chunk's logits and turns them into the gradient at once,
+autograd function. While a chunk's logits exist, forward also turns them into the gradient,
 
-    d loss / d logits = (softmax(logits) - onehot(target)) * grad / n_items,
+    d loss / d logits = (softmax(logits) - onehot(target)) / n_items,
 
-so peak memory holds one chunk of logits instead of all of them (and of their fp32 copy, their
-softmax and their gradient). The loss and the gradients are those of transformers' own
+and from it the gradient of the hidden states (and of a trainable head); backward scales what
+forward kept by the incoming gradient. Peak memory holds one chunk of logits instead of all of them
+(and of their fp32 copy, their softmax and their gradient), and no logit is computed twice. The loss and the gradients are those of transformers' own
 `ForCausalLMLoss` (shift by one, `ignore_index=-100`, sum over tokens divided by `num_items_in_batch`
 or by the number of label tokens) to float tolerance: tested against it.
 
@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 1024
+CHUNK_LOGIT_BYTES = 32 * 2**20  # one chunk's fp32 logits: rows = this / (vocabulary x 4 bytes)
+DEFAULT_CHUNK_TOKENS = None  # chosen from the vocabulary size (`chunk_rows`)
+
+
+def chunk_rows(vocab: int, chunk: int | None = None) -> int:
+    """Tokens per chunk: as given, or as many as fit CHUNK_LOGIT_BYTES of fp32 logits (at least 16)."""
+    return max(1, int(chunk)) if chunk else max(16, CHUNK_LOGIT_BYTES // (4 * vocab))
 
 # Architectures whose causal-LM head is exactly `lm_head(hidden_states)` on the backbone's last hidden
 # state (no logit soft-capping or scaling) and whose loss is transformers' ForCausalLMLoss.
@@ -32,63 +38,71 @@ PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", 
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens of cross_entropy(hidden @ weight.T + bias, targets) * scale, by chunks."""
+    """sum over tokens of cross_entropy(hidden @ weight.T + bias, targets) * scale, by chunks.
+
+    The loss is a scalar at the end of the graph, so the gradients with respect to `hidden` (and a
+    trainable head) are computed in forward, chunk by chunk, while each chunk's logits exist; backward
+    only multiplies them by the incoming gradient. The head's matmul runs twice per step (logits, and
+    the gradient), as in the model's own loss, and no chunk is computed again."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, chunk):  # noqa: D102 -- see the class
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        autocast_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for start in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[start:start + chunk], weight, bias).float()
+            h = hidden[start:start + chunk]
+            logits = F.linear(h, weight, bias)
+            compute_dtype = logits.dtype
+            logits = logits.float()
             target = targets[start:start + chunk]
             valid = target != IGNORE_INDEX
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += torch.where(valid, chunk_lse - picked, 0.0).sum()
-            lse[start:start + chunk] = chunk_lse
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.scale, ctx.chunk, ctx.autocast_dtype = scale, chunk, autocast_dtype
+            column = target.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, column.unsqueeze(1)).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d loss / d logits = (softmax - onehot(target)) * scale, zero where no target; in place
+            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad_logits[torch.arange(target.shape[0], device=target.device), column] -= 1.0
+            grad_logits.mul_((valid.float() * scale).unsqueeze(1))
+            grad_logits = grad_logits.to(compute_dtype)
+            if need_hidden:
+                grad_hidden[start:start + chunk] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h.to(compute_dtype)).float()
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
-        factor = grad_output.float() * ctx.scale
-        device = hidden.device.type
-        with torch.autocast(device, dtype=ctx.autocast_dtype or torch.bfloat16, enabled=ctx.autocast_dtype is not None):
-            for start in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[start:start + ctx.chunk]
-                logits = F.linear(h, weight, bias)
-                compute_dtype = logits.dtype
-                target = targets[start:start + ctx.chunk]
-                valid = (target != IGNORE_INDEX).unsqueeze(1)
-                grad_logits = torch.exp(logits.float() - lse[start:start + ctx.chunk].unsqueeze(1))
-                grad_logits.scatter_add_(1, target.clamp(min=0).unsqueeze(1), torch.full_like(lse[start:start + ctx.chunk].unsqueeze(1), -1.0))
-                grad_logits = torch.where(valid, grad_logits * factor, 0.0).to(compute_dtype)
-                if need_hidden:
-                    grad_hidden[start:start + ctx.chunk] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
-                if need_weight:
-                    grad_weight += (grad_logits.t() @ h.to(compute_dtype)).float()
-                if grad_bias is not None:
-                    grad_bias += grad_logits.float().sum(0)
-        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None)
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        factor = grad_output.float()
+        return (
+            (grad_hidden * factor.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+            (grad_weight * factor).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * factor).to(bias_dtype) if grad_bias is not None else None,
+            None, None, None,
+        )
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         num_items: torch.Tensor | float | None = None, chunk: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                         num_items: torch.Tensor | float | None = None, chunk: int | None = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets` (IGNORE_INDEX: no loss), summed
     and divided by `num_items` (default: the number of targets that count), without materialising
-    more than `chunk` rows of logits. `hidden` (N, H), `weight` (V, H), `targets` (N,)."""
+    more than `chunk` rows of logits (default: `chunk_rows`). `hidden` (N, H), `weight` (V, H), `targets` (N,)."""
     if num_items is None:
         num_items = (targets != IGNORE_INDEX).sum()
     scale = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device).clamp(min=1)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, scale, max(1, int(chunk)))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, scale, chunk_rows(weight.shape[0], chunk))
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -121,7 +135,7 @@ class ChunkedLossModel(nn.Module):
     """A causal LM whose forward with `labels` returns the loss computed by chunks (`model(**batch).loss`
     as before, without the logits). Wraps a model for which `plain_head` is not None."""
 
-    def __init__(self, model: nn.Module, chunk: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(self, model: nn.Module, chunk: int | None = DEFAULT_CHUNK_TOKENS) -> None:
         super().__init__()
         if plain_head(model) is None:
             raise ValueError(f"{type(model).__name__}: the chunked loss needs a plain linear output head on a known "
@@ -134,7 +148,7 @@ class ChunkedLossModel(nn.Module):
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | float | None = None, chunk: int = DEFAULT_CHUNK_TOKENS,
+                   num_items_in_batch: torch.Tensor | float | None = None, chunk: int | None = DEFAULT_CHUNK_TOKENS,
                    **kwargs) -> torch.Tensor:
     """transformers' causal-LM loss of `model` on a batch, computed without the full logits."""
     head = plain_head(model)
