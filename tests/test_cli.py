@@ -337,3 +337,18 @@ def test_ctrl_c_while_importing_is_a_clean_exit():
     if proc.returncode == 0:
         pytest.skip("the imports finished before the signal (a very fast machine)")
     assert proc.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--nproc", "0"], "error: lorakit train: argument --nproc: must be positive, got 0 (see lorakit train --help)"),
+    (["train", "--bogus"], "error: lorakit: unrecognized arguments: --bogus"),
+    (["nosuch"], "error: lorakit: argument command: invalid choice: 'nosuch'"),
+    (["train", "--data", ""], "error: the data path is empty"),
+])
+def test_usage_mistakes_are_one_line(argv, message, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own exit
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(message), err

@@ -358,3 +358,14 @@ def test_generation_with_answer_pattern_trains_and_evaluates(tmp_path):
 def test_data_settings_are_checked_before_loading(fields, message):
     with pytest.raises(LorakitError, match=message):
         loop.check_config(TrainConfig(**fields))
+
+
+def test_hostile_leftovers(tmp_path):
+    (tmp_path / "header_only.csv").write_text("text,label\n")
+    with pytest.raises(LorakitError, match=r"header_only\.csv: no examples \(a header row and nothing else\)"):
+        records(tmp_path / "header_only.csv", "classify")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(LorakitError, match="--eval-split validation picks a split of a saved dataset directory"):
+        data.read_table(one, "validation", "--eval-split")
+    with pytest.raises(LorakitError, match="the data path is empty"):
+        data.read_table("  ")

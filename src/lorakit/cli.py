@@ -454,9 +454,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (`error: ...`, exit 2) like every other."""
+
+    def error(self, message: str):  # noqa: D102 -- argparse's hook
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = sub.add_parser("train", help="fine-tune a model with an adapter (no arguments: the built-in demo job)",

@@ -137,6 +137,8 @@ class Record:
 def data_files(spec: str | Path) -> list[Path]:
     """The files (or saved-dataset directories) `spec` names: a path, a glob, or a comma-separated list."""
     spec = str(spec)
+    if not spec.strip():
+        raise LorakitError("the data path is empty")
     if Path(spec).exists():
         return [Path(spec)]
     found: list[Path] = []
@@ -157,12 +159,12 @@ def data_files(spec: str | Path) -> list[Path]:
     return found
 
 
-def read_table(spec: str | Path, split: str | None = None) -> list[Record]:
+def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--split") -> list[Record]:
     """Every row of the data `spec` names, as records whose `data` is the row as stored (roles
     are assigned later by `map_columns`). Raises a one-line error naming the file."""
     records: list[Record] = []
     for path in data_files(spec):
-        for origin, rows in _read_source(path, split):
+        for origin, rows in _read_source(path, split, split_flag):
             records += [Record(row, Where(origin, i)) for i, row in enumerate(rows)]
     if not records:
         raise LorakitError(f"{spec}: no examples (the file is empty)")
@@ -176,16 +178,16 @@ def read_records(spec: str | Path, columns: dict[str, str] | None = None, task: 
     return records
 
 
-def _read_source(path: Path, split: str | None) -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
+def _read_source(path: Path, split: str | None, split_flag: str = "--split") -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
     if path.is_dir():
-        yield _read_saved(path, split)
+        yield _read_saved(path, split, split_flag)
         return
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise LorakitError(f"{path}: unknown data file type {path.suffix!r} (use {', '.join(SUFFIXES)}, or a directory "
                            "written by datasets' save_to_disk)")
     if split is not None:
-        raise LorakitError(f"--split {split} picks a split of a saved dataset directory; {path} is one file")
+        raise LorakitError(f"{split_flag} {split} picks a split of a saved dataset directory; {path} is one file")
     origin = Origin(path, kind)
     _check_encoding_start(path, kind)
     if kind == "json":
@@ -348,7 +350,7 @@ def _csv_header(path: Path, kind: str) -> list[str]:
     raise LorakitError(f"{path}: no examples (the file is empty)")
 
 
-def _read_saved(path: Path, split: str | None) -> tuple[Origin, list[dict[str, Any]]]:
+def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> tuple[Origin, list[dict[str, Any]]]:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     if (path / "dataset_dict.json").is_file():
         try:
@@ -357,14 +359,14 @@ def _read_saved(path: Path, split: str | None) -> tuple[Origin, list[dict[str, A
             raise LorakitError(f"{path}/dataset_dict.json is not valid JSON") from None
         if split is None:
             if "train" not in splits and len(splits) != 1:
-                raise LorakitError(f"{path} holds the splits {splits}: choose one with --split")
+                raise LorakitError(f"{path} holds the splits {splits}: choose one with {split_flag}")
             split = "train" if "train" in splits else splits[0]
         if split not in splits:
             raise LorakitError(f"{path} has no split {split!r}; its splits: {', '.join(splits)}")
         target = path / split
     elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         if split is not None:
-            raise LorakitError(f"{path} is a single saved dataset without splits: drop --split {split}")
+            raise LorakitError(f"{path} is a single saved dataset without splits: drop {split_flag} {split}")
         target = path
     else:
         raise LorakitError(f"{path} is a directory but not a dataset written by save_to_disk; give its data files "
@@ -411,6 +413,8 @@ def _diagnose(path: Path, kind: str, err: Exception) -> str:
     if _blank(path):
         return f"{path}: no examples (the file is empty)"
     found = _diagnose_csv(path, kind) if kind in ("csv", "tsv") else None
+    if found is None and kind in ("csv", "tsv") and "corresponds to no data" in _first_line(err):
+        return f"{path}: no examples (a header row and nothing else)"
     return found or f"{path}: cannot read it as {kind.upper()}: {_first_line(err)}"
 
 

@@ -268,9 +268,9 @@ def default_metric(cfg: TrainConfig) -> str:
     return "exact_match" if cfg.data is None or cfg.answer_pattern is not None else "eval_loss"
 
 
-def _records(spec: str, cfg: TrainConfig, split: str | None) -> tuple[list[data_mod.Record], str, str]:
+def _records(spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "--split") -> tuple[list[data_mod.Record], str, str]:
     """(records with roles, their layout, how columns were mapped) of one data spec."""
-    records, summary = data_mod.map_columns(data_mod.read_table(spec, split), cfg.columns, cfg.task, spec)
+    records, summary = data_mod.map_columns(data_mod.read_table(spec, split, split_flag), cfg.columns, cfg.task, spec)
     return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
 
 
@@ -295,7 +295,7 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None)
         if eval_spec is not None:
             if eval_split is None and "validation" in data_mod.saved_splits(eval_spec):
                 eval_split = "validation"
-            held, eval_fmt, _ = _records(eval_spec, cfg, eval_split)
+            held, eval_fmt, _ = _records(eval_spec, cfg, eval_split, "--eval-split")
             if eval_fmt != fmt:
                 raise LorakitError(f"{eval_spec} is {eval_fmt} data but {cfg.data} is {fmt}")
             eval_source = f"{eval_spec}" + (f" (split {eval_split})" if eval_split else "")
