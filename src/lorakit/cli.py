@@ -8,6 +8,7 @@
     lorakit generate --adapter runs/<name> "Reverse the order of the words: a b c"
     lorakit generate --adapter sql=runs/a --adapter chat=runs/b --prompts prompts.jsonl   # per-prompt adapter
     lorakit merge --adapter runs/<name> --out merged/
+    lorakit inspect runs/<name>                  # what the adapter changed, module by module
 
 Errors in the user's input print one line, `error: ...`, and exit with status 2.
 """
@@ -294,6 +295,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """What the adapter changed, per module (lorakit.analysis): terminal summary, --json for all numbers."""
+    import json
+
+    from . import analysis, inject, io
+    from .train.loop import load_model, load_tokenizer, num_outputs
+
+    adapter, cfg = adapter_dir_and_config(args.adapter)
+    model_spec = args.model if args.model is not None else cfg.model
+    task = args.task or cfg.task
+    try:
+        config, meta = io.read_config(adapter)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise LorakitError(f"cannot read adapter {adapter}: {' '.join(str(err).split())}") from None
+    tokenizer = load_tokenizer(model_spec, task)
+    model = load_model(model_spec, task, num_outputs(task, trained_labels(adapter)), tokenizer, meta.get("quantization"))
+    try:
+        names = inject.select_targets(model, config)
+    except ValueError as err:
+        raise LorakitError(f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}") from None
+    original = analysis.snapshot_base_weights(model, names)  # before loading: Delta-LoRA moves the base itself
+    warn_if_other_base(adapter, model_spec, task)
+    try:
+        io.load(model, adapter)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+    found = analysis.changes(model, original)
+    print(f"{adapter} ({config.method}) on {model_spec or 'the built-in model'}")
+    print(analysis.summary_text(found))
+    if args.json:
+        Path(args.json).write_text(json.dumps(analysis.report(found), indent=2) + "\n")
+        print(f"all numbers: {args.json}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
@@ -491,6 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
     ev.set_defaults(func=cmd_eval)
+
+    ins = sub.add_parser("inspect", help="what an adapter changed inside the model, module by module", formatter_class=fmt,
+                         description="Per adapted module: ||ΔW|| / ||W0|| (a layers x modules grid), the effective rank of "
+                         "ΔW, magnitude vs direction change (DoRA's view), and a warning for modules that did not change.")
+    ins.add_argument("adapter", help="adapter directory or run directory (runs/<name>)")
+    ins.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
+    ins.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
+    ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
+    ins.set_defaults(func=cmd_inspect)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")

@@ -1,0 +1,219 @@
+"""What an adapter changed inside the model, module by module (`lorakit inspect`).
+
+For every adapted module, from the weight the model computes with (W = W0 + the adapters' change,
+merged exactly as `merge` would) against the original base weight W0:
+
+- relative change ||ΔW||_F / ||W0||_F;
+- the singular values of ΔW, its effective rank exp(H(σ / Σσ)) (Roy & Vetterli, 2007) and the
+  number of singular values holding 90 % of its energy: how low-rank the update really is;
+- magnitude and direction change per output row, as the DoRA paper measures them (Liu et al.,
+  2024, Sec. 2.2): ΔM = mean_i | ||W_i|| - ||W0_i|| |, ΔD = mean_i (1 - cos(W_i, W0_i));
+- whether the module changed at all (an inert adapter: B still zero, or a collapsed update).
+
+The comparison needs W0 as the base had it before the adapter was loaded (Delta-LoRA moves the base
+weights themselves; a QLoRA base is the dequantized 4-bit weight it was trained against), so
+`snapshot_base_weights` is called before `lorakit.load`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import base_layers, inject
+
+INERT = 1e-7  # relative change below this: the module did not learn
+
+
+@dataclass
+class ModuleChange:
+    """The change of one adapted module."""
+
+    module: str
+    layer: int | None  # the block index in the module's name, when there is one
+    kind: str  # the module's own name: q_proj, down_proj, ...
+    shape: tuple[int, int]  # (out, in)
+    relative_change: float  # ||ΔW|| / ||W0||
+    delta_norm: float
+    effective_rank: float
+    rank_90: int  # singular values holding 90 % of ||ΔW||^2
+    adapter_rank: int | None  # the adapter's own rank (AdaLoRA: what the allocator kept)
+    magnitude_change: float  # DoRA's ΔM
+    direction_change: float  # DoRA's ΔD
+    top_singular_values: list[float]
+
+    @property
+    def inert(self) -> bool:
+        return self.relative_change < INERT
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if base_layers.is_adaptable(m)}
+
+
+@torch.no_grad()
+def snapshot_base_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The dense (out, in) weights of the modules `names`, as they are now (before an adapter loads)."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"the model has no module {missing[0]!r} (the adapter was trained on another base?)")
+    return {name: base_layers.dense_weight(modules[name]).detach().float().cpu().clone() for name in names}
+
+
+NOISE = 1e-6  # singular values below this share of the largest are float32 rounding, not learning
+
+
+def significant(singular_values: torch.Tensor) -> torch.Tensor:
+    if singular_values.numel() == 0 or singular_values.max() <= 0:
+        return singular_values[:0]
+    return singular_values[singular_values > NOISE * singular_values.max()]
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values (1 for a rank-one update, r for r equal ones)."""
+    kept = significant(singular_values)
+    if kept.numel() == 0:
+        return 0.0
+    p = kept / kept.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def energy_rank(singular_values: torch.Tensor, share: float = 0.9) -> int:
+    """How many singular values hold `share` of the squared norm."""
+    energy = singular_values.pow(2)
+    if energy.sum() <= 0:
+        return 0
+    return int((energy.cumsum(0) / energy.sum() < share).sum()) + 1
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    """(block index, the name inside the block): `model.layers.3.self_attn.q_proj` -> (3, `self_attn.q_proj`)."""
+    found = list(re.finditer(r"(?:^|\.)(\d+)\.", name))
+    if not found:
+        return None, name
+    return int(found[-1].group(1)), name[found[-1].end():]
+
+
+def short_labels(kinds: list[str]) -> dict[str, str]:
+    """The fewest trailing name parts that still tell the kinds apart (`q_proj`; BERT's
+    `attention.output.dense` next to `output.dense`)."""
+    labels = {}
+    for kind in kinds:
+        parts = kind.split(".")
+        for k in range(1, len(parts) + 1):
+            label = ".".join(parts[-k:])
+            if all(".".join(other.split(".")[-k:]) != label for other in kinds if other != kind):
+                break
+        labels[kind] = label
+    return labels
+
+
+@torch.no_grad()
+def module_change(name: str, original: torch.Tensor, current: torch.Tensor, adapter_rank: int | None) -> ModuleChange:
+    """The change from `original` to `current` (both dense (out, in))."""
+    original, current = original.double(), current.double()
+    delta = current - original
+    base_norm = float(original.norm())
+    delta_norm = float(delta.norm())
+    singular = torch.linalg.svdvals(delta) if delta_norm > 0 else torch.zeros(min(delta.shape), dtype=delta.dtype)
+    row_before, row_after = original.norm(dim=1), current.norm(dim=1)
+    cosine = torch.nn.functional.cosine_similarity(current, original, dim=1)
+    layer, kind = _layer_and_kind(name)
+    return ModuleChange(
+        module=name, layer=layer, kind=kind, shape=(int(original.shape[0]), int(original.shape[1])),
+        relative_change=delta_norm / base_norm if base_norm > 0 else math.inf if delta_norm > 0 else 0.0,
+        delta_norm=delta_norm, effective_rank=effective_rank(singular), rank_90=energy_rank(singular),
+        adapter_rank=adapter_rank, magnitude_change=float((row_after - row_before).abs().mean()),
+        direction_change=float((1 - cosine).mean()), top_singular_values=[float(s) for s in singular[:8]],
+    )
+
+
+def _adapter_rank(adapter: nn.Module) -> int | None:
+    rank = getattr(adapter, "r", None)
+    if isinstance(rank, torch.Tensor):
+        rank = int(rank)
+    return rank if isinstance(rank, int) else None
+
+
+@torch.no_grad()
+def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str] | None = None) -> list[ModuleChange]:
+    """The change of every adapted module (adapters `names`, default: the active ones) against
+    `original` (from `snapshot_base_weights`)."""
+    found = []
+    for module_name, layer in inject.adapted_layers(model):
+        using = [n for n in (names or inject.lorakit_state(model).active) if n in layer.adapters]
+        if not using or module_name not in original:
+            continue
+        current, _ = layer.merged_weight(using, layer._unmerged_base_weight())
+        ranks = [_adapter_rank(layer.adapters[n]) for n in using]
+        found.append(module_change(module_name, original[module_name], current.float().cpu(),
+                                   ranks[0] if len(ranks) == 1 else None))
+    return found
+
+
+def correlation(xs: list[float], ys: list[float]) -> float:
+    from .train.metrics import pearson
+
+    return pearson(xs, ys)
+
+
+def report(found: list[ModuleChange]) -> dict[str, Any]:
+    """Everything `lorakit inspect` shows, as plain data (also its --json)."""
+    moved = [c for c in found if not c.inert]
+    return {
+        "modules": [{**asdict(c), "inert": c.inert} for c in found],
+        "inert_modules": [c.module for c in found if c.inert],
+        "mean_relative_change": sum(c.relative_change for c in found) / max(len(found), 1),
+        "magnitude_direction_correlation": correlation([c.magnitude_change for c in moved], [c.direction_change for c in moved])
+        if len(moved) > 1 else None,
+    }
+
+
+def heatmap_text(found: list[ModuleChange]) -> str:
+    """||ΔW|| / ||W0|| as a grid: one row per layer, one column per module kind (in 1e-3)."""
+    in_blocks = [c for c in found if c.layer is not None]
+    kinds = list(dict.fromkeys(c.kind for c in in_blocks))
+    labels = short_labels(kinds)
+    layers = sorted({c.layer for c in in_blocks})
+    cell = {(c.layer, c.kind): c.relative_change for c in in_blocks}
+    widths = {k: max(7, len(labels[k])) for k in kinds}
+    lines = ["layer  " + " ".join(f"{labels[k]:>{widths[k]}}" for k in kinds)] if kinds else []
+    for layer in layers:
+        lines.append(f"{layer:>5}  " + " ".join(
+            f"{cell[(layer, k)] * 1e3:>{widths[k]}.2f}" if (layer, k) in cell else " " * widths[k] for k in kinds))
+    lines += [f"{c.module}: {c.relative_change * 1e3:.2f}" for c in found if c.layer is None]
+    return "\n".join(lines)
+
+
+def summary_text(found: list[ModuleChange]) -> str:
+    """The terminal summary: the heatmap, the low-rank view, DoRA's magnitude/direction view, warnings."""
+    if not found:
+        return "no adapted module found"
+    data = report(found)
+    lines = [f"relative change ||ΔW|| / ||W0|| (x 1e-3) of {len(found)} adapted modules:", heatmap_text(found), ""]
+    ranked = sorted(found, key=lambda c: -c.relative_change)
+    lines.append("largest changes: " + ", ".join(f"{c.module} {c.relative_change:.2e}" for c in ranked[:5]))
+    moved = [c for c in found if not c.inert]
+    if moved:
+        mean_erank = sum(c.effective_rank for c in moved) / len(moved)
+        mean_r90 = sum(c.rank_90 for c in moved) / len(moved)
+        ranks = [c.adapter_rank for c in moved if c.adapter_rank]
+        of = f" (adapter rank {min(ranks)}-{max(ranks)})" if ranks and min(ranks) != max(ranks) else (f" (adapter rank {ranks[0]})" if ranks else "")
+        lines.append(f"effective rank of ΔW: mean {mean_erank:.2f}; 90 % of its energy in {mean_r90:.1f} singular values{of}")
+        corr = data["magnitude_direction_correlation"]
+        lines.append("magnitude vs direction change per module (DoRA's view): mean ΔM "
+                     f"{sum(c.magnitude_change for c in moved) / len(moved):.3e}, mean ΔD "
+                     f"{sum(c.direction_change for c in moved) / len(moved):.3e}"
+                     + (f", correlation {corr:+.2f} (LoRA tends positive, DoRA negative)" if corr is not None else ""))
+    if data["inert_modules"]:
+        share = len(data["inert_modules"]) / len(found)
+        lines.append(f"warning: {len(data['inert_modules'])} of {len(found)} modules did not change (ΔW ≈ 0): "
+                     + ("the adapter learned nothing; check the learning rate, steps and that B is trained"
+                        if share == 1 else ", ".join(data["inert_modules"][:6]) + (" ..." if len(data["inert_modules"]) > 6 else "")))
+    return "\n".join(lines)

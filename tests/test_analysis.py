@@ -1,0 +1,100 @@
+"""`lorakit inspect`: the per-module change of an adapter, against naive computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import perturb_trainable, tiny_llama
+
+import lorakit
+from lorakit import analysis, inject
+
+
+def test_module_change_against_a_naive_computation():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(12, 10, generator=g)
+    delta = torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g) * 0.1  # rank 2
+    change = analysis.module_change("model.layers.3.self_attn.q_proj", w0, w0 + delta, adapter_rank=2)
+    assert change.layer == 3 and change.kind == "self_attn.q_proj" and change.shape == (12, 10)
+    assert analysis.short_labels(["attention.output.dense", "output.dense", "intermediate.dense", "self.query"]) == {
+        "attention.output.dense": "attention.output.dense", "output.dense": "output.dense",
+        "intermediate.dense": "intermediate.dense", "self.query": "query"}
+    assert change.relative_change == pytest.approx(float(delta.norm() / w0.norm()), rel=1e-6)
+    singular = torch.linalg.svdvals(delta.double())[:2]  # rank 2: the rest is rounding
+    p = singular / singular.sum()
+    assert change.effective_rank == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    assert change.rank_90 <= 2 and 1.0 <= change.effective_rank <= 2.0 + 1e-6
+    w1 = w0 + delta
+    magnitude = sum(abs(float(w1[i].norm() - w0[i].norm())) for i in range(12)) / 12
+    direction = sum(1 - float(w1[i] @ w0[i] / (w1[i].norm() * w0[i].norm())) for i in range(12)) / 12
+    assert change.magnitude_change == pytest.approx(magnitude, rel=1e-5)
+    assert change.direction_change == pytest.approx(direction, rel=1e-5)
+    assert not change.inert
+    assert analysis.module_change("x", w0, w0.clone(), None).inert
+
+
+def test_rank_one_update_has_effective_rank_one():
+    w0 = torch.randn(8, 8)
+    change = analysis.module_change("m", w0, w0 + torch.outer(torch.randn(8), torch.randn(8)), None)
+    assert change.effective_rank == pytest.approx(1.0, abs=1e-6) and change.rank_90 == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "delta-lora"])
+def test_changes_measure_the_weight_the_model_computes_with(method, tmp_path):
+    model = tiny_llama(seed=1)
+    config = lorakit.METHODS[method](r=4, targets=["q_proj", "v_proj"])
+    lorakit.adapt(model, config)
+    perturb_trainable(model, seed=2)
+    if method == "delta-lora":  # Delta-LoRA moves the base weights themselves
+        with torch.no_grad():
+            for _, layer in inject.adapted_layers(model):
+                layer.base_layer.weight.add_(0.01)
+    lorakit.save(model, tmp_path / "adapter")
+    x = torch.randint(0, 128, (2, 7))
+    expected = model(x).logits
+
+    fresh = tiny_llama(seed=1)
+    names = inject.select_targets(fresh, lorakit.io.read_config(tmp_path / "adapter")[0])
+    original = analysis.snapshot_base_weights(fresh, names)
+    lorakit.load(fresh, tmp_path / "adapter")
+    assert torch.allclose(fresh(x).logits, expected, atol=1e-5)
+    found = analysis.changes(fresh, original)
+    assert [c.module for c in found] == names
+    reference = tiny_llama(seed=1)
+    modules = dict(reference.named_modules())
+    merged = lorakit.merge_and_unload(fresh)
+    for change in found:  # the change is exactly what merging writes into the base
+        w0 = modules[change.module].weight.detach().double()
+        w1 = dict(merged.named_modules())[change.module].weight.detach().double()
+        assert change.delta_norm == pytest.approx(float((w1 - w0).norm()), rel=1e-5)
+
+
+def test_an_inert_adapter_is_flagged():
+    model = tiny_llama()
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))  # B = 0: no change yet
+    found = analysis.changes(model, original)
+    assert all(c.inert for c in found)
+    text = analysis.summary_text(found)
+    assert f"warning: {len(found)} of {len(found)} modules did not change" in text and "learned nothing" in text
+
+
+def test_lorakit_inspect_on_a_trained_run(tmp_path, capsys):
+    from tiny_lm import save_tiny_llama, write_jsonl
+
+    from lorakit import cli
+
+    model = str(save_tiny_llama(tmp_path / "m"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)])
+    assert cli.main(["train", "--model", model, "--data", str(data), "--out-dir", str(tmp_path), "--name", "r", "--steps", "3",
+                     "--lr", "1e-2", "--no-progress", "--method", "dora"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "r"), "--json", str(tmp_path / "changes.json")]) == 0
+    out = capsys.readouterr().out
+    assert "relative change ||ΔW|| / ||W0||" in out and "q_proj" in out and "magnitude vs direction" in out
+    numbers = json.loads((tmp_path / "changes.json").read_text())
+    assert len(numbers["modules"]) == 14 and not numbers["inert_modules"]
+    assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
