@@ -9,6 +9,7 @@
     lorakit generate --adapter sql=runs/a --adapter chat=runs/b --prompts prompts.jsonl   # per-prompt adapter
     lorakit merge --adapter runs/<name> --out merged/
     lorakit inspect runs/<name>                  # what the adapter changed, module by module
+    lorakit compare --methods lora,dora,vera     # the same job with each method: table + HTML report
 
 Errors in the user's input print one line, `error: ...`, and exit with status 2.
 """
@@ -295,6 +296,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train several methods side by side (lorakit.compare)."""
+    import time
+
+    from .compare import compare, table
+
+    if hasattr(args, "method"):
+        raise LorakitError("compare trains the methods given by --methods (comma separated); drop --method")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg = resolve_train_config(args)
+    from .train.data import data_files
+    from .train.loop import check_config
+
+    for method in methods:  # every method's settings are checked before anything trains
+        check_config(dataclasses.replace(cfg, method=method))
+    name = cfg.name or f"compare-{data_files(cfg.data)[0].stem if cfg.data else 'reverse-words'}"
+    directory = Path(cfg.out_dir) / name
+    started = time.perf_counter()
+    records = compare(cfg, methods, directory, echo=lambda msg: print(msg, file=sys.stderr, flush=True),
+                      html_report=not args.no_html)
+    print()
+    print(table(records))
+    print()
+    written = "compare.json, compare.csv" + ("" if args.no_html else ", compare.html")
+    print(f"{len(methods)} methods in {time.perf_counter() - started:.0f} s; saved to {directory}/: {written}, one run per method")
+    return 2 if any(r["status"] != "done" for r in records) else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """What the adapter changed, per module (lorakit.analysis): terminal summary, --json for all numbers."""
     import json
@@ -527,6 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="train several methods on the same data, steps and seed; table + HTML report",
+                         description="Train each method of --methods in its own process with the same settings (any train "
+                         "flag), then print a table and write compare.json, compare.csv and compare.html (plots need "
+                         "matplotlib: the plots extra). Running the same command again reuses finished methods and "
+                         "resumes an interrupted one.")
+    cmp.add_argument("--methods", required=True, help="comma-separated methods, e.g. lora,dora,vera,qlora")
+    cmp.add_argument("--config", metavar="YAML", help="YAML file of train settings (flags override it)")
+    cmp.add_argument("--no-html", action="store_true", help="skip the HTML report (no matplotlib needed)")
+    add_config_flags(cmp)
+    cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="what an adapter changed inside the model, module by module", formatter_class=fmt,
                          description="Per adapted module: ||ΔW|| / ||W0|| (a layers x modules grid), the effective rank of "

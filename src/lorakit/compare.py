@@ -1,0 +1,314 @@
+"""`lorakit compare`: train several methods on the same data, steps and seed, side by side.
+
+Each method is one `lorakit train` run in its own process (its peak memory is its own, a crash in
+one does not stop the others), under `<out-dir>/<name>/<method>/`. A method whose run finished is
+not trained again; one that was interrupted is resumed; so running the same command again after
+Ctrl-C continues the comparison. The frozen base's forward + backward (the limit no method can
+beat) is timed in this process on a batch of the same data, so each method's step time is also
+given as a ratio to it.
+
+Writes `compare.json` and `compare.csv` (every number), and `compare.html` when matplotlib (the
+`plots` extra) is installed: loss curves, held-out metric against trainable parameters, memory and
+speed bars, and the table, in one file that opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import html
+import io as _io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .train.config import TrainConfig, to_yaml, with_resolved_paths
+from .train.errors import LorakitError
+
+PERCENT = ("accuracy", "exact_match", "f1")
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    status: str  # "done", "failed", "interrupted"
+    reason: str = ""
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+
+def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodResult:
+    """Train (or resume, or reuse) `method` in its own `lorakit train` process."""
+    run_dir = directory / method
+    if (run_dir / "report.json").is_file():
+        echo(f"{method}: already trained, reusing {run_dir}")
+        return collect(method, run_dir)
+    config_file = directory / f".{method}.yaml"
+    method_cfg = dataclasses.replace(with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory),
+                                     resume=None, overwrite=False)
+    config_file.write_text(to_yaml(method_cfg))
+    command = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
+    if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file():
+        command = [sys.executable, "-m", "lorakit", "train", "--resume", str(run_dir)]
+        echo(f"{method}: resuming {run_dir}")
+    elif run_dir.exists():
+        command.append("--overwrite")  # a run that failed before its first checkpoint starts again
+    returncode, stderr_tail = run_showing_progress(command)
+    if returncode == 130:
+        return MethodResult(method, "interrupted", "interrupted (run the same command again to continue)")
+    if returncode != 0:
+        lines = [line.strip() for line in stderr_tail.replace("\r", "\n").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        reason = errors[-1].removeprefix("error: ") if errors else (lines or [f"exit status {returncode}"])[-1]
+        return MethodResult(method, "failed", reason[:300])
+    return collect(method, run_dir)
+
+
+def run_showing_progress(command: list[str]) -> tuple[int, str]:
+    """Run `command`, passing its stderr (messages and progress bar) through as it comes; returns
+    (exit status, the last few KB of stderr, for the reason of a failure)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tail = b""
+    assert process.stderr is not None
+    try:
+        while chunk := process.stderr.read1(4096) if hasattr(process.stderr, "read1") else process.stderr.read(4096):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-8192:]
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save its checkpoint
+        process.wait()
+        raise
+    return process.wait(), tail.decode("utf-8", errors="replace")
+
+
+def collect(method: str, run_dir: Path) -> MethodResult:
+    report = json.loads((run_dir / "report.json").read_text())
+    losses = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+                losses.append((int(record["step"]), float(record["loss"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return MethodResult(method, "done", report=report, losses=losses)
+
+
+def time_limit(cfg: TrainConfig, steps: int = 3) -> float | None:
+    """Median seconds of the frozen base's forward + backward (through the activations only, to
+    the input embeddings) on one training micro-batch: the limit of any adapter method's step."""
+    import torch
+
+    from .train import data as data_mod
+    from .train import evaluate
+    from .train.loop import build_datasets, check_config, load_model, load_tokenizer, num_outputs, use_bf16
+
+    cfg = check_config(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    datasets = build_datasets(cfg, tokenizer)
+    model = load_model(cfg.model, cfg.task, num_outputs(cfg.task, datasets.labels), tokenizer)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = evaluate.to_device(data_mod.collate(data_mod.micro_batch(datasets.train, 0, cfg.batch_size, cfg.seed), pad), device)
+    embed = model.get_input_embeddings()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        inputs = embed(batch["input_ids"]).detach().requires_grad_(True)
+        with evaluate.autocast(device, use_bf16(cfg.precision, device)):
+            loss = model(inputs_embeds=inputs, **{k: v for k, v in batch.items() if k != "input_ids"}).loss
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * cfg.grad_accum  # a step is grad_accum micro-batches
+
+
+def rows(results: list[MethodResult], limit_s: float | None) -> list[dict[str, Any]]:
+    """One flat record per method (the CSV, the table and the plots read these)."""
+    out = []
+    for r in results:
+        row: dict[str, Any] = {"method": r.method, "status": r.status, "reason": r.reason}
+        if r.status == "done":
+            rep = r.report
+            metric = rep.get("metric")
+            step_s = rep["train_seconds"] / max(rep["steps"], 1)
+            row.update({
+                "trainable_params": rep["trainable_params"], "total_params": rep["total_params"],
+                "trainable_percent": 100 * rep["trainable_params"] / max(rep["total_params"], 1),
+                "adapter_mib": rep["adapter_bytes"] / 2**20, "peak_memory_mib": rep["peak_memory_mb"],
+                "step_seconds": step_s, "step_vs_limit": step_s / limit_s if limit_s else None,
+                "tokens_per_s": rep["tokens_per_s"], "final_loss": rep["final_loss"], "metric": metric,
+                "metric_before": rep["before"].get(metric), "metric_after": rep["after"].get(metric),
+            })
+        out.append(row)
+    return out
+
+
+def _fmt_metric(name: str | None, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if name in PERCENT else f"{value:.4f}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The terminal table."""
+    header = ["method", "trainable params", "adapter", "peak memory", "step", "x limit", "tokens/s", "final loss", "held-out"]
+    lines = [header]
+    for r in records:
+        if r["status"] != "done":
+            lines.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(header) - 2))
+            continue
+        lines.append([
+            r["method"], f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)", f"{r['adapter_mib']:.2f} MiB",
+            f"{r['peak_memory_mib']:,.0f} MiB", f"{r['step_seconds']:.2f} s",
+            f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-", f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}",
+            f"{r['metric']} {_fmt_metric(r['metric'], r['metric_before'])} -> {_fmt_metric(r['metric'], r['metric_after'])}",
+        ])
+    widths = [max(len(str(line[i])) for line in lines if i < len(line) and not (line[1].startswith(("failed", "interrupted")) and i == 1))
+              for i in range(len(header))]
+    out = []
+    for line in lines:
+        if line[1].startswith(("failed:", "interrupted:")):
+            out.append(f"{line[0]:<{widths[0]}}  {line[1]}")
+        else:
+            out.append("  ".join(f"{str(cell):<{widths[i]}}" for i, cell in enumerate(line)))
+    return "\n".join(out)
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _png(figure) -> str:
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit_s: float | None, path: Path,
+               title: str) -> None:
+    """One self-contained page: plots as embedded PNGs, the table; no external request."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LorakitError("the HTML report needs matplotlib: pip install 'lorakit[plots]' (compare.json and "
+                           "compare.csv were written)") from None
+    done = [r for r in records if r["status"] == "done"]
+    images = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        if r.losses:
+            ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    ax.legend()
+    images.append(("Training loss of every method", _png(fig)))
+    plt.close(fig)
+    if done and any(r["metric_after"] is not None for r in done):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in done:
+            if r["metric_after"] is not None:
+                ax.scatter(r["trainable_params"], r["metric_after"], s=40)
+                ax.annotate(r["method"], (r["trainable_params"], r["metric_after"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (log scale)", ylabel=f"held-out {done[0]['metric']}",
+               title="Held-out metric against trainable parameters")
+        images.append(("Held-out metric against trainable parameters", _png(fig)))
+        plt.close(fig)
+    if done:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        names = [r["method"] for r in done]
+        left.barh(names, [r["peak_memory_mib"] for r in done])
+        left.set(xlabel="peak memory (MiB)", title="Peak memory")
+        right.barh(names, [r["step_vs_limit"] or r["step_seconds"] for r in done])
+        right.set(xlabel="step time / limit" if limit_s else "step time (s)", title="Speed")
+        if limit_s:
+            right.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        images.append(("Peak memory and step time", _png(fig)))
+        plt.close(fig)
+    figures = "\n".join(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(alt)}</figcaption></figure>" for alt, data in images)
+    head = ["method", "status", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit", "tokens/s",
+            "final loss", "metric", "before", "after"]
+    body = []
+    for r in records:
+        if r["status"] != "done":
+            body.append(f"<tr><td>{html.escape(r['method'])}</td><td colspan='{len(head) - 1}'>"
+                        f"{html.escape(r['status'] + ': ' + r['reason'])}</td></tr>")
+            continue
+        cells = [r["method"], r["status"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
+                 f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
+                 f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
+                 _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    limit_text = f"{limit_s:.3f} s" if limit_s else "not measured"
+    path.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Every method trained with the same data, steps and seed. The limit (the frozen base's forward + backward on the
+same batch, no method can be faster) took {limit_text} per step.</p>
+<table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+{figures}
+</body></html>
+""")
+
+
+def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True) -> list[dict[str, Any]]:
+    """Run the comparison (see the module docstring); returns the per-method records."""
+    from .methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS and m != "qlora"]
+    if unknown or not methods:
+        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + ['qlora'])}")
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = directory / "compare.yaml"
+    mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
+                                       overwrite=False, progress=True))
+    if settings.is_file() and settings.read_text() != mine:
+        raise LorakitError(f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
+                           "or delete that directory")
+    settings.write_text(mine)
+    results = []
+    for i, method in enumerate(methods, start=1):
+        echo(f"compare [{i}/{len(methods)}] {method} ...")
+        result = run_method(cfg, method, directory, echo)
+        results.append(result)
+        if result.status == "interrupted":
+            raise LorakitError(f"compare interrupted during {method}; run the same command again to continue")
+        if result.status == "failed":
+            echo(f"{method} failed: {result.reason}")
+    echo("timing the limit (the frozen base's forward + backward) ...")
+    try:
+        limit_s = time_limit(cfg)
+    except Exception as err:  # noqa: BLE001 -- the comparison stands without the ratio
+        echo(f"could not time the limit: {err}")
+        limit_s = None
+    records = rows(results, limit_s)
+    (directory / "compare.json").write_text(json.dumps({"limit_step_seconds": limit_s, "methods": records,
+                                                        "config": yaml.safe_load(to_yaml(cfg))}, indent=2) + "\n")
+    write_csv(records, directory / "compare.csv")
+    if html_report:
+        write_html(results, records, limit_s, directory / "compare.html", f"lorakit compare: {', '.join(methods)}")
+    return records
