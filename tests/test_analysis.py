@@ -98,3 +98,36 @@ def test_lorakit_inspect_on_a_trained_run(tmp_path, capsys):
     numbers = json.loads((tmp_path / "changes.json").read_text())
     assert len(numbers["modules"]) == 14 and not numbers["inert_modules"]
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_method_specific_views():
+    # Delta-LoRA: the base's own movement is told apart from the adapter's part
+    model = tiny_llama(seed=3)
+    names = [n for n, _ in model.named_modules() if n.endswith("q_proj")]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.DeltaLoRA(r=4, targets=["q_proj"]))
+    perturb_trainable(model, seed=4)
+    with torch.no_grad():
+        for _, layer in inject.adapted_layers(model):
+            layer.base_layer.weight.mul_(1.01)
+    found = analysis.changes(model, original)
+    assert all(c.base_change == pytest.approx(0.01, rel=1e-4) for c in found)
+    assert "the base weights themselves moved in 2 modules" in analysis.summary_text(found)
+
+    # VeRA: its vectors' own numbers; AdaLoRA: the rank the allocator kept
+    vera = tiny_llama(seed=3)
+    original = analysis.snapshot_base_weights(vera, names)
+    lorakit.adapt(vera, lorakit.VeRA(r=8, targets=["q_proj"]))
+    perturb_trainable(vera, seed=5)
+    found = analysis.changes(vera, original)
+    layer = dict(inject.adapted_layers(vera))[names[0]]
+    d = layer.adapters["default"].vera_lambda_d.detach()
+    assert found[0].extras["vera mean |d|"] == pytest.approx(float(d.abs().mean()), rel=1e-6)
+    assert "vera mean |b|" in analysis.summary_text(found)
+    ada = tiny_llama(seed=3)
+    original = analysis.snapshot_base_weights(ada, names)
+    lorakit.adapt(ada, lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj"]))
+    perturb_trainable(ada, seed=6)
+    found = analysis.changes(ada, original)
+    assert found[0].extras["adalora rank kept"] == 4.0 and found[0].adapter_rank == 4
+    assert len({c.shared_group for c in found}) == len(found)  # nothing shared

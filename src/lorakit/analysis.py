@@ -17,6 +17,7 @@ weights themselves; a QLoRA base is the dequantized 4-bit weight it was trained 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -46,6 +47,9 @@ class ModuleChange:
     magnitude_change: float  # DoRA's ΔM
     direction_change: float  # DoRA's ΔD
     top_singular_values: list[float]
+    base_change: float = 0.0  # ||W_base - W0|| / ||W0||: the base weights themselves moved (Delta-LoRA)
+    extras: dict[str, float] = dataclasses.field(default_factory=dict)  # the adapter's own numbers (`describe`)
+    shared_group: int | None = None  # modules with the same number share one adapter's tensors (LoRA-drop)
 
     @property
     def inert(self) -> bool:
@@ -146,14 +150,25 @@ def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str
     """The change of every adapted module (adapters `names`, default: the active ones) against
     `original` (from `snapshot_base_weights`)."""
     found = []
+    groups: dict[int, int] = {}
     for module_name, layer in inject.adapted_layers(model):
         using = [n for n in (names or inject.lorakit_state(model).active) if n in layer.adapters]
         if not using or module_name not in original:
             continue
-        current, _ = layer.merged_weight(using, layer._unmerged_base_weight())
+        base_now = layer._unmerged_base_weight()
+        current, _ = layer.merged_weight(using, base_now)
         ranks = [_adapter_rank(layer.adapters[n]) for n in using]
-        found.append(module_change(module_name, original[module_name], current.float().cpu(),
-                                   ranks[0] if len(ranks) == 1 else None))
+        change = module_change(module_name, original[module_name], current.float().cpu(), ranks[0] if len(ranks) == 1 else None)
+        w0 = original[module_name].double()
+        change.base_change = float((base_now.detach().double().cpu() - w0).norm() / w0.norm()) if w0.norm() > 0 else 0.0
+        for name in using:
+            adapter = layer.adapters[name]
+            if callable(getattr(adapter, "describe", None)):
+                change.extras.update(adapter.describe())
+        first = next((p for n in using for p in layer.adapters[n].parameters()), None)
+        if first is not None:
+            change.shared_group = groups.setdefault(first.data_ptr(), len(groups))
+        found.append(change)
     return found
 
 
@@ -211,6 +226,18 @@ def summary_text(found: list[ModuleChange]) -> str:
                      f"{sum(c.magnitude_change for c in moved) / len(moved):.3e}, mean ΔD "
                      f"{sum(c.direction_change for c in moved) / len(moved):.3e}"
                      + (f", correlation {corr:+.2f} (LoRA tends positive, DoRA negative)" if corr is not None else ""))
+    moved_base = [c for c in found if c.base_change > INERT]
+    if moved_base:
+        lines.append(f"the base weights themselves moved in {len(moved_base)} modules (Delta-LoRA): mean ||W_base - W0|| / ||W0|| "
+                     f"{sum(c.base_change for c in moved_base) / len(moved_base):.2e} of a total change of "
+                     f"{sum(c.relative_change for c in moved_base) / len(moved_base):.2e}")
+    groups = {c.shared_group for c in found if c.shared_group is not None}
+    if len(groups) < len([c for c in found if c.shared_group is not None]):
+        lines.append(f"{len(found)} modules share {len(groups)} adapters (LoRA-drop's plan: modules with one number share it)")
+    keys = list(dict.fromkeys(k for c in found for k in c.extras))
+    if keys:
+        lines.append("the method's own numbers (mean over modules): " + ", ".join(
+            f"{k} {sum(c.extras.get(k, 0.0) for c in found) / len(found):.4g}" for k in keys))
     if data["inert_modules"]:
         share = len(data["inert_modules"]) / len(found)
         lines.append(f"warning: {len(data['inert_modules'])} of {len(found)} modules did not change (ΔW ≈ 0): "

@@ -95,6 +95,10 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         """The live rank: triplets the allocator keeps."""
         return int(self.kept.sum())
 
+    def describe(self) -> dict[str, float]:
+        """What `lorakit inspect` shows: the rank the allocator left this module, of its start."""
+        return {"adalora rank kept": float(self.r), "adalora initial rank": float(self.kept.numel())}
+
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         down = (self.lora_A * self.lora_E).to(x.dtype)  # diag(E) Q, (r_0, in)
         z = self.dropout(x) @ down.T  # (..., r_0)

@@ -119,6 +119,12 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         compute = torch.promote_types(up.dtype, base_weight.dtype)
         return (up.to(compute) @ vera_A.to(device=up.device, dtype=compute)).to(base_weight.dtype)
 
+    def describe(self) -> dict[str, float]:
+        """What `lorakit inspect` shows of this layer's own vectors: how far d and b moved."""
+        d, b = self.vera_lambda_d.detach().float(), self.vera_lambda_b.detach().float()
+        return {"vera mean |d|": float(d.abs().mean()), "vera mean |b|": float(b.abs().mean()),
+                "vera share of d near 0": float((d.abs() < 1e-3 * max(float(d.abs().max()), 1e-12)).float().mean())}
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
 
