@@ -97,6 +97,14 @@ def test_lorakit_inspect_on_a_trained_run(tmp_path, capsys):
     assert "relative change ||ΔW|| / ||W0||" in out and "q_proj" in out and "magnitude vs direction" in out
     numbers = json.loads((tmp_path / "changes.json").read_text())
     assert len(numbers["modules"]) == 14 and not numbers["inert_modules"]
+    pytest.importorskip("matplotlib")
+    import base64
+    import re
+
+    page = (tmp_path / "r" / "inspect.html").read_text()  # a run directory gets its report by default
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert page.count("<tr>") == 15 and "http://" not in page and "https://" not in page
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
 
 

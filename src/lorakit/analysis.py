@@ -244,3 +244,48 @@ def summary_text(found: list[ModuleChange]) -> str:
                      + ("the adapter learned nothing; check the learning rate, steps and that B is trained"
                         if share == 1 else ", ".join(data["inert_modules"][:6]) + (" ..." if len(data["inert_modules"]) > 6 else "")))
     return "\n".join(lines)
+
+
+def write_html(found: list[ModuleChange], path, title: str) -> None:
+    """The inspect report: the relative-change heatmap, singular-value spectra, DoRA's magnitude vs
+    direction scatter, and the per-module table, in one offline HTML file."""
+    from . import html_report
+
+    plt = html_report.pyplot("the inspect HTML report")
+    images = []
+    in_blocks = [c for c in found if c.layer is not None]
+    if in_blocks:
+        kinds = list(dict.fromkeys(c.kind for c in in_blocks))
+        labels = short_labels(kinds)
+        layers = sorted({c.layer for c in in_blocks})
+        grid = [[math.nan] * len(kinds) for _ in layers]
+        for c in in_blocks:
+            grid[layers.index(c.layer)][kinds.index(c.kind)] = c.relative_change
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.35 * len(layers)))
+        shown = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(kinds)), [labels[k] for k in kinds], rotation=30, ha="right")
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set(xlabel="module", ylabel="layer", title="||ΔW|| / ||W0|| per module")
+        fig.colorbar(shown, ax=ax, label="relative change")
+        images.append(("Relative change of every adapted module (layers x module kinds)", html_report.png(fig)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in found:
+        if not c.inert and c.top_singular_values:
+            values = [v / c.top_singular_values[0] for v in c.top_singular_values]
+            ax.plot(range(1, len(values) + 1), values, alpha=0.4)
+    ax.set(xlabel="singular value index", ylabel="σ_i / σ_1", title="Singular values of ΔW (one line per module)", yscale="log")
+    images.append(("How low-rank each update is: its leading singular values", html_report.png(fig)))
+    moved = [c for c in found if not c.inert]
+    if moved:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([c.direction_change for c in moved], [c.magnitude_change for c in moved], s=18)
+        ax.set(xlabel="direction change ΔD (mean 1 - cos per output row)", ylabel="magnitude change ΔM (mean |Δ row norm|)",
+               title="Magnitude against direction change (DoRA's view)")
+        images.append(("Magnitude against direction change, one point per module", html_report.png(fig)))
+    head = ["module", "relative change", "effective rank", "rank 90 %", "adapter rank", "ΔM", "ΔD", "base moved", "inert"]
+    rows = [[c.module, f"{c.relative_change:.3e}", f"{c.effective_rank:.2f}", c.rank_90, c.adapter_rank or "-",
+             f"{c.magnitude_change:.3e}", f"{c.direction_change:.3e}", f"{c.base_change:.2e}", "yes" if c.inert else ""] for c in found]
+    intro = summary_text(found).splitlines()[-1] if found else "no adapted module"
+    path.write_text(html_report.page(title, " ".join(line for line in summary_text(found).splitlines()
+                                                       if line.startswith(("effective", "magnitude", "warning", "the base", "the method"))) or intro,
+                                     html_report.table(head, rows), images))

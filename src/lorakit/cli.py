@@ -356,6 +356,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(analysis.report(found), indent=2) + "\n")
         print(f"all numbers: {args.json}")
+    page = args.html or (str(adapter.parent / "inspect.html") if adapter.name == "adapter" and not args.no_html else None)
+    if page:
+        analysis.write_html(found, Path(page), f"lorakit inspect: {adapter.parent.name if adapter.name == 'adapter' else adapter.name}")
+        print(f"report: {page}")
     return 0
 
 
@@ -575,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     ins.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
+    ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
+    ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
     ins.set_defaults(func=cmd_inspect)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)

@@ -14,11 +14,8 @@ speed bars, and the table, in one file that opens offline.
 
 from __future__ import annotations
 
-import base64
 import csv
 import dataclasses
-import html
-import io as _io
 import json
 import statistics
 import subprocess
@@ -29,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from . import html_report
 from .train.config import TrainConfig, to_yaml, with_resolved_paths
 from .train.errors import LorakitError
 
@@ -194,23 +192,11 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(records)
 
 
-def _png(figure) -> str:
-    buffer = _io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit_s: float | None, path: Path,
                title: str) -> None:
-    """One self-contained page: plots as embedded PNGs, the table; no external request."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LorakitError("the HTML report needs matplotlib: pip install 'lorakit[plots]' (compare.json and "
-                           "compare.csv were written)") from None
+    """One self-contained page: loss curves, metric against trainable parameters, memory and speed
+    bars (embedded PNGs) and the table; no external request."""
+    plt = html_report.pyplot("the HTML report (compare.json and compare.csv were written)")
     done = [r for r in records if r["status"] == "done"]
     images = []
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -219,8 +205,7 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
             ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method)
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
     ax.legend()
-    images.append(("Training loss of every method", _png(fig)))
-    plt.close(fig)
+    images.append(("Training loss of every method", html_report.png(fig)))
     if done and any(r["metric_after"] is not None for r in done):
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in done:
@@ -230,8 +215,7 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
         ax.set_xscale("log")
         ax.set(xlabel="trainable parameters (log scale)", ylabel=f"held-out {done[0]['metric']}",
                title="Held-out metric against trainable parameters")
-        images.append(("Held-out metric against trainable parameters", _png(fig)))
-        plt.close(fig)
+        images.append(("Held-out metric against trainable parameters", html_report.png(fig)))
     if done:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         names = [r["method"] for r in done]
@@ -241,38 +225,22 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
         right.set(xlabel="step time / limit" if limit_s else "step time (s)", title="Speed")
         if limit_s:
             right.axvline(1.0, color="black", linestyle="--", linewidth=1)
-        images.append(("Peak memory and step time", _png(fig)))
-        plt.close(fig)
-    figures = "\n".join(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(alt)}</figcaption></figure>" for alt, data in images)
+        images.append(("Peak memory and step time", html_report.png(fig)))
     head = ["method", "status", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit", "tokens/s",
             "final loss", "metric", "before", "after"]
     body = []
     for r in records:
         if r["status"] != "done":
-            body.append(f"<tr><td>{html.escape(r['method'])}</td><td colspan='{len(head) - 1}'>"
-                        f"{html.escape(r['status'] + ': ' + r['reason'])}</td></tr>")
+            body.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(head) - 2))
             continue
-        cells = [r["method"], r["status"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
-                 f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
-                 f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
-                 _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])]
-        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        body.append([r["method"], r["status"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
+                     f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
+                     _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])])
     limit_text = f"{limit_s:.3f} s" if limit_s else "not measured"
-    path.write_text(f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p>Every method trained with the same data, steps and seed. The limit (the frozen base's forward + backward on the
-same batch, no method can be faster) took {limit_text} per step.</p>
-<table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead><tbody>
-{chr(10).join(body)}
-</tbody></table>
-{figures}
-</body></html>
-""")
+    intro = (f"Every method trained with the same data, steps and seed. The limit (the frozen base's forward + backward "
+             f"on the same batch, which no method can beat) took {limit_text} per step.")
+    path.write_text(html_report.page(title, intro, html_report.table(head, body), images))
 
 
 def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True) -> list[dict[str, Any]]:
