@@ -3,6 +3,7 @@
     python benchmarks/quality_sst2.py                     # all conditions, default budget
     python benchmarks/quality_sst2.py --methods full lora --steps 100
     python benchmarks/quality_sst2.py --quick             # smoke run: 10 steps, 320 train sentences
+    python benchmarks/quality_sst2.py --methods lora-fa vera --lrs 1e-3 3e-3 1e-2 3e-2   # a learning-rate sweep
 
 Reads ../shared/datasets/sst2 (train.tsv, dev.tsv). Each condition trains the same number of
 steps on the same fixed subsample of train, in the same order, then reports dev accuracy (all
@@ -92,7 +93,9 @@ def accuracy(model, rows, tokenizer, max_length: int) -> float:
 
 
 def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
-    make_config, lr, ratio = CONDITIONS[name]
+    make_config, lr, ratio = CONDITIONS[name.split("@")[0]]
+    if "@" in name:  # a sweep point: "method@lr"
+        lr = float(name.split("@")[1])
     wall0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model = models.load_classifier(num_labels=2)
@@ -184,7 +187,10 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep: each method at each of these")
     args = parser.parse_args()
+    if args.lrs:
+        args.methods = [f"{m}@{lr:g}" for m in args.methods for lr in args.lrs]
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.train_size = 10, 320

@@ -352,3 +352,19 @@ def test_usage_mistakes_are_one_line(argv, message, capsys):
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+def test_each_method_gets_its_recipe_learning_rate_unless_given(capsys):
+    from lorakit.train import recipes
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import check_config
+
+    assert check_config(TrainConfig()).lr == recipes.LORA_LR
+    assert check_config(TrainConfig(method="lora-fa")).lr == pytest.approx(3 * recipes.LORA_LR)
+    assert check_config(TrainConfig(method="vera")).lr == pytest.approx(30 * recipes.LORA_LR)
+    assert check_config(TrainConfig(method="adalora")).lr == pytest.approx(10 * recipes.LORA_LR)
+    assert check_config(TrainConfig(method="qlora")).lr == recipes.LORA_LR  # LoRA over a 4-bit base
+    assert check_config(TrainConfig(method="vera", lr=1e-4)).lr == 1e-4  # --lr wins
+    assert cli.main(["train", "--method", "lora-fa", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# lr: the lora-fa recipe, 0.006 (3x LoRA's") and "\nlr: 0.006\n" in out

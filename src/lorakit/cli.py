@@ -147,7 +147,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         from .train.loop import check_config
 
-        check_config(cfg)  # a printed config is a valid one
+        checked = check_config(cfg)  # a printed config is a valid one
+        if cfg.lr is None:
+            from .train.recipes import describe
+
+            cfg = dataclasses.replace(cfg, lr=checked.lr)
+            print(f"# lr: the {checked.method} recipe, {describe(checked.method)}")
         print(config_mod.to_yaml(cfg), end="")
         return 0
     from .train.loop import train

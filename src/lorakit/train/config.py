@@ -78,8 +78,8 @@ class TrainConfig:
     init: str | None = None
     """How the adapter starts (LoRA, LoRA-FA, DoRA): 'default' (B = 0: the base model's outputs), or 'loftq' with --quantize (s·B·A starts as the best rank-r fit of the 4-bit base's rounding error, LoftQ)."""
 
-    lr: float = 2e-3
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate. Default: the method's recipe (lorakit.train.recipes): LoRA's 2e-3, times 3 for LoRA-FA, 10 for AdaLoRA, 30 for VeRA (ratios measured on SST-2)."""
     schedule: str = "cosine"
     """Learning-rate decay after warmup: 'cosine', 'linear' or 'constant'."""
     warmup_steps: int = 10
@@ -292,7 +292,7 @@ def validate(config: TrainConfig) -> None:
             raise LorakitError(f"{name} must be positive, got {getattr(config, name)}")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
-    if config.lr <= 0:
+    if config.lr is not None and config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
     if config.name is not None and (not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\")
                                     or not config.name.isprintable()):

@@ -131,6 +131,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     anything slow (a model load) happens, so a typo costs no waiting."""
     cfg = expand_aliases(cfg)
     validate(cfg)
+    if cfg.lr is None:  # the method's recipe
+        from .recipes import learning_rate
+
+        cfg = dataclasses.replace(cfg, lr=learning_rate(cfg.method))
     method_config(cfg, nn.Module())  # the method exists and takes these settings (targets need the model)
     return cfg
 
@@ -382,6 +386,7 @@ class RunResult:
     train_seconds: float
     wall_seconds: float
     final_loss: float
+    lr: float = 0.0  # the peak learning rate (given, or the method's recipe)
 
     def table(self) -> str:
         """The summary table printed at the end of a run."""
@@ -393,7 +398,7 @@ class RunResult:
             ("adapter size on disk", f"{self.adapter_bytes / 2**20:.2f} MiB"),
             ("peak memory", f"{self.peak_memory_mb:,.0f} MiB"),
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
-            ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training)"),
+            ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training), peak learning rate {self.lr:g}"),
             ("wall time", f"{self.wall_seconds:.0f} s (load, evaluation before and after, training, saving)"),
             ("final train loss", f"{self.final_loss:.4f}"),
         ]
@@ -796,6 +801,7 @@ def finish(run: Run) -> RunResult:
         train_seconds=run.state["train_seconds"],
         wall_seconds=time.perf_counter() - run.wall_start,
         final_loss=run.loss_value,
+        lr=cfg.lr,
     )
     if strategy.is_main:
         report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
