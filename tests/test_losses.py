@@ -105,14 +105,38 @@ def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path):
         return real(*args, **kwargs)
 
     losses.linear_cross_entropy = counted
+    small = losses.ChunkedLossModel.__init__.__defaults__
+    losses.ChunkedLossModel.__init__.__defaults__ = (None, 0)  # chunk even these tiny batches
     try:
         runs = {flag: train(TrainConfig(model=model, data=str(data), out_dir=str(tmp_path), name=f"c{flag}", steps=3,
                                         batch_size=4, lr=1e-2, dropout=0.0, progress=False, chunked_loss=flag),
                             echo=lambda *_: None) for flag in (True, False)}
     finally:
         losses.linear_cross_entropy = real
+        losses.ChunkedLossModel.__init__.__defaults__ = small
     assert calls["n"] == 3  # one chunked loss per step of the chunked run, none in the other
     a, b = (load_file(str(runs[f].run_dir / "adapter" / "adapter_model.safetensors")) for f in (True, False))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert abs(runs[True].final_loss - runs[False].final_loss) < 1e-5
+
+
+def test_small_batches_take_the_models_own_loss():
+    model = tiny_llama(seed=1)
+    lorakit.adapt(model, lorakit.LoRA(r=4))
+    input_ids, attention_mask, labels = batch()
+    wrapped = losses.ChunkedLossModel(model)  # 33 tokens x 128 vocabulary: far below the threshold
+    calls = {"n": 0}
+    real = losses.linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    losses.linear_cross_entropy = counted
+    try:
+        small = wrapped(input_ids, labels, attention_mask).loss
+        chunked = losses.ChunkedLossModel(model, min_logit_bytes=0)(input_ids, labels, attention_mask).loss
+    finally:
+        losses.linear_cross_entropy = real
+    assert calls["n"] == 1 and torch.allclose(small, chunked, atol=1e-6)
