@@ -43,10 +43,12 @@ CONDITIONS = {
     "full": (None, 5e-5, None),
     "lora": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "lora-plus": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 2.5e-4, 16.0),
-    "lora-fa": (lambda: lorakit.LoRAFA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
+    # LoRA-FA and VeRA at their recipes' multiples of LoRA's rate (lorakit.train.recipes: 3x, 30x), from
+    # the sweep `--methods lora-fa vera --lrs 1e-3 3e-3 1e-2 3e-2` (at LoRA's 1e-3 they stay at the majority class)
+    "lora-fa": (lambda: lorakit.LoRAFA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 3e-3, None),
     "dora": (lambda: lorakit.DoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     "delta-lora": (lambda: lorakit.DeltaLoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
-    "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 1e-2, None),
+    "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 3e-2, None),
     # AdaLoRA: 12 triplets a module at the start, 8 on average at the end (LoRA r=8's final budget);
     # allocation from 10 % of the steps, frozen for the last 20 %; gamma 0.1 as the paper
     "adalora": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
