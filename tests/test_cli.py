@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,20 @@ def test_each_method_gets_its_recipe_learning_rate_unless_given(capsys):
     assert cli.main(["train", "--method", "lora-fa", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# lr: the lora-fa recipe, 0.006 (3x LoRA's") and "\nlr: 0.006\n" in out
+
+
+def test_eval_of_a_run_tokenizes_only_the_held_out_examples(trained_run, monkeypatch, capsys):
+    from lorakit.train import data as data_mod
+
+    encoded = []
+    real = data_mod.encode_causal
+
+    def counting(records, *args, **kwargs):
+        encoded.append(len(records))
+        return real(records, *args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "encode_causal", counting)
+    assert cli.main(["eval", "--adapter", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    held_out = int(re.search(r"on (\d+) held-out examples", out).group(1))
+    assert encoded == [held_out] and held_out < len(WORDS) * 3  # the training part is read, not tokenized

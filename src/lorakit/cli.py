@@ -290,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config_mod.validate(cfg)
     # a classifier keeps the label order it was trained with; unknown labels are an error
     labels = trained_labels(adapter)
-    datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None)
+    datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None, encode_train=False)
     examples = datasets.eval  # with --data: the whole file (it is also the "eval data")
     model, tokenizer = load_adapted(cfg.model, adapter, cfg.task, num_outputs(cfg.task, datasets.labels))
     device = pick_device(cfg.device)

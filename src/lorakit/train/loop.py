@@ -278,10 +278,12 @@ def _records(spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "
     return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
 
 
-def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None) -> Datasets:
+def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None, encode_train: bool = True) -> Datasets:
     """Read, check and tokenize train and held-out data (or generate the built-in task).
 
-    `labels`: the classes of an already trained classifier (default: those of the training data)."""
+    `labels`: the classes of an already trained classifier (default: those of the training data).
+    `encode_train=False` (evaluation): the training data is read (the held-out split depends on it)
+    but not tokenized; `train` is then empty."""
     columns = ""
     if cfg.data is None:
         if cfg.task in SEQUENCE_TASKS:
@@ -314,18 +316,19 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None)
         labels = labels or data_mod.label_names(train)
         if len(labels) < 2:
             raise LorakitError(f"{cfg.data}: classification needs at least 2 labels, found {labels}")
-        train_ex = data_mod.encode_classify(train, fmt, tokenizer, cfg.max_length, labels)
+        train_ex = data_mod.encode_classify(train, fmt, tokenizer, cfg.max_length, labels) if encode_train else []
         eval_ex = data_mod.encode_classify(held, fmt, tokenizer, cfg.max_length, labels)
         return Datasets(train_ex, eval_ex, name, labels=labels, **common)
     if cfg.task == "regress":
-        train_ex = data_mod.encode_regress(train, fmt, tokenizer, cfg.max_length)
+        train_ex = data_mod.encode_regress(train, fmt, tokenizer, cfg.max_length) if encode_train else []
         eval_ex = data_mod.encode_regress(held, fmt, tokenizer, cfg.max_length)
         return Datasets(train_ex, eval_ex, name, **common)
     skipped: list[str] = []
-    train_ex = data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+    train_ex = (data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+                if encode_train else [])
     eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
     if skipped:
-        if not train_ex:
+        if encode_train and not train_ex:
             raise LorakitError(f"no example has completion tokens within max_length={cfg.max_length} (e.g. {skipped[0]}): "
                                "raise --max-length")
         common["notes"] = [f"left out {len(skipped)} example(s) whose prompt fills max_length={cfg.max_length} "
