@@ -21,6 +21,19 @@ def batch(seed: int = 0, vocab: int = 128):
     return input_ids, attention_mask, labels
 
 
+def count_chunked_losses(monkeypatch) -> dict[str, int]:
+    """Counts calls of `losses.linear_cross_entropy` (the chunked path) while the test runs."""
+    calls = {"n": 0}
+    real = losses.linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "linear_cross_entropy", counted)
+    return calls
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -89,7 +102,7 @@ def test_models_without_a_plain_head_are_refused():
     assert losses.plain_head(other) is None
 
 
-def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path):
+def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from tiny_lm import save_tiny_llama, write_jsonl
 
@@ -97,23 +110,11 @@ def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path):
 
     model = str(save_tiny_llama(tmp_path / "m"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1} {i + 2}"} for i in range(24)])
-    calls = {"n": 0}
-    real = losses.linear_cross_entropy
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    losses.linear_cross_entropy = counted
-    small = losses.ChunkedLossModel.__init__.__defaults__
-    losses.ChunkedLossModel.__init__.__defaults__ = (None, 0)  # chunk even these tiny batches
-    try:
-        runs = {flag: train(TrainConfig(model=model, data=str(data), out_dir=str(tmp_path), name=f"c{flag}", steps=3,
-                                        batch_size=4, lr=1e-2, dropout=0.0, progress=False, chunked_loss=flag),
-                            echo=lambda *_: None) for flag in (True, False)}
-    finally:
-        losses.linear_cross_entropy = real
-        losses.ChunkedLossModel.__init__.__defaults__ = small
+    calls = count_chunked_losses(monkeypatch)
+    monkeypatch.setattr(losses, "MIN_CHUNKED_LOGIT_BYTES", 0)  # chunk even these tiny batches
+    runs = {flag: train(TrainConfig(model=model, data=str(data), out_dir=str(tmp_path), name=f"c{flag}", steps=3,
+                                    batch_size=4, lr=1e-2, dropout=0.0, progress=False, chunked_loss=flag),
+                        echo=lambda *_: None) for flag in (True, False)}
     assert calls["n"] == 3  # one chunked loss per step of the chunked run, none in the other
     a, b = (load_file(str(runs[f].run_dir / "adapter" / "adapter_model.safetensors")) for f in (True, False))
     for key in a:
@@ -121,22 +122,12 @@ def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path):
     assert abs(runs[True].final_loss - runs[False].final_loss) < 1e-5
 
 
-def test_small_batches_take_the_models_own_loss():
+def test_small_batches_take_the_models_own_loss(monkeypatch):
     model = tiny_llama(seed=1)
     lorakit.adapt(model, lorakit.LoRA(r=4))
     input_ids, attention_mask, labels = batch()
     wrapped = losses.ChunkedLossModel(model)  # 33 tokens x 128 vocabulary: far below the threshold
-    calls = {"n": 0}
-    real = losses.linear_cross_entropy
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    losses.linear_cross_entropy = counted
-    try:
-        small = wrapped(input_ids, labels, attention_mask).loss
-        chunked = losses.ChunkedLossModel(model, min_logit_bytes=0)(input_ids, labels, attention_mask).loss
-    finally:
-        losses.linear_cross_entropy = real
+    calls = count_chunked_losses(monkeypatch)
+    small = wrapped(input_ids, labels, attention_mask).loss
+    chunked = losses.ChunkedLossModel(model, min_logit_bytes=0)(input_ids, labels, attention_mask).loss
     assert calls["n"] == 1 and torch.allclose(small, chunked, atol=1e-6)

@@ -193,9 +193,10 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
 
 
 def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2,
-                 extra: dict[str, Path] | None = None):
+                 extra: dict[str, Path] | None = None, before_load=None):
     """(model, tokenizer): the base model with the adapter loaded for inference (and the `extra`
-    adapters, name -> directory, beside it on the same base)."""
+    adapters, name -> directory, beside it on the same base). `before_load(model)` runs on the base
+    just before the adapters load (inspect takes its snapshot there)."""
     from . import io
     from .train.loop import load_model, load_tokenizer
 
@@ -209,6 +210,8 @@ def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_la
             raise LorakitError(f"cannot load adapter {first}: {' '.join(str(err).split())}") from None
         quantization = meta.get("quantization")
     model = load_model(model_spec, task, num_labels, tokenizer, quantization)
+    if before_load is not None:
+        before_load(model)
     named = {None: adapter} if adapter is not None else {}
     named.update(extra or {})
     for name, path in named.items():
@@ -334,27 +337,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from . import analysis, inject, io
-    from .train.loop import load_model, load_tokenizer, num_outputs
+    from .train.loop import num_outputs
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
     task = args.task or cfg.task
     try:
-        config, meta = io.read_config(adapter)
+        config, _ = io.read_config(adapter)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise LorakitError(f"cannot read adapter {adapter}: {' '.join(str(err).split())}") from None
-    tokenizer = load_tokenizer(model_spec, task)
-    model = load_model(model_spec, task, num_outputs(task, trained_labels(adapter)), tokenizer, meta.get("quantization"))
-    try:
-        names = inject.select_targets(model, config)
-    except ValueError as err:
-        raise LorakitError(f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}") from None
-    original = analysis.snapshot_base_weights(model, names)  # before loading: Delta-LoRA moves the base itself
-    warn_if_other_base(adapter, model_spec, task)
-    try:
-        io.load(model, adapter)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise LorakitError(f"cannot load adapter {adapter}: {' '.join(str(err).split())}") from None
+    original: dict = {}
+
+    def snapshot(model) -> None:  # before loading: Delta-LoRA moves the base itself
+        try:
+            names = inject.select_targets(model, config)
+        except ValueError as err:
+            raise LorakitError(f"{adapter} does not fit {model_spec or 'the built-in model'}: "
+                               f"{' '.join(str(err).split())}") from None
+        original.update(analysis.snapshot_base_weights(model, names))
+
+    model, _ = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)), before_load=snapshot)
     found = analysis.changes(model, original)
     print(f"{adapter} ({config.method}) on {model_spec or 'the built-in model'}")
     print(analysis.summary_text(found))

@@ -26,6 +26,7 @@ from torch import nn
 IGNORE_INDEX = -100
 CHUNK_LOGIT_BYTES = 32 * 2**20  # one chunk's fp32 logits: rows = this / (vocabulary x 4 bytes)
 DEFAULT_CHUNK_TOKENS = None  # chosen from the vocabulary size (`chunk_rows`)
+MIN_CHUNKED_LOGIT_BYTES = 2 * CHUNK_LOGIT_BYTES  # `ChunkedLossModel`: smaller full logits take the model's own loss
 
 
 def chunk_rows(vocab: int, chunk: int | None = None) -> int:
@@ -135,18 +136,18 @@ class ChunkedLossModel(nn.Module):
     """A causal LM whose forward with `labels` returns the loss computed by chunks (`model(**batch).loss`
     as before, without the logits). Wraps a model for which `plain_head` is not None."""
 
-    def __init__(self, model: nn.Module, chunk: int | None = DEFAULT_CHUNK_TOKENS,
-                 min_logit_bytes: int = 2 * CHUNK_LOGIT_BYTES) -> None:
+    def __init__(self, model: nn.Module, chunk: int | None = DEFAULT_CHUNK_TOKENS, min_logit_bytes: int | None = None) -> None:
         super().__init__()
-        if plain_head(model) is None:
+        head = plain_head(model)
+        if head is None:
             raise ValueError(f"{type(model).__name__}: the chunked loss needs a plain linear output head on a known "
                              f"architecture ({', '.join(PLAIN_HEAD_MODEL_TYPES)})")
-        self.model, self.chunk, self.min_logit_bytes = model, chunk, min_logit_bytes
+        self.model, self.chunk, self.vocab = model, chunk, head.out_features
+        self.min_logit_bytes = MIN_CHUNKED_LOGIT_BYTES if min_logit_bytes is None else min_logit_bytes
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | float | None = None, **kwargs) -> LossOutput:
-        vocab = plain_head(self.model).out_features
-        if input_ids.numel() * vocab * 4 <= self.min_logit_bytes:
+        if input_ids.numel() * self.vocab * 4 <= self.min_logit_bytes:
             # full logits this small cost less memory than the chunk loop costs time (the built-in job:
             # 320 tokens x 49k = 63 MB): the model's own loss, the same value
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

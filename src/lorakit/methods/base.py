@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..train.errors import short_repr
+
 
 @runtime_checkable
 class Adapter(Protocol):
@@ -208,22 +210,13 @@ def _check_scalar(value: Any, kind: str, where: str) -> None:
     kinds = _SCALAR_TYPES[kind]
     if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
         words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
-        raise ValueError(f"{where} must be {words}, got {_short_repr(value)}")
+        raise ValueError(f"{where} must be {words}, got {short_repr(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} must be finite, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         limit = _INT_LIMIT if kind == "int" else _FLOAT_LIMIT
         if abs(value) >= limit:
-            raise ValueError(f"{where} = {_short_repr(value)} is out of range")
-
-
-def _short_repr(value: Any) -> str:
-    """A bounded repr for messages (a 5,000-digit or 3,000-deep value must not become the message)."""
-    import reprlib
-
-    shortener = reprlib.Repr()
-    shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 2, 60, 60, 40
-    return shortener.repr(value)
+            raise ValueError(f"{where} = {short_repr(value)} is out of range")
 
 
 def check_field_types(config: Any) -> None:
@@ -242,15 +235,15 @@ def check_field_types(config: Any) -> None:
             _check_scalar(value, declared, where)
         elif (inner := re.fullmatch(r"list\[(\w+)\]", declared)) and inner.group(1) in _SCALAR_TYPES:
             if not isinstance(value, (list, tuple)):
-                raise ValueError(f"{where} must be a list of {inner.group(1)}, got {_short_repr(value)}")
+                raise ValueError(f"{where} must be a list of {inner.group(1)}, got {short_repr(value)}")
             for item in value:
                 _check_scalar(item, inner.group(1), f"{where}[...]")
         elif (inner := re.fullmatch(r"dict\[str,(\w+)\]", declared)) and inner.group(1) in _SCALAR_TYPES:
             if not isinstance(value, dict):
-                raise ValueError(f"{where} must be a mapping of names to {inner.group(1)}, got {_short_repr(value)}")
+                raise ValueError(f"{where} must be a mapping of names to {inner.group(1)}, got {short_repr(value)}")
             for key, item in value.items():
                 if not isinstance(key, str):
-                    raise ValueError(f"{where}: the key {_short_repr(key)} is not a string")
+                    raise ValueError(f"{where}: the key {short_repr(key)} is not a string")
                 _check_scalar(item, inner.group(1), f"{where}[{key!r}]")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LorakitError
+from .errors import LorakitError, short_repr
 
 
 @dataclass
@@ -168,15 +168,6 @@ def optional_fields() -> set[str]:
     return {name for name, hint in hints.items() if type(None) in typing.get_args(hint)}
 
 
-def _short(value: Any) -> str:
-    """A bounded repr for messages: a 5,000-digit number or a 3,000-deep list stays one short line."""
-    import reprlib
-
-    shortener = reprlib.Repr()
-    shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 2, 60, 60, 40
-    return shortener.repr(value)
-
-
 def convert(name: str, value: Any) -> Any:
     """Check and convert one field's value (from YAML or a flag), or raise a one-line error."""
     kind = field_types()[name]
@@ -207,23 +198,23 @@ def convert(name: str, value: Any) -> Any:
             try:
                 value = float(value)
             except OverflowError:
-                raise LorakitError(f"{name}: {_short(value)} is out of range") from None
+                raise LorakitError(f"{name}: {short_repr(value)} is out of range") from None
             if not math.isfinite(value):
                 raise LorakitError(f"{name}: must be a finite number, got {value!r}")
         elif kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit()):
             if isinstance(value, str) and len(value.lstrip("-")) > 12:
-                raise LorakitError(f"{name}: {_short(value)} is out of range")
+                raise LorakitError(f"{name}: {short_repr(value)} is out of range")
             value = int(value)
             if abs(value) >= 2**31:
-                raise LorakitError(f"{name}: {_short(value)} is out of range")
+                raise LorakitError(f"{name}: {short_repr(value)} is out of range")
         elif isinstance(value, bool) and kind is not bool:
             raise ValueError(value)
         elif not isinstance(value, kind):
             raise ValueError(value)
     except ValueError:
-        raise LorakitError(f"{name}: expected {kind.__name__}, got {_short(value)}") from None
+        raise LorakitError(f"{name}: expected {kind.__name__}, got {short_repr(value)}") from None
     if name in CHOICES and value not in CHOICES[name]:
-        raise LorakitError(f"{name}: {_short(value)} is not one of {', '.join(CHOICES[name])}")
+        raise LorakitError(f"{name}: {short_repr(value)} is not one of {', '.join(CHOICES[name])}")
     return value
 
 
@@ -232,11 +223,11 @@ def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainCon
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     odd = [k for k in data if not isinstance(k, str)]
     if odd:
-        raise LorakitError(f"config field names are words, got {_short(odd[0])}")
+        raise LorakitError(f"config field names are words, got {short_repr(odd[0])}")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise LorakitError(f"unknown config field(s) {_short(unknown)}; known: {', '.join(sorted(known))}")
+        raise LorakitError(f"unknown config field(s) {short_repr(unknown)}; known: {', '.join(sorted(known))}")
     return dataclasses.replace(base or TrainConfig(), **{k: convert(k, v) for k, v in data.items()})
 
 

@@ -195,7 +195,7 @@ def _read_source(path: Path, split: str | None, split_flag: str = "--split") -> 
         # which crashes (segfault, pyarrow 26) on an item that is not an object; Python's json reads
         # it the same way and names the item that is wrong.
         rows = _scan_json(path)
-    elif kind == "jsonl" and (_bracket_depth_bound(path) > MAX_ARROW_JSON_DEPTH or not _every_line_an_object(path)):
+    elif kind == "jsonl" and not _arrow_reads_safely(path):
         # pyarrow's JSON reader also crashes on deeply nested values and on lines that are not
         # objects (`null`): such a file is read line by line, which names the bad line
         rows = _scan_jsonl(path)
@@ -210,24 +210,11 @@ def _read_source(path: Path, split: str | None, split_flag: str = "--split") -> 
 MAX_ARROW_JSON_DEPTH = 256
 
 
-def _bracket_depth_bound(path: Path) -> int:
-    """An upper bound of the nesting depth of a JSON file: the deepest running count of opening
-    minus closing brackets, strings included (so brackets inside text can only raise it)."""
-    import numpy as np
-
-    depth = deepest = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            raw = np.frombuffer(chunk, dtype=np.uint8)
-            steps = ((raw == ord("[")) | (raw == ord("{"))).astype(np.int64) - ((raw == ord("]")) | (raw == ord("}")))
-            running = depth + np.cumsum(steps)
-            if running.size:
-                deepest, depth = max(deepest, int(running.max())), int(running[-1])
-    return deepest
-
-
-def _every_line_an_object(path: Path) -> bool:
-    """Whether every non-blank line of a JSON Lines file starts like an object (a cheap look)."""
+def _arrow_reads_safely(path: Path) -> bool:
+    """Whether pyarrow can be given this JSON Lines file: every non-blank line starts an object and
+    nothing nests deeper than MAX_ARROW_JSON_DEPTH. One pass; the depth is an upper bound (brackets
+    inside strings count too, so text can only make the file take the slower, safe reader)."""
+    depth = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f):
             start = line.lstrip()
@@ -235,6 +222,10 @@ def _every_line_an_object(path: Path) -> bool:
                 start = start.removeprefix(codecs.BOM_UTF8).lstrip()
             if start and not start.startswith(b"{"):
                 return False
+            opens = line.count(b"[") + line.count(b"{")
+            if depth + opens > MAX_ARROW_JSON_DEPTH:
+                return False
+            depth += opens - line.count(b"]") - line.count(b"}")
     return True
 
 

@@ -441,6 +441,7 @@ class Run:
     pad_id: int
     eval_batch: int
     wall_start: float
+    log: Any = print  # where the main process's messages go
     loss_value: float = float("nan")
 
     @property
@@ -449,9 +450,7 @@ class Run:
 
     def echo(self, message: str) -> None:
         if self.strategy.is_main:
-            self._echo(message)
-
-    _echo: Any = print
+            self.log(message)
 
 
 def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -> RunResult:
@@ -574,8 +573,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     run = Run(cfg=cfg, strategy=strategy, device=device, bf16=bf16, datasets=datasets, model=model, tokenizer=tokenizer,
               hooks=hooks, run_dir=run_dir, total_steps=total_steps, start_step=start_step, before=before, state=state,
               optimizer=optimizer, scheduler=scheduler, forward=model, builtin=builtin, pad_id=pad_id,
-              eval_batch=eval_batch, wall_start=wall_start)
-    run._echo = echo
+              eval_batch=eval_batch, wall_start=wall_start, log=echo)
     run.forward = forward_module(run)
     return run
 
