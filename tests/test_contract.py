@@ -184,3 +184,26 @@ def test_loraplus_groups_cover_every_trainable_parameter_once(method):
     fast = [g for g in groups if g["name"].startswith("B")]
     assert fast and all(g["lr"] == pytest.approx(8e-3) for g in fast)
     assert all(g["lr"] == pytest.approx(1e-3) for g in groups if g["name"].startswith("A"))
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_low_rank_factors_are_the_whole_change_or_absent(method, input_ids):
+    """What a plain LoRA file (GGUF export) holds: `up @ down` is exactly the adapter's change, scales
+    folded in; a method whose change depends on W0 (DoRA) gives None and is exported merged."""
+    model = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(model)
+    one_step(model, input_ids)  # AdaLoRA prunes triplets in its first step: factors follow the mask
+    layers = list(lorakit.inject.adapted_layers(model))
+    assert layers
+    for _, layer in layers:
+        adapter = layer.adapter
+        factors = adapter.low_rank_factors() if getattr(adapter, "additive", False) else None
+        if not getattr(adapter, "additive", False):
+            assert lorakit.METHODS[method] is lorakit.METHODS["dora"]
+            continue
+        assert factors is not None, f"{method} is additive but gives no low-rank factors"
+        down, up = factors
+        assert down.shape[1] == layer.in_features and up.shape[0] == layer.out_features and up.shape[1] == down.shape[0]
+        expected = layer.delta_weight()
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(up @ down, expected, atol=1e-6, rtol=1e-5)

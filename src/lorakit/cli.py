@@ -8,6 +8,7 @@
     lorakit generate --adapter runs/<name> "Reverse the order of the words: a b c"
     lorakit generate --adapter sql=runs/a --adapter chat=runs/b --prompts prompts.jsonl   # per-prompt adapter
     lorakit merge --adapter runs/<name> --out merged/
+    lorakit export --adapter runs/<name> --format gguf           # a LoRA adapter for llama.cpp (--lora FILE)
     lorakit inspect runs/<name>                  # what the adapter changed, module by module
     lorakit compare --methods lora,dora,vera     # the same job with each method: table + HTML report
 
@@ -508,6 +509,63 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import gguf_export, inject, models
+
+    adapter, cfg = adapter_dir_and_config(args.adapter)
+    model_spec = args.model if args.model is not None else cfg.model
+    if cfg.task != "causal-lm":
+        raise LorakitError(f"GGUF export is for causal language models (what llama.cpp runs); this run's task is {cfg.task}")
+    outtypes = gguf_export.MERGED_OUTTYPES if args.merged else gguf_export.ADAPTER_OUTTYPES
+    outtype = args.outtype or ("f16" if args.merged else "f32")
+    if outtype not in outtypes:
+        raise LorakitError(f"--outtype {outtype} is not available {'for a merged model' if args.merged else 'for an adapter'}: "
+                           f"choose {', '.join(outtypes)}" + ("" if args.merged else " (or --merged)"))
+    try:
+        model_dir, gguf_file = models.resolve_model_path(model_spec, cfg.task)
+    except (FileNotFoundError, ValueError) as err:
+        raise LorakitError(str(err)) from None
+    run = adapter.parent if adapter.name == "adapter" else adapter
+    out = Path(args.out) if args.out else run / (f"merged-{outtype}.gguf" if args.merged else "adapter.gguf")
+    check_export_target(out, model_dir / gguf_file if gguf_file else None, args.overwrite)
+    if args.merged:
+        gguf_export.require_gguf_base(model_dir / gguf_file if gguf_file else None)  # before the model loads
+    model, _ = load_adapted(model_spec, adapter, cfg.task)
+    layout = gguf_export.gguf_layout(model, model_dir, gguf_file)
+    if not args.merged:
+        summary = gguf_export.export_adapter(model, layout, out, outtype, description=f"lorakit adapter {run.name}")
+        if inject.lorakit_state(model).quantization is not None:
+            summary.notes.append("trained on the 4-bit (NF4) base: llama.cpp applies it to the base file's own weights; "
+                                 "--merged writes the weights it was trained against")
+    else:
+        method = type(inject.adapter_config(model)).__name__
+        quantized = inject.lorakit_state(model).quantization is not None
+        adapted = sum(1 for _ in inject.adapted_layers(model))
+        try:
+            inject.merge_and_unload(model)
+        except ValueError as err:  # e.g. an adapter on a tied output head
+            raise LorakitError(str(err)) from None
+        notes = [f"{method}: {adapted} adapted weights merged; the other weights as lorakit ran them; "
+                 f"tokenizer and metadata from {layout.base_file.name}"]
+        if quantized:
+            notes.append("QLoRA: merged into the dequantized 4-bit (NF4) base weights it was trained against, "
+                         "not the base file's original weights")
+        summary = gguf_export.export_merged(model, layout, out, outtype, notes)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def check_export_target(out: Path, base_file: Path | None, overwrite: bool) -> None:
+    """`--out` must be a file path that is not the base model's file; an existing file only with --overwrite."""
+    if out.is_dir():
+        raise LorakitError(f"--out {out} is a directory; give a file name (e.g. {out / 'model.gguf'})")
+    if base_file is not None and out.exists() and out.resolve() == base_file.resolve():
+        raise LorakitError(f"--out {out} is the base model's own file; give another file name")
+    if out.exists() and not overwrite:
+        raise LorakitError(f"--out {out} exists; give another file name, or --overwrite to replace it")
+
+
 # --- the parser ---------------------------------------------------------------------------------
 
 
@@ -612,6 +670,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     merge.add_argument("--out", required=True, help="output directory")
     merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser("export", help="write an adapter (or base + adapter merged) as a GGUF file for llama.cpp",
+                            formatter_class=fmt)
+    export.add_argument("--adapter", required=True, help="adapter directory or run directory (runs/<name>)")
+    export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (llama.cpp's)")
+    export.add_argument("--merged", action="store_true",
+                        help="write the whole model with the adapter merged (DoRA, Delta-LoRA; or one file to ship)")
+    export.add_argument("--outtype", choices=["f32", "f16", "q8_0"],
+                        help="tensor type: adapter f32 (default) or f16; merged f16 (default), f32 or q8_0")
+    export.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
+    export.add_argument("--out", help="output file (default: runs/<name>/adapter.gguf or merged-<outtype>.gguf)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -109,6 +109,12 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         return self.scale * (self.lora_B.to(dtype) @ (self.lora_A * self.lora_E).to(dtype))
 
     @torch.no_grad()
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(diag(E) Q, s P)` over the kept triplets only (the pruned ones add nothing)."""
+        index = self.kept.nonzero().view(-1)
+        return (self.lora_A * self.lora_E)[index], self.scale * self.lora_B[:, index]
+
+    @torch.no_grad()
     def apply_mask(self, kept: torch.Tensor) -> None:
         """Keep the triplets `kept` (bool, r_0); zero the others' E."""
         self.kept.copy_(kept.to(self.kept.device))

@@ -71,6 +71,11 @@ class AdditiveAdapter:
     def unmerge(self, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight(weight).to(weight.dtype)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(down (r, in), up (out, r))` with `up @ down == delta_weight` (every scale folded in), the
+        form a plain LoRA file holds (GGUF export); None when the change is not such a pair."""
+        return None
+
 
 def load_exact(module: nn.Module, names: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into the tensors `names` (PEFT key -> parameter), refusing any mismatch."""

@@ -52,6 +52,9 @@ class LoRAPair(AdditiveAdapter):
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         return self.scale * (self.lora_B.to(base_weight.dtype) @ self.lora_A.to(base_weight.dtype))
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.detach(), self.scale * self.lora_B.detach()
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 

@@ -119,6 +119,13 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         compute = torch.promote_types(up.dtype, base_weight.dtype)
         return (up.to(compute) @ vera_A.to(device=up.device, dtype=compute)).to(base_weight.dtype)
 
+    @torch.no_grad()
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(A[:, :in], diag(b) B[:out] diag(d))`: VeRA's update as one plain pair of this layer's own."""
+        vera_A = self.projections.vera_A[:, : self.in_features]
+        up = self.scaled_up_projection()
+        return vera_A.to(device=up.device, dtype=up.dtype), up
+
     def describe(self) -> dict[str, float]:
         """What `lorakit inspect` shows of this layer's own vectors: how far d and b moved."""
         d, b = self.vera_lambda_d.detach().float(), self.vera_lambda_b.detach().float()
