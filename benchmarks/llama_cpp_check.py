@@ -91,20 +91,20 @@ def lorakit_logits(model, token_ids: list[int]) -> np.ndarray:
     return model(torch.tensor([token_ids])).logits[0].double().numpy()
 
 
-def logit_agreement(ours: list[np.ndarray], theirs: list[np.ndarray], ours_base: list[np.ndarray],
-                    theirs_base: list[np.ndarray]) -> dict[str, float]:
-    """How close llama.cpp's logits are to lorakit's, and how well the adapter's effect agrees."""
+def logit_distance(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict[str, float]:
+    """How close llama.cpp's logits are to lorakit's, over every position of every prompt."""
     a, b = np.concatenate(ours), np.concatenate(theirs)
-    effect_ours = a - np.concatenate(ours_base)
-    effect_theirs = b - np.concatenate(theirs_base)
-    return {
-        "max_abs_logit_diff": float(np.abs(a - b).max()),
-        "mean_abs_logit_diff": float(np.abs(a - b).mean()),
-        "logit_std": float(a.std()),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-        "adapter_effect_correlation": float(np.corrcoef(effect_ours.ravel(), effect_theirs.ravel())[0, 1]),
-        "adapter_effect_std": float(effect_ours.std()),
-    }
+    return {"max_abs_logit_diff": float(np.abs(a - b).max()), "mean_abs_logit_diff": float(np.abs(a - b).mean()),
+            "logit_std": float(a.std()), "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+
+
+def effect_correlation(ours: list[np.ndarray], theirs: list[np.ndarray], ours_base: list[np.ndarray],
+                       theirs_base: list[np.ndarray]) -> dict[str, float]:
+    """Correlation of the adapter's effect (adapted minus base logits) in lorakit and in llama.cpp."""
+    effect_ours = np.concatenate(ours) - np.concatenate(ours_base)
+    effect_theirs = np.concatenate(theirs) - np.concatenate(theirs_base)
+    return {"adapter_effect_correlation": float(np.corrcoef(effect_ours.ravel(), effect_theirs.ravel())[0, 1]),
+            "adapter_effect_std": float(effect_ours.std())}
 
 
 def exact_match_both(model, tokenizer, llm, examples: list[dict[str, str]]) -> dict[str, float]:
@@ -139,13 +139,14 @@ def greedy_answers_agree(model, tokenizer, llm, prompts: list[str], max_new_toke
     return pairs
 
 
-def check(out_dir: Path, steps: int, examples: int, dora_steps: int) -> dict:
+def check(out_dir: Path, steps: int, examples: int, dora_steps: int, runs: dict[str, Path] | None = None) -> dict:
     from lorakit.models import smollm2_gguf
     from lorakit.train import tasks
 
     base_file = smollm2_gguf()
-    results: dict = {"base": base_file.name, "steps": steps}
-    run = train(out_dir, "lora", steps, examples)
+    results: dict = {"base": base_file.name}
+    runs = runs or {}
+    run = runs.get("lora") or train(out_dir, "lora", steps, examples)
     lorakit_cli("export", "--adapter", str(run), "--format", "gguf", "--overwrite")
     adapter_gguf = run / "adapter.gguf"
     model, tokenizer = load_lorakit(run / "adapter")
@@ -161,15 +162,19 @@ def check(out_dir: Path, steps: int, examples: int, dora_steps: int) -> dict:
         ours_base = [lorakit_logits(model, i) for i in ids]
     theirs = [llama_logits(adapted_llm, i) for i in ids]
     theirs_base = [llama_logits(base_llm, i) for i in ids]
-    results["logits"] = logit_agreement(ours, theirs, ours_base, theirs_base)
-    results["base_logits"] = logit_agreement(ours_base, theirs_base, ours_base, theirs_base)
-    del base_llm, adapted_llm
+    results["adapted_logits"] = logit_distance(ours, theirs) | effect_correlation(ours, theirs, ours_base, theirs_base)
+    results["base_logits"] = logit_distance(ours_base, theirs_base)
+    base_llm.close(), adapted_llm.close()  # before interpreter exit, where llama-cpp-python's own close fails
+    results["runs"] = {"lora": str(run)}
     if dora_steps:
-        dora = train(out_dir, "dora", dora_steps, examples, method="dora")
+        dora = runs.get("dora") or train(out_dir, "dora", dora_steps, examples, method="dora")
         merged = dora / "merged-f16.gguf"
         lorakit_cli("export", "--adapter", str(dora), "--merged", "--format", "gguf", "--overwrite")
         model, tokenizer = load_lorakit(dora / "adapter")
-        pairs = greedy_answers_agree(model, tokenizer, llama(merged), [e["prompt"] for e in held_out[:10]] + PROMPTS[2:])
+        merged_llm = llama(merged)
+        pairs = greedy_answers_agree(model, tokenizer, merged_llm, [e["prompt"] for e in held_out[:10]] + PROMPTS[2:])
+        merged_llm.close()
+        results["runs"]["dora"] = str(dora)
         results["dora_merged"] = {"same_greedy_answers": sum(o == t for o, t in pairs), "prompts": len(pairs),
                                   "pairs": pairs}
     results["check_seconds"] = round(time.time() - t, 1)
@@ -182,9 +187,12 @@ def main() -> None:
     parser.add_argument("--dora-steps", type=int, default=50, help="training steps of the DoRA run (0: skip)")
     parser.add_argument("--examples", type=int, default=100, help="held-out examples for exact match")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/llama-cpp-check"))
+    parser.add_argument("--lora-run", type=Path, help="use this finished LoRA run of the built-in job instead of training")
+    parser.add_argument("--dora-run", type=Path, help="use this finished DoRA run instead of training")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "gguf-llama-cpp.json")
     args = parser.parse_args()
-    results = check(args.out_dir, args.steps, args.examples, args.dora_steps)
+    runs = {k: v for k, v in (("lora", args.lora_run), ("dora", args.dora_run)) if v is not None}
+    results = check(args.out_dir, args.steps, args.examples, args.dora_steps, runs)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "dora_merged"} | {

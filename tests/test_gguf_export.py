@@ -207,3 +207,27 @@ def test_merged_needs_a_gguf_base(tmp_path):
     model = lorakit.merge_and_unload(adapted("lora"))
     with pytest.raises(LorakitError, match="convert_hf_to_gguf"):
         gguf_export.export_merged(model, hf_layout(model, tmp_path), tmp_path / "m.gguf")
+
+
+def test_library_call_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    base = tiny_llama()
+    write_tiny_gguf_base(base, tmp_path / "base.gguf")
+    model = adapted("lora")
+    summary = lorakit.export_gguf(model, tmp_path / "a.gguf", base=tmp_path / "base.gguf")
+    assert summary.kind == "adapter" and (tmp_path / "a.gguf").is_file()
+    before = (tmp_path / "a.gguf").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(LorakitError, match="No space left"):
+        lorakit.export_gguf(model, tmp_path / "a.gguf", base=tmp_path / "base.gguf", outtype="f16")
+    assert (tmp_path / "a.gguf").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "base.gguf"]  # no temporary left behind
+    monkeypatch.undo()
+    merged = lorakit.export_gguf(model, tmp_path / "m.gguf", base=tmp_path / "base.gguf", merged=True, outtype="q8_0")
+    assert merged.kind == "merged" and not any(isinstance(m, lorakit.AdaptedLayer) for m in model.modules())

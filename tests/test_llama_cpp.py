@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(runs):
-    run = check.train(runs, "lora", STEPS, 8)
+    run = check.train(runs, "lora", STEPS, 2)
     check.lorakit_cli("export", "--adapter", str(run), "--format", "gguf")
     return run
 
@@ -52,6 +52,7 @@ def test_exported_adapter_does_the_task_in_llama_cpp(lora_run, lorakit_model):
     model, tokenizer = lorakit_model
     llm = check.llama(smollm2_gguf(), lora_run / "adapter.gguf")
     result = check.exact_match_both(model, tokenizer, llm, tasks.generate()[1][:EXAMPLES])
+    llm.close()
     assert result["lorakit"] >= 0.8, result  # the adapter learned the task ...
     assert abs(result["llama_cpp"] - result["lorakit"]) <= 0.1, result  # ... and llama.cpp runs it as lorakit does
 
@@ -62,24 +63,28 @@ def test_logits_and_the_adapters_effect_agree(lora_run, lorakit_model):
     ours = [check.lorakit_logits(model, i) for i in ids]
     with inject.disabled(model):
         ours_base = [check.lorakit_logits(model, i) for i in ids]
-    theirs = [check.llama_logits(check.llama(smollm2_gguf(), lora_run / "adapter.gguf"), i) for i in ids]
-    base_llm = check.llama(smollm2_gguf())
+    adapted_llm, base_llm = check.llama(smollm2_gguf(), lora_run / "adapter.gguf"), check.llama(smollm2_gguf())
+    theirs = [check.llama_logits(adapted_llm, i) for i in ids]
     theirs_base = [check.llama_logits(base_llm, i) for i in ids]
-    adapted = check.logit_agreement(ours, theirs, ours_base, theirs_base)
-    assert adapted["adapter_effect_correlation"] > 0.99, adapted
-    assert adapted["mean_abs_logit_diff"] < 0.1 * adapted["logit_std"], adapted
-    assert adapted["top1_agreement"] >= 0.9, adapted
-    # without the adapter (or with a wrong one: B's rows not following the q/k permutation) the
-    # effect would not correlate; the base alone agrees as closely, so the adapter adds no error
-    plain = check.logit_agreement(ours_base, theirs_base, ours_base, theirs_base)
-    assert adapted["mean_abs_logit_diff"] < 2 * plain["mean_abs_logit_diff"] + 0.05, (adapted, plain)
+    adapted_llm.close(), base_llm.close()
+    effect = check.effect_correlation(ours, theirs, ours_base, theirs_base)
+    # measured after 30 steps: 0.998, and with B's q/k rows left unpermuted 0.989 (2.5x the logit difference)
+    assert effect["adapter_effect_correlation"] > 0.99, effect
+    adapted, plain = check.logit_distance(ours, theirs), check.logit_distance(ours_base, theirs_base)
+    assert adapted["mean_abs_logit_diff"] < 0.05 * adapted["logit_std"], adapted
+    assert adapted["top1_agreement"] >= 0.8, adapted
+    # llama.cpp's 8-bit activations move the base's logits as much: the adapter adds no error of its own
+    assert adapted["mean_abs_logit_diff"] < 1.5 * plain["mean_abs_logit_diff"] + 0.05, (adapted, plain)
 
 
 def test_merged_dora_gives_lorakits_greedy_answers(runs):
-    run = check.train(runs, "dora", 20, 8, method="dora")
+    run = check.train(runs, "dora", 20, 2, method="dora")
     check.lorakit_cli("export", "--adapter", str(run), "--merged", "--outtype", "f32", "--format", "gguf")
     model, tokenizer = check.load_lorakit(run / "adapter")
     prompts = [e["prompt"] for e in tasks.generate()[1][:6]] + check.PROMPTS[2:]
-    pairs = check.greedy_answers_agree(model, tokenizer, check.llama(run / "merged-f32.gguf"), prompts)
+    llm = check.llama(run / "merged-f32.gguf")
+    pairs = check.greedy_answers_agree(model, tokenizer, llm, prompts)
+    llm.close()
     assert sum(ours == theirs for ours, theirs in pairs) >= len(pairs) - 1, pairs
-    assert any(ours.strip() and ours != "" for ours, _ in pairs)
+    reversed_right = sum(ours.strip() == e["completion"].strip() for (ours, _), e in zip(pairs, tasks.generate()[1][:6]))
+    assert reversed_right >= 3, pairs  # the merged model is the trained one, not the base

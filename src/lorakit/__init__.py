@@ -28,6 +28,7 @@ _EXPORTS = {
                "per_sample_adapters", "reconfigure", "remove", "set_active", "unmerge"),
     "hooks": ("Hooks", "Probe", "TrainingHook", "training_hooks"),
     "io": ("hotswap", "load", "save"),
+    "gguf_export": ("export_gguf",),
     "methods": ("METHODS", "AdapterConfig", "AdaLoRA", "LoRA", "LoRADrop", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "lora_drop"),
     "optim": ("param_groups",),
     "losses": ("causal_lm_loss",),
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .inject import (AdaptedLayer, LorakitState, active_adapters, adapt, adapted_layers, adapter_config, adapter_names,
                          adapter_parameters, disabled, lorakit_state, merge, merge_and_unload, per_sample_adapters,
                          reconfigure, remove, set_active, unmerge)
+    from .gguf_export import export_gguf
     from .io import hotswap, load, save
     from .losses import causal_lm_loss
     from .methods import METHODS, AdaLoRA, AdapterConfig, DeltaLoRA, DoRA, LoRA, LoRADrop, LoRAFA, VeRA, lora_drop
@@ -65,6 +67,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "export_gguf",
     "AdaptedLayer",
     "AdapterConfig",
     "LorakitState",

@@ -70,6 +70,29 @@ class ExportSummary:
         return [head, *self.notes]
 
 
+def export_gguf(model: nn.Module, out: str | os.PathLike, base: str | os.PathLike, merged: bool = False,
+                outtype: str | None = None) -> ExportSummary:
+    """Write `model`'s active adapter as a GGUF LoRA adapter for llama.cpp, or (`merged`) the whole model
+    with it merged (`model` is changed: its adapters are merged and unloaded).
+
+    `base` is what the model was loaded from: its .gguf file (needed for `merged`: its tokenizer and
+    metadata are copied; for an adapter its tensor shapes are checked) or its Hugging Face directory.
+    `outtype`: adapter f32 (default) or f16; merged f16 (default), f32 or q8_0.
+
+        model = lorakit.load(base_model, "runs/x/adapter")
+        lorakit.export_gguf(model, "adapter.gguf", base="SmolLM2-135M-Instruct.Q4_1.gguf")
+    """
+    base = Path(base)
+    model_dir, gguf_file = (base.parent, base.name) if base.suffix == ".gguf" else (base, None)
+    if merged:
+        require_gguf_base(base if gguf_file else None)
+    layout = gguf_layout(model, model_dir, gguf_file)
+    if not merged:
+        return export_adapter(model, layout, Path(out), outtype or "f32")
+    inject.merge_and_unload(model)
+    return export_merged(model, layout, Path(out), outtype or "f16")
+
+
 # --- how the base's GGUF conversion names and orders each weight -------------------------------------
 
 
@@ -173,8 +196,6 @@ def export_adapter(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str
         plan.append(PlannedTensor(f"{tensor_name}.lora_b", b.shape, kind, lambda t=b: _encode(t, kind)))
 
     def add_metadata(writer) -> None:
-        import gguf
-
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -182,9 +203,9 @@ def export_adapter(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str
 
     size = _write_gguf(out, layout.architecture, add_metadata, plan)
     notes = [f"{len(pairs)} adapted weights; run it in llama.cpp: llama-cli -m BASE.gguf --lora {out}"]
-    empty = [m for m, _ in inject.adapted_layers(model, name)]
-    if len(pairs) < len(empty):
-        notes.append(f"{len(empty) - len(pairs)} module(s) kept no rank (their change is zero) and are not written")
+    adapted = sum(1 for _ in inject.adapted_layers(model, name))
+    if len(pairs) < adapted:
+        notes.append(f"{adapted - len(pairs)} module(s) kept no rank (their change is zero) and are not written")
     return ExportSummary(out, "adapter", layout.architecture, len(plan), size, len(pairs), alpha, outtype, notes)
 
 
@@ -354,8 +375,11 @@ def _write_gguf(out: Path, architecture: str, add_metadata, plan: list[PlannedTe
     import gguf
 
     kind = gguf.GGMLQuantizationType
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as err:
+        raise LorakitError(f"cannot write {out}: {err.strerror or err}") from None
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
@@ -376,8 +400,13 @@ def _write_gguf(out: Path, architecture: str, add_metadata, plan: list[PlannedTe
         writer.close()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result is an ordinary file
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, a read-only directory: the old file (if any) is untouched
+            raise LorakitError(f"cannot write {out}: {err.strerror or err}") from None
         raise
     return out.stat().st_size
