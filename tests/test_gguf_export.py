@@ -190,6 +190,7 @@ def test_merged_model_is_the_merged_weights_in_the_bases_layout(outtype, tmp_pat
     assert fields["general.name"] == "tiny test llama" and fields["tokenizer.ggml.tokens"] == base_fields["tokenizer.ggml.tokens"]
     assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[outtype]
     assert set(tensors) == set(base_tensors) and summary.tensors == len(tensors)
+    assert summary.modules == len(tensors) and not any("copied from the base" in n for n in summary.notes)
     tolerance = {"f32": 1e-7, "f16": 2e-3, "q8_0": 2e-2}[outtype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     changed = 0
@@ -231,3 +232,20 @@ def test_library_call_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatc
     monkeypatch.undo()
     merged = lorakit.export_gguf(model, tmp_path / "m.gguf", base=tmp_path / "base.gguf", merged=True, outtype="q8_0")
     assert merged.kind == "merged" and not any(isinstance(m, lorakit.AdaptedLayer) for m in model.modules())
+
+
+def test_qlora_merges_into_the_4bit_weights_it_was_trained_against(tmp_path):
+    base = tiny_llama(hidden_size=64)
+    write_tiny_gguf_base(base, tmp_path / "base.gguf")
+    model = lorakit.quantize(tiny_llama(hidden_size=64))
+    lorakit.adapt(model, lorakit.LoRA(targets=["q_proj", "down_proj"], r=4))
+    perturb_trainable(model)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    expected_q = (lorakit.base_layers.dense_weight(q.base_layer) + q.delta_weight()).detach().numpy()  # NF4(W0) + ΔW
+    k = lorakit.inject.base_of(model.get_submodule("model.layers.0.self_attn.k_proj"))
+    expected_k = lorakit.base_layers.dense_weight(k).detach().numpy()  # not adapted: NF4(W0), not W0
+    assert not np.allclose(expected_k, base.get_submodule("model.layers.0.self_attn.k_proj").weight.detach().numpy())
+    lorakit.export_gguf(model, tmp_path / "m.gguf", base=tmp_path / "base.gguf", merged=True, outtype="f32")
+    _, tensors = read_gguf(tmp_path / "m.gguf")
+    np.testing.assert_allclose(unpermute("blk.0.attn_q.weight", tensors["blk.0.attn_q.weight"], model), expected_q, atol=1e-6)
+    np.testing.assert_allclose(unpermute("blk.0.attn_k.weight", tensors["blk.0.attn_k.weight"], model), expected_k, atol=1e-6)

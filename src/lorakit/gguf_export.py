@@ -260,18 +260,20 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
     """Write `model` (adapters merged, i.e. after `merge_and_unload`) as a whole GGUF model, with the
     base GGUF file's metadata and tokenizer, every weight as the model holds it."""
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    from .quant.loading import _tensor_name_map_cached
 
     if outtype not in MERGED_OUTTYPES:
         raise LorakitError(f"--outtype {outtype!r} is not available for a merged model: choose {', '.join(MERGED_OUTTYPES)}")
     require_gguf_base(layout.base_file)
-    with _tensor_name_map_cached():
-        gguf_to_hf = get_gguf_hf_weights_map(model, layout.processor)
     weights = _model_weights(model)
+    gguf_to_hf = {}
+    for hf_name in weights:
+        stem, _, suffix = hf_name.rpartition(".")
+        gguf_stem = layout.name_map.get_name(stem)
+        if gguf_stem is not None:
+            gguf_to_hf.setdefault(f"{gguf_stem}.{suffix}", hf_name)  # a tied head maps after the embedding it shares
     reader = gguf.GGUFReader(layout.base_file)
-    written = sum(1 for t in reader.tensors if gguf_to_hf.get(t.name) in weights)
+    from_base = [t.name for t in reader.tensors if t.name not in gguf_to_hf]
+    written = len(reader.tensors) - len(from_base)
 
     def add_metadata(writer) -> None:
         for item in reader.fields.values():
@@ -298,14 +300,16 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
     for info in reader.tensors:
         shape = tuple(int(n) for n in reversed(info.shape))  # GGUF lists dimensions innermost first
         hf_name = gguf_to_hf.get(info.name)
-        hf_name = hf_name if hf_name in weights else None
         if hf_name is not None and tuple(weights[hf_name].shape) != shape:
             raise LorakitError(f"{hf_name} is {tuple(weights[hf_name].shape)} in the model but {shape} in the base GGUF "
                                f"file {layout.base_file.name}: a different base model")
         plan.append(PlannedTensor(info.name, shape, _encoded_kind(shape, outtype), make(info, hf_name)))
     size = _write_gguf(out, layout.architecture, add_metadata, plan)
-    return ExportSummary(out, "merged", layout.architecture, len(plan), size, written, None, outtype,
-                         list(notes or []))
+    notes = list(notes or [])
+    if from_base:
+        notes.append(f"{len(from_base)} tensor(s) the model has no weight for, copied from the base file as they are: "
+                     f"{', '.join(from_base[:5])}{' ...' if len(from_base) > 5 else ''}")
+    return ExportSummary(out, "merged", layout.architecture, len(plan), size, written, None, outtype, notes)
 
 
 def require_gguf_base(base_file: Path | None) -> None:
