@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, generate, merge.
+"""The `lorakit` command line: train, eval, generate, merge, export, inspect, compare.
 
     lorakit train                                # the built-in job: SmolLM2-135M learns a task
     lorakit train --data my.jsonl --method dora --r 16 --steps 300
@@ -596,7 +596,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge.")
+    parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge, export to GGUF.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
