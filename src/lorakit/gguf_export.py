@@ -291,7 +291,7 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
                 value = gguf.quants.dequantize(info.data, info.tensor_type)
             else:
                 value = weights[hf_name].detach().to(device="cpu", dtype=torch.float32).numpy()
-                if value.ndim == 2:
+                if value.ndim >= 1:  # a bias follows its weight's rows
                     value = value[layout.row_order(info.name, value.shape[0])]
             return _encode(value, _encoded_kind(value.shape, outtype))
         return tensor
