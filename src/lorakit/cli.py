@@ -115,7 +115,8 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 # what a resumed run may set anew: its length, where and how it runs, what it reports
-RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device",
+# (--distributed too: a checkpoint holds whole tensors under DDP and FSDP alike)
+RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device", "distributed",
                      "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
                      "answer_pattern", "chunked_loss"}
 
@@ -548,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields (flags override it)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.add_argument("--nproc", type=positive_int, metavar="N",
-                       help="train on N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPU): the same as "
+                       help="train on N processes with torch.distributed (DDP, or FSDP2 with --distributed fsdp; gloo "
+                       "on CPU, NCCL on GPU): the same as "
                        "`torchrun --nproc_per_node N -m lorakit train ...`. The global batch is --batch-size x N x "
                        "--grad-accum")
     add_config_flags(train)
