@@ -219,7 +219,7 @@ class FullyShard(DataParallel):
                 module.make_shardable()
         trainable = {p for p in model.parameters() if p.requires_grad}
         mesh = init_device_mesh(device.type, (self.world_size,))
-        for block in repeated_blocks(model):
+        for block in reversed(repeated_blocks(model)):  # inner blocks before any block holding them
             fully_shard(block, mesh=mesh, ignored_params=trainable)
         fully_shard(model, mesh=mesh, ignored_params=trainable)
         move_whole_tensors(model, device)
