@@ -52,8 +52,10 @@ PRESETS = {
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """The random-weight model, NF4 with --quantize, LoRA on the seven projections; on `device`
-    (built on the CPU for FSDP, which moves only each process's shard to the device)."""
+    """The random-weight model, NF4 with --quantize, LoRA on the seven projections, built on `device`.
+    Built whole on the device under FSDP too (then sharded): random init and quantization of an 8B
+    model on the CPU would take minutes per process and the host memory of N copies; `lorakit
+    train --distributed fsdp` loads the base on the CPU instead. The peak is measured after sharding."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import lorakit
@@ -61,7 +63,7 @@ def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device if args.distributed == "ddp" else "cpu"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
     if args.quantize:
@@ -122,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_condition(nproc: int, distributed: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = ["--worker", "--shape", args.shape, "--device", args.device, "--distributed-kind", distributed, "--r", str(args.r),
+    argv = ["--worker", "--shape", args.shape, "--device", args.device, "--distributed-kind", distributed, "--lora-r", str(args.r),
             "--seq", str(args.seq), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     argv += ["--quantize"] if args.quantize else []
     argv += ["--checkpointing"] if args.checkpointing else []
@@ -154,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distributed", nargs="+", choices=("ddp", "fsdp"))
     parser.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None, help="NF4 base (QLoRA)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--r", type=int)
+    parser.add_argument("--lora-r", dest="r", type=int, help="LoRA rank")
     parser.add_argument("--seq", type=int)
     parser.add_argument("--batch-size", type=int, help="rows per process")
     parser.add_argument("--steps", type=int)
