@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -270,9 +271,11 @@ def test_fsdp_needs_torchrun_and_refuses_what_it_cannot_shard(monkeypatch, tmp_p
         code = cli.main(["train", "--distributed", "fsdp", *flags, "--out-dir", str(tmp_path), "--print-config"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-        import re
-
         assert re.search(message, err), err
+    # with --nproc the settings are checked before torchrun starts: one line, not one per process
+    code = cli.main(["train", "--nproc", "2", "--distributed", "fsdp", "--compile", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "torch.compile over an FSDP-sharded model" in err, err
 
 
 def test_repeated_blocks_are_the_decoder_layers():

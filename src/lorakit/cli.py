@@ -142,7 +142,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.distributed import launched_by_torchrun
 
     if args.nproc and args.nproc > 1 and not args.print_config and not launched_by_torchrun():
-        resolve_train_config(args)  # a bad flag is one error here, not one per process
+        from .train.loop import check_config
+
+        # a bad flag or setting is one error here, not one per process (and no torchrun traceback)
+        check_config(resolve_train_config(args))
         return launch_processes(args)
     cfg = resolve_train_config(args)
     if args.print_config:
