@@ -94,8 +94,9 @@ def assert_same_run(two_dir, one_dir) -> None:
     for key in reference:
         assert torch.allclose(mine[key], reference[key], atol=2e-5, rtol=1e-4), (key, (mine[key] - reference[key]).abs().max())
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in reference.values())  # it trained
-    report = json.loads((two_dir / "report.json").read_text())
+    report, own = json.loads((two_dir / "report.json").read_text()), json.loads((one_dir / "report.json").read_text())
     assert report["processes"] == 2
+    assert (report["trainable_params"], report["total_params"]) == (own["trainable_params"], own["total_params"])
     assert report.get("adapter_layout") == json.loads((one_dir / "report.json").read_text()).get("adapter_layout")
     metrics = [json.loads(line) for line in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 7))  # one writer: the main process
