@@ -326,3 +326,40 @@ def test_fsdp_shards_the_base_and_keeps_adapters_and_vera_projections_whole(one_
     assert torch.equal(base_layers.dense_weight(layers[0].base_layer), before + 1)
     ids = torch.randint(0, 128, (2, 6))
     assert torch.isfinite(model(input_ids=ids).logits).all()  # FSDP gathers in forward
+
+
+def test_fsdp_merge_and_4bit_storage_go_through_the_one_door(one_process_group, monkeypatch):
+    """On a sharded model (one process: every weight a DTensor): merging gathers each base weight and
+    writes it back in place, the same outputs as unmerged; a 4-bit layer's packed storage is sharded
+    as parameters, read whole through dense_weight and re-quantized in place."""
+    from conftest import perturb_trainable, tiny_llama
+
+    from lorakit.methods import METHODS
+    from lorakit.quant import quantize
+    from lorakit.quant.linear4bit import Linear4bit
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    model = tiny_llama()
+    quantize(model, method="nf4", targets=["q_proj"])
+    inject.adapt(model, METHODS["lora"](targets=["q_proj", "v_proj"]))
+    perturb_trainable(model)
+    four_bit = model.model.layers[0].self_attn.q_proj.base_layer
+    dense_before = base_layers.dense_weight(four_bit).clone()
+    distributed.FullyShard(backend="gloo").place(model, torch.device("cpu"))
+    assert isinstance(four_bit, Linear4bit) and base_layers.is_sharded(four_bit.weight_packed)
+    assert torch.equal(base_layers.dense_weight(four_bit), dense_before)
+    base_layers.set_dense_weight(four_bit, dense_before.flip(0))
+    assert base_layers.is_sharded(four_bit.weight_packed)  # the same (sharded) parameters, written in place
+    assert torch.allclose(base_layers.dense_weight(four_bit), dense_before.flip(0), atol=0.05 * dense_before.abs().max())
+
+    ids = torch.randint(0, 128, (2, 6))
+    v_proj = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        unmerged, w0 = model(input_ids=ids).logits, base_layers.dense_weight(v_proj.base_layer).clone()
+        v_proj.merge(["default"])  # (a 4-bit layer refuses merging in place: merge the dense v_proj)
+        assert base_layers.is_sharded(v_proj.base_layer.weight)
+        assert not torch.allclose(base_layers.dense_weight(v_proj.base_layer), w0)  # the merge was written
+        assert torch.allclose(model(input_ids=ids).logits, unmerged, atol=1e-5)
+        v_proj.unmerge()
+        assert torch.allclose(base_layers.dense_weight(v_proj.base_layer), w0, atol=1e-6)
