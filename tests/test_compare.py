@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
 
 import pytest
@@ -41,7 +42,8 @@ def test_compare_writes_a_table_json_csv_and_an_offline_html(setup, capsys, monk
     pytest.importorskip("matplotlib")
     root, model, data = setup
     (tmp_path / "sitecustomize.py").write_text(FAIL_HOOK)  # each method's run is its own process: fail one there
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # added to the caller's path (which may name the lorakit under test), not replacing it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("LORAKIT_TEST_FAIL_METHOD", "adalora")
     argv = ["compare", "--methods", "lora,dora,adalora", "--model", model, "--data", data, "--steps", "3", "--batch-size", "4",
             "--out-dir", str(root / "runs"), "--name", "cmp", "--no-progress"]

@@ -116,7 +116,8 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 # what a resumed run may set anew: its length, where and how it runs, what it reports
-RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device",
+# (--distributed too: a checkpoint holds whole tensors under DDP and FSDP alike)
+RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device", "distributed",
                      "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
                      "answer_pattern", "chunked_loss"}
 
@@ -142,7 +143,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.distributed import launched_by_torchrun
 
     if args.nproc and args.nproc > 1 and not args.print_config and not launched_by_torchrun():
-        resolve_train_config(args)  # a bad flag is one error here, not one per process
+        from .train.loop import check_config
+
+        # a bad flag or setting is one error here, not one per process (and no torchrun traceback)
+        check_config(resolve_train_config(args))
         return launch_processes(args)
     cfg = resolve_train_config(args)
     if args.print_config:
@@ -606,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields (flags override it)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.add_argument("--nproc", type=positive_int, metavar="N",
-                       help="train on N processes with torch.distributed (DDP; gloo on CPU, NCCL on GPU): the same as "
+                       help="train on N processes with torch.distributed (DDP, or FSDP2 with --distributed fsdp; gloo "
+                       "on CPU, NCCL on GPU): the same as "
                        "`torchrun --nproc_per_node N -m lorakit train ...`. The global batch is --batch-size x N x "
                        "--grad-accum")
     add_config_flags(train)

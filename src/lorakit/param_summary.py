@@ -49,10 +49,14 @@ def module_rows(model: nn.Module) -> list[ModuleRow]:
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, each shared tensor counted once.
 
-    A quantized layer (`DenseWeightProvider`) stores its weight packed in buffers; it counts as the
-    `out x in` weights it represents, as in the full-precision model (PEFT counts the same way).
+    A quantized layer (`DenseWeightProvider`) stores its weight packed (in buffers, or in frozen
+    parameters under FSDP); it counts as the `out x in` weights it represents, as in the
+    full-precision model (PEFT counts the same way).
     """
-    total = sum(p.numel() for p in model.parameters())  # named_parameters already de-duplicates
+    # packed storage held as parameters (made shardable for FSDP) counts as the weights it packs, below
+    packed = {id(p) for m in model.modules() if isinstance(m, DenseWeightProvider)
+              for name, p in m.named_parameters(recurse=False) if name != "bias"}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)  # parameters() already de-duplicates
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, DenseWeightProvider))
     trainable = sum(p.numel() for _, p in inject.adapter_parameters(model))
     return trainable, total

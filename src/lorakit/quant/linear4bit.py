@@ -12,6 +12,9 @@ never gets a gradient), as bitsandbytes and Unsloth do. Any lorakit adapter wrap
 `nn.Linear`: it implements `base_layers.DenseWeightProvider` (`dense_weight()` dequantizes,
 `set_dense_weight()` re-quantizes) and `merged_module()` hands `merge_and_unload` a dense
 `nn.Linear`, so merging never re-quantizes unless asked to (`lorakit.quant.requantize`).
+
+FSDP shards parameters, never buffers: `make_shardable` turns the packed storage into frozen
+parameters, so that each process holds 1/N of every 4-bit layer (`lorakit train --distributed fsdp`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import base_layers
+from ..base_layers import full_tensor, is_sharded, write_full
 from .loftq import residual_factors
 from .nf4 import DEFAULT_BLOCKSIZE, block_absmax, quantize_nf4
 from .triton_kernels import dequantize
@@ -109,6 +113,18 @@ class Linear4bit(nn.Module):
         self.weight_absmax_scale = q.absmax_scale
         self.weight_absmax_offset = q.absmax_offset
 
+    # the 1-D tensors of the packed weight (the scalar `weight_absmax_offset` stays a replicated buffer)
+    SHARDABLE = ("weight_packed", "weight_absmax", "weight_absmax_scale")
+
+    def make_shardable(self) -> None:
+        """Hold the packed weight and its block statistics as frozen parameters instead of buffers,
+        so that FSDP shards them (same names and values: the state dict does not change)."""
+        for name in self.SHARDABLE:
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     @property
     def compute_dtype(self) -> torch.dtype:
         if self._compute_dtype is not None:
@@ -122,18 +138,30 @@ class Linear4bit(nn.Module):
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 absmax of every block (decoded from 8 bits with double quantization)."""
-        return block_absmax(self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset)
+        scale = self.weight_absmax_scale
+        return block_absmax(full_tensor(self.weight_absmax), None if scale is None else full_tensor(scale),
+                            self.weight_absmax_offset)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized `(out, in)` weight in `dtype` (default: the compute dtype)."""
         with torch.no_grad():
             shape = (self.out_features, self.in_features)
-            return dequantize(self.weight_packed, self.block_absmax(), shape, self.blocksize, dtype or self.compute_dtype)
+            # outside forward under FSDP the storage is sharded: gathered here (every process calls)
+            packed = full_tensor(self.weight_packed)
+            return dequantize(packed, self.block_absmax(), shape, self.blocksize, dtype or self.compute_dtype)
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize from a dense `(out, in)` weight (lossy: NF4 rounding applies again)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
+        if is_sharded(self.weight_packed):
+            # FSDP holds these parameter objects: write each process's part in place
+            q = quantize_nf4(weight.to(self.weight_packed.device), self.blocksize, self.double_quant)
+            for name, value in (("weight_packed", q.packed), ("weight_absmax", q.absmax),
+                                ("weight_absmax_scale", q.absmax_scale), ("weight_absmax_offset", q.absmax_offset)):
+                if value is not None:
+                    write_full(getattr(self, name), value)
+            return
         self._store(weight.to(self.weight_packed.device))
 
     def merged_module(self, weight: torch.Tensor) -> nn.Linear:
@@ -157,9 +185,9 @@ class Linear4bit(nn.Module):
         # `model.half()` / `.to(bfloat16)` must move the block statistics but never round them:
         # they stay fp32, as the quantizer wrote them.
         stats = {
-            name: getattr(self, name)
+            name: self._buffers[name]  # (parameters once `make_shardable`: FSDP moves those itself)
             for name in ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
-            if getattr(self, name) is not None and getattr(self, name).is_floating_point()
+            if self._buffers.get(name) is not None and self._buffers[name].is_floating_point()
         }
         super()._apply(fn, recurse)
         for name, tensor in stats.items():

@@ -104,6 +104,8 @@ class TrainConfig:
     """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    distributed: str = "auto"
+    """How several processes (--nproc N, or torchrun) share the work: 'ddp' (every process holds the whole model; gradients averaged) or 'fsdp' (FSDP2: the frozen base, 4-bit included, is sharded over the processes, the adapters stay whole). 'auto': ddp under torchrun with more than one process, else one process."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     compile: bool = False
@@ -134,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
+    "distributed": ("auto", "ddp", "fsdp"),
 }
 
 
@@ -314,5 +317,12 @@ def validate(config: TrainConfig) -> None:
             metrics.compile_answer_pattern(config.answer_pattern)
         except ValueError as err:
             raise LorakitError(f"answer_pattern: {err}") from None
+    if config.distributed == "fsdp":
+        if config.compile:
+            raise LorakitError("compile: torch.compile over an FSDP-sharded model is not supported by lorakit yet; "
+                               "drop --compile, or use --distributed ddp")
+        if config.method == "lora-drop":
+            raise LorakitError("method lora-drop: its probe trains on one process before training and its adapters are "
+                               "shared across layers, which a sharded model cannot do; use --distributed ddp")
     if config.init == "loftq" and not config.quantize:
         raise LorakitError("init: 'loftq' starts from the rounding error of a 4-bit base: add --quantize nf4 (or use --method qlora)")

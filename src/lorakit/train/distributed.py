@@ -11,6 +11,17 @@ parameters (the adapters; the frozen base has none) in its own bucketed all-redu
 backward. The global batch is batch_size x processes x grad_accum; process r takes rows
 [r*batch_size, (r+1)*batch_size) of each global micro-batch, so a run on N processes sees the same
 examples, in the same order, as one process with N times the batch.
+
+FSDP2 (`--distributed fsdp`, `torch.distributed.fsdp.fully_shard`) shards the frozen base instead of
+copying it into every process: each repeated block (a decoder layer) is one shard unit, the rest of
+the model the root unit, and each process holds 1/N of every base weight (4-bit layers included:
+their packed storage becomes frozen parameters, `Linear4bit.make_shardable`). The adapters are left
+out of the sharding (`ignored_params`): they are a small fraction of the model, and whole adapters
+on every process keep every method's own code as it is (AdaLoRA's global ranking of triplets, its
+mid-run rebuild of adapters, LoRA+ groups, checkpoints of whole tensors and optimizer state). Their
+gradients are averaged by one flat all-reduce per optimizer step (`reduce_gradients`). Base weights
+read or written outside forward go through `base_layers` (the one door), which gathers a sharded
+weight and writes back only the local rows.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main = True
+    kind = "single"  # what the report calls this way of running
+    # True where the base is sharded over processes: a forward then needs every process (evaluation
+    # runs everywhere), and the model reaches its device by sharding (`place`)
+    sharded = False
 
     def device(self, requested: str) -> torch.device:
         if requested == "auto":
@@ -42,9 +57,20 @@ class SingleProcess:
             raise LorakitError("device cuda requested but no CUDA GPU is available")
         return torch.device(requested)
 
+    def place(self, model: nn.Module, device: torch.device) -> None:
+        """Put the adapted model on `device`, once it is built: a whole model is there already
+        (moved before adapting); a sharded one is sharded onto it here."""
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the training step calls (the model itself here)."""
         return model
+
+    def reduce_gradients(self, parameters: list[nn.Parameter]) -> None:
+        """Average the trainable parameters' gradients over processes, where the wrapper does not."""
+
+    def gathered(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A block in which the main process alone may read every base weight it saves."""
+        return contextlib.nullcontext()
 
     def shard(self, examples: list) -> list:
         """This process's part of a global micro-batch."""
@@ -79,6 +105,8 @@ class SingleProcess:
 
 class DataParallel(SingleProcess):
     """Several processes started by torchrun, one model replica each, gradients averaged by DDP."""
+
+    kind = "ddp"
 
     def __init__(self, backend: str | None = None, timeout_s: float = 600.0) -> None:
         import torch.distributed as dist
@@ -170,12 +198,112 @@ class DataParallel(SingleProcess):
             self._dist.destroy_process_group()
 
 
+class FullyShard(DataParallel):
+    """Several processes started by torchrun, the frozen base sharded over them by FSDP2, whole
+    adapters on every process (see the module docstring)."""
+
+    kind = "fsdp"
+    sharded = True
+
+    def place(self, model: nn.Module, device: torch.device) -> None:
+        """Shard each repeated block, then the root, over all processes on `device`; adapters and
+        buffers (VeRA's shared projections: one tensor per process, never one per shard unit) stay
+        whole. The base may arrive on the CPU: only each process's shard moves to the device."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from ..quant.linear4bit import Linear4bit
+
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                module.make_shardable()
+        trainable = {p for p in model.parameters() if p.requires_grad}
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        for block in reversed(repeated_blocks(model)):  # inner blocks before any block holding them
+            fully_shard(block, mesh=mesh, ignored_params=trainable)
+        fully_shard(model, mesh=mesh, ignored_params=trainable)
+        move_whole_tensors(model, device)
+        with torch.no_grad():  # every process starts from the main process's adapters (as DDP does)
+            for p in _in_model_order(model, trainable):
+                self._dist.broadcast(p.data, src=0)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        # sharded in place by `place`; the adapters' gradients are averaged by `reduce_gradients`
+        return model
+
+    def no_sync(self, module: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        # nothing is exchanged per micro-batch: the frozen base has no gradient, the adapters' are
+        # averaged once per optimizer step
+        return contextlib.nullcontext()
+
+    def reduce_gradients(self, parameters: list[nn.Parameter]) -> None:
+        """One all-reduce per dtype over the flattened gradients, then divided by the process count.
+        A parameter without a gradient has none on every process (the same graph): it is skipped,
+        as the optimizer skips it."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in parameters:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._dist.all_reduce(flat)
+            flat.div_(self.world_size)
+            for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+                grad.copy_(part.view_as(grad))
+
+    def gathered(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Every process gathers the base weights of adapters that move them (Delta-LoRA, whose file
+        holds them); the main process keeps them (on the CPU) for the length of the block."""
+        from .. import base_layers, inject
+
+        names = [n for n in inject.adapter_names(model) if inject.adapter_config(model, n).moves_base_weights]
+        bases = [layer.base_layer for n in names for _, layer in inject.adapted_layers(model, n)]
+        return base_layers.gathered_weights(bases, keep=self.is_main)
+
+
+def _in_model_order(model: nn.Module, chosen: set[nn.Parameter]) -> list[nn.Parameter]:
+    """`chosen`, in the model's parameter order (the same on every process: collectives line up)."""
+    return [p for p in model.parameters() if p in chosen]
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, one FSDP unit each: the classes transformers names in
+    `_no_split_modules` (e.g. LlamaDecoderLayer), else the children of the largest `nn.ModuleList`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return []
+    largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(largest)
+
+
+def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move what FSDP left where it was (the adapters it ignores, buffers of modules it does not
+    manage) to `device`; the sharded parameters are there already. In place: the optimizer and the
+    training hooks are built afterwards, from these same tensors."""
+    from ..base_layers import is_sharded
+
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and not is_sharded(p) and p.device != device:
+                p.data = p.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def strategy_for(world: str = "auto") -> SingleProcess:
-    """DDP when started by torchrun with more than one process, else one process."""
+    """`world` = "fsdp": FSDP2 (under torchrun); "ddp", or "auto" when started by torchrun with more
+    than one process: DDP; else one process."""
+    if world == "fsdp":
+        return FullyShard()
     if world == "ddp" or (world == "auto" and launched_by_torchrun()):
         return DataParallel()
     return SingleProcess()

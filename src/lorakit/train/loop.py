@@ -7,9 +7,9 @@
                      log; checkpoint every N steps; stop cleanly on Ctrl-C; stop on a non-finite loss
     finish:      metric after -> save adapter, config, metrics, report
 
-A strategy (`distributed.SingleProcess`, or `DataParallel` under torchrun) owns what depends on
-the number of processes: model wrapping, each process's share of a batch, sums over processes,
-and which process writes files.
+A strategy (`distributed.SingleProcess`, or `DataParallel` / `FullyShard` under torchrun) owns what
+depends on the number of processes: model placement and wrapping (FSDP2 shards the base), each
+process's share of a batch, sums over processes, and which process writes files.
 """
 
 from __future__ import annotations
@@ -456,12 +456,13 @@ class Run:
 def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -> RunResult:
     """Run `lorakit train` for a resolved config; returns the result (see `RunResult`).
 
-    Started by torchrun with several processes, it trains with DDP (`lorakit.train.distributed`).
+    Started by torchrun with several processes, it trains with DDP, or with FSDP2 for
+    `distributed="fsdp"` (`lorakit.train.distributed`).
     Raises `LorakitError` for bad input, `TrainingDiverged` on a non-finite loss (the last good
     checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
     """
     own = strategy is None
-    strategy = strategy or strategy_for()
+    strategy = strategy or strategy_for(cfg.distributed)
     try:
         run = set_up(cfg, echo, strategy)
         train_steps(run)
@@ -500,7 +501,8 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     if quantization and cfg.init == "loftq":
         quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
     model = load_model(cfg.model, cfg.task, num_outputs(cfg.task, datasets.labels), tokenizer, quantization)
-    model.to(device)
+    if not strategy.sharded:  # a sharded base reaches the device shard by shard (strategy.place)
+        model.to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_batch = cfg.eval_batch_size or cfg.batch_size
@@ -517,15 +519,16 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
             inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
         raise LorakitError(str(err)) from None
+    if cfg.gradient_checkpointing:  # before sharding: FSDP's units then wrap the checkpointed blocks
+        enable_checkpointing(model)
+    strategy.place(model, device)
     before: dict[str, float] = {}
-    if resume_from is None and strategy.is_main:
+    if resume_from is None and (strategy.is_main or strategy.sharded):  # a sharded forward needs every process
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
         say(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
         before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
         say(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
     try:
         hooks: Hooks = training_hooks(model, total_steps)
     except ValueError as err:  # e.g. AdaLoRA's schedule longer than --steps
@@ -644,7 +647,10 @@ def forward_module(run: Run) -> nn.Module:
     """The module a step calls: the model (with the chunked loss where it applies), compiled with
     --compile, then wrapped by the strategy (DDP)."""
     module = run.model
-    if run.cfg.chunked_loss and run.cfg.task not in SEQUENCE_TASKS and losses.plain_head(module) is not None:
+    # not under FSDP: the chunked loss reads the output head's weight outside the model's forward,
+    # where FSDP holds only this process's rows of it
+    if (run.cfg.chunked_loss and not run.strategy.sharded and run.cfg.task not in SEQUENCE_TASKS
+            and losses.plain_head(module) is not None):
         module = losses.ChunkedLossModel(module)
     module = torch.compile(module) if run.cfg.compile else module
     return run.strategy.wrap(module)
@@ -653,11 +659,12 @@ def forward_module(run: Run) -> nn.Module:
 def save(run: Run, step: int) -> Path | None:
     """A checkpoint of `step`, written by the main process (with every process's random state)."""
     rng = run.strategy.gather(ckpt.rng_state())
-    if not run.strategy.is_main:
-        return None
-    keep = {**run.state, "before": run.before, "step": step}
-    return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
-                                run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
+    with run.strategy.gathered(run.model):  # sharded base weights the file holds (Delta-LoRA's), gathered by all
+        if not run.strategy.is_main:
+            return None
+        keep = {**run.state, "before": run.before, "step": step}
+        return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
+                                    run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
 
 
 def train_steps(run: Run) -> None:
@@ -677,6 +684,7 @@ def train_steps(run: Run) -> None:
             for step in range(run.start_step + 1, run.total_steps + 1):
                 t0 = time.perf_counter()
                 step_loss, step_tokens, extra_value = accumulate_gradients(run, step)
+                strategy.reduce_gradients(trainable)  # FSDP: the adapters' (DDP reduced them in backward)
                 grad_norm = None
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
@@ -777,13 +785,15 @@ def finish(run: Run) -> RunResult:
     """Evaluate after training, save the adapter and the reports (main process), print nothing."""
     cfg, strategy = run.cfg, run.strategy
     after: dict[str, float] = {}
-    if strategy.is_main:
+    if strategy.is_main or strategy.sharded:  # a sharded forward needs every process
         run.echo(f"measuring {describe_eval(run.datasets)} after training ...")
         t0 = time.perf_counter()
         after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch)
         run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
-        adapter_dir = run.run_dir / "adapter"
-        io.save(run.model, adapter_dir, base_model_name_or_path=cfg.model or run.builtin)  # the base it needs, as PEFT records it
+    with strategy.gathered(run.model):  # sharded base weights the adapter file holds (Delta-LoRA's)
+        if strategy.is_main:
+            # the base it needs, as PEFT records it
+            io.save(run.model, run.run_dir / "adapter", base_model_name_or_path=cfg.model or run.builtin)
     strategy.barrier()
     adapter_dir = run.run_dir / "adapter"
     trainable_count, total_count = parameter_counts(run.model)
@@ -810,6 +820,7 @@ def finish(run: Run) -> RunResult:
             report["labels"] = run.datasets.labels
         report["eval_examples"] = {"scored": len(run.datasets.eval), "of": run.datasets.eval_total, "source": run.datasets.eval_source}
         report["processes"] = strategy.world_size
+        report["distributed"] = strategy.kind
         adapter_config = inject.adapter_config(run.model)
         layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
         if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
