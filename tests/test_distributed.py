@@ -363,3 +363,20 @@ def test_fsdp_merge_and_4bit_storage_go_through_the_one_door(one_process_group, 
         assert torch.allclose(model(input_ids=ids).logits, unmerged, atol=1e-5)
         v_proj.unmerge()
         assert torch.allclose(base_layers.dense_weight(v_proj.base_layer), w0, atol=1e-6)
+
+
+def test_device_cpu_on_a_gpu_machine_uses_gloo(monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    strategy = distributed.strategy_for("ddp", device="cpu")
+    try:
+        assert strategy.backend == "gloo" and strategy.device("cpu") == torch.device("cpu")
+    finally:
+        strategy.close()

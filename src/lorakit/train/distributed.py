@@ -108,7 +108,7 @@ class DataParallel(SingleProcess):
 
     kind = "ddp"
 
-    def __init__(self, backend: str | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(self, backend: str | None = None, timeout_s: float = 600.0, device: str = "auto") -> None:
         import torch.distributed as dist
 
         missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
@@ -120,7 +120,7 @@ class DataParallel(SingleProcess):
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.is_main = self.rank == 0
-        use_cuda = torch.cuda.is_available()
+        use_cuda = torch.cuda.is_available() and device != "cpu"  # --device cpu on a GPU machine: gloo
         backend = backend or ("nccl" if use_cuda else "gloo")
         available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(), "mpi": dist.is_mpi_available()}
         if not available.get(backend, False):
@@ -299,13 +299,13 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def strategy_for(world: str = "auto") -> SingleProcess:
+def strategy_for(world: str = "auto", device: str = "auto") -> SingleProcess:
     """`world` = "fsdp": FSDP2 (under torchrun); "ddp", or "auto" when started by torchrun with more
-    than one process: DDP; else one process."""
+    than one process: DDP; else one process. `device` (the run's) picks the backend: NCCL for CUDA."""
     if world == "fsdp":
-        return FullyShard()
+        return FullyShard(device=device)
     if world == "ddp" or (world == "auto" and launched_by_torchrun()):
-        return DataParallel()
+        return DataParallel(device=device)
     return SingleProcess()
 
 

@@ -462,7 +462,7 @@ def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -
     checkpoint is left as it was) and `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
     """
     own = strategy is None
-    strategy = strategy or strategy_for(cfg.distributed)
+    strategy = strategy or strategy_for(cfg.distributed, cfg.device)
     try:
         run = set_up(cfg, echo, strategy)
         train_steps(run)
