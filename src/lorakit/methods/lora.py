@@ -71,6 +71,17 @@ def has_hooks(module: nn.Module) -> bool:
                 or module_impl._global_backward_pre_hooks)
 
 
+def fused_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype a fused layer computes in, the one the unfused path would use: autocast's where
+    autocast is on (the base and adapter matmuls all run in it there), else x's when it is the
+    base's; None on a dtype mismatch (the base's own call decides what that means)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+        return x.dtype
+    return None
+
+
 class FusedLoRALinear(torch.autograd.Function):
     r"""A dense frozen base and its LoRA pair as one autograd node.
 
@@ -136,21 +147,14 @@ def fused_lora_forward(
     lora_B: torch.Tensor, scale: float,
 ) -> torch.Tensor | None:
     """`base_layer(x) + s · x_d A^T B^T` through `FusedLoRALinear`, or None where the base is not a
-    plain frozen dense layer (`fusable_base`) or dtypes would differ from the unfused path.
-
-    Computes in the dtype the unfused path would: autocast's where autocast is on (the base and
-    the adapter matmuls all run in it there), else x's, which must then be the base weight's.
+    plain frozen dense layer (`fusable_base`) or dtypes would differ from the unfused path
+    (`fused_dtype`).
     """
     base = fusable_base(base_layer)
-    if base is None:
+    dtype = None if base is None else fused_dtype(x, *base)
+    if dtype is None:
         return None
     weight, bias = base
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    elif x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
-        dtype = x.dtype
-    else:
-        return None  # the base's own call decides what a dtype mismatch means
     with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
         y = FusedLoRALinear.apply(
             x.reshape(-1, x.shape[-1]).to(dtype),
