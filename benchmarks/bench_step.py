@@ -36,7 +36,9 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,6 +556,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # compiled kernels go to a fresh directory: a shared on-disk cache keyed without the CPU's
+        # vector ISA was seen to hand back kernels built for another (tests/conftest.py)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
