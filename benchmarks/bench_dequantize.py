@@ -1,6 +1,6 @@
 """NF4 dequantization on CPU: the ways lorakit can do it, against bitsandbytes' C++ kernel.
 
-    python benchmarks/bench_dequantize.py                 # SmolLM2-135M's 210 decoder linears (35.4 M weights)
+    python benchmarks/bench_dequantize.py                 # SmolLM2-135M's 210 decoder linears (106 M weights)
     python benchmarks/bench_dequantize.py --layers 4 --rounds 31
 
 Random weights in SmolLM2-135M's decoder shapes (q/o 576x576, k/v 192x576, gate/up 1536x576,
