@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_impl
 
 from ..base_layers import in_out_features, is_conv1d, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
@@ -63,8 +64,6 @@ def fusable_base(base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def has_hooks(module: nn.Module) -> bool:
     """True when calling `module` would run hooks (its own or global ones), not just its forward."""
-    from torch.nn.modules import module as module_impl
-
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or module_impl._global_forward_hooks
                 or module_impl._global_forward_pre_hooks or module_impl._global_backward_hooks
