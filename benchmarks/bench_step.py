@@ -36,7 +36,9 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,16 +328,23 @@ def compiled_variant(condition: Condition) -> Condition:
 # --- running -----------------------------------------------------------------------------------
 
 
+# What a step's time is read from: wall time, or (`--clock process`) the CPU time this process used,
+# which leaves out the time other processes held the cores (on a CPU run with one torch thread,
+# the two agree on an idle machine).
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def run_step(condition: Condition, batch: torch.Tensor, device: torch.device, check: bool = False) -> float | None:
     """Time one step; a failing condition is marked and skipped from then on."""
     if condition.error:
         return None
     try:
         common.synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         condition.step(batch, check=check)
         common.synchronize(device)
-        return time.perf_counter() - start
+        return clock() - start
     except Exception as exc:  # noqa: BLE001
         condition.error = f"{type(exc).__name__}: {exc}"
         print(f"  {condition.name} failed: {condition.error}", flush=True)
@@ -493,7 +502,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         + f"; torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}; "
         f"device {info['device']}",
         f"load average before / after: {extra['load_before']} / {extra['load_after']}",
-        f"steps: {args.warmup} warmup + 1 memory + {args.steps} timed rounds per condition, interleaved in "
+        f"clock: {args.clock}; steps: {args.warmup} warmup + 1 memory + {args.steps} timed rounds per condition, interleaved in "
         "alternating order; medians reported. One step = forward + loss + backward + AdamW step (+ method "
         "hooks) + zero_grad. The limit has no optimizer (no trainable parameter) and backpropagates to the "
         "input embeddings.",
@@ -535,6 +544,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunked-loss", action="store_true",
                    help="also time lorakit's conditions (and the limit) with lorakit.causal_lm_loss (no full logits)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or the process's CPU time (CPU runs with --threads 1 on a machine other "
+                   "processes keep busy: their time on the cores is left out)")
     p.add_argument("--quick", action="store_true", help="smaller batch and fewer rounds")
     p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")
     p.add_argument("--profile-rows", type=int, default=25)
@@ -554,8 +566,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # compiled kernels go to a fresh directory: a shared on-disk cache keyed without the CPU's
+        # vector ISA was seen to hand back kernels built for another (tests/conftest.py)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    if args.clock == "process" and args.device == "cuda":
+        raise SystemExit("--clock process measures CPU time: use it for CPU runs")
+    clock = CLOCKS[args.clock]
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     load_before = common.load_average()

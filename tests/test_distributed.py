@@ -134,7 +134,8 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it_exactly(tiny_mod
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
     started = time.monotonic()
-    killed = torchrun(flags + ["--name", "cut"], env={"PYTHONPATH": str(tmp_path / "hook"), "LORAKIT_TEST_KILL_STEP": "5"})
+    killed = torchrun(flags + ["--name", "cut"], env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+                                                           "LORAKIT_TEST_KILL_STEP": "5"})
     assert killed.returncode != 0 and time.monotonic() - started < 200  # the other process did not hang
     cut = tmp_path / "cut"
     assert not (cut / "adapter").exists()

@@ -286,3 +286,139 @@ def test_train_modules_are_trained_and_saved(tmp_path, input_ids):
 def test_adapter_module_is_plain():
     adapter = LoRAAdapter(8, 4, r=2, scale=1.0)
     assert isinstance(adapter, lorakit.methods.Adapter)
+
+
+# --- the fused layer (base + pair as one autograd node) -------------------------------------------
+
+
+def unfused(monkeypatch):
+    """Make every LoRA-pair adapter take the unfused path (base, then `forward`)."""
+    from lorakit.methods.lora_fa import LoRAFAAdapter
+
+    monkeypatch.setattr(LoRAAdapter, "fused_forward", lambda self, x, base_layer: None)
+    monkeypatch.setattr(LoRAFAAdapter, "fused_forward", lambda self, x, base_layer: None)
+
+
+def step_results(model, input_ids, autocast=False):
+    """Loss, logits, every trainable gradient and the input embeddings' gradient of one step."""
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(inputs_embeds=embeds, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), out.logits.detach().float(), grads, embeds.grad
+
+
+def fused_nodes(model, input_ids):
+    """Names of the FusedLoRALinear nodes in the graph of one forward."""
+    seen, stack, found = set(), [model(input_ids).logits.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += [node.name()] if "FusedLoRALinear" in node.name() else []
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-fa", "delta-lora", "lora-drop"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+def test_fused_layer_equals_unfused_path(method, make_model, input_ids, monkeypatch):
+    """The fused node computes what the base and the adapter compute apart: outputs and every
+    gradient (adapter parameters and the input) to float tolerance, Linear and GPT-2 Conv1D bases."""
+    model = lorakit.adapt(make_model(), lorakit.METHODS[method](r=4, targets="all-linear"))
+    perturb_trainable(model)
+    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.adapted_layers(model)))
+    fused = step_results(model, input_ids)
+    unfused(monkeypatch)
+    assert fused_nodes(model, input_ids) == []
+    reference = step_results(model, input_ids)
+    for got, want in zip(fused[:2], reference[:2]):
+        torch.testing.assert_close(got, want)
+    assert fused[2].keys() == reference[2].keys()
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(fused[2][name], grad, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(fused[3], reference[3])
+
+
+def test_fused_layer_under_bf16_autocast_equals_unfused_path(input_ids, monkeypatch):
+    """Under CPU bf16 autocast the fused node computes in bf16 as the unfused ops do; gradients of
+    the fp32 master weights come back fp32, equal up to bf16 rounding."""
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
+    perturb_trainable(model)
+    fused = step_results(model, input_ids, autocast=True)
+    unfused(monkeypatch)
+    reference = step_results(model, input_ids, autocast=True)
+    torch.testing.assert_close(fused[0], reference[0], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(fused[1], reference[1], atol=5e-2, rtol=2e-2)
+    for name, grad in reference[2].items():
+        assert fused[2][name].dtype == torch.float32
+        scale = grad.abs().max()
+        torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=3e-2, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_layer_with_dropout_draws_the_same_mask(input_ids, monkeypatch):
+    """Training with dropout: the fused path applies the adapter's dropout outside its node, so
+    the same seed gives the same mask, outputs and gradients as the unfused path."""
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, dropout=0.3, targets="all-linear")).train()
+    perturb_trainable(model)
+    torch.manual_seed(5)
+    fused = step_results(model, input_ids)
+    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.adapted_layers(model)))
+    unfused(monkeypatch)
+    torch.manual_seed(5)
+    reference = step_results(model, input_ids)
+    torch.testing.assert_close(fused[1], reference[1])
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(fused[2][name], grad, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(fused[3], reference[3])
+
+
+def test_fused_layer_matches_naive_reference_and_saves_x_and_z_only():
+    """One layer against `naive_lora` (bias, 3-D input); autograd keeps x and z = x A^T, nothing of
+    the (tokens x out) outputs."""
+    torch.manual_seed(0)
+    tokens, d_in, d_out, r = 30, 20, 12, 4
+    model = lorakit.adapt(nn.Sequential(nn.Linear(d_in, d_out)), lorakit.LoRA(r=r, alpha=8, targets=["0"]))
+    perturb_trainable(model)
+    adapter, base = model[0].adapter, model[0].base_layer
+    x = torch.randn(3, tokens // 3, d_in, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    assert "FusedLoRALinear" in y.grad_fn.next_functions[0][0].name()
+    params = {p.data_ptr() for p in model.parameters()}
+    activations = sorted(t.numel() for t in saved if t.data_ptr() not in params)
+    assert activations == [tokens * r, tokens * d_in]
+    refs = [t.detach().clone().requires_grad_(True) for t in (x, adapter.lora_A, adapter.lora_B)]
+    y_ref = naive_lora(refs[0], base.weight, base.bias, refs[1], refs[2], adapter.scale)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for got, ref in zip((x, adapter.lora_A, adapter.lora_B), refs):
+        torch.testing.assert_close(got.grad, ref.grad)
+
+
+def test_fused_layer_falls_back_where_it_does_not_apply(input_ids):
+    """Several active adapters, a mixed batch, a trainable or hooked base, a 4-bit base: the base
+    runs on its own and each adapter adds its change (no fused node)."""
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj"]))
+    lorakit.adapt(model, lorakit.LoRA(r=2, targets=["q_proj"]), "second")
+    lorakit.set_active(model, ["default", "second"])
+    assert fused_nodes(model, input_ids) == []
+    lorakit.set_active(model, "second")  # the one that trains (adapt froze "default")
+    assert len(fused_nodes(model, input_ids)) == 2
+    with lorakit.per_sample_adapters(model, ["default", "second"]):
+        assert fused_nodes(model, input_ids) == []
+    layer = model.model.layers[0].self_attn.q_proj
+    handle = layer.base_layer.register_forward_hook(lambda *args: None)
+    assert len(fused_nodes(model, input_ids)) == 1
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert len(fused_nodes(model, input_ids)) == 1
+    layer.base_layer.weight.requires_grad_(False)
+    quantized = lorakit.adapt(lorakit.quantize(tiny_llama(), targets=["q_proj"]), lorakit.LoRA(r=4, targets=["q_proj"]))
+    assert fused_nodes(quantized, input_ids) == []

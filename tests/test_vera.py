@@ -189,3 +189,75 @@ def test_saved_projections_are_what_loads(tmp_path, input_ids):
     loaded = lorakit.load(tiny_llama(), tmp_path)
     assert torch.equal(shared_projections(loaded, "default").vera_A, shared_projections(model, "default").vera_A)
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
+
+
+# --- the fused layer ---------------------------------------------------------------------------
+
+
+def vera_step(model, input_ids, autocast=False):
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(inputs_embeds=embeds, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach().float(), grads, embeds.grad
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_layer_equals_unfused_path(make_model, autocast, input_ids, monkeypatch):
+    """One node per layer (x A^T shared by the layers reading the same x, dL/dx through W + B'A)
+    computes what the base and `forward` compute apart: logits and every gradient, fp32 to float
+    tolerance, bf16 autocast to bf16 rounding."""
+    model = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets="all-linear"))
+    perturb_trainable(model)
+    projections = shared_projections(model, "default")
+    calls = []
+    original = VeRAProjections.down_projection
+    monkeypatch.setattr(VeRAProjections, "down_projection", lambda self, *a: calls.append(1) or original(self, *a))
+    fused = vera_step(model, input_ids, autocast)
+    assert calls  # the fused path ran
+    monkeypatch.setattr(VeRAAdapter, "fused_forward", lambda self, x, base_layer: None)
+    reference = vera_step(model, input_ids, autocast)
+    tol = {"atol": 5e-2, "rtol": 2e-2} if autocast else {}
+    torch.testing.assert_close(fused[0], reference[0], **tol)
+    for name, grad in reference[1].items():
+        scale = grad.abs().max()
+        torch.testing.assert_close(fused[1][name] / scale, grad / scale, **(tol or {"atol": 1e-5, "rtol": 1e-4}),
+                                   msg=lambda m: f"{name}: {m}")
+    scale = reference[2].abs().max()
+    torch.testing.assert_close(fused[2] / scale, reference[2] / scale, **(tol or {"atol": 1e-5, "rtol": 1e-4}))
+    assert projections.vera_A.grad is None
+
+
+def test_down_projection_is_shared_by_layers_reading_the_same_input(input_ids):
+    """Llama's q/k/v read one tensor and gate/up another: x A^T runs 4 times per decoder layer for
+    7 adapted projections; a changed input (in place) is recomputed, not reused."""
+    model = lorakit.adapt(tiny_llama(), lorakit.VeRA(r=16, targets="all-linear"))
+    projections = shared_projections(model, "default")
+    computed = []
+    original_mm = torch.mm
+
+    def counting_mm(a, b):
+        computed.append(tuple(b.shape)) if b.shape[1] == 16 and b.data_ptr() == projections.vera_A.data_ptr() else None
+        return original_mm(a, b)
+
+    torch.mm = counting_mm
+    try:
+        model(input_ids)
+        assert len(computed) == 2 * 4
+        x = torch.randn(5, 32)
+        first = projections.down_projection(x, 32, torch.float32)
+        assert projections.down_projection(x, 32, torch.float32) is first
+        x.mul_(2)
+        again = projections.down_projection(x, 32, torch.float32)
+        assert again is not first
+        torch.testing.assert_close(again, 2 * first)
+        import copy
+        import pickle
+
+        copy.deepcopy(model)  # the memo (a weak reference) copies and pickles away
+        assert pickle.loads(pickle.dumps(projections))._last_down is None
+    finally:
+        torch.mm = original_mm

@@ -122,6 +122,13 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(x)
+        if self.sample_groups is None and len(self.running) == 1:
+            # One adapter over the whole batch: it may compute the base and its change as one
+            # autograd node (LoRA's `fused_forward`); None means it has no such path for this base.
+            fused = getattr(self.adapters[self.running[0]], "fused_forward", None)
+            y = fused(x, self.base_layer) if fused is not None else None
+            if y is not None:
+                return y
         base_out = self.base_layer(x)
         if self.sample_groups is not None:
             return self._mixed_batch(x, base_out)

@@ -43,6 +43,11 @@ class Adapter(Protocol):
         (autograd may need it); `torch.addmm`-style out-of-place fusion is the fast path.
         """
 
+    # Optional: `fused_forward(x, base_layer) -> Tensor | None`, the whole layer's output
+    # `base_layer(x) + change` as one autograd node, used when this adapter runs alone over the
+    # whole batch; None where it has no such path for this base (the machinery then calls the
+    # base, then `forward`). LoRA's pair (`methods/lora.py`) and VeRA have one.
+
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The dense change `W' - W0` the adapter makes to the `(out, in)` base weight."""
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import register
-from .lora import LoRAPair, LowRankConfig, check_rank
+from .lora import LoRAPair, LowRankConfig, check_rank, fused_lora_forward
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -156,6 +156,15 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
             x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, p, projection
         )
         return out.view(y.shape)
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """Base and adapter as one autograd node (`lora.FusedLoRALinear`; A is frozen, so it
+        keeps only `z`, never x), or None (the machinery runs `forward`) where dropout is active
+        or B's gradient is projected: `FrozenDownProjection` keeps the packed dropout mask and
+        applies the projection."""
+        if (self.dropout > 0 and self.training) or self.projected_grad:
+            return None
+        return fused_lora_forward(x, None, base_layer, self.lora_A, self.lora_B, self.scale)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, A frozen"

@@ -17,14 +17,19 @@ them (a CPU `torch.Generator` seeded with `projection_prng_key`, A first, then B
 kaiming-uniform with fan_in = size(1)), so an adapter file needs only the seed; `save_projection`
 stores the matrices too, under PEFT's keys `base_model.vera_A` / `base_model.vera_B`.
 
-The forward folds both vectors into the small `(out, r)` matrix `B' = diag(b) B diag(d)`: a step
-costs two rank-r GEMMs, and the only activation autograd keeps is `x A^T` (tokens x r), since A is
-frozen and the vectors' gradients come from the `(out, r)` gradient of `B'`.
+The forward folds both vectors into the small `(out, r)` matrix `B' = diag(b) B diag(d)`, and the
+only activation kept for backward is `z = x A^T` (tokens x r), since A is frozen and the vectors'
+gradients come from the `(out, r)` gradient of `B'`. Over a plain dense base the layer is one
+autograd node (`FusedVeRALinear`): `z` is computed once for all layers that read the same input
+(q/k/v, gate/up share A's slice), and backward forms `dL/dx = g (W + B' A)` in one GEMM instead of
+`g W + (g B') A`: per layer a step costs the base's GEMMs, two rank-r GEMMs (`z B'^T`, `g^T z`),
+the dense `B' A` (out x in x r, independent of the batch) and, once per distinct input, `x A^T`.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +40,7 @@ from torch import nn
 from .. import inject
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
-from .lora import check_rank, low_rank_update
+from .lora import check_rank, fusable_base, fused_dtype, low_rank_update
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # PEFT's keys in adapter_model.safetensors
 
@@ -66,9 +71,71 @@ class VeRAProjections(nn.Module):
         super().__init__()
         self.register_buffer("vera_A", vera_A, persistent=False)  # (r, max_in)
         self.register_buffer("vera_B", vera_B, persistent=False)  # (max_out, r)
+        # the last `x A^T` computed, for the next layer that reads the same x (`down_projection`)
+        self._last_down: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+
+    def down_projection(self, x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        """`x A[:, :in]^T` in `dtype`, `(tokens, r)`, outside autograd (the fused node differentiates
+        through x itself). Layers that read the same activation (q/k/v; gate/up) get the same
+        product: it is computed once, for the first of them, and reused while `x` is the same,
+        unmodified tensor. Compiled graphs compute it each time and leave the deduplication to
+        the compiler."""
+        a = self.vera_A[:, :in_features].to(device=x.device, dtype=dtype)
+        if torch.compiler.is_compiling():
+            return torch.mm(x.detach().reshape(-1, in_features).to(dtype), a.T)
+        key = (x._version, in_features, dtype, self.vera_A._version)
+        last = self._last_down
+        if last is not None and last[0]() is x and last[1] == key:
+            return last[2]
+        with torch.no_grad():
+            z = torch.mm(x.reshape(-1, in_features).to(dtype), a.T)
+        self._last_down = (weakref.ref(x), key, z)
+        return z
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_last_down"] = None  # a weak reference cannot be pickled; the memo is only a cache
+        return state
 
     def extra_repr(self) -> str:
         return f"vera_A={tuple(self.vera_A.shape)}, vera_B={tuple(self.vera_B.shape)}"
+
+
+class FusedVeRALinear(torch.autograd.Function):
+    r"""A dense frozen base and its VeRA change as one autograd node.
+
+    With `z = x A^T` `(n, r)` (given, outside autograd) and the scaled up-projection
+    `U = diag(b) B diag(d)` `(out, r)`::
+
+        forward:   y = x W^T (+ bias) + z U^T                 (the rank-r term added in place)
+        backward:  dL/dx = g (W + U A)                        one GEMM, as the base alone needs
+                   dL/dU = g^T z                              (b's and d's gradients follow from it)
+
+    `g (W + U A)` replaces `g W + (g U) A`: the dense `(out, in)` sum costs out·in·r once per
+    layer, the two rank-r GEMMs it saves cost tokens·r·(in + out); at r = 256 and a thousand
+    tokens or more the dense sum is the cheaper. Saved for backward: z only (A and W are frozen
+    and the module's own; x is not needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, weight, bias, up, vera_A):
+        y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+        y.addmm_(z, up.T)
+        ctx.save_for_backward(z, weight, up, vera_A)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, weight, up, vera_A = ctx.saved_tensors
+        need_x, _, _, need_bias, need_up, _ = ctx.needs_input_grad
+        grad_x = grad_bias = grad_up = None
+        if need_x:
+            grad_x = torch.mm(grad_y, torch.addmm(weight, up, vera_A))
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        if need_up:
+            grad_up = torch.mm(grad_y.T, z)
+        return grad_x, None, None, grad_bias, grad_up, None
 
 
 class VeRAAdapter(AdditiveAdapter, nn.Module):
@@ -112,6 +179,26 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         z = self.dropout(x) @ vera_A.T  # (..., r); A is frozen, so autograd keeps z, not x
         up = self.scaled_up_projection().to(device=x.device, dtype=x.dtype)  # (out, r)
         return low_rank_update(y, z, up, 1.0)
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """The whole layer as one autograd node (`FusedVeRALinear`) over a plain frozen dense
+        base, with `x A^T` shared by the layers that read the same x; None (the machinery runs the
+        base and `forward`) where the base cannot be fused or dropout is active (the adapter's
+        input then differs from the base's)."""
+        if not isinstance(self.dropout, nn.Identity) and self.training:
+            return None
+        base = fusable_base(base_layer)
+        dtype = None if base is None else fused_dtype(x, *base)
+        if dtype is None:
+            return None
+        weight, bias = base
+        z = self.projections.down_projection(x, self.in_features, dtype)
+        vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=dtype)
+        up = self.scaled_up_projection().to(device=x.device, dtype=dtype)
+        with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
+            y = FusedVeRALinear.apply(x.reshape(-1, self.in_features).to(dtype), z, weight.to(dtype),
+                                      None if bias is None else bias.to(dtype), up, vera_A)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         vera_A = self.projections.vera_A[:, : self.in_features]
