@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from . import html_report
-from .train.config import TrainConfig, to_yaml, with_resolved_paths
+from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 from .train.errors import LorakitError
 
 PERCENT = ("accuracy", "exact_match", "f1")
@@ -42,8 +42,32 @@ class MethodResult:
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
+# settings one method of a comparison may have of its own (`--method-arg vera:lr=1e-2`); the data,
+# budget and seed stay the same for all, or the comparison would not be one
+PER_METHOD_FIELDS = ("lr", "r", "alpha", "dropout", "loraplus_ratio", "init", "quantize", "targets")
+
+
+def method_run_config(cfg: TrainConfig, method: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings `method` trains with: `cfg`, with the method's own overrides ({key: value} from
+    `--method-arg METHOD:KEY=VALUE`): a PER_METHOD_FIELDS key sets that field, any other key is one
+    of the method's config fields (added to the shared method_args)."""
+    overrides = dict(overrides or {})
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_METHOD_FIELDS) - {"method_args"}
+    fixed = sorted(k for k in overrides if k.replace("-", "_") in shared)
+    if fixed:
+        raise LorakitError(f"--method-arg {method}:{fixed[0]}=...: every method of a comparison has the same {fixed[0]}; "
+                           f"per method: {', '.join(PER_METHOD_FIELDS)} and the method's own settings")
+    fields = {k: overrides.pop(k) for k in list(overrides) if k.replace("-", "_") in PER_METHOD_FIELDS}
+    try:
+        with_fields = from_dict(fields, cfg) if fields else cfg
+    except LorakitError as err:
+        raise LorakitError(f"--method-arg {method}:{err}") from None
+    return dataclasses.replace(with_fields, method=method, method_args={**cfg.method_args, **overrides})
+
+
 def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodResult:
-    """Train (or resume, or reuse) `method` in its own `lorakit train` process."""
+    """Train (or resume, or reuse) `method` in its own `lorakit train` process, with the settings
+    `cfg` (from `method_run_config`)."""
     run_dir = directory / method
     if (run_dir / "report.json").is_file():
         echo(f"{method}: already trained, reusing {run_dir}")
@@ -243,17 +267,28 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
     path.write_text(html_report.page(title, intro, html_report.table(head, body), images))
 
 
-def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True) -> list[dict[str, Any]]:
-    """Run the comparison (see the module docstring); returns the per-method records."""
+def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True,
+            per_method: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run the comparison (see the module docstring); returns the per-method records. `per_method`:
+    {method: {key: value}}, that method's own settings (see `method_run_config`)."""
+    per_method = per_method or {}
     from .methods import METHODS
 
-    unknown = [m for m in methods if m not in METHODS and m != "qlora"]
+    from .train.config import ALIASES
+
+    unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
     if unknown or not methods:
-        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + ['qlora'])}")
+        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + list(ALIASES))}")
     directory.mkdir(parents=True, exist_ok=True)
+    strangers = sorted(set(per_method) - set(methods))
+    if strangers:
+        raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
+    configs = {m: method_run_config(cfg, m, per_method.get(m)) for m in methods}
     settings = directory / "compare.yaml"
     mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
                                        overwrite=False, progress=True))
+    if any(per_method.values()):  # a method's own settings are part of what the directory holds
+        mine += yaml.safe_dump({"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True)
     if settings.is_file() and settings.read_text() != mine:
         raise LorakitError(f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
                            "or delete that directory")
@@ -261,7 +296,7 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     results = []
     for i, method in enumerate(methods, start=1):
         echo(f"compare [{i}/{len(methods)}] {method} ...")
-        result = run_method(cfg, method, directory, echo)
+        result = run_method(configs[method], method, directory, echo)
         results.append(result)
         if result.status == "interrupted":
             raise LorakitError(f"compare interrupted during {method}; run the same command again to continue")
