@@ -503,6 +503,9 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     quantization = {"method": cfg.quantize} if cfg.quantize else None
     if quantization and cfg.init == "loftq":
         quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
+    # seeded before the load too: a classifier's head is drawn at random while the model loads, and
+    # runs with one seed (compare's methods) must start from the same head
+    torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.task, num_outputs(cfg.task, datasets.labels), tokenizer, quantization)
     model.to(device)
 
