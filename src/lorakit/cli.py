@@ -64,8 +64,10 @@ def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) 
                                 help=f"{help_text}{shown_default}")
         elif f.name == "method_args":
             if per_method:
+                from .compare import PER_METHOD_FIELDS
+
                 help_text += (" METHOD:KEY=VALUE sets it for that method only (e.g. vera:r=512); KEY may also be one of "
-                              "lr, r, alpha, dropout, loraplus_ratio, init, quantize, targets for that method.")
+                              f"{', '.join(PER_METHOD_FIELDS)} for that method.")
             parser.add_argument("--method-arg", dest=f.name, action="append", metavar="[METHOD:]KEY=VALUE" if per_method else "KEY=VALUE",
                                 default=argparse.SUPPRESS, help=help_text)
         elif kinds[f.name] is dict:  # --columns a=b,c=d (repeatable)

@@ -5,7 +5,8 @@ one does not stop the others), under `<out-dir>/<name>/<method>/`. A method whos
 not trained again; one that was interrupted is resumed; so running the same command again after
 Ctrl-C continues the comparison. The frozen base's forward + backward (the limit no method can
 beat) is timed in this process on a batch of the same data, so each method's step time is also
-given as a ratio to it.
+given as a ratio to it. A method may have settings of its own (`method_run_config`: its learning
+rate, rank, ... from `--method-arg METHOD:KEY=VALUE`); data, budget and seed are the same for all.
 
 Writes `compare.json` and `compare.csv` (every number), and `compare.html` when matplotlib (the
 `plots` extra) is installed: loss curves, held-out metric against trainable parameters, memory and
