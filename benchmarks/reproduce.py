@@ -90,12 +90,14 @@ def alpaca_config(args, data_dir: Path) -> TrainConfig:
                        name=f"alpaca-{args.alpaca_steps}", progress=False)
 
 
-def run_part(name: str, cfg: TrainConfig, methods: list[str]) -> dict:
-    """One comparison; its compare.json (records and the limit) plus how long it took."""
+def run_part(name: str, cfg: TrainConfig, methods: list[str], collect_only: bool = False) -> dict:
+    """One comparison; its compare.json (records and the limit) plus how long it took.
+    `collect_only`: read the compare.json an earlier call wrote, train and time nothing."""
     started = time.perf_counter()
-    compare(cfg, methods, Path(cfg.out_dir) / cfg.name, echo=lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True))
+    if not collect_only:
+        compare(cfg, methods, Path(cfg.out_dir) / cfg.name, echo=lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True))
     saved = json.loads((Path(cfg.out_dir) / cfg.name / "compare.json").read_text())
-    return {**saved, "wall_seconds": time.perf_counter() - started}
+    return {**saved, "wall_seconds": None if collect_only else time.perf_counter() - started}
 
 
 def _by_method(part: dict | None) -> dict[str, dict]:
@@ -152,6 +154,8 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/reproduce-<time>.json")
     parser.add_argument("--notes", type=Path, help="JSON {method: text} for the table's last column")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="no training: the table from the compare.json files earlier calls left under --out-dir")
     args = parser.parse_args()
     missing = [str(p) for p in (SST2 / "train.tsv", ALPACA) if not p.is_file()]
     if missing:
@@ -165,9 +169,9 @@ def main() -> int:
     out: dict = {"command": command, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                  "papers": PAPERS}
     if args.part in ("both", "sst2"):
-        out["sst2"] = run_part("sst2", sst2_config(args, data_dir), args.sst2_methods.split(","))
+        out["sst2"] = run_part("sst2", sst2_config(args, data_dir), args.sst2_methods.split(","), args.collect_only)
     if args.part in ("both", "alpaca"):
-        out["alpaca"] = run_part("alpaca", alpaca_config(args, data_dir), args.alpaca_methods.split(","))
+        out["alpaca"] = run_part("alpaca", alpaca_config(args, data_dir), args.alpaca_methods.split(","), args.collect_only)
     notes = json.loads(args.notes.read_text()) if args.notes else {}
     out["table"] = markdown(out.get("sst2"), out.get("alpaca"), notes)
     path.parent.mkdir(parents=True, exist_ok=True)
