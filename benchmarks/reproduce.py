@@ -126,9 +126,9 @@ def markdown(sst2: dict | None, alpaca: dict | None, notes: dict[str, str]) -> s
     """The README's table: SST-2 columns (cost and accuracy), the Alpaca loss, the paper's claim."""
     s, a = _by_method(sst2), _by_method(alpaca)
     methods = list(dict.fromkeys([*s, *a]))
-    lines = ["| method | trainable params (SST-2) | adapter | peak memory | step / limit (SST-2, Alpaca) "
-             "| SST-2 dev accuracy (vs LoRA) | Alpaca held-out loss (vs LoRA) | paper reports | paper vs LoRA | here |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| method | trainable params (SST-2) | adapter | peak memory | step / limit (SST-2, Alpaca) "
+              "| SST-2 dev accuracy (vs LoRA) | Alpaca held-out loss (vs LoRA) | paper reports | paper vs LoRA | here |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         r, q = s.get(m), a.get(m)
         cost = r or q

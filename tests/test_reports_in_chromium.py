@@ -15,7 +15,7 @@ from lorakit import analysis, compare
 
 pytestmark = pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")
 pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 SIZE = (1100, 1400)
 
@@ -45,7 +45,7 @@ def test_a_page_with_an_external_image_is_caught_and_blank(tmp_path):
     page.write_text('<!doctype html><html><body><img src="https://example.com/plot.png" width="600" height="400"></body></html>')
     requests = render(page, tmp_path / "external.png", SIZE)
     assert requests == ["https://example.com/plot.png"]
-    colours, ink = drawn(tmp_path / "external.png")
+    _, ink = drawn(tmp_path / "external.png")
     assert ink < 0.02  # nothing was drawn
 
 

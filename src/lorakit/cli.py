@@ -54,7 +54,6 @@ def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) 
             help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
         if f.name == "method":
             from .methods import METHODS
-
             from .train.config import ALIASES
 
             help_text += f" Choices: {', '.join(sorted(METHODS) + list(ALIASES))}."

@@ -274,7 +274,6 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     {method: {key: value}}, that method's own settings (see `method_run_config`)."""
     per_method = per_method or {}
     from .methods import METHODS
-
     from .train.config import ALIASES
 
     unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
