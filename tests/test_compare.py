@@ -102,6 +102,9 @@ def test_per_method_arguments_reach_only_their_method(setup, capsys):
     assert saved["dora"]["method_args"] == {"rslora": True} and saved["lora"]["method_args"] == {}
     dora, lora = (io.read_config(root / "runs3" / "per" / m / "adapter")[0] for m in ("dora", "lora"))
     assert (dora.r, dora.rslora, lora.r, lora.rslora, lora.alpha) == (2, True, 8, False, 4)
+    records = json.loads((root / "runs3" / "per" / "compare.json").read_text())["methods"]
+    assert [r["lr"] for r in records] == [0.01, recipes.learning_rate("dora")]  # each row says its rate
+    assert re.search(r"^lora\s+0\.01\s", capsys.readouterr().out, re.M)
     # another per-method value is another comparison: the directory refuses it
     capsys.readouterr()
     assert cli.main(argv[:-1] + ["lora:alpha=8"]) == 2

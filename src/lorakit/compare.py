@@ -167,6 +167,7 @@ def rows(results: list[MethodResult], limit_s: float | None) -> list[dict[str, A
             metric = rep.get("metric")
             step_s = rep["train_seconds"] / max(rep["steps"], 1)
             row.update({
+                "lr": rep.get("lr"),  # the methods' recipes differ: the rate each one ran at
                 "trainable_params": rep["trainable_params"], "total_params": rep["total_params"],
                 "trainable_percent": 100 * rep["trainable_params"] / max(rep["total_params"], 1),
                 "adapter_mib": rep["adapter_bytes"] / 2**20, "peak_memory_mib": rep["peak_memory_mb"],
@@ -184,16 +185,20 @@ def _fmt_metric(name: str | None, value: float | None) -> str:
     return f"{100 * value:.1f}%" if name in PERCENT else f"{value:.4f}"
 
 
+def _fmt_lr(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """The terminal table."""
-    header = ["method", "trainable params", "adapter", "peak memory", "step", "x limit", "tokens/s", "final loss", "held-out"]
+    header = ["method", "lr", "trainable params", "adapter", "peak memory", "step", "x limit", "tokens/s", "final loss", "held-out"]
     lines = [header]
     for r in records:
         if r["status"] != "done":
             lines.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(header) - 2))
             continue
         lines.append([
-            r["method"], f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)", f"{r['adapter_mib']:.2f} MiB",
+            r["method"], _fmt_lr(r["lr"]), f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)", f"{r['adapter_mib']:.2f} MiB",
             f"{r['peak_memory_mib']:,.0f} MiB", f"{r['step_seconds']:.2f} s",
             f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-", f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}",
             f"{r['metric']} {_fmt_metric(r['metric'], r['metric_before'])} -> {_fmt_metric(r['metric'], r['metric_after'])}",
@@ -251,14 +256,14 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
         if limit_s:
             right.axvline(1.0, color="black", linestyle="--", linewidth=1)
         images.append(("Peak memory and step time", html_report.png(fig)))
-    head = ["method", "status", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit", "tokens/s",
-            "final loss", "metric", "before", "after"]
+    head = ["method", "status", "lr", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit",
+            "tokens/s", "final loss", "metric", "before", "after"]
     body = []
     for r in records:
         if r["status"] != "done":
             body.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(head) - 2))
             continue
-        body.append([r["method"], r["status"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
+        body.append([r["method"], r["status"], _fmt_lr(r["lr"]), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
                      f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
                      f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
                      _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])])
