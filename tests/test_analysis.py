@@ -139,3 +139,38 @@ def test_method_specific_views():
     found = analysis.changes(ada, original)
     assert found[0].extras["adalora rank kept"] == 4.0 and found[0].adapter_rank == 4
     assert len({c.shared_group for c in found}) == len(found)  # nothing shared
+
+
+def test_lora_drop_importance_and_plan_are_shown(tmp_path):
+    from lorakit.methods import lora_drop
+
+    model = tiny_llama(seed=3)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.LoRADrop(r=4, targets=["q_proj", "v_proj"]))
+    scores = dict(zip(names, [0.5, 0.05, 0.3, 0.15]))  # layer 0 q, v; layer 1 q, v
+    lora_drop.apply_plan(model, "default", scores, threshold=0.8)  # keeps 0.q (0.5) and 1.q (0.3)
+    perturb_trainable(model, seed=7)
+    lorakit.save(model, tmp_path / "adapter")
+    fresh = tiny_llama(seed=3)
+    lorakit.load(fresh, tmp_path / "adapter")  # the plan comes back with the adapter
+    found = analysis.changes(fresh, original)
+    assert {c.module: c.importance for c in found} == pytest.approx(scores)
+    assert [c.plan for c in found] == ["own", "v_proj(16x32)", "own", "v_proj(16x32)"]
+    text = analysis.summary_text(found)
+    assert "LoRA-drop's plan: 2 of 4 modules keep their own pair (their importance adds up to 0.800); the other 2 share " \
+           "1 pair, one per kind: v_proj(16x32) x2" in text
+    grid = text.split("in %; * keeps its own pair):\n")[1].splitlines()
+    assert grid[1].split() == ["0", "50.00*", "5.00"] and grid[2].split() == ["1", "30.00*", "15.00"]
+    assert json.loads(json.dumps(analysis.report(found)))["modules"][1]["plan"] == "v_proj(16x32)"
+    assert analysis.lora_drop_text(analysis.changes(tiny_llama(seed=3), {})) == []  # other methods: nothing
+    pytest.importorskip("matplotlib")
+    import base64
+    import re
+
+    analysis.write_html(found, tmp_path / "inspect.html", "lorakit inspect: LoRA-drop")
+    page = (tmp_path / "inspect.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "<th>LoRA-drop importance</th><th>LoRA-drop plan</th>" in page and "<td>50.00 %</td><td>own</td>" in page
+    assert "LoRA-drop&#x27;s plan: 2 of 4 modules" in page

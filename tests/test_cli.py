@@ -365,6 +365,9 @@ def test_each_method_gets_its_recipe_learning_rate_unless_given(capsys):
     assert check_config(TrainConfig(method="vera")).lr == pytest.approx(30 * recipes.LORA_LR)
     assert check_config(TrainConfig(method="adalora")).lr == pytest.approx(10 * recipes.LORA_LR)
     assert check_config(TrainConfig(method="qlora")).lr == recipes.LORA_LR  # LoRA over a 4-bit base
+    plus = check_config(TrainConfig(method="lora-plus"))  # LoRA, B at 16x A's rate, the pair at 1/4 of LoRA's
+    assert (plus.method, plus.loraplus_ratio, plus.lr) == ("lora", 16.0, pytest.approx(recipes.LORA_LR / 4))
+    assert check_config(TrainConfig(method="lora-plus", loraplus_ratio=4.0)).loraplus_ratio == 4.0
     assert check_config(TrainConfig(method="vera", lr=1e-4)).lr == 1e-4  # --lr wins
     assert cli.main(["train", "--method", "lora-fa", "--print-config"]) == 0
     out = capsys.readouterr().out

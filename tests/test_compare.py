@@ -82,3 +82,53 @@ def test_compare_refuses_a_directory_with_other_settings_and_unknown_methods(set
     assert "holds a comparison with other settings" in capsys.readouterr().err
     assert cli.main(base + ["--methods", "lora,nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_per_method_arguments_reach_only_their_method(setup, capsys):
+    root, model, data = setup
+    argv = ["compare", "--methods", "lora,dora", "--model", model, "--data", data, "--steps", "1", "--batch-size", "4",
+            "--out-dir", str(root / "runs3"), "--name", "per", "--no-progress", "--no-html", "--targets", "q_proj,v_proj",
+            "--method-arg", "dora:r=2", "--method-arg", "dora:rslora=true", "--method-arg", "lora:lr=0.01",
+            "--method-arg", "lora:alpha=4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    import yaml
+
+    from lorakit import io
+
+    saved = {m: yaml.safe_load((root / "runs3" / "per" / m / "config.yaml").read_text()) for m in ("lora", "dora")}
+    from lorakit.train import recipes
+
+    assert saved["lora"]["lr"] == 0.01 and saved["dora"]["lr"] == recipes.learning_rate("dora")  # dora keeps its recipe
+    assert saved["lora"]["alpha"] == 4 and saved["dora"]["alpha"] is None
+    assert saved["dora"]["r"] == 2 and saved["lora"]["r"] is None
+    assert saved["dora"]["method_args"] == {"rslora": True} and saved["lora"]["method_args"] == {}
+    dora, lora = (io.read_config(root / "runs3" / "per" / m / "adapter")[0] for m in ("dora", "lora"))
+    assert (dora.r, dora.rslora, lora.r, lora.rslora, lora.alpha) == (2, True, 8, False, 4)
+    records = json.loads((root / "runs3" / "per" / "compare.json").read_text())["methods"]
+    assert [r["lr"] for r in records] == [0.01, recipes.learning_rate("dora")]  # each row says its rate
+    assert re.search(r"^lora\s+0\.01\s", capsys.readouterr().out, re.M)
+    # another per-method value is another comparison: the directory refuses it
+    capsys.readouterr()
+    assert cli.main(argv[:-1] + ["lora:alpha=8"]) == 2
+    assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("vera:r=256", "error: --method-arg 'vera:r=256': 'vera' is not one of --methods (lora, dora)"),
+    ("dora:nosuch=1", "error: method 'dora' has no setting 'nosuch'; its settings: "),
+    ("dora:steps=3", "error: --method-arg dora:steps=...: every method of a comparison has the same steps; per method: lr, "),
+    ("dora:r", "error: --method-arg expects KEY=VALUE, got 'r'"),
+    ("dora:r=many", "error: --method-arg dora:r: expected int, got 'many'"),
+])
+def test_per_method_argument_mistakes_are_one_line(setup, capsys, pair, message):
+    root, model, data = setup
+    code = cli.main(["compare", "--methods", "lora,dora", "--model", model, "--data", data, "--steps", "1",
+                     "--out-dir", str(root / "runs4"), "--no-progress", "--no-html", "--method-arg", pair])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+    assert not (root / "runs4").exists()  # refused before anything trained
+
+
+def test_train_refuses_the_per_method_form(capsys):
+    assert cli.main(["train", "--method-arg", "lora:r=4", "--print-config"]) == 2
+    assert "the METHOD:KEY=VALUE form is for lorakit compare" in capsys.readouterr().err

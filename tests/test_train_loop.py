@@ -347,3 +347,20 @@ def test_paths_names_torn_logs_and_a_full_disk(tiny_model, pc_data, tmp_path, mo
     with pytest.raises(LorakitError, match="the disk is full: checkpoint step-000002 was not written"):
         train(config(tiny_model, pc_data, tmp_path, steps=4, checkpoint_every=2, name="full"), echo=quiet)
     monkeypatch.setattr(ckpt.torch, "save", real_save)
+
+
+def test_a_classifier_head_is_drawn_from_the_seed(tmp_path):
+    # the head is random when the model loads: two runs with one seed (compare's methods) start
+    # from the same head, and another seed from another
+    model = save_tiny_bert(tmp_path / "bert")
+    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+
+    def before(name: str, seed: int, method: str) -> dict:
+        cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
+                          name=name, steps=1, batch_size=4, progress=False, seed=seed, method=method)
+        return train(cfg, echo=quiet).before
+
+    first = before("a", 0, "lora")
+    assert before("b", 0, "dora") == first  # DoRA starts as the base, as LoRA does: the same head, the same numbers
+    assert before("c", 1, "lora")["eval_loss"] != first["eval_loss"]

@@ -50,6 +50,8 @@ class ModuleChange:
     base_change: float = 0.0  # ||W_base - W0|| / ||W0||: the base weights themselves moved (Delta-LoRA)
     extras: dict[str, float] = dataclasses.field(default_factory=dict)  # the adapter's own numbers (`describe`)
     shared_group: int | None = None  # modules with the same number share one adapter's tensors (LoRA-drop)
+    importance: float | None = None  # LoRA-drop's stage-1 importance I_i (sums to 1 over the modules)
+    plan: str | None = None  # LoRA-drop's plan for the module: "own" (kept) or the shared pair's group
 
     @property
     def inert(self) -> bool:
@@ -168,8 +170,21 @@ def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str
         first = next((p for n in using for p in layer.adapters[n].parameters()), None)
         if first is not None:
             change.shared_group = groups.setdefault(first.data_ptr(), len(groups))
+        change.importance, change.plan = _lora_drop_plan(model, using, module_name)
         found.append(change)
     return found
+
+
+def _lora_drop_plan(model: nn.Module, using: list[str], module: str) -> tuple[float | None, str | None]:
+    """(importance, "own" or the shared group) of `module` from a LoRA-drop adapter's plan (its
+    config's layout, saved with it), or (None, None) for other methods."""
+    configs = inject.lorakit_state(model).configs
+    for name in using:
+        plan = getattr(configs.get(name), "plan", None)
+        if isinstance(plan, dict) and "scores" in plan:
+            plan_of = "own" if module in plan.get("kept", []) else plan.get("groups", {}).get(module)
+            return plan["scores"].get(module), plan_of
+    return None, None
 
 
 def correlation(xs: list[float], ys: list[float]) -> float:
@@ -190,20 +205,38 @@ def report(found: list[ModuleChange]) -> dict[str, Any]:
     }
 
 
-def heatmap_text(found: list[ModuleChange]) -> str:
-    """||ΔW|| / ||W0|| as a grid: one row per layer, one column per module kind (in 1e-3)."""
+def heatmap_text(found: list[ModuleChange], value=lambda c: c.relative_change * 1e3, mark=lambda c: "") -> str:
+    """A number per module as a grid: one row per layer, one column per module kind; by default
+    ||ΔW|| / ||W0|| in 1e-3. `mark(change)` is a short suffix after a cell (e.g. LoRA-drop's kept)."""
     in_blocks = [c for c in found if c.layer is not None]
     kinds = list(dict.fromkeys(c.kind for c in in_blocks))
     labels = short_labels(kinds)
     layers = sorted({c.layer for c in in_blocks})
-    cell = {(c.layer, c.kind): c.relative_change for c in in_blocks}
-    widths = {k: max(7, len(labels[k])) for k in kinds}
+    cell = {(c.layer, c.kind): f"{value(c):.2f}{mark(c)}" for c in in_blocks}
+    widths = {k: max(7, len(labels[k]), *(len(cell.get((layer, k), "")) for layer in layers)) for k in kinds}
     lines = ["layer  " + " ".join(f"{labels[k]:>{widths[k]}}" for k in kinds)] if kinds else []
     for layer in layers:
-        lines.append(f"{layer:>5}  " + " ".join(
-            f"{cell[(layer, k)] * 1e3:>{widths[k]}.2f}" if (layer, k) in cell else " " * widths[k] for k in kinds))
-    lines += [f"{c.module}: {c.relative_change * 1e3:.2f}" for c in found if c.layer is None]
+        lines.append(f"{layer:>5}  " + " ".join(f"{cell.get((layer, k), ''):>{widths[k]}}" for k in kinds))
+    lines += [f"{c.module}: {value(c):.2f}{mark(c)}" for c in found if c.layer is None]
     return "\n".join(lines)
+
+
+def lora_drop_text(found: list[ModuleChange]) -> list[str]:
+    """LoRA-drop's importance scores and sharing plan, as summary lines (none for other methods)."""
+    planned = [c for c in found if c.importance is not None]
+    if not planned:
+        return []
+    kept = [c for c in planned if c.plan == "own"]
+    shared: dict[str, int] = {}
+    for c in planned:
+        if c.plan != "own":
+            shared[str(c.plan)] = shared.get(str(c.plan), 0) + 1
+    lines = [f"LoRA-drop's plan: {len(kept)} of {len(planned)} modules keep their own pair (their importance adds up to "
+             f"{sum(c.importance for c in kept):.3f}); the other {len(planned) - len(kept)} share {len(shared)} "
+             f"pair{'s' if len(shared) != 1 else ''}, one per kind: " + ", ".join(f"{group} x{count}" for group, count in shared.items()),
+             "LoRA-drop's importance (stage 1: share of Σ||ΔW x||², in %; * keeps its own pair):",
+             heatmap_text(planned, value=lambda c: 100 * c.importance, mark=lambda c: "*" if c.plan == "own" else " ")]
+    return lines
 
 
 def summary_text(found: list[ModuleChange]) -> str:
@@ -234,6 +267,7 @@ def summary_text(found: list[ModuleChange]) -> str:
     groups = {c.shared_group for c in found if c.shared_group is not None}
     if len(groups) < len([c for c in found if c.shared_group is not None]):
         lines.append(f"{len(found)} modules share {len(groups)} adapters (LoRA-drop's plan: modules with one number share it)")
+    lines += lora_drop_text(found)
     keys = list(dict.fromkeys(k for c in found for k in c.extras))
     if keys:
         lines.append("the method's own numbers (mean over modules): " + ", ".join(
@@ -282,10 +316,42 @@ def write_html(found: list[ModuleChange], path, title: str) -> None:
         ax.set(xlabel="direction change ΔD (mean 1 - cos per output row)", ylabel="magnitude change ΔM (mean |Δ row norm|)",
                title="Magnitude against direction change (DoRA's view)")
         images.append(("Magnitude against direction change, one point per module", html_report.png(fig)))
+    planned = [c for c in in_blocks if c.importance is not None]
+    if planned:
+        images.append(("LoRA-drop's importance of every module and its plan (own pair or shared)",
+                       lora_drop_figure(plt, planned)))
     head = ["module", "relative change", "effective rank", "rank 90 %", "adapter rank", "ΔM", "ΔD", "base moved", "inert"]
     rows = [[c.module, f"{c.relative_change:.3e}", f"{c.effective_rank:.2f}", c.rank_90, c.adapter_rank or "-",
              f"{c.magnitude_change:.3e}", f"{c.direction_change:.3e}", f"{c.base_change:.2e}", "yes" if c.inert else ""] for c in found]
+    if any(c.importance is not None for c in found):  # LoRA-drop: its importance and plan per module
+        head += ["LoRA-drop importance", "LoRA-drop plan"]
+        for row, c in zip(rows, found):
+            row += [f"{100 * c.importance:.2f} %" if c.importance is not None else "-", c.plan or "-"]
     intro = summary_text(found).splitlines()[-1] if found else "no adapted module"
+    # the summary's prose lines lead the page (the grids are drawn as figures)
     path.write_text(html_report.page(title, " ".join(line for line in summary_text(found).splitlines()
-                                                       if line.startswith(("effective", "magnitude", "warning", "the base", "the method"))) or intro,
+                                                       if line.startswith(("effective", "magnitude", "warning", "the base", "the method", "LoRA-drop's plan"))) or intro,
                                      html_report.table(head, rows), images))
+
+
+def lora_drop_figure(plt, planned: list[ModuleChange]) -> str:
+    """LoRA-drop's importance as a layers x module kinds heatmap, each cell labelled with its plan."""
+    from . import html_report
+
+    kinds = list(dict.fromkeys(c.kind for c in planned))
+    labels = short_labels(kinds)
+    layers = sorted({c.layer for c in planned})
+    grid = [[math.nan] * len(kinds) for _ in layers]
+    top = max(100 * c.importance for c in planned)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.35 * len(layers)))
+    for c in planned:
+        row, column = layers.index(c.layer), kinds.index(c.kind)
+        grid[row][column] = 100 * c.importance
+        ax.text(column, row, "own" if c.plan == "own" else "shared", ha="center", va="center", fontsize=7,
+                color="black" if grid[row][column] > 0.6 * top else "white")  # readable on magma's light end
+    shown = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(kinds)), [labels[k] for k in kinds], rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set(xlabel="module", ylabel="layer", title="LoRA-drop: importance (% of Σ||ΔW x||²) and plan")
+    fig.colorbar(shown, ax=ax, label="importance (%)")
+    return html_report.png(fig)

@@ -41,9 +41,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) -> None:
     """One flag per TrainConfig field, help from the field's docstring. Defaults are left out of
-    the namespace (SUPPRESS) so that only flags actually given override the config file."""
+    the namespace (SUPPRESS) so that only flags actually given override the config file.
+    `per_method`: --method-arg also takes METHOD:KEY=VALUE (lorakit compare)."""
     docs = config_mod.field_docs(TrainConfig)
     kinds = config_mod.field_types()
     defaults = TrainConfig()
@@ -54,14 +55,21 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
         if f.name == "method":
             from .methods import METHODS
+            from .train.config import ALIASES
 
-            help_text += f" Choices: {', '.join(sorted(METHODS) + ['qlora'])}."
+            help_text += f" Choices: {', '.join(sorted(METHODS) + list(ALIASES))}."
         shown_default = "" if default is None else f" (default: {default})"  # a None default is explained in prose
         if kinds[f.name] is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text}{shown_default}")
         elif f.name == "method_args":
-            parser.add_argument("--method-arg", dest=f.name, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
+            if per_method:
+                from .compare import PER_METHOD_FIELDS
+
+                help_text += (" METHOD:KEY=VALUE sets it for that method only (e.g. vera:r=512); KEY may also be one of "
+                              f"{', '.join(PER_METHOD_FIELDS)} for that method.")
+            parser.add_argument("--method-arg", dest=f.name, action="append", metavar="[METHOD:]KEY=VALUE" if per_method else "KEY=VALUE",
+                                default=argparse.SUPPRESS, help=help_text)
         elif kinds[f.name] is dict:  # --columns a=b,c=d (repeatable)
             parser.add_argument(_flag(f.name), dest=f.name, action="append", metavar="ROLE=COLUMN", default=argparse.SUPPRESS,
                                 help=help_text)
@@ -77,11 +85,29 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise LorakitError(f"--method-arg expects KEY=VALUE, got {pair!r}")
+        if ":" in key:  # METHOD:KEY=VALUE picks one of several methods: only compare trains several
+            raise LorakitError(f"--method-arg {pair!r}: the METHOD:KEY=VALUE form is for lorakit compare; "
+                               "lorakit train takes KEY=VALUE")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
             out[key.strip()] = value
     return out
+
+
+def split_method_args(pairs: list[str], methods: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """compare's --method-arg: (the KEY=VALUE pairs for every method, {method: {key: value}} from
+    the METHOD:KEY=VALUE pairs). A method that is not among `methods` is an error."""
+    common, per_method = [], {}
+    for pair in pairs:
+        if ":" not in pair.partition("=")[0]:
+            common.append(pair)
+            continue
+        method, _, rest = pair.partition(":")
+        if method.strip() not in methods:
+            raise LorakitError(f"--method-arg {pair!r}: {method.strip()!r} is not one of --methods ({', '.join(methods)})")
+        per_method.setdefault(method.strip(), []).append(rest)
+    return common, {method: parse_method_args(given) for method, given in per_method.items()}
 
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -157,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from .train.recipes import describe
 
             cfg = dataclasses.replace(cfg, lr=checked.lr)
-            print(f"# lr: the {checked.method} recipe, {describe(checked.method)}")
+            print(f"# lr: the {cfg.method} recipe, {describe(cfg.method)}")
         print(config_mod.to_yaml(cfg), end="")
         return 0
     from .train.loop import train
@@ -318,17 +344,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if hasattr(args, "method"):
         raise LorakitError("compare trains the methods given by --methods (comma separated); drop --method")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    per_method: dict[str, dict[str, Any]] = {}
+    if hasattr(args, "method_args"):
+        args.method_args, per_method = split_method_args(args.method_args, methods)
     cfg = resolve_train_config(args)
+    from .compare import method_run_config
     from .train.data import data_files
     from .train.loop import check_config
 
     for method in methods:  # every method's settings are checked before anything trains
-        check_config(dataclasses.replace(cfg, method=method))
+        check_config(method_run_config(cfg, method, per_method.get(method)))
     name = cfg.name or f"compare-{data_files(cfg.data)[0].stem if cfg.data else 'reverse-words'}"
     directory = Path(cfg.out_dir) / name
     started = time.perf_counter()
     records = compare(cfg, methods, directory, echo=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      html_report=not args.no_html)
+                      html_report=not args.no_html, per_method=per_method)
     print()
     print(table(records))
     print()
@@ -639,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--methods", required=True, help="comma-separated methods, e.g. lora,dora,vera,qlora")
     cmp.add_argument("--config", metavar="YAML", help="YAML file of train settings (flags override it)")
     cmp.add_argument("--no-html", action="store_true", help="skip the HTML report (no matplotlib needed)")
-    add_config_flags(cmp)
+    add_config_flags(cmp, per_method=True)
     cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="what an adapter changed inside the model, module by module", formatter_class=fmt,

@@ -5,7 +5,8 @@ one does not stop the others), under `<out-dir>/<name>/<method>/`. A method whos
 not trained again; one that was interrupted is resumed; so running the same command again after
 Ctrl-C continues the comparison. The frozen base's forward + backward (the limit no method can
 beat) is timed in this process on a batch of the same data, so each method's step time is also
-given as a ratio to it.
+given as a ratio to it. A method may have settings of its own (`method_run_config`: its learning
+rate, rank, ... from `--method-arg METHOD:KEY=VALUE`); data, budget and seed are the same for all.
 
 Writes `compare.json` and `compare.csv` (every number), and `compare.html` when matplotlib (the
 `plots` extra) is installed: loss curves, held-out metric against trainable parameters, memory and
@@ -27,7 +28,7 @@ from typing import Any
 import yaml
 
 from . import html_report
-from .train.config import TrainConfig, to_yaml, with_resolved_paths
+from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 from .train.errors import LorakitError
 
 PERCENT = ("accuracy", "exact_match", "f1")
@@ -42,8 +43,32 @@ class MethodResult:
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
+# settings one method of a comparison may have of its own (`--method-arg vera:lr=1e-2`); the data,
+# budget and seed stay the same for all, or the comparison would not be one
+PER_METHOD_FIELDS = ("lr", "r", "alpha", "dropout", "loraplus_ratio", "init", "quantize", "targets")
+
+
+def method_run_config(cfg: TrainConfig, method: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings `method` trains with: `cfg`, with the method's own overrides ({key: value} from
+    `--method-arg METHOD:KEY=VALUE`): a PER_METHOD_FIELDS key sets that field, any other key is one
+    of the method's config fields (added to the shared method_args)."""
+    overrides = dict(overrides or {})
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_METHOD_FIELDS) - {"method_args"}
+    fixed = sorted(k for k in overrides if k.replace("-", "_") in shared)
+    if fixed:
+        raise LorakitError(f"--method-arg {method}:{fixed[0]}=...: every method of a comparison has the same {fixed[0]}; "
+                           f"per method: {', '.join(PER_METHOD_FIELDS)} and the method's own settings")
+    fields = {k: overrides.pop(k) for k in list(overrides) if k.replace("-", "_") in PER_METHOD_FIELDS}
+    try:
+        with_fields = from_dict(fields, cfg) if fields else cfg
+    except LorakitError as err:
+        raise LorakitError(f"--method-arg {method}:{err}") from None
+    return dataclasses.replace(with_fields, method=method, method_args={**cfg.method_args, **overrides})
+
+
 def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodResult:
-    """Train (or resume, or reuse) `method` in its own `lorakit train` process."""
+    """Train (or resume, or reuse) `method` in its own `lorakit train` process, with the settings
+    `cfg` (from `method_run_config`)."""
     run_dir = directory / method
     if (run_dir / "report.json").is_file():
         echo(f"{method}: already trained, reusing {run_dir}")
@@ -142,6 +167,7 @@ def rows(results: list[MethodResult], limit_s: float | None) -> list[dict[str, A
             metric = rep.get("metric")
             step_s = rep["train_seconds"] / max(rep["steps"], 1)
             row.update({
+                "lr": rep.get("lr"),  # the methods' recipes differ: the rate each one ran at
                 "trainable_params": rep["trainable_params"], "total_params": rep["total_params"],
                 "trainable_percent": 100 * rep["trainable_params"] / max(rep["total_params"], 1),
                 "adapter_mib": rep["adapter_bytes"] / 2**20, "peak_memory_mib": rep["peak_memory_mb"],
@@ -159,16 +185,20 @@ def _fmt_metric(name: str | None, value: float | None) -> str:
     return f"{100 * value:.1f}%" if name in PERCENT else f"{value:.4f}"
 
 
+def _fmt_lr(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """The terminal table."""
-    header = ["method", "trainable params", "adapter", "peak memory", "step", "x limit", "tokens/s", "final loss", "held-out"]
+    header = ["method", "lr", "trainable params", "adapter", "peak memory", "step", "x limit", "tokens/s", "final loss", "held-out"]
     lines = [header]
     for r in records:
         if r["status"] != "done":
             lines.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(header) - 2))
             continue
         lines.append([
-            r["method"], f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)", f"{r['adapter_mib']:.2f} MiB",
+            r["method"], _fmt_lr(r["lr"]), f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)", f"{r['adapter_mib']:.2f} MiB",
             f"{r['peak_memory_mib']:,.0f} MiB", f"{r['step_seconds']:.2f} s",
             f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-", f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}",
             f"{r['metric']} {_fmt_metric(r['metric'], r['metric_before'])} -> {_fmt_metric(r['metric'], r['metric_after'])}",
@@ -226,14 +256,14 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
         if limit_s:
             right.axvline(1.0, color="black", linestyle="--", linewidth=1)
         images.append(("Peak memory and step time", html_report.png(fig)))
-    head = ["method", "status", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit", "tokens/s",
-            "final loss", "metric", "before", "after"]
+    head = ["method", "status", "lr", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit",
+            "tokens/s", "final loss", "metric", "before", "after"]
     body = []
     for r in records:
         if r["status"] != "done":
             body.append([r["method"], f"{r['status']}: {r['reason']}"] + [""] * (len(head) - 2))
             continue
-        body.append([r["method"], r["status"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
+        body.append([r["method"], r["status"], _fmt_lr(r["lr"]), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", f"{r['adapter_mib']:.2f}",
                      f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
                      f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
                      _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])])
@@ -243,17 +273,27 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
     path.write_text(html_report.page(title, intro, html_report.table(head, body), images))
 
 
-def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True) -> list[dict[str, Any]]:
-    """Run the comparison (see the module docstring); returns the per-method records."""
+def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True,
+            per_method: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run the comparison (see the module docstring); returns the per-method records. `per_method`:
+    {method: {key: value}}, that method's own settings (see `method_run_config`)."""
+    per_method = per_method or {}
     from .methods import METHODS
+    from .train.config import ALIASES
 
-    unknown = [m for m in methods if m not in METHODS and m != "qlora"]
+    unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
     if unknown or not methods:
-        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + ['qlora'])}")
+        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + list(ALIASES))}")
     directory.mkdir(parents=True, exist_ok=True)
+    strangers = sorted(set(per_method) - set(methods))
+    if strangers:
+        raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
+    configs = {m: method_run_config(cfg, m, per_method.get(m)) for m in methods}
     settings = directory / "compare.yaml"
     mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
                                        overwrite=False, progress=True))
+    if any(per_method.values()):  # a method's own settings are part of what the directory holds
+        mine += yaml.safe_dump({"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True)
     if settings.is_file() and settings.read_text() != mine:
         raise LorakitError(f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
                            "or delete that directory")
@@ -261,7 +301,7 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     results = []
     for i, method in enumerate(methods, start=1):
         echo(f"compare [{i}/{len(methods)}] {method} ...")
-        result = run_method(cfg, method, directory, echo)
+        result = run_method(configs[method], method, directory, echo)
         results.append(result)
         if result.status == "interrupted":
             raise LorakitError(f"compare interrupted during {method}; run the same command again to continue")

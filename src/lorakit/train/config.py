@@ -129,6 +129,9 @@ class TrainConfig:
     """Show the progress bar."""
 
 
+# method names that are LoRA with other settings (expanded by lorakit.train.loop.expand_aliases)
+ALIASES = ("qlora", "lora-plus")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("causal-lm", "classify", "regress"),
     "metric": ("accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "eval_loss", "perplexity"),

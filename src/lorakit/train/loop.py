@@ -129,18 +129,22 @@ def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.M
 def check_config(cfg: TrainConfig) -> TrainConfig:
     """The config with aliases expanded, every value and the method's settings checked: before
     anything slow (a model load) happens, so a typo costs no waiting."""
+    named = cfg.method  # the recipe is the named method's (LoRA+ is LoRA with its own rate)
     cfg = expand_aliases(cfg)
     validate(cfg)
-    if cfg.lr is None:  # the method's recipe
+    if cfg.lr is None:
         from .recipes import learning_rate
 
-        cfg = dataclasses.replace(cfg, lr=learning_rate(cfg.method))
+        cfg = dataclasses.replace(cfg, lr=learning_rate(named))
     method_config(cfg, nn.Module())  # the method exists and takes these settings (targets need the model)
     return cfg
 
 
 def expand_aliases(cfg: TrainConfig) -> TrainConfig:
-    """`--method qlora` is LoRA over an NF4 base (QLoRA's defaults where not given)."""
+    """`--method qlora` is LoRA over an NF4 base (QLoRA's defaults where not given); `--method
+    lora-plus` is LoRA with B's learning rate 16x A's (LoRA+'s ratio, unless --loraplus-ratio)."""
+    if cfg.method == "lora-plus":
+        return dataclasses.replace(cfg, method="lora", loraplus_ratio=cfg.loraplus_ratio or 16.0)
     if cfg.method != "qlora":
         return cfg
     return dataclasses.replace(
@@ -500,6 +504,9 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     quantization = {"method": cfg.quantize} if cfg.quantize else None
     if quantization and cfg.init == "loftq":
         quantization["loftq_rank"] = cfg.r if cfg.r is not None else getattr(METHODS.get(cfg.method), "r", 0)
+    # seeded before the load too: a classifier's head is drawn at random while the model loads, and
+    # runs with one seed (compare's methods) must start from the same head
+    torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.task, num_outputs(cfg.task, datasets.labels), tokenizer, quantization)
     if not strategy.sharded:  # a sharded base reaches the device shard by shard (strategy.place)
         model.to(device)

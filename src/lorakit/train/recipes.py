@@ -11,6 +11,7 @@ trains only two scaling vectors (b starting at zero). Measured on SST-2 with all
 | LoRA-FA | 1e-3: 51.15 (majority class), 3e-3: 77.87, 1e-2: 77.87, 3e-2: 50.92 | 3x |
 | AdaLoRA | 1e-3: 73.51, 1e-2: 78.02 (README, issue 10) | 10x |
 | VeRA | 1e-3: 50.92, 3e-3: 50.92, 1e-2: 60.09, 3e-2: 75.34 | 30x |
+| LoRA+ (ratio 16) | 1e-3: diverged (B at 1.6e-2), 2.5e-4: 77.75 (README quality table) | 1/4x (B: 4x) |
 
 The others (LoRA, DoRA, Delta-LoRA, LoRA-drop) train the same pair as LoRA and take its rate. LoRA's
 own default, 2e-3, is what the built-in job (reverse-words, SmolLM2) was tuned with; the ratios were
@@ -26,6 +27,7 @@ LORA_LR = 2e-3
 LR_MULTIPLIER: dict[str, tuple[float, str]] = {
     "lora-fa": (3.0, "SST-2 sweep: 51.15 % at LoRA's rate, 77.87 % at 3x and 10x (LoRA 78.33 %)"),
     "adalora": (10.0, "SST-2: 73.51 % at LoRA's rate, 78.02 % at 10x"),
+    "lora-plus": (0.25, "SST-2: ratio 16 diverged at LoRA's rate 1e-3 (B at 1.6e-2); 77.75 % at 2.5e-4 (LoRA 78.33 %)"),
     "vera": (30.0, "SST-2 sweep: 50.92 % at LoRA's rate and 3x, 60.09 % at 10x, 75.34 % at 30x (LoRA 78.33 %)"),
 }
 

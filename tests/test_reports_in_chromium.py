@@ -1,0 +1,77 @@
+"""The compare and inspect HTML reports, drawn by a real browser: headless Chromium (Debian's
+`chromium` package; skipped where it is not installed) takes a screenshot that must show the plots
+(not a blank page), and the page must make no network request (a report opens offline)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from chromium import executable, render
+from conftest import perturb_trainable, tiny_llama
+
+import lorakit
+from lorakit import analysis, compare
+
+pytestmark = pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")
+pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
+from PIL import Image
+
+SIZE = (1100, 1400)
+
+
+def drawn(png) -> tuple[int, float]:
+    """(distinct colours, share of pixels that are not the page's white) of a screenshot."""
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == SIZE
+        pixels = image.convert("RGB")
+        colours = pixels.getcolors(maxcolors=SIZE[0] * SIZE[1])
+    white = next((count for count, colour in colours if colour == (255, 255, 255)), 0)
+    return len(colours), 1 - white / (SIZE[0] * SIZE[1])
+
+
+def fake_result(method: str, trainable: int, metric: float, slope: float) -> compare.MethodResult:
+    """A finished run as `lorakit train` reports it (the report is what is drawn, not the training)."""
+    report = {"train_seconds": 12.0 * (1 + slope), "steps": 40, "metric": "accuracy", "trainable_params": trainable,
+              "total_params": 22_700_000, "adapter_bytes": 4 * trainable, "peak_memory_mb": 900 + trainable / 1e3,
+              "tokens_per_s": 3000.0, "final_loss": 0.3 + slope, "before": {"accuracy": 0.5}, "after": {"accuracy": metric}}
+    losses = [(s, 0.7 * math.exp(-s / (10 + 20 * slope)) + 0.25) for s in range(1, 41)]
+    return compare.MethodResult(method, "done", report=report, losses=losses)
+
+
+def test_a_page_with_an_external_image_is_caught_and_blank(tmp_path):
+    # the checks below must be able to fail: a page whose only picture is fetched from elsewhere
+    page = tmp_path / "external.html"
+    page.write_text('<!doctype html><html><body><img src="https://example.com/plot.png" width="600" height="400"></body></html>')
+    requests = render(page, tmp_path / "external.png", SIZE)
+    assert requests == ["https://example.com/plot.png"]
+    _, ink = drawn(tmp_path / "external.png")
+    assert ink < 0.02  # nothing was drawn
+
+
+def test_compare_report_draws_offline(tmp_path):
+    results = [fake_result("lora", 338_690, 0.78, 0.0), fake_result("vera", 30_722, 0.75, 0.5),
+               fake_result("dora", 353_282, 0.79, 0.1), compare.MethodResult("qlora", "failed", "simulated failure")]
+    records = compare.rows(results, limit_s=0.2)
+    page = tmp_path / "compare.html"
+    compare.write_html(results, records, 0.2, page, "lorakit compare: lora, vera, dora, qlora")
+    requests = render(page, tmp_path / "compare.png", SIZE)
+    assert requests == []
+    colours, ink = drawn(tmp_path / "compare.png")
+    assert colours > 100 and ink > 0.05, (colours, ink)  # text, table lines and coloured plot lines
+
+
+def test_inspect_report_draws_offline(tmp_path):
+    model = tiny_llama(seed=1)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.DoRA(r=4, targets=["q_proj", "v_proj", "down_proj"]))
+    perturb_trainable(model, seed=2)
+    found = analysis.changes(model, original)
+    assert found and not any(c.inert for c in found)
+    page = tmp_path / "inspect.html"
+    analysis.write_html(found, page, "lorakit inspect: a DoRA adapter")
+    requests = render(page, tmp_path / "inspect.png", SIZE)
+    assert requests == []
+    colours, ink = drawn(tmp_path / "inspect.png")
+    assert colours > 100 and ink > 0.05, (colours, ink)
