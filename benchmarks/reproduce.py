@@ -104,21 +104,13 @@ def _by_method(part: dict | None) -> dict[str, dict]:
     return {r["method"]: r for r in (part or {}).get("methods", []) if r["status"] == "done"}
 
 
-def _sst2_cell(record: dict | None, lora: dict | None) -> str:
+def _metric_cell(record: dict | None, lora: dict | None, scale: float, digits: int, unit: str = "") -> str:
+    """A method's metric (x scale), with its difference to LoRA's beside it."""
     if record is None:
         return "-"
-    text = f"{100 * record['metric_after']:.2f} %"
+    text = f"{scale * record['metric_after']:.{digits}f}{unit}"
     if lora is not None and record is not lora:
-        text += f" ({100 * (record['metric_after'] - lora['metric_after']):+.2f})"
-    return text
-
-
-def _alpaca_cell(record: dict | None, lora: dict | None) -> str:
-    if record is None:
-        return "-"
-    text = f"{record['metric_after']:.3f}"
-    if lora is not None and record is not lora:
-        text += f" ({record['metric_after'] - lora['metric_after']:+.3f})"
+        text += f" ({scale * (record['metric_after'] - lora['metric_after']):+.{digits}f})"
     return text
 
 
@@ -135,8 +127,8 @@ def markdown(sst2: dict | None, alpaca: dict | None, notes: dict[str, str]) -> s
         ratio = " / ".join(f"{x['step_vs_limit']:.2f}x" if x and x.get("step_vs_limit") else "-" for x in (r, q))
         claim, versus = PAPERS.get(m, ("-", "-"))
         lines.append(f"| {m} | {cost['trainable_params']:,} ({cost['trainable_percent']:.2f} %) | {cost['adapter_mib']:.2f} MiB "
-                     f"| {cost['peak_memory_mib']:,.0f} MiB | {ratio} | {_sst2_cell(r, s.get('lora'))} "
-                     f"| {_alpaca_cell(q, a.get('lora'))} | {claim} | {versus} | {notes.get(m, '')} |")
+                     f"| {cost['peak_memory_mib']:,.0f} MiB | {ratio} | {_metric_cell(r, s.get('lora'), 100, 2, ' %')} "
+                     f"| {_metric_cell(q, a.get('lora'), 1, 3)} | {claim} | {versus} | {notes.get(m, '')} |")
     return "\n".join(lines)
 
 

@@ -66,3 +66,14 @@ def shared_dataset(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def step_results(model, input_ids, autocast=False):
+    """Loss, logits, every trainable gradient and the input embeddings' gradient of one step."""
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(inputs_embeds=embeds, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), out.logits.detach().float(), grads, embeds.grad

@@ -12,7 +12,7 @@ from torch import nn
 import lorakit
 from lorakit.methods.lora import LoRAAdapter
 
-from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
 
 
 def naive_lora(x, w0, bias, a, b, scale):
@@ -297,17 +297,6 @@ def unfused(monkeypatch):
 
     monkeypatch.setattr(LoRAAdapter, "fused_forward", lambda self, x, base_layer: None)
     monkeypatch.setattr(LoRAFAAdapter, "fused_forward", lambda self, x, base_layer: None)
-
-
-def step_results(model, input_ids, autocast=False):
-    """Loss, logits, every trainable gradient and the input embeddings' gradient of one step."""
-    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(inputs_embeds=embeds, labels=input_ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), out.logits.detach().float(), grads, embeds.grad
 
 
 def fused_nodes(model, input_ids):

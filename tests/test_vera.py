@@ -13,7 +13,7 @@ from torch import nn
 import lorakit
 from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
 
-from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
 
 
 def naive_vera(x, w0, bias, a, b_mat, d, b):
@@ -194,16 +194,6 @@ def test_saved_projections_are_what_loads(tmp_path, input_ids):
 # --- the fused layer ---------------------------------------------------------------------------
 
 
-def vera_step(model, input_ids, autocast=False):
-    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(inputs_embeds=embeds, labels=input_ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.logits.detach().float(), grads, embeds.grad
-
-
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_layer_equals_unfused_path(make_model, autocast, input_ids, monkeypatch):
@@ -216,10 +206,10 @@ def test_fused_layer_equals_unfused_path(make_model, autocast, input_ids, monkey
     calls = []
     original = VeRAProjections.down_projection
     monkeypatch.setattr(VeRAProjections, "down_projection", lambda self, *a: calls.append(1) or original(self, *a))
-    fused = vera_step(model, input_ids, autocast)
+    fused = step_results(model, input_ids, autocast)[1:]
     assert calls  # the fused path ran
     monkeypatch.setattr(VeRAAdapter, "fused_forward", lambda self, x, base_layer: None)
-    reference = vera_step(model, input_ids, autocast)
+    reference = step_results(model, input_ids, autocast)[1:]
     tol = {"atol": 5e-2, "rtol": 2e-2} if autocast else {}
     torch.testing.assert_close(fused[0], reference[0], **tol)
     for name, grad in reference[1].items():
