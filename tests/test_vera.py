@@ -12,6 +12,7 @@ from torch import nn
 
 import lorakit
 from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
+from lorakit.methods import vera as vera_module
 
 from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
 
@@ -196,18 +197,24 @@ def test_saved_projections_are_what_loads(tmp_path, input_ids):
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_layer_equals_unfused_path(make_model, autocast, input_ids, monkeypatch):
-    """One node per layer (x A^T shared by the layers reading the same x, dL/dx through W + B'A)
-    computes what the base and `forward` compute apart: logits and every gradient, fp32 to float
-    tolerance, bf16 autocast to bf16 rounding."""
+@pytest.mark.parametrize("merged", [False, True], ids=["update-term", "merged-forward"])
+def test_fused_layer_equals_unfused_path(make_model, autocast, merged, input_ids, monkeypatch):
+    """One node per layer (x A^T shared by the layers reading the same x, dL/dx through W + B'A,
+    the forward through W + B'A too where that is cheaper) computes what the base and `forward`
+    compute apart: logits and every gradient, fp32 to float tolerance, bf16 autocast to bf16
+    rounding."""
     model = lorakit.adapt(make_model(), lorakit.VeRA(r=16, targets="all-linear"))
     perturb_trainable(model)
     projections = shared_projections(model, "default")
-    calls = []
+    calls, merges = [], []
     original = VeRAProjections.down_projection
     monkeypatch.setattr(VeRAProjections, "down_projection", lambda self, *a: calls.append(1) or original(self, *a))
+    decide = vera_module.merge_in_forward
+    monkeypatch.setattr(vera_module, "merge_in_forward",
+                        lambda tokens, in_features, dtype: merges.append(decide(10**9, 1, dtype) and merged) or merges[-1])
     fused = step_results(model, input_ids, autocast)[1:]
     assert calls  # the fused path ran
+    assert any(merges) == (merged and not autocast)  # merged forward in fp32 only
     monkeypatch.setattr(VeRAAdapter, "fused_forward", lambda self, x, base_layer: None)
     reference = step_results(model, input_ids, autocast)[1:]
     tol = {"atol": 5e-2, "rtol": 2e-2} if autocast else {}

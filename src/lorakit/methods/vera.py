@@ -115,19 +115,29 @@ class FusedVeRALinear(torch.autograd.Function):
     layer, the two rank-r GEMMs it saves cost tokens·r·(in + out); at r = 256 and a thousand
     tokens or more the dense sum is the cheaper. Saved for backward: z only (A and W are frozen
     and the module's own; x is not needed).
+
+    With `merged` (see `merge_in_forward`) the forward is `y = x (W + U A)^T` too: the sum
+    (out·in·r) replaces `z U^T` (tokens·r·out), the cheaper whenever tokens > in. The sum is
+    formed again in backward rather than kept: keeping it would hold a copy of every adapted
+    weight until the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, x, z, weight, bias, up, vera_A):
-        y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
-        y.addmm_(z, up.T)
+    def forward(ctx, x, z, weight, bias, up, vera_A, merged=False):
+        if merged:
+            effective = torch.addmm(weight, up, vera_A)
+            y = torch.mm(x, effective.T) if bias is None else torch.addmm(bias, x, effective.T)
+            del effective
+        else:
+            y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+            y.addmm_(z, up.T)
         ctx.save_for_backward(z, weight, up, vera_A)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         z, weight, up, vera_A = ctx.saved_tensors
-        need_x, _, _, need_bias, need_up, _ = ctx.needs_input_grad
+        need_x, _, _, need_bias, need_up, _, _ = ctx.needs_input_grad
         grad_x = grad_bias = grad_up = None
         if need_x:
             grad_x = torch.mm(grad_y, torch.addmm(weight, up, vera_A))
@@ -135,7 +145,15 @@ class FusedVeRALinear(torch.autograd.Function):
             grad_bias = grad_y.sum(0)
         if need_up:
             grad_up = torch.mm(grad_y.T, z)
-        return grad_x, None, None, grad_bias, grad_up, None
+        return grad_x, None, None, grad_bias, grad_up, None, None
+
+
+def merge_in_forward(tokens: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether `FusedVeRALinear` forms `W + U A` in forward too: when it costs fewer multiplications
+    than `z U^T` (tokens > in), and only in fp32/fp64. In bf16/fp16 the sum would round VeRA's
+    update against W's larger entries (8 or 11 bits of mantissa), so the forward keeps the update
+    a separate term there."""
+    return tokens > in_features and dtype in (torch.float32, torch.float64)
 
 
 class VeRAAdapter(AdditiveAdapter, nn.Module):
@@ -196,8 +214,9 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=dtype)
         up = self.scaled_up_projection().to(device=x.device, dtype=dtype)
         with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
-            y = FusedVeRALinear.apply(x.reshape(-1, self.in_features).to(dtype), z, weight.to(dtype),
-                                      None if bias is None else bias.to(dtype), up, vera_A)
+            flat = x.reshape(-1, self.in_features).to(dtype)
+            y = FusedVeRALinear.apply(flat, z, weight.to(dtype), None if bias is None else bias.to(dtype), up,
+                                      vera_A, merge_in_forward(flat.shape[0], self.in_features, dtype))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
