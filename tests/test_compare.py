@@ -55,7 +55,10 @@ def test_compare_writes_a_table_json_csv_and_an_offline_html(setup, capsys, monk
     # a method that fails gets its reason in its row; the others ran
     assert records[2]["status"] == "failed" and records[2]["reason"] == "simulated failure of this method" and code == 2
     assert all(r["status"] == "done" and r["trainable_params"] > 0 and r["step_vs_limit"] > 0 for r in records[:2])
+    # each run timed the limit beside its own steps; no separate timing afterwards
+    assert all(r["limit_timed"] == "beside the run's steps" for r in records[:2])
     assert re.search(r"^lora\s+\S+", out, re.M) and "adalora  failed:" in out
+    assert "x limit: timed in each method's run beside its own steps" in out
     with open(directory / "compare.csv") as f:
         assert [row["method"] for row in csv.DictReader(f)] == ["lora", "dora", "adalora"]
     page = (directory / "compare.html").read_text()

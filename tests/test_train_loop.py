@@ -364,3 +364,32 @@ def test_a_classifier_head_is_drawn_from_the_seed(tmp_path):
     first = before("a", 0, "lora")
     assert before("b", 0, "dora") == first  # DoRA starts as the base, as LoRA does: the same head, the same numbers
     assert before("c", 1, "lora")["eval_loss"] != first["eval_loss"]
+
+
+def test_measure_limit_times_the_base_beside_the_steps_and_changes_nothing(reference, tiny_model, pc_data, tmp_path):
+    """--measure-limit: the limit (no adapter, backward to the activations only) timed after the
+    run's steps on their own micro-batches; the paired ratios' median in the report; the run's
+    adapter bit-identical to one without the probes."""
+    result = train(config(tiny_model, pc_data, tmp_path, measure_limit=True), echo=quiet)
+    assert_bit_equal(adapter_tensors(result.run_dir), reference[1])
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["step_vs_limit"] == result.step_vs_limit > 0 and report["limit_step_seconds"] > 0
+    assert "step / limit" in result.table() and reference[0].step_vs_limit is None
+    # never the first step (warm-up); the probes travel in the checkpoint's state, so a resume keeps them
+    state = json.loads((ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1] / "state.json").read_text())
+    assert [probe[0] for probe in state["limit_probes"]] == [2, 3, 4, 5, 6]
+
+
+def test_measure_limit_keeps_the_random_stream_and_the_trainable_head(tmp_path):
+    """A base with dropout (BERT) and a trainable classifier head: the probes draw no random number
+    the run would see and form no parameter gradient, so the adapter and head are bit-identical."""
+    model = save_tiny_bert(tmp_path / "bert")
+    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    runs = {}
+    for measure in (False, True):
+        cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
+                          name=f"cls-{measure}", steps=4, batch_size=4, progress=False, measure_limit=measure)
+        runs[measure] = train(cfg, echo=quiet)
+    assert_bit_equal(adapter_tensors(runs[True].run_dir), adapter_tensors(runs[False].run_dir))
+    assert runs[True].step_vs_limit > 0 and runs[False].step_vs_limit is None

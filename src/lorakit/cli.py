@@ -145,7 +145,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 # (--distributed too: a checkpoint holds whole tensors under DDP and FSDP alike)
 RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device", "distributed",
                      "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
-                     "answer_pattern", "chunked_loss"}
+                     "answer_pattern", "chunked_loss", "measure_limit"}
 
 
 def launch_processes(args: argparse.Namespace) -> int:
@@ -337,9 +337,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train several methods side by side (lorakit.compare)."""
+    import json
     import time
 
-    from .compare import compare, table
+    from .compare import compare, limit_note, table
 
     if hasattr(args, "method"):
         raise LorakitError("compare trains the methods given by --methods (comma separated); drop --method")
@@ -361,6 +362,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       html_report=not args.no_html, per_method=per_method)
     print()
     print(table(records))
+    limit_s = json.loads((directory / "compare.json").read_text()).get("limit_step_seconds")
+    print(f"x limit: {limit_note(records, limit_s)}")
     print()
     written = "compare.json, compare.csv" + ("" if args.no_html else ", compare.html")
     print(f"{len(methods)} methods in {time.perf_counter() - started:.0f} s; saved to {directory}/: {written}, one run per method")

@@ -3,9 +3,10 @@
 Each method is one `lorakit train` run in its own process (its peak memory is its own, a crash in
 one does not stop the others), under `<out-dir>/<name>/<method>/`. A method whose run finished is
 not trained again; one that was interrupted is resumed; so running the same command again after
-Ctrl-C continues the comparison. The frozen base's forward + backward (the limit no method can
-beat) is timed in this process on a batch of the same data, so each method's step time is also
-given as a ratio to it. A method may have settings of its own (`method_run_config`: its learning
+Ctrl-C continues the comparison. Each method's run also times the frozen base's forward + backward
+(the limit no method can beat) beside its own steps, on the same micro-batches (`measure_limit`),
+so its step time is also given as a ratio to the limit that holds on a busy machine; runs reused
+from before that option are set against the limit timed here, once, after the methods. A method may have settings of its own (`method_run_config`: its learning
 rate, rank, ... from `--method-arg METHOD:KEY=VALUE`); data, budget and seed are the same for all.
 
 Writes `compare.json` and `compare.csv` (every number), and `compare.html` when matplotlib (the
@@ -166,12 +167,15 @@ def rows(results: list[MethodResult], limit_s: float | None) -> list[dict[str, A
             rep = r.report
             metric = rep.get("metric")
             step_s = rep["train_seconds"] / max(rep["steps"], 1)
+            paired = rep.get("step_vs_limit")
             row.update({
                 "lr": rep.get("lr"),  # the methods' recipes differ: the rate each one ran at
                 "trainable_params": rep["trainable_params"], "total_params": rep["total_params"],
                 "trainable_percent": 100 * rep["trainable_params"] / max(rep["total_params"], 1),
                 "adapter_mib": rep["adapter_bytes"] / 2**20, "peak_memory_mib": rep["peak_memory_mb"],
-                "step_seconds": step_s, "step_vs_limit": step_s / limit_s if limit_s else None,
+                "step_seconds": step_s,
+                "step_vs_limit": paired if paired is not None else (step_s / limit_s if limit_s else None),
+                "limit_timed": "beside the run's steps" if paired is not None else ("after the methods" if limit_s else None),
                 "tokens_per_s": rep["tokens_per_s"], "final_loss": rep["final_loss"], "metric": metric,
                 "metric_before": rep["before"].get(metric), "metric_after": rep["after"].get(metric),
             })
@@ -214,6 +218,19 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def limit_note(records: list[dict[str, Any]], limit_s: float | None) -> str:
+    """How the table's "x limit" column was measured, in words."""
+    timed = {r["limit_timed"] for r in records if r["status"] == "done" and r.get("limit_timed")}
+    if timed == {"beside the run's steps"}:
+        return "timed in each method's run beside its own steps (the median of about eight paired ratios)"
+    if not timed:
+        return "not measured"
+    once = f"timed once in this process after the methods ({limit_s:.3f} s a step)" if limit_s else ""
+    if timed == {"after the methods"}:
+        return once + ": on a busy machine the column follows the load"
+    return "timed in each run beside its steps, except the runs reused from before (" + once + ")"
+
+
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
     fields = list(dict.fromkeys(k for r in records for k in r))
     with open(path, "w", newline="") as f:
@@ -252,8 +269,9 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
         left.barh(names, [r["peak_memory_mib"] for r in done])
         left.set(xlabel="peak memory (MiB)", title="Peak memory")
         right.barh(names, [r["step_vs_limit"] or r["step_seconds"] for r in done])
-        right.set(xlabel="step time / limit" if limit_s else "step time (s)", title="Speed")
-        if limit_s:
+        timed = all(r["step_vs_limit"] for r in done)
+        right.set(xlabel="step time / limit" if timed else "step time (s)", title="Speed")
+        if timed:
             right.axvline(1.0, color="black", linestyle="--", linewidth=1)
         images.append(("Peak memory and step time", html_report.png(fig)))
     head = ["method", "status", "lr", "trainable params", "trainable %", "adapter MiB", "peak MiB", "step s", "x limit",
@@ -267,9 +285,9 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
                      f"{r['peak_memory_mib']:,.0f}", f"{r['step_seconds']:.3f}", f"{r['step_vs_limit']:.3f}" if r["step_vs_limit"] else "-",
                      f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", r["metric"] or "-",
                      _fmt_metric(r["metric"], r["metric_before"]), _fmt_metric(r["metric"], r["metric_after"])])
-    limit_text = f"{limit_s:.3f} s" if limit_s else "not measured"
-    intro = (f"Every method trained with the same data, steps and seed. The limit (the frozen base's forward + backward "
-             f"on the same batch, which no method can beat) took {limit_text} per step.")
+    intro = ("Every method trained with the same data, steps and seed. x limit: the step time over the limit's (the frozen "
+             "base's forward + backward on the same micro-batches, which no method can beat), "
+             + limit_note(records, limit_s) + ".")
     path.write_text(html_report.page(title, intro, html_report.table(head, body), images))
 
 
@@ -288,7 +306,7 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     strangers = sorted(set(per_method) - set(methods))
     if strangers:
         raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
-    configs = {m: method_run_config(cfg, m, per_method.get(m)) for m in methods}
+    configs = {m: dataclasses.replace(method_run_config(cfg, m, per_method.get(m)), measure_limit=True) for m in methods}
     settings = directory / "compare.yaml"
     mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
                                        overwrite=False, progress=True))
@@ -307,12 +325,13 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
             raise LorakitError(f"compare interrupted during {method}; run the same command again to continue")
         if result.status == "failed":
             echo(f"{method} failed: {result.reason}")
-    echo("timing the limit (the frozen base's forward + backward) ...")
-    try:
-        limit_s = time_limit(cfg)
-    except Exception as err:  # noqa: BLE001 -- the comparison stands without the ratio
-        echo(f"could not time the limit: {err}")
-        limit_s = None
+    limit_s = None
+    if any(r.status == "done" and r.report.get("step_vs_limit") is None for r in results):
+        echo("timing the limit (the frozen base's forward + backward) for runs that did not time it ...")
+        try:
+            limit_s = time_limit(cfg)
+        except Exception as err:  # noqa: BLE001 -- the comparison stands without the ratio
+            echo(f"could not time the limit: {err}")
     records = rows(results, limit_s)
     (directory / "compare.json").write_text(json.dumps({"limit_step_seconds": limit_s, "methods": records,
                                                         "config": yaml.safe_load(to_yaml(cfg))}, indent=2) + "\n")

@@ -112,6 +112,8 @@ class TrainConfig:
     """Run the model through torch.compile."""
     chunked_loss: bool = True
     """Causal LMs: compute the output head and cross-entropy a chunk of tokens at a time, never holding the full (tokens x vocabulary) logits (the same loss and gradients; used where the model's head is a plain linear layer). --no-chunked-loss: the model's own loss."""
+    measure_limit: bool = False
+    """Also time the limit (the frozen base's forward + backward through the activations, no adapter, no optimizer) on the same micro-batches as about eight of the run's steps, each right after its step, in this process: the report's step_vs_limit is the median of these paired ratios, so it holds on a busy machine. One process, without --compile (else not measured). `lorakit compare` turns it on."""
 
     name: str | None = None
     """Run name: results go to <out-dir>/<name>/. Default: derived from the task, method and time."""

@@ -22,6 +22,7 @@ import math
 import re
 import resource
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -394,6 +395,9 @@ class RunResult:
     wall_seconds: float
     final_loss: float
     lr: float = 0.0  # the peak learning rate (given, or the method's recipe)
+    # --measure-limit: the limit's median step time and the median of the paired step / limit ratios
+    limit_step_seconds: float | None = None
+    step_vs_limit: float | None = None
 
     def table(self) -> str:
         """The summary table printed at the end of a run."""
@@ -406,6 +410,8 @@ class RunResult:
             ("peak memory", f"{self.peak_memory_mb:,.0f} MiB"),
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
             ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training), peak learning rate {self.lr:g}"),
+            *([("step / limit", f"{self.step_vs_limit:.3f} (the frozen base's forward + backward: {self.limit_step_seconds:.3f} s, "
+                                "timed beside the run's steps)")] if self.step_vs_limit is not None else []),
             ("wall time", f"{self.wall_seconds:.0f} s (load, evaluation before and after, training, saving)"),
             ("final train loss", f"{self.final_loss:.4f}"),
         ]
@@ -715,6 +721,9 @@ def train_steps(run: Run) -> None:
                     run.forward = forward_module(run)
 
                 seconds = time.perf_counter() - t0
+                limit_seconds = time_limit_step(run, step) if probe_limit_at(run, step) else None
+                if limit_seconds is not None:
+                    run.state.setdefault("limit_probes", []).append([step, seconds, limit_seconds])
                 run.state["tokens"] += step_tokens
                 run.state["train_seconds"] += seconds
                 run.loss_value = step_loss
@@ -742,6 +751,61 @@ def train_steps(run: Run) -> None:
         if metrics_log is not None:
             metrics_log.close()
     save(run, run.total_steps)
+
+
+LIMIT_PROBES = 8  # limit timings per run with --measure-limit
+
+
+def probe_limit_at(run: Run, step: int) -> bool:
+    """Whether `--measure-limit` times the limit after `step`: about LIMIT_PROBES steps spread over
+    the run, never the first (it pays for warm-up), one process and eager only."""
+    if not run.cfg.measure_limit or run.cfg.compile or run.strategy.world_size > 1 or step == 1:
+        return False
+    every = max(1, (run.total_steps - 1) // LIMIT_PROBES)
+    return (step - 1) % every == 0 or step == run.total_steps
+
+
+def time_limit_step(run: Run, step: int) -> float | None:
+    """Seconds of the limit on `step`'s own micro-batches: the same forward (loss included) with every
+    adapter off, and backward through the activations only (to the input embeddings' output; no
+    parameter gradient is formed or touched). The random state is restored afterwards, so a run
+    trains the same with and without the probes. None for a model without input embeddings."""
+    cfg = run.cfg
+    inputs: list[torch.Tensor] = []
+    embeddings = run.model.get_input_embeddings() if hasattr(run.model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Module):
+        return None
+
+    def leaf_embeddings(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        inputs.append(output.detach().requires_grad_(True))
+        return inputs[-1]
+
+    handle = embeddings.register_forward_hook(leaf_embeddings)
+    devices = [run.device] if run.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), inject.disabled(run.model):
+            start = time.perf_counter()
+            for micro in range(cfg.grad_accum):
+                examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+                batch = evaluate.to_device(data_mod.collate(examples, run.pad_id), run.device)
+                with evaluate.autocast(run.device, run.bf16):
+                    loss = run.forward(**batch).loss
+                if not inputs:
+                    return None  # the forward does not go through get_input_embeddings()
+                torch.autograd.grad(loss, inputs[-1])
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            return time.perf_counter() - start
+    finally:
+        handle.remove()
+
+
+def limit_summary(state: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(median limit step seconds, median of the paired step / limit ratios) of the run's probes."""
+    probes = state.get("limit_probes") or []
+    if not probes:
+        return None, None
+    return (statistics.median(p[2] for p in probes), statistics.median(p[1] / max(p[2], 1e-12) for p in probes))
 
 
 def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
@@ -821,6 +885,7 @@ def finish(run: Run) -> RunResult:
         final_loss=run.loss_value,
         lr=cfg.lr,
     )
+    result.limit_step_seconds, result.step_vs_limit = limit_summary(run.state)
     if strategy.is_main:
         report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
         if run.datasets.labels:
