@@ -6,12 +6,16 @@
 Random weights in SmolLM2-135M's decoder shapes (q/o 576x576, k/v 192x576, gate/up 1536x576,
 down 576x1536), NF4 with 64-blocks, per-block fp32 absmax (the double-quantized statistics decode
 in a separate, 1/64-sized step that every option shares). Every option is checked bit for bit
-against `lorakit.quant.nf4.dequantize_nf4` (itself bit-identical to bitsandbytes' reference) before
-it is timed. Options, each dequantizing every layer once per round, rounds interleaved in
-alternating order:
+against `lorakit.quant.nf4.dequantize_nf4_torch` (lorakit's PyTorch path, itself bit-identical to
+bitsandbytes' reference) before it is timed. Options, each dequantizing every layer once per round,
+rounds interleaved in alternating order:
 
-- `eager (pairs table)`: lorakit's PyTorch path: one `index_select` of 8-byte words from a
-  256-entry byte -> (code of high nibble, code of low nibble) table, then the block scale in place;
+- `native (lorakit C kernel)`: `lorakit.quant.nf4.dequantize_nf4` as lorakit calls it, which runs
+  the native kernel (`src/lorakit/quant/_nf4_native.c` through ctypes, the best vector path of the
+  CPU, chunks on `--threads` threads for large layers) when it was built at install time;
+- `eager (pairs table)`: lorakit's PyTorch path (`dequantize_nf4_torch`, used where the native kernel
+  is not): one `index_select` of 8-byte words from a 256-entry byte -> (code of high nibble, code of
+  low nibble) table, then the block scale in place;
 - `compiled (pairs table)`: the same formula through `torch.compile` (inductor's C++ backend,
   one pass: gather, scale, round to the output dtype);
 - `compiled (select tree)`: no gather at all: each nibble's code chosen by four levels of
@@ -43,7 +47,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from lorakit.quant import nf4  # noqa: E402
+from lorakit.quant import native, nf4  # noqa: E402
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
@@ -80,8 +84,13 @@ def options(blocksize: int) -> dict[str, Callable]:
     codes = tuple(float(c) for c in nf4.code_table("nf4"))
     compiled_pairs = torch.compile(pairs_formula, dynamic=True)
     compiled_tree = torch.compile(select_tree_formula, dynamic=True)
-    found = {
-        "eager (pairs table)": lambda q, dtype: nf4.dequantize_nf4(q.packed, q.absmax, q.shape, blocksize, dtype),
+    found = {}
+    if native.enabled():
+        found["native (lorakit C kernel)"] = lambda q, dtype: nf4.dequantize_nf4(q.packed, q.absmax, q.shape, blocksize, dtype)
+    else:
+        print(f"no native option: {native.load_error() or 'LORAKIT_NATIVE=0'}", file=sys.stderr)
+    found |= {
+        "eager (pairs table)": lambda q, dtype: nf4.dequantize_nf4_torch(q.packed, q.absmax, q.shape, blocksize, dtype),
         "compiled (pairs table)": lambda q, dtype: compiled_pairs(q.packed, q.absmax, pairs, blocksize, dtype),
         "compiled (select tree)": lambda q, dtype: compiled_tree(q.packed, q.absmax, codes, blocksize, dtype),
     }
@@ -133,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, fn in found.items():  # bit-exact first (and compiles the compiled options)
             for q in layers[:7]:
                 got = fn(q, dtype).reshape(q.shape)
-                if not torch.equal(got, q.dequantize(dtype)):
-                    raise SystemExit(f"{name} ({dtype}) is not bit-identical to lorakit's dequantization")
+                if not torch.equal(got, nf4.dequantize_nf4_torch(q.packed, q.absmax, q.shape, blocksize, dtype)):
+                    raise SystemExit(f"{name} ({dtype}) is not bit-identical to lorakit's PyTorch dequantization")
         times: dict[str, list[float]] = {name: [] for name in found}
         for i in range(args.rounds):
             for name, fn in (list(found.items()) if i % 2 == 0 else list(found.items())[::-1]):
@@ -154,13 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
     body = [[r["option"], r["dtype"], f"{r['min_ms']:.2f}", f"{r['median_ms']:.2f}",
              f"{r.get('min_x_bitsandbytes', float('nan')):.2f}", f"{r.get('median_x_bitsandbytes', float('nan')):.2f}"]
             for r in rows]
+    isa = native.isa() if native.enabled() else None
     text = (f"NF4 dequantization, {weights / 1e6:.1f} M weights ({args.layers} x SmolLM2-135M decoder layers), "
-            f"{args.rounds} interleaved rounds, torch threads {args.threads}; load average "
+            f"{args.rounds} interleaved rounds, torch threads {args.threads}, native kernel path {isa}; load average "
             f"{load_before} / {common.load_average()}\n\n" + common.markdown_table(header, body))
     print(text)
     result = {"benchmark": "bench_dequantize", "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python"] + sys.argv), "machine": common.machine_info(torch.device("cpu")),
-              "weights": weights, "results": rows, "markdown": text}
+              "weights": weights, "native_isa": isa, "results": rows, "markdown": text}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -26,6 +26,10 @@ dequantized values are identical bit for bit:
   65536 bins over [-1, 1] (each bin holds the code nearest to its centre), so a value close to a
   midpoint may take the neighbouring code; a block of zeros gets code 0.
 - dequantization multiplies in fp32 and rounds once to the output dtype.
+
+Dequantization on the CPU runs lorakit's native kernel (`native.py`, `_nf4_native.c`) when it was
+compiled at install time; `LORAKIT_NATIVE=0` forces the PyTorch path (same bits) and
+`LORAKIT_NF4_ISA=scalar|avx2|avx512|avx512vbmi` one of the kernel's code paths.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from . import native
 
 NF4_OFFSET = 0.9677083
 DEFAULT_BLOCKSIZE = 64
@@ -230,12 +236,29 @@ def dequantize_nf4(
     blocksize: int = DEFAULT_BLOCKSIZE,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax` (vectorized).
+    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax`.
 
-    One gather of 8-byte words (a 256-entry table, see `code_table("nf4_pairs")`) decodes both
-    nibbles of each byte; the product with the block's absmax is formed in fp32 and rounded once
-    to `dtype`, as bitsandbytes does.
+    Each weight is `NF4[code] * absmax` formed in fp32 and rounded once to `dtype`, as bitsandbytes
+    does. CPU tensors (uint8 codes; fp32, bf16 or fp16 output) go through lorakit's native kernel
+    (`native.py`: vectorised C, multi-threaded on large tensors) when it was built; otherwise, and
+    on every other device, dtype, or under `LORAKIT_NATIVE=0`, through PyTorch: one gather of
+    8-byte words (a 256-entry table, see `code_table("nf4_pairs")`) decodes both nibbles of each
+    byte, then the block scale. Both paths give the same bits.
     """
+    n = math.prod(shape)
+    if native.accepts(packed, absmax, n, blocksize, dtype):
+        return native.dequantize(packed, absmax, n, blocksize, dtype, _cached_table("nf4", "cpu"), shape)
+    return dequantize_nf4_torch(packed, absmax, shape, blocksize, dtype)
+
+
+def dequantize_nf4_torch(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`dequantize_nf4` in PyTorch alone (any device): the pairs-table gather, then the block scale."""
     n = math.prod(shape)
     pairs = code_table("nf4_pairs", packed.device)
     values = pairs.index_select(0, packed.reshape(-1).to(torch.int32)).view(torch.float32)
