@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-chunked-loss", action="store_true",
+                        help="the model's own loss (full logits), as before issue 20: to compare peak memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -89,12 +91,13 @@ def main() -> int:
                     data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
                     max_eval_examples=args.eval_size, steps=args.steps, batch_size=args.batch_size,
                     max_length=args.max_length, lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=seed,
-                    out_dir=str(tmp_path / "runs"), name=f"{name}-{seed}", progress=False, **CONDITIONS[name],
+                    out_dir=str(tmp_path / "runs"), name=f"{name}-{seed}", progress=False,
+                    chunked_loss=not args.no_chunked_loss, **CONDITIONS[name],
                 )
                 result = train(config, echo=lambda *a, **k: None)
                 results.append({"condition": name, "seed": seed, "before": result.before, "after": result.after,
                                 "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-                                "peak_memory_mb": result.peak_memory_mb})
+                                "peak_memory_mb": result.peak_memory_mb, "final_loss": result.final_loss})
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"command": command, "machine": machine,
                                             "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
