@@ -86,9 +86,21 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes keeps a 4-bit weight's statistics (absmax, nested absmax, code tables) in its
+    `quant_state`, outside the module's parameters and buffers; lorakit keeps them as buffers."""
+    tensors = []
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if torch.is_tensor(t)]
+            state = getattr(state, "state2", None)
+    return tensors
+
+
 def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Parameters, buffers and optimizer state the condition keeps between steps."""
-    tensors = list(model.parameters()) + list(model.buffers())
+    """Parameters, buffers (4-bit statistics included) and optimizer state the condition keeps between steps."""
+    tensors = list(model.parameters()) + list(model.buffers()) + quant_state_tensors(model)
     if optimizer is not None:
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
