@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--no-chunked-loss", action="store_true",
                         help="the model's own loss (full logits), as before issue 20: to compare peak memory")
     args = parser.parse_args()
@@ -92,7 +93,8 @@ def main() -> int:
                     max_eval_examples=args.eval_size, steps=args.steps, batch_size=args.batch_size,
                     max_length=args.max_length, lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=seed,
                     out_dir=str(tmp_path / "runs"), name=f"{name}-{seed}", progress=False,
-                    chunked_loss=not args.no_chunked_loss, **CONDITIONS[name],
+                    chunked_loss=not args.no_chunked_loss, gradient_checkpointing=args.gradient_checkpointing,
+                    **CONDITIONS[name],
                 )
                 result = train(config, echo=lambda *a, **k: None)
                 results.append({"condition": name, "seed": seed, "before": result.before, "after": result.after,
