@@ -691,6 +691,9 @@ def train_steps(run: Run) -> None:
                dynamic_ncols=True, desc="train")
     trainable = [p for _, p in inject.adapter_parameters(run.model)]
     layout_version = inject.lorakit_state(run.model).layout_version
+    if cfg.measure_limit and (cfg.compile or strategy.world_size > 1) and strategy.is_main:
+        run.echo("--measure-limit: the limit is timed in one eager process only; not measured in this run "
+                 f"({'--compile' if cfg.compile else f'{strategy.world_size} processes'})")
     run.model.train()
     try:
         with StopFlag() as stop:
