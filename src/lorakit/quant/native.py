@@ -10,7 +10,7 @@ Environment:
     LORAKIT_NATIVE=0             never use the native kernel (read at each call)
     LORAKIT_NF4_ISA=scalar|avx2|avx512|avx512vbmi
                                  force one code path of the kernel (default: the best the CPU
-                                 runs); a path the CPU (or the build) lacks raises RuntimeError
+                                 runs); a path the CPU (or the build) lacks raises NativeKernelError
 
 Large tensors are cut into chunks of whole blocks that run in parallel on `torch.get_num_threads()`
 threads (a thread pool; ctypes releases the GIL during the call).
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..train.errors import LorakitError
+
 LIBRARY_NAME = "_nf4_native"
 ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -37,6 +39,10 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MIN_WEIGHTS_PER_THREAD = 1 << 19
 
 _load_error: str | None = None
+
+
+class NativeKernelError(LorakitError, RuntimeError):
+    """The kernel cannot run as the environment asks (LORAKIT_NF4_ISA): one `error:` line on the CLI."""
 
 
 def library_path() -> Path | None:
@@ -105,13 +111,13 @@ def supported_isas() -> list[str]:
 def _resolve_isa(forced: str | None) -> int:
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"lorakit's native NF4 kernel is not available: {load_error()}")
+        raise NativeKernelError(f"lorakit's native NF4 kernel is not available: {load_error()}")
     if not forced:
         return lib.lorakit_nf4_best_isa()
     if forced not in ISAS:
-        raise RuntimeError(f"LORAKIT_NF4_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+        raise NativeKernelError(f"LORAKIT_NF4_ISA={forced!r}: expected one of {', '.join(ISAS)}")
     if not lib.lorakit_nf4_isa_supported(ISAS.index(forced)):
-        raise RuntimeError(f"LORAKIT_NF4_ISA={forced}: this CPU (or this build) cannot run it; it runs {supported_isas()}")
+        raise NativeKernelError(f"LORAKIT_NF4_ISA={forced}: this CPU (or this build) cannot run it; it runs {supported_isas()}")
     return ISAS.index(forced)
 
 
