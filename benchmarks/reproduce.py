@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorakit.compare import compare
+from lorakit.compare import LIMIT_PAIRED, compare
 from lorakit.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,21 +129,18 @@ def markdown(sst2: dict | None, alpaca: dict | None, notes: dict[str, str]) -> s
         lines.append(f"| {m} | {cost['trainable_params']:,} ({cost['trainable_percent']:.2f} %) | {cost['adapter_mib']:.2f} MiB "
                      f"| {cost['peak_memory_mib']:,.0f} MiB | {ratio} | {_metric_cell(r, s.get('lora'), 100, 2, ' %')} "
                      f"| {_metric_cell(q, a.get('lora'), 1, 3)} | {claim} | {versus} | {notes.get(m, '')} |")
-    if any(x and x.get("step_vs_limit") and x.get("limit_timed") != PAIRED for x in [*s.values(), *a.values()]):
+    if any(x and x.get("step_vs_limit") and x.get("limit_timed") != LIMIT_PAIRED for x in [*s.values(), *a.values()]):
         lines.append("")
         lines.append("† the limit timed once, after all methods (runs from before each run timed its own): on a busy "
                      "machine such a ratio follows the load at the time the method ran, not the method")
     return "\n".join(lines)
 
 
-PAIRED = "beside the run's steps"  # compare's record of a limit timed in the method's own run
-
-
 def _ratio_cell(record: dict | None) -> str:
     """A step / limit ratio; marked † unless the run timed the limit beside its own steps."""
     if not record or not record.get("step_vs_limit"):
         return "-"
-    return f"{record['step_vs_limit']:.2f}x" + ("" if record.get("limit_timed") == PAIRED else "†")
+    return f"{record['step_vs_limit']:.2f}x" + ("" if record.get("limit_timed") == LIMIT_PAIRED else "†")
 
 
 def main() -> int:

@@ -6,8 +6,9 @@ not trained again; one that was interrupted is resumed; so running the same comm
 Ctrl-C continues the comparison. Each method's run also times the frozen base's forward + backward
 (the limit no method can beat) beside its own steps, on the same micro-batches (`measure_limit`),
 so its step time is also given as a ratio to the limit that holds on a busy machine; runs reused
-from before that option are set against the limit timed here, once, after the methods. A method may have settings of its own (`method_run_config`: its learning
-rate, rank, ... from `--method-arg METHOD:KEY=VALUE`); data, budget and seed are the same for all.
+from before that option are set against the limit timed here, once, after the methods. A method
+may have settings of its own (`method_run_config`: its learning rate, rank, ... from
+`--method-arg METHOD:KEY=VALUE`); data, budget and seed are the same for all.
 
 Writes `compare.json` and `compare.csv` (every number), and `compare.html` when matplotlib (the
 `plots` extra) is installed: loss curves, held-out metric against trainable parameters, memory and
@@ -33,6 +34,9 @@ from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 from .train.errors import LorakitError
 
 PERCENT = ("accuracy", "exact_match", "f1")
+# how a record's "x limit" was measured (its `limit_timed`)
+LIMIT_PAIRED = "beside the run's steps"  # by the run itself (`measure_limit`), paired with its steps
+LIMIT_ONCE = "after the methods"  # once, in this process, for runs reused from before that option
 
 
 @dataclasses.dataclass
@@ -175,7 +179,7 @@ def rows(results: list[MethodResult], limit_s: float | None) -> list[dict[str, A
                 "adapter_mib": rep["adapter_bytes"] / 2**20, "peak_memory_mib": rep["peak_memory_mb"],
                 "step_seconds": step_s,
                 "step_vs_limit": paired if paired is not None else (step_s / limit_s if limit_s else None),
-                "limit_timed": "beside the run's steps" if paired is not None else ("after the methods" if limit_s else None),
+                "limit_timed": LIMIT_PAIRED if paired is not None else (LIMIT_ONCE if limit_s else None),
                 "tokens_per_s": rep["tokens_per_s"], "final_loss": rep["final_loss"], "metric": metric,
                 "metric_before": rep["before"].get(metric), "metric_after": rep["after"].get(metric),
             })
@@ -221,12 +225,12 @@ def table(records: list[dict[str, Any]]) -> str:
 def limit_note(records: list[dict[str, Any]], limit_s: float | None) -> str:
     """How the table's "x limit" column was measured, in words."""
     timed = {r["limit_timed"] for r in records if r["status"] == "done" and r.get("limit_timed")}
-    if timed == {"beside the run's steps"}:
+    if timed == {LIMIT_PAIRED}:
         return "timed in each method's run beside its own steps (the median of about eight paired ratios)"
     if not timed:
         return "not measured"
     once = f"timed once in this process after the methods ({limit_s:.3f} s a step)" if limit_s else ""
-    if timed == {"after the methods"}:
+    if timed == {LIMIT_ONCE}:
         return once + ": on a busy machine the column follows the load"
     return "timed in each run beside its steps, except the runs reused from before (" + once + ")"
 

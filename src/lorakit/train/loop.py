@@ -691,7 +691,7 @@ def train_steps(run: Run) -> None:
                dynamic_ncols=True, desc="train")
     trainable = [p for _, p in inject.adapter_parameters(run.model)]
     layout_version = inject.lorakit_state(run.model).layout_version
-    if cfg.measure_limit and (cfg.compile or strategy.world_size > 1) and strategy.is_main:
+    if cfg.measure_limit and not limit_measurable(cfg, strategy) and strategy.is_main:
         run.echo("--measure-limit: the limit is timed in one eager process only; not measured in this run "
                  f"({'--compile' if cfg.compile else f'{strategy.world_size} processes'})")
     run.model.train()
@@ -759,10 +759,15 @@ def train_steps(run: Run) -> None:
 LIMIT_PROBES = 8  # limit timings per run with --measure-limit
 
 
+def limit_measurable(cfg: TrainConfig, strategy: SingleProcess) -> bool:
+    """Whether `--measure-limit` can time the limit in this run: one process, eager."""
+    return not cfg.compile and strategy.world_size == 1
+
+
 def probe_limit_at(run: Run, step: int) -> bool:
     """Whether `--measure-limit` times the limit after `step`: about LIMIT_PROBES steps spread over
-    the run, never the first (it pays for warm-up), one process and eager only."""
-    if not run.cfg.measure_limit or run.cfg.compile or run.strategy.world_size > 1 or step == 1:
+    the run, never the first (it pays for warm-up)."""
+    if not run.cfg.measure_limit or not limit_measurable(run.cfg, run.strategy) or step == 1:
         return False
     every = max(1, (run.total_steps - 1) // LIMIT_PROBES)
     return (step - 1) % every == 0 or step == run.total_steps
@@ -789,8 +794,7 @@ def time_limit_step(run: Run, step: int) -> float | None:
         with torch.random.fork_rng(devices=devices), inject.disabled(run.model):
             start = time.perf_counter()
             for micro in range(cfg.grad_accum):
-                examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-                batch = evaluate.to_device(data_mod.collate(examples, run.pad_id), run.device)
+                batch = step_micro_batch(run, step, micro)
                 with evaluate.autocast(run.device, run.bf16):
                     loss = run.forward(**batch).loss
                 if not inputs:
@@ -811,6 +815,14 @@ def limit_summary(state: dict[str, Any]) -> tuple[float | None, float | None]:
     return (statistics.median(p[2] for p in probes), statistics.median(p[1] / max(p[2], 1e-12) for p in probes))
 
 
+def step_micro_batch(run: Run, step: int, micro: int) -> dict[str, torch.Tensor]:
+    """This process's share of micro-batch `micro` of optimizer step `step`, collated, on the device."""
+    cfg = run.cfg
+    examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro,
+                                    cfg.batch_size * run.strategy.world_size, cfg.seed)
+    return evaluate.to_device(data_mod.collate(run.strategy.shard(examples), run.pad_id), run.device)
+
+
 def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
     """Forward and backward over the step's micro-batches (this process's share of each).
 
@@ -821,9 +833,7 @@ def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]
     extra_value = None
     for micro in range(cfg.grad_accum):
         last = micro == cfg.grad_accum - 1
-        examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro,
-                                        cfg.batch_size * strategy.world_size, cfg.seed)
-        batch = evaluate.to_device(data_mod.collate(strategy.shard(examples), run.pad_id), run.device)
+        batch = step_micro_batch(run, step, micro)
         kwargs = {}
         if strategy.world_size > 1 and cfg.task not in SEQUENCE_TASKS:
             # the loss of the global micro-batch is its mean over all label tokens: each process's
