@@ -79,6 +79,9 @@ def main() -> None:
     p.add_argument("--vera-r", type=int, default=256)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    for name in ("batch", "seq", "r", "vera_r"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     m, tokens = MODELS[args.model], args.batch * args.seq
     limit = limit_per_token(m, args.seq)
     rows = {"limit": limit, f"LoRA r={args.r} (floor)": limit + lora_per_token(m, args.r, tokens),
