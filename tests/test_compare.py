@@ -26,7 +26,7 @@ FAIL_HOOK = """
 import os
 if os.environ.get("LORAKIT_TEST_FAIL_METHOD"):
     from lorakit.train import loop
-    from lorakit.train.errors import LorakitError
+    from lorakit.errors import LorakitError
     _set_up = loop.set_up
 
     def set_up(cfg, *args, **kwargs):

@@ -9,7 +9,7 @@ from tiny_lm import save_tokenizer, write_jsonl
 from transformers import AutoTokenizer
 
 from lorakit.train import data, tasks
-from lorakit.train.errors import LorakitError
+from lorakit.errors import LorakitError
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ import torch
 import lorakit
 from lorakit.train import config as config_mod
 from lorakit.train import data
-from lorakit.train.errors import LorakitError
+from lorakit.errors import LorakitError
 
 CHUNKS = 10
 DATA_CASES = 30  # per chunk

@@ -13,7 +13,7 @@ import torch
 
 import lorakit
 from lorakit import gguf_export
-from lorakit.train.errors import LorakitError
+from lorakit.errors import LorakitError
 
 from conftest import perturb_trainable, tiny_llama
 

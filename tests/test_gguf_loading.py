@@ -9,7 +9,7 @@ import torch
 from lorakit import lorakit_state
 from lorakit.models import load_causal_lm
 from lorakit.quant import load_quantized_causal_lm, quantize
-from lorakit.quant import loading
+from lorakit import gguf_reader
 
 from conftest import tiny_llama
 
@@ -76,7 +76,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
     path, _ = tiny_gguf
-    architecture, table = loading._gguf_tensor_table(path)
+    architecture, table = gguf_reader._gguf_tensor_table(path)
     reader = gguf.GGUFReader(str(path))
     assert architecture == "llama"
     assert [t.name for t in table] == [t.name for t in reader.tensors]
@@ -108,7 +108,7 @@ def test_config_from_header_equals_transformers(tiny_gguf):
     from transformers import AutoConfig
 
     path, _ = tiny_gguf
-    ours = loading._gguf_config(path)
+    ours = gguf_reader._gguf_config(path)
     assert ours.to_dict() == AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
 
 
@@ -119,7 +119,7 @@ def test_smollm2_config_from_header_equals_transformers():
     from lorakit.models import resolve_model_path
 
     directory, gguf = resolve_model_path(None, "causal-lm")
-    ours = loading._gguf_config(directory / gguf)
+    ours = gguf_reader._gguf_config(directory / gguf)
     assert ours.to_dict() == AutoConfig.from_pretrained(directory, gguf_file=gguf).to_dict()
 
 
@@ -127,12 +127,12 @@ def test_header_reader_rejects_other_files(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 not a gguf file")
     with pytest.raises(ValueError, match="not a GGUF file"):
-        loading._gguf_tensor_table(path)
+        gguf_reader._gguf_tensor_table(path)
 
 
 def test_streamed_gguf_equals_quantize_after_load(tiny_gguf, monkeypatch, input_ids):
     path, original = tiny_gguf
-    monkeypatch.setattr(loading, "_CHUNK_BYTES", 100)  # a few rows per read: every chunk edge runs
+    monkeypatch.setattr(gguf_reader, "_CHUNK_BYTES", 100)  # a few rows per read: every chunk edge runs
     streamed = load_quantized_causal_lm(str(path))
     reference = quantize(load_causal_lm(str(path)))
     assert lorakit_state(streamed).quantization == lorakit_state(reference).quantization
@@ -152,8 +152,8 @@ def test_config_shortcut_is_scoped_and_only_for_its_file(tiny_gguf, tmp_path):
 
     path, _ = tiny_gguf
     original = utils.load_gguf_checkpoint
-    with loading.gguf_config_from_header(path):
-        assert utils.load_gguf_checkpoint(str(path))["config"] == loading._gguf_config_dict(path)
+    with gguf_reader.gguf_config_from_header(path):
+        assert utils.load_gguf_checkpoint(str(path))["config"] == gguf_reader._gguf_config_dict(path)
         other = tmp_path / "other.gguf"
         other.write_bytes(path.read_bytes())
         assert utils.load_gguf_checkpoint(str(other))["config"]["model_type"] == "llama"  # transformers' own parse
@@ -213,8 +213,8 @@ def test_damaged_gguf_headers_are_one_clear_error(tiny_gguf, tmp_path, capsys):
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(content)
         with pytest.raises(ValueError, match=r"bad\.gguf: (damaged GGUF header|tensor .* past the end|.*not a GGUF)"):
-            loading._gguf_tensor_table(bad)
-        loading._read_gguf_header_cached.cache_clear()
+            gguf_reader._gguf_tensor_table(bad)
+        gguf_reader._read_gguf_header_cached.cache_clear()
         code = cli.main(["train", "--model", str(bad), "--steps", "1", "--out-dir", str(tmp_path / "runs"), "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "bad.gguf" in err[0], (what, err)

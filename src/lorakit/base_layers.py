@@ -44,6 +44,10 @@ class DenseWeightProvider(Protocol):
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Replace the weight by a dense `(out, in)` tensor (e.g. re-quantize it)."""
 
+    # Optional: `residual_factors`, `(L (out, k), R (k, in))` with `L @ R` the best rank-k
+    # approximation of the rounding error `W - dense_weight()`, kept by a quantizer asked for them
+    # (LoftQ, `lorakit.quant.loftq`) until an adapter starting from them takes them (sets it to None).
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style `Conv1D` (weight `(in, out)`), without importing it."""
@@ -135,6 +139,11 @@ def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
         module.set_dense_weight(weight)
     else:
         raise TypeError(f"lorakit cannot write the weight of {type(module).__name__}")
+
+
+def residual_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The factors `(L, R)` of a quantized layer's rounding error it kept for LoftQ, or None."""
+    return getattr(module, "residual_factors", None)
 
 
 def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -28,7 +28,7 @@ import yaml
 
 from .train import config as config_mod
 from .train.config import TrainConfig
-from .train.errors import LorakitError
+from .errors import LorakitError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

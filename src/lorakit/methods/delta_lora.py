@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import base_layers, inject
+from .. import base_layers
+from ..adapted_layer import adapted_layers
 from ..base_layers import DenseWeightProvider, in_out_features, weight_dtype_device
 from .base import register
 from .lora import LoRAAdapter, LowRankConfig
@@ -82,14 +83,14 @@ class DeltaLoRAHook:
 
     @torch.no_grad()
     def _remember(self, model: nn.Module) -> None:
-        for module_name, layer in inject.adapted_layers(model, self.name):
+        for module_name, layer in adapted_layers(model, self.name):
             adapter = layer.adapters[self.name]
             self.prev[module_name] = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """`step` counts optimizer steps taken (1 after the first); W moves for step > start_step."""
         if step > self.start_step:
-            for module_name, layer in inject.adapted_layers(model, self.name):
+            for module_name, layer in adapted_layers(model, self.name):
                 prev_A, prev_B = self.prev[module_name]
                 update_base_weight(layer, layer.adapters[self.name], prev_A, prev_B, self.delta_lambda)
         self._remember(model)
@@ -164,13 +165,13 @@ class DeltaLoRA(LowRankConfig):
         """The moved base weight W (unmerged, `(out, in)`) of each module adapter `name` adapts."""
         return {
             f"{PREFIX}{module_name}.{BASE_WEIGHT_KEY}": layer._unmerged_base_weight()
-            for module_name, layer in inject.adapted_layers(model, name)
+            for module_name, layer in adapted_layers(model, name)
         }
 
     def load_extra_state(self, model: nn.Module, name: str, remaining: dict[str, torch.Tensor]) -> None:
         """Write the saved base weights back (popping them); every adapted module needs one."""
         missing = []
-        for module_name, layer in inject.adapted_layers(model, name):
+        for module_name, layer in adapted_layers(model, name):
             key = f"{PREFIX}{module_name}.{BASE_WEIGHT_KEY}"
             if key not in remaining:
                 missing.append(module_name)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_impl
 
-from ..base_layers import in_out_features, is_conv1d, weight_dtype_device
+from ..base_layers import in_out_features, is_conv1d, residual_factors, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
 
 
@@ -300,9 +300,7 @@ class LowRankConfig(AdapterConfig):
     def initialise(self, adapter: nn.Module, base_layer: nn.Module) -> nn.Module:
         """Apply `init` to an adapter just built for `base_layer` (its constructor did "default")."""
         if self.init == "loftq":
-            from ..quant.loftq import lora_pair  # the quant package imports the methods
-
-            lora_A, lora_B = lora_pair(base_layer, adapter.r, adapter.scale)
+            lora_A, lora_B = loftq_pair(base_layer, adapter.r, adapter.scale)
             adapter.set_initial_pair(lora_A, lora_B, base_layer)
             base_layer.residual_factors = None  # consumed; they weigh r x (in + out) floats a layer
         return adapter
@@ -389,3 +387,29 @@ def _check_pattern(pattern: str, field_name: str) -> None:
         re.compile(pattern)
     except re.error as err:
         raise ValueError(f"{field_name} key {pattern!r} is not a valid regular expression ({err})") from None
+
+
+def loftq_pair(base_layer: nn.Module, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoftQ's `(A (r, in), B (out, r))` for a 4-bit layer quantized with `loftq_rank >= r`.
+
+    `s·B·A` equals the rank-`r` truncated SVD of the layer's quantization error, split evenly between
+    the two factors (`lorakit.quant.loftq` explains the choice): `B = L_r / sqrt(s)`, `A = R_r / sqrt(s)`
+    for the factors `L @ R` the quantizer kept (`base_layers.residual_factors`).
+    """
+    factors = residual_factors(base_layer)
+    if factors is None:
+        raise ValueError(
+            'init="loftq" starts the adapter from the quantization error of a 4-bit base, which must be '
+            "kept when quantizing: lorakit.quantize(model, loftq_rank=r) or "
+            f"load_quantized_causal_lm(..., loftq_rank=r) (this layer is a {type(base_layer).__name__}"
+            f"{' without kept factors' if hasattr(base_layer, 'residual_factors') else ''})"
+        )
+    L, R = factors
+    if L.shape[1] < r and L.shape[1] < min(L.shape[0], R.shape[1]):
+        raise ValueError(f'init="loftq" with r={r}, but the base was quantized with loftq_rank={L.shape[1]}: use loftq_rank >= r')
+    root = scale ** 0.5
+    A = torch.zeros(r, R.shape[1], dtype=torch.float32, device=R.device)
+    B = torch.zeros(L.shape[0], r, dtype=torch.float32, device=L.device)
+    k = min(r, L.shape[1])  # a layer narrower than r has only k singular directions
+    A[:k], B[:, :k] = R[:k] / root, L[:, :k] / root
+    return A, B

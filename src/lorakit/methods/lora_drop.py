@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import inject
+from ..adapted_layer import adapted_layers, adapter_config, reconfigure
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import register
 from .lora import LoRAAdapter, LowRankConfig
@@ -45,7 +45,7 @@ def module_importance(model: nn.Module, name: str, batches: list[Any]) -> dict[s
     (LoRA-pair) adapter `name`; the model runs in eval mode (no dropout) and is left as it was."""
     totals: dict[str, float] = {}
     handles = []
-    for module_name, layer in inject.adapted_layers(model, name):
+    for module_name, layer in adapted_layers(model, name):
         adapter = layer.adapters[name]
 
         def measure(_, inputs, __, module_name=module_name, adapter=adapter):
@@ -85,7 +85,7 @@ def sharing_groups(model: nn.Module, name: str, kept: list[str]) -> dict[str, st
     """Module -> group for every module of adapter `name` not in `kept`: one group per module kind
     (the last component of its name) and shape, e.g. `q_proj(576x576)`."""
     groups = {}
-    for module_name, layer in inject.adapted_layers(model, name):
+    for module_name, layer in adapted_layers(model, name):
         if module_name not in kept:
             in_f, out_f = in_out_features(layer.base_layer)
             groups[module_name] = f"{module_name.rsplit('.', 1)[-1]}({out_f}x{in_f})"
@@ -98,7 +98,7 @@ def apply_plan(model: nn.Module, name: str, importance: dict[str, float], thresh
     kept = choose_kept(importance, threshold)
     plan = {"scores": dict(importance), "kept": sorted(kept), "groups": sharing_groups(model, name, kept),
             "threshold": threshold}
-    inject.reconfigure(model, name, plan=plan)
+    reconfigure(model, name, plan=plan)
     return plan
 
 
@@ -109,7 +109,7 @@ class LoRADropHook:
         self.name, self.config = name, config
 
     def before_training(self, model: nn.Module, probe: Any) -> None:
-        config = inject.adapter_config(model, self.name)
+        config = adapter_config(model, self.name)
         if config.plan:  # decided already (a loaded adapter): nothing to probe
             return
         batches = probe.sample(config.sample_fraction)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import inject
+from ..adapted_layer import adapted_layers
 from ..base_layers import in_out_features, weight_dtype_device
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
 from .lora import check_rank, fusable_base, fused_dtype, low_rank_update
@@ -356,7 +356,7 @@ class VeRA(AdapterConfig):
 def shared_projections(model: nn.Module, name: str) -> VeRAProjections:
     """The one `VeRAProjections` module the VeRA adapter `name` shares across its layers."""
     found = {id(layer.adapters[name].projections): layer.adapters[name].projections
-             for _, layer in inject.adapted_layers(model, name)}
+             for _, layer in adapted_layers(model, name)}
     if len(found) != 1:
         raise ValueError(f"expected one shared VeRA projection pair for adapter {name!r}, found {len(found)}")
     return next(iter(found.values()))

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import base_layers
-from ..methods.base import AdapterConfig
+from ..adapted_layer import adapter_names, lorakit_state
+from ..targets import TargetSelection, select_targets, set_submodule
 from .linear4bit import Linear4bit
 from .nf4 import (
     DEFAULT_BLOCKSIZE,
@@ -75,12 +76,10 @@ def quantize(
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
-    from ..inject import adapter_names, lorakit_state, select_targets, set_submodule
-
     if adapter_names(model):
         raise ValueError("quantize the base model before lorakit.adapt (this model already carries an adapter)")
     dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
-    config = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
+    config = TargetSelection(targets=targets, layers=layers, exclude=exclude)
     for name in select_targets(model, config):
         module = model.get_submodule(name)
         if _quantizable(module):
@@ -128,16 +127,12 @@ def requantize(model: nn.Module, **settings: Any) -> dict[str, Any]:
     quantization (`lorakit_state(model).quantization`), else the defaults. Returns a report: per layer and overall, the
     relative Frobenius error `||W - Q(W)|| / ||W||` and the largest absolute error.
     """
-    from ..inject import lorakit_state
-
     if not settings:
         state = lorakit_state(model)
         settings = dict(state.quantization or {}) if state is not None else {}
-    config = AdapterConfig(
+    config = TargetSelection(
         targets=settings.get("targets", "all-linear"), layers=settings.get("layers"), exclude=settings.get("exclude")
     )
-    from ..inject import select_targets
-
     dense = {
         name: base_layers.dense_weight(model.get_submodule(name)).detach().float().clone()
         for name in select_targets(model, config)

@@ -21,7 +21,8 @@ truncated SVD for any scale `s` (PEFT assigns `B = U_r Σ_r^{1/2}`, `A = Σ_r^{1
 is the same pair when `lora_alpha == r`).
 
 The factors are computed where the full-precision weight exists (while quantizing, also in the
-streamed loader) and kept on the 4-bit layer until the adapter takes them:
+streamed loader) and kept on the 4-bit layer as its `residual_factors` (`base_layers`) until the
+adapter takes them (`lorakit.methods.lora.loftq_pair` makes the pair):
 `lorakit.quantize(model, loftq_rank=r)` then `lorakit.adapt(model, LoRA(r=r, init="loftq"))`.
 """
 
@@ -44,27 +45,3 @@ def residual_factors(weight: torch.Tensor, dequantized: torch.Tensor, rank: int)
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
     root = S[:rank].sqrt()
     return (U[:, :rank] * root).contiguous(), (root[:, None] * Vh[:rank]).contiguous()
-
-
-def lora_pair(base_layer: torch.nn.Module, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoftQ's `(A (r, in), B (out, r))` for a 4-bit layer quantized with `loftq_rank >= r`.
-
-    `s·B·A` equals the rank-`r` truncated SVD of the layer's quantization error.
-    """
-    factors = getattr(base_layer, "residual_factors", None)
-    if factors is None:
-        raise ValueError(
-            'init="loftq" starts the adapter from the quantization error of a 4-bit base, which must be '
-            "kept when quantizing: lorakit.quantize(model, loftq_rank=r) or "
-            f"load_quantized_causal_lm(..., loftq_rank=r) (this layer is a {type(base_layer).__name__}"
-            f"{' without kept factors' if hasattr(base_layer, 'residual_factors') else ''})"
-        )
-    L, R = factors
-    if L.shape[1] < r and L.shape[1] < min(L.shape[0], R.shape[1]):
-        raise ValueError(f'init="loftq" with r={r}, but the base was quantized with loftq_rank={L.shape[1]}: use loftq_rank >= r')
-    root = scale ** 0.5
-    A = torch.zeros(r, R.shape[1], dtype=torch.float32, device=R.device)
-    B = torch.zeros(L.shape[0], r, dtype=torch.float32, device=L.device)
-    k = min(r, L.shape[1])  # a layer narrower than r has only k singular directions
-    A[:k], B[:, :k] = R[:k] / root, L[:, :k] / root
-    return A, B

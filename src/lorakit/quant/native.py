@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.errors import LorakitError
+from ..errors import LorakitError
 
 LIBRARY_NAME = "_nf4_native"
 ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")

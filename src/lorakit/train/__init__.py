@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .config import TrainConfig
-from .errors import LorakitError
+from ..errors import LorakitError
 
 # The loop (and torch) load on first use, as in lorakit/__init__.py: the command line reads its
 # config before anything heavy is imported.

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import io
-from .errors import LorakitError
+from ..errors import LorakitError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

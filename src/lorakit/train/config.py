@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LorakitError, short_repr
+from ..errors import LorakitError, short_repr
 
 
 @dataclass

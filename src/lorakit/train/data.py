@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 FORMATS = {
     "alpaca": "{instruction, input?, output}",

@@ -43,7 +43,7 @@ from . import data as data_mod
 from . import evaluate, tasks
 from .config import TrainConfig, to_yaml, validate, with_resolved_paths
 from .distributed import SingleProcess, strategy_for
-from .errors import LorakitError
+from ..errors import LorakitError
 
 CLASSIFIER_HEADS = ("classifier", "score")
 SEQUENCE_TASKS = ("classify", "regress")  # a head over an encoder's (or decoder's) sequence output
