@@ -11,7 +11,7 @@ bitsandbytes' reference) before it is timed. Options, each dequantizing every la
 rounds interleaved in alternating order:
 
 - `native (lorakit C kernel)`: `lorakit.quant.nf4.dequantize_nf4` as lorakit calls it, which runs
-  the native kernel (`src/lorakit/quant/_nf4_native.c` through ctypes, the best vector path of the
+  the native kernel (`src/lorakit/kernels/_nf4_native.c` through ctypes, the best vector path of the
   CPU, chunks on `--threads` threads for large layers) when it was built at install time;
 - `eager (pairs table)`: lorakit's PyTorch path (`dequantize_nf4_torch`, used where the native kernel
   is not): one `index_select` of 8-byte words from a 256-entry byte -> (code of high nibble, code of
@@ -47,7 +47,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from lorakit.quant import native, nf4  # noqa: E402
+from lorakit.kernels import nf4_native as native  # noqa: E402
+from lorakit.quant import nf4  # noqa: E402
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 

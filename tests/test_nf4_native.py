@@ -1,4 +1,4 @@
-"""lorakit's native CPU kernel for NF4 dequantization (quant/_nf4_native.c through quant/native.py): built
+"""lorakit's native CPU kernel for NF4 dequantization (kernels/_nf4_native.c through kernels/nf4_native.py): built
 and loaded wherever a C compiler exists, bit for bit equal to the PyTorch path (every code path of the CPU,
 fp32/bf16/fp16, odd sizes, special values, threads) and to bitsandbytes."""
 
@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from lorakit.quant import native, nf4
+from lorakit.kernels import nf4_native as native
+from lorakit.quant import nf4
 
 from bnb_reference import native_kernel_is_exact, reference_dequantize_4bit
 
@@ -57,7 +58,7 @@ def test_native_library_is_built_where_a_compiler_exists():
     if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
         pytest.skip("no C compiler on this machine")
     assert native.available(), native.load_error()
-    assert native.library_path().parent.name == "quant"
+    assert native.library_path().parent.name == "kernels"
     assert native.supported_isas()[0] == "scalar" and native.isa() in native.supported_isas()
 
 

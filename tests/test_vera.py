@@ -12,7 +12,7 @@ from torch import nn
 
 import lorakit
 from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
-from lorakit.methods import vera as vera_module
+from lorakit.kernels import fused_vera as vera_module
 
 from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
 

@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
+from ..kernels.fused_lora import fused_lora_forward
 from .base import register
-from .lora import LoRAPair, LowRankConfig, check_rank, fused_lora_forward
+from .lora import LoRAPair, LowRankConfig, check_rank
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ stores the matrices too, under PEFT's keys `base_model.vera_A` / `base_model.ver
 The forward folds both vectors into the small `(out, r)` matrix `B' = diag(b) B diag(d)`, and the
 only activation kept for backward is `z = x A^T` (tokens x r), since A is frozen and the vectors'
 gradients come from the `(out, r)` gradient of `B'`. Over a plain dense base the layer is one
-autograd node (`FusedVeRALinear`): `z` is computed once for all layers that read the same input
+autograd node (`lorakit.kernels.fused_vera.FusedVeRALinear`): `z` is computed once for all layers that read the same input
 (q/k/v, gate/up share A's slice), and backward forms `dL/dx = g (W + B' A)` in one GEMM instead of
 `g W + (g B') A`: per layer a step costs the base's GEMMs, two rank-r GEMMs (`z B'^T`, `g^T z`),
 the dense `B' A` (out x in x r, independent of the batch) and, once per distinct input, `x A^T`.
@@ -29,7 +29,6 @@ the dense `B' A` (out x in x r, independent of the batch) and, once per distinct
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,10 @@ from torch import nn
 
 from ..adapted_layer import adapted_layers
 from ..base_layers import in_out_features, weight_dtype_device
+from ..kernels.fused_lora import fusable_base, fused_dtype
+from ..kernels.fused_vera import SharedDownProjection, fused_vera_linear
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
-from .lora import check_rank, fusable_base, fused_dtype, low_rank_update
+from .lora import check_rank, low_rank_update
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # PEFT's keys in adapter_model.safetensors
 
@@ -59,8 +60,10 @@ def vera_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torc
     return vera_A, vera_B
 
 
-class VeRAProjections(nn.Module):
-    """The frozen random matrices every VeRA adapter of a model references (one instance per model).
+class VeRAProjections(SharedDownProjection):
+    """The frozen random matrices every VeRA adapter of a model references (one instance per model);
+    `down_projection(x, in_features, dtype)` gives `x A[:, :in]^T` once for the layers reading the
+    same x (`lorakit.kernels.fused_vera.SharedDownProjection`).
 
     Buffers, not parameters (they never train), and non-persistent: the model's own state dict
     does not repeat them under every adapted layer; the adapter file stores the seed (or, with
@@ -71,89 +74,9 @@ class VeRAProjections(nn.Module):
         super().__init__()
         self.register_buffer("vera_A", vera_A, persistent=False)  # (r, max_in)
         self.register_buffer("vera_B", vera_B, persistent=False)  # (max_out, r)
-        # the last `x A^T` computed, for the next layer that reads the same x (`down_projection`)
-        self._last_down: tuple[weakref.ref, tuple, torch.Tensor] | None = None
-
-    def down_projection(self, x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-        """`x A[:, :in]^T` in `dtype`, `(tokens, r)`, outside autograd (the fused node differentiates
-        through x itself). Layers that read the same activation (q/k/v; gate/up) get the same
-        product: it is computed once, for the first of them, and reused while `x` is the same,
-        unmodified tensor. Compiled graphs compute it each time and leave the deduplication to
-        the compiler."""
-        a = self.vera_A[:, :in_features].to(device=x.device, dtype=dtype)
-        if torch.compiler.is_compiling():
-            return torch.mm(x.detach().reshape(-1, in_features).to(dtype), a.T)
-        key = (x._version, in_features, dtype, self.vera_A._version)
-        last = self._last_down
-        if last is not None and last[0]() is x and last[1] == key:
-            return last[2]
-        with torch.no_grad():
-            z = torch.mm(x.reshape(-1, in_features).to(dtype), a.T)
-        self._last_down = (weakref.ref(x), key, z)
-        return z
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_last_down"] = None  # a weak reference cannot be pickled; the memo is only a cache
-        return state
 
     def extra_repr(self) -> str:
         return f"vera_A={tuple(self.vera_A.shape)}, vera_B={tuple(self.vera_B.shape)}"
-
-
-class FusedVeRALinear(torch.autograd.Function):
-    r"""A dense frozen base and its VeRA change as one autograd node.
-
-    With `z = x A^T` `(n, r)` (given, outside autograd) and the scaled up-projection
-    `U = diag(b) B diag(d)` `(out, r)`::
-
-        forward:   y = x W^T (+ bias) + z U^T                 (the rank-r term added in place)
-        backward:  dL/dx = g (W + U A)                        one GEMM, as the base alone needs
-                   dL/dU = g^T z                              (b's and d's gradients follow from it)
-
-    `g (W + U A)` replaces `g W + (g U) A`: the dense `(out, in)` sum costs out·in·r once per
-    layer, the two rank-r GEMMs it saves cost tokens·r·(in + out); at r = 256 and a thousand
-    tokens or more the dense sum is the cheaper. Saved for backward: z only (A and W are frozen
-    and the module's own; x is not needed).
-
-    With `merged` (see `merge_in_forward`) the forward is `y = x (W + U A)^T` too: the sum
-    (out·in·r) replaces `z U^T` (tokens·r·out), the cheaper whenever tokens > in. The sum is
-    formed again in backward rather than kept: keeping it would hold a copy of every adapted
-    weight until the backward pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x, z, weight, bias, up, vera_A, merged=False):
-        if merged:
-            effective = torch.addmm(weight, up, vera_A)
-            y = torch.mm(x, effective.T) if bias is None else torch.addmm(bias, x, effective.T)
-            del effective
-        else:
-            y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
-            y.addmm_(z, up.T)
-        ctx.save_for_backward(z, weight, up, vera_A)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        z, weight, up, vera_A = ctx.saved_tensors
-        need_x, _, _, need_bias, need_up, _, _ = ctx.needs_input_grad
-        grad_x = grad_bias = grad_up = None
-        if need_x:
-            grad_x = torch.mm(grad_y, torch.addmm(weight, up, vera_A))
-        if need_bias:
-            grad_bias = grad_y.sum(0)
-        if need_up:
-            grad_up = torch.mm(grad_y.T, z)
-        return grad_x, None, None, grad_bias, grad_up, None, None
-
-
-def merge_in_forward(tokens: int, in_features: int, dtype: torch.dtype) -> bool:
-    """Whether `FusedVeRALinear` forms `W + U A` in forward too: when it costs fewer multiplications
-    than `z U^T` (tokens > in), and only in fp32/fp64. In bf16/fp16 the sum would round VeRA's
-    update against W's larger entries (8 or 11 bits of mantissa), so the forward keeps the update
-    a separate term there."""
-    return tokens > in_features and dtype in (torch.float32, torch.float64)
 
 
 class VeRAAdapter(AdditiveAdapter, nn.Module):
@@ -213,11 +136,7 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         z = self.projections.down_projection(x, self.in_features, dtype)
         vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=dtype)
         up = self.scaled_up_projection().to(device=x.device, dtype=dtype)
-        with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
-            flat = x.reshape(-1, self.in_features).to(dtype)
-            y = FusedVeRALinear.apply(flat, z, weight.to(dtype), None if bias is None else bias.to(dtype), up,
-                                      vera_A, merge_in_forward(flat.shape[0], self.in_features, dtype))
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return fused_vera_linear(x, z, weight, bias, up, vera_A, dtype)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         vera_A = self.projections.vera_A[:, : self.in_features]

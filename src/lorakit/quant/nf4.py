@@ -27,7 +27,7 @@ dequantized values are identical bit for bit:
   midpoint may take the neighbouring code; a block of zeros gets code 0.
 - dequantization multiplies in fp32 and rounds once to the output dtype.
 
-Dequantization on the CPU runs lorakit's native kernel (`native.py`, `_nf4_native.c`) when it was
+Dequantization on the CPU runs lorakit's native kernel (`lorakit.kernels.nf4_native`, `_nf4_native.c`) when it was
 compiled at install time; `LORAKIT_NATIVE=0` forces the PyTorch path (same bits) and
 `LORAKIT_NF4_ISA=scalar|avx2|avx512|avx512vbmi` one of the kernel's code paths.
 """
@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import torch
 
-from . import native
+from ..kernels import nf4_native as native
 
 NF4_OFFSET = 0.9677083
 DEFAULT_BLOCKSIZE = 64
@@ -240,7 +240,7 @@ def dequantize_nf4(
 
     Each weight is `NF4[code] * absmax` formed in fp32 and rounded once to `dtype`, as bitsandbytes
     does. CPU tensors (uint8 codes; fp32, bf16 or fp16 output) go through lorakit's native kernel
-    (`native.py`: vectorised C, multi-threaded on large tensors) when it was built; otherwise, and
+    (`kernels/nf4_native.py`: vectorised C, multi-threaded on large tensors) when it was built; otherwise, and
     on every other device, dtype, or under `LORAKIT_NATIVE=0`, through PyTorch: one gather of
     8-byte words (a 256-entry table, see `code_table("nf4_pairs")`) decodes both nibbles of each
     byte, then the block scale. Both paths give the same bits.

@@ -1,6 +1,6 @@
 /* NF4 dequantization on the CPU: a small native kernel for lorakit.quant.nf4.dequantize_nf4.
  *
- * Plain C (no Python or torch headers), loaded with ctypes by lorakit/quant/native.py. Built as a
+ * Plain C (no Python or torch headers), loaded with ctypes by lorakit/kernels/nf4_native.py. Built as a
  * setuptools extension (setup.py) only to get it compiled and installed next to the Python files;
  * it is not a Python module.
  *

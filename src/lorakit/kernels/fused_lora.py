@@ -1,0 +1,139 @@
+r"""The fused LoRA layer: a plain frozen dense base and its LoRA pair as one autograd node.
+
+The reference formula is the method's own (`lorakit.methods.lora`: `y = x W0^T + s · dropout(x) A^T B^T`,
+`LoRAAdapter.forward`); this node computes the same output and gradients with fewer passes over
+the activations, and `tests/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
+and VeRA's node (`fused_vera.py`) use `fusable_base` and `fused_dtype` to decide where it applies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_impl
+
+from ..base_layers import is_conv1d
+
+
+def fusable_base(base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`(W (out, in), bias)` of a plain frozen dense base the fused path may compute itself, else None.
+
+    Only `nn.Linear` (or a subclass that keeps its forward) and GPT-2's `Conv1D`, with frozen
+    weights and no hooks: a quantized base, a layer whose forward differs, a trainable base
+    (`train_modules`) or a hooked one (its hooks must see it run) goes through the base's own call.
+    """
+    if type(base_layer).forward is nn.Linear.forward:
+        weight = base_layer.weight
+    elif is_conv1d(base_layer):
+        weight = base_layer.weight.T  # stored (in, out)
+    else:
+        return None
+    bias = base_layer.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or has_hooks(base_layer):
+        return None
+    return weight, bias
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when calling `module` would run hooks (its own or global ones), not just its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or module_impl._global_forward_hooks
+                or module_impl._global_forward_pre_hooks or module_impl._global_backward_hooks
+                or module_impl._global_backward_pre_hooks)
+
+
+def fused_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype a fused layer computes in, the one the unfused path would use: autocast's where
+    autocast is on (the base and adapter matmuls all run in it there), else x's when it is the
+    base's; None on a dtype mismatch (the base's own call decides what that means)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+        return x.dtype
+    return None
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    r"""A dense frozen base and its LoRA pair as one autograd node.
+
+    Forward, for 2-D `x (n, in)`, `W (out, in)`, `A (r, in)`, `B (out, r)`::
+
+        y = x W^T (+ bias);   z = x_d A^T;   y += s · z B^T      (in place: no second output tensor)
+
+    where `x_d` is the adapter's (dropped-out) input, or `x` itself when `x_d` is None. Backward,
+    with `g = dL/dy`::
+
+        g_z = s · g B                         (n, r)
+        dL/dx   = g W  (+ g_z A when x_d is x: one GEMM accumulates into the other, in place)
+        dL/dx_d = g_z A                       (when the adapter's input is a separate tensor)
+        dL/dA   = g_z^T x_d                   (r, in)
+        dL/dB   = s · g^T z                   (out, r)
+
+    Saved for backward: `z` (n x r), and `x_d` only where A trains (LoRA-FA's frozen A needs
+    none); W (or its autocast copy, as autograd would keep it), A and B are the module's own
+    tensors: A and B stay in their master dtype, cast to the activations' dtype where used, and
+    their gradients come back in the master dtype. Autograd on the unfused path keeps the same activations but runs the base and the
+    adapter as separate nodes: an extra (n x out) output, an extra (n x in) gradient and the
+    add between them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, weight, bias, lora_A, lora_B, scale: float):
+        adapter_in = x if x_dropped is None else x_dropped
+        y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+        z = torch.mm(adapter_in, lora_A.to(x.dtype).T)
+        y.addmm_(z, lora_B.to(x.dtype).T, alpha=scale)
+        ctx.shared_input = x_dropped is None
+        ctx.scale = scale
+        keep_input = adapter_in if ctx.needs_input_grad[4] else None
+        # A and B as the module holds them (master dtype, no copy), cast again in backward
+        ctx.save_for_backward(keep_input, z, weight, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        adapter_in, z, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
+        dtype = grad_y.dtype
+        a = lora_A.to(dtype)
+        grad_x = grad_xd = grad_bias = grad_A = grad_B = None
+        grad_z = torch.mm(grad_y, lora_B.to(dtype)).mul_(ctx.scale) if (need_x or need_xd or need_A) else None
+        if need_x:
+            grad_x = torch.mm(grad_y, weight)
+            if ctx.shared_input:
+                grad_x.addmm_(grad_z, a)
+        if need_xd:
+            grad_xd = torch.mm(grad_z, a)
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        if need_A:
+            grad_A = torch.mm(grad_z.T, adapter_in).to(lora_A.dtype)
+        if need_B:
+            grad_B = torch.mm(grad_y.T, z).mul_(ctx.scale).to(lora_B.dtype)
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
+
+
+def fused_lora_forward(
+    x: torch.Tensor, x_dropped: torch.Tensor | None, base_layer: nn.Module, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, scale: float,
+) -> torch.Tensor | None:
+    """`base_layer(x) + s · x_d A^T B^T` through `FusedLoRALinear`, or None where the base is not a
+    plain frozen dense layer (`fusable_base`) or dtypes would differ from the unfused path
+    (`fused_dtype`).
+    """
+    base = fusable_base(base_layer)
+    dtype = None if base is None else fused_dtype(x, *base)
+    if dtype is None:
+        return None
+    weight, bias = base
+    with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
+        y = FusedLoRALinear.apply(
+            x.reshape(-1, x.shape[-1]).to(dtype),
+            None if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype),
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            lora_A,
+            lora_B,
+            scale,
+        )
+    return y.view(*x.shape[:-1], y.shape[-1])
