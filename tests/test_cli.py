@@ -205,7 +205,7 @@ def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
         capsys.readouterr()
         assert cli.main(["eval", "--adapter", str(tmp_path / "x")]) == 0
         # the base streamed into NF4 for eval holds the same bits training had: the same metric
-        from lorakit.train.loop import format_metrics
+        from lorakit.train.report import format_metrics
 
         after = json.loads((tmp_path / "x" / "report.json").read_text())["after"]
         assert format_metrics(after) in capsys.readouterr().out
@@ -358,7 +358,7 @@ def test_usage_mistakes_are_one_line(argv, message, capsys):
 def test_each_method_gets_its_recipe_learning_rate_unless_given(capsys):
     from lorakit.train import recipes
     from lorakit.train.config import TrainConfig
-    from lorakit.train.loop import check_config
+    from lorakit.train.method_config import check_config
 
     assert check_config(TrainConfig()).lr == recipes.LORA_LR
     assert check_config(TrainConfig(method="lora-fa")).lr == pytest.approx(3 * recipes.LORA_LR)

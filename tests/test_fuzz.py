@@ -850,7 +850,7 @@ def config_result_problem(cfg: Any) -> str | None:
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_malformed_configs_give_a_config_or_one_line(chunk, tmp_path):
-    from lorakit.train.loop import check_config
+    from lorakit.train.method_config import check_config
 
     failures = []
     for i in range(CONFIG_CASES):

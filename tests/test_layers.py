@@ -79,6 +79,12 @@ def test_every_module_has_a_layer():
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_import_names_a_module(module):
+    """A relative import that climbs too few or too many levels fails here, not at run time."""
+    assert [(line, name) for line, name in imported_modules(module, MODULES[module]) if name not in MODULES] == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_run_downwards(module):
     own = layer_of(module)
     upward = [f"line {line}: {name} ({LAYERS[layer_of(name)][0]})"

@@ -136,7 +136,9 @@ def time_limit(cfg: TrainConfig, steps: int = 3) -> float | None:
 
     from .train import data as data_mod
     from .train import evaluate
-    from .train.loop import build_datasets, check_config, load_model, load_tokenizer, num_outputs, use_bf16
+    from .train.loading import load_model, load_tokenizer, num_outputs, use_bf16
+    from .train.method_config import check_config
+    from .train.run_data import build_datasets
 
     cfg = check_config(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.task)

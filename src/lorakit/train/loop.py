@@ -1,6 +1,7 @@
-"""`lorakit train`: the training loop, written out.
+"""`lorakit train`: the training recipe, written out, top to bottom.
 
-    set_up:      load model + data -> metric before -> adapt -> hooks.before_training -> optimizer
+    set_up:      check the config -> tokenizer, data -> model (4-bit if asked) -> metric before
+                 -> adapt (or the checkpoint's layout) -> hooks.before_training -> optimizer
     train_steps: for each step:
                      for each micro-batch (this process's share): loss (+ hooks.extra_loss on the last) -> backward
                      clip -> optimizer.step -> scheduler.step -> hooks.after_optimizer_step -> zero_grad
@@ -9,23 +10,20 @@
 
 A strategy (`distributed.SingleProcess`, or `DataParallel` / `FullyShard` under torchrun) owns what
 depends on the number of processes: model placement and wrapping (FSDP2 shards the base), each
-process's share of a batch, sums over processes, and which process writes files.
+process's share of a batch, sums over processes, and which process writes files. The pieces a
+recipe calls live beside it: `loading` (tokenizer, model), `method_config` (the adapter config from
+the flags), `run_data` (examples and held-out metrics), `run_dir` (the run's directory and metrics
+log), `report` (what a finished run reports), `limit` (`--measure-limit`), `checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import json
 import math
-import re
-import resource
 import signal
-import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +31,23 @@ import torch
 from torch import nn
 
 from .. import inject, io, losses, models
-from ..hooks import Hooks, Probe, training_hooks
+from ..errors import LorakitError
+from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
 from ..optim import param_groups
-from ..quant import load_quantized_causal_lm, quantize
 from ..param_summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import evaluate, tasks
-from .config import TrainConfig, to_yaml, validate, with_resolved_paths
+from . import evaluate
+from .config import TrainConfig
 from .distributed import SingleProcess, strategy_for
-from ..errors import LorakitError
-
-CLASSIFIER_HEADS = ("classifier", "score")
-SEQUENCE_TASKS = ("classify", "regress")  # a head over an encoder's (or decoder's) sequence output
+from .limit import LimitProbe, limit_summary
+from .loading import SEQUENCE_TASKS, enable_checkpointing, load_model, load_tokenizer, num_outputs, use_bf16
+from .method_config import check_config, method_config
+from .probe import run_probe
+from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
+from .run_data import Datasets, build_datasets, describe_eval, measure
+from .run_dir import new_run_dir, open_metrics_log, prepare_run_dir
 
 
 class TrainingDiverged(LorakitError):
@@ -55,376 +56,6 @@ class TrainingDiverged(LorakitError):
 
 class TrainingInterrupted(LorakitError):
     """Ctrl-C: a checkpoint was saved and the run can be resumed."""
-
-
-# --- building blocks ----------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of a single-process run (`lorakit eval`, `generate`)."""
-    return SingleProcess().device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast: on GPU by default, anywhere when asked for."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def load_tokenizer(spec: str | None, task: str):
-    try:
-        return models.load_tokenizer(spec, task)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise LorakitError(str(err).splitlines()[0]) from None
-
-
-@contextlib.contextmanager
-def _no_gguf_progress_bar():
-    """transformers' GGUF loader draws its own tqdm bar per tensor, ignoring its logging switch."""
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        yield
-        return
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
-def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantization: dict | None = None) -> nn.Module:
-    """The base model for the task; any loading problem becomes a one-line error.
-
-    `quantization` (the keyword arguments of `lorakit.quantize`, e.g. `{"method": "nf4"}`)
-    gives a 4-bit base: a causal LM is then streamed into NF4 tensor by tensor
-    (`lorakit.quant.load_quantized_causal_lm`, the same bits as quantizing after a dense load),
-    so the full-precision model never sits in memory.
-    """
-    try:
-        with _no_gguf_progress_bar():
-            if quantization and task not in SEQUENCE_TASKS:
-                return load_quantized_causal_lm(spec, **quantization)
-            model = _load_model(spec, task, num_labels, tokenizer)
-            if quantization:
-                quantize(model, **quantization)
-            return model
-    except (FileNotFoundError, ValueError, OSError, TypeError) as err:
-        raise LorakitError(str(err).splitlines()[0]) from None
-
-
-def num_outputs(task: str, labels: list[str]) -> int:
-    """The head's width: one per class, one for a regression target."""
-    return 1 if task == "regress" else max(2, len(labels))
-
-
-def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
-    if task in SEQUENCE_TASKS:
-        model = models.load_classifier(spec, num_labels=num_labels, regression=task == "regress")
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers need it
-        return model
-    return models.load_causal_lm(spec)
-
-
-def check_config(cfg: TrainConfig) -> TrainConfig:
-    """The config with aliases expanded, every value and the method's settings checked: before
-    anything slow (a model load) happens, so a typo costs no waiting."""
-    named = cfg.method  # the recipe is the named method's (LoRA+ is LoRA with its own rate)
-    cfg = expand_aliases(cfg)
-    validate(cfg)
-    if cfg.lr is None:
-        from .recipes import learning_rate
-
-        cfg = dataclasses.replace(cfg, lr=learning_rate(named))
-    method_config(cfg, nn.Module())  # the method exists and takes these settings (targets need the model)
-    return cfg
-
-
-def expand_aliases(cfg: TrainConfig) -> TrainConfig:
-    """`--method qlora` is LoRA over an NF4 base (QLoRA's defaults where not given); `--method
-    lora-plus` is LoRA with B's learning rate 16x A's (LoRA+'s ratio, unless --loraplus-ratio)."""
-    if cfg.method == "lora-plus":
-        return dataclasses.replace(cfg, method="lora", loraplus_ratio=cfg.loraplus_ratio or 16.0)
-    if cfg.method != "qlora":
-        return cfg
-    return dataclasses.replace(
-        cfg,
-        method="lora",
-        quantize=cfg.quantize or "nf4",
-        r=cfg.r if cfg.r is not None else 64,
-        alpha=cfg.alpha if cfg.alpha is not None else 16.0,
-        dropout=cfg.dropout if cfg.dropout is not None else 0.05,
-    )
-
-
-def method_config(cfg: TrainConfig, model: nn.Module):
-    """The adapter config for `cfg.method`, built from the registry by dataclass fields, so a
-    newly registered method works without changes here. Common flags (r, alpha, dropout,
-    targets, train_modules) are passed only to methods that have such fields."""
-    if cfg.method not in METHODS:
-        raise LorakitError(f"unknown method {cfg.method!r}; choose from: {', '.join(sorted(METHODS))}")
-    cls = METHODS[cfg.method]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    targets: Any = cfg.targets
-    if isinstance(targets, str) and targets != "all-linear" and ("," in targets or re.fullmatch(r"[\w.]+", targets)):
-        # names ("q_proj", "q_proj,v_proj") match a full module name or a name suffix;
-        # anything else is a regular expression matched against full names
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    train_modules = cfg.train_modules
-    if train_modules is None:
-        train_modules = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1] if cfg.task in SEQUENCE_TASKS else []
-    kwargs: dict[str, Any] = {"targets": targets, "train_modules": list(train_modules)}
-    for flag in ("r", "alpha", "dropout", "init"):
-        value = getattr(cfg, flag)
-        if value is None:
-            continue
-        name = cls.flag_fields.get(flag, flag)
-        if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}")
-        kwargs[name] = value
-    for name, value in cfg.method_args.items():
-        if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise LorakitError(f"method {cfg.method}: {err}") from None
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation (gradient) checkpointing through transformers (renamed in transformers 5)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if callable(enable):
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: allocated CUDA memory on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-class StopFlag:
-    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> "StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Datasets:
-    train: list[data_mod.Example]
-    eval: list[data_mod.Example]
-    name: str  # for the run name
-    metric: str  # the headline metric (--metric or the task's default)
-    task: str = "causal-lm"
-    labels: list[str] = field(default_factory=list)  # classify: the class names, in index order
-    eval_total: int = 0  # held-out examples before --max-eval-examples
-    eval_source: str = ""  # what the held-out examples are, for messages
-    answer_pattern: str | None = None
-    columns: str = ""  # how the data's columns were mapped (for the log)
-    notes: list[str] = field(default_factory=list)  # what the reader left out, for the log
-
-
-def default_metric(cfg: TrainConfig) -> str:
-    if cfg.metric is not None:
-        return cfg.metric
-    if cfg.task == "classify":
-        return "accuracy"
-    if cfg.task == "regress":
-        return "pearson"
-    return "exact_match" if cfg.data is None or cfg.answer_pattern is not None else "eval_loss"
-
-
-def _records(spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "--split") -> tuple[list[data_mod.Record], str, str]:
-    """(records with roles, their layout, how columns were mapped) of one data spec."""
-    records, summary = data_mod.map_columns(data_mod.read_table(spec, split, split_flag), cfg.columns, cfg.task, spec)
-    return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
-
-
-def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None, encode_train: bool = True) -> Datasets:
-    """Read, check and tokenize train and held-out data (or generate the built-in task).
-
-    `labels`: the classes of an already trained classifier (default: those of the training data).
-    `encode_train=False` (evaluation): the training data is read (the held-out split depends on it)
-    but not tokenized; `train` is then empty."""
-    columns = ""
-    if cfg.data is None:
-        if cfg.task in SEQUENCE_TASKS:
-            raise LorakitError(f"--task {cfg.task} needs --data (text + label columns: .tsv/.csv, .jsonl, .parquet, ...)")
-        train_rec, eval_rec = tasks.generate(cfg.seed)
-        train = [data_mod.Record(r, f"{tasks.NAME}[{i}]") for i, r in enumerate(train_rec)]
-        held = [data_mod.Record(r, f"{tasks.NAME}[eval {i}]") for i, r in enumerate(eval_rec)]
-        fmt, name, eval_source = "prompt-completion", tasks.NAME, f"{tasks.NAME} (held-out word lists)"
-    else:
-        train, fmt, columns = _records(cfg.data, cfg, cfg.split)
-        name = data_mod.data_files(cfg.data)[0].stem
-        eval_spec, eval_split = cfg.eval_data, cfg.eval_split
-        if eval_spec is None and (eval_split is not None or "validation" in data_mod.saved_splits(cfg.data)):
-            eval_spec, eval_split = cfg.data, eval_split or "validation"  # a DatasetDict's own held-out split
-        if eval_spec is not None:
-            if eval_split is None and "validation" in data_mod.saved_splits(eval_spec):
-                eval_split = "validation"
-            held, eval_fmt, _ = _records(eval_spec, cfg, eval_split, "--eval-split")
-            if eval_fmt != fmt:
-                raise LorakitError(f"{eval_spec} is {eval_fmt} data but {cfg.data} is {fmt}")
-            eval_source = f"{eval_spec}" + (f" (split {eval_split})" if eval_split else "")
-        else:
-            train, held = data_mod.split_held_out(train, cfg.eval_fraction, cfg.seed)
-            eval_source = f"{cfg.eval_fraction:g} of {cfg.data} held out"
-    eval_total = len(held)
-    if len(held) > cfg.max_eval_examples:  # spread over the whole set: a file sorted by label stays balanced
-        held = data_mod.evenly_spaced(held, cfg.max_eval_examples / len(held))[: cfg.max_eval_examples]
-    common = dict(task=cfg.task, eval_total=eval_total, eval_source=eval_source, columns=columns, metric=default_metric(cfg))
-    if cfg.task == "classify":
-        labels = labels or data_mod.label_names(train)
-        if len(labels) < 2:
-            raise LorakitError(f"{cfg.data}: classification needs at least 2 labels, found {labels}")
-        train_ex = data_mod.encode_classify(train, fmt, tokenizer, cfg.max_length, labels) if encode_train else []
-        eval_ex = data_mod.encode_classify(held, fmt, tokenizer, cfg.max_length, labels)
-        return Datasets(train_ex, eval_ex, name, labels=labels, **common)
-    if cfg.task == "regress":
-        train_ex = data_mod.encode_regress(train, fmt, tokenizer, cfg.max_length) if encode_train else []
-        eval_ex = data_mod.encode_regress(held, fmt, tokenizer, cfg.max_length)
-        return Datasets(train_ex, eval_ex, name, **common)
-    skipped: list[str] = []
-    train_ex = (data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
-                if encode_train else [])
-    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
-    if skipped:
-        if encode_train and not train_ex:
-            raise LorakitError(f"no example has completion tokens within max_length={cfg.max_length} (e.g. {skipped[0]}): "
-                               "raise --max-length")
-        common["notes"] = [f"left out {len(skipped)} example(s) whose prompt fills max_length={cfg.max_length} "
-                           f"(first: {skipped[0]}); raise --max-length to keep them"]
-    if common["metric"] == "exact_match" and eval_ex and any(e.answer is None for e in eval_ex):
-        raise LorakitError(f"exact_match compares generated completions: {fmt} data has none (use --metric eval_loss)")
-    return Datasets(train_ex, eval_ex, name, answer_pattern=cfg.answer_pattern, **common)
-
-
-def measure(datasets: Datasets, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device,
-            bf16: bool, batch_size: int) -> dict[str, float]:
-    """The held-out metrics of the task (empty without held-out data)."""
-    if not examples:
-        return {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if datasets.task == "classify":
-        return evaluate.classify_scores(model, examples, pad, batch_size, device, bf16, len(datasets.labels))
-    if datasets.task == "regress":
-        return evaluate.regress_scores(model, examples, pad, batch_size, device, bf16)
-    result = evaluate.causal_lm_loss(model, examples, pad, batch_size, device, bf16)
-    if datasets.metric == "exact_match":
-        result.update(evaluate.exact_match(model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern))
-    return result
-
-
-def describe_eval(datasets: Datasets) -> str:
-    """`accuracy on 200 of 277 held-out examples (dev.tsv)`."""
-    count = f"{len(datasets.eval)} of {datasets.eval_total}" if len(datasets.eval) < datasets.eval_total else f"{len(datasets.eval)}"
-    return f"{datasets.metric} on {count} held-out examples ({datasets.eval_source})"
-
-
-PERCENT_METRICS = ("exact_match", "accuracy", "f1")
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """`exact_match 93.0%, eval_loss 0.0312`: percentages for accuracies."""
-    return ", ".join(f"{k} {100 * v:.1f}%" if k in PERCENT_METRICS else f"{k} {v:.4f}" for k, v in metrics.items()) or "no held-out data"
-
-
-# --- the run ------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports (also written to `runs/<name>/report.json`)."""
-
-    run_dir: Path
-    steps: int
-    metric: str
-    before: dict[str, float]
-    after: dict[str, float]
-    method: str
-    trainable_params: int
-    total_params: int
-    adapter_bytes: int
-    peak_memory_mb: float
-    tokens_per_s: float
-    train_seconds: float
-    wall_seconds: float
-    final_loss: float
-    lr: float = 0.0  # the peak learning rate (given, or the method's recipe)
-    # --measure-limit: the limit's median step time and the median of the paired step / limit ratios
-    limit_step_seconds: float | None = None
-    step_vs_limit: float | None = None
-
-    def table(self) -> str:
-        """The summary table printed at the end of a run."""
-        b, a = self.before.get(self.metric), self.after.get(self.metric)
-        fmt = (lambda v: f"{100 * v:.1f}%") if self.metric in PERCENT_METRICS else (lambda v: f"{v:.4f}")
-        rows = [
-            ("method", self.method),
-            ("trainable params", f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
-            ("adapter size on disk", f"{self.adapter_bytes / 2**20:.2f} MiB"),
-            ("peak memory", f"{self.peak_memory_mb:,.0f} MiB"),
-            ("tokens/s", f"{self.tokens_per_s:,.0f}"),
-            ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training), peak learning rate {self.lr:g}"),
-            *([("step / limit", f"{self.step_vs_limit:.3f} (the frozen base's forward + backward: {self.limit_step_seconds:.3f} s, "
-                                "timed beside the run's steps)")] if self.step_vs_limit is not None else []),
-            ("wall time", f"{self.wall_seconds:.0f} s (load, evaluation before and after, training, saving)"),
-            ("final train loss", f"{self.final_loss:.4f}"),
-        ]
-        if b is not None and a is not None:
-            rows.append((f"{self.metric} (held-out)", f"{fmt(b)} -> {fmt(a)}"))
-        if self.metric != "eval_loss" and "eval_loss" in self.after and "eval_loss" in self.before:
-            rows.append(("eval loss", f"{self.before['eval_loss']:.4f} -> {self.after['eval_loss']:.4f}"))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def default_run_name(cfg: TrainConfig, data_name: str) -> str:
-    return f"{data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass
@@ -461,6 +92,13 @@ class Run:
     def echo(self, message: str) -> None:
         if self.strategy.is_main:
             self.log(message)
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """This process's share of micro-batch `micro` of optimizer step `step`, collated, on the device."""
+        cfg = self.cfg
+        examples = data_mod.micro_batch(self.datasets.train, (step - 1) * cfg.grad_accum + micro,
+                                        cfg.batch_size * self.strategy.world_size, cfg.seed)
+        return evaluate.to_device(data_mod.collate(self.strategy.shard(examples), self.pad_id), self.device)
 
 
 def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -> RunResult:
@@ -579,105 +217,13 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
         torch.manual_seed(cfg.seed + 1_000_003 * strategy.rank)  # each process its own dropout masks
 
     if strategy.is_main:
-        # created only now: a run that fails while setting up leaves no empty run directory behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_leftovers(run_dir / "checkpoints")
-        (run_dir / "config.yaml").write_text(
-            f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
-            f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None))
-        )
+        prepare_run_dir(run_dir, cfg)  # only now: a run that fails while setting up leaves no run directory behind
     run = Run(cfg=cfg, strategy=strategy, device=device, bf16=bf16, datasets=datasets, model=model, tokenizer=tokenizer,
               hooks=hooks, run_dir=run_dir, total_steps=total_steps, start_step=start_step, before=before, state=state,
               optimizer=optimizer, scheduler=scheduler, forward=model, builtin=builtin, pad_id=pad_id,
               eval_batch=eval_batch, wall_start=wall_start, log=echo)
     run.forward = forward_module(run)
     return run
-
-
-def new_run_dir(cfg: TrainConfig, data_name: str, strategy: SingleProcess) -> Path:
-    """The directory of a new run (named by the main process); an existing run in it is refused
-    unless --overwrite, which clears it."""
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LorakitError(f"--out-dir {out_dir} is a file, not a directory")
-    run_dir = out_dir / strategy.broadcast(cfg.name or default_run_name(cfg, data_name))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LorakitError(f"{run_dir} is a file, not a run directory: pick another --name or --out-dir")
-    holds_files = run_dir.is_dir() and any(run_dir.iterdir())
-    strategy.barrier()  # every process has looked before the main one clears anything
-    if holds_files:
-        if not cfg.overwrite:
-            raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
-                               "with --overwrite, or pick another --name")
-        if strategy.is_main:
-            clear_run_dir(run_dir)
-    return run_dir
-
-
-def run_probe(cfg: TrainConfig, model: nn.Module, hooks: Hooks, datasets: Datasets, pad_id: int, device: torch.device,
-              bf16: bool, strategy: SingleProcess) -> None:
-    """Hooks that probe the model before training (LoRA-drop) decide on the main process; the
-    others take its decision (the adapter layout; the tensors follow when DDP wraps the model)."""
-    per_epoch = max(1, len(datasets.train) // cfg.batch_size)
-    probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
-
-    def sample(fraction: float) -> list[dict[str, torch.Tensor]]:
-        chosen = data_mod.evenly_spaced(datasets.train, fraction)
-        return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
-                for i in range(0, len(chosen), cfg.batch_size)]
-
-    if strategy.is_main:
-        try:
-            hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
-                                               functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
-        except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
-            error = f"{cfg.method} before training: {err}"
-        else:
-            error = None
-    else:
-        error = None
-    error = strategy.broadcast(error)
-    if error is not None:
-        raise LorakitError(error)
-    if strategy.world_size > 1:
-        name = inject.lorakit_state(model).active[0]
-        config = inject.adapter_config(model, name)
-        layout = strategy.broadcast({field: getattr(config, field) for field in config.layout_fields})
-        if any(getattr(config, field) != value for field, value in layout.items()):
-            inject.reconfigure(model, name, **layout)
-        hooks.load_state_dict(strategy.broadcast(hooks.state_dict()))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
-
-
-def forward_module(run: Run) -> nn.Module:
-    """The module a step calls: the model (with the chunked loss where it applies), compiled with
-    --compile, then wrapped by the strategy (DDP)."""
-    module = run.model
-    # not under FSDP: the chunked loss reads the output head's weight outside the model's forward,
-    # where FSDP holds only this process's rows of it
-    if (run.cfg.chunked_loss and not run.strategy.sharded and run.cfg.task not in SEQUENCE_TASKS
-            and losses.plain_head(module) is not None):
-        module = losses.ChunkedLossModel(module)
-    module = torch.compile(module) if run.cfg.compile else module
-    return run.strategy.wrap(module)
-
-
-def save(run: Run, step: int) -> Path | None:
-    """A checkpoint of `step`, written by the main process (with every process's random state)."""
-    rng = run.strategy.gather(ckpt.rng_state())
-    with run.strategy.gathered(run.model):  # sharded base weights the file holds (Delta-LoRA's), gathered by all
-        if not run.strategy.is_main:
-            return None
-        keep = {**run.state, "before": run.before, "step": step}
-        return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
-                                    run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
 
 
 def train_steps(run: Run) -> None:
@@ -691,9 +237,7 @@ def train_steps(run: Run) -> None:
                dynamic_ncols=True, desc="train")
     trainable = [p for _, p in inject.adapter_parameters(run.model)]
     layout_version = inject.lorakit_state(run.model).layout_version
-    if cfg.measure_limit and not limit_measurable(cfg, strategy) and strategy.is_main:
-        run.echo("--measure-limit: the limit is timed in one eager process only; not measured in this run "
-                 f"({'--compile' if cfg.compile else f'{strategy.world_size} processes'})")
+    limit = LimitProbe(run) if cfg.measure_limit else None
     run.model.train()
     try:
         with StopFlag() as stop:
@@ -724,9 +268,8 @@ def train_steps(run: Run) -> None:
                     run.forward = forward_module(run)
 
                 seconds = time.perf_counter() - t0
-                limit_seconds = time_limit_step(run, step) if probe_limit_at(run, step) else None
-                if limit_seconds is not None:
-                    run.state.setdefault("limit_probes", []).append([step, seconds, limit_seconds])
+                if limit is not None:
+                    limit.after_step(step, seconds)
                 run.state["tokens"] += step_tokens
                 run.state["train_seconds"] += seconds
                 run.loss_value = step_loss
@@ -756,73 +299,6 @@ def train_steps(run: Run) -> None:
     save(run, run.total_steps)
 
 
-LIMIT_PROBES = 8  # limit timings per run with --measure-limit
-
-
-def limit_measurable(cfg: TrainConfig, strategy: SingleProcess) -> bool:
-    """Whether `--measure-limit` can time the limit in this run: one process, eager."""
-    return not cfg.compile and strategy.world_size == 1
-
-
-def probe_limit_at(run: Run, step: int) -> bool:
-    """Whether `--measure-limit` times the limit after `step`: about LIMIT_PROBES steps spread over
-    the run, never the first (it pays for warm-up)."""
-    if not run.cfg.measure_limit or not limit_measurable(run.cfg, run.strategy) or step == 1:
-        return False
-    every = max(1, (run.total_steps - 1) // LIMIT_PROBES)
-    return (step - 1) % every == 0 or step == run.total_steps
-
-
-def time_limit_step(run: Run, step: int) -> float | None:
-    """Seconds of the limit on `step`'s own micro-batches: the same forward (loss included) with every
-    adapter off, and backward through the activations only (to the input embeddings' output; no
-    parameter gradient is formed or touched). The random state is restored afterwards, so a run
-    trains the same with and without the probes. None for a model without input embeddings."""
-    cfg = run.cfg
-    inputs: list[torch.Tensor] = []
-    embeddings = run.model.get_input_embeddings() if hasattr(run.model, "get_input_embeddings") else None
-    if not isinstance(embeddings, nn.Module):
-        return None
-
-    def leaf_embeddings(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        inputs.append(output.detach().requires_grad_(True))
-        return inputs[-1]
-
-    handle = embeddings.register_forward_hook(leaf_embeddings)
-    devices = [run.device] if run.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), inject.disabled(run.model):
-            start = time.perf_counter()
-            for micro in range(cfg.grad_accum):
-                batch = step_micro_batch(run, step, micro)
-                with evaluate.autocast(run.device, run.bf16):
-                    loss = run.forward(**batch).loss
-                if not inputs:
-                    return None  # the forward does not go through get_input_embeddings()
-                torch.autograd.grad(loss, inputs[-1])
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
-            return time.perf_counter() - start
-    finally:
-        handle.remove()
-
-
-def limit_summary(state: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(median limit step seconds, median of the paired step / limit ratios) of the run's probes."""
-    probes = state.get("limit_probes") or []
-    if not probes:
-        return None, None
-    return (statistics.median(p[2] for p in probes), statistics.median(p[1] / max(p[2], 1e-12) for p in probes))
-
-
-def step_micro_batch(run: Run, step: int, micro: int) -> dict[str, torch.Tensor]:
-    """This process's share of micro-batch `micro` of optimizer step `step`, collated, on the device."""
-    cfg = run.cfg
-    examples = data_mod.micro_batch(run.datasets.train, (step - 1) * cfg.grad_accum + micro,
-                                    cfg.batch_size * run.strategy.world_size, cfg.seed)
-    return evaluate.to_device(data_mod.collate(run.strategy.shard(examples), run.pad_id), run.device)
-
-
 def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
     """Forward and backward over the step's micro-batches (this process's share of each).
 
@@ -833,7 +309,7 @@ def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]
     extra_value = None
     for micro in range(cfg.grad_accum):
         last = micro == cfg.grad_accum - 1
-        batch = step_micro_batch(run, step, micro)
+        batch = run.micro_batch(step, micro)
         kwargs = {}
         if strategy.world_size > 1 and cfg.task not in SEQUENCE_TASKS:
             # the loss of the global micro-batch is its mean over all label tokens: each process's
@@ -863,6 +339,17 @@ def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]
     if extra_value is not None and not math.isfinite(extra_value):
         raise TrainingDiverged(f"the method's extra loss became {extra_value} at step {step}; stopped. " + _last_good(run.checkpoints))
     return step_loss, int(tokens_all), extra_value
+
+
+def save(run: Run, step: int) -> Path | None:
+    """A checkpoint of `step`, written by the main process (with every process's random state)."""
+    rng = run.strategy.gather(ckpt.rng_state())
+    with run.strategy.gathered(run.model):  # sharded base weights the file holds (Delta-LoRA's), gathered by all
+        if not run.strategy.is_main:
+            return None
+        keep = {**run.state, "before": run.before, "step": step}
+        return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
+                                    run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
 
 
 def finish(run: Run) -> RunResult:
@@ -900,25 +387,31 @@ def finish(run: Run) -> RunResult:
     )
     result.limit_step_seconds, result.step_vs_limit = limit_summary(run.state)
     if strategy.is_main:
-        report = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-        if run.datasets.labels:
-            report["labels"] = run.datasets.labels
-        report["eval_examples"] = {"scored": len(run.datasets.eval), "of": run.datasets.eval_total, "source": run.datasets.eval_source}
-        report["processes"] = strategy.world_size
-        report["distributed"] = strategy.kind
-        adapter_config = inject.adapter_config(run.model)
-        layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
-        if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
-            report["adapter_layout"] = layout
-        (run.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (run.run_dir / "report.txt").write_text(result.table() + "\n")
+        write_report(result, run.datasets, strategy, inject.adapter_config(run.model))
     return result
 
 
-def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> torch.Tensor:
-    """The run's training loss of one batch (what the step loop computes), for hooks' probes."""
-    with evaluate.autocast(device, bf16):
-        return model(**batch).loss
+# --- what the recipe calls -----------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch.optim.Optimizer, make_scheduler) -> tuple:
@@ -935,40 +428,39 @@ def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch
     return new, scheduler
 
 
-RUN_FILES = ("checkpoints", "adapter", "metrics.jsonl", "report.json", "report.txt", "config.yaml")
+def forward_module(run: Run) -> nn.Module:
+    """The module a step calls: the model (with the chunked loss where it applies), compiled with
+    --compile, then wrapped by the strategy (DDP)."""
+    module = run.model
+    # not under FSDP: the chunked loss reads the output head's weight outside the model's forward,
+    # where FSDP holds only this process's rows of it
+    if (run.cfg.chunked_loss and not run.strategy.sharded and run.cfg.task not in SEQUENCE_TASKS
+            and losses.plain_head(module) is not None):
+        module = losses.ChunkedLossModel(module)
+    module = torch.compile(module) if run.cfg.compile else module
+    return run.strategy.wrap(module)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """What a run writes, removed for --overwrite; anything else the user put there stays."""
-    import shutil
+class StopFlag:
+    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
 
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
 
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
 
-def _metrics_record(line: str) -> dict | None:
-    """One metrics line, or None for a line a crash tore (it is dropped, not fatal)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
-
-def open_metrics_log(path: Path, start_step: int):
-    """The JSONL metrics log, opened for appending; on resume, lines for steps after the
-    checkpoint (logged by the interrupted run, about to be trained again) are dropped."""
-    if start_step and path.is_file():
-        kept = [line for line in path.read_text(errors="replace").splitlines(keepends=True)
-                if (record := _metrics_record(line)) is not None and record.get("step", 0) <= start_step]
-        path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
-    elif path.is_file():
-        path.unlink()
-    return open(path, "a")
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _last_good(checkpoints: Path) -> str:

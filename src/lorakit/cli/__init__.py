@@ -1,0 +1,55 @@
+"""The `lorakit` command line: train, eval, generate, merge, export, inspect, compare.
+
+    lorakit train                                # the built-in job: SmolLM2-135M learns a task
+    lorakit train --data my.jsonl --method dora --r 16 --steps 300
+    lorakit train --config run.yaml --lr 1e-3    # flags override the file
+    lorakit train --print-config                 # the resolved config, as YAML
+    lorakit eval --adapter runs/<name>
+    lorakit generate --adapter runs/<name> "Reverse the order of the words: a b c"
+    lorakit generate --adapter sql=runs/a --adapter chat=runs/b --prompts prompts.jsonl   # per-prompt adapter
+    lorakit merge --adapter runs/<name> --out merged/
+    lorakit export --adapter runs/<name> --format gguf           # a LoRA adapter for llama.cpp (--lora FILE)
+    lorakit inspect runs/<name>                  # what the adapter changed, module by module
+    lorakit compare --methods lora,dora,vera     # the same job with each method: table + HTML report
+
+Errors in the user's input print one line, `error: ...`, and exit with status 2.
+
+One module a command (`train`, `eval`, `compare`, `inspect`, `generate`, `merge`, `export`), what the
+adapter-loading commands share (`adapters`), and the parser (`parser`). Importing this package loads
+no torch: the commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import LorakitError
+from .adapters import load_adapted
+from .parser import EXIT_ERROR, build_parser
+from .train import resolve_train_config
+
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lorakit` command; returns the exit status."""
+    try:
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = next((a for a in given if not a.startswith("-")), "")
+        args = build_parser(command).parse_args(given)  # `lorakit train --help` imports the methods (and torch)
+        args.argv = given
+        return args.func(args)
+    except LorakitError as err:
+        from ..train.loop import TrainingInterrupted
+
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        where = f"[process {rank}] " if rank else ""
+        print(f"error: {where}{err}" if not isinstance(err, TrainingInterrupted) else str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(err, TrainingInterrupted) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "load_adapted", "main", "resolve_train_config"]

@@ -1,0 +1,98 @@
+"""Loading what a run trains: the tokenizer and the base model, any problem as one line.
+
+Also the device and precision of a single-process run, and activation checkpointing. transformers'
+GGUF loader draws a progress bar per tensor whatever its logging says; loading turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+from .. import models
+from ..errors import LorakitError
+from ..quant import load_quantized_causal_lm, quantize
+from .distributed import SingleProcess
+
+SEQUENCE_TASKS = ("classify", "regress")  # a head over an encoder's (or decoder's) sequence output
+
+
+def pick_device(name: str) -> torch.device:
+    """The device of a single-process run (`lorakit eval`, `generate`)."""
+    return SingleProcess().device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: on GPU by default, anywhere when asked for."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def load_tokenizer(spec: str | None, task: str):
+    try:
+        return models.load_tokenizer(spec, task)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise LorakitError(str(err).splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF loader draws its own tqdm bar per tensor, ignoring its logging switch."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantization: dict | None = None) -> nn.Module:
+    """The base model for the task; any loading problem becomes a one-line error.
+
+    `quantization` (the keyword arguments of `lorakit.quantize`, e.g. `{"method": "nf4"}`)
+    gives a 4-bit base: a causal LM is then streamed into NF4 tensor by tensor
+    (`lorakit.quant.load_quantized_causal_lm`, the same bits as quantizing after a dense load),
+    so the full-precision model never sits in memory.
+    """
+    try:
+        with _no_gguf_progress_bar():
+            if quantization and task not in SEQUENCE_TASKS:
+                return load_quantized_causal_lm(spec, **quantization)
+            model = _load_model(spec, task, num_labels, tokenizer)
+            if quantization:
+                quantize(model, **quantization)
+            return model
+    except (FileNotFoundError, ValueError, OSError, TypeError) as err:
+        raise LorakitError(str(err).splitlines()[0]) from None
+
+
+def num_outputs(task: str, labels: list[str]) -> int:
+    """The head's width: one per class, one for a regression target."""
+    return 1 if task == "regress" else max(2, len(labels))
+
+
+def _load_model(spec: str | None, task: str, num_labels: int, tokenizer) -> nn.Module:
+    if task in SEQUENCE_TASKS:
+        model = models.load_classifier(spec, num_labels=num_labels, regression=task == "regress")
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers need it
+        return model
+    return models.load_causal_lm(spec)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing through transformers (renamed in transformers 5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing")
