@@ -7,7 +7,7 @@ hooks where it has any (Delta-LoRA's base update). Conditions:
   frozen and the input embeddings require grad, so backward runs through every layer (checked: the
   embeddings' gradient must come back non-zero) but computes no weight gradient. No LoRA-family
   step can beat it (see /work/shared/docs/PERFORMANCE.md).
-- `lorakit <method>` for every method in `lorakit.METHODS` (and QLoRA when `lorakit.quantize`
+- `lorakit <method>` for every method in `lorakit.methods.METHODS` (and QLoRA when `lorakit.quantize`
   exists), and `peft <method>` where PEFT has the same method with the same rank, alpha and
   targets (LoRA, DoRA = `use_dora=True`, VeRA, LoRA-FA = LoRA + PEFT's LoRA-FA optimizer;
   QLoRA = PEFT LoRA over bitsandbytes NF4 + double quant, when bitsandbytes is installed).
@@ -131,7 +131,7 @@ class Condition:
     hooks: Any = None
     feed: str = "ids"  # "ids" or "embeddings" (the limit)
     compiled: bool = False
-    chunked_loss: bool = False  # lorakit.causal_lm_loss instead of the model's own loss (full logits)
+    chunked_loss: bool = False  # lorakit.losses.causal_lm_loss instead of the model's own loss (full logits)
     times: list[float] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -202,9 +202,14 @@ def lorakit_at(revision: str) -> Any:
     return module
 
 
-def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit) -> lorakit.AdapterConfig:
+def registered_methods(lib: Any) -> dict[str, type]:
+    """The method registry of `lib` (lorakit, or an earlier revision of it loaded by `lorakit_at`)."""
+    return importlib.import_module(f"{lib.__name__}.methods").METHODS
+
+
+def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit) -> lorakit.methods.AdapterConfig:
     """The method's config with the shared rank / alpha / targets where it has such fields."""
-    cls = lib.METHODS[method]
+    cls = registered_methods(lib)[method]
     fields = {f.name for f in dataclasses.fields(cls)}
     wanted: dict[str, Any] = {"targets": list(args.targets), "dropout": 0.0}
     wanted["r"] = args.vera_r if method == "vera" else args.r
@@ -286,7 +291,7 @@ def limit_condition(base: nn.Module) -> Condition:
 
 def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Condition]:
     conditions = [limit_condition(base)]
-    methods = args.methods or sorted(lorakit.METHODS, key=lambda m: (m != "lora", m))
+    methods = args.methods or sorted(lorakit.methods.METHODS, key=lambda m: (m != "lora", m))
     if args.methods is None and callable(getattr(lorakit, "quantize", None)):
         methods = methods + ["qlora"]
     for method in methods:
@@ -296,10 +301,10 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
             if not args.no_peft and importlib.util.find_spec("bitsandbytes") is not None:
                 builders.append(lambda: peft_qlora_condition(base, args))
         else:
-            if method not in lorakit.METHODS:
-                raise SystemExit(f"unknown method {method!r}; registered: {', '.join(sorted(lorakit.METHODS))}")
+            if method not in lorakit.methods.METHODS:
+                raise SystemExit(f"unknown method {method!r}; registered: {', '.join(sorted(lorakit.methods.METHODS))}")
             builders.append(lambda m=method: lorakit_condition(base, m, args))
-            if args.before_lib is not None and method in args.before_lib.METHODS:
+            if args.before_lib is not None and method in registered_methods(args.before_lib):
                 builders.append(lambda m=method: lorakit_condition(base, m, args, lib=args.before_lib))
             if method in PEFT_COUNTERPARTS and not args.no_peft:
                 builders.append(lambda m=method: peft_condition(base, m, args))
@@ -542,7 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory step")
     p.add_argument("--chunked-loss", action="store_true",
-                   help="also time lorakit's conditions (and the limit) with lorakit.causal_lm_loss (no full logits)")
+                   help="also time lorakit's conditions (and the limit) with lorakit.losses.causal_lm_loss (no full logits)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or the process's CPU time (CPU runs with --threads 1 on a machine other "

@@ -105,7 +105,7 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         lorakit.quantize(model, targets=TARGETS, loftq_rank=8 if name.endswith("loftq") else 0)
     if make_config is None:
         params = [{"params": list(model.parameters()), "lr": lr}]
-        hooks = lorakit.Hooks([])
+        hooks = lorakit.hooks.Hooks([])
     else:
         config = make_config()
         if isinstance(config, lorakit.AdaLoRA):
@@ -115,7 +115,7 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         # before the optimizer exists: a method may rebuild its adapters here (LoRA-drop's stage 1)
         sample = lambda fraction: list(batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size,
                                                args.max_length))  # noqa: E731
-        hooks.before_training(model, lorakit.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
+        hooks.before_training(model, lorakit.hooks.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
                                                                 args.max_length)), lr=lr, sampler=sample))
         params = lorakit.param_groups(model, lr, loraplus_ratio=ratio)
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -153,12 +153,12 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
             size = sum(f.stat().st_size for f in Path(tmp).iterdir())
     layout = {}
     if make_config is not None:
-        config = lorakit.adapter_config(model)
+        config = lorakit.inject.adapter_config(model)
         if isinstance(config, lorakit.LoRADrop):
             layout = {"kept": config.plan["kept"], "shared_groups": sorted(set(config.plan["groups"].values()))}
         elif isinstance(config, lorakit.AdaLoRA):
             layout = {"final_ranks": {m: sum(k) for m, k in config.rank_pattern.items()}}
-        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.adapted_layers(model))
+        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.inject.adapted_layers(model))
         layout["adapter_params_vs_lora_r8"] = sum(p.numel() for n, p in lorakit.adapter_parameters(model)
                                                   if ".adapters." in n) / full_lora
     return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size, "layout": layout,

@@ -43,7 +43,7 @@ def test_regulariser_is_the_mean_frobenius_distance_from_orthogonality():
     model = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj"], orth_reg_weight=0.3))
     hooks = lorakit.training_hooks(model, total_steps=10)
     terms = []
-    for _, layer in lorakit.adapted_layers(model):
+    for _, layer in lorakit.inject.adapted_layers(model):
         Q, P = layer.adapter.lora_A.detach(), layer.adapter.lora_B.detach()
         terms += [torch.linalg.norm(Q @ Q.T - torch.eye(4)), torch.linalg.norm(P.T @ P - torch.eye(4))]
     torch.testing.assert_close(hooks.extra_loss(model), 0.3 * torch.stack(terms).mean())
@@ -94,14 +94,14 @@ def test_the_final_allocation_is_the_saved_layout_and_merges_exactly(tmp_path, i
     config = lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj", "up_proj"], tinit=1, tfinal=2)
     model = lorakit.adapt(tiny_llama(), config)
     hooks = lorakit.training_hooks(model, total_steps=8)
-    assert lorakit.adapter_config(model).total_step == 8  # the run's length is recorded
+    assert lorakit.inject.adapter_config(model).total_step == 8  # the run's length is recorded
     train_steps(model, hooks, 8, input_ids)
-    final = lorakit.adapter_config(model).rank_pattern
-    assert set(final) == {n for n, _ in lorakit.adapted_layers(model)}
+    final = lorakit.inject.adapter_config(model).rank_pattern
+    assert set(final) == {n for n, _ in lorakit.inject.adapted_layers(model)}
     assert sum(sum(k) for k in final.values()) <= 2 * 6  # target_r x modules, ties may prune more
-    ranks = {n: layer.adapter.r for n, layer in lorakit.adapted_layers(model)}
+    ranks = {n: layer.adapter.r for n, layer in lorakit.inject.adapted_layers(model)}
     assert ranks == {n: sum(k) for n, k in final.items()} and len(set(ranks.values())) > 1
-    for name, layer in lorakit.adapted_layers(model):
+    for name, layer in lorakit.inject.adapted_layers(model):
         pruned = ~torch.tensor(final[name])
         assert torch.all(layer.adapter.lora_E[pruned] == 0)
     assert "rank" in lorakit.summary(model, per_module=True)
@@ -111,7 +111,7 @@ def test_the_final_allocation_is_the_saved_layout_and_merges_exactly(tmp_path, i
     assert peft_config["peft_type"] == "ADALORA" and peft_config["total_step"] == 8
     assert peft_config["rank_pattern"] == {f"{m}.lora_E": k for m, k in final.items()}
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert {n: layer.adapter.r for n, layer in lorakit.adapted_layers(loaded)} == ranks
+    assert {n: layer.adapter.r for n, layer in lorakit.inject.adapted_layers(loaded)} == ranks
     torch.testing.assert_close(loaded(input_ids).logits, expected)
     merged = lorakit.merge_and_unload(loaded)
     torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)

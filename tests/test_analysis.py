@@ -44,7 +44,7 @@ def test_rank_one_update_has_effective_rank_one():
 @pytest.mark.parametrize("method", ["lora", "dora", "delta-lora"])
 def test_changes_measure_the_weight_the_model_computes_with(method, tmp_path):
     model = tiny_llama(seed=1)
-    config = lorakit.METHODS[method](r=4, targets=["q_proj", "v_proj"])
+    config = lorakit.methods.METHODS[method](r=4, targets=["q_proj", "v_proj"])
     lorakit.adapt(model, config)
     perturb_trainable(model, seed=2)
     if method == "delta-lora":  # Delta-LoRA moves the base weights themselves

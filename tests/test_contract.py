@@ -18,8 +18,8 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-def make_config(method: str, arch: str) -> lorakit.AdapterConfig:
-    cls = lorakit.METHODS[method]
+def make_config(method: str, arch: str) -> lorakit.methods.AdapterConfig:
+    cls = lorakit.methods.METHODS[method]
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {"targets": TARGETS[arch]}
     if "r" in fields:
@@ -42,7 +42,7 @@ def one_step(model, input_ids, lr=1e-2):
     opt.zero_grad()
 
 
-METHOD_NAMES = sorted(lorakit.METHODS)
+METHOD_NAMES = sorted(lorakit.methods.METHODS)
 CASES = [(m, a) for m in METHOD_NAMES for a in ("llama", "gpt2")]
 
 
@@ -69,7 +69,7 @@ def test_merged_equals_unmerged_equals_unloaded(method, arch, input_ids):
     with lorakit.disabled(model):
         torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
     plain = lorakit.merge_and_unload(model)
-    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in plain.modules())
+    assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in plain.modules())
     torch.testing.assert_close(plain(input_ids).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
@@ -81,10 +81,10 @@ def test_only_adapter_state_changes_in_a_step(method, arch, input_ids):
     assert trainable
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     # buffers an adapter declares as training state (AdaLoRA's allocator mask) may change too
-    trainable |= {f"{m}.adapters.{a}.{b}" for m, layer in lorakit.adapted_layers(model)
+    trainable |= {f"{m}.adapters.{a}.{b}" for m, layer in lorakit.inject.adapted_layers(model)
                   for a, adapter in layer.adapters.items() for b in getattr(adapter, "training_buffers", ())}
     one_step(model, input_ids)
-    moves_base = getattr(lorakit.adapter_config(model), "moves_base_weights", False)
+    moves_base = getattr(lorakit.inject.adapter_config(model), "moves_base_weights", False)
     for name, tensor in model.state_dict().items():
         if name in trainable:
             continue
@@ -102,7 +102,7 @@ def test_save_load_round_trip(method, arch, input_ids, tmp_path):
     expected = model(input_ids).logits
     lorakit.save(model, tmp_path)
     loaded = lorakit.load(MAKERS[arch](), tmp_path)
-    assert type(lorakit.adapter_config(loaded)) is type(lorakit.adapter_config(model))
+    assert type(lorakit.inject.adapter_config(loaded)) is type(lorakit.inject.adapter_config(model))
     torch.testing.assert_close(loaded(input_ids).logits, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -199,7 +199,7 @@ def test_low_rank_factors_are_the_whole_change_or_absent(method, input_ids):
         adapter = layer.adapter
         factors = adapter.low_rank_factors() if getattr(adapter, "additive", False) else None
         if not getattr(adapter, "additive", False):
-            assert lorakit.METHODS[method] is lorakit.METHODS["dora"]
+            assert lorakit.methods.METHODS[method] is lorakit.methods.METHODS["dora"]
             continue
         assert factors is not None, f"{method} is additive but gives no low-rank factors"
         down, up = factors

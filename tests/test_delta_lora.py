@@ -29,7 +29,7 @@ def snapshot(model):
     return {
         name: (dense_weight(layer.base_layer).detach().clone(), layer.adapter.lora_A.detach().clone(),
                layer.adapter.lora_B.detach().clone())
-        for name, layer in lorakit.adapted_layers(model)
+        for name, layer in lorakit.inject.adapted_layers(model)
     }
 
 
@@ -99,7 +99,7 @@ def test_only_adapter_and_adapted_base_weights_change(input_ids):
     perturb_trainable(model)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     sgd_step(model, input_ids, lorakit.training_hooks(model), step=1)
-    adapted = {n for n, _ in lorakit.adapted_layers(model)}
+    adapted = {n for n, _ in lorakit.inject.adapted_layers(model)}
     for name, tensor in model.state_dict().items():
         moves = name.endswith(".base_layer.weight") and name[: -len(".base_layer.weight")] in adapted
         trains = name.endswith(("lora_A", "lora_B"))
@@ -171,7 +171,7 @@ def test_save_stores_moved_base_weights_and_reload_gives_identical_logits(tmp_pa
     meta = json.loads((tmp_path / "lorakit.json").read_text())
     assert meta["config"]["method"] == "delta-lora" and "base_weight" in meta["config"]["saved_base_weights"]
     loaded = lorakit.load(make_model(), tmp_path)
-    assert isinstance(lorakit.adapter_config(loaded), lorakit.DeltaLoRA)
+    assert isinstance(lorakit.inject.adapter_config(loaded), lorakit.DeltaLoRA)
     assert torch.equal(loaded(input_ids).logits, expected)
     for name, (w, _, _) in moved.items():
         assert torch.equal(dense_weight(loaded.get_submodule(name).base_layer), w)

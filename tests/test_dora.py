@@ -69,7 +69,7 @@ def test_magnitude_is_row_norm_and_output_equals_base_at_init(input_ids):
     model = tiny_llama()
     before = model(input_ids).logits
     lorakit.adapt(model, lorakit.DoRA(r=4, alpha=8, targets="all-linear"))
-    for _, layer in lorakit.adapted_layers(model):
+    for _, layer in lorakit.inject.adapted_layers(model):
         w = layer.base_layer.weight
         torch.testing.assert_close(layer.adapter.magnitude, torch.linalg.norm(w, dim=1))
         assert layer.adapter.magnitude.shape == (w.shape[0],)  # one value per OUTPUT row
@@ -139,7 +139,7 @@ def test_merge_unmerge_and_unload(make_model, targets, input_ids):
     adapted = model(input_ids).logits
     lorakit.merge(model)
     torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
-    for _, layer in lorakit.adapted_layers(model):  # delta_weight works while merged
+    for _, layer in lorakit.inject.adapted_layers(model):  # delta_weight works while merged
         assert layer.delta_weight().shape == (layer.out_features, layer.in_features)
     lorakit.unmerge(model)
     for n, p in model.named_parameters():
@@ -220,7 +220,7 @@ def test_save_load_round_trip(tmp_path, input_ids):
     peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["use_dora"] is True
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert type(lorakit.adapter_config(loaded)) is lorakit.DoRA
+    assert type(lorakit.inject.adapter_config(loaded)) is lorakit.DoRA
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
 
 

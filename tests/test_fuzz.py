@@ -1169,8 +1169,8 @@ def test_damaged_adapter_directories_load_or_raise_one_documented_line(chunk, tm
         except (ValueError, FileNotFoundError, KeyError) as err:
             if not one_line(str(err)):
                 failures.append(f"{label}: {type(err).__name__} message is not one line: {str(err)[:300]!r}")
-            elif lorakit.adapter_names(model):
-                failures.append(f"{label}: {type(err).__name__} raised, but adapters {lorakit.adapter_names(model)} "
+            elif lorakit.inject.adapter_names(model):
+                failures.append(f"{label}: {type(err).__name__} raised, but adapters {lorakit.inject.adapter_names(model)} "
                                 "stayed on the model")
             continue
         except KeyboardInterrupt:
@@ -1178,8 +1178,8 @@ def test_damaged_adapter_directories_load_or_raise_one_documented_line(chunk, tm
         except BaseException as err:  # noqa: BLE001
             failures.append(f"{label}: {describe(err)}")
             continue
-        if not lorakit.adapter_names(model) or tuple(logits.shape) != (1, 6, model.config.vocab_size):
-            failures.append(f"{label}: loaded, but adapters {lorakit.adapter_names(model)}, logits {tuple(logits.shape)}")
+        if not lorakit.inject.adapter_names(model) or tuple(logits.shape) != (1, 6, model.config.vocab_size):
+            failures.append(f"{label}: loaded, but adapters {lorakit.inject.adapter_names(model)}, logits {tuple(logits.shape)}")
     report(failures, "adapter", ADAPTER_CASES)
 
 

@@ -72,7 +72,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def adapted(method: str, **kwargs):
     model = tiny_llama()
-    cls = lorakit.METHODS[method]
+    cls = lorakit.methods.METHODS[method]
     config = {"targets": TARGETS, **kwargs}
     if method == "adalora":
         config.update(init_r=4, target_r=2, total_step=10)
@@ -231,7 +231,7 @@ def test_library_call_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "base.gguf"]  # no temporary left behind
     monkeypatch.undo()
     merged = lorakit.export_gguf(model, tmp_path / "m.gguf", base=tmp_path / "base.gguf", merged=True, outtype="q8_0")
-    assert merged.kind == "merged" and not any(isinstance(m, lorakit.AdaptedLayer) for m in model.modules())
+    assert merged.kind == "merged" and not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in model.modules())
 
 
 def test_qlora_merges_into_the_4bit_weights_it_was_trained_against(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit import lorakit_state
+from lorakit.inject import lorakit_state
 from lorakit.models import load_causal_lm
 from lorakit.quant import load_quantized_causal_lm, quantize
 from lorakit import gguf_reader

@@ -50,7 +50,7 @@ class ProbeThenShrinkHook:
     def before_training(self, model, probe):
         losses = probe.train(model, steps=3, lr=1e-2)
         EVENTS.append(("before_training", losses))
-        lorakit.reconfigure(model, self.name, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
+        lorakit.inject.reconfigure(model, self.name, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
 
 
 class ShrinkAtStep2Hook:
@@ -63,7 +63,7 @@ class ShrinkAtStep2Hook:
         if step != 2:
             return
         old = model.get_submodule(FIRST_Q).adapters[self.name]
-        (rebuilt,) = lorakit.reconfigure(model, self.name, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
+        (rebuilt,) = lorakit.inject.reconfigure(model, self.name, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
         new = model.get_submodule(rebuilt).adapters[self.name]
         with torch.no_grad():
             new.lora_A.copy_(old.lora_A[:2])
@@ -150,5 +150,5 @@ def test_a_rank_changed_mid_run_survives_save_load_and_resume(toy_methods, tiny_
     ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(0))
     one = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model), reference.run_dir / "adapter")
     two = lorakit.load(AutoModelForCausalLM.from_pretrained(tiny_model), resumed.run_dir / "adapter")
-    assert lorakit.adapter_config(one).rank_pattern == {r"layers\.0\.self_attn\.q_proj": 2}
+    assert lorakit.inject.adapter_config(one).rank_pattern == {r"layers\.0\.self_attn\.q_proj": 2}
     torch.testing.assert_close(one(ids).logits, two(ids).logits, rtol=0, atol=0)

@@ -33,7 +33,7 @@ def logits_with(model, names):
 
 def test_adding_a_second_adapter_activates_it_and_freezes_the_first():
     model = two_adapters()
-    assert lorakit.adapter_names(model) == ["a", "b"] and lorakit.active_adapters(model) == ("b",)
+    assert lorakit.inject.adapter_names(model) == ["a", "b"] and lorakit.inject.active_adapters(model) == ("b",)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.b." in n for n in trainable)
     layer = model.model.layers[0].self_attn.v_proj
@@ -48,7 +48,7 @@ def test_active_adapters_add_their_changes(second):
     """On each adapted layer, two active adapters give base + change_a + change_b, each change
     measured alone (DoRA's too: it adds its own W'x - W0x)."""
     model = two_adapters("lora", second)
-    for name, layer in lorakit.adapted_layers(model):
+    for name, layer in lorakit.inject.adapted_layers(model):
         x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
         with lorakit.disabled(model):
             base = layer(x)
@@ -88,7 +88,7 @@ def test_mixed_batch_generation_equals_each_adapter_alone():
         else:
             lorakit.set_active(model, name)
             alone.append(model.generate(prompts[row:row + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
-    with lorakit.per_sample_adapters(model, ["a", "b", "__base__"]):
+    with lorakit.inject.per_sample_adapters(model, ["a", "b", "__base__"]):
         together = model.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for row in range(3):
         assert torch.equal(together[row], alone[row])
@@ -120,8 +120,8 @@ def test_merging_several_adapters_equals_running_them(first, second):
     lorakit.unmerge(model)
     torch.testing.assert_close(model(INPUT).logits, expected, atol=1e-4, rtol=1e-4)
     plain = lorakit.merge_and_unload(model)
-    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in plain.modules())
-    assert lorakit.lorakit_state(plain) is None
+    assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in plain.modules())
+    assert lorakit.inject.lorakit_state(plain) is None
     torch.testing.assert_close(plain(INPUT).logits, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -137,7 +137,7 @@ def test_two_dora_adapters_cannot_share_a_merged_weight():
     torch.testing.assert_close(model(INPUT).logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'b' \\(DoRA\\) would run unmerged"):
         lorakit.set_active(model, ["a", "b"])
-    assert lorakit.active_adapters(model) == ("a",)  # the refused call changed nothing
+    assert lorakit.inject.active_adapters(model) == ("a",)  # the refused call changed nothing
 
 
 def test_merge_and_unload_of_one_adapter_drops_the_others():
@@ -145,7 +145,7 @@ def test_merge_and_unload_of_one_adapter_drops_the_others():
     expected = logits_with(model, ["a"])
     plain = lorakit.merge_and_unload(model, "a")
     torch.testing.assert_close(plain(INPUT).logits, expected, atol=1e-4, rtol=1e-4)
-    assert not lorakit.adapter_names(plain)
+    assert not lorakit.inject.adapter_names(plain)
 
 
 def test_remove_returns_plain_modules_and_keeps_the_rest():
@@ -153,12 +153,12 @@ def test_remove_returns_plain_modules_and_keeps_the_rest():
     only_b = logits_with(model, ["b"])
     lorakit.set_active(model, ["a", "b"])
     lorakit.remove(model, "a")
-    assert lorakit.adapter_names(model) == ["b"] and lorakit.active_adapters(model) == ("b",)
+    assert lorakit.inject.adapter_names(model) == ["b"] and lorakit.inject.active_adapters(model) == ("b",)
     torch.testing.assert_close(model(INPUT).logits, only_b)
     base = tiny_llama()(INPUT).logits
     lorakit.remove(model, "b")
-    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in model.modules())
-    assert lorakit.lorakit_state(model) is None
+    assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in model.modules())
+    assert lorakit.inject.lorakit_state(model) is None
     torch.testing.assert_close(model(INPUT).logits, base)
     # the model accepts a new adapter afterwards, and no stale forward hook is left
     lorakit.adapt(model, lorakit.LoRA(r=2, targets=["q_proj"]))
@@ -197,8 +197,8 @@ def test_names_are_checked():
     lorakit.adapt(model, lorakit.LoRA(targets=["v_proj"]), name="b")
     lorakit.set_active(model, ["a", "b"])
     with pytest.raises(ValueError, match="name the one you mean"):
-        lorakit.adapter_config(model)
-    assert lorakit.adapter_config(model, "b").targets == ["v_proj"]
+        lorakit.inject.adapter_config(model)
+    assert lorakit.inject.adapter_config(model, "b").targets == ["v_proj"]
 
 
 def test_no_adapter_errors_are_clear():
@@ -223,11 +223,11 @@ def test_one_adapter_step_has_no_extra_work():
 
 @pytest.mark.parametrize("method", ["lora", "lora-fa", "dora", "delta-lora"])
 def test_rank_and_alpha_patterns_resolve_per_module(method):
-    config = lorakit.METHODS[method](r=4, alpha=8.0, targets="all-linear",
+    config = lorakit.methods.METHODS[method](r=4, alpha=8.0, targets="all-linear",
                                      rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6}, alpha_pattern={"v_proj": 3.0})
     model = lorakit.adapt(tiny_llama(), config)
-    ranks = {name: layer.adapter.r for name, layer in lorakit.adapted_layers(model)}
-    scales = {name: layer.adapter.scale for name, layer in lorakit.adapted_layers(model)}
+    ranks = {name: layer.adapter.r for name, layer in lorakit.inject.adapted_layers(model)}
+    scales = {name: layer.adapter.scale for name, layer in lorakit.inject.adapted_layers(model)}
     assert ranks["model.layers.0.self_attn.q_proj"] == ranks["model.layers.1.self_attn.q_proj"] == 2
     assert ranks["model.layers.1.mlp.up_proj"] == ranks["model.layers.1.mlp.down_proj"] == 6
     assert ranks["model.layers.0.mlp.up_proj"] == 4 and scales["model.layers.0.mlp.up_proj"] == 2.0
@@ -260,21 +260,21 @@ def test_bad_patterns_are_clear_errors():
 
 def test_reconfigure_rebuilds_only_changed_modules_and_saves_the_layout(tmp_path):
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))
-    before = {n: layer.adapter for n, layer in lorakit.adapted_layers(model)}
-    rebuilt = lorakit.reconfigure(model, "default", rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
+    before = {n: layer.adapter for n, layer in lorakit.inject.adapted_layers(model)}
+    rebuilt = lorakit.inject.reconfigure(model, "default", rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
     assert rebuilt == ["model.layers.0.self_attn.q_proj"]
-    after = {n: layer.adapter for n, layer in lorakit.adapted_layers(model)}
+    after = {n: layer.adapter for n, layer in lorakit.inject.adapted_layers(model)}
     assert after[rebuilt[0]].r == 2 and after[rebuilt[0]].lora_A.requires_grad
     assert all(after[n] is before[n] for n in after if n not in rebuilt)
-    assert lorakit.lorakit_state(model).layout_version == 1
+    assert lorakit.inject.lorakit_state(model).layout_version == 1
     perturb_trainable(model)
     expected = model(INPUT).logits
     lorakit.save(model, tmp_path)
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.adapter_config(loaded).rank_pattern == {r"layers\.0\.self_attn\.q_proj": 2}
+    assert lorakit.inject.adapter_config(loaded).rank_pattern == {r"layers\.0\.self_attn\.q_proj": 2}
     torch.testing.assert_close(loaded(INPUT).logits, expected)
     with pytest.raises(ValueError, match="not layout fields"):
-        lorakit.reconfigure(model, "default", r=3)
+        lorakit.inject.reconfigure(model, "default", r=3)
 
 
 # --- hot-swap ---------------------------------------------------------------------------------------
@@ -292,17 +292,17 @@ def test_hotswap_replaces_weights_in_place_without_recompiling(tmp_path):
     expected_a, expected_b = task_a(INPUT).logits, task_b(INPUT).logits
 
     serving = lorakit.load(tiny_llama(), tmp_path / "a")
-    tensors = [p for _, layer in lorakit.adapted_layers(serving) for p in layer.adapter.parameters()]
+    tensors = [p for _, layer in lorakit.inject.adapted_layers(serving) for p in layer.adapter.parameters()]
     torch._dynamo.reset()
     frames = []
     compiled = torch.compile(serving, backend=lambda gm, inputs: frames.append(gm) or gm.forward)
     with torch.no_grad():
         torch.testing.assert_close(compiled(INPUT).logits, expected_a, atol=1e-5, rtol=1e-5)
         compiled_once = len(frames)
-        lorakit.hotswap(serving, tmp_path / "b")
+        lorakit.io.hotswap(serving, tmp_path / "b")
         torch.testing.assert_close(compiled(INPUT).logits, expected_b, atol=1e-5, rtol=1e-5)
     assert len(frames) == compiled_once, "the swap made torch.compile compile again"
-    assert [p for _, layer in lorakit.adapted_layers(serving) for p in layer.adapter.parameters()] == tensors
+    assert [p for _, layer in lorakit.inject.adapted_layers(serving) for p in layer.adapter.parameters()] == tensors
 
 
 def test_hotswap_refuses_a_different_layout(tmp_path):
@@ -314,13 +314,13 @@ def test_hotswap_refuses_a_different_layout(tmp_path):
     lorakit.save(other_alpha, tmp_path / "alpha")
     serving = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match=r"cannot hot-swap .*'r': 2.* vs the model's .*'r': 4"):
-        lorakit.hotswap(serving, tmp_path / "r2")
+        lorakit.io.hotswap(serving, tmp_path / "r2")
     with pytest.raises(ValueError, match="adapted modules differ"):
-        lorakit.hotswap(serving, tmp_path / "q_only")
+        lorakit.io.hotswap(serving, tmp_path / "q_only")
     with pytest.raises(ValueError, match="alpha"):
-        lorakit.hotswap(serving, tmp_path / "alpha")
+        lorakit.io.hotswap(serving, tmp_path / "alpha")
     with pytest.raises(ValueError, match="no adapter named 'x'"):
-        lorakit.hotswap(serving, tmp_path / "r2", name="x")
+        lorakit.io.hotswap(serving, tmp_path / "r2", name="x")
 
 
 def test_mixed_batch_refuses_a_layer_that_does_not_see_the_batch_dimension():

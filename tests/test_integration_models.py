@@ -22,7 +22,7 @@ def smollm2():
 def test_smollm2_lora_trains_saves_and_reloads(smollm2, tmp_path):
     tokenizer, model = smollm2
     lorakit.adapt(model, lorakit.LoRA(r=8, alpha=16, targets="all-linear"))
-    assert len(list(lorakit.adapted_layers(model))) == 30 * 7
+    assert len(list(lorakit.inject.adapted_layers(model))) == 30 * 7
     text = ["The capital of Zorbania is Plimth. The capital of Zorbania is Plimth."] * 2
     batch = tokenizer(text, return_tensors="pt")
     params = [p for _, p in lorakit.adapter_parameters(model)]
@@ -52,7 +52,7 @@ def test_minilm_loads_offline_and_adapts():
     except FileNotFoundError as err:
         pytest.skip(str(err))
     lorakit.adapt(model, lorakit.LoRA(r=4, targets=["query", "value"], train_modules=["classifier"]))
-    assert len(list(lorakit.adapted_layers(model))) == 6 * 2
+    assert len(list(lorakit.inject.adapted_layers(model))) == 6 * 2
     batch = tokenizer(["a fine film", "a dull film"], return_tensors="pt", padding=True)
     logits = model(**batch).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()

@@ -29,7 +29,7 @@ def with_three_adapters():
 
 def per_adapter_logits(model):
     out = {}
-    for name in lorakit.adapter_names(model):
+    for name in lorakit.inject.adapter_names(model):
         lorakit.set_active(model, name)
         out[name] = model(INPUT).logits
     return out
@@ -44,8 +44,8 @@ def test_several_adapters_round_trip_in_peft_layout(tmp_path):
     assert not (tmp_path / "delta" / "adapter_config.json").exists()  # PEFT cannot express Delta-LoRA
     assert json.loads((tmp_path / "delta" / "lorakit.json").read_text())["adapter_name"] == "delta"
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.adapter_names(loaded) == ["default", "delta", "vera"]
-    assert lorakit.active_adapters(loaded) == ("default",)
+    assert lorakit.inject.adapter_names(loaded) == ["default", "delta", "vera"]
+    assert lorakit.inject.active_adapters(loaded) == ("default",)
     assert not any(p.requires_grad for p in loaded.parameters())
     for name, logits in per_adapter_logits(loaded).items():
         torch.testing.assert_close(logits, expected[name], msg=name)
@@ -58,8 +58,8 @@ def test_save_a_subset_and_load_one_under_a_new_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vera"]
     base = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=2, targets=["k_proj"]), name="mine")
     lorakit.load(base, tmp_path / "vera", name="summarise")
-    assert lorakit.adapter_names(base) == ["mine", "summarise"]
-    assert lorakit.active_adapters(base) == ("mine",)  # a model that had an active adapter keeps it
+    assert lorakit.inject.adapter_names(base) == ["mine", "summarise"]
+    assert lorakit.inject.active_adapters(base) == ("mine",)  # a model that had an active adapter keeps it
     lorakit.set_active(base, "summarise")
     torch.testing.assert_close(base(INPUT).logits, expected)
     with pytest.raises(ValueError, match=r"no adapter named \['nope'\]"):
@@ -72,7 +72,7 @@ def test_loading_onto_an_existing_name_is_refused_and_changes_nothing(tmp_path):
     before = model(INPUT).logits
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         lorakit.load(model, tmp_path)
-    assert lorakit.adapter_names(model) == ["default"]
+    assert lorakit.inject.adapter_names(model) == ["default"]
     torch.testing.assert_close(model(INPUT).logits, before)
 
 
@@ -85,7 +85,7 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=2, targets=["v_proj"]), name="kept")
     with pytest.raises(ValueError, match="missing"):
         lorakit.load(model, tmp_path, name="broken")
-    assert lorakit.adapter_names(model) == ["kept"] and lorakit.active_adapters(model) == ("kept",)
+    assert lorakit.inject.adapter_names(model) == ["kept"] and lorakit.inject.active_adapters(model) == ("kept",)
     assert not any("broken" in n for n, _ in model.named_parameters())
 
 
@@ -110,19 +110,19 @@ def test_second_qlora_adapter_loads_onto_the_same_4bit_base(tmp_path):
     torch.testing.assert_close(served(INPUT).logits, second(INPUT).logits)
     lorakit.remove(served, "a")
     lorakit.remove(served, "b")
-    assert lorakit.lorakit_state(served).quantization is not None  # still 4-bit, still recorded
+    assert lorakit.inject.lorakit_state(served).quantization is not None  # still 4-bit, still recorded
 
 
 def test_a_layout_decided_in_training_survives_save_and_load(tmp_path):
     model = lorakit.adapt(tiny_llama(), lorakit.DoRA(r=4, targets=["q_proj", "v_proj"]))
-    lorakit.reconfigure(model, "default", rank_pattern={"v_proj": 1}, alpha_pattern={"q_proj": 2.0})
+    lorakit.inject.reconfigure(model, "default", rank_pattern={"v_proj": 1}, alpha_pattern={"q_proj": 2.0})
     perturb_trainable(model)
     lorakit.save(model, tmp_path)
     meta = json.loads((tmp_path / "lorakit.json").read_text())
     assert meta["config"]["rank_pattern"] == {"v_proj": 1}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] == {"v_proj": 1}
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert {layer.adapter.r for _, layer in lorakit.adapted_layers(loaded)} == {1, 4}
+    assert {layer.adapter.r for _, layer in lorakit.inject.adapted_layers(loaded)} == {1, 4}
     torch.testing.assert_close(loaded(INPUT).logits, model(INPUT).logits)
 
 

@@ -56,7 +56,7 @@ def test_adapted_layer_starts_at_quantized_plus_truncated_residual(method, rslor
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1))
     dense = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
     quantize(model, targets=TARGETS, loftq_rank=12)  # kept rank above r: the top r are used
-    config = lorakit.METHODS[method](r=6, alpha=24.0, rslora=rslora, targets=TARGETS, init="loftq")
+    config = lorakit.methods.METHODS[method](r=6, alpha=24.0, rslora=rslora, targets=TARGETS, init="loftq")
     lorakit.adapt(model, config)
     for name in TARGETS:
         layer = model.get_submodule(name)
@@ -96,7 +96,7 @@ def test_loftq_trains_and_saves_a_plain_adapter(tmp_path):
     assert peft_config["init_lora_weights"] is True  # PEFT must not rerun LoftQ on load
     # loading needs no factors: the base is NF4(W) again, the file holds A and B
     restored = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.adapter_config(restored).init == "loftq"
+    assert lorakit.inject.adapter_config(restored).init == "loftq"
     assert torch.equal(restored(ids).logits, expected)
 
 
@@ -106,7 +106,7 @@ def test_streamed_loader_keeps_the_same_factors(tmp_path):
     tiny_llama(seed=3).save_pretrained(tmp_path)
     streamed = load_quantized_causal_lm(str(tmp_path), loftq_rank=4)
     reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), loftq_rank=4)
-    assert "loftq_rank" not in lorakit.lorakit_state(streamed).quantization  # not part of the base
+    assert "loftq_rank" not in lorakit.inject.lorakit_state(streamed).quantization  # not part of the base
     ref_layers = dict(quantized_layers(reference))
     for name, layer in quantized_layers(streamed):
         for ours, theirs in zip(layer.residual_factors, ref_layers[name].residual_factors):
@@ -123,7 +123,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="not one of default, loftq"):
         lorakit.LoRA(init="pissa")
     with pytest.raises(ValueError, match="Delta-LoRA supports only init='default'"):
-        lorakit.METHODS["delta-lora"](init="loftq")
+        lorakit.methods.METHODS["delta-lora"](init="loftq")
 
 
 def test_same_pair_as_peft_loftq_with_alpha_equal_r():

@@ -52,7 +52,7 @@ def test_init_kaiming_a_zero_b_model_unchanged(input_ids):
     model = tiny_llama()
     before = model(input_ids).logits
     lorakit.adapt(model, lorakit.LoRA(r=8, alpha=16))
-    for _, layer in lorakit.adapted_layers(model):
+    for _, layer in lorakit.inject.adapted_layers(model):
         a = layer.adapter.lora_A
         bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt 5) on (r, in)
         assert a.abs().max() <= bound and a.std() > bound / 3
@@ -91,7 +91,7 @@ def test_merge_unmerge_round_trip_and_merge_and_unload(input_ids):
         if ".base_layer." in name:
             torch.testing.assert_close(p, w_before[name.replace(".base_layer", "")], atol=1e-6, rtol=0)
     plain = lorakit.merge_and_unload(model)
-    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in plain.modules())
+    assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in plain.modules())
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(plain(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
@@ -109,7 +109,7 @@ def test_disabled_equals_base_even_when_merged(input_ids):
     lorakit.merge(model)
     with lorakit.disabled(model):
         torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
-    assert all(layer.merged for _, layer in lorakit.adapted_layers(model))
+    assert all(layer.merged for _, layer in lorakit.inject.adapted_layers(model))
     torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_dtype_policy_fp32_master_weights_compute_in_activation_dtype():
 
 
 def names(model):
-    return [n for n, _ in lorakit.adapted_layers(model)]
+    return [n for n, _ in lorakit.inject.adapted_layers(model)]
 
 
 def test_all_linear_skips_output_head():
@@ -317,9 +317,9 @@ def fused_nodes(model, input_ids):
 def test_fused_layer_equals_unfused_path(method, make_model, input_ids, monkeypatch):
     """The fused node computes what the base and the adapter compute apart: outputs and every
     gradient (adapter parameters and the input) to float tolerance, Linear and GPT-2 Conv1D bases."""
-    model = lorakit.adapt(make_model(), lorakit.METHODS[method](r=4, targets="all-linear"))
+    model = lorakit.adapt(make_model(), lorakit.methods.METHODS[method](r=4, targets="all-linear"))
     perturb_trainable(model)
-    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.adapted_layers(model)))
+    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.inject.adapted_layers(model)))
     fused = step_results(model, input_ids)
     unfused(monkeypatch)
     assert fused_nodes(model, input_ids) == []
@@ -355,7 +355,7 @@ def test_fused_layer_with_dropout_draws_the_same_mask(input_ids, monkeypatch):
     perturb_trainable(model)
     torch.manual_seed(5)
     fused = step_results(model, input_ids)
-    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.adapted_layers(model)))
+    assert len(fused_nodes(model, input_ids)) == len(list(lorakit.inject.adapted_layers(model)))
     unfused(monkeypatch)
     torch.manual_seed(5)
     reference = step_results(model, input_ids)
@@ -400,7 +400,7 @@ def test_fused_layer_falls_back_where_it_does_not_apply(input_ids):
     assert fused_nodes(model, input_ids) == []
     lorakit.set_active(model, "second")  # the one that trains (adapt froze "default")
     assert len(fused_nodes(model, input_ids)) == 2
-    with lorakit.per_sample_adapters(model, ["default", "second"]):
+    with lorakit.inject.per_sample_adapters(model, ["default", "second"]):
         assert fused_nodes(model, input_ids) == []
     layer = model.model.layers[0].self_attn.q_proj
     handle = layer.base_layer.register_forward_hook(lambda *args: None)

@@ -54,12 +54,12 @@ def test_the_loud_branches_keep_their_own_pairs_and_the_quiet_ones_share_one(tmp
     model = Wrapper()
     lorakit.adapt(model, lorakit.LoRADrop(r=2, targets=["proj"], threshold=0.9, probe_steps=20))
     batches = regression_batches()
-    lorakit.training_hooks(model).before_training(model, lorakit.Probe(batches, mse, lr=0.05))
-    plan = lorakit.adapter_config(model).plan
+    lorakit.training_hooks(model).before_training(model, lorakit.hooks.Probe(batches, mse, lr=0.05))
+    plan = lorakit.inject.adapter_config(model).plan
     assert plan["kept"] == ["inner.blocks.0.proj", "inner.blocks.1.proj"]
     assert set(plan["groups"]) == {"inner.blocks.2.proj", "inner.blocks.3.proj"}
     assert len(set(plan["groups"].values())) == 1 and abs(sum(plan["scores"].values()) - 1) < 1e-6
-    layers = dict(lorakit.adapted_layers(model))
+    layers = dict(lorakit.inject.adapted_layers(model))
     shared = layers["inner.blocks.2.proj"].adapter
     assert shared is layers["inner.blocks.3.proj"].adapter and shared is not layers["inner.blocks.0.proj"].adapter
     # parameters: two own pairs + one shared pair, each r (in + out) = 2 * 16
@@ -80,9 +80,9 @@ def test_the_loud_branches_keep_their_own_pairs_and_the_quiet_ones_share_one(tmp
     assert meta["config"]["plan"]["kept"] == plan["kept"] and not (tmp_path / "adapter_config.json").exists()
     loaded = lorakit.load(Wrapper(), tmp_path)
     torch.testing.assert_close(loaded(x), expected)
-    loaded_layers = dict(lorakit.adapted_layers(loaded))
+    loaded_layers = dict(lorakit.inject.adapted_layers(loaded))
     assert loaded_layers["inner.blocks.2.proj"].adapter is loaded_layers["inner.blocks.3.proj"].adapter
-    lorakit.training_hooks(loaded).before_training(loaded, lorakit.Probe(batches, mse, lr=0.05))  # planned: no-op
+    lorakit.training_hooks(loaded).before_training(loaded, lorakit.hooks.Probe(batches, mse, lr=0.05))  # planned: no-op
     torch.testing.assert_close(loaded(x), expected)
     merged = lorakit.merge_and_unload(loaded)  # the shared product goes into both quiet branches
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
@@ -97,7 +97,7 @@ def test_importance_is_the_output_change_of_each_update():
     batches = regression_batches(2)
     importance = module_importance(model, "default", batches)
     g = {}
-    for name, layer in lorakit.adapted_layers(model):
+    for name, layer in lorakit.inject.adapted_layers(model):
         index = int(name.split(".")[2])
         delta = layer.delta_weight()
         g[name] = sum(float(((b["x"] * Branches.SCALES[index]) @ delta.T).pow(2).sum()) for b in batches)

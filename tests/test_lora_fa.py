@@ -16,7 +16,7 @@ from lorakit.methods.lora_fa import LoRAFAAdapter, pack_bits, unpack_bits
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
 
 
-def one_layer(config: lorakit.AdapterConfig, in_features: int = 20, out_features: int = 12, seed: int = 0):
+def one_layer(config: lorakit.methods.AdapterConfig, in_features: int = 20, out_features: int = 12, seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_features, out_features))
     lorakit.adapt(model, config)
@@ -57,7 +57,7 @@ def test_a_is_frozen_kaiming_b_zero_and_only_b_trains(input_ids):
     torch.testing.assert_close(model(input_ids).logits, before)
     trainable = dict(lorakit.adapter_parameters(model))
     assert trainable and all(name.endswith("lora_B") for name in trainable)
-    for _, layer in lorakit.adapted_layers(model):
+    for _, layer in lorakit.inject.adapted_layers(model):
         a = layer.adapter.lora_A
         bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt 5) on (r, in)
         assert a.abs().max() <= bound and a.std() > bound / 3
@@ -66,7 +66,7 @@ def test_a_is_frozen_kaiming_b_zero_and_only_b_trains(input_ids):
     # r * out per layer: q_proj (32 out) and up_proj (64 out) in each of 2 layers
     assert sum(p.numel() for p in trainable.values()) == 8 * (32 + 64) * 2
     model.requires_grad_(True)  # cannot unfreeze a buffer by accident
-    assert all(not layer.adapter.lora_A.requires_grad for _, layer in lorakit.adapted_layers(model))
+    assert all(not layer.adapter.lora_A.requires_grad for _, layer in lorakit.inject.adapted_layers(model))
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -198,7 +198,7 @@ def test_save_load_round_trip_keeps_method_and_frozen_a(tmp_path, input_ids, mak
     peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 4
     loaded = lorakit.load(make_model(), tmp_path, trainable=True).eval()  # new adapter modules start in train mode
-    config = lorakit.adapter_config(loaded)
+    config = lorakit.inject.adapter_config(loaded)
     assert isinstance(config, lorakit.LoRAFA) and config.dropout == 0.1
     assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
     trainable = dict(lorakit.adapter_parameters(loaded))
@@ -206,7 +206,7 @@ def test_save_load_round_trip_keeps_method_and_frozen_a(tmp_path, input_ids, mak
     # Without lorakit.json the file is an ordinary PEFT LoRA and loads as plain LoRA.
     (tmp_path / "lorakit.json").unlink()
     as_lora = lorakit.load(make_model(), tmp_path).eval()
-    assert type(lorakit.adapter_config(as_lora)) is lorakit.LoRA
+    assert type(lorakit.inject.adapter_config(as_lora)) is lorakit.LoRA
     torch.testing.assert_close(as_lora(input_ids).logits, model(input_ids).logits, atol=1e-6, rtol=1e-6)
 
 

@@ -68,7 +68,7 @@ def test_adam_first_step_moves_b_ratio_times_further(input_ids):
     torch.manual_seed(0)
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=TARGETS))
     with torch.no_grad():
-        for _, layer in lorakit.adapted_layers(model):
+        for _, layer in lorakit.inject.adapted_layers(model):
             layer.adapter.lora_B.normal_(std=0.1)  # so that A gets a gradient too
     before = {n: p.detach().clone() for n, p in lorakit.adapter_parameters(model)}
     opt = torch.optim.Adam(param_groups(model, lr=1e-4, loraplus_ratio=16.0))

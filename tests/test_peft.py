@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 # --- LoRA --------------------------------------------------------------------------------------
 def copy_into_peft_lora(ours: nn.Module, theirs: nn.Module) -> None:
     """Give PEFT's LoRA modules the same A and B as ours."""
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         with torch.no_grad():
             module.lora_A["default"].weight.copy_(layer.adapter.lora_A)
@@ -42,7 +42,7 @@ def test_lora_outputs_and_gradients_match_peft(make_model, targets, rslora, inpu
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
@@ -62,7 +62,7 @@ def test_lora_lorakit_loads_peft_adapter(tmp_path, input_ids, targets):
     theirs = peft.get_peft_model(tiny_llama(), config)
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(tiny_llama(), tmp_path)
-    assert len(list(lorakit.adapted_layers(ours))) == (4 if isinstance(targets, list) else 14)
+    assert len(list(lorakit.inject.adapted_layers(ours))) == (4 if isinstance(targets, list) else 14)
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -86,7 +86,7 @@ def peft_dora(make_model, targets, **kwargs):
 
 
 def copy_into_peft_dora(ours: nn.Module, theirs: nn.Module) -> None:
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         with torch.no_grad():
             module.lora_A["default"].weight.copy_(layer.adapter.lora.lora_A)
@@ -98,7 +98,7 @@ def copy_into_peft_dora(ours: nn.Module, theirs: nn.Module) -> None:
 def test_dora_magnitude_init_matches_peft(make_model, targets):
     ours = lorakit.adapt(make_model(), lorakit.DoRA(r=4, alpha=12, targets=targets))
     theirs = peft_dora(make_model, targets)
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.adapter.magnitude, module.lora_magnitude_vector["default"].weight)
 
@@ -118,7 +118,7 @@ def test_dora_outputs_and_gradients_match_peft(make_model, targets, dropout, inp
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         pairs = [(layer.adapter.lora.lora_A, module.lora_A["default"].weight),
                  (layer.adapter.lora.lora_B, module.lora_B["default"].weight),
@@ -142,7 +142,7 @@ def test_dora_lorakit_loads_peft_adapter(make_model, targets, tmp_path, input_id
     perturb_trainable(theirs)
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(make_model(), tmp_path)
-    assert type(lorakit.adapter_config(ours)) is lorakit.DoRA
+    assert type(lorakit.inject.adapter_config(ours)) is lorakit.DoRA
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -166,7 +166,7 @@ def peft_vera(make_model, targets, **kwargs):
 
 
 def copy_into_peft_vera(ours: nn.Module, theirs: nn.Module) -> None:
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         with torch.no_grad():
             module.vera_lambda_b["default"].copy_(layer.adapter.vera_lambda_b)
@@ -193,7 +193,7 @@ def test_vera_outputs_and_gradients_match_peft(make_model, targets, input_ids):
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    for name, layer in lorakit.adapted_layers(ours):
+    for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4)
@@ -217,10 +217,10 @@ def test_vera_lorakit_loads_peft_adapter(make_model, targets, save_projection, t
     perturb_trainable(theirs)
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(make_model(), tmp_path)
-    config = lorakit.adapter_config(ours)
+    config = lorakit.inject.adapter_config(ours)
     assert isinstance(config, lorakit.VeRA) and config.projection_prng_key == 11 and config.save_projection == save_projection
     peft_layers = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.vera.VeraLayer)]
-    assert sorted(n for n, _ in lorakit.adapted_layers(ours)) == sorted(peft_layers)
+    assert sorted(n for n, _ in lorakit.inject.adapted_layers(ours)) == sorted(peft_layers)
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -233,9 +233,9 @@ def test_peft_reads_each_of_several_lorakit_adapters(tmp_path, input_ids):
     lorakit.adapt(ours, lorakit.LoRA(r=4, alpha=8, targets="all-linear", rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6},
                                      alpha_pattern={"v_proj": 3.0}), name="sql")
     lorakit.adapt(ours, lorakit.DoRA(r=2, targets=["o_proj", "up_proj"]), name="chat")
-    for name in lorakit.adapter_names(ours):
+    for name in lorakit.inject.adapter_names(ours):
         lorakit.set_active(ours, name)
-        for p in (p for _, layer in lorakit.adapted_layers(ours, name) for p in layer.adapters[name].parameters()):
+        for p in (p for _, layer in lorakit.inject.adapted_layers(ours, name) for p in layer.adapters[name].parameters()):
             torch.nn.init.normal_(p.data, std=0.1)
     lorakit.save(ours, tmp_path)
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "sql" / "adapter_config.json").is_file()
@@ -257,8 +257,8 @@ def test_lorakit_reads_a_peft_multi_adapter_directory(tmp_path, input_ids):
                                                 init_lora_weights=False))
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.adapter_names(ours) == ["default", "other"] and lorakit.active_adapters(ours) == ("default",)
-    assert lorakit.adapter_config(ours, "other").rank_pattern == {"down_proj": 3}
+    assert lorakit.inject.adapter_names(ours) == ["default", "other"] and lorakit.inject.active_adapters(ours) == ("default",)
+    assert lorakit.inject.adapter_config(ours, "other").rank_pattern == {"down_proj": 3}
     for name in ("default", "other"):
         theirs.set_adapter(name)
         lorakit.set_active(ours, name)
@@ -277,7 +277,7 @@ def test_rank_and_alpha_patterns_match_peft(method, tmp_path, input_ids):
                                                                **patterns))
     theirs.save_pretrained(str(tmp_path / "peft"))
     ours = lorakit.load(tiny_llama(), tmp_path / "peft")
-    assert lorakit.adapter_config(ours).method == method
+    assert lorakit.inject.adapter_config(ours).method == method
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
     lorakit.save(ours, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
@@ -286,7 +286,7 @@ def test_rank_and_alpha_patterns_match_peft(method, tmp_path, input_ids):
 
 # --- the contract: every registered method with a PEFT counterpart --------------------------------
 
-PEFT_METHODS = sorted(m for m, cls in lorakit.METHODS.items() if cls.peft_type is not None)
+PEFT_METHODS = sorted(m for m, cls in lorakit.methods.METHODS.items() if cls.peft_type is not None)
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
@@ -323,7 +323,7 @@ def test_adalora_allocates_as_peft_does(input_ids):
     theirs = peft_adalora(steps).train()
     ours = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(alpha=8.0, targets=ADALORA_TARGETS, **ADALORA))
     with torch.no_grad():
-        for name, layer in lorakit.adapted_layers(ours):
+        for name, layer in lorakit.inject.adapted_layers(ours):
             module = theirs.base_model.model.get_submodule(name)
             for kind in ("lora_A", "lora_B", "lora_E"):
                 getattr(layer.adapter, kind).copy_(getattr(module, kind)["default"])
@@ -341,12 +341,12 @@ def test_adalora_allocates_as_peft_does(input_ids):
         hooks.after_optimizer_step(ours, step)
         theirs.base_model.update_and_allocate(step)
         opt_ours.zero_grad(), opt_theirs.zero_grad()
-        for name, layer in lorakit.adapted_layers(ours):
+        for name, layer in lorakit.inject.adapted_layers(ours):
             their_E = theirs.base_model.model.get_submodule(name).lora_E["default"]
             assert torch.equal(layer.adapter.lora_E == 0, their_E == 0), f"step {step}, {name}"
     their_pattern = theirs.peft_config["default"].rank_pattern
-    assert lorakit.adapter_config(ours).rank_pattern == {
-        name: their_pattern[f"{name}.lora_E.default"] for name, _ in lorakit.adapted_layers(ours)
+    assert lorakit.inject.adapter_config(ours).rank_pattern == {
+        name: their_pattern[f"{name}.lora_E.default"] for name, _ in lorakit.inject.adapted_layers(ours)
     }
 
 
@@ -366,5 +366,5 @@ def test_adalora_adapters_load_both_ways(tmp_path, input_ids):
     torch.testing.assert_close(loaded_by_peft(input_ids=input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
     loaded_by_peft.save_pretrained(str(tmp_path / "theirs"))
     back = lorakit.load(tiny_llama(), tmp_path / "theirs")
-    assert lorakit.adapter_config(back).rank_pattern == lorakit.adapter_config(ours).rank_pattern
+    assert lorakit.inject.adapter_config(back).rank_pattern == lorakit.inject.adapter_config(ours).rank_pattern
     torch.testing.assert_close(back(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)

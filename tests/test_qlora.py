@@ -38,7 +38,7 @@ def test_quantize_replaces_linear_layers_but_not_the_head():
     names = [n for n, _ in quantized_layers(model)]
     assert len(names) == 2 * 7 and all("layers." in n for n in names)
     assert type(model.lm_head) is nn.Linear
-    assert lorakit.lorakit_state(model).quantization == {
+    assert lorakit.inject.lorakit_state(model).quantization == {
         "method": "nf4", "targets": "all-linear", "blocksize": 64, "double_quant": True, "compute_dtype": None,
     }
     # idempotent: a second call finds the 4-bit layers and leaves them alone
@@ -151,7 +151,7 @@ def test_save_load_round_trip_requantizes_fresh_base(tmp_path, input_ids):
     expected = model(input_ids).logits
     lorakit.save(model, tmp_path)
     restored = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.lorakit_state(restored).quantization == lorakit.lorakit_state(model).quantization
+    assert lorakit.inject.lorakit_state(restored).quantization == lorakit.inject.lorakit_state(model).quantization
     assert len(quantized_layers(restored)) == 2 * 6
     assert torch.equal(restored(input_ids).logits, expected)
 
@@ -162,7 +162,7 @@ def test_streaming_loader_equals_quantize_after_load(tmp_path, input_ids):
     tiny_llama(seed=3).save_pretrained(tmp_path)
     streamed = load_quantized_causal_lm(str(tmp_path))
     reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval())
-    assert lorakit.lorakit_state(streamed).quantization == lorakit.lorakit_state(reference).quantization
+    assert lorakit.inject.lorakit_state(streamed).quantization == lorakit.inject.lorakit_state(reference).quantization
     ref_state = reference.state_dict()
     for key, value in streamed.state_dict().items():
         assert torch.equal(value, ref_state[key]), key
@@ -187,11 +187,11 @@ def test_smollm2_streamed_from_gguf():
     assert "Paris" in tokenizer.decode(top)
 
 
-@pytest.mark.parametrize("method", sorted(lorakit.METHODS))
+@pytest.mark.parametrize("method", sorted(lorakit.methods.METHODS))
 def test_every_method_trains_on_a_quantized_base(method, input_ids):
     """Each registered method over NF4 equals the same method over the dequantized dense weights."""
     try:
-        config = lorakit.METHODS[method]()
+        config = lorakit.methods.METHODS[method]()
     except TypeError as err:  # a method whose config has required arguments
         pytest.skip(f"{method} needs arguments: {err}")
     model = quantize(tiny_llama())
@@ -203,7 +203,7 @@ def test_every_method_trains_on_a_quantized_base(method, input_ids):
     torch.manual_seed(0)
     lorakit.adapt(model, config)
     torch.manual_seed(0)
-    lorakit.adapt(dense, lorakit.METHODS[method]())
+    lorakit.adapt(dense, lorakit.methods.METHODS[method]())
     perturb_trainable(model)
     dense_state = dense.state_dict()
     with torch.no_grad():  # same adapter tensors (and shared buffers) in both

@@ -201,7 +201,7 @@ def test_existing_run_is_not_overwritten(reference, tiny_model, pc_data):
         train(cfg, echo=quiet)
 
 
-@pytest.mark.parametrize("method", sorted(__import__("lorakit").METHODS))
+@pytest.mark.parametrize("method", sorted(__import__("lorakit.methods").methods.METHODS))
 def test_every_registered_method_trains_and_resumes_exactly(method, tiny_model, pc_data, tmp_path, monkeypatch):
     """Methods come from the registry: each trains through the same loop, hooks included
     (Delta-LoRA's base update), and an interrupted run resumes to bit-identical weights."""

@@ -59,7 +59,7 @@ def test_init_and_trainable_parameters(input_ids):
     model = tiny_llama()
     before = model(input_ids).logits
     lorakit.adapt(model, lorakit.VeRA(r=16, d_initial=0.25, targets=["q_proj", "v_proj"]))
-    for _, layer in lorakit.adapted_layers(model):
+    for _, layer in lorakit.inject.adapted_layers(model):
         assert torch.all(layer.adapter.vera_lambda_d == 0.25)
         assert torch.count_nonzero(layer.adapter.vera_lambda_b) == 0
     torch.testing.assert_close(model(input_ids).logits, before)
@@ -176,7 +176,7 @@ def test_save_load_round_trip(save_projection, tmp_path, input_ids):
     peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "VERA" and peft_config["projection_prng_key"] == 7
     loaded = lorakit.load(tiny_llama(), tmp_path)
-    assert type(lorakit.adapter_config(loaded)) is lorakit.VeRA
+    assert type(lorakit.inject.adapter_config(loaded)) is lorakit.VeRA
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
 
 

@@ -13,98 +13,55 @@ Several named adapters on one base::
     lorakit.load(model, "adapters/chat", name="chat")          # another, frozen
     lorakit.set_active(model, ["sql", "chat"])                 # both run; their changes add up
     model(input_ids, adapter_names=["sql", "chat", "__base__"])  # or one adapter per sample
+
+The names below are the whole top-level API (what the README's API tour uses). Everything else is
+reachable from its module, e.g. `lorakit.inject` (adapter sets: `adapted_layers`, `adapter_config`,
+`reconfigure`, `per_sample_adapters`, ...), `lorakit.io` (`hotswap`), `lorakit.hooks` (`Probe`,
+`Hooks`), `lorakit.methods` (`METHODS`, `AdapterConfig`, one module a method), `lorakit.quant`
+(`Linear4bit`, `requantize`), `lorakit.losses`, `lorakit.models`, `lorakit.train`.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+import importlib.util
 
-# Names are imported on first use (PEP 562): `lorakit` on the command line starts without importing
-# torch, so that its own code (which turns Ctrl-C into a clean exit) is running before the heavy imports.
-_EXPORTS = {
-    "inject": ("AdaptedLayer", "LorakitState", "active_adapters", "adapt", "adapted_layers", "adapter_config",
-               "adapter_names", "adapter_parameters", "disabled", "lorakit_state", "merge", "merge_and_unload",
-               "per_sample_adapters", "reconfigure", "remove", "set_active", "unmerge"),
-    "hooks": ("Hooks", "Probe", "TrainingHook", "training_hooks"),
-    "io": ("hotswap", "load", "save"),
-    "gguf_export": ("export_gguf",),
-    "methods": ("METHODS", "AdapterConfig", "AdaLoRA", "LoRA", "LoRADrop", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "lora_drop"),
-    "optim": ("param_groups",),
-    "losses": ("causal_lm_loss",),
-    "param_summary": ("summary",),
-    "quant": ("Linear4bit", "quantize"),
+# Each public name and the module that defines it, imported on first use (PEP 562): `lorakit` on the
+# command line starts without importing torch, so that its own code (which turns Ctrl-C into a clean
+# exit) is running before the heavy imports.
+_PUBLIC: dict[str, str] = {
+    # the methods: one config dataclass each
+    **dict.fromkeys(("LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA", "LoRADrop"), "methods"),
+    # adapters on a model
+    **dict.fromkeys(("adapt", "set_active", "remove", "disabled", "merge", "unmerge", "merge_and_unload",
+                     "adapter_parameters"), "inject"),
+    # training with any loop: LoRA+ parameter groups, the methods' training hooks
+    "param_groups": "optim",
+    "training_hooks": "hooks",
+    # files: PEFT's adapter layout, llama.cpp's GGUF
+    "save": "io",
+    "load": "io",
+    "export_gguf": "gguf_export",
+    # the base model: 4-bit NF4 (QLoRA); what is adapted and trains
+    "quantize": "quant",
+    "summary": "param_summary",
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-if TYPE_CHECKING:  # what static analysis and IDEs see
-    from .hooks import Hooks, Probe, TrainingHook, training_hooks
-    from .inject import (AdaptedLayer, LorakitState, active_adapters, adapt, adapted_layers, adapter_config, adapter_names,
-                         adapter_parameters, disabled, lorakit_state, merge, merge_and_unload, per_sample_adapters,
-                         reconfigure, remove, set_active, unmerge)
-    from .gguf_export import export_gguf
-    from .io import hotswap, load, save
-    from .losses import causal_lm_loss
-    from .methods import METHODS, AdaLoRA, AdapterConfig, DeltaLoRA, DoRA, LoRA, LoRADrop, LoRAFA, VeRA, lora_drop
-    from .optim import param_groups
-    from .quant import Linear4bit, quantize
-    from .param_summary import summary
+__all__ = list(_PUBLIC)
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
+    """A public name, or one of lorakit's modules (`lorakit.inject`), imported on first use."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
-
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "export_gguf",
-    "AdaptedLayer",
-    "AdapterConfig",
-    "LorakitState",
-    "Probe",
-    "active_adapters",
-    "adapter_names",
-    "hotswap",
-    "lorakit_state",
-    "per_sample_adapters",
-    "reconfigure",
-    "remove",
-    "set_active",
-    "LoRA",
-    "DoRA",
-    "VeRA",
-    "LoRAFA",
-    "DeltaLoRA",
-    "AdaLoRA",
-    "LoRADrop",
-    "lora_drop",
-    "param_groups",
-    "METHODS",
-    "adapt",
-    "adapted_layers",
-    "adapter_config",
-    "adapter_parameters",
-    "disabled",
-    "load",
-    "merge",
-    "merge_and_unload",
-    "save",
-    "summary",
-    "unmerge",
-    "Linear4bit",
-    "quantize",
-    "Hooks",
-    "TrainingHook",
-    "training_hooks",
-    "causal_lm_loss",
-]
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -4,7 +4,7 @@ Fixed points of a training step, in order::
 
     before_training(model, probe)        once, before the first step (LoRA-drop's probe); never
                                           again on resume: what it decided is in the adapter's
-                                          config (`lorakit.reconfigure`) and the hooks' state
+                                          config (`lorakit.inject.reconfigure`) and the hooks' state
     loss = task_loss + extra_loss(model)  every step (AdaLoRA's orthogonality term), once per
                                           optimizer step with weight 1, whatever the gradient
                                           accumulation
@@ -16,7 +16,7 @@ Fixed points of a training step, in order::
 lorakit's trainer calls these; a user with their own loop calls them the same way::
 
     hooks = lorakit.training_hooks(model)
-    hooks.before_training(model, lorakit.Probe(sample_batches))   # a list of batches is fine too
+    hooks.before_training(model, lorakit.hooks.Probe(sample_batches))   # a list of batches is fine too
     for step, batch in enumerate(batches, start=1):
         loss = model(**batch).loss + hooks.extra_loss(model)
         loss.backward(); optimizer.step()

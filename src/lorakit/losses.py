@@ -11,7 +11,7 @@ forward kept by the incoming gradient. Peak memory holds one chunk of logits ins
 `ForCausalLMLoss` (shift by one, `ignore_index=-100`, sum over tokens divided by `num_items_in_batch`
 or by the number of label tokens) to float tolerance: tested against it.
 
-    loss = lorakit.causal_lm_loss(model, input_ids, attention_mask, labels)   # a user's own loop
+    loss = lorakit.losses.causal_lm_loss(model, input_ids, attention_mask, labels)   # a user's own loop
     model = lorakit.losses.ChunkedLossModel(model)                             # model(**batch).loss, chunked
 """
 

@@ -30,7 +30,7 @@ word; seen with PEFT 0.21, tests/test_peft.py):
   at `T - t_final`; every `ΔT` steps the triplets whose score is at or below the `(b_0 - b)`-th
   smallest get `E_i = 0` (global across modules; pruned triplets keep training and may come back).
   At `T - t_final` the allocation is final: masks are frozen (re-applied every step) and become the
-  adapter's layout, `rank_pattern = {module: [kept?] * r_0}` (`lorakit.reconfigure`), which `save`
+  adapter's layout, `rank_pattern = {module: [kept?] * r_0}` (`lorakit.inject.reconfigure`), which `save`
   writes as PEFT's `rank_pattern` with only the kept triplets in the file.
 
 Where lorakit differs from PEFT: the total step count comes from the run (`lorakit train`, or

@@ -114,7 +114,7 @@ class AdapterConfig(TargetSelection):
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
-    # Fields that training may change (`lorakit.reconfigure`): saved with the adapter, restored by
+    # Fields that training may change (`lorakit.inject.reconfigure`): saved with the adapter, restored by
     # `load` and `--resume` before any tensor is loaded.
     layout_fields: ClassVar[tuple[str, ...]] = ()
     # True for methods that write the base weights during training (Delta-LoRA): saved adapters
@@ -145,7 +145,7 @@ class AdapterConfig(TargetSelection):
 
     def module_settings(self, name: str) -> dict[str, Any]:
         """The settings that differ by module (e.g. its rank), for the module `name`. Adapters of a
-        module whose settings change under `lorakit.reconfigure` are rebuilt."""
+        module whose settings change under `lorakit.inject.reconfigure` are rebuilt."""
         return {}
 
     def training_hooks(self, model: nn.Module, name: str, total_steps: int | None = None) -> list[Any]:

@@ -122,7 +122,7 @@ class LowRankConfig(AdapterConfig):
         rank_pattern: per-module ranks, `{pattern: r}`; a pattern is a regular expression matched
             against the end of the module's name after a dot (PEFT's rule: `"q_proj"`,
             `"layers\\.0\\.mlp\\..*"`); the first matching pattern wins, others get `r`.
-            Training may change it (`lorakit.reconfigure`), e.g. AdaLoRA's final ranks.
+            Training may change it (`lorakit.inject.reconfigure`), e.g. AdaLoRA's final ranks.
         alpha_pattern: per-module alphas, the same way; others get `alpha`.
     """
 

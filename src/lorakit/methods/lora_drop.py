@@ -14,7 +14,7 @@ r"""LoRA-drop: output-based LoRA pruning (Zhou et al. 2024, arXiv 2402.07721).
 The importance is the size of what each module's update actually adds to its output on real inputs,
 so a module whose (briefly trained) update barely moves its output gets a shared pair. Both stages
 run inside one `lorakit train` (stage 1 in the `before_training` hook, through `Probe.train`); the
-plan (scores, kept modules, groups) is the adapter's layout (`plan`, `lorakit.reconfigure`): saved
+plan (scores, kept modules, groups) is the adapter's layout (`plan`, `lorakit.inject.reconfigure`): saved
 with the adapter, restored on load and on resume (stage 1 never runs twice). A shared pair is saved
 once; merging adds its product to every module that shares it. Stage 2 starts every pair afresh
 (B = 0), as the paper trains the new layout from the start.

@@ -58,7 +58,7 @@ class TrainConfig:
     """Also compute the loss on prompt tokens (default: only on completion / assistant tokens)."""
 
     method: str = "lora"
-    """Adapter method, one of lorakit.METHODS, or 'qlora' (LoRA r=64, alpha=16, dropout 0.05 over an NF4 base)."""
+    """Adapter method, one of lorakit.methods, or 'qlora' (LoRA r=64, alpha=16, dropout 0.05 over an NF4 base)."""
     r: int | None = None
     """Rank, for methods that have one. Default: the method's own default."""
     alpha: float | None = None

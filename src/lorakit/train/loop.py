@@ -260,7 +260,7 @@ def train_steps(run: Run) -> None:
                 run.hooks.after_optimizer_step(run.model, step)
                 run.optimizer.zero_grad(set_to_none=True)
                 if inject.lorakit_state(run.model).layout_version != layout_version:
-                    # a hook rebuilt adapters (lorakit.reconfigure): optimize (and reduce) the new parameters
+                    # a hook rebuilt adapters (lorakit.inject.reconfigure): optimize (and reduce) the new parameters
                     run.optimizer, run.scheduler = rebuild_optimizer(run.optimizer, run.scheduler, make_optimizer(run.model, cfg),
                                                                      lambda o: make_scheduler(o, cfg, run.total_steps))
                     trainable = [p for _, p in inject.adapter_parameters(run.model)]

@@ -1,6 +1,6 @@
 """The probe before training: what hooks that decide before the first step (LoRA-drop's stage 1) get.
 
-`run_probe` builds a `lorakit.Probe` from the run's training data (a few batches, evenly spread
+`run_probe` builds a `lorakit.hooks.Probe` from the run's training data (a few batches, evenly spread
 samples of any fraction, the run's own loss and learning rate), lets the hooks decide on the main
 process, and hands every other process the decision (the adapter layout and the hooks' state).
 """
