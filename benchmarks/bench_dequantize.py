@@ -37,8 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lorakit-inductor-"))
 
@@ -46,7 +46,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 from lorakit.kernels import nf4_native as native  # noqa: E402
 from lorakit.quant import nf4  # noqa: E402
 
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.rounds} interleaved rounds, torch threads {args.threads}, native kernel path {isa}; load average "
             f"{load_before} / {common.load_average()}\n\n" + common.markdown_table(header, body))
     print(text)
-    result = {"benchmark": "bench_dequantize", "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "bench_dequantize", "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "command": " ".join(["python"] + sys.argv), "machine": common.machine_info(torch.device("cpu")),
               "weights": weights, "native_isa": isa, "results": rows, "markdown": text}
     if args.out:

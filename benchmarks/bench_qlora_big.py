@@ -180,7 +180,7 @@ def main() -> None:
     info = common.machine_info(torch.device(args.device))
     text = report(results, args, info)
     print("\n" + text)
-    out = args.out or RESULTS_DIR / f"qlora-big-{args.device}-{args.model}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out = args.out or RESULTS_DIR / f"qlora-big-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": info, "results": results,
                                "markdown": text}, indent=1))

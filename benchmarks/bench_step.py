@@ -40,16 +40,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package)
-
 import lorakit  # noqa: E402
 import lorakit.losses  # noqa: E402
 
@@ -469,7 +469,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["error"]:
             body.append([r["condition"], "failed: " + r["error"][:80]] + [""] * (len(header) - 2))
             continue
-        mib = lambda key: fmt(r[key] / common.MiB if key in r else None, ".0f")  # noqa: E731
+        mib = lambda key: fmt(r[key] / common.MiB if key in r else None, ".0f")  # noqa: E731, B023 (used in this iteration)
         body.append([
             r["condition"],
             fmt(r["ms_per_step_median"], ".1f"),
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {
         "benchmark": "bench_step",
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "before_lib"},
         "machine": info,
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\n" + profile, flush=True)
         result["profile"] = profile
     out = args.out or RESULTS_DIR / (
-        f"step-{args.device}-{args.model}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+        f"step-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))

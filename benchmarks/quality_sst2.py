@@ -113,8 +113,8 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         lorakit.adapt(model, config)
         hooks = lorakit.training_hooks(model, total_steps=args.steps)
         # before the optimizer exists: a method may rebuild its adapters here (LoRA-drop's stage 1)
-        sample = lambda fraction: list(batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size,
-                                               args.max_length))  # noqa: E731
+        sample = lambda fraction: list(batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size,  # noqa: E731
+                                               args.max_length))
         hooks.before_training(model, lorakit.hooks.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
                                                                 args.max_length)), lr=lr, sampler=sample))
         params = lorakit.param_groups(model, lr, loraplus_ratio=ratio)

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.methods.adalora import AdaLoRAAdapter, budget_at, prune_to_budget
-
 from conftest import perturb_trainable, tiny_llama
+from lorakit.methods.adalora import AdaLoRAAdapter, budget_at, prune_to_budget
 
 
 def test_forward_and_grads_match_the_formula():

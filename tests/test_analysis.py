@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_trainable, tiny_llama
 
 import lorakit
+from conftest import perturb_trainable, tiny_llama
 from lorakit import analysis, inject
 
 
@@ -83,9 +83,8 @@ def test_an_inert_adapter_is_flagged():
 
 
 def test_lorakit_inspect_on_a_trained_run(tmp_path, capsys):
-    from tiny_lm import save_tiny_llama, write_jsonl
-
     from lorakit import cli
+    from tiny_lm import save_tiny_llama, write_jsonl
 
     model = str(save_tiny_llama(tmp_path / "m"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import save_tiny_llama, write_jsonl
 
 from lorakit import cli
+from tiny_lm import save_tiny_llama, write_jsonl
 
 WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
 

@@ -9,9 +9,9 @@ import os
 import re
 
 import pytest
-from tiny_lm import save_tiny_llama, write_jsonl
 
 from lorakit import cli
+from tiny_lm import save_tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import lorakit
-
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}

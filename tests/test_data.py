@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_lm import save_tokenizer, write_jsonl
 from transformers import AutoTokenizer
 
-from lorakit.train import data, tasks
 from lorakit.errors import LorakitError
+from lorakit.train import data, tasks
+from tiny_lm import save_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
-from tiny_lm import save_tiny_bert, save_tiny_llama, save_tokenizer, write_jsonl
 from transformers import AutoTokenizer
 
-from lorakit.train import LorakitError, TrainConfig, train
-from lorakit.train import data, evaluate, loop
+from lorakit.train import LorakitError, TrainConfig, data, evaluate, loop, train
+from tiny_lm import save_tiny_bert, save_tiny_llama, save_tokenizer, write_jsonl
 
 WORDS = "the quick brown fox jumps over lazy dog good bad movie apple river stone cloud".split()
 

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.base_layers import dense_weight
-
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.base_layers import dense_weight
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -15,12 +15,11 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_lm import save_tiny_llama, write_jsonl
 
 from lorakit import base_layers, inject, io
-from lorakit.train import LorakitError, train
+from lorakit.train import LorakitError, distributed, train
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed
+from tiny_lm import save_tiny_llama, write_jsonl
 
 WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -306,7 +305,6 @@ def test_fsdp_shards_the_base_and_keeps_adapters_and_vera_projections_whole(one_
     """The one door on a sharded model: base weights are DTensors, read whole and written back through
     base_layers; adapters stay plain; VeRA's shared projections stay one plain buffer for every layer."""
     from conftest import tiny_llama
-
     from lorakit.methods import METHODS
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
@@ -334,7 +332,6 @@ def test_fsdp_merge_and_4bit_storage_go_through_the_one_door(one_process_group, 
     writes it back in place, the same outputs as unmerged; a 4-bit layer's packed storage is sharded
     as parameters, read whole through dense_weight and re-quantized in place."""
     from conftest import perturb_trainable, tiny_llama
-
     from lorakit.methods import METHODS
     from lorakit.quant import quantize
     from lorakit.quant.linear4bit import Linear4bit

@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
-from lorakit.methods.dora import NORM_EPS, factored_row_norm
-
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.methods.dora import NORM_EPS, factored_row_norm
 
 
 def naive_dora(x, w0, bias, a, b, m, scale):

@@ -41,16 +41,17 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 import lorakit
+from lorakit.errors import LorakitError
 from lorakit.train import config as config_mod
 from lorakit.train import data
-from lorakit.errors import LorakitError
 
 CHUNKS = 10
 DATA_CASES = 30  # per chunk
@@ -593,8 +594,9 @@ def data_result_problem(case: DataCase, records: list, examples: list, labels: l
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tiny_lm import save_tokenizer
     from transformers import AutoTokenizer
+
+    from tiny_lm import save_tokenizer
 
     directory = tmp_path_factory.mktemp("fuzz-tokenizer")
     save_tokenizer(directory)
@@ -1186,8 +1188,9 @@ def test_damaged_adapter_directories_load_or_raise_one_documented_line(chunk, tm
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny model directory and a valid adapter saved on it."""
-    from tiny_lm import save_tiny_llama
     from transformers import AutoModelForCausalLM
+
+    from tiny_lm import save_tiny_llama
 
     root = tmp_path_factory.mktemp("fuzz-cli")
     model_dir = save_tiny_llama(root / "model")

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import lorakit
+from conftest import perturb_trainable, tiny_llama
 from lorakit import gguf_export
 from lorakit.errors import LorakitError
-
-from conftest import perturb_trainable, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_llama
+from lorakit import gguf_reader
 from lorakit.inject import lorakit_state
 from lorakit.models import load_causal_lm
 from lorakit.quant import load_quantized_causal_lm, quantize
-from lorakit import gguf_reader
-
-from conftest import tiny_llama
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -18,7 +18,6 @@ import lorakit
 from lorakit.methods.base import METHODS, register
 from lorakit.train import TrainingInterrupted, train
 from lorakit.train import data as data_mod
-
 from test_train_loop import adapter_tensors, assert_bit_equal, config, in_training_loop, pc_data, quiet, tiny_model  # noqa: F401
 
 EXTRA_WEIGHT = 0.125

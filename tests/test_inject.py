@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import lorakit
-
 from conftest import perturb_trainable, tiny_llama
 from test_contract import METHOD_NAMES, make_config
 

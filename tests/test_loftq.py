@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers
-from lorakit.quant.loftq import residual_factors
-
 from bnb_reference import reference_dequantize_4bit
 from conftest import perturb_trainable, tiny_llama
+from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers
+from lorakit.quant.loftq import residual_factors
 
 TARGETS = ["0", "2"]
 

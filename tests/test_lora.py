@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.methods.lora import LoRAAdapter
-
 from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from lorakit.methods.lora import LoRAAdapter
 
 
 def naive_lora(x, w0, bias, a, b, scale):

@@ -11,9 +11,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import lorakit
-from lorakit.methods.lora_fa import LoRAFAAdapter, pack_bits, unpack_bits
-
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.methods.lora_fa import LoRAFAAdapter, pack_bits, unpack_bits
 
 
 def one_layer(config: lorakit.methods.AdapterConfig, in_features: int = 20, out_features: int = 12, seed: int = 0):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 
 import lorakit
+from conftest import tiny_gpt2, tiny_llama
 from lorakit import losses
 
 
@@ -104,9 +104,9 @@ def test_models_without_a_plain_head_are_refused():
 
 def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
-    from tiny_lm import save_tiny_llama, write_jsonl
 
     from lorakit.train import TrainConfig, train
+    from tiny_lm import save_tiny_llama, write_jsonl
 
     model = str(save_tiny_llama(tmp_path / "m"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1} {i + 2}"} for i in range(24)])

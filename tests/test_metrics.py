@@ -10,8 +10,18 @@ import pytest
 
 from lorakit.train import metrics
 from lorakit.train.metrics import (
-    AnswerPattern, accuracy, answers_match, classification_metrics, compile_answer_pattern, extract_answer, f1,
-    matthews, pearson, regression_metrics, spearman, whole_completion_match,
+    AnswerPattern,
+    accuracy,
+    answers_match,
+    classification_metrics,
+    compile_answer_pattern,
+    extract_answer,
+    f1,
+    matthews,
+    pearson,
+    regression_metrics,
+    spearman,
+    whole_completion_match,
 )
 from lorakit.train.tasks import exact_match
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bnb_reference import (
+    native_kernel_is_exact,
+    reference_dequantize_4bit,
+    reference_dequantize_blockwise,
+    reference_kernels,
+)
 from lorakit.quant import Linear4bit, bits_per_parameter, nf4
 from lorakit.quant.triton_kernels import dequantize, triton_available
-
-from bnb_reference import (
-    native_kernel_is_exact, reference_dequantize_4bit, reference_dequantize_blockwise, reference_kernels,
-)
 
 # exact float32 values of bitsandbytes' get_4bit_type("nf4") (METHODS.md, section 6)
 NF4_REFERENCE = [

@@ -9,10 +9,9 @@ import shutil
 import pytest
 import torch
 
+from bnb_reference import native_kernel_is_exact, reference_dequantize_4bit
 from lorakit.kernels import nf4_native as native
 from lorakit.quant import nf4
-
-from bnb_reference import native_kernel_is_exact, reference_dequantize_4bit
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

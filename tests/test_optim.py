@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.optim import param_groups
-
 from conftest import tiny_llama
+from lorakit.optim import param_groups
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.methods.vera import shared_projections
-
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.methods.vera import shared_projections
 
 peft = pytest.importorskip("peft")
 

@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers, requantize
-
 from bnb_reference import native_kernel_is_exact, reference_kernels
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers, requantize
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:

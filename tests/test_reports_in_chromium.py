@@ -7,15 +7,15 @@ from __future__ import annotations
 import math
 
 import pytest
-from chromium import executable, render
-from conftest import perturb_trainable, tiny_llama
 
 import lorakit
+from chromium import executable, render
+from conftest import perturb_trainable, tiny_llama
 from lorakit import analysis, compare
 
 pytestmark = pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")
 pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
-from PIL import Image
+from PIL import Image  # noqa: E402  (after the skip: Pillow comes with matplotlib)
 
 SIZE = (1100, 1400)
 

@@ -10,13 +10,12 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_lm import save_tiny_bert, save_tiny_llama, write_jsonl
 
-from lorakit.train import LorakitError, TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from lorakit.train import LorakitError, TrainConfig, TrainingDiverged, TrainingInterrupted, loop, train
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import config as config_mod
 from lorakit.train import data as data_mod
-from lorakit.train import loop
+from tiny_lm import save_tiny_bert, save_tiny_llama, write_jsonl
 
 WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
 

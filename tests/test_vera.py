@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
-from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
-from lorakit.kernels import fused_vera as vera_module
-
 from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from lorakit.kernels import fused_vera as vera_module
+from lorakit.methods.vera import VeRAAdapter, VeRAProjections, shared_projections, vera_projections
 
 
 def naive_vera(x, w0, bias, a, b_mat, d, b):

@@ -20,7 +20,8 @@ already gathered the weight, so methods that read it there (DoRA's norm) see a p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn

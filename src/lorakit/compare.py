@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from . import html_report
-from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 from .errors import LorakitError
+from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 
 PERCENT = ("accuracy", "exact_match", "f1")
 # how a record's "x limit" was measured (its `limit_timed`)

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-
 _CHUNK_BYTES = 8 << 20  # raw bytes read and dequantized at a time
 
 

@@ -18,8 +18,18 @@ import torch
 from torch import nn
 
 from . import base_layers
-from .adapted_layer import (BASE_NAME, AdaptedLayer, LorakitState, active_adapters, adapted_layers, adapter_config,
-                            adapter_names, lorakit_state, reconfigure, require_state)
+from .adapted_layer import (
+    BASE_NAME,
+    AdaptedLayer,
+    LorakitState,
+    active_adapters,
+    adapted_layers,
+    adapter_config,
+    adapter_names,
+    lorakit_state,
+    reconfigure,
+    require_state,
+)
 from .methods.base import AdapterConfig
 from .targets import select_targets, set_submodule
 

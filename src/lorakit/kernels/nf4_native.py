@@ -24,7 +24,7 @@ import importlib.util
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ def library_path() -> Path | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _library() -> ctypes.CDLL | None:
     global _load_error
     path = library_path()
@@ -107,7 +107,7 @@ def supported_isas() -> list[str]:
     return [name for i, name in enumerate(ISAS) if lib is not None and lib.lorakit_nf4_isa_supported(i)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolve_isa(forced: str | None) -> int:
     lib = _library()
     if lib is None:

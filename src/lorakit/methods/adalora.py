@@ -190,7 +190,7 @@ class AdaLoRAHook:
     """The orthogonality regulariser (`extra_loss`) and the rank allocator (`after_optimizer_step`) of
     one AdaLoRA adapter."""
 
-    def __init__(self, name: str, config: "AdaLoRA", total_steps: int | None) -> None:
+    def __init__(self, name: str, config: AdaLoRA, total_steps: int | None) -> None:
         self.name, self.config = name, config
         self.total_step = config.total_step or total_steps
         self.ipt: dict[str, torch.Tensor] = {}
@@ -206,7 +206,7 @@ class AdaLoRAHook:
             return None
         terms = []
         for adapter in self.adapters(model).values():
-            for matrix, gram in ((adapter.lora_A, adapter.lora_A @ adapter.lora_A.T), (adapter.lora_B, adapter.lora_B.T @ adapter.lora_B)):
+            for gram in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):
                 eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
                 terms.append(torch.linalg.matrix_norm(gram - eye))
         return weight * torch.stack(terms).mean() if terms else None
@@ -385,7 +385,7 @@ class AdaLoRA(AdapterConfig):
         }
 
     @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "AdaLoRA":
+    def from_peft(cls, peft_config: dict[str, Any]) -> AdaLoRA:
         pattern = {}
         for key, kept in (peft_config.get("rank_pattern") or {}).items():
             pattern[key.removesuffix(".lora_E")] = [bool(k) for k in kept]  # module names, as lorakit's

@@ -184,7 +184,7 @@ class AdapterConfig(TargetSelection):
         return True
 
     @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "AdapterConfig":
+    def from_peft(cls, peft_config: dict[str, Any]) -> AdapterConfig:
         """Build the config from a PEFT adapter_config.json body."""
         raise ValueError(f"{cls.__name__} has no PEFT counterpart")
 

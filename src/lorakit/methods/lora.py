@@ -202,7 +202,7 @@ class LowRankConfig(AdapterConfig):
         return bool(peft_config.get("use_dora", False)) == cls.peft_use_dora
 
     @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "LowRankConfig":
+    def from_peft(cls, peft_config: dict[str, Any]) -> LowRankConfig:
         return cls(**lora_fields_from_peft(peft_config))
 
 

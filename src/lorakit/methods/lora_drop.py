@@ -105,7 +105,7 @@ def apply_plan(model: nn.Module, name: str, importance: dict[str, float], thresh
 class LoRADropHook:
     """Stage 1 before training: a short LoRA phase on a sample, the importance, the plan."""
 
-    def __init__(self, name: str, config: "LoRADrop") -> None:
+    def __init__(self, name: str, config: LoRADrop) -> None:
         self.name, self.config = name, config
 
     def before_training(self, model: nn.Module, probe: Any) -> None:

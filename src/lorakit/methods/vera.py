@@ -261,7 +261,7 @@ class VeRA(AdapterConfig):
         }
 
     @classmethod
-    def from_peft(cls, peft_config: dict[str, Any]) -> "VeRA":
+    def from_peft(cls, peft_config: dict[str, Any]) -> VeRA:
         return cls(
             **common_fields_from_peft(peft_config),
             r=int(peft_config.get("r", 256)),

@@ -33,7 +33,7 @@ class _DequantizeMatmul(torch.autograd.Function):
     """`x @ W.T` with W dequantized on the fly in forward and again in backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer  # the module holds the packed weight: nothing dense is saved
         return x @ layer.dense_weight(x.dtype).T
 
@@ -91,7 +91,7 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
         loftq_rank: int = 0,
-    ) -> "Linear4bit":
+    ) -> Linear4bit:
         """Quantize an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`).
 
         `loftq_rank > 0` also keeps the top singular factors of the rounding error

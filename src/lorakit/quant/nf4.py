@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -90,7 +90,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_table(name: str, device: str) -> torch.Tensor:
     if name == "nf4":
         return create_normal_map().to(device)

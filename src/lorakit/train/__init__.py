@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .config import TrainConfig
 from ..errors import LorakitError
+from .config import TrainConfig
 
 # The loop (and torch) load on first use, as in lorakit/__init__.py: the command line reads its
 # config before anything heavy is imported.

@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,9 +147,9 @@ class DataParallel(SingleProcess):
         """DDP over the model: only parameters that require grad (the adapters, trained heads) are
         registered and reduced. DDP also broadcasts them from the main process, so every replica
         starts from the same adapter. Call again after the adapters are rebuilt."""
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [model.device.index] if getattr(model, "device", torch.device("cpu")).type == "cuda" else None
         # buffers (AdaLoRA's masks, VeRA's projections) are the same on every process by construction:

@@ -448,7 +448,7 @@ class StopFlag:
         self.requested = False
         self.previous = None
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self

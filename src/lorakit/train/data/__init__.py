@@ -30,11 +30,45 @@ The package, one job a module: `records` (layouts, roles, where a record came fr
 """
 
 from .batching import collate, epoch_order, evenly_spaced, micro_batch, split_held_out
-from .columns import (check_column_roles, check_records, describe_mapping, detect_format, map_columns, parse_columns,
-                      recognise_columns)
-from .encoding import (Example, alpaca_prompt, apply_prompt_template, chat_ids, check_prompt_template, data_name,
-                       encode_causal, encode_classify, encode_regress, has_chat_template, label_names, label_text,
-                       prompt_completion_ids, regression_target, render_chat, to_prompt_completion)
+from .columns import (
+                      check_column_roles,
+                      check_records,
+                      describe_mapping,
+                      detect_format,
+                      map_columns,
+                      parse_columns,
+                      recognise_columns,
+)
+from .encoding import (
+                      Example,
+                      alpaca_prompt,
+                      apply_prompt_template,
+                      chat_ids,
+                      check_prompt_template,
+                      data_name,
+                      encode_causal,
+                      encode_classify,
+                      encode_regress,
+                      has_chat_template,
+                      label_names,
+                      label_text,
+                      prompt_completion_ids,
+                      regression_target,
+                      render_chat,
+                      to_prompt_completion,
+)
 from .reading import data_files, read_records, read_table, saved_splits
-from .records import (FORMATS, GENERATION_COLUMNS, IGNORE_INDEX, KNOWN_COLUMNS, LABEL_COLUMNS, PAIR_COLUMNS, ROLES,
-                      SUFFIXES, TEXT_COLUMNS, Origin, Record, Where)
+from .records import (
+                      FORMATS,
+                      GENERATION_COLUMNS,
+                      IGNORE_INDEX,
+                      KNOWN_COLUMNS,
+                      LABEL_COLUMNS,
+                      PAIR_COLUMNS,
+                      ROLES,
+                      SUFFIXES,
+                      TEXT_COLUMNS,
+                      Origin,
+                      Record,
+                      Where,
+)

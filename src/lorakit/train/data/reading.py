@@ -13,8 +13,9 @@ import csv
 import glob
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ...errors import LorakitError
 from .columns import map_columns

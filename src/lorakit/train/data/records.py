@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 FORMATS = {
     "alpaca": "{instruction, input?, output}",
