@@ -321,6 +321,43 @@ def test_reentrant_checkpointing_over_frozen_inputs_is_handled(tmp_path, monkeyp
         run(unfixed, tmp_path / "unfixed", max_steps=1)
 
 
+# --- 6. Accelerate: two processes train what one does with twice the batch ---------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this PyTorch build has no torch.distributed gloo backend")
+def test_accelerate_launch_two_processes_trains_the_one_process_adapter(tmp_path):
+    """`accelerate launch --num_processes 2` (gloo on CPU) with the trainer and the callback: AdaLoRA's
+    hooks and LoRA+ included, the adapter and the ranks are those of one process with twice the batch,
+    and only the main process writes adapter files."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import trainer_runs
+
+    pytest.importorskip("accelerate")
+    trainer_runs.main(str(tmp_path / "one"), 8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(lorakit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              str(Path(trainer_runs.__file__)), str(tmp_path / "two"), "4"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one" / "final.safetensors")), load_file(str(tmp_path / "two" / "final.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
+    assert (tmp_path / "two" / "ranks.txt").read_text() == (tmp_path / "one" / "ranks.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "two").glob("adapter-written-by-rank-*")) == ["adapter-written-by-rank-0"]
+    checkpoint = {p.name for p in (tmp_path / "two" / "checkpoint-4").iterdir()}
+    assert {"adapter_model.safetensors", "lorakit_adapter_state.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
+    assert "model.safetensors" not in checkpoint
+
+
 # --- 7. inference paths -------------------------------------------------------------------------------
 
 

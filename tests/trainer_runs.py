@@ -7,6 +7,7 @@ tiny LoRA with `lorakit_trainer(Trainer)` and writes the final adapter tensors t
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -62,24 +63,34 @@ def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(out: str, batch: int) -> None:
+    """AdaLoRA (hooks) with LoRA+ over `batch` examples per process; records which processes wrote
+    adapter files."""
+    from lorakit import io
+
+    out_dir = Path(out)
+    model = lorakit.adapt(tiny_llama(), method_config("adalora"))
+    original_save = io.save
+
+    def recording_save(*args, **kwargs):  # which processes write adapter files
+        (out_dir / f"adapter-written-by-rank-{os.environ.get('RANK', '0')}").touch()
+        return original_save(*args, **kwargs)
+
+    io.save = recording_save
+    try:
+        train_and_write(out_dir, model, batch)
+    finally:
+        io.save = original_save
+
+
+def train_and_write(out_dir: Path, model: torch.nn.Module, batch: int) -> None:
     from safetensors.torch import save_file
     from transformers import Trainer
 
     from lorakit.integrations import LorakitCallback, lorakit_trainer
 
-    out_dir = Path(out)
-    model = lorakit.adapt(tiny_llama(), method_config("adalora"))
-    original_save = lorakit.io.save
-
-    def recording_save(*args, **kwargs):  # which processes write adapter files
-        import os
-
-        (out_dir / f"adapter-written-by-rank-{os.environ.get('RANK', '0')}").touch()
-        return original_save(*args, **kwargs)
-
-    lorakit.io.save = recording_save
+    distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     args = training_args(out_dir, per_device_train_batch_size=batch, save_strategy="steps", save_steps=4,
-                         learning_rate=5e-3, ddp_backend="gloo")
+                         learning_rate=5e-3, **distributed)
     trainer = lorakit_trainer(Trainer)(model=model, args=args, train_dataset=token_data(),
                                        callbacks=[LorakitCallback(loraplus_ratio=4.0)])
     trainer.train()

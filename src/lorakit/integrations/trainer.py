@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import inject
+from .. import inject, io
 from ..hooks import Probe
 from ..optim import param_groups
 from ..train.errors import LorakitError
@@ -82,7 +82,9 @@ class LorakitTrainerMixin:
     # --- resume ---------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.model if model is None else model
-        if not inject.adapter_names(target):
+        if not inject.adapter_names(target) or not io.find_adapters(resume_from_checkpoint):
+            # not lorakit's checkpoint (e.g. full weights written without the callback): the Trainer's own
+            # load; the callback then refuses to go on without the hooks' state, where the method has any
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         hook_state = restore_checkpoint(target, resume_from_checkpoint, may_rebuild=self.optimizer is None)
         self.lorakit_callback.resume_with(hook_state)
