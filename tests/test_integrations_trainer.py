@@ -386,3 +386,69 @@ def test_generate_pipeline_and_merged_model(tmp_path):
     assert text == tokenizer.decode(adapted[0], skip_special_tokens=True)
     lorakit.merge_and_unload(model)
     torch.testing.assert_close(model.generate(**prompt, **settings), adapted)
+
+
+# --- what a hostile user may do ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", ["16", True, 0, -2.0, float("nan"), float("inf")])
+def test_bad_loraplus_ratios_are_refused(ratio):
+    with pytest.raises(LorakitError, match="loraplus_ratio"):
+        LorakitCallback(loraplus_ratio=ratio)
+
+
+def test_lorakit_trainer_takes_trainer_classes_only():
+    assert lorakit_trainer(Trainer) is lorakit_trainer(Trainer)
+    assert lorakit_trainer(lorakit_trainer(Trainer)) is lorakit_trainer(Trainer)
+    for bad in (42, object, torch.nn.Module):
+        with pytest.raises(LorakitError, match="Trainer class"):
+            lorakit_trainer(bad)
+
+
+def checkpoint_of_two_steps(tmp_path, method="lora"):
+    model = lorakit.adapt(tiny_llama(), method_config(method))
+    run(model, tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2)
+    return tmp_path / "a" / "checkpoint-2"
+
+
+@pytest.mark.parametrize("damage", ["no-exact-state", "no-hook-state", "truncated-adapter", "truncated-exact-state",
+                                    "pickle-as-hook-state"])
+def test_an_incomplete_or_damaged_checkpoint_is_refused(tmp_path, damage):
+    checkpoint = checkpoint_of_two_steps(tmp_path)
+    if damage == "no-exact-state":
+        (checkpoint / EXACT_STATE_NAME).unlink()
+    elif damage == "no-hook-state":
+        (checkpoint / HOOKS_STATE_NAME).unlink()
+    elif damage == "truncated-adapter":
+        path = checkpoint / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "truncated-exact-state":
+        path = checkpoint / EXACT_STATE_NAME
+        path.write_bytes(path.read_bytes()[:-10])
+    else:  # an object torch.load(weights_only=True) must not unpickle
+        import pickle
+
+        (checkpoint / HOOKS_STATE_NAME).write_bytes(pickle.dumps(Path("/")))
+    model = lorakit.adapt(tiny_llama(), method_config("lora"))
+    with pytest.raises(LorakitError, match="incomplete|damaged|cannot resume"):
+        run(model, tmp_path / "b", max_steps=4, resume=str(checkpoint))
+
+
+def test_resuming_onto_another_method_is_refused(tmp_path):
+    checkpoint = checkpoint_of_two_steps(tmp_path)
+    model = lorakit.adapt(tiny_llama(), method_config("dora"))
+    with pytest.raises(LorakitError, match="'lora' there, 'dora' on the model"):
+        run(model, tmp_path / "b", max_steps=4, resume=str(checkpoint))
+
+
+class Poison(TrainerCallback):
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            next(p for _, p in lorakit.adapter_parameters(model)).fill_(float("nan"))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model = lorakit.adapt(tiny_llama(), method_config("lora"))
+    with pytest.raises(LorakitError, match="not finite"):
+        run(model, tmp_path, callbacks=[Poison()], max_steps=2, save_strategy="steps", save_steps=1)
+    assert not list(tmp_path.rglob("adapter_model.safetensors"))

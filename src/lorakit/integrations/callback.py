@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 from .. import inject, io
 from ..hooks import Hooks, training_hooks
 from ..train.errors import LorakitError
-from .checkpoints import save_training_state
+from .checkpoints import finite_exact_state, save_training_state
 
 logger = logging.getLogger("lorakit")
 
@@ -70,11 +70,12 @@ class AdapterSavePretrained:
             return self.original(save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
         if not is_main_process:
             return None
+        exact = finite_exact_state(self.model, save_directory) if self.callback.training else None
         config = getattr(self.model, "config", None)
         base = getattr(config, "name_or_path", None) or None
         io.save(self.model, save_directory, base_model_name_or_path=base)
-        if self.callback.training:
-            save_training_state(save_directory, self.model, self.callback.hooks)
+        if exact is not None:
+            save_training_state(save_directory, self.model, self.callback.hooks, exact)
         return None
 
 

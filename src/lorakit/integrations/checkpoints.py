@@ -46,12 +46,20 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def save_training_state(directory: str | os.PathLike, model: nn.Module, hooks: Any) -> None:
-    """Write the exact adapter tensors and the hooks' state into `directory` (beside the adapter)."""
-    directory = Path(directory)
+def finite_exact_state(model: nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every adapter tensor as the model holds it; a checkpoint is never written from non-finite ones."""
     exact = exact_adapter_state(model)
     if not all(bool(torch.isfinite(t).all()) for t in exact.values() if t.is_floating_point()):
-        raise LorakitError(f"refusing to write checkpoint {directory}: the adapter weights are not finite")
+        raise LorakitError(f"refusing to write checkpoint {directory}: the adapter weights are not finite (the run "
+                           "diverged; try a lower learning rate)")
+    return exact
+
+
+def save_training_state(directory: str | os.PathLike, model: nn.Module, hooks: Any,
+                        exact: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the exact adapter tensors and the hooks' state into `directory` (beside the adapter)."""
+    directory = Path(directory)
+    exact = finite_exact_state(model, directory) if exact is None else exact
     _atomic(directory / EXACT_STATE_NAME, lambda tmp: save_file(exact, tmp, metadata={"format": "pt"}))
     state = hooks.state_dict() if hooks is not None else []
     _atomic(directory / HOOKS_STATE_NAME, lambda tmp: torch.save(state, tmp))
@@ -65,9 +73,9 @@ def _adapter_trainable(model: nn.Module, name: str) -> bool:
     return any(p.requires_grad for _, layer in inject.adapted_layers(model, name) for p in layer.adapters[name].parameters())
 
 
-def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebuild: bool = True) -> list[dict[str, Any]] | None:
+def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebuild: bool = True) -> list[dict[str, Any]]:
     """Load a Trainer checkpoint's adapters into the adapted `model`, exactly; returns the saved hook
-    state (None when the checkpoint holds none), for the hooks built when training starts.
+    state, for the hooks built when training starts.
 
     Every adapter in the checkpoint must already be on the model (the script adapts the model the
     same way before resuming). Where training had decided a layout (AdaLoRA's final ranks, LoRA-drop's
@@ -116,12 +124,16 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
         except (ValueError, FileNotFoundError) as err:
             raise LorakitError(f"cannot resume from {path}: {' '.join(str(err).split())[:400]}") from None
     inject.set_active(model, active)
-    exact = path / EXACT_STATE_NAME
-    if exact.is_file():
-        try:
-            tensors = load_file(str(exact))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise LorakitError(f"checkpoint {path} is damaged: {exact.name} ({' '.join(str(err).split())[:200]})") from None
-        load_exact_adapter_state(model, tensors)
-    hooks = path / HOOKS_STATE_NAME
-    return torch.load(hooks, weights_only=True) if hooks.is_file() else None
+    exact, hooks = path / EXACT_STATE_NAME, path / HOOKS_STATE_NAME
+    absent = [p.name for p in (exact, hooks) if not p.is_file()]
+    if absent:
+        raise LorakitError(f"checkpoint {path} is incomplete ({', '.join(absent)} missing): it was cut short while being "
+                           "written, or was not written during a run with lorakit's trainer integration; resume from "
+                           "an earlier checkpoint")
+    try:
+        tensors = load_file(str(exact))
+        hook_state = torch.load(hooks, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own error types
+        raise LorakitError(f"checkpoint {path} is damaged ({' '.join(str(err).split())[:200]})") from None
+    load_exact_adapter_state(model, tensors)
+    return hook_state
