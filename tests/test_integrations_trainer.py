@@ -452,3 +452,23 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(LorakitError, match="not finite"):
         run(model, tmp_path, callbacks=[Poison()], max_steps=2, save_strategy="steps", save_steps=1)
     assert not list(tmp_path.rglob("adapter_model.safetensors"))
+
+
+def test_the_extra_loss_gradient_is_scaled_like_the_task_loss_under_fp16():
+    """Under a gradient scaler the task loss's gradients are scaled before clipping unscales them all:
+    the extra loss's must be too, or fp16 would shrink the regulariser by the scale."""
+    model = lorakit.adapt(tiny_llama(), method_config("adalora", tinit=0, tfinal=0))
+
+    class Scaled:  # what Accelerate's optimizer wrapper carries
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+
+    grads = {}
+    for optimizer in (None, Scaled()):
+        callback = LorakitCallback()
+        callback.build_hooks(model, 4)
+        model.zero_grad(set_to_none=True)
+        callback.add_extra_loss_gradient(model, optimizer)
+        grads[optimizer is None] = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model) if p.grad is not None}
+    assert grads[True] and grads[True].keys() == grads[False].keys()
+    for name in grads[True]:
+        torch.testing.assert_close(grads[False][name], 8.0 * grads[True][name])
