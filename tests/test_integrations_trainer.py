@@ -472,3 +472,25 @@ def test_the_extra_loss_gradient_is_scaled_like_the_task_loss_under_fp16():
     assert grads[True] and grads[True].keys() == grads[False].keys()
     for name in grads[True]:
         torch.testing.assert_close(grads[False][name], 8.0 * grads[True][name])
+
+
+def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
+    model = lorakit.adapt(tiny_llama(), method_config("lora"))
+    trainer = lorakit_trainer(Trainer)(
+        model=model, args=training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                                        save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                                        greater_is_better=False),  # random held-out tokens: the loss rises, the best is early
+        train_dataset=token_data(), eval_dataset=token_data(n=8, seed=1))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    expected = adapter_tensors(lorakit.load(tiny_llama(), best))
+    got = adapter_tensors(model)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+    plain = lorakit.adapt(tiny_llama(), method_config("lora"))
+    with pytest.raises(LorakitError, match="load_best_model_at_end"):
+        Trainer(model=plain, args=training_args(tmp_path / "plain", max_steps=2, eval_strategy="steps", eval_steps=1,
+                                                save_strategy="steps", save_steps=1, load_best_model_at_end=True),
+                train_dataset=token_data(), eval_dataset=token_data(n=8), callbacks=[LorakitCallback()]).train()

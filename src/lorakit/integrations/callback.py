@@ -128,6 +128,7 @@ class LorakitCallback(TrainerCallback):
         self.resumed_hook_state: list[dict[str, Any]] | None = None  # set by a lorakit trainer's resume
         self.resumed = False
         self.probed = False  # before_training ran (a lorakit trainer runs it before building its optimizer)
+        self.managed = False  # a lorakit trainer (LorakitTrainerMixin) does what a callback cannot
         self._layout_version = 0
         self._gradients_checked = False
 
@@ -169,6 +170,9 @@ class LorakitCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         model = require_adapted(model)
         self.install(model)  # a model swapped in since (model_init)
+        if getattr(args, "load_best_model_at_end", False) and not self.managed:
+            raise LorakitError("load_best_model_at_end loads the best checkpoint's weights where a plain Trainer looks "
+                               "for the whole model: build the trainer with lorakit.integrations.lorakit_trainer(...)")
         self.training, self._gradients_checked, self.extra_losses = True, False, []
         hooks = self.build_hooks(model, state.max_steps)
         if state.global_step > 0 and not self.resumed and any(hooks.state_dict()):

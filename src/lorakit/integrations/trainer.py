@@ -18,11 +18,13 @@ the thing before any callback event fires (transformers 5, `Trainer.train`)::
         on_train_begin                <- the first callback event of a run
         ...
       log(logs)                       <- the method's extra loss, logged beside the task loss
+      _load_best_model()              <- load_best_model_at_end: the best checkpoint's adapter (the
+                                         Trainer would look for full-model weights there)
 
 `create_optimizer` and `log` are the Trainer's documented extension points ("subclass and
-override"); `_load_from_checkpoint` is not public, but it is the one place a resume loads weights
-(PEFT models go through it too), so lorakit overrides it and falls back to it for checkpoints that
-hold no lorakit adapter.
+override"); `_load_from_checkpoint` and `_load_best_model` are not public, but they are the places
+the Trainer loads a checkpoint's weights (PEFT models go through them too), so lorakit overrides them
+and falls back to them for checkpoints that hold no lorakit adapter.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class LorakitTrainerMixin:
             callback = LorakitCallback()
             self.add_callback(callback)
             callback.install(self.model)  # on_init_end has fired already
+        self.lorakit_callback.managed = True
 
     @property
     def lorakit_callback(self) -> LorakitCallback | None:
@@ -88,6 +91,14 @@ class LorakitTrainerMixin:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         hook_state = restore_checkpoint(target, resume_from_checkpoint, may_rebuild=self.optimizer is None)
         self.lorakit_callback.resume_with(hook_state)
+        return None
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the Trainer would look for full-model weights in the best checkpoint."""
+        best = self.state.best_model_checkpoint
+        if not inject.adapter_names(self.model) or not best or not io.find_adapters(best):
+            return super()._load_best_model()
+        restore_checkpoint(self.model, best, may_rebuild=True)  # training is over: the optimizer no longer matters
         return None
 
     # --- the optimizer --------------------------------------------------------------------------------
