@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import LorakitError
 from .columns import map_columns
-from .diagnosis import _blank, _diagnose, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
+from .diagnosis import _blank, _diagnose, _diagnose_csv, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
 from .records import SUFFIXES, Origin, Record, Where, _csv_rows
 
 
@@ -161,13 +161,22 @@ def _quiet_datasets() -> Iterator[Any]:
 def _load_file(path: Path, kind: str, field_name: str | None = None) -> list[dict[str, Any]]:
     """The rows of one file through `datasets.load_dataset` (its cache in a temporary directory:
     the rows are kept in memory, and a user's cache should not fill with copies of every file)."""
+    if kind in ("csv", "tsv"):
+        # a row of another width than the header is misread, not refused, by pandas (one more field in
+        # every row turns the first column into an index): refused here, at its line
+        found = _diagnose_csv(path, kind)
+        if found:
+            raise LorakitError(found)
     builder, options = _builder(path, kind)
     if field_name is not None:
         options["field"] = field_name
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="lorakit-data-") as cache:
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **options)
-            return table.to_list()
+            rows = table.to_list()
+            if kind in ("csv", "tsv"):  # rows of empty cells (`\t`, `,`, often trailing) are blank lines too
+                rows = [row for row in rows if any(isinstance(v, str) and v.strip() for v in row.values())]
+            return rows
         except Exception as err:  # noqa: BLE001 -- datasets, pyarrow and pandas raise many types; each becomes one line
             failure = err
     if kind in ("jsonl", "json") and field_name is None and not _diagnose_encoding(path) and not _blank(path):
@@ -193,6 +202,8 @@ def _builder(path: Path, kind: str) -> tuple[str, dict[str, Any]]:
         options: dict[str, Any] = {
             "features": Features({name: Value("string") for name in header}), "keep_default_na": False,
             "na_filter": False, "encoding": "utf-8-sig",
+            # the header's names as lorakit reads them (` label ` is `label`): header=0 replaces the file's own
+            "column_names": header, "header": 0,
         }
         if kind == "tsv":
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
