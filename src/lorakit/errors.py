@@ -27,6 +27,15 @@ def short_repr(value: Any) -> str:
     return shortener.repr(value)
 
 
+def did_you_mean(word: Any, choices: Any) -> str:
+    """` (did you mean 'lora'?)` when `word` is close to one of `choices` (difflib), else ''."""
+    import difflib
+
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close and by_lower[close[0]] != str(word) else ""
+
+
 _SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
 _INT_LIMIT = 2**31  # ranks, steps, seeds: anything larger is a typo or an attack, never a setting
 _FLOAT_LIMIT = 3.0e38  # a float that a float32 tensor can hold

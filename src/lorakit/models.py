@@ -122,6 +122,25 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
     return tokenizer
 
 
+def load_config(spec: str | None = None, task: str = "causal-lm"):
+    """The transformers config of a model (built-in, local directory or GGUF), without its weights."""
+    from transformers import AutoConfig
+
+    _offline()
+    directory, gguf = resolve_model_path(spec, task)
+    return _gguf_config(directory / gguf) if gguf else AutoConfig.from_pretrained(directory)
+
+
+def max_positions(config) -> int | None:
+    """The positions a model was built for (`max_position_embeddings`, GPT-2's `n_positions`), or None.
+    Past them a model with learned positions fails and a rotary one reads text it never saw."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM (default: SmolLM2-135M-Instruct), offline.
 

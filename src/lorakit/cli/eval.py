@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..train import config as config_mod
 from .adapters import adapter_dir_and_config, load_adapted, trained_labels
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..train.loading import load_tokenizer, num_outputs, pick_device, use_bf16
+    from ..train.loading import fit_max_length, load_tokenizer, num_outputs, pick_device, use_bf16
     from ..train.report import format_metrics
     from ..train.run_data import build_datasets, describe_eval, measure
 
@@ -26,6 +27,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.setdefault("eval_split", None)
     cfg = config_mod.from_dict(overrides, cfg)
     config_mod.validate(cfg)
+    cfg, note = fit_max_length(cfg)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     # a classifier keeps the label order it was trained with; unknown labels are an error
     labels = trained_labels(adapter)
     datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None, encode_train=False)

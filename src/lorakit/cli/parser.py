@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from ..errors import LorakitError
 from ..train import config as config_mod
@@ -78,6 +79,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 (greedy) or a finite positive number; -1 or nan is a mistake, not greedy."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
     return value
 
 
@@ -156,9 +168,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or plain lines): "
                      "generated in one batch, each prompt through its own adapter; prints JSONL")
     gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together with --prompts")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above 0 samples (a finite number)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                      help="wrap the prompt in the tokenizer's chat template")

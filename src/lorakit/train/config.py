@@ -280,6 +280,25 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the optimizer applies its step sizes to float32 weights
+
+
+def _check_step_sizes(config: TrainConfig) -> None:
+    """Learning rates (and the products the optimizer forms from them) that a float32 weight can take:
+    1e39 is a finite number in the config, and an overflow error in the first optimizer step."""
+    if config.lr is None:
+        return
+    sizes = {"lr": config.lr}
+    if config.loraplus_ratio is not None:
+        sizes["lr x loraplus_ratio"] = config.lr * config.loraplus_ratio
+    if config.weight_decay:
+        sizes["lr x weight_decay"] = config.lr * config.weight_decay
+    for name, value in sizes.items():
+        if value > FLOAT32_MAX:
+            raise LorakitError(f"{name} = {value:g} is larger than the float32 weights can take ({FLOAT32_MAX:.3g}): the "
+                               "first optimizer step would overflow; learning rates are typically 1e-5 to 1e-2")
+
+
 def validate(config: TrainConfig) -> None:
     """Checks that need more than one field, or ranges; raises a one-line error."""
     if config.steps is not None and config.steps <= 0:
@@ -293,6 +312,7 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if config.lr is not None and config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
+    _check_step_sizes(config)
     if config.name is not None and (not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\")
                                     or not config.name.isprintable()):
         raise LorakitError(f"name {config.name!r} must be a plain directory name (no path separators, no control "

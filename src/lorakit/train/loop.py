@@ -42,7 +42,15 @@ from . import evaluate
 from .config import TrainConfig
 from .distributed import SingleProcess, strategy_for
 from .limit import LimitProbe, limit_summary
-from .loading import SEQUENCE_TASKS, enable_checkpointing, load_model, load_tokenizer, num_outputs, use_bf16
+from .loading import (
+    SEQUENCE_TASKS,
+    enable_checkpointing,
+    fit_max_length,
+    load_model,
+    load_tokenizer,
+    num_outputs,
+    use_bf16,
+)
 from .method_config import check_config, method_config
 from .probe import run_probe
 from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
@@ -130,6 +138,9 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     bf16 = use_bf16(cfg.precision, device)
 
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+    cfg, note = fit_max_length(cfg)
+    if note:
+        say(f"note: {note}")
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     datasets = build_datasets(cfg, tokenizer)
     if datasets.columns:

@@ -1,0 +1,141 @@
+"""What the commands accept: settings that would run silently wrong or end in a traceback are refused
+in one line (`error: ...`, exit 2) before anything slow; odd but valid input works."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lorakit import cli
+from lorakit.cli.generate import prompt_jobs
+from lorakit.errors import LorakitError
+from tiny_lm import save_tiny_bert, save_tiny_llama, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def main(argv: list[str]) -> int:
+    """`lorakit ARGV`'s exit status (argparse's own refusals exit through SystemExit)."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def jobs(tmp_path: Path, content: bytes | str, names=("sql", "chat")) -> list[tuple[str, str]]:
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prompt_jobs(argparse.Namespace(prompts=str(path), prompt=None, use=None), list(names))
+
+
+# --- generate --prompts ------------------------------------------------------------------------------
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    content = b'\xef\xbb\xbf{"prompt": "hello", "adapter": "chat"}\n{"prompt": "x"}\n'
+    assert jobs(tmp_path, content) == [("chat", "hello"), ("sql", "x")]
+
+
+def test_plain_lines_are_prompts_and_json_lines_are_records(tmp_path):
+    assert jobs(tmp_path, '["a"]\n\n{"b": 1}\n') == [("sql", '["a"]'), ("sql", '{"b": 1}')]
+    assert jobs(tmp_path, '{"prompt": "a"}\n{"prompt": "b", "adapter": "__base__"}\n') == [("sql", "a"), ("__base__", "b")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": 5}\n', r"prompts\.jsonl:1: needs a string \"prompt\".*got 5"),
+    ('{"prompt": ["a", "b"]}\n', r":1: needs a string \"prompt\""),
+    ('{"prompt": null, "adapter": "sql"}\n', r":1: needs a string \"prompt\".*got None"),
+    ('{"prompt": "a"}\n["a"]\n', r":2: expected a JSON object"),
+    ('{"prompt": "a"}\nplain text\n', r":2: not valid JSON .*JSON Lines throughout"),
+    ('{"prompt": "a", "adapter": ' + "[" * 100_000 + "]" * 100_000 + "}\n", r":1: JSON nested too deeply"),
+    ('{"prompt": "a", "adapter": ' + "9" * 5000 + "}\n", r":1: a number with too many digits"),
+    ('{"prompt": "a", "adapter": 1e999}\n', r":1: \"adapter\" must be a name, got inf"),
+    ('{"prompt": "a", "adaptor": "chat"}\n', r":1: unknown key\(s\) \['adaptor'\].*did you mean 'adapter'"),
+    ('{"prompt": "a", "adapter": "Chat"}\n', r":1: no adapter named 'Chat'.*did you mean 'chat'"),
+    ("\n  \n", r"no prompts"),
+])
+def test_bad_prompt_files_are_one_line_naming_the_line(tmp_path, content, message):
+    with pytest.raises(LorakitError, match=message) as caught:
+        jobs(tmp_path, content)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature: must be 0 \\(greedy\\) or a finite positive number, got -1"),
+    (["--temperature", "nan"], "--temperature: must be 0 .* got nan"),
+    (["--temperature", "inf"], "--temperature: must be 0 .* got inf"),
+    (["--temperature", "warm"], "--temperature: 'warm' is not a number"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens: must be positive, got -1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be positive, got 0"),
+])
+def test_generate_settings_that_ran_greedy_or_crashed_are_refused(flags, message, capsys):
+    assert main(["generate", *flags, "hello"]) == 2
+    assert re.search(message, error_line(capsys))
+
+
+def test_an_empty_prompt_starts_from_the_beginning_of_text(tiny_model, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": ""}\n')
+    assert cli.main(["generate", "--model", tiny_model, "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["prompt"] == ""
+    assert cli.main(["generate", "--model", tiny_model, "--max-new-tokens", "2", ""]) == 0
+
+
+def test_generation_stays_within_the_models_positions(tiny_model, tmp_path, capsys):
+    # the tiny model reads 256 positions
+    assert cli.main(["generate", "--model", tiny_model, "--max-new-tokens", "100000", "hi"]) == 0
+    assert "note: --max-new-tokens 100000 runs past the 256 positions" in capsys.readouterr().err
+    (tmp_path / "long.txt").write_text("word " * 400 + "\n")
+    assert cli.main(["generate", "--model", tiny_model, "--prompts", str(tmp_path / "long.txt")]) == 2
+    assert "long.txt: prompt 1 is 401 tokens; the model reads at most 256 positions" in error_line(capsys)
+
+
+# --- train settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e39"], r"lr = 1e\+39 is larger than the float32 weights can take"),
+    (["--lr", "1e30", "--loraplus-ratio", "1e10"], r"lr x loraplus_ratio = 1e\+40 is larger"),
+    (["--lr", "1e30", "--weight-decay", "1e10"], r"lr x weight_decay = 1e\+40 is larger"),
+])
+def test_a_learning_rate_past_float32_is_refused_before_the_model_loads(flags, message, tmp_path, capsys, monkeypatch):
+    from lorakit import models
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["train", "--out-dir", str(tmp_path), *flags]) == 2
+    assert re.search(message, error_line(capsys))
+
+
+def test_max_length_above_the_models_positions_is_cut_with_a_note(tmp_path, capsys):
+    # a 200 KB field: BERT's 256 learned positions failed in the embeddings with a tensor-size error
+    bert = save_tiny_bert(tmp_path / "bert")
+    rows = ["text,label"] + [f"good movie {i},1" for i in range(6)] + ['"' + "good " * 40_000 + '",0']
+    rows += [f"bad movie {i},0" for i in range(6)]
+    (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
+    args = ["--model", str(bert), "--task", "classify", "--data", str(tmp_path / "big.csv"), "--steps", "1",
+            "--batch-size", "4", "--out-dir", str(tmp_path / "runs"), "--name", "big", "--no-progress"]
+    assert cli.main(["train", *args]) == 0
+    assert "note: --max-length 512 is above the 256 positions" in "".join(capsys.readouterr())
+    assert "max_length: 256" in (tmp_path / "runs" / "big" / "config.yaml").read_text()
+    assert cli.main(["eval", "--adapter", str(tmp_path / "runs" / "big"), "--data", str(tmp_path / "big.csv")]) == 0
+
+
+def test_max_length_within_the_positions_is_kept(tiny_model, tmp_path, capsys):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": f"the {w} jumps"} for w in "apple river stone cloud tiger".split()])
+    assert cli.main(["train", "--model", tiny_model, "--data", str(tmp_path / "t.jsonl"), "--steps", "1", "--max-length", "64",
+                     "--out-dir", str(tmp_path), "--name", "t", "--no-progress"]) == 0
+    assert "note: --max-length" not in "".join(capsys.readouterr())
+    assert "max_length: 64" in (tmp_path / "t" / "config.yaml").read_text()
