@@ -37,7 +37,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import inject
+from . import adapted_layer, inject
+from .errors import LorakitError
 
 
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -146,6 +147,9 @@ def training_hooks(model: nn.Module, total_steps: int | None = None) -> Hooks:
     state = inject.lorakit_state(model)
     if state is None or not state.configs:
         inject.adapter_config(model)  # the usual "no adapter" error
+    merged = adapted_layer.merged_trainable(model)
+    if merged:
+        raise LorakitError(adapted_layer.MERGED_TRAINING.format(names=merged))
     hooks: list[Any] = []
     for name in state.active:
         hooks.extend(state.configs[name].training_hooks(model, name, total_steps))
