@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...errors import LorakitError
+from ...errors import LorakitError, short_repr
 from .columns import map_columns
 from .diagnosis import _blank, _diagnose, _diagnose_csv, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
 from .records import SUFFIXES, Origin, Record, Where, _csv_rows
@@ -224,10 +224,7 @@ def _csv_header(path: Path, kind: str) -> list[str]:
 def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> tuple[Origin, list[dict[str, Any]]]:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     if (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        except (ValueError, AttributeError):
-            raise LorakitError(f"{path}/dataset_dict.json is not valid JSON") from None
+        splits = _declared_splits(path)
         if split is None:
             if "train" not in splits and len(splits) != 1:
                 raise LorakitError(f"{path} holds the splits {splits}: choose one with {split_flag}")
@@ -250,10 +247,28 @@ def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> t
     return Origin(path, "saved", split), rows
 
 
+def _declared_splits(path: Path) -> list[str]:
+    """The `splits` of a DatasetDict directory's dataset_dict.json: a list of names of its subdirectories."""
+    where = path / "dataset_dict.json"
+    try:
+        declared = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read {where}: {getattr(err, 'strerror', None) or err}") from None
+    except RecursionError:
+        raise LorakitError(f"{where}: nested too deeply to be a split list") from None
+    except ValueError:
+        raise LorakitError(f"{where} is not valid JSON") from None
+    splits = declared.get("splits") if isinstance(declared, dict) else None
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(s, str) and s.strip() and s not in (".", "..") and "/" not in s and "\\" not in s for s in splits):
+        raise LorakitError(f"{where}: \"splits\" must be a list of split names (the subdirectories, e.g. [\"train\", "
+                           f"\"validation\"]), got {short_repr(splits)}")
+    return splits
+
+
 def saved_splits(spec: str | Path) -> list[str]:
     """The splits of a saved DatasetDict directory (empty for anything else)."""
     path = Path(spec)
-    try:
-        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
-    except (OSError, ValueError, AttributeError):
+    if not (path / "dataset_dict.json").is_file():
         return []
+    return _declared_splits(path)

@@ -1,5 +1,6 @@
-"""CSV/TSV rows as users' files have them: a row of another width than its header is refused at its
-line (pandas would read it wrong), header names with spaces and trailing blank rows are read."""
+"""Data as users have it: CSV/TSV rows of another width than the header are refused at their line
+(pandas would read them wrong), header names with spaces and trailing blank rows are read, saved
+datasets whose dataset_dict.json is damaged are one line."""
 
 from __future__ import annotations
 
@@ -66,3 +67,33 @@ def test_sst2_reads_whole():
     found = data.read_records(path, task="classify")
     assert len(found) == sum(1 for line in path.read_text().splitlines()[1:] if line.strip())
     assert {r.data["label"] for r in found} == {"0", "1"}
+
+
+@pytest.fixture(scope="module")
+def saved_dict(tmp_path_factory):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path_factory.mktemp("saved") / "dict"
+    rows = {"text": ["good", "bad", "fine", "ugly"], "label": ["1", "0", "1", "0"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize("content", [
+    '{"splits": "train"}', '{"splits": 5}', '{"splits": [1, 2]}', '{"splits": null}', '{"splits": []}',
+    '{"splits": ["../other"]}', '{"splits": [".."]}', '{"splits": [""]}', '["train"]', '{}', "not json",
+    '{"splits": ' + "[" * 50_000 + "]" * 50_000 + "}",
+])
+def test_a_damaged_dataset_dict_json_is_one_line(tmp_path, saved_dict, content):
+    import shutil
+
+    copy = tmp_path / "dict"
+    shutil.copytree(saved_dict, copy)
+    (copy / "dataset_dict.json").write_text(content)
+    with pytest.raises(LorakitError, match=r"dataset_dict\.json") as caught:
+        data.read_records(copy, task="classify")
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_saved_dataset_dict_still_reads(saved_dict):
+    assert [r.data["text"] for r in data.read_records(saved_dict, task="classify")] == ["good", "bad", "fine", "ugly"]
+    assert data.saved_splits(saved_dict) == ["train", "validation"]
