@@ -209,6 +209,11 @@ def stream_causal_lm(
         except AttributeError:
             unexpected.append(name)
             continue
+        expected = module._parameters.get(attr, module._buffers.get(attr))
+        if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} is {tuple(tensor.shape)} in the file but "
+                             f"{tuple(expected.shape)} in the model its {'header' if gguf else 'config.json'} describes: "
+                             "the file's settings and its tensors disagree (a damaged or hand-edited file)")
         tensor = tensor.to(dtype)
         if module_name in replaced and attr == "weight":
             layer = replace(module, tensor)

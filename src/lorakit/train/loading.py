@@ -37,6 +37,11 @@ def load_tokenizer(spec: str | None, task: str):
         return models.load_tokenizer(spec, task)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise LorakitError(str(err).splitlines()[0]) from None
+    except Exception as err:  # noqa: BLE001 -- the tokenizers library raises a bare Exception for a vocabulary it cannot build
+        if type(err) is not Exception:
+            raise
+        raise LorakitError(f"cannot build the tokenizer of {spec or 'the built-in model'}: "
+                           f"{' '.join(str(err).split())[:300]}") from None
 
 
 @contextlib.contextmanager
