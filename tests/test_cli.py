@@ -342,7 +342,7 @@ def test_ctrl_c_while_importing_is_a_clean_exit():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--nproc", "0"], "error: lorakit train: argument --nproc: must be positive, got 0 (see lorakit train --help)"),
-    (["train", "--bogus"], "error: lorakit: unrecognized arguments: --bogus"),
+    (["train", "--bogus"], "error: lorakit train: unrecognized arguments: --bogus"),
     (["nosuch"], "error: lorakit: argument command: invalid choice: 'nosuch'"),
     (["train", "--data", ""], "error: the data path is empty"),
 ])

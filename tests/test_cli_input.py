@@ -127,10 +127,13 @@ def test_max_length_above_the_models_positions_is_cut_with_a_note(tmp_path, caps
     (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
     args = ["--model", str(bert), "--task", "classify", "--data", str(tmp_path / "big.csv"), "--steps", "1",
             "--batch-size", "4", "--out-dir", str(tmp_path / "runs"), "--name", "big", "--no-progress"]
-    assert cli.main(["train", *args]) == 0
-    assert "note: --max-length 512 is above the 256 positions" in "".join(capsys.readouterr())
+    assert cli.main(["train", *args, "--max-length", "1000"]) == 0
+    assert "note: --max-length 1000 is above the 256 positions" in "".join(capsys.readouterr())
     assert "max_length: 256" in (tmp_path / "runs" / "big" / "config.yaml").read_text()
     assert cli.main(["eval", "--adapter", str(tmp_path / "runs" / "big"), "--data", str(tmp_path / "big.csv")]) == 0
+    assert cli.main(["train", *args, "--name", "default", "--steps", "1"]) == 0  # the default 512: cut without a note
+    assert "note: --max-length" not in "".join(capsys.readouterr())
+    assert "max_length: 256" in (tmp_path / "runs" / "default" / "config.yaml").read_text()
 
 
 def test_max_length_within_the_positions_is_kept(tiny_model, tmp_path, capsys):
@@ -139,3 +142,60 @@ def test_max_length_within_the_positions_is_kept(tiny_model, tmp_path, capsys):
                      "--out-dir", str(tmp_path), "--name", "t", "--no-progress"]) == 0
     assert "note: --max-length" not in "".join(capsys.readouterr())
     assert "max_length: 64" in (tmp_path / "t" / "config.yaml").read_text()
+
+
+# --- help, names, typos --------------------------------------------------------------------------------
+
+
+COMMANDS = ["train", "eval", "compare", "inspect", "generate", "merge", "export"]
+
+
+def test_help_of_every_command_loads_no_torch():
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom lorakit import cli\nfor argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+              "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+              "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'numpy') if m in sys.modules)\n"
+              "print('IMPORTED', heavy, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, *COMMANDS], capture_output=True, text=True, timeout=120)
+    assert "IMPORTED []" in done.stderr.splitlines(), done.stderr[-2000:]
+    for command in COMMANDS:
+        assert f"usage: lorakit {command}" in done.stdout
+
+
+def test_one_list_of_method_names_for_help_and_errors(capsys):
+    from lorakit.methods import METHODS
+    from lorakit.train import config
+
+    assert sorted(METHODS) == sorted(config.BUILTIN_METHODS)  # the torch-free list is the registry
+    names = config.method_names(METHODS)
+    assert names[-2:] == ["qlora", "lora-plus"] and len(names) == len(METHODS) + 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Choices: {', '.join(names)}." in help_text
+    assert main(["train", "--method", "lroa"]) == 2
+    assert error_line(capsys).endswith(f"choose from: {', '.join(names)} (did you mean 'lora'?)")
+    assert main(["compare", "--methods", "lora,dorra", "--steps", "1"]) == 2
+    assert f"choose from: {', '.join(names)} (did you mean 'dora'?)" in error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trian"], r"invalid choice: 'trian' .* \(did you mean 'train'\?\) \(see lorakit --help\)"),
+    (["train", "--stpes", "3"], r"lorakit train: unrecognized arguments: --stpes 3 \(did you mean '--steps'\?\) \(see lorakit train --help\)"),
+    (["eval", "--tsk=classify"], r"lorakit eval: unrecognized arguments: --tsk=classify \(did you mean '--task'\?\)"),
+    (["eval", "--task", "clasify"], r"invalid choice: 'clasify' .*\(did you mean 'classify'\?\)"),
+    (["train", "--task", "clasify"], r"task: 'clasify' is not one of .*\(did you mean 'classify'\?\)"),
+    (["train", "--method-arg", "rr=3"], r"method 'lora' has no setting 'rr'.*\(did you mean 'r'\?\)"),
+    (["train", "--method", "qlroa"], r"\(did you mean 'qlora'\?\)"),
+])
+def test_typos_get_the_closest_name(argv, message, capsys):
+    assert main(argv) == 2
+    assert re.search(message, error_line(capsys))
+
+
+def test_a_config_file_field_typo_gets_the_closest_name(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("learning_rate: 0.001\nstesp: 3\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert error_line(capsys).endswith("(did you mean 'lr' for 'learning_rate'; 'steps' for 'stesp'?)")

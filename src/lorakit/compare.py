@@ -303,11 +303,13 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     {method: {key: value}}, that method's own settings (see `method_run_config`)."""
     per_method = per_method or {}
     from .methods import METHODS
-    from .train.config import ALIASES
+    from .train.config import ALIASES, method_names, unknown_method
 
     unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
-    if unknown or not methods:
-        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + list(ALIASES))}")
+    if unknown:
+        raise unknown_method(unknown[0], METHODS, "--methods entry")
+    if not methods:
+        raise LorakitError(f"--methods: none given; choose from {', '.join(method_names(METHODS))}")
     directory.mkdir(parents=True, exist_ok=True)
     strangers = sorted(set(per_method) - set(methods))
     if strangers:

@@ -27,13 +27,19 @@ def short_repr(value: Any) -> str:
     return shortener.repr(value)
 
 
-def did_you_mean(word: Any, choices: Any) -> str:
-    """` (did you mean 'lora'?)` when `word` is close to one of `choices` (difflib), else ''."""
+def closest(word: Any, choices: Any) -> str | None:
+    """The one of `choices` closest to `word` (difflib, case aside), or None when none is close."""
     import difflib
 
     by_lower = {str(c).lower(): str(c) for c in choices}
     close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" (did you mean {by_lower[close[0]]!r}?)" if close and by_lower[close[0]] != str(word) else ""
+    return by_lower[close[0]] if close and by_lower[close[0]] != str(word) else None
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """` (did you mean 'lora'?)` when `word` is close to one of `choices`, else ''."""
+    found = closest(word, choices)
+    return f" (did you mean {found!r}?)" if found is not None else ""
 
 
 _SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}

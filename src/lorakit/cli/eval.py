@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..train import config as config_mod
 from .adapters import adapter_dir_and_config, load_adapted, trained_labels
@@ -27,9 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.setdefault("eval_split", None)
     cfg = config_mod.from_dict(overrides, cfg)
     config_mod.validate(cfg)
-    cfg, note = fit_max_length(cfg)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    cfg, _ = fit_max_length(cfg)  # the run's length, or the default: cut to the model's positions without a note
     # a classifier keeps the label order it was trained with; unknown labels are an error
     labels = trained_labels(adapter)
     datasets = build_datasets(cfg, load_tokenizer(cfg.model, cfg.task), labels or None, encode_train=False)

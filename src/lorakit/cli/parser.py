@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 
-from ..errors import LorakitError
+from ..errors import LorakitError, did_you_mean
 from ..train import config as config_mod
 from ..train.config import TrainConfig
 from .compare import cmd_compare
@@ -39,10 +40,7 @@ def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) 
         if f.name in config_mod.CHOICES:
             help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
         if f.name == "method":
-            from ..methods import METHODS
-            from ..train.config import ALIASES
-
-            help_text += f" Choices: {', '.join(sorted(METHODS) + list(ALIASES))}."
+            help_text += f" Choices: {', '.join(config_mod.method_names())}."
         shown_default = "" if default is None else f" (default: {default})"  # a None default is explained in prose
         if kinds[f.name] is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -94,9 +92,24 @@ def temperature(text: str) -> float:
 
 
 class OneLineErrors(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported as one line (`error: ...`, exit 2) like every other."""
+    """argparse, with a usage mistake reported as one line (`error: ...`, exit 2) like every other,
+    naming the sub-command whose flags it is about and the closest flag or choice to a typo."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 -- argparse's method
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # an unknown flag of a sub-command: reported by that sub-command's parser, with its own flags
+            commands = getattr(self, "commands", {})
+            owner = commands.get(getattr(namespace, "command", None), self)
+            flags = [s for action in owner._actions for s in action.option_strings]
+            first = next((e for e in extras if e.startswith("-")), extras[0])
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(first.split('=')[0], flags)}")
+        return namespace
 
     def error(self, message: str):  # noqa: D102 -- argparse's hook
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", "))
         self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -195,4 +208,5 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", help="output file (default: runs/<name>/adapter.gguf or merged-<outtype>.gguf)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.set_defaults(func=cmd_export)
+    parser.commands = dict(sub.choices)
     return parser

@@ -82,16 +82,17 @@ def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantiza
 
 def fit_max_length(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """The config with `max_length` cut to the positions the model reads (a longer example fails inside
-    the model, e.g. BERT's 512 learned positions), and a note saying so; read from the model's config
-    alone, before the data is encoded and the weights load."""
+    the model, e.g. BERT's 512 learned positions), and a note saying so where the user chose the
+    length; read from the model's config alone, before the data is encoded and the weights load."""
     try:
         limit = models.max_positions(models.load_config(cfg.model, "classify" if cfg.task in SEQUENCE_TASKS else cfg.task))
     except Exception:  # noqa: BLE001 -- an unreadable model is reported, in one line, where it loads
         return cfg, None
     if limit is None or cfg.max_length <= limit:
         return cfg, None
+    chosen = cfg.max_length != TrainConfig().max_length  # the default needs no note: the model's limit is the default then
     note = (f"--max-length {cfg.max_length} is above the {limit} positions {cfg.model or 'the built-in model'} reads: "
-            f"examples are cut to {limit} tokens")
+            f"examples are cut to {limit} tokens") if chosen else None
     return dataclasses.replace(cfg, max_length=limit), note
 
 
