@@ -253,24 +253,26 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
     done = [r for r in records if r["status"] == "done"]
     images = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        if r.losses:
-            ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method)
+    for index, r in enumerate(r for r in results if r.losses):
+        # each its own dash and marker: a curve drawn over another (lora-fa on lora) still shows
+        ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method, **html_report.line_style(index, len(r.losses)))
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    ax.legend()
+    if ax.get_lines():
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the curves, not over them
     images.append(("Training loss of every method", html_report.png(fig)))
     if done and any(r["metric_after"] is not None for r in done):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for r in done:
-            if r["metric_after"] is not None:
-                ax.scatter(r["trainable_params"], r["metric_after"], s=40)
-                ax.annotate(r["method"], (r["trainable_params"], r["metric_after"]), textcoords="offset points", xytext=(5, 5))
-        ax.set_xscale("log")
-        ax.set(xlabel="trainable parameters (log scale)", ylabel=f"held-out {done[0]['metric']}",
+        shown = [r for r in done if r["metric_after"] is not None]
+        for index, r in enumerate(shown):
+            ax.scatter(r["trainable_params"], r["metric_after"], s=40, marker=html_report.MARKERS[index % len(html_report.MARKERS)])
+        html_report.parameter_axis(ax, [r["trainable_params"] for r in shown])
+        html_report.place_labels(ax, [r["trainable_params"] for r in shown], [r["metric_after"] for r in shown],
+                                 [r["method"] for r in shown])
+        ax.set(xlabel="trainable parameters" + (" (log scale)" if ax.get_xscale() == "log" else ""), ylabel=f"held-out {done[0]['metric']}",
                title="Held-out metric against trainable parameters")
         images.append(("Held-out metric against trainable parameters", html_report.png(fig)))
     if done:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)  # the method names once, at the left
         names = [r["method"] for r in done]
         left.barh(names, [r["peak_memory_mib"] for r in done])
         left.set(xlabel="peak memory (MiB)", title="Peak memory")

@@ -35,6 +35,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = pick_device(cfg.device)
     model.to(device)
     result = measure(datasets, model, tokenizer, examples, device, use_bf16(cfg.precision, device),
-                     args.batch_size or cfg.eval_batch_size or cfg.batch_size)
+                     args.batch_size or cfg.eval_batch_size or cfg.batch_size, args.progress)
     print(f"{describe_eval(datasets)}: {format_metrics(result)}")
     return 0

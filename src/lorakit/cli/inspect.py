@@ -34,7 +34,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         original.update(analysis.snapshot_base_weights(model, names))
 
     model, _ = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)), before_load=snapshot)
-    found = analysis.changes(model, original)
+    found = analysis.changes(model, original, progress=args.progress)
     print(f"{adapter} ({config.method}) on {model_spec or 'the built-in model'}")
     print(analysis.summary_text(found))
     if args.json:

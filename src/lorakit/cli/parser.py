@@ -148,6 +148,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples (spread over the data)")
     ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a progress bar on stderr (only where stderr is a terminal)")
     ev.set_defaults(func=cmd_eval)
 
     cmp = sub.add_parser("compare", help="train several methods on the same data, steps and seed; table + HTML report",
@@ -171,6 +173,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
     ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
+    ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="a progress bar on stderr (only where stderr is a terminal)")
     ins.set_defaults(func=cmd_inspect)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)

@@ -189,7 +189,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
         say(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
-        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
+        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch, cfg.progress and strategy.is_main)
         say(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     try:
         hooks: Hooks = training_hooks(model, total_steps)
@@ -370,7 +370,8 @@ def finish(run: Run) -> RunResult:
     if strategy.is_main or strategy.sharded:  # a sharded forward needs every process
         run.echo(f"measuring {describe_eval(run.datasets)} after training ...")
         t0 = time.perf_counter()
-        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch)
+        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch,
+                        run.cfg.progress and run.strategy.is_main)
         run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     with strategy.gathered(run.model):  # sharded base weights the adapter file holds (Delta-LoRA's)
         if strategy.is_main:
