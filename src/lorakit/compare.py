@@ -77,7 +77,10 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodRe
     run_dir = directory / method
     if (run_dir / "report.json").is_file():
         echo(f"{method}: already trained, reusing {run_dir}")
-        return collect(method, run_dir)
+        try:
+            return collect(method, run_dir)
+        except LorakitError as err:  # one damaged run: the others still compare
+            return MethodResult(method, "failed", f"{err}; remove {run_dir} to train {method} again")
     config_file = directory / f".{method}.yaml"
     method_cfg = dataclasses.replace(with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory),
                                      resume=None, overwrite=False)
@@ -116,15 +119,50 @@ def run_showing_progress(command: list[str]) -> tuple[int, str]:
     return process.wait(), tail.decode("utf-8", errors="replace")
 
 
+# what `rows` reads of a run's report.json: numbers (final_loss may be NaN: a run that diverged at its end)
+REPORT_NUMBERS = ("steps", "train_seconds", "trainable_params", "total_params", "adapter_bytes", "peak_memory_mb",
+                  "tokens_per_s", "final_loss")
+
+
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """A finished run's report.json, checked for what the comparison reads, or a one-line error naming the file."""
+    import math
+
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    except (ValueError, RecursionError):
+        raise LorakitError(f"{path} is damaged (not valid JSON)") from None
+
+    def number(value: Any, finite: bool = True) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
+
+    def scores(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and number(v, False) for k, v in value.items())
+
+    if not isinstance(report, dict):
+        raise LorakitError(f"{path} is damaged (a JSON {type(report).__name__}, not a run's report)")
+    wrong = [k for k in REPORT_NUMBERS if not number(report.get(k), finite=k != "final_loss")]
+    wrong += [k for k in ("before", "after") if not scores(report.get(k))]
+    wrong += [k for k in ("lr", "step_vs_limit") if report.get(k) is not None and not number(report[k])]
+    if report.get("metric") is not None and not isinstance(report["metric"], str):
+        wrong.append("metric")
+    if wrong:
+        raise LorakitError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type")
+    return report
+
+
 def collect(method: str, run_dir: Path) -> MethodResult:
-    report = json.loads((run_dir / "report.json").read_text())
+    report = read_report(run_dir)
     losses = []
     if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+            try:  # a damaged line (a kill mid-write, an edit) costs its point of the curve, nothing more
                 record = json.loads(line)
                 losses.append((int(record["step"]), float(record["loss"])))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
                 continue
     return MethodResult(method, "done", report=report, losses=losses)
 
