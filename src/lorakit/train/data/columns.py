@@ -110,6 +110,10 @@ def check_records(records: list[Record], path: Any) -> str:
         this = detect_format(keys)
         if this is None:
             columns = sorted(record.columns or record.data)
+            empty = sorted(c for c, v in record.columns.items() if v is None)  # a null cell is no value
+            if empty:
+                raise LorakitError(f"{record.source}: {', '.join(map(repr, empty))} empty (null) in this row, which leaves "
+                                   f"no known layout in its columns {sorted(c for c in columns if c not in empty)}")
             raise LorakitError(
                 f"{record.source}: no known layout in the columns {columns}; expected one of: "
                 + "; ".join(f"{k} {v}" for k, v in FORMATS.items())
