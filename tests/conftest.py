@@ -18,6 +18,14 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test of a tests/test_fuzz*.py file carries the `fuzz` marker: `pytest -m "not fuzz"` is
+    the quick local run, the default run keeps them."""
+    for item in items:
+        if item.path.name.startswith("test_fuzz"):
+            item.add_marker(pytest.mark.fuzz)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_INDUCTOR_CACHE is not None:
         shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)

@@ -36,8 +36,8 @@ def error_line(capsys) -> str:
     return err[-1]
 
 
-def jobs(tmp_path: Path, content: bytes | str, names=("sql", "chat")) -> list[tuple[str, str]]:
-    path = tmp_path / "prompts.jsonl"
+def jobs(tmp_path: Path, content: bytes | str, names=("sql", "chat"), file="prompts.jsonl") -> list[tuple[str, str]]:
+    path = tmp_path / file
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return prompt_jobs(argparse.Namespace(prompts=str(path), prompt=None, use=None), list(names))
 
@@ -51,8 +51,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
 
 
 def test_plain_lines_are_prompts_and_json_lines_are_records(tmp_path):
-    assert jobs(tmp_path, '["a"]\n\n{"b": 1}\n') == [("sql", '["a"]'), ("sql", '{"b": 1}')]
+    assert jobs(tmp_path, '["a"]\n\n{"b": 1}\n', file="p.txt") == [("sql", '["a"]'), ("sql", '{"b": 1}')]
+    assert jobs(tmp_path, "{ code as a prompt\nsecond\n", file="p.txt") == [("sql", "{ code as a prompt"), ("sql", "second")]
     assert jobs(tmp_path, '{"prompt": "a"}\n{"prompt": "b", "adapter": "__base__"}\n') == [("sql", "a"), ("__base__", "b")]
+    assert jobs(tmp_path, '{"prompt": "a", "adapter": "chat"}\n', file="p.txt") == [("chat", "a")]  # JSON Lines by content
+    with pytest.raises(LorakitError, match=r"p\.jsonl:1: not valid JSON .*plain prompts go in a \.txt file"):
+        jobs(tmp_path, "a plain prompt\n", file="p.jsonl")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -61,6 +65,7 @@ def test_plain_lines_are_prompts_and_json_lines_are_records(tmp_path):
     ('{"prompt": null, "adapter": "sql"}\n', r":1: needs a string \"prompt\".*got None"),
     ('{"prompt": "a"}\n["a"]\n', r":2: expected a JSON object"),
     ('{"prompt": "a"}\nplain text\n', r":2: not valid JSON .*JSON Lines throughout"),
+    ('["a"]\n', r":1: expected a JSON object .*got list"),
     ('{"prompt": "a", "adapter": ' + "[" * 100_000 + "]" * 100_000 + "}\n", r":1: JSON nested too deeply"),
     ('{"prompt": "a", "adapter": ' + "9" * 5000 + "}\n", r":1: a number with too many digits"),
     ('{"prompt": "a", "adapter": 1e999}\n', r":1: \"adapter\" must be a name, got inf"),

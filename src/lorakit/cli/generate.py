@@ -92,8 +92,9 @@ PROMPT_KEYS = ("prompt", "adapter")
 
 def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str]]:
     """(adapter name, prompt) for each prompt: the positional prompt (or stdin) with `--use`, or
-    each line of `--prompts`: a JSONL file of {"prompt": ..., "adapter": ...} (when its first line is
-    a JSON object, every line must be one), or else a file of plain lines, one prompt each."""
+    each line of `--prompts`: JSON Lines of {"prompt": ..., "adapter": ...} (a .jsonl or .json file, or
+    any file whose first line is a JSON object: then every line must be one), or else plain lines,
+    one prompt each."""
     from ..inject import BASE_NAME
 
     known = names + [BASE_NAME]
@@ -117,8 +118,8 @@ def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, s
     numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if not numbered:
         raise LorakitError(f"{path}: no prompts")
-    if not numbered[0][1].lstrip().startswith("{"):
-        return [(default, line) for _, line in numbered]
+    if path.suffix.lower() not in (".jsonl", ".json") and not _is_json_object(numbered[0][1]):
+        return [(default, line) for _, line in numbered]  # plain text: a prompt a line (a prompt may start with "{")
     jobs = []
     for number, line in numbered:
         where = f"{path}:{number}"
@@ -137,18 +138,28 @@ def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, s
     return jobs
 
 
+def _is_json_object(line: str) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _json_object(line: str, where: str) -> dict:
     import json
 
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise LorakitError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); a file whose first line is a "
-                           "JSON object is JSON Lines throughout") from None
+        raise LorakitError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); a .jsonl file (or one whose first "
+                           "line is a JSON object) is JSON Lines throughout: plain prompts go in a .txt file, one a line") from None
     except RecursionError:
         raise LorakitError(f"{where}: JSON nested too deeply") from None
     except ValueError:  # an integer of more digits than Python converts
         raise LorakitError(f"{where}: a number with too many digits (over {sys.get_int_max_str_digits()})") from None
     if not isinstance(record, dict):
-        raise LorakitError(f"{where}: expected a JSON object {{\"prompt\": ...}}, got {type(record).__name__}")
+        raise LorakitError(f"{where}: expected a JSON object {{\"prompt\": ...}}, got {type(record).__name__} (plain "
+                           "prompts go in a .txt file, one a line)")
     return record

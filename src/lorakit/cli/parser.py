@@ -182,7 +182,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
                      help="adapter or run directory; repeat to load several on one base (named NAME, or after the run)")
     gen.add_argument("--use", metavar="NAME", help="the adapter for the prompt (default: the first; __base__ for none)")
-    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or plain lines): "
+    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or a text file of plain lines): "
                      "generated in one batch, each prompt through its own adapter; prints JSONL")
     gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
