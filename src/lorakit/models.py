@@ -214,6 +214,8 @@ def stream_causal_lm(
             raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} is {tuple(tensor.shape)} in the file but "
                              f"{tuple(expected.shape)} in the model its {'header' if gguf else 'config.json'} describes: "
                              "the file's settings and its tensors disagree (a damaged or hand-edited file)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} holds NaN or infinite values (a damaged file)")
         tensor = tensor.to(dtype)
         if module_name in replaced and attr == "weight":
             layer = replace(module, tensor)

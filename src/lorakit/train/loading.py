@@ -37,10 +37,10 @@ def load_tokenizer(spec: str | None, task: str):
         return models.load_tokenizer(spec, task)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise LorakitError(str(err).splitlines()[0]) from None
-    except Exception as err:  # noqa: BLE001 -- the tokenizers library raises a bare Exception for a vocabulary it cannot build
-        if type(err) is not Exception:
-            raise
-        raise LorakitError(f"cannot build the tokenizer of {spec or 'the built-in model'}: "
+    except Exception as err:  # noqa: BLE001 -- building a tokenizer from a user's file fails in many types (a bare
+        # Exception from the tokenizers library, IndexError and TypeError from transformers' GGUF conversion)
+        kind = "" if type(err) is Exception else f"{type(err).__name__}: "
+        raise LorakitError(f"cannot build the tokenizer of {spec or 'the built-in model'}: {kind}"
                            f"{' '.join(str(err).split())[:300]}") from None
 
 
