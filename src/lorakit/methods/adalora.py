@@ -60,6 +60,7 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
     and `kept` (r_0,): which triplets the allocator currently keeps."""
 
     loraplus_fast = ("lora_B",)  # LoRA+ (lorakit.param_groups): P is the output side
+    no_weight_decay = ("lora_E",)  # E is a vector of singular values (stored r x 1, as PEFT's): never decayed
     training_buffers = ("kept",)  # buffers that training changes (the allocator's mask)
 
     def __init__(
