@@ -279,6 +279,10 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the modules `config` adapts; raises a helpful error when nothing fits."""
     modules = module_names(model)
     adaptable = [n for n, m in modules.items() if isinstance(m, AdaptedLayer) or base_layers.is_adaptable(m)]
+    if not adaptable:
+        kinds = sorted({type(m).__name__ for n, m in modules.items() if n and not list(m.children())})
+        raise ValueError(f"{type(model).__name__} has no layer lorakit can adapt: every method wraps linear layers "
+                         f"(nn.Linear, GPT-2's Conv1D, 4-bit Linear4bit), and this model's layers are {', '.join(kinds[:8]) or 'none'}")
     targets = config.targets
     if targets == "all-linear":
         heads = output_head_names(model)

@@ -44,6 +44,17 @@ def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or base_layers.is_conv1d(module)
 
 
+def quantization_targets(model: nn.Module, selection: AdapterConfig) -> list[str]:
+    """The linear layers `selection` picks that become 4-bit. Not those the model keeps in full
+    precision (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, whose forward casts its input
+    to `wo.weight.dtype`: a 4-bit storage dtype would wreck it), as transformers' 4-bit loading does."""
+    from ..inject import _matches, select_targets
+
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return [n for n in select_targets(model, selection)
+            if _quantizable(model.get_submodule(n)) and not any(_matches(n, k) for k in keep)]
+
+
 def quantize(
     model: nn.Module,
     method: str = "nf4",
@@ -75,16 +86,15 @@ def quantize(
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
-    from ..inject import adapter_names, lorakit_state, select_targets, set_submodule
+    from ..inject import adapter_names, lorakit_state, set_submodule
 
     if adapter_names(model):
         raise ValueError("quantize the base model before lorakit.adapt (this model already carries an adapter)")
     dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     config = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
-    for name in select_targets(model, config):
+    for name in quantization_targets(model, config):
         module = model.get_submodule(name)
-        if _quantizable(module):
-            set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
+        set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
     lorakit_state(model, create=True).quantization = quantization_settings(
         method, targets, blocksize, double_quant, compute_dtype, layers, exclude
     )
@@ -136,12 +146,9 @@ def requantize(model: nn.Module, **settings: Any) -> dict[str, Any]:
     config = AdapterConfig(
         targets=settings.get("targets", "all-linear"), layers=settings.get("layers"), exclude=settings.get("exclude")
     )
-    from ..inject import select_targets
-
     dense = {
         name: base_layers.dense_weight(model.get_submodule(name)).detach().float().clone()
-        for name in select_targets(model, config)
-        if _quantizable(model.get_submodule(name))
+        for name in quantization_targets(model, config)
     }
     quantize(model, **settings)
     layers: dict[str, dict[str, float]] = {}

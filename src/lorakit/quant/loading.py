@@ -387,8 +387,8 @@ def load_quantized_causal_lm(
     `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
     `loftq_rank` keeps LoftQ's factors of each layer's rounding error, as in `quantize`.
     """
-    from ..inject import lorakit_state, select_targets
-    from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
+    from ..inject import lorakit_state
+    from . import QUANTIZATION_METHODS, quantization_settings, quantization_targets
 
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
@@ -396,7 +396,7 @@ def load_quantized_causal_lm(
     selection = AdapterConfig(targets=targets, layers=layers, exclude=exclude)
 
     def chosen(model: nn.Module) -> set[str]:
-        return {n for n in select_targets(model, selection) if _quantizable(model.get_submodule(n))}
+        return set(quantization_targets(model, selection))
 
     def quantized(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         return Linear4bit.from_linear(_with_weight(module, weight), blocksize, double_quant, cdtype, loftq_rank)
