@@ -403,6 +403,6 @@ def test_peft_loads_every_architectures_adapter_equal(name, method, tmp_path):
     if method == "qlora":
         base = dequantized(quantize(base, method="nf4"))
     expected = outputs(ours, inputs)
-    assert not torch.allclose(outputs(base, inputs), expected, atol=1e-5)  # the adapter changes the outputs
+    assert (outputs(base, inputs) - expected).abs().max() > 2e-5  # the adapter changes more than the tolerance below
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     torch.testing.assert_close(outputs(theirs, inputs), expected, atol=1e-5, rtol=1e-4)
