@@ -16,6 +16,7 @@ import lorakit
 from lorakit.quant import quantize
 
 from architectures import ARCHITECTURES, batch, build, head_modules, outputs
+from conftest import perturb_trainable
 
 METHODS = sorted(lorakit.METHODS) + ["qlora"]
 CASES = [(a, m) for a in ARCHITECTURES for m in METHODS]
@@ -103,7 +104,10 @@ def test_every_method_on_every_architecture(name, method, tmp_path):
     with torch.no_grad():
         after = model(**inputs).loss
     assert after < before, f"loss {before:.6f} -> {after:.6f}"
+    perturb_trainable(model)  # every adapter tensor well away from its start: the checks below can fail
     expected = outputs(model, inputs)
+    with lorakit.disabled(model):
+        assert (outputs(model, inputs) - expected).abs().max() > 1e-4, "the adapter changes nothing (10x the tolerance)"
 
     # save -> load onto a fresh base: the same outputs
     lorakit.save(model, tmp_path / "adapter")

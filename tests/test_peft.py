@@ -398,11 +398,12 @@ def test_peft_loads_every_architectures_adapter_equal(name, method, tmp_path):
     inputs = batch(name)
     ours = adapted(name, method)
     train_step(ours, inputs)
+    perturb_trainable(ours)  # every tensor of the file well away from its start
     lorakit.save(ours, tmp_path)
     base = build(name)
     if method == "qlora":
         base = dequantized(quantize(base, method="nf4"))
     expected = outputs(ours, inputs)
-    assert (outputs(base, inputs) - expected).abs().max() > 2e-5  # the adapter changes more than the tolerance below
+    assert (outputs(base, inputs) - expected).abs().max() > 1e-4  # the adapter changes 10x the tolerance below, or more
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     torch.testing.assert_close(outputs(theirs, inputs), expected, atol=1e-5, rtol=1e-4)
