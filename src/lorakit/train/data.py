@@ -41,6 +41,7 @@ import random
 import re
 import string
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -755,14 +756,21 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+_LEADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its leading special ids
+
+
 def leading_special_ids(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before every text: a BOS for Llama, Mistral or Gemma,
-    none for GPT-2, Qwen or SmolLM (found by encoding a probe with and without them)."""
+    none for GPT-2, Qwen or SmolLM (found once per tokenizer by encoding a probe with and without)."""
+    try:
+        return list(_LEADING[tokenizer])
+    except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
+        pass
     plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start]
-    return []
+    lead = next((full[:start] for start in range(len(full) - len(plain) + 1) if full[start:start + len(plain)] == plain), [])
+    with contextlib.suppress(TypeError):
+        _LEADING[tokenizer] = tuple(lead)
+    return lead
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
