@@ -91,8 +91,8 @@ def sharing_groups(model: nn.Module, name: str, kept: list[str]) -> dict[str, st
     for module_name, layer in inject.adapted_layers(model, name):
         if module_name not in kept:
             in_f, out_f = in_out_features(layer.base_layer)
-            settings = config.module_settings(module_name)
-            own = "" if (settings["r"], settings["alpha"]) == (config.r, config.alpha) else f",r={settings['r']},alpha={settings['alpha']:g}"
+            r, alpha = config.module_settings(module_name)["r"], config.module_settings(module_name)["alpha"]
+            own = "" if (r, alpha) == (config.r, config.alpha) else f",r={r},alpha={alpha:g}"
             groups[module_name] = f"{module_name.rsplit('.', 1)[-1]}({out_f}x{in_f}{own})"
     return groups
 
