@@ -31,7 +31,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # kind -> (what the tokenizer adds around a text, its chat template, whether it wants a BOS)
 KINDS = {
-    "bos": ("<s> $A", TEMPLATE_WITH_BOS, True),  # Llama 2, Mistral, Gemma
+    "bos": ("<s> $A", TEMPLATE_WITH_BOS, True),  # Llama 3, Gemma (byte-level)
+    "bos-sentencepiece": ("<s> $A", TEMPLATE_WITH_BOS, True),  # Llama 2, Mistral (a "▁" marks each word)
     "bos-template-without-bos": ("<s> $A", CHATML, True),
     "bos-and-eos": ("<s> $A </s>", TEMPLATE_WITH_BOS, True),  # add_eos_token=True
     "no-bos": (None, CHATML, False),  # GPT-2, Qwen, SmolLM
@@ -44,10 +45,15 @@ def save_model_dir(directory: Path, kind: str) -> Path:
 
     single, template, _ = KINDS[kind]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    if kind == "bos-sentencepiece":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set("".join(CORPUS) + "▁\n"))
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if single is not None:
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", BOS), ("</s>", EOS)])
