@@ -83,23 +83,19 @@ def test_compiled_forward_without_gradients_equals_eager(case, input_ids):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["vera"])
-def test_inductor_compiled_forward_equals_eager(case, input_ids):
-    """The real CPU backend (inductor, C++): inference mode and a training step. One method (its
-    fused node and shared-projection memo are the most special; C++ compiles cost ~30 s each)."""
-    model = adapted(case).eval()
-    expected = model(input_ids, labels=input_ids)
-    expected.loss.backward()
-    grads = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model)}
-    model.zero_grad(set_to_none=True)
+@pytest.mark.parametrize("case", ["lora", "vera"])
+def test_inductor_compiled_layer_in_inference_mode_equals_eager(case):
+    """The real CPU backend (inductor, C++) under inference mode, on one adapted layer (a whole model
+    costs minutes of C++ compiles here): LoRA's and VeRA's fused nodes. Training compiles of whole
+    models are in the contract suite (aot_eager) and tests/test_lora_fa.py (inductor)."""
+    layer = next(layer for _, layer in lorakit.adapted_layers(adapted(case)))
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = layer(x)
     torch._dynamo.reset()
-    compiled = torch.compile(model)
+    compiled = torch.compile(layer)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(input_ids).logits.clone(), expected.logits.detach(), atol=1e-4, rtol=1e-4)
-    out = compiled(input_ids, labels=input_ids)
-    out.loss.backward()
-    for name, p in lorakit.adapter_parameters(model):
-        torch.testing.assert_close(p.grad, grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(compiled(x).clone(), expected, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
 
