@@ -179,3 +179,12 @@ def test_a_schedule_longer_than_the_run_is_one_clear_error(tmp_path, capsys):
     code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora", "--r", "4",
                      "--out-dir", str(tmp_path), "--name", "x", "--no-progress"])
     assert code == 2 and "target_r must be an integer in 1..init_r=4" in capsys.readouterr().err
+
+
+def test_from_peft_refuses_a_rank_pattern_of_other_than_booleans():
+    body = lorakit.AdaLoRA(init_r=2, target_r=1, targets=["q_proj"]).to_peft(["q_proj"])
+    ok = lorakit.AdaLoRA.from_peft({**body, "rank_pattern": {"q_proj.lora_E": [True, False]}})
+    assert ok.rank_pattern == {"q_proj": [True, False]}
+    for bad in ({"q_proj.lora_E": [1, 0]}, {"q_proj.lora_E": ["yes", "no"]}, ["q_proj"]):
+        with pytest.raises(ValueError, match="rank_pattern"):
+            lorakit.AdaLoRA.from_peft({**body, "rank_pattern": bad})

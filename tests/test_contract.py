@@ -206,3 +206,36 @@ def test_low_rank_factors_are_the_whole_change_or_absent(method, input_ids):
         expected = layer.delta_weight()
         assert expected.abs().max() > 0
         torch.testing.assert_close(up @ down, expected, atol=1e-6, rtol=1e-5)
+
+
+PEFT_TYPED = sorted(m for m, cls in lorakit.methods.METHODS.items() if cls.peft_type is not None)
+
+
+@pytest.mark.parametrize("method", PEFT_TYPED)
+def test_from_peft_takes_values_as_written_and_refuses_wrong_types(method):
+    """A PEFT adapter_config.json is user input: every setting the method reads from it is taken as
+    written, and a string where a number or a flag belongs ("8", "False") is refused, not coerced."""
+    cls = lorakit.methods.METHODS[method]
+    body = make_config(method, "llama").to_peft(["model.layers.0.self_attn.q_proj"])
+    base = cls.from_peft(body)
+    read = []
+    for key, value in body.items():
+        if isinstance(value, bool):
+            other = not value
+        elif isinstance(value, (int, float)):
+            other = value + 1
+        else:
+            continue
+        try:
+            changed = cls.from_peft({**body, key: other}) != base
+        except ValueError:  # out of range: read and checked
+            changed = True
+        if changed:
+            read.append(key)
+    assert read
+    for key in read:
+        try:
+            cls.from_peft({**body, key: str(body[key])})
+        except ValueError:
+            continue
+        pytest.fail(f"{method}: the PEFT setting {key}={str(body[key])!r} (a string) was accepted")

@@ -60,6 +60,7 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
     and `kept` (r_0,): which triplets the allocator currently keeps."""
 
     loraplus_fast = ("lora_B",)  # LoRA+ (lorakit.param_groups): P is the output side
+    no_weight_decay = ("lora_E",)  # E is a vector of singular values (stored r x 1, as PEFT's): never decayed
     training_buffers = ("kept",)  # buffers that training changes (the allocator's mask)
 
     def __init__(
@@ -386,21 +387,23 @@ class AdaLoRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> AdaLoRA:
-        pattern = {}
-        for key, kept in (peft_config.get("rank_pattern") or {}).items():
-            pattern[key.removesuffix(".lora_E")] = [bool(k) for k in kept]  # module names, as lorakit's
+        patterns = peft_config.get("rank_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"rank_pattern must be a mapping {{module: [kept?] * init_r}}, got {patterns!r}"[:200])
+        # module names, as lorakit's; every value as written (the config's checks refuse `[1, 0]` or `r: "8"`)
+        pattern = {key.removesuffix(".lora_E"): kept for key, kept in patterns.items()}
         return cls(
             **common_fields_from_peft(peft_config),
-            init_r=int(peft_config.get("init_r", 12)),
-            target_r=int(peft_config.get("target_r", 8)),
-            alpha=float(peft_config.get("lora_alpha", 8)),
-            dropout=float(peft_config.get("lora_dropout", 0.0)),
-            tinit=int(peft_config.get("tinit", 0)),
-            tfinal=int(peft_config.get("tfinal", 0)),
-            delta_t=int(peft_config.get("deltaT", 1)),
-            beta1=float(peft_config.get("beta1", 0.85)),
-            beta2=float(peft_config.get("beta2", 0.85)),
-            orth_reg_weight=float(peft_config.get("orth_reg_weight", 0.5)),
+            init_r=peft_config.get("init_r", 12),
+            target_r=peft_config.get("target_r", 8),
+            alpha=peft_config.get("lora_alpha", 8),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            tinit=peft_config.get("tinit", 0),
+            tfinal=peft_config.get("tfinal", 0),
+            delta_t=peft_config.get("deltaT", 1),
+            beta1=peft_config.get("beta1", 0.85),
+            beta2=peft_config.get("beta2", 0.85),
+            orth_reg_weight=peft_config.get("orth_reg_weight", 0.5),
             total_step=peft_config.get("total_step"),
             rank_pattern=pattern,
         )
