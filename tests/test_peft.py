@@ -379,8 +379,8 @@ ARCH_PEFT_CASES = [(a, m) for a in ARCHITECTURES for m in PEFT_METHODS + ["qlora
 def dequantized(model: nn.Module) -> nn.Module:
     """The model with each 4-bit layer replaced by a dense one holding its dequantized weight: the
     base a QLoRA adapter trained over, as PEFT (without bitsandbytes) can hold it."""
-    from lorakit.targets import set_submodule
     from lorakit.quant import quantized_layers
+    from lorakit.targets import set_submodule
 
     for name, layer in quantized_layers(model):
         set_submodule(model, name, layer.merged_module(layer.dense_weight()))
