@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, generate, merge, export, inspect, compare.
+"""The `lorakit` command line: train, eval, generate, merge, export, inspect, explain, compare.
 
     lorakit train                                # the built-in job: SmolLM2-135M learns a task
     lorakit train --data my.jsonl --method dora --r 16 --steps 300
@@ -10,6 +10,7 @@
     lorakit merge --adapter runs/<name> --out merged/
     lorakit export --adapter runs/<name> --format gguf           # a LoRA adapter for llama.cpp (--lora FILE)
     lorakit inspect runs/<name>                  # what the adapter changed, module by module
+    lorakit explain --adapter runs/<name> "..."  # what the adapter does to one prompt, token by token
     lorakit compare --methods lora,dora,vera     # the same job with each method: table + HTML report
 
 Errors in the user's input print one line, `error: ...`, and exit with status 2.
@@ -685,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
     ins.set_defaults(func=cmd_inspect)
+
+    from .explain import command as explain_command
+    explain_command.add_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
