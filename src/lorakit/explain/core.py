@@ -70,6 +70,11 @@ class ModuleActivity:
     parts: dict[str, list[float]]  # per part, per token: ||part|| / ||W0 x||
     components: list[Component]
     attribution: float  # summed over the outputs
+    per_token: bool = True  # False for a module that reads one vector for the whole input (a pooler): one value
+
+    def size_at(self, position: int) -> float:
+        """||ΔW x|| / ||W0 x|| at an input position (nan for a module without per-token values)."""
+        return self.size[position] if self.per_token else math.nan
 
     @property
     def mean_size(self) -> float:
@@ -133,7 +138,7 @@ class Explanation:
                          "adapted": o.adapted_value, "effect": o.effect,
                          "base_top": [list(t) for t in o.base_top], "adapted_top": [list(t) for t in o.adapted_top],
                          "attribution": o.attribution, "completeness_error": o.completeness_error} for o in self.outputs],
-            "modules": [{"module": m.module, "layer": m.layer, "kind": m.kind, "attribution": m.attribution,
+            "modules": [{"module": m.module, "layer": m.layer, "kind": m.kind, "attribution": m.attribution, "per_token": m.per_token,
                          "size": m.size, "parts": m.parts,
                          "components": [{"label": c.label, "part": c.part, "strength": c.strength,
                                          "drive": c.drive} for c in m.components]}
@@ -312,7 +317,7 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
         found.sort(key=lambda c: -c.strength)
         modules.append(ModuleActivity(site.name, layer, kind, [float(s) for s in record.size],
                                       {p: [float(s) for s in v] for p, v in record.parts.items()}, found,
-                                      float(result.values[:, index].sum())))
+                                      float(result.values[:, index].sum()), len(record.size) == len(ids)))
     methods = sorted({state.configs[n].method for n in active})
     return Explanation(task, prompt, [piece(i) for i in ids], ids, prompt_length, measure, completion_source,
                        base_completion, outputs, modules, result.steps, result.within_tolerance, methods)

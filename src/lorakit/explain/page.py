@@ -142,8 +142,8 @@ def components_table(found: Explanation, count: int = 6) -> str:
         top = max((d for c in m.components[:3] for d in c.drive if math.isfinite(d)), default=0.0)
         for c in m.components[:3]:
             strip = "".join(f'<span style="background:{sequential(d, top)}" title="{html.escape(found.tokens[i])}: {d:.3g}"></span>'
-                            for i, d in enumerate(c.drive))
-            peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive else None
+                            for i, d in enumerate(c.drive)) if m.per_token else f"{c.drive[0]:.3g} (one vector for the whole input)"
+            peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive and m.per_token else None
             rows.append(f'<tr><td class="name">{html.escape(m.module)}</td><td class="name">{html.escape(c.label)}</td>'
                         f'<td class="name">{html.escape(c.part)}</td><td>{c.strength:.3g}</td>'
                         f'<td class="name"><code>{html.escape(shown_token(found.tokens[peak])) if peak is not None else ""}</code></td>'
@@ -160,7 +160,7 @@ def panel(found: Explanation, position: int, shown: bool) -> str:
     token) or at its own position (a prompt token), and a completion token's attribution."""
     output = position - found.prompt_length if found.task == "causal-lm" else -1
     at = position - 1 if output >= 0 else position
-    sizes = [m.size[at] for m in found.modules if math.isfinite(m.size[at])]
+    sizes = [m.size_at(at) for m in found.modules if math.isfinite(m.size_at(at))]
     size_scale = max(sizes, default=0.0)
     body = [f"<h3>Token {html.escape(repr(found.tokens[position]))} (position {position})</h3>"]
     grids = []
@@ -175,9 +175,9 @@ def panel(found: Explanation, position: int, shown: bool) -> str:
         where = f"at the position that predicts it ({found.tokens[at]!r})"
     else:
         where = "at this token"
-    grids.append(grid(found.modules, lambda m: m.size[at], lambda v: sequential(v, size_scale), f"||ΔW x|| / ||W0 x|| {where}"))
+    grids.append(grid(found.modules, lambda m: m.size_at(at), lambda v: sequential(v, size_scale), f"||ΔW x|| / ||W0 x|| {where}"))
     for part in parts_of(found):
-        grids.append(grid(found.modules, lambda m, part=part: m.parts[part][at] if part in m.parts else math.nan,
+        grids.append(grid(found.modules, lambda m, part=part: m.parts[part][at] if part in m.parts and m.per_token else math.nan,
                           lambda v: sequential(v, size_scale), f"its part {part!r}"))
     body.append(f'<div class="grids">{"".join(grids)}</div>')
     return f'<div class="panel{" shown" if shown else ""}" data-pos="{position}">{"".join(body)}</div>'

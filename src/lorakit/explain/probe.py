@@ -44,7 +44,7 @@ class Site:
 class Record:
     """What one module did, per token (first batch row), while recording."""
 
-    size: torch.Tensor  # (tokens,) ||Δ x|| / ||W0 x||
+    size: torch.Tensor  # (tokens,) ||Δ x|| / ||W0 x||; one value for a module that reads one vector (a pooler)
     parts: dict[str, torch.Tensor]  # part -> (tokens,) ||part x|| / ||W0 x||
     drive: list[torch.Tensor] = field(default_factory=list)  # per RankComponents: (k, tokens), ||up_i|| |down_i · x| / ||W0 x||
 
@@ -131,21 +131,23 @@ class Tracer:
     @torch.no_grad()
     def _record(self, site: Site, x: torch.Tensor, base_out: torch.Tensor, parts: dict[str, torch.Tensor],
                 change: torch.Tensor) -> None:
+        def rows(t: torch.Tensor) -> torch.Tensor:  # the first batch row, one row per token (a pooler reads one)
+            return t[0].reshape(-1, t.shape[-1]).double()
+
         bias = getattr(site.layer.base_layer, "bias", None)
         base_path = base_out if bias is None else base_out - bias.to(base_out.dtype)
-        base_norm = base_path[0].double().norm(dim=-1)  # (tokens,)
+        base_norm = rows(base_path).norm(dim=-1)  # (tokens,)
 
         def relative(norm: torch.Tensor) -> torch.Tensor:
             return torch.where(base_norm > 0, norm / base_norm.clamp_min(1e-300),
                                torch.where(norm > 0, math.inf, 0.0))
 
-        record = Record(relative(change[0].double().norm(dim=-1)),
-                        {part: relative(value[0].double().norm(dim=-1)) for part, value in parts.items()})
+        record = Record(relative(rows(change).norm(dim=-1)),
+                        {part: relative(rows(value).norm(dim=-1)) for part, value in parts.items()})
         for piece in site.components:
-            coefficient = (x[0].double() @ piece.down.double().T).abs() * piece.strengths.double()  # (tokens, k)
-            record.drive.append(relative(coefficient.T))
+            coefficient = (rows(x) @ piece.down.double().T).abs() * piece.strengths.double()  # (tokens, k)
+            record.drive.append(relative(coefficient.mT))
         self.records[site.name] = record
-
 
 @contextmanager
 def instrumented(model: nn.Module, original: dict[str, torch.Tensor] | None = None, components: int = 8) -> Iterator[Tracer]:

@@ -94,7 +94,7 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
     for m in ranked[:3]:
         shown = []
         for c in m.components[:3]:
-            peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive else None
+            peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive and m.per_token else None
             shown.append(f"{c.label} (strength {c.strength:.3g}" + (
                 f"; driven most by {visible(found.tokens[peak])}, {c.drive[peak]:.3g})" if peak is not None else ")"))
         lines.append(f"  {m.module}: " + ("; ".join(shown) if shown else "no low-rank components"))
@@ -110,4 +110,4 @@ def mean(values) -> float:
 
 def token_activity(found: Explanation) -> list[float]:
     """Per input token: the mean over modules of ||ΔW x|| / ||W0 x||."""
-    return [mean(m.size[i] for m in found.modules) for i in range(len(found.tokens))]
+    return [mean(m.size[i] for m in found.modules if m.per_token) for i in range(len(found.tokens))]
