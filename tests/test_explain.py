@@ -317,3 +317,42 @@ def test_json_holds_every_number_and_no_infinities(tmp_path):
     assert len(module["size"]) == len(record["tokens"]) == len(module["components"][0]["drive"])
     assert record["attribution"]["within_tolerance"] and record["attribution"]["completeness_error"] <= record["attribution"]["tolerance"]
     assert sum(m["attribution"] for m in record["modules"]) == pytest.approx(record["total_effect"], abs=record["attribution"]["tolerance"])
+
+
+def test_a_4bit_base():
+    """QLoRA: the base path is the dequantized 4-bit weight the adapter was trained against."""
+    from lorakit import base_layers
+
+    model = lorakit.quantize(tiny_llama(seed=1, hidden_size=64))
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    perturb_trainable(model, seed=2, std=0.3)
+    found = explain(model, TOKENIZER, PROMPT, completion=" god")
+    assert found.within_tolerance and abs(found.total_effect) > 1e-2
+    inputs = module_inputs(model, found.token_ids)
+    for m in found.modules:
+        layer, x = dict(inject.adapted_layers(model))[m.module], inputs[m.module]
+        with torch.no_grad():
+            expected = relative(x @ layer.delta_weight().T, x @ base_layers.dense_weight(layer.base_layer).float().T)
+        assert m.size == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+@pytest.mark.integration
+def test_on_smollm2():
+    """The real packaged model: a fresh adapter is inert; a perturbed one on two module kinds has
+    parts that add up to its change."""
+    from lorakit import models
+
+    try:
+        tokenizer, model = models.load_tokenizer(), models.load_causal_lm()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["v_proj", "down_proj"], layers=list(range(0, 30, 3))))
+    prompt = "Reverse the order of the words: red fox\nAnswer:"
+    fresh = explain(model, tokenizer, prompt, completion=" fox red", steps=8)
+    assert fresh.inert and fresh.total_effect == 0.0 and len(fresh.modules) == 20
+    assert "the adapter is inert on this input" in summary.summary_text(fresh)
+    perturb_trainable(model, seed=0, std=0.02)
+    found = explain(model, tokenizer, prompt, completion=" fox red")
+    assert not found.inert and abs(found.total_effect) > 0.01 and found.within_tolerance
+    assert found.completeness_error <= found.tolerance
+    assert found.tokens[-2:] == [" fox", " red"] and all(len(m.components) == 4 for m in found.modules)

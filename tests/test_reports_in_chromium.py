@@ -94,7 +94,7 @@ LAYOUT_CHECK = """<script>
   document.querySelectorAll('table').forEach(function (table) {
     result.labels += overlaps(Array.from(table.querySelectorAll('th')));
   });
-  document.querySelectorAll('td, th, caption, .tok, h1, h2, h3, p').forEach(function (e) {
+  document.querySelectorAll('td, th, caption, .tok, h1, h2, h3, p, .scroll').forEach(function (e) {
     if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).display !== 'inline') result.clipped.push(e.textContent.slice(0, 40));
   });
   var chip = document.querySelector('section.prompt .tok:not(.selected)');  // not the panel shown at first

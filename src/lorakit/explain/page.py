@@ -31,8 +31,9 @@ h1{font-size:1.5em}h2{font-size:1.25em;border-top:2px solid #ddd;padding-top:.8e
 .tok.out{border-color:#555;font-weight:600}.tok.selected{outline:2px solid #000;outline-offset:1px}
 .legend{font-size:12px;color:#555}
 table{border-collapse:collapse;font-size:12px;margin:.3em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}
-th{background:#f4f4f4}td.name,th.name{text-align:left}
-.grid td{min-width:3.2em}.scroll{overflow-x:auto;max-width:100%}
+th{background:#f4f4f4}td.name,th.name{text-align:left}td.wrap{white-space:normal;min-width:14em}
+.grid{font-size:11px}.grid td{min-width:2.2em;padding:1px 3px}.grid th{padding:1px 3px}caption{font-size:12px;max-width:32em;margin:0 auto}
+.scroll{overflow-x:auto;max-width:100%}
 .panel{display:none;border-left:3px solid #999;padding-left:.8em}.panel.shown{display:block}
 .grids{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
 .drive{display:inline-flex;gap:1px;vertical-align:middle}.drive span{display:inline-block;width:9px;height:12px}
@@ -81,37 +82,73 @@ def ink(background: str) -> str:
     return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
 
 
-def number(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.2g}"
+def unit_of(values) -> float:
+    """The power of ten that shows the largest |value| as a two-digit integer (10-99)."""
+    largest = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    return 10.0 ** (math.floor(math.log10(largest)) - 1) if largest > 0 else 1.0
 
 
-def grid(modules: list[ModuleActivity], value, colour, caption: str, fmt=number) -> str:
-    """A layers x module kinds table of `value(module)`, each cell coloured by `colour(value)`;
-    modules outside numbered blocks are listed below it."""
+def in_units(value: float, unit: float, sign: bool) -> str:
+    if math.isinf(value):
+        return "inf"
+    shown = round(value / unit)
+    return f"{shown:+d}" if sign and shown else str(shown)
+
+
+def unit_label(unit: float) -> str:
+    return f" (in units of {unit:g})" if unit != 1.0 else ""
+
+
+def grid(modules: list[ModuleActivity], value, colour, caption: str, sign: bool = False) -> str:
+    """A layers x module kinds table of `value(module)` (nan: an empty cell), each cell coloured by
+    `colour(value)` and showing the value in the table's unit (the exact value on hover); modules
+    outside numbered blocks are listed below it."""
+    values = {m.module: value(m) for m in modules}
+    unit = unit_of(values.values())
     in_blocks = [m for m in modules if m.layer is not None]
     kinds = list(dict.fromkeys(m.kind for m in in_blocks))
     labels = short_labels(kinds)
     layers = sorted({m.layer for m in in_blocks})
     cells = {(m.layer, m.kind): m for m in in_blocks}
-    rows = []
-    for layer in layers:
-        row = [f'<th>{layer}</th>']
-        for kind in kinds:
-            m = cells.get((layer, kind))
-            v = value(m) if m is not None else math.nan
-            if math.isnan(v):
-                row.append("<td></td>")
-                continue
-            background = colour(v)
-            row.append(f'<td style="background:{background};color:{ink(background)}" title="{html.escape(m.module)}: {v:.4g}">'
-                       f"{html.escape(fmt(v))}</td>")
-        rows.append("<tr>" + "".join(row) + "</tr>")
+
+    def cell(m: ModuleActivity | None) -> str:
+        v = values[m.module] if m is not None else math.nan
+        if math.isnan(v):
+            return "<td></td>"
+        background = colour(v)
+        return (f'<td style="background:{background};color:{ink(background)}" title="{html.escape(m.module)}: {v:.4g}">'
+                f"{in_units(v, unit, sign)}</td>")
+
+    rows = "".join(f"<tr><th>{layer}</th>" + "".join(cell(cells.get((layer, kind))) for kind in kinds) + "</tr>" for layer in layers)
     head = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(labels[k])}</th>" for k in kinds) + "</tr>"
-    table = f'<div class="scroll"><table class="grid"><caption>{html.escape(caption)}</caption>{head}{"".join(rows)}</table></div>' if kinds else ""
+    caption = html.escape(caption + unit_label(unit))
+    table = f'<table class="grid"><caption>{caption}</caption>{head}{rows}</table>' if kinds else ""
     others = [m for m in modules if m.layer is None]
     if others:
-        table += "<table><tr>" + "".join(f'<td class="name">{html.escape(m.module)}: {html.escape(fmt(value(m)))}</td>' for m in others) + "</tr></table>"
+        table += ('<table class="grid">' + "".join(f'<tr><td class="name">{html.escape(m.module)}</td>{cell(m)}</tr>' for m in others)
+                  + "</table>")
     return f"<div>{table}</div>"
+
+
+def layer_profile(found: Explanation) -> str:
+    """Each output's attribution summed per layer (rows: outputs, columns: layers)."""
+    layers = sorted({m.layer for m in found.modules if m.layer is not None})
+    if not layers or found.inert:
+        return ""
+    sums = [[sum(a for m, a in zip(found.modules, o.attribution) if m.layer == layer) for layer in layers] for o in found.outputs]
+    unit = unit_of(v for row in sums for v in row)
+    scale = max((abs(v) for row in sums for v in row), default=0.0)
+    rows = []
+    for o, row in zip(found.outputs, sums):
+        cells = []
+        for layer, v in zip(layers, row):
+            background = diverging(v, scale)
+            cells.append(f'<td style="background:{background};color:{ink(background)}" title="layer {layer}: {v:+.4g}">'
+                         f"{in_units(v, unit, True)}</td>")
+        rows.append(f'<tr><th class="name"><code>{html.escape(shown_token(o.token))}</code></th>{"".join(cells)}</tr>')
+    head = '<tr><th class="name">output</th>' + "".join(f"<th>{layer}</th>" for layer in layers) + "</tr>"
+    return (f'<div class="scroll"><table class="grid"><caption>attribution per output and layer{html.escape(unit_label(unit))}'
+            f"</caption>{head}{''.join(rows)}</table></div>")
 
 
 def output_table(found: Explanation) -> str:
@@ -124,12 +161,12 @@ def output_table(found: Explanation) -> str:
     rows = []
     for o in found.outputs:
         def tops(pairs):
-            return ", ".join(f"{html.escape(shown_token(t))} {p:.2g}" for t, p in pairs)
+            return ", ".join(f"<code>{html.escape(shown_token(t))}</code>&nbsp;{p:.2g}" for t, p in pairs[:3])
 
         background = diverging(o.effect, scale)
         rows.append(f'<tr><td class="name"><code>{html.escape(shown_token(o.token))}</code></td><td>{math.exp(o.base_value):.3f}</td>'
                     f'<td>{math.exp(o.adapted_value):.3f}</td><td style="background:{background};color:{ink(background)}">'
-                    f'{signed(o.effect)}</td><td class="name">{tops(o.base_top)}</td><td class="name">{tops(o.adapted_top)}</td></tr>')
+                    f'{signed(o.effect)}</td><td class="name wrap">{tops(o.base_top)}</td><td class="name wrap">{tops(o.adapted_top)}</td></tr>')
     return (f'<div class="scroll"><table><tr><th class="name">{what}</th><th>base p</th><th>adapted p</th><th>Δ log p</th>'
             f'<th class="name">base\'s top</th><th class="name">adapted\'s top</th></tr>{"".join(rows)}</table></div>')
 
@@ -171,7 +208,7 @@ def panel(found: Explanation, position: int, shown: bool) -> str:
         body.append(f"<p>log p: base {o.base_value:.3f}, adapted {o.adapted_value:.3f}, change {signed(o.effect)}; "
                     f"the modules' parts add up to it within {o.completeness_error:.2g}.</p>")
         grids.append(grid(found.modules, lambda m: attributions[m.module], lambda v: diverging(v, scale),
-                          "attribution of this token's Δ log p", signed_short))
+                          "attribution of this token's Δ log p", sign=True))
         where = f"at the position that predicts it ({found.tokens[at]!r})"
     else:
         where = "at this token"
@@ -187,10 +224,6 @@ def parts_of(found: Explanation) -> list[str]:
     """The names of the change's parts, where there are several (DoRA, Delta-LoRA's moved base)."""
     parts = list(dict.fromkeys(p for m in found.modules for p in m.parts))
     return parts if len(parts) > 1 else []
-
-
-def signed_short(value: float) -> str:
-    return f"{value:+.2g}"
 
 
 def section(found: Explanation, index: int, title: str) -> str:
@@ -241,12 +274,13 @@ def section(found: Explanation, index: int, title: str) -> str:
     lines.append("<h3>Where the adapter acts and which modules matter, over the whole input</h3>")
     lines.append('<div class="grids">'
                  + grid(found.modules, lambda m: m.attribution, lambda v: diverging(v, attribution_scale),
-                        "attribution of the total change (integrated gradients)", signed_short)
+                        "attribution of the total change (integrated gradients)", sign=True)
                  + grid(found.modules, lambda m: m.mean_size, lambda v: sequential(v, mean_scale),
                         "mean ||ΔW x|| / ||W0 x|| over the tokens")
                  + "".join(grid(found.modules, lambda m, part=part: mean(m.parts.get(part, [])),
                                 lambda v: sequential(v, mean_scale), f"its part {part!r}") for part in parts_of(found))
                  + "</div>")
+    lines.append(layer_profile(found))
     lines.append("<h3>Which directions fire</h3>" + components_table(found))
     lines.append("</section>")
     return "\n".join(lines)

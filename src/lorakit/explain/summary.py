@@ -78,6 +78,13 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
     ranked = sorted(found.modules, key=lambda m: -abs(m.attribution))
     if by_layer:
         lines.append("  by layer: " + ", ".join(f"{name} {signed(v)}{share(v, total)}" for name, v in by_layer[:SHOWN]))
+    bands = depth_bands(found)
+    if bands:
+        lines.append("  by depth: " + ", ".join(f"layers {name} {signed(sum(v))}{share(sum(v), total)}" for name, v in bands.items()))
+        if len(found.outputs) > 1:
+            largest = sorted(sorted(range(len(found.outputs)), key=lambda i: -abs(found.outputs[i].effect))[:SHOWN + 1])
+            lines.append("  per output, by depth (" + " / ".join(bands) + "): " + "; ".join(
+                f"{visible(found.outputs[i].token)} " + " / ".join(f"{signed(v[i])}" for v in bands.values()) for i in largest))
     lines.append("  by kind:  " + ", ".join(f"{name} {signed(v)}{share(v, total)}" for name, v in by_kind[:SHOWN]))
     lines.append("  modules:  " + ", ".join(f"{m.module} {signed(m.attribution)}" for m in ranked[:SHOWN]))
     lines.append("where it acts (||ΔW x|| / ||W0 x||, mean over the tokens):")
@@ -85,7 +92,7 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
     lines.append("  modules:  " + ", ".join(f"{m.module} {m.mean_size:.3g}" for m in by_size[:SHOWN]))
     per_token = token_activity(found)
     busiest = sorted(range(len(per_token)), key=lambda i: -per_token[i])[:SHOWN]
-    lines.append("  tokens (mean over the modules): " + ", ".join(f"{visible(found.tokens[i])} {per_token[i]:.3g}" for i in busiest))
+    lines.append("  tokens (mean over the modules): " + ", ".join(f"{visible(found.tokens[i])} (#{i}) {per_token[i]:.3g}" for i in busiest))
     parts = list(dict.fromkeys(p for m in found.modules for p in m.parts))
     if len(parts) > 1:
         lines.append("  by part (mean over tokens and modules): " + ", ".join(
@@ -96,11 +103,27 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
         for c in m.components[:3]:
             peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive and m.per_token else None
             shown.append(f"{c.label} (strength {c.strength:.3g}" + (
-                f"; driven most by {visible(found.tokens[peak])}, {c.drive[peak]:.3g})" if peak is not None else ")"))
+                f"; driven most by {visible(found.tokens[peak])} (#{peak}), {c.drive[peak]:.3g})" if peak is not None else ")"))
         lines.append(f"  {m.module}: " + ("; ".join(shown) if shown else "no low-rank components"))
     if not found.within_tolerance:
         lines.append(check)
     return "\n".join(lines)
+
+
+def depth_bands(found: Explanation, bands: int = 3) -> dict[str, list[float]]:
+    """Each output's attribution summed over thirds of the layers (first, middle, last), keyed by the
+    layer range ("0-9"); empty for fewer layers than bands."""
+    layers = sorted({m.layer for m in found.modules if m.layer is not None})
+    if len(layers) < bands:
+        return {}
+    size, extra = divmod(len(layers), bands)
+    out, start = {}, 0
+    for band in range(bands):
+        members = layers[start:start + size + (band < extra)]
+        start += len(members)
+        out[f"{members[0]}-{members[-1]}" if len(members) > 1 else str(members[0])] = [
+            sum(a for m, a in zip(found.modules, o.attribution) if m.layer in members) for o in found.outputs]
+    return out
 
 
 def mean(values) -> float:
