@@ -79,6 +79,7 @@ def test_prompts_file(run_dir, tmp_path, capsys):
     (["   "], "the prompt is empty"),
     (["hi", "--prompts", "{tmp}/p.jsonl"], "drop the positional prompt"),
     (["hi", "--label", "pos"], "a label is for classifiers"),
+    (["hi", "--text-pair", "x"], "a text_pair is for classifiers"),
     (["--prompts", "{tmp}/missing.jsonl"], "cannot read --prompts"),
     (["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
     (["--prompts", "{tmp}/typed.jsonl"], "typed.jsonl:1: \"completion\" must be a string"),
@@ -127,11 +128,12 @@ def test_a_classifier_run(tmp_path, capsys):
                      "--batch-size", "4", "--out-dir", str(tmp_path), "--name", "c", "--no-progress"]) == 0
     capsys.readouterr()
     run = str(tmp_path / "c")
-    assert cli.main(["explain", "--adapter", run, "good film", "--label", "neg", "--json", str(tmp_path / "e.json")]) == 0
+    assert cli.main(["explain", "--adapter", run, "good film", "--text-pair", "bad", "--label", "neg", "--json", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
     assert "task classify" in out and "neg" in out
     record = json.loads((tmp_path / "e.json").read_text())["inputs"][0]
     assert record["outputs"][0]["token"] == "neg" and record["measure"] == "log p(class)"
+    assert "".join(record["tokens"]).endswith("good filmbad")  # the pair, as this tokenizer joins it
     assert {name for name, _ in record["outputs"][0]["adapted_top"]} == {"neg", "pos"}
     pooler = next(m for m in record["modules"] if m["module"] == "bert.pooler.dense")  # reads the first token's vector only
     assert not pooler["per_token"] and len(pooler["size"]) == 1

@@ -58,6 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", metavar="FILE", help="JSONL, one input per line: {\"prompt\" (or \"text\"), "
                         "\"completion\", \"text_pair\", \"label\"} (only \"prompt\" required), or plain text lines")
     parser.add_argument("--completion", help="causal LM: explain this completion instead of the adapted model's own")
+    parser.add_argument("--text-pair", help="classifier or regressor: the second text of a sentence-pair task")
     parser.add_argument("--label", help="classifier: explain this class (name or index) instead of the predicted one")
     parser.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     parser.add_argument("--task", choices=TASKS, help="default: the run's task")
@@ -97,11 +98,11 @@ def read_jobs(args: argparse.Namespace) -> list[Job]:
             raise LorakitError("give a prompt (lorakit explain --adapter RUN \"PROMPT\") or --prompts FILE")
         if not args.prompt.strip():
             raise LorakitError("the prompt is empty")
-        return [Job(args.prompt, "the prompt", args.completion, None, args.label)]
+        return [Job(args.prompt, "the prompt", args.completion, args.text_pair, args.label)]
     if args.prompt is not None:
         raise LorakitError("--prompts takes the prompts from the file: drop the positional prompt")
-    if args.completion is not None or args.label is not None:
-        raise LorakitError("with --prompts, give each line's \"completion\" or \"label\" in the file, not as a flag")
+    if args.completion is not None or args.label is not None or args.text_pair is not None:
+        raise LorakitError("with --prompts, give each line's \"completion\", \"text_pair\" or \"label\" in the file, not as a flag")
     path = Path(args.prompts)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

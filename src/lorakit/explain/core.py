@@ -177,6 +177,104 @@ def _stop_ids(tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
 
 
+@dataclass
+class Scored:
+    """The input as the model reads it and the outputs scored on it."""
+
+    ids: list[int]
+    inputs: dict[str, torch.Tensor]  # the model's keyword arguments, batch of one
+    prompt_length: int
+    positions: list[int]  # causal LM: the positions whose outputs predict the completion; [-1]: the sequence's output
+    chosen: list[int] | None  # the completion's token ids (a classifier's class is chosen after the forward pass)
+    measure: str
+    completion_source: str | None = None
+    base_completion: str | None = None
+
+
+def _check(model: nn.Module, original: dict[str, torch.Tensor] | None, task: str, prompt: str) -> list[str]:
+    """The active adapters' names, after refusing what cannot be explained."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    state = inject.lorakit_state(model)
+    active = list(state.active) if state is not None else []
+    if not active:
+        raise ValueError("the model has no active adapter to explain: lorakit.load(model, path) first")
+    moving = [n for n in active if state.configs[n].moves_base_weights]
+    if moving and original is None:
+        raise ValueError(f"adapter {moving[0]!r} moves the base weights (Delta-LoRA): pass original=, the base weights "
+                         "before it was loaded (lorakit.analysis.snapshot_base_weights)")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("the prompt is empty")
+    return active
+
+
+def _causal_input(model: nn.Module, tracer, tokenizer, prompt: str, completion: str | None, max_new_tokens: int) -> Scored:
+    """Prompt + completion (given, or the adapted model's greedy one; the base's is generated too)."""
+    device = _device(model)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    base_completion = None
+    if completion is not None:
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if not completion_ids:
+            raise ValueError("the completion has no tokens")
+    else:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        completion_ids = _greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer))
+        tracer.scale = torch.zeros(len(tracer.sites), device=device)  # the base model, as it was before the adapter
+        try:
+            base_completion = tokenizer.decode(_greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer)),
+                                               skip_special_tokens=True)
+        finally:
+            tracer.scale = None
+    ids = prompt_ids + completion_ids
+    return Scored(ids, {"input_ids": torch.tensor([ids], device=device)}, len(prompt_ids),
+                  list(range(len(prompt_ids) - 1, len(ids) - 1)), completion_ids, "log p(token)",
+                  "given" if completion is not None else "generated", base_completion)
+
+
+def _sequence_input(model: nn.Module, tokenizer, task: str, prompt: str, text_pair: str | None) -> Scored:
+    encoded = tokenizer(prompt, text_pair, truncation=True, return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    return Scored(ids, {k: v.to(_device(model)) for k, v in encoded.items()}, len(ids), [-1], None,
+                  "log p(class)" if task == "classify" else "score")
+
+
+def _values(task: str, logits: torch.Tensor, scored: Scored, picked: list[int]) -> torch.Tensor:
+    """(batch, outputs): each scored output's log-probability (or the score)."""
+    if task == "regress":
+        return logits[:, :1].float()
+    if task == "classify":
+        return logits.float().log_softmax(dim=-1)[:, picked]
+    logprobs = logits[:, scored.positions].float().log_softmax(dim=-1)
+    index = torch.tensor(picked, device=logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return logprobs.gather(-1, index).squeeze(-1)
+
+
+def _forward(model: nn.Module, tracer, scored: Scored, scale: torch.Tensor | None, record: bool = False) -> torch.Tensor:
+    """The logits with each module's update scaled by `scale` (None: 1; `(batch, modules)`: a batch
+    of scalings of the one input)."""
+    tracer.scale, tracer.record = scale, record
+    try:
+        batch = 1 if scale is None or scale.dim() == 1 else scale.shape[0]
+        return _logits(model(**{k: v.expand(batch, *v.shape[1:]) for k, v in scored.inputs.items()}))
+    finally:
+        tracer.scale, tracer.record = None, False
+
+
+def _module_activity(site, record, attribution: float, tokens: int) -> ModuleActivity:
+    layer, kind = _layer_and_kind(site.name)
+    found = [Component(label, piece.part, float(strength), [float(d) for d in drive[i]])
+             for piece, drive in zip(site.components, record.drive)
+             for i, (label, strength) in enumerate(zip(piece.labels, piece.strengths))]
+    found.sort(key=lambda c: -c.strength)
+    return ModuleActivity(site.name, layer, kind, [float(s) for s in record.size],
+                          {p: [float(s) for s in v] for p, v in record.parts.items()}, found, attribution,
+                          len(record.size) == tokens)
+
+
 def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm", completion: str | None = None,
             text_pair: str | None = None, label: int | None = None, label_names: list[str] | None = None,
             max_new_tokens: int = 16, top: int = 5, components: int = 8, steps: int | None = None,
@@ -199,125 +297,51 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
         original: the base weights before the adapter was loaded (`analysis.snapshot_base_weights`);
             required where the adapter moves them (Delta-LoRA).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    state = inject.lorakit_state(model)
-    active = list(state.active) if state is not None else []
-    if not active:
-        raise ValueError("the model has no active adapter to explain: lorakit.load(model, path) first")
-    moving = [n for n in active if state.configs[n].moves_base_weights]
-    if moving and original is None:
-        raise ValueError(f"adapter {moving[0]!r} moves the base weights (Delta-LoRA): pass original=, the base weights "
-                         "before it was loaded (lorakit.analysis.snapshot_base_weights)")
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("the prompt is empty")
+    active = _check(model, original, task, prompt)
     model.eval()
     device = _device(model)
+    names = label_names or []
 
     def piece(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
+    def class_name(index: int) -> str:
+        return names[index] if index < len(names) else f"class {index}"
+
     with instrumented(model, original, components) as tracer:
         if not tracer.sites:
             raise ValueError("none of the active adapters adapts a module of this model")
-        completion_source = base_completion = None
-        if task == "causal-lm":
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            if not prompt_ids:
-                raise ValueError("the prompt has no tokens")
-            if completion is not None:
-                completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-                if not completion_ids:
-                    raise ValueError("the completion has no tokens")
-                completion_source = "given"
-            else:
-                if max_new_tokens < 1:
-                    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-                completion_ids = _greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer))
-                tracer.scale = torch.zeros(len(tracer.sites), device=device)
-                base_completion = tokenizer.decode(_greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer)),
-                                                   skip_special_tokens=True)
-                tracer.scale = None
-                completion_source = "generated"
-            ids = prompt_ids + completion_ids
-            inputs = {"input_ids": torch.tensor([ids], device=device)}
-            prompt_length = len(prompt_ids)
-            positions = list(range(prompt_length - 1, len(ids) - 1))
-            chosen = completion_ids
-            measure = "log p(token)"
-        else:
-            encoded = tokenizer(prompt, text_pair, truncation=True, return_tensors="pt")
-            inputs = {k: v.to(device) for k, v in encoded.items()}
-            ids = encoded["input_ids"][0].tolist()
-            prompt_length = len(ids)
-            positions = [-1]
-            chosen = None
-            measure = "log p(class)" if task == "classify" else "score"
-
-        def values(logits: torch.Tensor, picked: list[int] | None) -> torch.Tensor:
-            """(batch, outputs): each scored output's log-probability (or the score)."""
-            if task == "regress":
-                return logits[:, :1].float()
-            if task == "classify":
-                return logits.float().log_softmax(dim=-1)[:, picked]
-            logprobs = logits[:, positions].float().log_softmax(dim=-1)
-            index = torch.tensor(picked, device=logits.device)
-            return logprobs.gather(-1, index.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
-
-        def run(scale: torch.Tensor | None, record: bool = False) -> torch.Tensor:
-            tracer.scale, tracer.record = scale, record
-            try:
-                batch = 1 if scale is None or scale.dim() == 1 else scale.shape[0]
-                return _logits(model(**{k: v.expand(batch, *v.shape[1:]) for k, v in inputs.items()}))
-            finally:
-                tracer.scale, tracer.record = None, False
-
+        scored = (_causal_input(model, tracer, tokenizer, prompt, completion, max_new_tokens) if task == "causal-lm"
+                  else _sequence_input(model, tokenizer, task, prompt, text_pair))
         with torch.no_grad():
-            adapted_logits = run(None, record=True)
-            base_logits = run(torch.zeros(len(tracer.sites), device=device))
-        names = label_names or []
-
-        def class_name(index: int) -> str:
-            return names[index] if index < len(names) else f"class {index}"
-
+            adapted_logits = _forward(model, tracer, scored, None, record=True)
+            base_logits = _forward(model, tracer, scored, torch.zeros(len(tracer.sites), device=device))
         if task == "classify":
             classes = adapted_logits.shape[-1]
             if label is not None and not 0 <= label < classes:
                 raise ValueError(f"label {label} is not a class of this model (it has {classes})")
-            chosen = [int(adapted_logits[0].argmax()) if label is None else label]
-        adapted_values = values(adapted_logits, chosen)[0]
-        base_values = values(base_logits, chosen)[0]
-        change = (adapted_values - base_values).double()
-        result = attribution_mod.attribute(lambda scale: values(run(scale.to(device)), chosen), len(tracer.sites),
-                                           change, steps)
+            scored.chosen = [int(adapted_logits[0].argmax()) if label is None else label]
+        adapted_values = _values(task, adapted_logits, scored, scored.chosen)[0]
+        base_values = _values(task, base_logits, scored, scored.chosen)[0]
+        result = attribution_mod.attribute(
+            lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
+            len(tracer.sites), (adapted_values - base_values).double(), steps)
 
     outputs = []
-    for index, position in enumerate(positions):
+    for index, position in enumerate(scored.positions):
         if task == "causal-lm":
-            token, token_id = piece(chosen[index]), chosen[index]
-            base_top = _top(base_logits[0, position], top, piece)
-            adapted_top = _top(adapted_logits[0, position], top, piece)
-        elif task == "classify":
-            token, token_id = class_name(chosen[0]), chosen[0]
-            base_top = _top(base_logits[0], top, class_name)
-            adapted_top = _top(adapted_logits[0], top, class_name)
+            token_id, name, at = scored.chosen[index], piece, (0, position)
         else:
-            token, token_id, base_top, adapted_top = "score", -1, [], []
-        outputs.append(OutputStep(position if task == "causal-lm" else None, token, token_id,
-                                  float(base_values[index]), float(adapted_values[index]), base_top, adapted_top,
-                                  [float(v) for v in result.values[index]], float(result.errors[index])))
-
-    modules = []
-    for index, site in enumerate(tracer.sites):
-        record = tracer.records[site.name]
-        layer, kind = _layer_and_kind(site.name)
-        found = [Component(label, piece_.part, float(strength), [float(d) for d in drive[i]])
-                 for piece_, drive in zip(site.components, record.drive)
-                 for i, (label, strength) in enumerate(zip(piece_.labels, piece_.strengths))]
-        found.sort(key=lambda c: -c.strength)
-        modules.append(ModuleActivity(site.name, layer, kind, [float(s) for s in record.size],
-                                      {p: [float(s) for s in v] for p, v in record.parts.items()}, found,
-                                      float(result.values[:, index].sum()), len(record.size) == len(ids)))
-    methods = sorted({state.configs[n].method for n in active})
-    return Explanation(task, prompt, [piece(i) for i in ids], ids, prompt_length, measure, completion_source,
-                       base_completion, outputs, modules, result.steps, result.within_tolerance, methods)
+            token_id, name, at = scored.chosen[0] if task == "classify" else -1, class_name, (0,)
+        listed = task != "regress"
+        outputs.append(OutputStep(
+            position if task == "causal-lm" else None, name(token_id) if listed else "score", token_id,
+            float(base_values[index]), float(adapted_values[index]),
+            _top(base_logits[at], top, name) if listed else [], _top(adapted_logits[at], top, name) if listed else [],
+            [float(v) for v in result.values[index]], float(result.errors[index])))
+    modules = [_module_activity(site, tracer.records[site.name], float(result.values[:, index].sum()), len(scored.ids))
+               for index, site in enumerate(tracer.sites)]
+    methods = sorted({inject.lorakit_state(model).configs[n].method for n in active})
+    return Explanation(task, prompt, [piece(i) for i in scored.ids], scored.ids, scored.prompt_length, scored.measure,
+                       scored.completion_source, scored.base_completion, outputs, modules, result.steps,
+                       result.within_tolerance, methods)
