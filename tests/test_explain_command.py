@@ -144,3 +144,17 @@ def test_a_classifier_run(tmp_path, capsys):
     assert "label 5 is not a class of this model" in error_line(capsys)
     assert cli.main(["explain", "--adapter", run, "good film", "--completion", " x"]) == 2
     assert "a completion is for causal LMs" in error_line(capsys)
+
+
+def test_reports_never_overwrite_the_inputs(run_dir, tmp_path, capsys):
+    adapter_file = f"{run_dir}/adapter/adapter_model.safetensors"
+    before = open(adapter_file, "rb").read()
+    assert cli.main(["explain", "--adapter", run_dir, "hi", "--json", adapter_file, "--overwrite"]) == 2
+    assert "is inside the adapter directory" in error_line(capsys)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("hi\n")
+    assert cli.main(["explain", "--adapter", run_dir, "--prompts", str(prompts), "--html", str(prompts), "--overwrite"]) == 2
+    assert "is the --prompts file" in error_line(capsys)
+    assert open(adapter_file, "rb").read() == before and prompts.read_text() == "hi\n"
+    assert cli.main(["explain", "--adapter", run_dir, "word " * 3000]) == 2
+    assert "explain reads at most" in error_line(capsys)

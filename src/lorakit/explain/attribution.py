@@ -22,7 +22,7 @@ import torch
 ABSOLUTE_TOLERANCE = 1e-3  # nats (or the score's units)
 RELATIVE_TOLERANCE = 0.01  # of the output's change
 STEPS = (8, 16, 32, 64)  # quadrature nodes tried, in order
-BATCH = 8  # path points evaluated in one forward pass
+BATCH_TOKENS = 2048  # path points evaluated in one forward pass: up to 8, and about this many tokens
 
 
 def tolerance(change: float) -> float:
@@ -47,13 +47,13 @@ def gauss_legendre(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor((nodes + 1) / 2), torch.tensor(weights / 2)
 
 
-def integrated_gradients(outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, steps: int) -> torch.Tensor:
+def integrated_gradients(outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, steps: int, batch: int = 8) -> torch.Tensor:
     """`IG[t, m]` for `outputs(scale (batch, modules)) -> (batch, outputs)` (each batch row one point
-    of the path), with `steps` Gauss-Legendre nodes."""
+    of the path), with `steps` Gauss-Legendre nodes, `batch` points per call."""
     nodes, weights = gauss_legendre(steps)
     total = None
-    for start in range(0, steps, BATCH):
-        t, w = nodes[start:start + BATCH], weights[start:start + BATCH]
+    for start in range(0, steps, batch):
+        t, w = nodes[start:start + batch], weights[start:start + batch]
         scale = (t[:, None].float() * torch.ones(1, modules)).requires_grad_(True)
         values = outputs(scale)  # (batch, outputs)
         if total is None:
@@ -66,12 +66,14 @@ def integrated_gradients(outputs: Callable[[torch.Tensor], torch.Tensor], module
 
 
 def attribute(outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, change: torch.Tensor,
-              steps: int | None = None) -> Attribution:
+              steps: int | None = None, tokens: int = 1) -> Attribution:
     """Integrated gradients with enough nodes for completeness (see the module docstring); `steps`
-    fixes the node count instead. `change[t]` = f_t(1) - f_t(0), measured by the caller."""
+    fixes the node count instead. `change[t]` = f_t(1) - f_t(0), measured by the caller; `tokens`:
+    the input's length (fewer path points go in one pass for a long input)."""
     limit = torch.tensor([tolerance(float(c)) for c in change], dtype=torch.float64)
+    batch = max(1, min(8, BATCH_TOKENS // max(tokens, 1)))
     for count in (steps,) if steps is not None else STEPS:
-        values = integrated_gradients(outputs, modules, count)
+        values = integrated_gradients(outputs, modules, count, batch)
         errors = (values.sum(dim=1) - change.double().cpu()).abs()
         if bool((errors <= limit).all()):
             return Attribution(values, count, errors, True)

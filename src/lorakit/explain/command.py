@@ -16,6 +16,7 @@ from ..train.errors import LorakitError
 
 TASKS = ("causal-lm", "classify", "regress")
 MAX_NEW_TOKENS = 1024
+MAX_TOKENS = 2048  # prompt + completion: the attribution's backward passes keep every activation
 
 
 @dataclass
@@ -76,12 +77,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(args: argparse.Namespace) -> list[Path]:
-    """The output files, checked before anything loads: writable, distinct, not replaced without --overwrite."""
+def check_outputs(args: argparse.Namespace, adapter: Path) -> list[Path]:
+    """The output files, checked before anything loads: writable, distinct, not replaced without
+    --overwrite, and never one of the inputs (the adapter's files, the --prompts file)."""
     outputs = [Path(p) for p in (args.html, args.json) if p is not None]
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise LorakitError(f"--html and --json name the same file {outputs[0]}; give two files")
     for path, flag in zip(outputs, [f for f in ("--html", "--json") if getattr(args, f[2:]) is not None]):
+        if path.resolve().parent == adapter.resolve():
+            raise LorakitError(f"{flag} {path} is inside the adapter directory {adapter}; write the report elsewhere")
+        if args.prompts is not None and path.resolve() == Path(args.prompts).resolve():
+            raise LorakitError(f"{flag} {path} is the --prompts file; give another file name")
         if path.is_dir():
             raise LorakitError(f"{flag} {path} is a directory; give a file name")
         if not path.parent.is_dir():
@@ -175,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import num_outputs, pick_device
     from . import core, page, summary
 
-    outputs = check_outputs(args)
     adapter, cfg = cli.adapter_dir_and_config(args.adapter)
+    outputs = check_outputs(args, adapter)
     task = args.task or cfg.task
     jobs = read_jobs(args)
     check_jobs(jobs, task)
@@ -199,15 +205,16 @@ def run(args: argparse.Namespace) -> int:
     labels = cli.trained_labels(adapter)
     model, tokenizer = cli.load_adapted(model_spec, adapter, task, num_outputs(task, labels), before_load=snapshot)
     model.to(pick_device(args.device))
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_TOKENS
     found = []
     for number, job in enumerate(jobs, start=1):
         prompt = shown_prompt(job, cfg.prompt_template, tokenizer) if task == "causal-lm" else job.prompt
-        if limit and task == "causal-lm":
+        if task == "causal-lm":
             length = len(tokenizer(prompt)["input_ids"]) + (len(tokenizer(job.completion, add_special_tokens=False)["input_ids"])
                                                             if job.completion is not None else args.max_new_tokens)
-            if length > limit:
-                raise LorakitError(f"{job.where}: prompt and completion reach {length} tokens; this model reads at most {limit}")
+            if length > min(limit, MAX_TOKENS):
+                raise LorakitError(f"{job.where}: prompt and completion reach {length} tokens; explain reads at most "
+                                   f"{min(limit, MAX_TOKENS)} (the attribution keeps every activation of a pass)")
         try:
             found.append(core.explain(
                 model, tokenizer, prompt, task=task, completion=job.completion, text_pair=job.text_pair,

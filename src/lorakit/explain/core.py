@@ -325,7 +325,7 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
         base_values = _values(task, base_logits, scored, scored.chosen)[0]
         result = attribution_mod.attribute(
             lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
-            len(tracer.sites), (adapted_values - base_values).double(), steps)
+            len(tracer.sites), (adapted_values - base_values).double(), steps, len(scored.ids))
 
     outputs = []
     for index, position in enumerate(scored.positions):
