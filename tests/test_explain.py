@@ -200,7 +200,7 @@ def test_an_adapter_that_changes_one_module_is_attributed_to_it():
 def test_an_inert_adapter_is_reported_inert(tmp_path):
     model = lorakit.adapt(tiny_llama(seed=1), config("lora"))  # B = 0
     found = explain(model, TOKENIZER, PROMPT, max_new_tokens=3)
-    assert found.inert and found.total_effect == 0.0
+    assert found.inert and found.total_effect == 0.0 and found.ig_steps == 0  # nothing to integrate
     assert all(max(m.size) == 0 and m.attribution == 0 for m in found.modules)
     assert found.base_completion == found.completion.replace("</s>", "")
     text = summary.summary_text(found)

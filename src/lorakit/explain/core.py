@@ -323,9 +323,15 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
             scored.chosen = [int(adapted_logits[0].argmax()) if label is None else label]
         adapted_values = _values(task, adapted_logits, scored, scored.chosen)[0]
         base_values = _values(task, base_logits, scored, scored.chosen)[0]
-        result = attribution_mod.attribute(
-            lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
-            len(tracer.sites), (adapted_values - base_values).double(), steps, len(scored.ids))
+        change = (adapted_values - base_values).double()
+        if all(not bool(record.size.any()) for record in tracer.records.values()):
+            # no module changes its output at all (B = 0): every attribution is exactly 0, nothing to integrate
+            result = attribution_mod.Attribution(torch.zeros(len(change), len(tracer.sites), dtype=torch.float64), 0,
+                                                 change.abs().cpu(), True)
+        else:
+            result = attribution_mod.attribute(
+                lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
+                len(tracer.sites), change, steps, len(scored.ids))
 
     outputs = []
     for index, position in enumerate(scored.positions):
