@@ -356,3 +356,21 @@ def test_on_smollm2():
     assert not found.inert and abs(found.total_effect) > 0.01 and found.within_tolerance
     assert found.completeness_error <= found.tolerance
     assert found.tokens[-2:] == [" fox", " red"] and all(len(m.components) == 4 for m in found.modules)
+
+
+@pytest.mark.parametrize("out_features,rank,in_features", [(12, 4, 10), (6, 16, 10), (12, 16, 5), (5, 3, 5)])
+def test_svd_components_of_a_factored_update(out_features, rank, in_features):
+    """More factors than rows or columns (VeRA's r = 256 over a 192-row k_proj) included."""
+    from lorakit.methods.base import svd_components
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
+    found = svd_components("update", up, down)
+    singular = torch.linalg.svdvals((up @ down).double())
+    assert found.strengths.tolist() == pytest.approx(singular[:len(found.labels)].tolist(), rel=1e-5)
+    assert len(found.labels) == min(out_features, rank, in_features)
+    torch.testing.assert_close(found.up @ found.down, up @ down, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(found.down @ found.down.T, torch.eye(len(found.labels)), atol=1e-5, rtol=0)
+    assert all(row[row.abs().argmax()] > 0 for row in found.down)  # the sign convention that makes them unique
+    zero = svd_components("update", torch.zeros(out_features, rank), down)
+    assert zero.labels == [] and zero.up.shape == (out_features, 0)

@@ -72,9 +72,12 @@ def diverging(value: float, scale: float) -> str:
 
 
 def sequential(value: float, scale: float) -> str:
-    if not scale or not math.isfinite(value):
-        return "#ffffff" if not math.isfinite(value) or value == 0 else mix(WHITE, PURPLE, 1.0)
-    return mix(WHITE, PURPLE, (value / scale) ** 0.5)  # square root: small sizes stay visible
+    """White at 0 to purple at `scale` (on a square-root scale: small sizes stay visible); infinite: purple."""
+    if value == math.inf:
+        return mix(WHITE, PURPLE, 1.0)
+    if not scale or not math.isfinite(value) or value <= 0:
+        return "#ffffff"
+    return mix(WHITE, PURPLE, (value / scale) ** 0.5)
 
 
 def ink(background: str) -> str:

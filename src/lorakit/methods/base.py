@@ -116,7 +116,7 @@ def svd_components(part: str, up: torch.Tensor, down: torch.Tensor) -> RankCompo
     made positive, so the components are unique wherever the singular values differ."""
     q_up, r_up = torch.linalg.qr(up.double())
     q_down, r_down = torch.linalg.qr(down.double().T)
-    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
     left, right = q_up @ u, vh @ q_down.T  # (out, j), (j, in)
     keep = s > NOISE_SHARE * s.max() if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
     left, s, right = left[:, keep], s[keep], right[keep]
