@@ -310,7 +310,7 @@ def test_json_holds_every_number_and_no_infinities(tmp_path):
     page.write_json([found], tmp_path / "e.json", {"adapter": "x"})
     data = json.loads((tmp_path / "e.json").read_text())
     (record,) = data["inputs"]
-    assert data["adapter"] == "x" and record["modules"][0]["size"][0] is None
+    assert data["adapter"] == "x" and record["modules"][0]["size"][0] is None and record["depth_check"] == []
     assert record["completion"] == " go" and len(record["outputs"]) == 3 and len(record["outputs"][0]["adapted_top"]) == 3
     module = record["modules"][1]
     assert set(module["parts"]) == {"magnitude", "direction"} and len(module["components"]) == 2
@@ -374,3 +374,32 @@ def test_svd_components_of_a_factored_update(out_features, rank, in_features):
     assert all(row[row.abs().argmax()] > 0 for row in found.down)  # the sign convention that makes them unique
     zero = svd_components("update", torch.zeros(out_features, rank), down)
     assert zero.labels == [] and zero.up.shape == (out_features, 0)
+
+
+def test_the_exact_check_by_depth_against_removing_the_update_by_hand():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)).eval()
+    lorakit.adapt(model, config("lora"))
+    perturb_trainable(model, seed=1, std=0.3)
+    found = explain(model, TOKENIZER, PROMPT, completion=" god", steps=8)
+    assert [d.layers for d in found.depth] == [[0, 1], [2], [3]]
+    ids = torch.tensor([found.token_ids])
+    targets = torch.tensor(found.token_ids[found.prompt_length:])
+    saved = {name: layer.adapter.lora_B.detach().clone() for name, layer in inject.adapted_layers(model)}
+
+    def changes(keep) -> list[float]:
+        with torch.no_grad():
+            for name, layer in inject.adapted_layers(model):
+                layer.adapter.lora_B.copy_(saved[name] * float(keep(inject.layer_index(name))))
+            logits = model(input_ids=ids).logits[0, found.prompt_length - 1:-1].log_softmax(-1)
+        values = logits.gather(-1, targets[:, None]).squeeze(-1)
+        return [float(v) - o.base_value for v, o in zip(values, found.outputs)]
+
+    for d in found.depth:
+        assert d.only == pytest.approx(changes(lambda layer: layer in d.layers), abs=1e-5)
+        assert d.without == pytest.approx(changes(lambda layer: layer not in d.layers), abs=1e-5)
+    assert "by depth, exact" in summary.summary_text(found)
+    assert explain(adapted("lora")[0], TOKENIZER, PROMPT, completion=" g").depth == []  # 2 layers: no thirds

@@ -83,6 +83,34 @@ class ModuleActivity:
 
 
 @dataclass
+class DepthCheck:
+    """An exact check by depth: each output's change with the update kept only in a band of layers,
+    and with it removed from them (the rest of the model's update kept); no integration involved."""
+
+    layers: list[int]
+    only: list[float]  # per output: its change (adapted - base) with the update in these layers only
+    without: list[float]  # per output: its change with the update everywhere but in these layers
+
+    @property
+    def name(self) -> str:
+        return f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
+
+
+def depth_bands(layers: list[int], bands: int = 3) -> list[list[int]]:
+    """The layers in `bands` contiguous groups as equal as possible (first, middle, last); none for
+    fewer layers than bands."""
+    layers = sorted(set(layers))
+    if len(layers) < bands:
+        return []
+    size, extra = divmod(len(layers), bands)
+    groups, start = [], 0
+    for band in range(bands):
+        groups.append(layers[start:start + size + (band < extra)])
+        start += len(groups[-1])
+    return groups
+
+
+@dataclass
 class Explanation:
     """Everything `lorakit explain` computes for one input (`as_dict()` is the --json record)."""
 
@@ -99,6 +127,7 @@ class Explanation:
     ig_steps: int
     within_tolerance: bool
     methods: list[str] = field(default_factory=list)
+    depth: list[DepthCheck] = field(default_factory=list)
 
     @property
     def total_effect(self) -> float:
@@ -143,6 +172,7 @@ class Explanation:
                          "components": [{"label": c.label, "part": c.part, "strength": c.strength,
                                          "drive": c.drive} for c in m.components]}
                         for m in self.modules],
+            "depth_check": [{"layers": d.layers, "only": d.only, "without": d.without} for d in self.depth],
         }
 
 
@@ -275,6 +305,21 @@ def _module_activity(site, record, attribution: float, tokens: int) -> ModuleAct
                           len(record.size) == tokens)
 
 
+@torch.no_grad()
+def _depth_checks(model: nn.Module, tracer, scored: Scored, task: str, base_values: torch.Tensor,
+                  device: torch.device) -> list[DepthCheck]:
+    """Each third of the layers' update alone, and the update without it: one batch of 6 scalings."""
+    layer_of = [_layer_and_kind(site.name)[0] for site in tracer.sites]
+    bands = depth_bands([layer for layer in layer_of if layer is not None])
+    if not bands:
+        return []
+    only = torch.tensor([[float(layer in band) for layer in layer_of] for band in bands], device=device)
+    outside = torch.tensor([[float(layer not in band) for layer in layer_of] for band in bands], device=device)
+    values = _values(task, _forward(model, tracer, scored, torch.cat([only, outside])), scored, scored.chosen)
+    change = (values - base_values).double().cpu()
+    return [DepthCheck(band, change[i].tolist(), change[len(bands) + i].tolist()) for i, band in enumerate(bands)]
+
+
 def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm", completion: str | None = None,
             text_pair: str | None = None, label: int | None = None, label_names: list[str] | None = None,
             max_new_tokens: int = 16, top: int = 5, components: int = 8, steps: int | None = None,
@@ -333,6 +378,8 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
                 lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
                 len(tracer.sites), change, steps, len(scored.ids))
 
+        depth = _depth_checks(model, tracer, scored, task, base_values, device)
+
     outputs = []
     for index, position in enumerate(scored.positions):
         if task == "causal-lm":
@@ -350,4 +397,4 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm"
     methods = sorted({inject.lorakit_state(model).configs[n].method for n in active})
     return Explanation(task, prompt, [piece(i) for i in scored.ids], scored.ids, scored.prompt_length, scored.measure,
                        scored.completion_source, scored.base_completion, outputs, modules, result.steps,
-                       result.within_tolerance, methods)
+                       result.within_tolerance, methods, depth)

@@ -223,6 +223,26 @@ def panel(found: Explanation, position: int, shown: bool) -> str:
     return f'<div class="panel{" shown" if shown else ""}" data-pos="{position}">{"".join(body)}</div>'
 
 
+def depth_table(found: Explanation) -> str:
+    """The exact check by depth: each output's change with the update only in a third of the layers,
+    and without it."""
+    if not found.depth or found.inert:
+        return ""
+    names = [shown_token(o.token) for o in found.outputs]
+    head = ('<tr><th class="name">layers</th><th class="name">update</th><th>total</th>'
+            + "".join(f"<th><code>{html.escape(n)}</code></th>" for n in names) + "</tr>")
+    rows = []
+    for d in found.depth:
+        for label, values in (("only in these", d.only), ("everywhere but these", d.without)):
+            rows.append(f'<tr><td class="name">{d.name}</td><td class="name">{label}</td><td>{signed(sum(values))}</td>'
+                        + "".join(f"<td>{signed(v)}</td>" for v in values) + "</tr>")
+    full = ('<tr><td class="name">all</td><td class="name">everywhere</td>'
+            f"<td>{signed(found.total_effect)}</td>" + "".join(f"<td>{signed(o.effect)}</td>" for o in found.outputs) + "</tr>")
+    return ("<h3>Exact check by depth</h3><p>Each output's change (adapted - base) with the adapter's update kept only in a "
+            "third of the layers, or everywhere but there: no integration, one forward pass each.</p>"
+            f'<div class="scroll"><table>{head}{full}{"".join(rows)}</table></div>')
+
+
 def parts_of(found: Explanation) -> list[str]:
     """The names of the change's parts, where there are several (DoRA, Delta-LoRA's moved base)."""
     parts = list(dict.fromkeys(p for m in found.modules for p in m.parts))
@@ -284,6 +304,7 @@ def section(found: Explanation, index: int, title: str) -> str:
                                 lambda v: sequential(v, mean_scale), f"its part {part!r}") for part in parts_of(found))
                  + "</div>")
     lines.append(layer_profile(found))
+    lines.append(depth_table(found))
     lines.append("<h3>Which directions fire</h3>" + components_table(found))
     lines.append("</section>")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 from ..analysis import short_labels
-from .core import Explanation, ModuleActivity
+from .core import Explanation, ModuleActivity, depth_bands
 
 SHOWN = 5  # modules, layers, tokens listed per line
 
@@ -78,13 +78,16 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
     ranked = sorted(found.modules, key=lambda m: -abs(m.attribution))
     if by_layer:
         lines.append("  by layer: " + ", ".join(f"{name} {signed(v)}{share(v, total)}" for name, v in by_layer[:SHOWN]))
-    bands = depth_bands(found)
+    bands = attribution_by_depth(found)
     if bands:
         lines.append("  by depth: " + ", ".join(f"layers {name} {signed(sum(v))}{share(sum(v), total)}" for name, v in bands.items()))
         if len(found.outputs) > 1:
             largest = sorted(sorted(range(len(found.outputs)), key=lambda i: -abs(found.outputs[i].effect))[:SHOWN + 1])
             lines.append("  per output, by depth (" + " / ".join(bands) + "): " + "; ".join(
                 f"{visible(found.outputs[i].token)} " + " / ".join(f"{signed(v[i])}" for v in bands.values()) for i in largest))
+    if found.depth:
+        lines.append("  by depth, exact (the total's change with the update only in / without a third of the layers): " + ", ".join(
+            f"layers {d.name} {signed(sum(d.only))} / {signed(sum(d.without))}" for d in found.depth))
     lines.append("  by kind:  " + ", ".join(f"{name} {signed(v)}{share(v, total)}" for name, v in by_kind[:SHOWN]))
     lines.append("  modules:  " + ", ".join(f"{m.module} {signed(m.attribution)}" for m in ranked[:SHOWN]))
     lines.append("where it acts (||ΔW x|| / ||W0 x||, mean over the tokens):")
@@ -110,20 +113,13 @@ def summary_text(found: Explanation, adapter: str = "the adapter") -> str:
     return "\n".join(lines)
 
 
-def depth_bands(found: Explanation, bands: int = 3) -> dict[str, list[float]]:
-    """Each output's attribution summed over thirds of the layers (first, middle, last), keyed by the
-    layer range ("0-9"); empty for fewer layers than bands."""
-    layers = sorted({m.layer for m in found.modules if m.layer is not None})
-    if len(layers) < bands:
-        return {}
-    size, extra = divmod(len(layers), bands)
-    out, start = {}, 0
-    for band in range(bands):
-        members = layers[start:start + size + (band < extra)]
-        start += len(members)
-        out[f"{members[0]}-{members[-1]}" if len(members) > 1 else str(members[0])] = [
-            sum(a for m, a in zip(found.modules, o.attribution) if m.layer in members) for o in found.outputs]
-    return out
+def attribution_by_depth(found: Explanation) -> dict[str, list[float]]:
+    """Each output's attribution summed over the thirds of the layers (`core.depth_bands`), keyed by
+    their range ("0-9")."""
+    layers = [m.layer for m in found.modules if m.layer is not None]
+    return {(f"{band[0]}-{band[-1]}" if len(band) > 1 else str(band[0])):
+            [sum(a for m, a in zip(found.modules, o.attribution) if m.layer in band) for o in found.outputs]
+            for band in depth_bands(layers)}
 
 
 def mean(values) -> float:
