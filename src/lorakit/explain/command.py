@@ -175,6 +175,20 @@ def shown_prompt(job: Job, template: str | None, tokenizer) -> str:
     return apply_prompt_template(template, record, job.prompt, tokenizer)
 
 
+def check_lengths(jobs: list[Job], prompts: list[str], tokenizer, model, task: str, max_new_tokens: int) -> None:
+    """A causal LM's prompt + completion must fit the model and explain's limit (`MAX_TOKENS`)."""
+    if task != "causal-lm":
+        return  # a classifier's input is truncated to the model's length, as in training
+    limit = min(getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_TOKENS, MAX_TOKENS)
+    for job, prompt in zip(jobs, prompts):
+        completion = (len(tokenizer(job.completion, add_special_tokens=False)["input_ids"]) if job.completion is not None
+                      else max_new_tokens)
+        length = len(tokenizer(prompt)["input_ids"]) + completion
+        if length > limit:
+            raise LorakitError(f"{job.where}: prompt and completion reach {length} tokens; explain reads at most {limit} "
+                               "(the attribution keeps every activation of a forward pass)")
+
+
 def run(args: argparse.Namespace) -> int:
     """`lorakit explain`: everything checked first, then the model loads once for all inputs."""
     from .. import analysis, cli, inject, io
@@ -203,23 +217,18 @@ def run(args: argparse.Namespace) -> int:
         original.update(analysis.snapshot_base_weights(model, names))
 
     labels = cli.trained_labels(adapter)
+    classes = [label_index(job.label, labels, job.where) for job in jobs]  # unknown names: before the model loads
     model, tokenizer = cli.load_adapted(model_spec, adapter, task, num_outputs(task, labels), before_load=snapshot)
     model.to(pick_device(args.device))
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_TOKENS
+    prompts = [shown_prompt(job, cfg.prompt_template, tokenizer) if task == "causal-lm" else job.prompt for job in jobs]
+    check_lengths(jobs, prompts, tokenizer, model, task, args.max_new_tokens)  # every input, before the first is explained
     found = []
-    for number, job in enumerate(jobs, start=1):
-        prompt = shown_prompt(job, cfg.prompt_template, tokenizer) if task == "causal-lm" else job.prompt
-        if task == "causal-lm":
-            length = len(tokenizer(prompt)["input_ids"]) + (len(tokenizer(job.completion, add_special_tokens=False)["input_ids"])
-                                                            if job.completion is not None else args.max_new_tokens)
-            if length > min(limit, MAX_TOKENS):
-                raise LorakitError(f"{job.where}: prompt and completion reach {length} tokens; explain reads at most "
-                                   f"{min(limit, MAX_TOKENS)} (the attribution keeps every activation of a pass)")
+    for number, (job, prompt, label) in enumerate(zip(jobs, prompts, classes), start=1):
         try:
             found.append(core.explain(
-                model, tokenizer, prompt, task=task, completion=job.completion, text_pair=job.text_pair,
-                label=label_index(job.label, labels, job.where), label_names=labels, max_new_tokens=args.max_new_tokens,
-                top=args.top, components=args.components, steps=args.steps, original=original or None))
+                model, tokenizer, prompt, task=task, completion=job.completion, text_pair=job.text_pair, label=label,
+                label_names=labels, max_new_tokens=args.max_new_tokens, top=args.top, components=args.components,
+                steps=args.steps, original=original or None))
         except ValueError as err:
             raise LorakitError(f"{job.where}: {' '.join(str(err).split())}") from None
         if number > 1:
