@@ -239,7 +239,7 @@ def depth_table(found: Explanation) -> str:
     full = ('<tr><td class="name">all</td><td class="name">everywhere</td>'
             f"<td>{signed(found.total_effect)}</td>" + "".join(f"<td>{signed(o.effect)}</td>" for o in found.outputs) + "</tr>")
     return ("<h3>Exact check by depth</h3><p>Each output's change (adapted - base) with the adapter's update kept only in a "
-            "third of the layers, or everywhere but there: no integration, one forward pass each.</p>"
+            "third of the layers, or everywhere but there: no integration, one batched forward pass.</p>"
             f'<div class="scroll"><table>{head}{full}{"".join(rows)}</table></div>')
 
 
