@@ -49,7 +49,7 @@ from torch import nn
 
 from ..adapted_layer import adapted_layers, adapter_config, reconfigure
 from ..base_layers import in_out_features, weight_dtype_device
-from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, register
+from .base import AdapterConfig, AdditiveAdapter, RankComponents, common_fields_from_peft, register
 from .lora import check_rank, low_rank_update
 
 SCALE_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
@@ -114,6 +114,17 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         """`(diag(E) Q, s P)` over the kept triplets only (the pruned ones add nothing)."""
         index = self.kept.nonzero().view(-1)
         return (self.lora_A * self.lora_E)[index], self.scale * self.lora_B[:, index]
+
+    @torch.no_grad()
+    def rank_components(self, base_layer: nn.Module) -> RankComponents:
+        """The kept triplets themselves (for `lorakit explain`), strongest first: triplet i is
+        `s E_i P_i Q_i^T`, labelled with its index among the init_r (as `rank_pattern` counts them)."""
+        index = self.kept.nonzero().view(-1)
+        norms = self.lora_A[index].norm(dim=1).clamp_min(1e-30)
+        up = self.scale * self.lora_B[:, index] * (self.lora_E[index, 0] * norms)[None, :]
+        order = up.norm(dim=0).argsort(descending=True)
+        down = self.lora_A[index] / norms[:, None]
+        return RankComponents("update", up[:, order], down[order], [f"triplet {int(index[i])}" for i in order])
 
     @torch.no_grad()
     def apply_mask(self, kept: torch.Tensor) -> None:
