@@ -247,9 +247,10 @@ class AdaLoRAHook:
     def triplet_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`S_i = s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)` per module (r_0,), from the smoothed importance."""
         scores = {}
-        for module in self.adapters(model):
-            s = {kind: self.exp_avg_ipt[f"{module}.{kind}"] * self.exp_avg_unc[f"{module}.{kind}"]
-                 for kind in ("lora_A", "lora_B", "lora_E")}
+        for module, adapter in self.adapters(model).items():
+            # a tensor that never had a gradient (no step before the final one) scores zero
+            s = {kind: self.exp_avg_ipt[key] * self.exp_avg_unc[key] if (key := f"{module}.{kind}") in self.exp_avg_ipt
+                 else torch.zeros_like(getattr(adapter, kind)) for kind in ("lora_A", "lora_B", "lora_E")}
             scores[module] = s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
         return scores
 
@@ -274,6 +275,8 @@ class AdaLoRAHook:
             if mask:
                 self.mask_to_budget(model, budget)
         elif step == final:
+            if not self.exp_avg_ipt:  # the final allocation is the run's first step (total_step = tfinal + 1)
+                self.update_importance(model)
             budget, _ = budget_at(step, init_budget, target_budget, self.config.tinit, self.config.tfinal,
                                   self.total_step, self.config.delta_t)
             kept = self.mask_to_budget(model, budget)
