@@ -30,6 +30,22 @@ def test_a_row_of_another_width_than_the_header_is_an_error_at_its_line(tmp_path
     assert "\n" not in str(caught.value)
 
 
+
+@pytest.mark.parametrize("name, content, columns", [
+    # a file without a header row, read by position: its first row sets the width
+    ("plain.tsv", "good movie\t1\nbad movie\t0\textra\n", {"text": "1", "label": "2"}),
+    ("plain.csv", "good movie,1\nbad movie\n", {"text": "1", "label": "2"}),
+    # GLUE's CoLA, read as shipped (four columns)
+    ("train.tsv", "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThey drank the pub.\tx\n", None),
+])
+def test_a_row_of_another_width_in_a_file_without_a_header_is_an_error_at_its_line(tmp_path, name, content, columns):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LorakitError, match=rf"{name}:2: expected \d columns, as in the first row, found \d") as caught:
+        data.read_records(tmp_path / name, columns=columns, task="classify")
+    assert "\n" not in str(caught.value)
+    (tmp_path / name).write_text(content.split("\n")[0] + "\n" + content.split("\n")[0] + "\n\n\n")  # trailing blank rows
+    assert len(data.read_records(tmp_path / name, columns=columns, task="classify")) == 2
+
 @pytest.mark.parametrize("name, content", [
     ("spaces.tsv", " sentence \t label \ngood movie\t1\nbad movie\t0\n"),
     ("spaces.csv", " sentence , label \ngood movie,1\nbad movie,0\n"),

@@ -18,7 +18,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..inject import BASE_NAME, per_sample_adapters
     from ..models import max_positions
-    from ..train.data import has_chat_template, render_chat
+    from ..train.data import has_chat_template, render_chat, text_ids
 
     adapters = named_adapters(args.adapter or [])
     first = next(iter(adapters.values()), None)
@@ -29,11 +29,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     limit = max_positions(model.config)
 
-    def encode(prompt: str, where: str = "the prompt") -> list[int]:
+    def encode(prompt: str, where: str = "the prompt") -> list[int]:  # the ids training gives the same prompt (`text_ids`)
         if args.chat and has_chat_template(tokenizer):
-            ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}], True), add_special_tokens=False)["input_ids"]
+            ids = text_ids(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt}], True))
         else:
-            ids = tokenizer(prompt)["input_ids"]
+            ids = text_ids(tokenizer, prompt)
         if not ids:  # an empty prompt: start from the beginning-of-text token, where the tokenizer has one
             if tokenizer.bos_token_id is None:
                 raise LorakitError(f"{where} is empty and the tokenizer has no beginning-of-text token to start from")

@@ -114,8 +114,9 @@ def _scan_json(path: Path) -> list[dict[str, Any]]:
     return obj
 
 
-def _diagnose_csv(path: Path, kind: str) -> str | None:
-    """The first row whose field count differs from the header's (blank rows aside), or None."""
+def _diagnose_csv(path: Path, kind: str, headerless: bool = False) -> str | None:
+    """The first row whose field count differs from the header's (the first row's, in a file without a
+    header row; blank rows aside), or None."""
     start, width, header = 1, None, []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -127,6 +128,8 @@ def _diagnose_csv(path: Path, kind: str) -> str | None:
                 elif len(row) != width:
                     if any("\n" in cell for cell in row):  # the reader ran to the end of the file inside quotes
                         return f"{path}:{start}: a quote opened on this line is never closed"
+                    if headerless:
+                        return f"{path}:{start}: expected {width} columns, as in the first row, found {len(row)}"
                     return (f"{path}:{start}: expected {width} columns, found {len(row)} (the header names "
                             f"{short_repr(header)})")
     except csv.Error:
