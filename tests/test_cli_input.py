@@ -72,11 +72,49 @@ def test_plain_lines_are_prompts_and_json_lines_are_records(tmp_path):
     ('{"prompt": "a", "adaptor": "chat"}\n', r":1: unknown key\(s\) \['adaptor'\].*did you mean 'adapter'"),
     ('{"prompt": "a", "adapter": "Chat"}\n', r":1: no adapter named 'Chat'.*did you mean 'chat'"),
     ("\n  \n", r"no prompts"),
+    ('{"prompt": "a\\ud800b"}\n', r":1: \"prompt\" holds an invalid character \('\\ud800': a lone surrogate"),
 ])
 def test_bad_prompt_files_are_one_line_naming_the_line(tmp_path, content, message):
     with pytest.raises(LorakitError, match=message) as caught:
         jobs(tmp_path, content)
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def explain_jobs(tmp_path, raw: bytes, **flags):
+    from lorakit.cli.explain import read_jobs
+
+    (tmp_path / "p.jsonl").write_bytes(raw)
+    args = dict(prompts=str(tmp_path / "p.jsonl"), prompt=None, completion=None, text_pair=None, label=None)
+    return read_jobs(argparse.Namespace(**(args | flags)))
+
+
+def test_explain_reads_a_prompts_file_with_a_byte_order_mark(tmp_path):
+    found = explain_jobs(tmp_path, b'\xef\xbb\xbf{"prompt": "Say dog:", "completion": " dog"}\nplain\n')
+    assert [(j.prompt, j.completion) for j in found] == [("Say dog:", " dog"), ("plain", None)]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "a", "label": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"p\.jsonl:1: JSON nested too deeply"),
+    (b'{"prompt": "a", "label": ' + b"9" * 5000 + b"}\n", r"p\.jsonl:1: a number with too many digits"),
+    (b'{"prompt": "a\\ud800b"}\n', r"p\.jsonl:1: \"prompt\" holds an invalid character"),
+    (b'{"prompt": "a", "completion": "\\udc80"}\n', r"p\.jsonl:1: \"completion\" holds an invalid character"),
+    (b'{"promt": "a"}\n', r"p\.jsonl:1: needs a non-empty string \"prompt\" .*got None \(did you mean 'prompt'\?\)"),
+    (b'{"prompt": "a", "label": [' + b"1, " * 5000 + b"1]}\n", r"p\.jsonl:1: \"label\" must be a class name or index, got \[1, 1, .*\.\.\.\]$"),
+])
+def test_bad_explain_prompt_files_are_one_line_naming_the_line(tmp_path, content, message):
+    with pytest.raises(LorakitError, match=message) as caught:
+        explain_jobs(tmp_path, content)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_prompts_of_bytes_that_are_not_utf8_are_one_line(tiny_model, tmp_path, capsys):
+    from lorakit.cli.explain import read_jobs
+
+    not_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands a Latin-1 argument to the program
+    assert main(["generate", "--model", tiny_model, "--max-new-tokens", "2", not_utf8]) == 2
+    assert re.fullmatch(r"error: the prompt holds an invalid character \('\\udce9': a lone surrogate.*", error_line(capsys))
+    with pytest.raises(LorakitError, match=r"^the prompt holds an invalid character"):
+        read_jobs(argparse.Namespace(prompts=None, prompt=not_utf8, completion=None, text_pair=None, label=None))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -152,7 +190,7 @@ def test_max_length_within_the_positions_is_kept(tiny_model, tmp_path, capsys):
 # --- help, names, typos --------------------------------------------------------------------------------
 
 
-COMMANDS = ["train", "eval", "compare", "inspect", "generate", "merge", "export"]
+COMMANDS = ["train", "eval", "compare", "inspect", "explain", "generate", "merge", "export"]
 
 
 def test_help_of_every_command_loads_no_torch():
@@ -194,6 +232,12 @@ def test_one_list_of_method_names_for_help_and_errors(capsys):
     (["train", "--task", "clasify"], r"task: 'clasify' is not one of .*\(did you mean 'classify'\?\)"),
     (["train", "--method-arg", "rr=3"], r"method 'lora' has no setting 'rr'.*\(did you mean 'r'\?\)"),
     (["train", "--method", "qlroa"], r"\(did you mean 'qlora'\?\)"),
+    (["explian", "--adapter", "x"], r"invalid choice: 'explian' .* \(did you mean 'explain'\?\)"),
+    (["explain", "--adaptr", "x", "p"], r"lorakit explain: unrecognized arguments: --adaptr \(did you mean '--adapter'\?\); "
+                                        r"the following arguments are required: --adapter"),
+    (["merge", "--adapter", "x", "--outt", "y"], r"lorakit merge: unrecognized arguments: --outt \(did you mean '--out'\?\)"),
+    (["explain", "--adapter", "x", "--tpo", "3", "p"], r"lorakit explain: unrecognized arguments: --tpo .*\(did you mean '--top'\?\)"),
+    (["explain", "--adapter", "x", "--task", "clasify", "p"], r"invalid choice: 'clasify' .*\(did you mean 'classify'\?\)"),
 ])
 def test_typos_get_the_closest_name(argv, message, capsys):
     assert main(argv) == 2

@@ -42,6 +42,17 @@ def did_you_mean(word: Any, choices: Any) -> str:
     return f" (did you mean {found!r}?)" if found is not None else ""
 
 
+def check_text(text: str, where: str) -> str:
+    """`text`, when a tokenizer can take it: no lone surrogate (a JSON escape such as "\\ud800" without its
+    pair, or bytes of a command-line argument that are not UTF-8), else one `LorakitError` line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LorakitError(f"{where} holds an invalid character ({text[err.start]!r}: a lone surrogate, from an escape "
+                           "such as \\ud800 without its pair or from bytes that are not UTF-8)") from None
+    return text
+
+
 _SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
 _INT_LIMIT = 2**31  # ranks, steps, seeds: anything larger is a typo or an attack, never a setting
 _FLOAT_LIMIT = 3.0e38  # a float that a float32 tensor can hold

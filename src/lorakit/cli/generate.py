@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import LorakitError, did_you_mean, short_repr
+from ..errors import LorakitError, check_text, did_you_mean, short_repr
 from .adapters import adapter_dir_and_config, load_adapted, named_adapters
 
 
@@ -106,8 +106,11 @@ def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, s
         return name
 
     if args.prompts is None:
-        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-        return [(check(args.use or default, "--use"), prompt)]
+        try:
+            prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        except UnicodeDecodeError:
+            raise LorakitError("the prompt on stdin is not UTF-8 text") from None
+        return [(check(args.use or default, "--use"), check_text(prompt, "the prompt"))]
     if args.prompt is not None or args.use is not None:
         raise LorakitError("--prompts takes the prompts (and their adapters) from the file: drop the positional prompt and --use")
     path = Path(args.prompts)
@@ -134,7 +137,7 @@ def prompt_jobs(args: argparse.Namespace, names: list[str]) -> list[tuple[str, s
         adapter = record.get("adapter", default)
         if not isinstance(adapter, str):
             raise LorakitError(f"{where}: \"adapter\" must be a name, got {short_repr(adapter)}")
-        jobs.append((check(adapter, where), record["prompt"]))
+        jobs.append((check(adapter, where), check_text(record["prompt"], f"{where}: \"prompt\"")))
     return jobs
 
 

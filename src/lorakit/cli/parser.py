@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import re
+import sys
 
 from ..errors import LorakitError, did_you_mean
 from ..train import config as config_mod
@@ -107,10 +108,24 @@ class OneLineErrors(argparse.ArgumentParser):
             owner.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(first.split('=')[0], flags)}")
         return namespace
 
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 -- argparse's method
+        self.given = list(sys.argv[1:] if args is None else args)  # a sub-command's parser gets its own arguments
+        return super().parse_known_args(args, namespace)
+
+    def unknown_flags(self) -> list[str]:
+        """The flags given to this parser that it does not know (an abbreviation of a known one is known)."""
+        flags = [s for action in self._actions for s in action.option_strings]
+        given = [a.split("=")[0] for a in getattr(self, "given", []) if a.startswith("--") and a != "--"]
+        return [g for g in given if not any(f.startswith(g) for f in flags)]
+
     def error(self, message: str):  # noqa: D102 -- argparse's hook
         choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
         if choice:
             message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", "))
+        unknown = self.unknown_flags() if message.startswith("the following arguments are required") else []
+        if unknown:  # `--adaptr x`: the typo is the mistake, not the missing --adapter
+            flags = [s for action in self._actions for s in action.option_strings]
+            message = f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown[0], flags)}; {message}"
         self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
