@@ -1,14 +1,18 @@
-"""Regenerate the sample outputs in README.md by running the commands they show: a sample is never
-typed, so it always says what the command prints.
+"""Regenerate the sample outputs in the project's Markdown files (README.md, docs/*.md) by running the
+commands they show: a sample is never typed, so it always says what the command prints.
 
-    OMP_NUM_THREADS=1 python benchmarks/readme_samples.py               # every sample (minutes)
-    OMP_NUM_THREADS=1 python benchmarks/readme_samples.py --only sst2   # the samples of one group
-    python benchmarks/readme_samples.py --list                          # the samples and their commands
+    OMP_NUM_THREADS=1 python benchmarks/readme_samples.py                # every sample (minutes)
+    OMP_NUM_THREADS=1 python benchmarks/readme_samples.py --only sst2    # the samples of one group
+    OMP_NUM_THREADS=1 python benchmarks/readme_samples.py docs/data.md   # the samples of the files given
+    python benchmarks/readme_samples.py --list                           # the samples, their commands and places
 
-A sample in README.md is the fenced block between `<!-- sample: NAME -->` and `<!-- /sample -->`.
-`SAMPLES` says which command makes it (run in a scratch directory, data from ../shared/datasets) and
-which of its lines the README shows. Samples of one group run in order (`sst2-inspect` reads the run
-`sst2-train` wrote), so a README section and the samples under it always come from one run.
+A sample is the fenced block between `<!-- sample: NAME -->` and `<!-- /sample -->`, in any of the
+Markdown files (default: README.md and docs/*.md; a sample may sit in several, each copy is
+regenerated). `SAMPLES` says which command makes it (run in a scratch directory, data from
+../shared/datasets) and which of its lines the page shows. Samples of one group run in order
+(`sst2-inspect` reads the run `sst2-train` wrote), so a section and the samples under it always come
+from one run. Every block is checked before anything runs: a marker naming no known sample, or a
+sample with no block, stops the script.
 """
 
 from __future__ import annotations
@@ -68,34 +72,91 @@ def run(sample: Sample, runs: Path) -> list[str]:
     return sample.keep((done.stderr + done.stdout).splitlines())  # the messages as they came, then the summary
 
 
-def replace_sample(text: str, name: str, lines: list[str]) -> str:
-    """README text with the fenced block of sample `name` replaced by `lines`."""
-    pattern = re.compile(rf"(<!-- sample: {re.escape(name)} -->\n```[^\n]*\n)(.*?)(```\n<!-- /sample -->)", re.S)
+_BLOCK = r"(<!--[ \t]*sample:[ \t]*{name}[ \t]*-->[ \t]*\r?\n[ \t]*(?P<fence>```|~~~)[^\n]*\n)(.*?)(^[ \t]*(?P=fence)[ \t]*\r?\n[ \t]*<!--[ \t]*/sample[ \t]*-->)"
+
+
+def sample_names(text: str) -> list[str]:
+    """The names of the sample markers in a Markdown text, in order."""
+    return re.findall(r"<!--[ \t]*sample:[ \t]*(\S+?)[ \t]*-->", text)
+
+
+def replace_sample(text: str, name: str, lines: list[str], where: str = "README.md") -> str:
+    """Markdown `text` with every fenced block of sample `name` replaced by `lines`."""
+    pattern = re.compile(_BLOCK.format(name=re.escape(name)), re.S | re.M)
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no sample {name!r} (<!-- sample: {name} --> ... <!-- /sample -->)")
-    return pattern.sub(lambda m: m.group(1) + "".join(line + "\n" for line in lines) + m.group(3), text, count=1)
+        raise SystemExit(f"{where} has no sample {name!r} (<!-- sample: {name} -->, a fenced block, <!-- /sample -->)")
+    return pattern.sub(lambda m: m.group(1) + "".join(line + "\n" for line in lines) + m.group(4), text)
 
 
-def main() -> int:
+def default_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def places(pages: list[Path], chosen: list[Sample]) -> dict[str, list[Path]]:
+    """Which of `pages` hold each chosen sample; a marker of no known sample, a marker without its
+    fenced block, or a chosen sample in none of the pages stops the script (before anything runs)."""
+    known = {s.name for s in SAMPLES}
+    found: dict[str, list[Path]] = {s.name: [] for s in chosen}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for name in sample_names(text):
+            if name not in known:
+                close = [k for k in known if k.split("-")[0] == name.split("-")[0]]
+                raise SystemExit(f"{page}: no sample is named {name!r} (known: {', '.join(sorted(close or known))})")
+            if not re.search(_BLOCK.format(name=re.escape(name)), text, re.S | re.M):
+                raise SystemExit(f"{page}: the sample {name!r} is not a fenced block closed by <!-- /sample -->")
+            if name in found and page not in found[name]:
+                found[name].append(page)
+    missing = [name for name, where in found.items() if not where]
+    if missing:
+        raise SystemExit(f"no block for sample(s) {', '.join(missing)} in {', '.join(str(p) for p in pages)}")
+    return found
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.samples-tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pages", nargs="*", type=Path, help="Markdown files holding samples (default: README.md, docs/*.md)")
     parser.add_argument("--only", metavar="GROUP", help=f"one group: {', '.join(sorted({s.group for s in SAMPLES}))}")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--list", action="store_true", help="print the samples and their commands, run nothing")
-    args = parser.parse_args()
-    chosen = [s for s in SAMPLES if args.only in (None, s.group)]
-    if args.list or not chosen:
-        for s in SAMPLES:
-            print(f"{s.name} ({s.group}): lorakit {' '.join(s.command)}")
-        return 0 if chosen else 2
-    text = args.readme.read_text()
+    parser.add_argument("--list", action="store_true", help="print the samples, their commands and pages; run nothing")
+    args = parser.parse_args(argv)
+    pages = args.pages or default_pages()
+    for page in pages:
+        if not page.is_file():
+            raise SystemExit(f"{page}: no such file")
+    named = {name for page in pages for name in sample_names(page.read_text(encoding="utf-8"))}
+    # the samples of the pages given, with the samples of their groups that must run first
+    groups = {s.group for s in SAMPLES if s.name in named} if args.pages else {s.group for s in SAMPLES}
+    chosen = [s for s in SAMPLES if s.group in groups and args.only in (None, s.group)]
+    if not chosen:
+        raise SystemExit(f"no sample to run in {', '.join(map(str, pages))}"
+                         f"{f' of group {args.only}' if args.only else ''} (groups: {', '.join(sorted({s.group for s in SAMPLES}))})")
+    where = places(pages, [s for s in chosen if not args.pages or s.name in named])
+    if args.list:
+        for s in chosen:
+            shown = ", ".join(map(str, where.get(s.name, []))) or "no page given: runs for its group"
+            print(f"{s.name} ({s.group}, in {shown}): lorakit {' '.join(s.command)}")
+        return 0
+    texts = {page: page.read_text(encoding="utf-8") for page in pages}
     with tempfile.TemporaryDirectory(prefix="lorakit-samples-") as scratch:
         for sample in chosen:
             print(f"running {sample.name} ...", file=sys.stderr, flush=True)
             lines = run(sample, Path(scratch))
-            text = replace_sample(text, sample.name, lines)
+            for page in where.get(sample.name, []):
+                texts[page] = replace_sample(texts[page], sample.name, lines, str(page))
             print("\n".join(lines), file=sys.stderr)
-    args.readme.write_text(text)
-    print(f"{args.readme}: {len(chosen)} sample(s) regenerated", file=sys.stderr)
+    for page, text in texts.items():
+        if text != page.read_text(encoding="utf-8"):
+            write_atomically(page, text)
+            print(f"{page}: regenerated", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""README's sample outputs come from benchmarks/readme_samples.py, which runs their commands: every
-sample it knows has its place in the README, and regenerating one replaces that block only."""
+"""The sample outputs of README.md and docs/*.md come from benchmarks/readme_samples.py, which runs their
+commands: every sample it knows has its place in one of those pages (wherever it moves), every marker
+names a known sample, and regenerating one replaces its blocks only."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import readme_samples  # noqa: E402  (benchmarks/ is not a package)
 
 
-def test_every_sample_has_its_block_in_the_readme():
-    text = (ROOT / "README.md").read_text()
+def test_every_sample_has_its_block_in_the_readme_or_the_docs():
+    found = readme_samples.places(readme_samples.default_pages(), readme_samples.SAMPLES)  # stops on a stray marker
     for sample in readme_samples.SAMPLES:
-        assert f"<!-- sample: {sample.name} -->\n```" in text, sample.name
-        assert readme_samples.replace_sample(text, sample.name, ["new line"]).count("new line") == 1
+        for page in found[sample.name]:
+            text = page.read_text()
+            assert readme_samples.replace_sample(text, sample.name, ["new line"]).count("new line") == text.count(
+                f"<!-- sample: {sample.name} -->"), (page, sample.name)
 
 
 def test_replacing_a_sample_leaves_the_rest():
@@ -26,6 +29,47 @@ def test_replacing_a_sample_leaves_the_rest():
     assert new == text.replace("old 1\nold 2\n", "new 1\n")
     with pytest.raises(SystemExit, match="no sample 'z'"):
         readme_samples.replace_sample(text, "z", [])
+    indented = "- item\n\n  <!--  sample: x -->\n  ~~~text\n  old\n  ~~~\n  <!-- /sample -->\n"  # in a list, another fence
+    assert readme_samples.replace_sample(indented, "x", ["new"]) == indented.replace("  old\n", "new\n")
+
+
+@pytest.fixture
+def pages(tmp_path, monkeypatch):
+    """A README and a docs page, the sst2 samples moved into the docs page; running a sample gives
+    its name and the runs it saw, without running lorakit."""
+    block = "<!-- sample: {} -->\n```\nold\n```\n<!-- /sample -->\n"
+    readme = tmp_path / "README.md"
+    readme.write_text("# lorakit\n\nSee docs/data.md.\n")
+    data = tmp_path / "data.md"
+    data.write_text("# Data\n\n" + block.format("sst2-train") + "\ntext\n\n" + block.format("sst2-inspect") + "\nend\n")
+    ran = []
+    monkeypatch.setattr(readme_samples, "run", lambda sample, runs: ran.append(sample.name) or [f"output of {sample.name}"])
+    return readme, data, ran
+
+
+def test_samples_moved_into_a_docs_page_are_found_and_regenerated_there(pages):
+    readme, data, ran = pages
+    before = readme.read_text()
+    assert readme_samples.main([str(readme), str(data)]) == 0
+    assert ran == ["sst2-train", "sst2-inspect"]  # in order: inspect reads the run train wrote
+    assert readme.read_text() == before
+    assert data.read_text() == ("# Data\n\n<!-- sample: sst2-train -->\n```\noutput of sst2-train\n```\n<!-- /sample -->\n\ntext\n\n"
+                                "<!-- sample: sst2-inspect -->\n```\noutput of sst2-inspect\n```\n<!-- /sample -->\n\nend\n")
+    assert sorted(p.name for p in data.parent.iterdir()) == ["README.md", "data.md"]  # no temporary file left
+
+
+def test_a_page_with_a_stray_or_open_marker_stops_before_anything_runs(pages):
+    readme, data, ran = pages
+    readme.write_text("<!-- sample: sst2-trian -->\n```\nx\n```\n<!-- /sample -->\n")
+    with pytest.raises(SystemExit, match=r"README\.md: no sample is named 'sst2-trian' \(known: sst2-inspect, sst2-train\)"):
+        readme_samples.main([str(readme), str(data)])
+    readme.write_text("<!-- sample: sst2-train -->\n```\nx\n")
+    with pytest.raises(SystemExit, match=r"the sample 'sst2-train' is not a fenced block closed by <!-- /sample -->"):
+        readme_samples.main([str(readme), str(data)])
+    readme.write_text("# lorakit\n")
+    with pytest.raises(SystemExit, match=r"no block for sample\(s\) sst2-train, sst2-inspect in .*README\.md"):
+        readme_samples.places([readme], readme_samples.SAMPLES)
+    assert ran == []
 
 
 def test_the_inspect_sample_keeps_the_summary_with_the_grid_cut():
