@@ -124,6 +124,8 @@ def test_prompts_of_bytes_that_are_not_utf8_are_one_line(tiny_model, tmp_path, c
     (["--temperature", "warm"], "--temperature: 'warm' is not a number"),
     (["--max-new-tokens", "-1"], "--max-new-tokens: must be positive, got -1"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be positive, got 0"),
+    (["--seed", str(2**70)], "--seed: must be an integer from -2147483647 to 2147483647, got 1180591620717411303424"),
+    (["--seed", "1.5"], "--seed: '1.5' is not an integer"),
 ])
 def test_generate_settings_that_ran_greedy_or_crashed_are_refused(flags, message, capsys):
     assert main(["generate", *flags, "hello"]) == 2

@@ -10,7 +10,7 @@ import math
 import re
 import sys
 
-from ..errors import LorakitError, did_you_mean
+from ..errors import LorakitError, did_you_mean, short_repr
 from ..train import config as config_mod
 from ..train.config import TrainConfig
 from .compare import cmd_compare
@@ -90,6 +90,17 @@ def temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed as `train --seed` takes it (an integer below 2^31 in size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if abs(value) >= 2**31:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2147483647 to 2147483647, got {short_repr(value)}")
     return value
 
 
@@ -206,7 +217,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together with --prompts")
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above 0 samples (a finite number)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=seed, default=0, help="the sampling's random seed (with --temperature above 0)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                      help="wrap the prompt in the tokenizer's chat template")
     gen.set_defaults(func=cmd_generate)
