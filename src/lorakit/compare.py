@@ -137,7 +137,11 @@ def read_report(run_dir: Path) -> dict[str, Any]:
         raise LorakitError(f"{path} is damaged (not valid JSON)") from None
 
     def number(value: Any, finite: bool = True) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if isinstance(value, int):
+            return abs(value) < 2**63  # a 400-digit integer is no count (and no float)
+        return math.isfinite(value) or not finite
 
     def scores(value: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(k, str) and number(v, False) for k, v in value.items())
@@ -161,7 +165,9 @@ def collect(method: str, run_dir: Path) -> MethodResult:
         for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
             try:  # a damaged line (a kill mid-write, an edit) costs its point of the curve, nothing more
                 record = json.loads(line)
-                losses.append((int(record["step"]), float(record["loss"])))
+                step, loss = int(record["step"]), float(record["loss"])
+                if 0 <= step < 2**53:  # a step no float can plot is no step of this run
+                    losses.append((step, loss))
             except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
                 continue
     return MethodResult(method, "done", report=report, losses=losses)
