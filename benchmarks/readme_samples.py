@@ -43,6 +43,12 @@ def starting_with(*prefixes: str) -> Callable[[list[str]], list[str]]:
     return lambda lines: [line for line in lines if line.startswith(prefixes)]
 
 
+def without_timings(keep: Callable[[list[str]], list[str]]) -> Callable[[list[str]], list[str]]:
+    """`keep`, with the seconds a line reports (` (36 s)`) left out: they follow the machine's load, and a
+    sample regenerated on the same code should not change."""
+    return lambda lines: [re.sub(r" \(\d+(\.\d+)? s\)", "", line) for line in keep(lines)]
+
+
 def inspect_summary(lines: list[str]) -> list[str]:
     """The summary of `lorakit inspect`: its grid cut to the first and last layer (`...` between),
     then the lines on rank and on magnitude against direction."""
@@ -58,7 +64,7 @@ SAMPLES = [
            ["train", "--task", "classify", "--data", "{data}/sst2/train.tsv", "--eval-data", "{data}/sst2/dev.tsv",
             "--steps", "150", "--batch-size", "16", "--max-eval-examples", "1000", "--out-dir", "{runs}", "--name", "sst2",
             "--no-progress"],
-           starting_with("data columns", "after:", "accuracy (held-out)")),  # no timings: they follow the machine's load
+           without_timings(starting_with("data columns", "after:", "accuracy (held-out)"))),
     Sample("sst2-inspect", "sst2", ["inspect", "{runs}/sst2", "--no-html", "--no-progress"], inspect_summary),
 ]
 

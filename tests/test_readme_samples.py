@@ -79,3 +79,11 @@ def test_the_inspect_sample_keeps_the_summary_with_the_grid_cut():
               "magnitude vs direction change per module (DoRA's view): mean ΔM 4.492e-03", "report: x.html"]
     assert readme_samples.inspect_summary(output) == [
         output[1], output[2], output[3], "  ...", output[5], "bert.pooler.dense: 261.10", output[9], output[10]]
+
+
+def test_the_train_sample_leaves_out_timings():
+    output = ["loading", "data columns: label=label, text=sentence", "step 10 loss 0.7 (3.2 s)",
+              "after: accuracy 80.3%, f1 80.2%, mcc 0.6063, eval_loss 0.4296 (36 s)", "accuracy (held-out)   53.2% -> 80.3%",
+              "time: 86 s"]
+    assert readme_samples.SAMPLES[0].keep(output) == [output[1], "after: accuracy 80.3%, f1 80.2%, mcc 0.6063, eval_loss 0.4296",
+                                                      output[4]]
