@@ -6,9 +6,9 @@ commands they show: a sample is never typed, so it always says what the command 
     OMP_NUM_THREADS=1 python benchmarks/readme_samples.py docs/data.md   # the samples of the files given
     python benchmarks/readme_samples.py --list                           # the samples, their commands and places
 
-A sample is the fenced block between `<!-- sample: NAME -->` and `<!-- /sample -->`, in any of the
-Markdown files (default: README.md and docs/*.md; a sample may sit in several, each copy is
-regenerated). `SAMPLES` says which command makes it (run in a scratch directory, data from
+A sample is the fenced block between `<!-- sample: NAME -->` and `<!-- /sample -->`, each on a line of its
+own (a marker quoted inside a line is text), in any of the Markdown files (default: README.md and
+docs/*.md; a sample may sit in several, each copy is regenerated). `SAMPLES` says which command makes it (run in a scratch directory, data from
 ../shared/datasets) and which of its lines the page shows. Samples of one group run in order
 (`sst2-inspect` reads the run `sst2-train` wrote), so a section and the samples under it always come
 from one run. Every block is checked before anything runs: a marker naming no known sample, or a
@@ -78,12 +78,12 @@ def run(sample: Sample, runs: Path) -> list[str]:
     return sample.keep((done.stderr + done.stdout).splitlines())  # the messages as they came, then the summary
 
 
-_BLOCK = r"(<!--[ \t]*sample:[ \t]*{name}[ \t]*-->[ \t]*\r?\n[ \t]*(?P<fence>```|~~~)[^\n]*\n)(.*?)(^[ \t]*(?P=fence)[ \t]*\r?\n[ \t]*<!--[ \t]*/sample[ \t]*-->)"
+_BLOCK = r"(^[ \t]*<!--[ \t]*sample:[ \t]*{name}[ \t]*-->[ \t]*\r?\n[ \t]*(?P<fence>```|~~~)[^\n]*\n)(.*?)(^[ \t]*(?P=fence)[ \t]*\r?\n[ \t]*<!--[ \t]*/sample[ \t]*-->)"
 
 
 def sample_names(text: str) -> list[str]:
     """The names of the sample markers in a Markdown text, in order."""
-    return re.findall(r"<!--[ \t]*sample:[ \t]*(\S+?)[ \t]*-->", text)
+    return re.findall(r"^[ \t]*<!--[ \t]*sample:[ \t]*(\S+?)[ \t]*-->", text, re.M)  # on a line of its own: not `quoted`
 
 
 def replace_sample(text: str, name: str, lines: list[str], where: str = "README.md") -> str:

@@ -31,6 +31,7 @@ def test_replacing_a_sample_leaves_the_rest():
         readme_samples.replace_sample(text, "z", [])
     indented = "- item\n\n  <!--  sample: x -->\n  ~~~text\n  old\n  ~~~\n  <!-- /sample -->\n"  # in a list, another fence
     assert readme_samples.replace_sample(indented, "x", ["new"]) == indented.replace("  old\n", "new\n")
+    assert readme_samples.sample_names("Write `<!-- sample: NAME -->` above the block.\n" + text) == ["x", "y"]
 
 
 @pytest.fixture
