@@ -250,3 +250,16 @@ def test_a_config_file_field_typo_gets_the_closest_name(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("learning_rate: 0.001\nstesp: 3\n")
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
     assert error_line(capsys).endswith("(did you mean 'lr' for 'learning_rate'; 'steps' for 'stesp'?)")
+
+
+def test_a_task_other_than_the_runs_is_a_warning(tmp_path, capsys):
+    from lorakit.cli.adapters import adapter_dir_and_config, chosen_task
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("task: causal-lm\n")
+    adapter, cfg = adapter_dir_and_config(str(tmp_path / "run"))
+    assert chosen_task(None, cfg, adapter) == "causal-lm" and chosen_task("causal-lm", cfg, adapter) == "causal-lm"
+    assert capsys.readouterr().err == ""
+    assert chosen_task("classify", cfg, adapter) == "classify"
+    assert re.fullmatch(r"warning: .*run trained a causal-lm model; --task classify loads the base as a classify model, "
+                        r"with an output head this adapter was not trained with\n", capsys.readouterr().err)

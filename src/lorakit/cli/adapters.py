@@ -34,6 +34,16 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     return path, cfg
 
 
+def chosen_task(given: str | None, cfg: TrainConfig, adapter: Path | None) -> str:
+    """The task a command loads the model for: `--task`, else the run's. A `--task` other than the one
+    the run trained is a warning (not an error: a user may mean it), since the model then gets an
+    output head the adapter never trained with."""
+    if given is not None and adapter is not None and (adapter.parent / "config.yaml").is_file() and given != cfg.task:
+        print(f"warning: {adapter.parent} trained a {cfg.task} model; --task {given} loads the base as a {given} model, "
+              "with an output head this adapter was not trained with", file=sys.stderr)
+    return given or cfg.task
+
+
 def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2,
                  extra: dict[str, Path] | None = None, before_load=None):
     """(model, tokenizer): the base model with the adapter loaded for inference (and the `extra`

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..train import config as config_mod
-from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -14,6 +14,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.run_data import build_datasets, describe_eval, measure
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
+    chosen_task(args.task, cfg, adapter)  # a warning where --task is not the run's
     overrides = {k: v for k, v in {"model": args.model, "task": args.task, "data": args.data, "eval_data": args.data,
                                    "split": args.split, "eval_split": args.split, "columns": args.columns,
                                    "metric": args.metric, "answer_pattern": args.answer_pattern,

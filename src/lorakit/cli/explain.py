@@ -211,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import analysis, inject, io
     from ..explain import core, page, summary
     from ..train.loading import num_outputs, pick_device
-    from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+    from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     outputs = check_outputs(args, adapter)
-    task = args.task or cfg.task
+    task = chosen_task(args.task, cfg, adapter)
     jobs = read_jobs(args)
     check_jobs(jobs, task)
     try:

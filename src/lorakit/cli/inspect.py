@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LorakitError
-from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
-    task = args.task or cfg.task
+    task = chosen_task(args.task, cfg, adapter)
     try:
         config, _ = io.read_config(adapter)
     except (FileNotFoundError, ValueError, KeyError) as err:
