@@ -234,6 +234,7 @@ def test_one_list_of_method_names_for_help_and_errors(capsys):
     (["train", "--task", "clasify"], r"task: 'clasify' is not one of .*\(did you mean 'classify'\?\)"),
     (["train", "--method-arg", "rr=3"], r"method 'lora' has no setting 'rr'.*\(did you mean 'r'\?\)"),
     (["train", "--method", "qlroa"], r"\(did you mean 'qlora'\?\)"),
+    (["train", "--columns", "txt=sentence", "--print-config"], r"--columns: 'txt' is not one of lorakit's columns .*\(did you mean 'text'\?\)"),
     (["explian", "--adapter", "x"], r"invalid choice: 'explian' .* \(did you mean 'explain'\?\)"),
     (["explain", "--adaptr", "x", "p"], r"lorakit explain: unrecognized arguments: --adaptr \(did you mean '--adapter'\?\); "
                                         r"the following arguments are required: --adapter"),

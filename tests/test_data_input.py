@@ -113,3 +113,10 @@ def test_a_damaged_dataset_dict_json_is_one_line(tmp_path, saved_dict, content):
 def test_a_saved_dataset_dict_still_reads(saved_dict):
     assert [r.data["text"] for r in data.read_records(saved_dict, task="classify")] == ["good", "bad", "fine", "ugly"]
     assert data.saved_splits(saved_dict) == ["train", "validation"]
+
+
+def test_a_misspelt_column_gets_the_closest_name(tmp_path):
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood movie\t1\n")
+    with pytest.raises(LorakitError, match=r"--columns names \['sentense'\], which the data does not have; its columns: "
+                                           r"sentence, label \(did you mean 'sentence'\?\)"):
+        data.read_records(tmp_path / "d.tsv", columns={"text": "sentense"}, task="classify")
