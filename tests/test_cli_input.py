@@ -124,6 +124,9 @@ def test_prompts_of_bytes_that_are_not_utf8_are_one_line(tiny_model, tmp_path, c
     (["--temperature", "warm"], "--temperature: 'warm' is not a number"),
     (["--max-new-tokens", "-1"], "--max-new-tokens: must be positive, got -1"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be positive, got 0"),
+    (["--temperature", "1e-300"], "--temperature: must be 0 \\(greedy\\) or at least 0.001 .* got 1e-300"),
+    (["--adapter", "=", "--model", "x"], "the adapter path is empty; give an adapter or run directory"),
+    (["--adapter", " "], "the adapter path is empty"),
     (["--seed", str(2**70)], "--seed: must be an integer from -2147483647 to 2147483647, got 1180591620717411303424"),
     (["--seed", "1.5"], "--seed: '1.5' is not an integer"),
 ])

@@ -17,6 +17,8 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     (defaults when the adapter was not written by `lorakit train`)."""
     if adapter is None:
         return None, TrainConfig()
+    if not adapter.strip():  # Path("") is the current directory
+        raise LorakitError("the adapter path is empty; give an adapter or run directory (runs/<name>)")
     path = Path(adapter)
     if not path.exists():
         raise LorakitError(f"adapter path {path} does not exist")

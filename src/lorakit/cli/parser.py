@@ -90,7 +90,13 @@ def temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
+    if 0 < value < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: sampling fails deep inside transformers
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (below, sampling is greedy "
+                                         f"in all but name and the scaled logits overflow), got {text}")
     return value
+
+
+MIN_TEMPERATURE = 1e-3
 
 
 def seed(text: str) -> int:
