@@ -212,6 +212,13 @@ def test_help_of_every_command_loads_no_torch():
         assert f"usage: lorakit {command}" in done.stdout
 
 
+def test_version(capsys):
+    import lorakit
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"lorakit {lorakit.__version__}\n"
+
+
 def test_one_list_of_method_names_for_help_and_errors(capsys):
     from lorakit.methods import METHODS
     from lorakit.train import config

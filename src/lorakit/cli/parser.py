@@ -152,6 +152,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     the registered methods, which imports torch, and `lorakit --help` starts without it."""
     everything = command is None
     parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge, export to GGUF.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
