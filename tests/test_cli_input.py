@@ -248,6 +248,7 @@ def test_one_list_of_method_names_for_help_and_errors(capsys):
     (["explian", "--adapter", "x"], r"invalid choice: 'explian' .* \(did you mean 'explain'\?\)"),
     (["explain", "--adaptr", "x", "p"], r"lorakit explain: unrecognized arguments: --adaptr \(did you mean '--adapter'\?\); "
                                         r"the following arguments are required: --adapter"),
+    (["compare", "--method", "lora,dora"], r"required: --methods \(did you mean '--methods' for '--method'\?\)"),
     (["merge", "--adapter", "x", "--outt", "y"], r"lorakit merge: unrecognized arguments: --outt \(did you mean '--out'\?\)"),
     (["explain", "--adapter", "x", "--tpo", "3", "p"], r"lorakit explain: unrecognized arguments: --tpo .*\(did you mean '--top'\?\)"),
     (["explain", "--adapter", "x", "--task", "clasify", "p"], r"invalid choice: 'clasify' .*\(did you mean 'classify'\?\)"),

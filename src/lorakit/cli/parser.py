@@ -143,6 +143,13 @@ class OneLineErrors(argparse.ArgumentParser):
         if unknown:  # `--adaptr x`: the typo is the mistake, not the missing --adapter
             flags = [s for action in self._actions for s in action.option_strings]
             message = f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown[0], flags)}; {message}"
+        elif message.startswith("the following arguments are required"):
+            # a flag of its own that is one letter from the missing one (compare's --method for --methods)
+            missing = re.findall(r"--[\w-]+", message)
+            given = [a.split("=")[0] for a in getattr(self, "given", []) if a.startswith("--")]
+            near = [(g, m) for g in given for m in missing if did_you_mean(g, [m])]
+            if near:
+                message += f" (did you mean {near[0][1]!r} for {near[0][0]!r}?)"
         self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
