@@ -163,6 +163,7 @@ def _json_object(line: str, where: str) -> dict:
     except ValueError:  # an integer of more digits than Python converts
         raise LorakitError(f"{where}: a number with too many digits (over {sys.get_int_max_str_digits()})") from None
     if not isinstance(record, dict):
-        raise LorakitError(f"{where}: expected a JSON object {{\"prompt\": ...}}, got {type(record).__name__} (plain "
-                           "prompts go in a .txt file, one a line)")
+        hint = ("a list of records goes one record a line, JSON Lines" if isinstance(record, list) and record
+                and all(isinstance(item, dict) for item in record) else "plain prompts go in a .txt file, one a line")
+        raise LorakitError(f"{where}: expected a JSON object {{\"prompt\": ...}}, got {type(record).__name__} ({hint})")
     return record
