@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -651,12 +652,17 @@ GENERATORS: dict[str, Callable[[], str]] = {
 }
 
 
+class UnknownTable(LookupError):
+    """A block names a table no function makes."""
+
+
 def generate(name: str) -> str:
     """The markdown of one block; `reproduce:METHOD` is one method's part of the reproduction table."""
-    if name.startswith("reproduce:"):
+    if name.startswith("reproduce:") and name.split(":", 1)[1] in PAPERS:
         return reproduce_method(name.split(":", 1)[1])
     if name not in GENERATORS:
-        raise KeyError(f"no generated table named {name!r} (known: {', '.join(GENERATORS)}, reproduce:METHOD)")
+        raise UnknownTable(f"no generated table named {name!r} (known: {', '.join(GENERATORS)}, "
+                           f"reproduce:METHOD for {', '.join(PAPERS)})")
     return GENERATORS[name]()
 
 
@@ -667,7 +673,10 @@ def fill(text: str) -> str:
 
 def stale_blocks(text: str) -> list[str]:
     """The names of the blocks of `text` whose content differs from what the results give."""
-    return [m.group("name") for m in BLOCK.finditer(text) if m.group("body") != generate(m.group("name")) + "\n"]
+    blocks = list(BLOCK.finditer(text))
+    if len(blocks) != len(re.findall(r"<!-- generated: [\w:.-]+ -->\n", text)):
+        raise UnknownTable("a '<!-- generated: NAME -->' line without its '<!-- end generated -->' line")
+    return [m.group("name") for m in blocks if m.group("body") != generate(m.group("name")) + "\n"]
 
 
 def pages() -> list[Path]:
@@ -679,19 +688,41 @@ def main() -> int:
     parser.add_argument("table", nargs="?", help="print this one table")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is out of date")
     args = parser.parse_args()
-    if args.table:
-        print(generate(args.table))
-        return 0
+    try:
+        if args.table:
+            print(generate(args.table))
+            return 0
+        return rewrite(args.check)
+    except (UnknownTable, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary file beside `path`, synced, then renamed over it: never half a page."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def rewrite(check: bool) -> int:
+    """Rewrite (or, with `check`, only list) every out-of-date block of the README and docs/."""
     stale = []
     for page in pages():
         text = page.read_text()
-        names = stale_blocks(text)
-        if names and not args.check:
-            page.write_text(fill(text))
+        try:
+            names = stale_blocks(text)
+        except UnknownTable as err:
+            raise UnknownTable(f"{page.relative_to(ROOT)}: {err}") from None
+        if names and not check:
+            write_atomically(page, fill(text))
         stale += [f"{page.relative_to(ROOT)}: {name}" for name in names]
     for entry in stale:
-        print(("out of date: " if args.check else "rewrote: ") + entry)
-    return 1 if stale and args.check else 0
+        print(("out of date: " if check else "rewrote: ") + entry)
+    return 1 if stale and check else 0
 
 
 if __name__ == "__main__":

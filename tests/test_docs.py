@@ -119,6 +119,17 @@ def test_every_table_a_page_names_exists_and_every_result_file_is_quoted(tables)
     assert unquoted == [], "result files no page quotes (superseded results go)"
 
 
+def test_a_block_naming_no_table_or_missing_its_end_is_an_error(tables):
+    with pytest.raises(tables.UnknownTable, match="no generated table named 'nosuch'"):
+        tables.stale_blocks("<!-- generated: nosuch -->\n<!-- end generated -->\n")
+    with pytest.raises(tables.UnknownTable, match="without its"):
+        tables.stale_blocks("<!-- generated: ddp -->\n| a table |\n")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "reproduce:nosuch"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert run.returncode == 2 and run.stderr.startswith("error: no generated table named 'reproduce:nosuch'")
+    assert run.stderr.count("\n") == 1
+
+
 def test_cli_reference_lists_every_flag_of_every_command(hooks):
     from lorakit.cli.parser import build_parser
 

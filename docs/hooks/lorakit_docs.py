@@ -59,10 +59,13 @@ def on_pre_build(config) -> None:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    for name in tables.stale_blocks(markdown):
-        log.warning(f"{page.file.src_uri}: the table '{name}' differs from benchmarks/results; "
-                    "run `python benchmarks/tables.py` to write it again")
-    markdown = tables.fill(markdown)
+    try:
+        for name in tables.stale_blocks(markdown):
+            log.warning(f"{page.file.src_uri}: the table '{name}' differs from benchmarks/results; "
+                        "run `python benchmarks/tables.py` to write it again")
+        markdown = tables.fill(markdown)
+    except (tables.UnknownTable, FileNotFoundError) as err:
+        log.warning(f"{page.file.src_uri}: {err}")
     if CLI in markdown:
         markdown = markdown.replace(CLI, cli_reference())
     if API in markdown:
