@@ -68,6 +68,10 @@ def test_mkdocs_build_strict(tmp_path):
     assert "--method-arg" in cli and "lorakit export" in cli  # the generated reference is there
     api = (site / "reference" / "api" / "index.html").read_text()
     assert "merge_and_unload" in api and "Attributes" in api  # rendered from the docstrings
+    assert 'id="lorakit-explain"' in cli
+    modules = (site / "reference" / "modules" / "index.html").read_text()
+    for name in ("LorakitCallback", "lorakit_trainer", "lorakit.explain", "Explanation"):
+        assert name in modules, f"{name} is missing from the modules reference"
     assert (site / "compare-report.png").is_file()
     assert not (site / "hooks").exists()  # the build's own code is not published
 
@@ -149,6 +153,22 @@ def test_api_reference_documents_every_public_name(hooks):
     text = hooks.api_reference()
     for name in lorakit.__all__:
         assert f"::: lorakit.{lorakit._PUBLIC[name]}.{name}" in text
+
+
+SAMPLE = re.compile(r"<!-- sample: (?P<name>[\w-]+) -->\n```[^\n]*\n.*?```\n<!-- /sample -->\n", re.DOTALL)
+
+
+def test_sample_outputs_are_fenced_blocks_between_their_markers():
+    """A command's sample output sits between `<!-- sample: NAME -->` and `<!-- /sample -->`, one fenced
+    block and nothing else, so a script can write it again from a real run."""
+    names = []
+    for page in pages():
+        text = page.read_text()
+        found = [m.group("name") for m in SAMPLE.finditer(text)]
+        assert text.count("<!-- sample:") == len(found) == text.count("<!-- /sample -->"), page
+        names += found
+    assert len(names) == len(set(names)), "two samples share a name"
+    assert {"default-train", "sst2-train", "sst2-inspect"} <= set(names)
 
 
 def test_table_cells_show_help_text_literally(hooks):
