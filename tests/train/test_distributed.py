@@ -204,7 +204,7 @@ def fsdp_runs(tiny_model, pc_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     runs = out / "runs.json"
     runs.write_text(json.dumps([fsdp_flags(tiny_model, pc_data, out, method) for method in sorted(METHOD_FLAGS)]))
-    script = os.path.join(os.path.dirname(__file__), "distributed_runs.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed_runs.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(runs)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
