@@ -28,6 +28,26 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
 
 
+# What a quick local run (`python3 -m pytest -q --quick`) leaves out; CI and the plain command run all of it.
+QUICK_RUN_SKIPS = ("fuzz", "distributed", "llama_cpp", "chromium", "integration")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="a quick local run: deselect the " + ", ".join(QUICK_RUN_SKIPS) + " tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_fuzz"):  # a fuzz file is marked by its name (tests/test_fuzz*.py)
+            item.add_marker(pytest.mark.fuzz)
+    if config.getoption("--quick"):
+        skipped = [item for item in items if any(item.get_closest_marker(name) for name in QUICK_RUN_SKIPS)]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [item for item in items if item not in set(skipped)]
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_INDUCTOR_CACHE is not None:
         shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
