@@ -20,14 +20,6 @@ for _directory in sorted({path.parent for path in _TESTS.rglob("test_*.py")} - {
     if str(_directory) not in sys.path:
         sys.path.append(str(_directory))
 
-# torch.compile's on-disk kernel cache is keyed without the CPU's vector ISA: kernels built under one
-# ATEN_CPU_CAPABILITY (or on another CPU sharing the directory) were seen to crash or return wrong gradients
-# under another. Each test session compiles into its own directory unless the caller chose one.
-_OWN_INDUCTOR_CACHE = None
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
-
-
 # What a quick local run (`python3 -m pytest -q --quick`) leaves out; CI and the plain command run all of it.
 QUICK_RUN_SKIPS = ("fuzz", "distributed", "llama_cpp", "chromium", "integration")
 
@@ -37,15 +29,26 @@ def pytest_addoption(parser):
                      help="a quick local run: deselect the " + ", ".join(QUICK_RUN_SKIPS) + " tests")
 
 
+def pytest_configure(config):
+    if config.getoption("--quick"):  # as -m would (and together with a -m given too)
+        quick = "not (" + " or ".join(QUICK_RUN_SKIPS) + ")"
+        config.option.markexpr = f"({config.option.markexpr}) and {quick}" if config.option.markexpr else quick
+
+
+# torch.compile's on-disk kernel cache is keyed without the CPU's vector ISA: kernels built under one
+# ATEN_CPU_CAPABILITY (or on another CPU sharing the directory) were seen to crash or return wrong gradients
+# under another. Each test session compiles into its own directory unless the caller chose one.
+_OWN_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
+
+
 def pytest_collection_modifyitems(config, items):
+    """Every test of a tests/test_fuzz*.py file carries the `fuzz` marker: `pytest -m "not fuzz"` is
+    the quick local run, the default run keeps them."""
     for item in items:
-        if item.path.name.startswith("test_fuzz"):  # a fuzz file is marked by its name (tests/test_fuzz*.py)
+        if item.path.name.startswith("test_fuzz"):
             item.add_marker(pytest.mark.fuzz)
-    if config.getoption("--quick"):
-        skipped = [item for item in items if any(item.get_closest_marker(name) for name in QUICK_RUN_SKIPS)]
-        if skipped:
-            config.hook.pytest_deselected(items=skipped)
-            items[:] = [item for item in items if item not in set(skipped)]
 
 
 def pytest_sessionfinish(session, exitstatus):
