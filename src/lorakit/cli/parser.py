@@ -146,6 +146,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
     ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --json or --html file")
     ins.set_defaults(func=cmd_inspect)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
@@ -169,6 +170,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     merge.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     merge.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out model directory (a directory of other files is never replaced)")
     merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write an adapter (or base + adapter merged) as a GGUF file for llama.cpp",
