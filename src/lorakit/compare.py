@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,12 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo, fresh: bool
     returncode, stderr_tail = run_showing_progress(command)
     if returncode == 130:
         return MethodResult(method, "interrupted", "interrupted (run the same command again to continue)")
+    if returncode < 0:  # killed from outside (kill -9, the out-of-memory killer): its checkpoints stand
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return MethodResult(method, "failed", f"its process was stopped by {name}; run the same command again to resume it")
     if returncode != 0:
         lines = [line.strip() for line in stderr_tail.replace("\r", "\n").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")]
@@ -320,7 +327,10 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
     if unknown or not methods:
         raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + list(ALIASES))}")
-    files.make_directory(directory, "--name")
+    directory.mkdir(parents=True, exist_ok=True)
+    strangers = sorted(set(per_method) - set(methods))
+    if strangers:
+        raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
     with files.DirectoryLock.acquire(directory, "compared"):  # one comparison at a time in a directory
         files.clean_temporaries(directory)
         return _compare(cfg, methods, directory, echo, html_report, per_method)
@@ -328,9 +338,6 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
 
 def _compare(cfg: TrainConfig, methods: list[str], directory: Path, echo, html_report: bool,
              per_method: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    strangers = sorted(set(per_method) - set(methods))
-    if strangers:
-        raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
     configs = {m: dataclasses.replace(method_run_config(cfg, m, per_method.get(m)), measure_limit=True) for m in methods}
     settings = directory / "compare.yaml"
     mine = settings_text(cfg, per_method)

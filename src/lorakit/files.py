@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,17 +113,39 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _ordinary_mode(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+def _give_mode(path: Path, replacing: Path) -> None:
+    """The mode the file or directory at `replacing` has (a private file stays private), else an
+    ordinary one (temporary files are made private)."""
+    try:
+        mode = replacing.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask
+    os.chmod(path, mode)
+
+
+def is_stream(path: Path) -> bool:
+    """Whether `path` is a character device or a pipe (/dev/stdout, a FIFO): written into, never
+    replaced (a rename over it would swap the device node for a file)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write `path` through `write(temporary path)`: synced and renamed over `path` once complete.
     An OSError (full disk, read-only directory, ...) raises `write_error` with nothing left behind
-    and the earlier file, if any, untouched."""
+    and the earlier file, if any, untouched. A stream (`is_stream`) is written straight into."""
     path = Path(path)
+    if is_stream(path):
+        try:
+            write(path)
+        except OSError as err:
+            raise write_error(err, path) from None
+        return
     existed = path.exists()
     tmp = temporary_name(path)
     try:
@@ -132,7 +155,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
-        _ordinary_mode(tmp)
+        _give_mode(tmp, path)
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except BaseException as err:
@@ -168,7 +191,7 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _ordinary_mode(tmp)
+        _give_mode(tmp, path)
         if existed and replace and any(path.iterdir()):
             old = _swap(tmp, path)  # the new directory at `path`; the earlier one where `old` says
         else:
@@ -236,6 +259,8 @@ def check_file_target(path: str | os.PathLike, flag: str) -> Path:
     write: a symbolic link's target (the link stays)."""
     path = Path(path)
     _no_broken_link(path, flag)
+    if path.exists() and not path.is_dir() and not path.is_file() and not is_stream(path):
+        raise LorakitError(f"{flag} {path} is not a regular file (a block device or a socket); give a file name")
     if path.is_dir():
         raise LorakitError(f"{flag} {path} is a directory; give a file name (e.g. {path / 'out'})")
     resolved = Path(os.path.realpath(path))
@@ -276,7 +301,7 @@ class DirectoryLock:
     works in it; the file holds the holder's process id. Released by `release` or when the process
     ends, however it ends (the kernel drops the lock with the file descriptor)."""
 
-    def __init__(self, directory: Path, fd: int) -> None:
+    def __init__(self, directory: Path, fd: int | None) -> None:
         self.directory = directory
         self._fd: int | None = fd
 
@@ -296,6 +321,9 @@ class DirectoryLock:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
                 os.close(fd)
                 raise LorakitError(_held_message(directory, holder, what)) from None
+            except OSError:  # a file system that cannot lock (some network ones): go on as before locks
+                os.close(fd)
+                return cls(directory, None)
             try:  # the file we locked must still be the one at `path` (a holder may have removed it)
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
@@ -322,6 +350,8 @@ class DirectoryLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             raise LorakitError(_held_message(Path(directory), holder, what)) from None
+        except OSError:  # cannot lock here: nobody can
+            pass
         finally:
             os.close(fd)
 

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lorakit ... | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush has somewhere to go
+        return EXIT_ERROR
 
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "load_adapted", "main", "resolve_train_config"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..errors import LorakitError
 from .outputs import check_output_directory, model_inputs
 from .train import resolve_train_config, split_method_args
@@ -40,6 +41,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     inputs += model_inputs(cfg.model, cfg.task) + ([("the --config file", Path(args.config))] if args.config else [])
     check_output_directory(directory, "--name", cfg.overwrite or (directory / "compare.yaml").is_file(), inputs,
                            what="what a comparison writes there (compare.*, a run directory per method)")
+    files.make_directory(directory, "--name")
     started = time.perf_counter()
     records = compare(cfg, methods, directory, echo=lambda msg: print(msg, file=sys.stderr, flush=True),
                       html_report=not args.no_html, per_method=per_method)

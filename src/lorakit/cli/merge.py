@@ -27,8 +27,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
     task = args.task or cfg.task
-    out = Path(args.out)
-    check_merge_target(out, model_spec, adapter, task, args.overwrite)  # before any model is loaded
+    out = check_merge_target(Path(args.out), model_spec, adapter, task, args.overwrite)  # before any model is loaded
     files.clean_temporaries(out.parent, out.name)  # what a killed merge into it left
     from ..train.loading import num_outputs
 
@@ -42,5 +41,5 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with files.atomic_directory(out, replace=True) as building:
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
-    print(f"merged model written to {out}/ (loads with transformers' from_pretrained)")
+    print(f"merged model written to {args.out.rstrip('/')}/ (loads with transformers' from_pretrained)")
     return 0

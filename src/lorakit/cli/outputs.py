@@ -61,7 +61,7 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool, input
     """The file to write for `flag` (a symbolic link's target): refused if it is one of `inputs` (or an
     existing file inside an input directory), if it exists and neither `overwrite` nor
     `replaceable(path)` (a file this command wrote itself) allows replacing it, or if it cannot be
-    written."""
+    written. A character device or pipe (`--json /dev/stdout`) is written into."""
     target = files.check_file_target(path, flag)
     for label, given in inputs:
         source, where = _resolved(Path(given)), _resolved(target)
@@ -70,7 +70,8 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool, input
         if target.exists() and _within(where, source):
             raise LorakitError(f"{flag} {path} is a file of {label} ({given}), an input of this command; "
                                "give another file name")
-    if target.exists() and not overwrite and not (replaceable is not None and replaceable(target)):
+    stream = files.is_stream(target)  # /dev/stdout, a FIFO: written into, it holds nothing to lose
+    if target.exists() and not stream and not overwrite and not (replaceable is not None and replaceable(target)):
         raise LorakitError(f"{flag} {path} exists; give another file name, or --overwrite to replace it")
     return target
 

@@ -102,9 +102,10 @@ def launch_processes(args: argparse.Namespace) -> int:
     return launch(args.nproc, [sys.executable, "-m", "lorakit", *argv])
 
 
-def check_before_launch(cfg: TrainConfig) -> None:
+def check_before_launch(cfg: TrainConfig, nproc: int) -> None:
     """What one process would refuse at once, refused before `--nproc` starts several: the settings,
-    the device, the data files, the model's path, the run directory."""
+    the device (and enough of them), the data files, the model's path, the run directory, a resumed
+    run's process count."""
     from .. import models
     from ..train.data import data_files
     from ..train.distributed import SingleProcess
@@ -112,7 +113,23 @@ def check_before_launch(cfg: TrainConfig) -> None:
     from ..train.run_dir import check_new_run_dir
 
     cfg = check_config(cfg)
-    SingleProcess().device(cfg.device)
+    device = SingleProcess().device(cfg.device)
+    if device.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise LorakitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA GPU(s); one process a GPU")
+    elif nproc > max(2, os.cpu_count() or 1):  # one a core (two anywhere, to try several processes out)
+        raise LorakitError(f"--nproc {nproc}: this machine has {os.cpu_count()} CPU cores; at most one process a core "
+                           "on the CPU")
+    if cfg.resume:
+        from ..train import checkpoint as ckpt
+
+        saved = ckpt.find_checkpoint(cfg.resume)
+        state = ckpt.check_state(saved, ckpt.read_state(saved))
+        if state.get("world_size", 1) != nproc:
+            raise LorakitError(f"{saved} was written by a run on {state.get('world_size', 1)} process(es); resume it on the "
+                               f"same number (--nproc {state.get('world_size', 1)}): the data order and random streams are per process")
     if cfg.data:
         data_files(cfg.data)
     try:
@@ -128,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc and args.nproc > 1 and not args.print_config and not launched_by_torchrun():
         # a bad flag or setting is one error here, before any process starts
-        check_before_launch(resolve_train_config(args))
+        check_before_launch(resolve_train_config(args), args.nproc)
         return launch_processes(args)
     cfg = resolve_train_config(args)
     if args.print_config:

@@ -270,6 +270,11 @@ def check_state(checkpoint: Path, state: Any) -> dict[str, Any]:
     return state
 
 
+def read_state(checkpoint: Path) -> Any:
+    """The checkpoint's state.json as read (`check_state` checks it); unreadable: `damaged`."""
+    return _read(checkpoint, "state.json", lambda p: json.loads(p.read_text()))
+
+
 def saved_adapter_config(checkpoint: Path) -> Any:
     """The adapter config the checkpoint's run had reached (its layout), a damaged one named."""
     try:
@@ -289,7 +294,7 @@ def load_checkpoint(
     before training (`restore_rng_state`). A file that cannot be read is named (`damaged`).
     """
     checkpoint = Path(checkpoint)
-    state = check_state(checkpoint, _read(checkpoint, "state.json", lambda p: json.loads(p.read_text())))
+    state = check_state(checkpoint, read_state(checkpoint))
     optim_state = _read(checkpoint, "optimizer.pt", lambda p: torch.load(p, weights_only=True))
     if not isinstance(optim_state, dict) or not {"optimizer", "scheduler"} <= set(optim_state):
         raise damaged(checkpoint, "optimizer.pt", "it holds no optimizer and scheduler state")

@@ -107,10 +107,45 @@ def _wait_all(processes: list[subprocess.Popen]) -> int | None:
     return failed
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP reached the launcher: its processes are stopped with it."""
+
+
+def _on_stop(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
+SCRATCH_PREFIX = "lorakit-launch-"
+
+
+def _clean_stale_scratch() -> None:
+    """Remove the scratch directories of launchers that were killed (named by their process id)."""
+    import shutil
+
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def launch(nproc: int, command: list[str]) -> int:
     """Run `command` as `nproc` processes of one torch.distributed group; returns the exit status
-    (the first failure's: 2 for a reported error, 130 for Ctrl-C)."""
-    with tempfile.TemporaryDirectory(prefix="lorakit-launch-") as scratch:
+    (the first failure's: 2 for a reported error, 130 for Ctrl-C, 128 + N when stopped by signal N)."""
+    if Path("/proc").is_dir():
+        _clean_stale_scratch()
+    previous = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _launch(nproc, command)
+    except _Stopped as stopped:
+        return 128 + stopped.args[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _launch(nproc: int, command: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         errors = Path(scratch) / "errors"
         errors.mkdir()
         rendezvous = Path(scratch) / "rendezvous"
@@ -128,10 +163,14 @@ def launch(nproc: int, command: list[str]) -> int:
                     if interrupts > 1:  # a second one: stop now (the finally below kills what runs)
                         raise
         finally:
-            _stop(processes, signal.SIGKILL)  # only what is still running, e.g. after a second Ctrl-C
+            _stop(processes, signal.SIGTERM)  # only what is still running: a second Ctrl-C, or SIGTERM here
             for process in processes:
-                process.wait()
-        reported = [path.read_text().rstrip("\n") for path in sorted(errors.iterdir())]
+                try:
+                    process.wait(timeout=GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        reported = [(path.name.rsplit("-", 1)[1], path.read_text().rstrip("\n")) for path in sorted(errors.iterdir())]
         if reported:
             print(one_message(reported), file=sys.stderr)
     if failed is None:
@@ -139,11 +178,15 @@ def launch(nproc: int, command: list[str]) -> int:
     return failed if failed > 0 else 128 - failed  # killed by signal N: 128 + N, as a shell reports it
 
 
-def one_message(reported: list[str]) -> str:
-    """The line to print for the processes' messages (earliest first): the first one, without its
+def one_message(reported: list[tuple[str, str]]) -> str:
+    """The line to print for the processes' messages ((rank, line), earliest first): the main process's
+    (it names what only it knows, e.g. the checkpoint it saved), else the first one, without its
     `[process N]` mark when every process said the same."""
-    unmarked = [re.sub(r"^error: \[process \d+\] ", "error: ", line) for line in reported]
-    return unmarked[0] if len(set(unmarked)) == 1 else reported[0]
+    main = [line for rank, line in reported if rank == "0"]
+    if main:
+        return main[0]
+    unmarked = [re.sub(r"^error: \[process \d+\] ", "error: ", line) for _, line in reported]
+    return unmarked[0] if len(set(unmarked)) == 1 else reported[0][1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,13 +145,13 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
     wall_start = time.perf_counter()
     cfg = check_config(cfg)
     device = strategy.device(cfg.device)
+    if cfg.resume:  # one process at a time in a run directory: locked before anything slow
+        resumed_run_dir(ckpt.run_dir_of(ckpt.find_checkpoint(cfg.resume)), strategy, held)
+    elif strategy.is_main:
+        files.check_directory_target(Path(cfg.out_dir), "--out-dir")  # before anything slow
     bf16 = use_bf16(cfg.precision, device)
 
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
-    if resume_from is None and strategy.is_main:
-        files.check_directory_target(Path(cfg.out_dir), "--out-dir")  # before anything slow
-    if resume_from is not None:  # one process at a time in a run directory: locked before anything slow
-        resumed_run_dir(ckpt.run_dir_of(resume_from), strategy, held)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     datasets = build_datasets(cfg, tokenizer)
     if datasets.columns:
