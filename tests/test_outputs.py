@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -216,3 +217,20 @@ def test_a_full_disk_keeps_what_was_there(world, tmp_path):
     after = snapshot(tmp_path / "after")
     assert {name: digest for name, digest in after.items() if not name.endswith(".lock")} == snapshot(seed)
     assert not [name for name in after if ".tmp" in name or name.startswith("runs")]
+
+
+def test_a_pipe_is_written_into_not_replaced(world, tmp_path):
+    """`--json /dev/stdout` or a FIFO: the stream gets the output; the node itself stays (a rename over
+    a device node would put a file in its place)."""
+    import stat
+    import threading
+
+    _, _, _, run = world
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    assert cli.main(["inspect", str(run), "--json", str(pipe), "--no-html"]) == 0
+    reader.join(timeout=60)
+    assert json.loads(received[0]) and stat.S_ISFIFO(pipe.stat().st_mode)
