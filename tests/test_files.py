@@ -131,3 +131,20 @@ def test_the_launcher_prints_one_message():
     assert one_message([("1", "interrupted at step 3; checkpoint saved to runs/a/checkpoints"),
                         ("0", "interrupted at step 3; checkpoint saved to runs/a/checkpoints/step-000003")]).endswith("step-000003")
     assert one_message([("1", "error: [process 1] no CUDA GPU")]) == "error: no CUDA GPU"
+
+
+def test_a_planted_link_in_place_of_the_lock_is_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / files.LOCK_NAME).symlink_to(victim)
+    with pytest.raises(LorakitError, match="is a symbolic link, not lorakit's lock file"):
+        files.DirectoryLock.acquire(tmp_path / "run")
+    files.DirectoryLock.check(tmp_path / "run")
+    assert victim.read_text() == "precious"
+
+
+def test_a_long_name_still_has_a_temporary_name(tmp_path):
+    target = tmp_path / ("x" * 250 + ".json")
+    files.atomic_write_text(target, "{}")
+    assert target.read_text() == "{}" and len(list(tmp_path.iterdir())) == 1

@@ -234,3 +234,13 @@ def test_a_pipe_is_written_into_not_replaced(world, tmp_path):
     assert cli.main(["inspect", str(run), "--json", str(pipe), "--no-html"]) == 0
     reader.join(timeout=60)
     assert json.loads(received[0]) and stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_two_outputs_on_one_file_and_a_newline_in_a_path_are_one_line(world, tmp_path, capsys):
+    _, _, _, run = world
+    same = str(tmp_path / "both")
+    assert cli.main(["inspect", str(run), "--json", same, "--html", same]) == 2
+    assert "--json and --html name the same file" in error_line(capsys) and not os.path.exists(same)
+    (tmp_path / "two\nlines").mkdir()
+    assert cli.main(["inspect", str(run), "--json", str(tmp_path / "two\nlines"), "--no-html"]) == 2
+    assert "two\\nlines is a directory" in error_line(capsys)

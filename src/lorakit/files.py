@@ -36,10 +36,16 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 LOCK_NAME = ".lock"
 
 
-def temporary_name(target: Path) -> Path:
+def _stem(name: str) -> str:
+    """`name`, cut to leave room for the marks of a temporary name within the usual 255-byte limit."""
+    encoded = name.encode()
+    return name if len(encoded) <= 200 else encoded[:200].decode(errors="ignore")
+
+
+def temporary_name(target: Path, kind: str = "tmp") -> Path:
     """A hidden name beside `target`, marked with this process's id (`clean_temporaries` removes it
     once that process is gone)."""
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{_stem(target.name)}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def is_temporary(path: Path) -> bool:
@@ -69,7 +75,7 @@ def clean_temporaries(directory: Path, name: str | None = None) -> list[Path]:
         return removed
     for path in entries:
         found = _TEMP.match(path.name)
-        if found is None or (name is not None and found.group("name") != name) or _alive(int(found.group("pid"))):
+        if found is None or (name is not None and found.group("name") != _stem(name)) or _alive(int(found.group("pid"))):
             continue
         target = path.with_name(found.group("name"))
         if found.group("kind") == "old" and not target.exists() and not target.is_symlink():
@@ -221,7 +227,7 @@ def _swap(new: Path, path: Path) -> Path:
         return new
     if failure not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         raise OSError(failure, os.strerror(failure), str(path))
-    aside = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    aside = temporary_name(path, "old")
     os.rename(path, aside)
     os.rename(new, path)
     return aside
@@ -311,9 +317,11 @@ class DirectoryLock:
         directory = Path(directory)
         path = directory / LOCK_NAME
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link: truncating its target would destroy another file
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise LorakitError(f"{path} is a symbolic link, not lorakit's lock file; remove it") from None
                 raise write_error(err, path) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -342,9 +350,9 @@ class DirectoryLock:
         """Raise `acquire`'s error if a process holds `directory`'s lock now; change nothing."""
         path = Path(directory) / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            return  # no lock file: nobody holds it
+            return  # no lock file (or not one of lorakit's): nobody holds it
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
         where = f"[process {rank}] " if rank else ""
         line = f"error: {where}{err}" if not isinstance(err, TrainingInterrupted) else str(err)
+        line = line.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a path or value holds
         if not report_error(line):  # one of `--nproc`'s processes: the launcher prints it, once
             print(line, file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(err, TrainingInterrupted) else EXIT_ERROR

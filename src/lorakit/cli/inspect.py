@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .. import files
@@ -30,6 +31,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if adapter.name == "adapter":
         inputs += [("the run's config", adapter.parent / "config.yaml"), ("the run's report", adapter.parent / "report.json")]
     json_out = check_output_file(args.json, "--json", args.overwrite, inputs) if args.json else None
+    if json_out is not None and args.html and os.path.realpath(args.html) == os.path.realpath(json_out):
+        raise LorakitError(f"--json and --html name the same file ({args.json}); give each its own")
     page = args.html or (str(adapter.parent / "inspect.html") if adapter.name == "adapter" and not args.no_html else None)
     # the run's own inspect.html is this command's output from before: written again without asking
     own = None if args.html else own_report
