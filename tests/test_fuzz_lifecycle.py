@@ -120,7 +120,7 @@ def chain(command: str, argv: Callable[[], list[str]], reference_seconds: float,
     rng = random.Random(SEEDS[command])
     delays = []
     for _ in range(KILLS):
-        delays.append(round(rng.uniform(0.2, 1.1) * reference_seconds, 2))
+        delays.append(round(rng.uniform(0.35, 1.05) * reference_seconds, 2))  # the first third: mostly imports
         outcome = kill_after(argv(), delays[-1])
         try:
             check()

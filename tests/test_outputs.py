@@ -244,3 +244,18 @@ def test_two_outputs_on_one_file_and_a_newline_in_a_path_are_one_line(world, tmp
     (tmp_path / "two\nlines").mkdir()
     assert cli.main(["inspect", str(run), "--json", str(tmp_path / "two\nlines"), "--no-html"]) == 2
     assert "two\\nlines is a directory" in error_line(capsys)
+
+
+def test_compare_with_overwrite_trains_again_and_other_settings_need_it(world, tmp_path, capsys):
+    _, model, data, _ = world
+    flags = ["compare", "--methods", "lora", "--model", str(model), "--data", str(data), "--steps", "1", "--batch-size", "4",
+             "--out-dir", str(tmp_path), "--name", "cmp", "--no-progress", "--no-html"]
+    assert cli.main(flags) == 0
+    first = (tmp_path / "cmp" / "lora" / "report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main([*flags, "--steps", "2"]) == 2  # another comparison in that directory
+    assert "holds a comparison with other settings" in error_line(capsys)
+    assert cli.main([*flags, "--steps", "2", "--overwrite"]) == 0
+    assert "already trained, reusing" not in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "lora" / "report.json").stat().st_mtime_ns != first
+    assert json.loads((tmp_path / "cmp" / "lora" / "report.json").read_text())["steps"] == 2
