@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -259,3 +260,57 @@ def test_compare_with_overwrite_trains_again_and_other_settings_need_it(world, t
     assert "already trained, reusing" not in capsys.readouterr().err
     assert (tmp_path / "cmp" / "lora" / "report.json").stat().st_mtime_ns != first
     assert json.loads((tmp_path / "cmp" / "lora" / "report.json").read_text())["steps"] == 2
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_explain_never_writes_over_the_base_model_or_the_run_and_not_through_a_broken_link(world, tmp_path, capsys):
+    root, model, _, run = world
+    for target in (model / "model.safetensors", run / "config.yaml"):
+        before = target.read_bytes()
+        assert cli.main(["explain", "--adapter", str(run), "hi", "--json", str(target), "--overwrite"]) == 2
+        assert "an input of this command" in error_line(capsys)
+        assert target.read_bytes() == before
+    broken = tmp_path / "broken.html"
+    broken.symlink_to(tmp_path / "missing" / "x.html")
+    assert cli.main(["explain", "--adapter", str(run), "hi", "--html", str(broken)]) == 2
+    assert "broken symbolic link" in error_line(capsys)
+
+
+def test_explain_writes_through_a_link_and_removes_what_a_killed_explain_left(world, tmp_path, capsys):
+    _, _, _, run = world
+    real = tmp_path / "real.json"
+    real.write_text("earlier")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    leftover = tmp_path / f".real.json.tmp-{dead_pid()}-0123abcd"
+    leftover.write_text("half")
+    assert cli.main(["explain", "--adapter", str(run), "Say 1:", "--completion", " 1", "--steps", "2",
+                     "--json", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["inputs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
+def test_trainer_checkpoint_files_are_written_atomically_and_leftovers_removed(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import io
+    from lorakit.integrations import checkpoints
+
+    _, model_dir, _, run = world
+    model = io.load(AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter")
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    stale = [checkpoint / f".{name}.tmp-{dead_pid()}-0123abcd"
+             for name in ("adapter_model.safetensors", checkpoints.EXACT_STATE_NAME, checkpoints.HOOKS_STATE_NAME)]
+    for path in stale:
+        path.write_text("half")
+    io.save(model, checkpoint)
+    checkpoints.save_training_state(checkpoint, model, None)
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
+        ["adapter_model.safetensors", "adapter_config.json", "lorakit.json", checkpoints.EXACT_STATE_NAME,
+         checkpoints.HOOKS_STATE_NAME])
