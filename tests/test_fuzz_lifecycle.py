@@ -7,6 +7,9 @@ then a last run to the end. After every kill, what the user had before is whole 
 or the complete new one: never half of either) and no process of the command is left running; after
 the last run, the work is done as the reference did it and no temporary file is left anywhere.
 
+Also seeded `--nproc` settings, each with bad settings beside it: refused in one line before any
+process starts.
+
 Marked `fuzz` (they start some thirty processes): `pytest -m 'not fuzz'` skips them; the default run
 (CI) runs them. A failure names the command, the seed and the delays, which replay it.
 """
@@ -229,3 +232,42 @@ def test_compare_killed_at_random_leaves_no_orphan_and_a_rerun_finishes(world, t
     lora = json.loads((reference / "report.json").read_text())
     assert records["lora"]["final_loss"] == pytest.approx(lora["final_loss"], abs=1e-6), delays  # the same run, resumed exactly
     assert temporaries(tmp_path) == [], delays
+
+
+NPROC_VALUES = ["0", "-1", "abc", "2.5", "", "1e3", str(10**6), "9" * 30, "2", "2", "2"]
+
+
+def test_nproc_settings_at_random_are_one_line_before_any_process_starts(world, tmp_path, capsys, monkeypatch):
+    """Seeded `--nproc` values, each with one or two bad settings (a valid --nproc always with one): the
+    launcher refuses in one line, exit 2, without starting a process or writing anything."""
+    import torch
+
+    from lorakit import cli
+    from lorakit.train import launch
+
+    root, run_flags, run = world
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail(f"processes started for {a}"))
+    bad = [["--data", str(tmp_path / "missing.jsonl")], ["--model", str(tmp_path / "no-model")], ["--lr", "inf"],
+           ["--r", "0"], ["--method", "nosuch"], ["--resume", str(run)], ["--name", "a/b"], ["--steps", "-1"],
+           ["--batch-size", "0"], ["--out-dir", str(root / "pc.jsonl")], ["--checkpoint-every", "x"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    rng = random.Random(16)
+    out = tmp_path / "out"
+    out.mkdir()
+    for trial in range(40):
+        value = rng.choice(NPROC_VALUES)
+        extras = rng.sample(bad, rng.randint(1, 2) if value == "2" else rng.randint(0, 2))
+        if value == "2" and not extras:
+            continue
+        argv = ["train", *run_flags, "--out-dir", str(out), "--name", f"t{trial}", "--nproc", value,
+                *[flag for extra in extras for flag in extra]]
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        err = capsys.readouterr().err.strip().splitlines()
+        where = f"seed 16, trial {trial}: {argv[len(run_flags) + 1:]}"
+        assert code == 2, (where, code, err)
+        assert len(err) == 1 and err[0].startswith("error: "), (where, err)
+        assert list(out.iterdir()) == [], (where, list(out.iterdir()))
