@@ -275,6 +275,14 @@ def test_explain_never_writes_over_the_base_model_or_the_run_and_not_through_a_b
         assert cli.main(["explain", "--adapter", str(run), "hi", "--json", str(target), "--overwrite"]) == 2
         assert "an input of this command" in error_line(capsys)
         assert target.read_bytes() == before
+    copy = tmp_path / "copy"  # a file deeper in the adapter's directory (a named adapter's, say)
+    shutil.copytree(run, copy)
+    (copy / "adapter" / "other").mkdir()
+    (copy / "adapter" / "other" / "keep.json").write_text("{}")
+    assert cli.main(["explain", "--adapter", str(copy), "hi", "--json", str(copy / "adapter" / "other" / "keep.json"),
+                     "--overwrite"]) == 2
+    assert "an input of this command" in error_line(capsys)
+    assert (copy / "adapter" / "other" / "keep.json").read_text() == "{}"
     broken = tmp_path / "broken.html"
     broken.symlink_to(tmp_path / "missing" / "x.html")
     assert cli.main(["explain", "--adapter", str(run), "hi", "--html", str(broken)]) == 2

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     task = args.task or cfg.task
-    inputs = model_inputs(args.model if args.model is not None else cfg.model, task)
+    inputs = [("the adapter's own directory", adapter), *model_inputs(args.model if args.model is not None else cfg.model, task)]
     if adapter.name == "adapter":
         inputs += [("the run's config", adapter.parent / "config.yaml"), ("the run's report", adapter.parent / "report.json")]
     outputs = check_outputs(args, adapter, inputs)
