@@ -287,3 +287,13 @@ def test_nproc_asks_no_name_server(world, tmp_path):
     assert "htons(53)" not in text and "in-addr" not in text and "ip6.arpa" not in text
     addresses = set(re.findall(r'inet_addr\("([\d.]+)"\)', text)) | set(re.findall(r'inet_pton\(AF_INET6, "([^"]+)"', text))
     assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::1", "::"}, addresses
+
+
+def test_a_run_finished_by_resume_writes_the_adapter_files_of_an_uninterrupted_run(world, finished, tmp_path):
+    """Its lorakit.json keeps the run's own target selection (`all-linear`, not the list of modules it chose)."""
+    from small_disk import snapshot
+
+    cut = cut_after_last_checkpoint(finished, tmp_path / "cut")
+    train(config(world, tmp_path, resume=str(cut)), echo=lambda *_: None)
+    assert json.loads((cut / "adapter" / "lorakit.json").read_text())["config"]["targets"] == "all-linear"
+    assert snapshot(cut / "adapter") == snapshot(finished / "adapter")

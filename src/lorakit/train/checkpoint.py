@@ -20,6 +20,7 @@ directory is never taken for a checkpoint (its name starts with `.tmp-`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -35,8 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import files, io
+from .. import files, inject, io
 from ..errors import LorakitError, short_repr
+from ..methods.base import config_from_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -282,6 +284,25 @@ def saved_adapter_config(checkpoint: Path) -> Any:
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         name = io.LORAKIT_CONFIG_NAME if (checkpoint / "adapter" / io.LORAKIT_CONFIG_NAME).exists() else ""
         raise damaged(checkpoint, f"adapter/{name}".rstrip("/"), _why(err)) from None
+
+
+def adapt_as_checkpointed(model: nn.Module, checkpoint: Path) -> None:
+    """Adapt `model` as the checkpoint's run had it: the same modules, and the layout training had
+    reached (AdaLoRA's ranks, LoRA-drop's plan). The config is recorded as that run wrote it, with its
+    own selection (`all-linear`, not the list of modules it chose), so that a run finished by a resume
+    writes the adapter files an uninterrupted run writes."""
+    config = saved_adapter_config(checkpoint)
+    io.adapt_as_saved(model, config)
+    written = checkpoint / "adapter" / io.LORAKIT_CONFIG_NAME
+    if not written.is_file():
+        return
+    try:  # read_config has read this file already: only its selection is wanted here
+        own = config_from_dict(json.loads(written.read_text(encoding="utf-8"))["config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise damaged(checkpoint, f"adapter/{io.LORAKIT_CONFIG_NAME}", _why(err)) from None
+    state = inject.lorakit_state(model)
+    state.configs[inject.DEFAULT_NAME] = dataclasses.replace(state.configs[inject.DEFAULT_NAME], targets=own.targets,
+                                                             layers=own.layers, exclude=own.exclude)
 
 
 def load_checkpoint(

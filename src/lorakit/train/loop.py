@@ -185,7 +185,7 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
     try:
         if resume_from is not None:
             # the layout the run had reached (e.g. ranks decided during training), not the flags' start
-            io.adapt_as_saved(model, ckpt.saved_adapter_config(resume_from))
+            ckpt.adapt_as_checkpointed(model, resume_from)
         else:
             inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
