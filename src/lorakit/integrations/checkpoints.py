@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import files, inject, io
 from ..errors import LorakitError
-from ..train.checkpoint import exact_adapter_state, load_exact_adapter_state
+from ..train.checkpoint import exact_adapter_state, keep_own_selection, load_exact_adapter_state
 
 EXACT_STATE_NAME = "lorakit_adapter_state.safetensors"
 HOOKS_STATE_NAME = "lorakit_hooks.pt"
@@ -99,6 +99,10 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
             trainable = _adapter_trainable(model, name)
             inject.remove(model, name)
             io.adapt_as_saved(model, saved_config, name)
+            try:
+                keep_own_selection(model, adapter_dir, name)  # the adapter files of an uninterrupted run
+            except ValueError as err:
+                raise LorakitError(f"cannot resume from {path}: {adapter_dir / io.LORAKIT_CONFIG_NAME} is damaged ({err})") from None
             for _, layer in inject.adapted_layers(model, name):
                 for p in layer.adapters[name].parameters():
                     p.requires_grad_(trainable)

@@ -288,21 +288,28 @@ def saved_adapter_config(checkpoint: Path) -> Any:
 
 def adapt_as_checkpointed(model: nn.Module, checkpoint: Path) -> None:
     """Adapt `model` as the checkpoint's run had it: the same modules, and the layout training had
-    reached (AdaLoRA's ranks, LoRA-drop's plan). The config is recorded as that run wrote it, with its
-    own selection (`all-linear`, not the list of modules it chose), so that a run finished by a resume
-    writes the adapter files an uninterrupted run writes."""
-    config = saved_adapter_config(checkpoint)
-    io.adapt_as_saved(model, config)
-    written = checkpoint / "adapter" / io.LORAKIT_CONFIG_NAME
+    reached (AdaLoRA's ranks, LoRA-drop's plan), recorded with the run's own selection
+    (`keep_own_selection`)."""
+    io.adapt_as_saved(model, saved_adapter_config(checkpoint))
+    try:
+        keep_own_selection(model, checkpoint / "adapter")
+    except ValueError as err:
+        raise damaged(checkpoint, f"adapter/{io.LORAKIT_CONFIG_NAME}", str(err)) from None
+
+
+def keep_own_selection(model: nn.Module, adapter_dir: Path, name: str = inject.DEFAULT_NAME) -> None:
+    """Record adapter `name`'s config with the module selection its lorakit.json was written with
+    (`all-linear`, not the list of modules it chose, which `io.read_config` hands back to adapt the
+    same modules), so that a run finished by a resume writes the files an uninterrupted run writes."""
+    written = adapter_dir / io.LORAKIT_CONFIG_NAME
     if not written.is_file():
-        return
-    try:  # read_config has read this file already: only its selection is wanted here
+        return  # PEFT's layout: its target_modules are what it chose
+    try:
         own = config_from_dict(json.loads(written.read_text(encoding="utf-8"))["config"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise damaged(checkpoint, f"adapter/{io.LORAKIT_CONFIG_NAME}", _why(err)) from None
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(_why(err)) from None  # the reason; the caller names the file
     state = inject.lorakit_state(model)
-    state.configs[inject.DEFAULT_NAME] = dataclasses.replace(state.configs[inject.DEFAULT_NAME], targets=own.targets,
-                                                             layers=own.layers, exclude=own.exclude)
+    state.configs[name] = dataclasses.replace(state.configs[name], targets=own.targets, layers=own.layers, exclude=own.exclude)
 
 
 def load_checkpoint(
