@@ -13,7 +13,8 @@ from chromium import executable, render
 from conftest import perturb_trainable, tiny_llama
 from lorakit import analysis, compare
 
-pytestmark = pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.chromium,
+              pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")]
 pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
 from PIL import Image  # noqa: E402  (after the skip: Pillow comes with matplotlib)
 

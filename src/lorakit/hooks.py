@@ -1,6 +1,6 @@
 """Training hooks: how a method acts during training without owning the loop.
 
-Fixed points of a training step, in order::
+Fixed points of a training step, in order:
 
     before_training(model, probe)        once, before the first step (LoRA-drop's probe); never
                                           again on resume: what it decided is in the adapter's
@@ -13,7 +13,7 @@ Fixed points of a training step, in order::
                                           AdaLoRA's rank allocation)
     optimizer.zero_grad()
 
-lorakit's trainer calls these; a user with their own loop calls them the same way::
+lorakit's trainer calls these; a user with their own loop calls them the same way:
 
     hooks = lorakit.training_hooks(model)
     hooks.before_training(model, lorakit.hooks.Probe(sample_batches))   # a list of batches is fine too

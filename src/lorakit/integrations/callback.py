@@ -97,7 +97,7 @@ def make_inputs_require_grad(model: nn.Module) -> None:
 
 class LorakitCallback(TrainerCallback):
     """lorakit's training hooks, adapter-only checkpoints and gradient checkpointing, inside any
-    `transformers.Trainer`::
+    `transformers.Trainer`:
 
         model = lorakit.adapt(model, lorakit.AdaLoRA(init_r=12, target_r=4))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[LorakitCallback()])

@@ -2,7 +2,7 @@ r"""The fused LoRA layer: a plain frozen dense base and its LoRA pair as one aut
 
 The reference formula is the method's own (`lorakit.methods.lora`: `y = x W0^T + s · dropout(x) A^T B^T`,
 `LoRAAdapter.forward`); this node computes the same output and gradients with fewer passes over
-the activations, and `tests/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
+the activations, and `tests/methods/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
 and VeRA's node (`fused_vera.py`) use `fusable_base` and `fused_dtype` to decide where it applies.
 """
 

@@ -101,6 +101,7 @@ def assert_same_run(two_dir, one_dir) -> None:
     assert [m["step"] for m in metrics] == list(range(1, 7))  # one writer: the main process
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("method", DDP_METHODS)
 def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(method, tiny_model, pc_data, tmp_path,
                                                                                 one_process):
@@ -125,6 +126,7 @@ if os.environ.get("LORAKIT_TEST_KILL_STEP"):
 """
 
 
+@pytest.mark.distributed
 def test_a_killed_process_stops_the_run_and_resume_continues_it_exactly(tiny_model, pc_data, tmp_path, capsys):
     flags = common_flags(tiny_model, pc_data, tmp_path, "lora") + ["--batch-size", "2", "--dropout", "0.1"]
     whole = torchrun(flags + ["--name", "whole"])
@@ -178,6 +180,7 @@ def test_shards_split_each_global_micro_batch_in_rank_order():
         Fake(0, 4).shard([1, 2, 3])
 
 
+@pytest.mark.distributed
 def test_lora_drop_plan_is_decided_once_and_shared(tiny_model, pc_data, tmp_path):
     """LoRA-drop's probe runs on the main process; the others take its sharing plan (a process that
     kept its own plan would hold other parameters, and DDP would refuse to start)."""
@@ -204,13 +207,14 @@ def fsdp_runs(tiny_model, pc_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     runs = out / "runs.json"
     runs.write_text(json.dumps([fsdp_flags(tiny_model, pc_data, out, method) for method in sorted(METHOD_FLAGS)]))
-    script = os.path.join(os.path.dirname(__file__), "distributed_runs.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed_runs.py")
     command = [sys.executable, "-m", "lorakit.train.launch", "2", script, str(runs)]  # as --nproc starts them: on loopback
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return {method: out / method for method in METHOD_FLAGS}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
 def test_fsdp_on_two_processes_trains_the_same_adapter_as_one_process(method, fsdp_runs, one_process, tiny_model):
     """The base sharded over 2 processes (a 4-bit one too); Delta-LoRA's moved base weights (in its
@@ -238,6 +242,7 @@ def test_fsdp_on_two_processes_trains_the_same_adapter_as_one_process(method, fs
         assert torch.equal(loaded[key].detach().cpu(), value), key
 
 
+@pytest.mark.distributed
 def test_fsdp_run_killed_resumes_to_the_uninterrupted_result(fsdp_runs, tiny_model, pc_data, tmp_path):
     """Under FSDP2: one process killed mid-run stops the run without a partial checkpoint; the resume
     (2 processes, from whole-tensor checkpoints) ends exactly where the uninterrupted run did."""

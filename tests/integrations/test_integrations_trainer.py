@@ -328,6 +328,7 @@ def test_reentrant_checkpointing_over_frozen_inputs_is_handled(tmp_path, monkeyp
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="this PyTorch build has no torch.distributed gloo backend")
+@pytest.mark.distributed
 def test_accelerate_launch_two_processes_trains_the_one_process_adapter(tmp_path):
     """`accelerate launch --num_processes 2` (gloo on CPU) with the trainer and the callback: AdaLoRA's
     hooks and LoRA+ included, the adapter and the ranks are those of one process with twice the batch,
