@@ -21,7 +21,7 @@ from lorakit.cli import build_parser, resolve_train_config
 from small_disk import run_on_small_disk, snapshot
 from tiny_lm import save_tiny_llama, write_jsonl
 
-CLI_BATCH = str(Path(__file__).with_name("cli_batch.py"))
+CLI_BATCH = str(Path(__file__).parent.parent / "cli_batch.py")
 
 
 @pytest.fixture(scope="module")
