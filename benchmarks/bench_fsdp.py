@@ -1,8 +1,8 @@
 """Tokens/s and peak memory per process (per GPU) of lorakit's multi-process training, 1..N processes,
 DDP (every process holds the whole base) against FSDP2 (`--distributed fsdp`: the base sharded).
 
-Each condition is one torchrun launch of this script's worker: every process builds the same
-random-weight Llama-shaped model (quantized to NF4 with --quantize, as QLoRA), adapts it with LoRA
+Each condition is one launch of this script's worker (`lorakit.train.launch`, as `--nproc` starts
+them): every process builds the same random-weight Llama-shaped model (quantized to NF4 with --quantize, as QLoRA), adapts it with LoRA
 on the seven projections, hands it to lorakit's strategy (`lorakit.train.distributed.DataParallel`
 or `FullyShard`, exactly what `lorakit train` uses), and times optimizer steps on random tokens, each
 process taking its own --batch-size rows (the global batch grows with N: weak scaling, the usual
@@ -47,7 +47,7 @@ PRESETS = {
 }
 
 
-# --- one process of one condition (started by torchrun) -----------------------------------------
+# --- one process of one condition (started by the launcher) --------------------------------------
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -127,7 +127,7 @@ def run_condition(nproc: int, distributed: str, args: argparse.Namespace) -> dic
             "--seq", str(args.seq), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     argv += ["--quantize"] if args.quantize else []
     argv += ["--checkpointing"] if args.checkpointing else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, *argv]
+    cmd = [sys.executable, "-m", "lorakit.train.launch", str(nproc), __file__, *argv]  # as `lorakit train --nproc` starts them
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:

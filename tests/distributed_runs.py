@@ -1,7 +1,7 @@
-"""Several `lorakit train` runs in one torchrun launch (the tests start it): one process group and one
-import of torch and transformers for all of them, which keeps the multi-process tests short.
+"""Several `lorakit train` runs in one launch of N processes (the tests start it): one process group and
+one import of torch and transformers for all of them, which keeps the multi-process tests short.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_runs.py RUNS.json
+    python -m lorakit.train.launch 2 tests/distributed_runs.py RUNS.json
 
 RUNS.json holds a list of `lorakit train` argument lists; each run shares this launch's strategy
 (`--distributed` in the arguments chooses it, and every run of a launch must choose the same).

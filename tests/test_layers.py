@@ -19,7 +19,7 @@ import lorakit
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("lorakit.errors",)),
     ("foundation", ("lorakit.base_layers", "lorakit.targets", "lorakit.adapted_layer", "lorakit.gguf_reader",
-                    "lorakit.models", "lorakit.losses", "lorakit.kernels")),
+                    "lorakit.models", "lorakit.losses", "lorakit.kernels", "lorakit.files", "lorakit.children")),
     ("methods", ("lorakit.methods",)),
     ("quantization", ("lorakit.quant",)),
     ("adapter sets", ("lorakit.inject", "lorakit.hooks", "lorakit.optim", "lorakit.param_summary")),

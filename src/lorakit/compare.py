@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from . import html_report
+from . import files, html_report
+from .children import child_environment
 from .errors import LorakitError
 from .train.config import TrainConfig, from_dict, to_yaml, with_resolved_paths
 
@@ -71,11 +73,11 @@ def method_run_config(cfg: TrainConfig, method: str, overrides: dict[str, Any] |
     return dataclasses.replace(with_fields, method=method, method_args={**cfg.method_args, **overrides})
 
 
-def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodResult:
+def run_method(cfg: TrainConfig, method: str, directory: Path, echo, fresh: bool = False) -> MethodResult:
     """Train (or resume, or reuse) `method` in its own `lorakit train` process, with the settings
-    `cfg` (from `method_run_config`)."""
+    `cfg` (from `method_run_config`); `fresh`: train it again, replacing an earlier run."""
     run_dir = directory / method
-    if (run_dir / "report.json").is_file():
+    if (run_dir / "report.json").is_file() and not fresh:
         echo(f"{method}: already trained, reusing {run_dir}")
         try:
             return collect(method, run_dir)
@@ -84,9 +86,9 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodRe
     config_file = directory / f".{method}.yaml"
     method_cfg = dataclasses.replace(with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory),
                                      resume=None, overwrite=False)
-    config_file.write_text(to_yaml(method_cfg))
+    files.atomic_write_text(config_file, to_yaml(method_cfg))
     command = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
-    if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file():
+    if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file() and not fresh:
         command = [sys.executable, "-m", "lorakit", "train", "--resume", str(run_dir)]
         echo(f"{method}: resuming {run_dir}")
     elif run_dir.exists():
@@ -94,6 +96,12 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodRe
     returncode, stderr_tail = run_showing_progress(command)
     if returncode == 130:
         return MethodResult(method, "interrupted", "interrupted (run the same command again to continue)")
+    if returncode < 0:  # killed from outside (kill -9, the out-of-memory killer): its checkpoints stand
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return MethodResult(method, "failed", f"its process was stopped by {name}; run the same command again to resume it")
     if returncode != 0:
         lines = [line.strip() for line in stderr_tail.replace("\r", "\n").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")]
@@ -105,7 +113,8 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodRe
 def run_showing_progress(command: list[str]) -> tuple[int, str]:
     """Run `command`, passing its stderr (messages and progress bar) through as it comes; returns
     (exit status, the last few KB of stderr, for the reason of a failure)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the child ends with this process (kill -9 included): no orphan trains on in a run directory
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_environment())
     tail = b""
     assert process.stderr is not None
     try:
@@ -343,6 +352,16 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
     path.write_text(html_report.page(title, intro, html_report.table(head, body), images))
 
 
+def settings_text(cfg: TrainConfig, per_method: dict[str, dict[str, Any]]) -> str:
+    """What `compare.yaml` holds: the settings every method shares, and each method's own; a
+    directory holding other settings is another comparison."""
+    mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
+                                       overwrite=False, progress=True))
+    if any(per_method.values()):  # a method's own settings are part of what the directory holds
+        mine += yaml.safe_dump({"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True)
+    return mine
+
+
 def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True,
             per_method: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run the comparison (see the module docstring); returns the per-method records. `per_method`:
@@ -360,20 +379,26 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     strangers = sorted(set(per_method) - set(methods))
     if strangers:
         raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
+    with files.DirectoryLock.acquire(directory, "compared"):  # one comparison at a time in a directory
+        files.clean_temporaries(directory)
+        return _compare(cfg, methods, directory, echo, html_report, per_method)
+
+
+def _compare(cfg: TrainConfig, methods: list[str], directory: Path, echo, html_report: bool,
+             per_method: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     configs = {m: dataclasses.replace(method_run_config(cfg, m, per_method.get(m)), measure_limit=True) for m in methods}
     settings = directory / "compare.yaml"
-    mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
-                                       overwrite=False, progress=True))
-    if any(per_method.values()):  # a method's own settings are part of what the directory holds
-        mine += yaml.safe_dump({"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True)
-    if settings.is_file() and settings.read_text() != mine:
+    mine = settings_text(cfg, per_method)
+    earlier = settings.read_text() if settings.is_file() else None
+    if earlier is not None and earlier != mine and not cfg.overwrite:
         raise LorakitError(f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
-                           "or delete that directory")
-    settings.write_text(mine)
+                           "or --overwrite to train every method again")
+    if earlier != mine:
+        files.atomic_write_text(settings, mine)
     results = []
     for i, method in enumerate(methods, start=1):
         echo(f"compare [{i}/{len(methods)}] {method} ...")
-        result = run_method(configs[method], method, directory, echo)
+        result = run_method(configs[method], method, directory, echo, fresh=cfg.overwrite)
         results.append(result)
         if result.status == "interrupted":
             raise LorakitError(f"compare interrupted during {method}; run the same command again to continue")
@@ -387,9 +412,11 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
         except Exception as err:  # noqa: BLE001 -- the comparison stands without the ratio
             echo(f"could not time the limit: {err}")
     records = rows(results, limit_s)
-    (directory / "compare.json").write_text(json.dumps({"limit_step_seconds": limit_s, "methods": records,
-                                                        "config": yaml.safe_load(to_yaml(cfg))}, indent=2) + "\n")
-    write_csv(records, directory / "compare.csv")
+    # each written whole or not at all: a kill or a full disk leaves the earlier file
+    files.atomic_write_text(directory / "compare.json", json.dumps({"limit_step_seconds": limit_s, "methods": records,
+                                                                    "config": yaml.safe_load(to_yaml(cfg))}, indent=2) + "\n")
+    files.atomic_write(directory / "compare.csv", lambda tmp: write_csv(records, tmp))
     if html_report:
-        write_html(results, records, limit_s, directory / "compare.html", f"lorakit compare: {', '.join(methods)}")
+        title = f"lorakit compare: {', '.join(methods)}"
+        files.atomic_write(directory / "compare.html", lambda tmp: write_html(results, records, limit_s, tmp, title))
     return records

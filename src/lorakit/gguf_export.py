@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import base_layers, inject
+from . import base_layers, files, inject
 from .errors import LorakitError
 
 ADAPTER_OUTTYPES = ("f32", "f16")
@@ -378,19 +377,15 @@ class PlannedTensor:
 
 
 def _write_gguf(out: Path, architecture: str, add_metadata, plan: list[PlannedTensor]) -> int:
-    """Write a GGUF file atomically (a temporary file beside `out`, renamed over it once complete and
-    synced); returns its size in bytes."""
+    """Write a GGUF file atomically (`lorakit.files.atomic_write`); returns its size in bytes."""
     import gguf
 
     kind = gguf.GGMLQuantizationType
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as err:
-        raise LorakitError(f"cannot write {out}: {err.strerror or err}") from None
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, architecture)
+    files.make_directory(out.parent, "--out")
+    files.clean_temporaries(out.parent, out.name)  # what a killed export of this file left
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), architecture)
         add_metadata(writer)
         for item in plan:
             if item.kind == kind.F32:
@@ -406,15 +401,6 @@ def _write_gguf(out: Path, architecture: str, add_metadata, plan: list[PlannedTe
         for item in plan:
             writer.write_tensor_data(item.make())
         writer.close()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result is an ordinary file
-        os.replace(tmp, out)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # a full disk, a read-only directory: the old file (if any) is untouched
-            raise LorakitError(f"cannot write {out}: {err.strerror or err}") from None
-        raise
+
+    files.atomic_write(out, write)  # a kill or a full disk leaves the earlier file (if any) as it was
     return out.stat().st_size

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import inject
+from . import files, inject
 from .base_layers import is_conv1d
 from .errors import LorakitError
 from .methods.base import AdapterConfig, config_from_dict, config_from_peft
@@ -72,16 +71,10 @@ def unique_adapters(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write through a temporary file beside `path` (synced, then renamed over it: `files.atomic_write`);
+    what a killed earlier save left beside it is removed first."""
+    files.clean_temporaries(path.parent, path.name)
+    files.atomic_write(path, lambda tmp: write(str(tmp)))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

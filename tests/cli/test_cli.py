@@ -255,7 +255,7 @@ def test_merge_never_writes_over_the_base_or_a_file(trained_run, tiny_model, tmp
     assert "is an existing file" in error_line(capsys)
     assert (tmp_path / "taken").read_text() == "not a directory"
     assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(trained_run)]) == 2
-    assert "adapter's (or its run's) directory" in error_line(capsys)
+    assert "is the adapter's run directory" in error_line(capsys)
 
 
 def test_resume_refuses_settings_it_cannot_honour(trained_run, capsys):

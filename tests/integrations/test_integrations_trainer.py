@@ -147,6 +147,8 @@ def test_resume_ends_equal_to_an_uninterrupted_run(tmp_path, case):
     decided = lorakit.inject.adapter_config(whole)
     assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in decided.layout_fields} == \
         {f: getattr(decided, f) for f in decided.layout_fields}  # the layout training decided, too
+    selection = ("targets", "layers", "exclude")  # as the script chose them, not the modules they matched
+    assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in selection} == {f: getattr(decided, f) for f in selection}
     assert sorted(resumed_hooks) == [5, 6, 7, 8]
     for step in resumed_hooks:  # and the hooks went through the same states
         assert same_state(resumed_hooks[step], whole_hooks[step]), step

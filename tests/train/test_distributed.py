@@ -56,7 +56,7 @@ def common_flags(tiny_model, pc_data, out_dir, method) -> list[str]:
 
 
 def torchrun(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`lorakit train --nproc 2 ...`: lorakit starts torchrun, torchrun starts the processes."""
+    """`lorakit train --nproc 2 ...`: lorakit starts the processes (`lorakit.train.launch`)."""
     full_env = {**os.environ, **(env or {})}
     if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):  # added to, not replacing, the caller's path
         full_env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
@@ -202,13 +202,13 @@ def fsdp_flags(tiny_model, pc_data, out_dir, method) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_model, pc_data, tmp_path_factory):
-    """Every method of METHOD_FLAGS trained under FSDP2 on 2 processes, in one torchrun launch
+    """Every method of METHOD_FLAGS trained under FSDP2 on 2 processes, in one launch
     (tests/distributed_runs.py): their run directories by method."""
     out = tmp_path_factory.mktemp("fsdp")
     runs = out / "runs.json"
     runs.write_text(json.dumps([fsdp_flags(tiny_model, pc_data, out, method) for method in sorted(METHOD_FLAGS)]))
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed_runs.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(runs)]
+    command = [sys.executable, "-m", "lorakit.train.launch", "2", script, str(runs)]  # as --nproc starts them: on loopback
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return {method: out / method for method in METHOD_FLAGS}

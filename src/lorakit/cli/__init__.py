@@ -34,6 +34,9 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lorakit` command; returns the exit status."""
+    from ..children import follow_parent
+
+    follow_parent()  # a child of `lorakit compare` or of `--nproc` ends with its parent
     try:
         given = list(sys.argv[1:] if argv is None else argv)
         command = next((a for a in given if not a.startswith("-")), "")
@@ -41,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = given
         return args.func(args)
     except LorakitError as err:
+        from ..train.launch import report_error
         from ..train.loop import TrainingInterrupted
 
         rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
         where = f"[process {rank}] " if rank else ""
-        print(f"error: {where}{err}" if not isinstance(err, TrainingInterrupted) else str(err), file=sys.stderr)
+        line = f"error: {where}{err}" if not isinstance(err, TrainingInterrupted) else str(err)
+        line = line.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a path or value holds
+        if not report_error(line):  # one of `--nproc`'s processes: the launcher prints it, once
+            print(line, file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(err, TrainingInterrupted) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lorakit ... | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush has somewhere to go
+        return EXIT_ERROR
 
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "load_adapted", "main", "resolve_train_config"]

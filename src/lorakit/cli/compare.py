@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..errors import LorakitError
+from .outputs import check_output_directory, model_inputs
 from .train import resolve_train_config, split_method_args
 
 
@@ -33,6 +35,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_config(method_run_config(cfg, method, per_method.get(method)))
     name = cfg.name or f"compare-{data_files(cfg.data)[0].stem if cfg.data else 'reverse-words'}"
     directory = Path(cfg.out_dir) / name
+    # a directory of the user's files is not taken over without --overwrite; an earlier comparison
+    # with the same settings continues; its inputs are never written into
+    inputs = [("the data", path) for path in (data_files(cfg.data) if cfg.data else [])]
+    inputs += model_inputs(cfg.model, cfg.task) + ([("the --config file", Path(args.config))] if args.config else [])
+    check_output_directory(directory, "--name", cfg.overwrite or (directory / "compare.yaml").is_file(), inputs,
+                           what="what a comparison writes there (compare.*, a run directory per method)")
+    files.make_directory(directory, "--name")
     started = time.perf_counter()
     records = compare(cfg, methods, directory, echo=lambda msg: print(msg, file=sys.stderr, flush=True),
                       html_report=not args.no_html, per_method=per_method)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..errors import LorakitError, check_text, did_you_mean, short_repr
+from .outputs import Inputs, check_output_file, model_inputs
 
 TASKS = ("causal-lm", "classify", "regress")
 MAX_NEW_TOKENS = 1024
@@ -79,9 +81,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(args: argparse.Namespace, adapter: Path) -> list[Path]:
+def check_outputs(args: argparse.Namespace, adapter: Path, inputs: Inputs = ()) -> dict[str, Path]:
     """The output files, checked before anything loads: writable, distinct, not replaced without
-    --overwrite, and never one of the inputs (the adapter's files, the --prompts file)."""
+    --overwrite, and never one of the inputs (the adapter's files, the --prompts file, `inputs`).
+    Returns the file to write for each flag given."""
+    targets: dict[str, Path] = {}
     outputs = [Path(p) for p in (args.html, args.json) if p is not None]
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise LorakitError(f"--html and --json name the same file {outputs[0]}; give two files")
@@ -94,9 +98,10 @@ def check_outputs(args: argparse.Namespace, adapter: Path) -> list[Path]:
             raise LorakitError(f"{flag} {path} is a directory; give a file name")
         if not path.parent.is_dir():
             raise LorakitError(f"{flag} {path}: the directory {path.parent} does not exist")
-        if path.exists() and not args.overwrite:
-            raise LorakitError(f"{flag} {path} exists; give another file name, or --overwrite to replace it")
-    return outputs
+        # the rest as every command that writes: never the base model's files, a broken link, a read-only place
+        targets[flag] = check_output_file(path, flag, args.overwrite, inputs)  # a symbolic link's target
+        files.clean_temporaries(targets[flag].parent, targets[flag].name)  # what a killed explain left beside it
+    return targets
 
 
 def read_jobs(args: argparse.Namespace) -> list[Job]:
@@ -214,8 +219,11 @@ def run(args: argparse.Namespace) -> int:
     from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
-    outputs = check_outputs(args, adapter)
     task = chosen_task(args.task, cfg, adapter)
+    inputs = [("the adapter's own directory", adapter), *model_inputs(args.model if args.model is not None else cfg.model, task)]
+    if adapter.name == "adapter":
+        inputs += [("the run's config", adapter.parent / "config.yaml"), ("the run's report", adapter.parent / "report.json")]
+    outputs = check_outputs(args, adapter, inputs)
     jobs = read_jobs(args)
     check_jobs(jobs, task)
     try:
@@ -256,10 +264,10 @@ def run(args: argparse.Namespace) -> int:
     title = f"lorakit explain: {run_name} ({config.method})"
     try:
         if args.html:
-            page.write_html(found, Path(args.html), title)
+            page.write_html(found, outputs["--html"], title)
             print(f"report: {args.html}")
         if args.json:
-            page.write_json(found, Path(args.json), {"adapter": str(adapter), "model": model_spec, "method": config.method})
+            page.write_json(found, outputs["--json"], {"adapter": str(adapter), "model": model_spec, "method": config.method})
             print(f"all numbers: {args.json}")
     except OSError as err:  # a full disk, a read-only directory: an existing file is left as it was
         raise LorakitError(f"cannot write {err.filename or 'the report'}: {err.strerror or err}") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import LorakitError
 from .adapters import adapter_dir_and_config, load_adapted
+from .outputs import check_output_file, model_inputs
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise LorakitError(str(err)) from None
     run = adapter.parent if adapter.name == "adapter" else adapter
     out = Path(args.out) if args.out else run / (f"merged-{outtype}.gguf" if args.merged else "adapter.gguf")
-    check_export_target(out, model_dir / gguf_file if gguf_file else None, args.overwrite)
+    out = check_export_target(out, adapter, model_spec, cfg.task, args.overwrite)
     if args.merged:
         gguf_export.require_gguf_base(model_dir / gguf_file if gguf_file else None)  # before the model loads
     model, _ = load_adapted(model_spec, adapter, cfg.task)
@@ -56,11 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_export_target(out: Path, base_file: Path | None, overwrite: bool) -> None:
-    """`--out` must be a file path that is not the base model's file; an existing file only with --overwrite."""
-    if out.is_dir():
-        raise LorakitError(f"--out {out} is a directory; give a file name (e.g. {out / 'model.gguf'})")
-    if base_file is not None and out.exists() and out.resolve() == base_file.resolve():
-        raise LorakitError(f"--out {out} is the base model's own file; give another file name")
-    if out.exists() and not overwrite:
-        raise LorakitError(f"--out {out} exists; give another file name, or --overwrite to replace it")
+def check_export_target(out: Path, adapter: Path, model_spec: str | None, task: str, overwrite: bool) -> Path:
+    """`--out` must be a file path that is none of the export's inputs (the base model's files, the
+    adapter's); an existing file only with --overwrite (`outputs.check_output_file`)."""
+    return check_output_file(out, "--out", overwrite, inputs=[*model_inputs(model_spec, task), ("the adapter's own directory", adapter)])

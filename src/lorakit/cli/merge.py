@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import files
 from ..errors import LorakitError
 from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
+from .outputs import adapter_inputs, check_output_directory, model_inputs
 
 
-def check_merge_target(out: Path, model_spec: str | None, adapter: Path) -> None:
-    """`--out` must be a directory that is neither the base model's nor the adapter's."""
+def check_merge_target(out: Path, model_spec: str | None, adapter: Path, task: str, overwrite: bool) -> Path:
+    """`--out` must be a directory that is, holds and lies inside none of the merge's inputs (the base
+    model's, the adapter's, its run's); one that holds files only with --overwrite, and only when it is
+    a model directory (a merged model from before), never a directory of other files."""
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} is an existing file; give a directory for the merged model")
-    resolved = out.resolve()
-    if model_spec is not None and Path(model_spec).exists():
-        base = Path(model_spec).resolve()
-        if resolved == base:
-            raise LorakitError(f"--out {out} is the base model's own directory: merging there would overwrite the base; "
-                               "give another directory")
-    if resolved in (adapter.resolve(), adapter.resolve().parent):
-        raise LorakitError(f"--out {out} is the adapter's (or its run's) directory; give another directory")
+    return check_output_directory(out, "--out", overwrite, inputs=[*model_inputs(model_spec, task), *adapter_inputs(adapter)],
+                                  replaceable=lambda d: (d / "config.json").is_file(), what="a model directory")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -28,9 +26,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
-    out = Path(args.out)
-    check_merge_target(out, model_spec, adapter)  # before any model is loaded
     task = chosen_task(args.task, cfg, adapter)
+    out = check_merge_target(Path(args.out), model_spec, adapter, task, args.overwrite)  # before any model is loaded
+    files.clean_temporaries(out.parent, out.name)  # what a killed merge into it left
     from ..train.loading import num_outputs
 
     model, tokenizer = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)))
@@ -38,7 +36,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         inject.merge_and_unload(model)
     except ValueError as err:  # e.g. an adapter on a tied output head
         raise LorakitError(str(err)) from None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    print(f"merged model written to {out}/ (loads with transformers' from_pretrained)")
+    files.make_directory(out.parent, "--out")
+    # written whole or not at all: a kill or a full disk leaves no partial model (and the earlier one)
+    with files.atomic_directory(out, replace=True) as building:
+        model.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+    print(f"merged model written to {args.out.rstrip('/')}/ (loads with transformers' from_pretrained)")
     return 0

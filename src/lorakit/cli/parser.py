@@ -218,6 +218,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="a progress bar on stderr (only where stderr is a terminal)")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --json or --html file")
     ins.set_defaults(func=cmd_inspect)
 
     add_explain_parser(sub)
@@ -243,6 +244,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     merge.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     merge.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out model directory (a directory of other files is never replaced)")
     merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write an adapter (or base + adapter merged) as a GGUF file for llama.cpp",

@@ -88,10 +88,8 @@ RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints"
 
 
 def launch_processes(args: argparse.Namespace) -> int:
-    """`lorakit train --nproc N ...`: the same command under torchrun, N processes (DDP)."""
-    import subprocess
-
-    from ..train.distributed import torchrun_command
+    """`lorakit train --nproc N ...`: the same command on N processes (DDP), on this machine's loopback."""
+    from ..train.launch import launch
 
     argv = list(args.argv)
     for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N
@@ -101,17 +99,53 @@ def launch_processes(args: argparse.Namespace) -> int:
         if arg.startswith("--nproc="):
             del argv[i]
             break
-    return subprocess.call(torchrun_command(args.nproc, argv))
+    return launch(args.nproc, [sys.executable, "-m", "lorakit", *argv])
+
+
+def check_before_launch(cfg: TrainConfig, nproc: int) -> None:
+    """What one process would refuse at once, refused before `--nproc` starts several: the settings,
+    the device (and enough of them), the data files, the model's path, the run directory, a resumed
+    run's process count."""
+    from .. import models
+    from ..train.data import data_files
+    from ..train.distributed import SingleProcess
+    from ..train.method_config import check_config
+    from ..train.run_dir import check_new_run_dir
+
+    cfg = check_config(cfg)
+    device = SingleProcess().device(cfg.device)
+    if device.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise LorakitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA GPU(s); one process a GPU")
+    elif nproc > max(2, os.cpu_count() or 1):  # one a core (two anywhere, to try several processes out)
+        raise LorakitError(f"--nproc {nproc}: this machine has {os.cpu_count()} CPU cores; at most one process a core "
+                           "on the CPU")
+    if cfg.resume:
+        from ..train import checkpoint as ckpt
+
+        saved = ckpt.find_checkpoint(cfg.resume)
+        state = ckpt.check_state(saved, ckpt.read_state(saved))
+        if state.get("world_size", 1) != nproc:
+            raise LorakitError(f"{saved} was written by a run on {state.get('world_size', 1)} process(es); resume it on the "
+                               f"same number (--nproc {state.get('world_size', 1)}): the data order and random streams are per process")
+    if cfg.data:
+        data_files(cfg.data)
+    try:
+        models.resolve_model_path(cfg.model, cfg.task)
+    except (FileNotFoundError, ValueError) as err:
+        raise LorakitError(str(err)) from None
+    if not cfg.resume and cfg.name:
+        check_new_run_dir(cfg)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.distributed import launched_by_torchrun
 
     if args.nproc and args.nproc > 1 and not args.print_config and not launched_by_torchrun():
-        from ..train.method_config import check_config
-
-        # a bad flag or setting is one error here, not one per process (and no torchrun traceback)
-        check_config(resolve_train_config(args))
+        # a bad flag or setting is one error here, before any process starts
+        check_before_launch(resolve_train_config(args), args.nproc)
         return launch_processes(args)
     cfg = resolve_train_config(args)
     if args.print_config:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from .. import files
 from ..analysis import short_labels
 from .core import Explanation, ModuleActivity
 from .summary import mean, signed, token_activity
@@ -320,22 +319,9 @@ def render(explanations: list[Explanation], title: str) -> str:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory (fsynced), then rename over `path`:
-    a crash or a full disk never leaves a half-written file, nor harms one that was there."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temporary file beside `path` (synced, then renamed over it): a crash or a full
+    disk never leaves a half-written file, nor harms one that was there (`lorakit.files`)."""
+    files.atomic_write_text(Path(path), text)
 
 
 def write_html(explanations: list[Explanation], path: Path, title: str) -> None:

@@ -16,7 +16,6 @@ No full-model weights file: the frozen base is the one the run started from.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import inject, io
+from .. import files, inject, io
 from ..errors import LorakitError
-from ..train.checkpoint import exact_adapter_state, load_exact_adapter_state
+from ..train.checkpoint import exact_adapter_state, keep_own_selection, load_exact_adapter_state
 
 EXACT_STATE_NAME = "lorakit_adapter_state.safetensors"
 HOOKS_STATE_NAME = "lorakit_hooks.pt"
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def finite_exact_state(model: nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -60,9 +45,10 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, hooks: A
     """Write the exact adapter tensors and the hooks' state into `directory` (beside the adapter)."""
     directory = Path(directory)
     exact = finite_exact_state(model, directory) if exact is None else exact
-    _atomic(directory / EXACT_STATE_NAME, lambda tmp: save_file(exact, tmp, metadata={"format": "pt"}))
+    files.clean_temporaries(directory)  # what a save killed in this checkpoint left behind
+    files.atomic_write(directory / EXACT_STATE_NAME, lambda tmp: save_file(exact, str(tmp), metadata={"format": "pt"}))
     state = hooks.state_dict() if hooks is not None else []
-    _atomic(directory / HOOKS_STATE_NAME, lambda tmp: torch.save(state, tmp))
+    files.atomic_write(directory / HOOKS_STATE_NAME, lambda tmp: torch.save(state, tmp))
 
 
 def _layout(config: Any) -> dict[str, Any]:
@@ -113,6 +99,10 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
             trainable = _adapter_trainable(model, name)
             inject.remove(model, name)
             io.adapt_as_saved(model, saved_config, name)
+            try:
+                keep_own_selection(model, adapter_dir, name)  # the adapter files of an uninterrupted run
+            except ValueError as err:
+                raise LorakitError(f"cannot resume from {path}: {adapter_dir / io.LORAKIT_CONFIG_NAME} is damaged ({err})") from None
             for _, layer in inject.adapted_layers(model, name):
                 for p in layer.adapters[name].parameters():
                     p.requires_grad_(trainable)

@@ -112,7 +112,15 @@ class DataParallel(SingleProcess):
     def __init__(self, backend: str | None = None, timeout_s: float = 600.0, device: str = "auto") -> None:
         import torch.distributed as dist
 
-        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+        from .launch import RENDEZVOUS_VARIABLE
+
+        rendezvous = os.environ.get(RENDEZVOUS_VARIABLE)  # `lorakit train --nproc`: a file, no TCP store
+        if rendezvous:
+            from ..children import follow_parent
+
+            follow_parent()  # whatever the script, a process of a launch ends with its launcher
+        needed = TORCHRUN_VARIABLES if not rendezvous else ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        missing = [v for v in needed if v not in os.environ]
         if missing:
             raise LorakitError(f"a distributed run needs torchrun's environment ({', '.join(missing)} not set): start it "
                                "with `torchrun --nproc_per_node N -m lorakit train ...` or `lorakit train --nproc N ...`")
@@ -131,7 +139,12 @@ class DataParallel(SingleProcess):
             torch.cuda.set_device(self.local_rank)
         if not dist.is_initialized():
             # a process that dies leaves the others waiting in a collective: they give up after the timeout
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            if rendezvous:
+                dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=self.rank,
+                                        world_size=self.world_size, timeout=timeout)
+            else:
+                dist.init_process_group(backend, timeout=timeout)
         self.backend = backend
         self._dist = dist
         self._ddp: nn.Module | None = None
@@ -317,10 +330,3 @@ def running(strategy: SingleProcess) -> Iterator[SingleProcess]:
         yield strategy
     finally:
         strategy.close()
-
-
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run --standalone --nproc_per_node N -m lorakit <argv>`."""
-    import sys
-
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", *argv]

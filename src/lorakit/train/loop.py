@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import inject, io, losses, models
+from .. import files, inject, io, losses, models
 from ..errors import LorakitError
 from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
@@ -40,6 +40,7 @@ from ..param_summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import evaluate
+from . import run_dir as run_dir_mod
 from .config import TrainConfig
 from .distributed import SingleProcess, strategy_for
 from .limit import LimitProbe, limit_summary
@@ -56,7 +57,7 @@ from .method_config import check_config, method_config
 from .probe import run_probe
 from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
 from .run_data import Datasets, build_datasets, describe_eval, measure
-from .run_dir import new_run_dir, open_metrics_log, prepare_run_dir
+from .run_dir import HeldRunDir, new_run_dir, open_metrics_log, prepare_run_dir, resumed_run_dir
 
 
 class TrainingDiverged(LorakitError):
@@ -91,8 +92,10 @@ class Run:
     pad_id: int
     eval_batch: int
     wall_start: float
+    held: HeldRunDir | None = None  # the run directory's lock (main process)
     log: Any = print  # where the main process's messages go
-    loss_value: float = float("nan")
+    loss_value: float = float("nan")  # the last step's loss (a resumed run: the checkpoint's)
+    saved_step: int = -1  # the step of the last checkpoint this process wrote or resumed from
 
     @property
     def checkpoints(self) -> Path:
@@ -122,8 +125,12 @@ def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -
     strategy = strategy or strategy_for(cfg.distributed, cfg.device)
     try:
         run = set_up(cfg, echo, strategy)
-        train_steps(run)
-        return finish(run)
+        try:
+            train_steps(run)
+            return finish(run)
+        finally:
+            if run.held is not None:
+                run.held.release(failed=False)
     finally:
         if own:
             strategy.close()
@@ -131,11 +138,26 @@ def train(cfg: TrainConfig, echo=print, strategy: SingleProcess | None = None) -
 
 def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     """Check the config, read the data, load and adapt the model, restore a checkpoint, build the
-    optimizer: everything before the first step. Only the main process writes files or prints."""
+    optimizer: everything before the first step. Only the main process writes files or prints. The
+    run directory is locked from the moment it is known (`Run.held`); set-up failing releases it
+    (and removes it again if it was made for this run)."""
+    held = HeldRunDir()
+    try:
+        return _set_up(cfg, echo, strategy, held)
+    except BaseException:
+        held.release(failed=True)
+        raise
+
+
+def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -> Run:
     say = echo if strategy.is_main else (lambda *_: None)
     wall_start = time.perf_counter()
     cfg = check_config(cfg)
     device = strategy.device(cfg.device)
+    if cfg.resume:  # one process at a time in a run directory: locked before anything slow
+        resumed_run_dir(ckpt.run_dir_of(ckpt.find_checkpoint(cfg.resume)), strategy, held)
+    elif strategy.is_main:
+        files.check_directory_target(Path(cfg.out_dir), "--out-dir")  # before anything slow
     bf16 = use_bf16(cfg.precision, device)
 
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
@@ -150,10 +172,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
         say(f"note: {note}")
     if not datasets.train:
         raise LorakitError(f"{cfg.data}: no training examples left after holding out the evaluation split")
-    if resume_from is not None:
-        run_dir = ckpt.run_dir_of(resume_from)
-    else:
-        run_dir = new_run_dir(cfg, datasets.name, strategy)
+    run_dir = held.path if resume_from is not None else new_run_dir(cfg, datasets.name, strategy, held)
 
     builtin = models.DEFAULT_ENCODER if cfg.task in SEQUENCE_TASKS else models.DEFAULT_CAUSAL_LM
     say(f"loading model {cfg.model or builtin} ...")
@@ -177,7 +196,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     try:
         if resume_from is not None:
             # the layout the run had reached (e.g. ranks decided during training), not the flags' start
-            io.adapt_as_saved(model, io.read_config(resume_from / "adapter")[0])
+            ckpt.adapt_as_checkpointed(model, resume_from)
         else:
             inject.adapt(model, method_config(cfg, model))
     except ValueError as err:  # e.g. --targets that match no module: the message lists the candidates
@@ -202,7 +221,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     if resume_from is not None:
         try:
             state, optim_state, rng = ckpt.load_checkpoint(resume_from, model, hooks)
-        except (ValueError, KeyError) as err:  # e.g. resumed onto another base model
+        except (ValueError, KeyError) as err:  # e.g. resumed onto another base model (a damaged file says so itself)
             raise LorakitError(f"cannot resume from {resume_from}: {' '.join(str(err).split())}") from None
         saved_world = state.get("world_size", 1)
         if saved_world != strategy.world_size:
@@ -221,19 +240,21 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     if optim_state is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
-        scheduler.load_state_dict(optim_state["scheduler"])
+        ckpt.restore_optimizer(resume_from, optimizer, scheduler, optim_state)
     if rng is not None:
-        ckpt.set_rng_state(ckpt.rank_rng_state(rng, strategy.rank))
+        ckpt.restore_rng_state(resume_from, ckpt.rank_rng_state(rng, strategy.rank))
     elif strategy.world_size > 1:
         torch.manual_seed(cfg.seed + 1_000_003 * strategy.rank)  # each process its own dropout masks
 
     if strategy.is_main:
         prepare_run_dir(run_dir, cfg)  # only now: a run that fails while setting up leaves no run directory behind
+    # a run resumed at its last step trains no step: its final loss is the checkpoint's
+    loss = state.get("loss", run_dir_mod.logged_loss(run_dir / "metrics.jsonl", start_step) if start_step else None)
     run = Run(cfg=cfg, strategy=strategy, device=device, bf16=bf16, datasets=datasets, model=model, tokenizer=tokenizer,
               hooks=hooks, run_dir=run_dir, total_steps=total_steps, start_step=start_step, before=before, state=state,
               optimizer=optimizer, scheduler=scheduler, forward=model, builtin=builtin, pad_id=pad_id,
-              eval_batch=eval_batch, wall_start=wall_start, log=echo)
+              eval_batch=eval_batch, wall_start=wall_start, held=held, log=echo,
+              loss_value=float("nan") if loss is None else loss, saved_step=start_step if resume_from is not None else -1)
     run.forward = forward_module(run)
     return run
 
@@ -293,8 +314,13 @@ def train_steps(run: Run) -> None:
                         record["grad_norm"] = round(grad_norm, 6)
                     if extra_value is not None:
                         record["extra_loss"] = round(extra_value, 6)
-                    metrics_log.write(json.dumps(record) + "\n")
-                    metrics_log.flush()
+                    try:
+                        metrics_log.write(json.dumps(record) + "\n")
+                        metrics_log.flush()
+                    except OSError as err:  # e.g. the disk filled up: say so, and which checkpoint is kept
+                        kept = ckpt.list_checkpoints(run.checkpoints)
+                        raise LorakitError(f"{files.write_error(err, run.run_dir / 'metrics.jsonl')} (at step {step}"
+                                           + (f"; {kept[-1]} is kept)" if kept else ")")) from None
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
 
@@ -364,11 +390,14 @@ def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]
 
 def save(run: Run, step: int) -> Path | None:
     """A checkpoint of `step`, written by the main process (with every process's random state)."""
+    if run.saved_step == step:  # e.g. Ctrl-C right after a save, or a resume at the last step
+        return run.checkpoints / ckpt.checkpoint_name(step) if run.strategy.is_main else None
+    run.saved_step = step
     rng = run.strategy.gather(ckpt.rng_state())
     with run.strategy.gathered(run.model):  # sharded base weights the file holds (Delta-LoRA's), gathered by all
         if not run.strategy.is_main:
             return None
-        keep = {**run.state, "before": run.before, "step": step}
+        keep = {**run.state, "before": run.before, "step": step, "loss": run.loss_value}
         return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
                                     run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
 
@@ -385,8 +414,9 @@ def finish(run: Run) -> RunResult:
         run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     with strategy.gathered(run.model):  # sharded base weights the adapter file holds (Delta-LoRA's)
         if strategy.is_main:
-            # the base it needs, as PEFT records it
-            io.save(run.model, run.run_dir / "adapter", base_model_name_or_path=cfg.model or run.builtin)
+            # the base it needs, as PEFT records it; written whole or not at all (a kill, a full disk)
+            with files.atomic_directory(run.run_dir / "adapter", replace=True) as adapter_tmp:
+                io.save(run.model, adapter_tmp, base_model_name_or_path=cfg.model or run.builtin)
     strategy.barrier()
     adapter_dir = run.run_dir / "adapter"
     trainable_count, total_count = parameter_counts(run.model)

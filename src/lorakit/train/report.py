@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .. import files
+
 PERCENT_METRICS = ("exact_match", "accuracy", "f1")
 
 
@@ -91,5 +93,5 @@ def write_report(result: RunResult, datasets: Any, strategy: Any, adapter_config
     layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
     if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
         report["adapter_layout"] = layout
-    (result.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (result.run_dir / "report.txt").write_text(result.table() + "\n")
+    files.atomic_write_text(result.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    files.atomic_write_text(result.run_dir / "report.txt", result.table() + "\n")
