@@ -45,18 +45,18 @@ class NativeKernelError(LorakitError, RuntimeError):
     """The kernel cannot run as the environment asks (LORAKIT_NF4_ISA): one `error:` line on the CLI."""
 
 
-def library_path() -> Path | None:
-    """Where the compiled library is (None if lorakit was installed without it)."""
+def library_path(name: str = LIBRARY_NAME) -> Path | None:
+    """Where the compiled library `name` is (None if lorakit was installed without it)."""
     try:
-        spec = importlib.util.find_spec(f"{__package__}.{LIBRARY_NAME}")
+        spec = importlib.util.find_spec(f"{__package__}.{name}")
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.origin and os.path.isfile(spec.origin):
         return Path(spec.origin)
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (here / f"{LIBRARY_NAME}{suffix}").is_file():
-            return here / f"{LIBRARY_NAME}{suffix}"
+        if (here / f"{name}{suffix}").is_file():
+            return here / f"{name}{suffix}"
     return None
 
 
