@@ -1,10 +1,12 @@
-r"""The fused LoRA layer: a plain frozen dense base and its LoRA pair as one autograd node.
+r"""The fused LoRA layer: a plain frozen dense (or 4-bit) base and its LoRA pair as one autograd node.
 
 The reference formula is the method's own (`lorakit.methods.lora`: `y = x W0^T + s · dropout(x) A^T B^T`,
 `LoRAAdapter.forward`); this node computes the same output and gradients with fewer passes over
 the activations and, with dropout, without a dropped-out copy or a mask kept for backward
 (`kernels/dropout.py`), and `tests/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
-and VeRA's node (`fused_vera.py`) use `fusable_base` and `fused_dtype` to decide where it applies.
+and VeRA's node (`fused_vera.py`) use `fusable_base` and `fused_dtype` to decide where it applies; over a
+4-bit base (QLoRA: `quantized_base`, `packed_dtype`) the node dequantizes the weight for each product
+and keeps no dense copy, as the base alone would.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_impl
 
-from ..base_layers import is_conv1d
+from ..base_layers import DenseWeightProvider, is_conv1d
 from .dropout import DropoutDraw
 
 
@@ -36,6 +38,20 @@ def fusable_base(base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, bias
 
 
+def quantized_base(base_layer: nn.Module) -> tuple[DenseWeightProvider, torch.Tensor | None] | None:
+    """`(layer, bias)` of a frozen base that stores its weight packed (a `DenseWeightProvider` such as
+    lorakit's 4-bit `Linear4bit`) and computes `x W^T + b` in its `compute_dtype`: the fused node
+    dequantizes the weight itself, in forward and again in backward, and keeps no dense copy.
+    None for anything else, or with hooks or a trainable bias."""
+    if (not isinstance(base_layer, DenseWeightProvider) or not hasattr(base_layer, "transient_weight")
+            or not isinstance(getattr(base_layer, "compute_dtype", None), torch.dtype)):
+        return None
+    bias = getattr(base_layer, "bias", None)
+    if (bias is not None and bias.requires_grad) or has_hooks(base_layer):
+        return None
+    return base_layer, bias
+
+
 def has_hooks(module: nn.Module) -> bool:
     """True when calling `module` would run hooks (its own or global ones), not just its forward."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
@@ -55,6 +71,14 @@ def fused_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return None
 
 
+def packed_dtype(x: torch.Tensor, layer: DenseWeightProvider) -> torch.dtype | None:
+    """The dtype a fused layer over a packed base computes in: the one both the base (its
+    `compute_dtype`) and the adapter (autocast's, else x's) would use, or None where they differ."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return dtype if dtype == layer.compute_dtype else None
+
+
 class FusedLoRALinear(torch.autograd.Function):
     r"""A dense frozen base and its LoRA pair as one autograd node.
 
@@ -70,6 +94,9 @@ class FusedLoRALinear(torch.autograd.Function):
         dL/dA = g_z^T x_d                     (r, in; x_d formed again from x and the mask's seed)
         dL/dB = s · g^T z                     (out, r)
 
+    Over a packed base (`quantized_base`: QLoRA's 4-bit weight) W is dequantized for the forward
+    product and again for dL/dx, as the 4-bit layer alone does, and never kept.
+
     Saved for backward: `z` (n x r), and `x` only where A trains (LoRA-FA's frozen A needs none);
     x is the layer's input, shared by the layers that read it (q/k/v; gate/up), and the dropout
     mask is drawn again from its seed, so dropout keeps nothing more. W (or its autocast copy, as
@@ -82,12 +109,16 @@ class FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, draw: DropoutDraw | None):
-        y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+        # `weight`: the dense W, or a packed base (`quantized_base`) that dequantizes it when asked
+        packed = None if isinstance(weight, torch.Tensor) else weight
+        w = weight if packed is None else packed.transient_weight()
+        y = torch.mm(x, w.T) if bias is None else torch.addmm(bias, x, w.T)
+        del w  # a dequantized weight lives for this product only
         z = torch.mm(x if draw is None else draw.apply(x), lora_A.to(x.dtype).T)
         y.addmm_(z, lora_B.to(x.dtype).T, alpha=scale)
-        ctx.scale, ctx.draw = scale, draw
+        ctx.scale, ctx.draw, ctx.packed = scale, draw, packed
         # A and B as the module holds them (master dtype, no copy), cast again in backward
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, z, weight, lora_A, lora_B)
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, z, None if packed else weight, lora_A, lora_B)
         return y
 
     @staticmethod
@@ -99,7 +130,7 @@ class FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = None
         grad_z = torch.mm(grad_y, lora_B.to(dtype)).mul_(ctx.scale) if (need_x or need_A) else None
         if need_x:
-            grad_x = torch.mm(grad_y, weight)
+            grad_x = torch.mm(grad_y, weight if ctx.packed is None else ctx.packed.transient_weight())
             if draw is None:
                 grad_x.addmm_(grad_z, a)
             else:
@@ -122,14 +153,18 @@ def fused_lora_forward(
     dtypes would differ from the unfused path (`fused_dtype`).
     """
     base = fusable_base(base_layer)
-    dtype = None if base is None else fused_dtype(x, *base)
+    if base is not None:
+        dtype = fused_dtype(x, *base)
+    else:
+        base = quantized_base(base_layer)
+        dtype = None if base is None else packed_dtype(x, base[0])
     if dtype is None:
         return None
     weight, bias = base
     with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
         y = FusedLoRALinear.apply(
             x.reshape(-1, x.shape[-1]).to(dtype),
-            weight.to(dtype),
+            weight.to(dtype) if isinstance(weight, torch.Tensor) else weight,
             None if bias is None else bias.to(dtype),
             lora_A,
             lora_B,

@@ -235,8 +235,10 @@ def dequantize_nf4(
     shape: tuple[int, ...] | torch.Size,
     blocksize: int = DEFAULT_BLOCKSIZE,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax`.
+    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax` (written into `out`,
+    a contiguous tensor of `shape` and `dtype` on the codes' device, when given).
 
     Each weight is `NF4[code] * absmax` formed in fp32 and rounded once to `dtype`, as bitsandbytes
     does. CPU tensors (uint8 codes; fp32, bf16 or fp16 output) go through lorakit's native kernel
@@ -247,8 +249,9 @@ def dequantize_nf4(
     """
     n = math.prod(shape)
     if native.accepts(packed, absmax, n, blocksize, dtype):
-        return native.dequantize(packed, absmax, n, blocksize, dtype, _cached_table("nf4", "cpu"), shape)
-    return dequantize_nf4_torch(packed, absmax, shape, blocksize, dtype)
+        return native.dequantize(packed, absmax, n, blocksize, dtype, _cached_table("nf4", "cpu"), shape, out)
+    dense = dequantize_nf4_torch(packed, absmax, shape, blocksize, dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 def dequantize_nf4_torch(
