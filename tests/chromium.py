@@ -42,6 +42,19 @@ def render(page: Path, screenshot: Path, size: tuple[int, int] = (1100, 1500), t
         return page_requests(json.loads(net_log.read_text()))
 
 
+def dump_dom(page: Path, size: tuple[int, int] = (1100, 1500), timeout: float = 120) -> str:
+    """The page's DOM as Chromium has it after the page's scripts ran (a script can write what it
+    measures of the layout into the DOM for a test to read)."""
+    binary = executable()
+    if binary is None:
+        raise FileNotFoundError("chromium is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([binary, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
+                               "--dump-dom", Path(page).resolve().as_uri()],
+                              check=True, capture_output=True, text=True, timeout=timeout)
+        return done.stdout
+
+
 def page_requests(net_log: dict) -> list[str]:
     """URLs of the requests a file:// page started: their initiator is the page's opaque origin,
     which the net log writes as "null" (the browser's own requests say "not an origin")."""

@@ -116,6 +116,17 @@ def test_the_final_allocation_is_the_saved_layout_and_merges_exactly(tmp_path, i
     torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_one_step_run_allocates_at_its_only_step(input_ids):
+    """total_step = tfinal + 1: the final allocation is the first step, with the importance of that
+    step's own gradients (there is no earlier one)."""
+    config = lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj"], total_step=1)
+    model = lorakit.adapt(tiny_llama(), config)
+    train_steps(model, lorakit.training_hooks(model), 1, input_ids)
+    final = lorakit.inject.adapter_config(model).rank_pattern
+    assert set(final) == {n for n, _ in lorakit.inject.adapted_layers(model)}
+    assert sum(sum(k) for k in final.values()) <= 2 * len(final)
+
+
 def test_without_the_run_length_the_allocator_says_what_it_needs(input_ids):
     model = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(targets=["q_proj"]))
     with pytest.raises(ValueError, match="total step count"):
@@ -179,3 +190,12 @@ def test_a_schedule_longer_than_the_run_is_one_clear_error(tmp_path, capsys):
     code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora", "--r", "4",
                      "--out-dir", str(tmp_path), "--name", "x", "--no-progress"])
     assert code == 2 and "target_r must be an integer in 1..init_r=4" in capsys.readouterr().err
+
+
+def test_from_peft_refuses_a_rank_pattern_of_other_than_booleans():
+    body = lorakit.AdaLoRA(init_r=2, target_r=1, targets=["q_proj"]).to_peft(["q_proj"])
+    ok = lorakit.AdaLoRA.from_peft({**body, "rank_pattern": {"q_proj.lora_E": [True, False]}})
+    assert ok.rank_pattern == {"q_proj": [True, False]}
+    for bad in ({"q_proj.lora_E": [1, 0]}, {"q_proj.lora_E": ["yes", "no"]}, ["q_proj"]):
+        with pytest.raises(ValueError, match="rank_pattern"):
+            lorakit.AdaLoRA.from_peft({**body, "rank_pattern": bad})

@@ -291,3 +291,67 @@ def test_compiles_whole_with_dropout(method, input_ids):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(input_ids=input_ids, labels=input_ids, use_cache=False)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+PEFT_TYPED = sorted(m for m, cls in lorakit.methods.METHODS.items() if cls.peft_type is not None)
+
+
+@pytest.mark.parametrize("method", PEFT_TYPED)
+def test_from_peft_takes_values_as_written_and_refuses_wrong_types(method):
+    """A PEFT adapter_config.json is user input: every setting the method reads from it is taken as
+    written, and a string where a number or a flag belongs ("8", "False") is refused, not coerced."""
+    cls = lorakit.methods.METHODS[method]
+    body = make_config(method, "llama").to_peft(["model.layers.0.self_attn.q_proj"])
+    base = cls.from_peft(body)
+    read = []
+    for key, value in body.items():
+        if isinstance(value, bool):
+            other = not value
+        elif isinstance(value, (int, float)):
+            other = value + 1
+        else:
+            continue
+        try:
+            changed = cls.from_peft({**body, key: other}) != base
+        except ValueError:  # out of range: read and checked
+            changed = True
+        if changed:
+            read.append(key)
+    assert read
+    for key in read:
+        try:
+            cls.from_peft({**body, key: str(body[key])})
+        except ValueError:
+            continue
+        pytest.fail(f"{method}: the PEFT setting {key}={str(body[key])!r} (a string) was accepted")
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_change_parts_and_rank_components_rebuild_the_change(method, input_ids):
+    """What `lorakit explain` reads of every adapter: `change_parts` add up to the change its forward
+    makes, and `rank_components` (unit input directions, strongest first) rebuild the part they name."""
+    from lorakit.methods.base import change_parts, rank_components
+
+    model = lorakit.adapt(tiny_llama(), make_config(method, "llama"))
+    perturb_trainable(model)
+    one_step(model, input_ids)
+    layers = list(lorakit.inject.adapted_layers(model))
+    assert layers
+    for _, layer in layers:
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+        adapter, base = layer.adapter, layer.base_layer
+        base_out = base(x)
+        with torch.no_grad():
+            parts = change_parts(adapter, x, base_out, base)
+            whole = adapter(x, base_out, base_out, base) - base_out
+        assert parts and all(p.shape == base_out.shape for p in parts.values())
+        torch.testing.assert_close(sum(parts.values()), whole, atol=1e-5, rtol=1e-4)
+        assert whole.abs().max() > 0
+        components = rank_components(adapter, base)
+        assert components is not None, f"{method} gives no rank components"
+        assert components.part in parts and len(components.labels) == components.down.shape[0] > 0
+        torch.testing.assert_close(components.down.norm(dim=1), torch.ones(len(components.labels)), atol=1e-5, rtol=0)
+        strengths = components.strengths
+        assert torch.all(strengths[:-1] >= strengths[1:] - 1e-7)
+        rebuilt = x @ components.down.T @ components.up.T
+        torch.testing.assert_close(rebuilt, parts[components.part], atol=1e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lorakit.train import LorakitError, TrainConfig, data, evaluate, loop, train
+from lorakit.train import LorakitError, TrainConfig, data, evaluate, loop, run_data, train
 from tiny_lm import save_tiny_bert, save_tiny_llama, save_tokenizer, write_jsonl
 
 WORDS = "the quick brown fox jumps over lazy dog good bad movie apple river stone cloud".split()
@@ -368,3 +368,67 @@ def test_hostile_leftovers(tmp_path):
         data.read_table(one, "validation", "--eval-split")
     with pytest.raises(LorakitError, match="the data path is empty"):
         data.read_table("  ")
+
+
+# --- files without a header row ---------------------------------------------------------------------
+
+COLA = ("gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
+        "gj04\t0\t*\tThey drank the pub.\n"
+        "cj99\t1\t\tThe more you eat, the \"less\" you want.\n"
+        "cj99\t0\t??\tBill floated into the cave the boat.\n")
+
+
+def test_cola_is_read_as_glue_ships_it(tmp_path):
+    (tmp_path / "train.tsv").write_text(COLA)
+    found, fmt = records(tmp_path / "train.tsv", "classify")
+    assert fmt == "label" and len(found) == 4
+    assert found[1].data == {"text": "They drank the pub.", "label": "0"}
+    assert found[2].data["text"] == 'The more you eat, the "less" you want.'
+    assert str(found[3].source).endswith("train.tsv:4")  # no header row: record 3 is on line 4
+    _, summary = data.map_columns(data.read_table(tmp_path / "train.tsv"), {}, "classify", "train.tsv")
+    assert data.describe_mapping(summary) == "label=label, text=sentence (ignored: source, original_label)"
+
+
+def test_cola_trains_from_the_command_line(tmp_path, bert, capsys):
+    from lorakit import cli
+
+    (tmp_path / "train.tsv").write_text(COLA * 3)
+    (tmp_path / "dev.tsv").write_text(COLA)
+    code = cli.main(["train", "--task", "classify", "--model", bert, "--data", str(tmp_path / "train.tsv"), "--eval-data",
+                     str(tmp_path / "dev.tsv"), "--metric", "mcc", "--steps", "2", "--batch-size", "4", "--out-dir",
+                     str(tmp_path), "--name", "cola", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "cola" / "report.json").read_text())["labels"] == ["0", "1"]
+
+
+def test_columns_by_position_read_a_file_without_a_header(tmp_path):
+    (tmp_path / "plain.tsv").write_text("7\tpositive\tgood movie\n8\tnegative\tbad movie\n9\t\tugly movie\n")
+    with pytest.raises(LorakitError, match=r"plain\.tsv:1: the file has no header row \(its first row is data: 1='7', 2='positive', 3='good movie'\); .*--columns text=N,label=M") as caught:
+        records(tmp_path / "plain.tsv", "classify")
+    assert "\n" not in str(caught.value)
+    found, fmt = records(tmp_path / "plain.tsv", "classify", columns={"text": "3", "label": "2"})
+    assert fmt == "label" and found[0].data == {"text": "good movie", "label": "positive"}
+    with pytest.raises(LorakitError, match=r"plain\.tsv:3: empty label"):
+        data.label_names(found)  # lines count from 1: the first row is data
+    cfg = TrainConfig(task="classify", data=str(tmp_path / "plain.tsv"), columns={"text": "3", "label": "2"})
+    found, fmt, mapping = run_data._records(cfg.data, cfg, None)  # what train and eval read
+    assert len(found) == 3 and mapping == "text=3, label=2 (ignored: 1)"
+    (tmp_path / "plain.csv").write_text("good movie,positive\nbad movie,negative\n")  # nothing looks like data: positions still read it
+    found, _ = records(tmp_path / "plain.csv", "classify", columns={"text": "1", "label": "2"})
+    assert [r.data["label"] for r in found] == ["positive", "negative"]
+    with pytest.raises(LorakitError, match=r"--columns: name every column by position .* or every one by name"):
+        records(tmp_path / "plain.tsv", "classify", columns={"text": "3", "label": "label"})
+    with pytest.raises(LorakitError, match=r"plain\.tsv: --columns names column 5, but the file has 3 columns"):
+        records(tmp_path / "plain.tsv", "classify", columns={"text": "5", "label": "2"})
+    with pytest.raises(LorakitError, match=r"--columns: positions count from 1"):
+        records(tmp_path / "plain.tsv", "classify", columns={"text": "0", "label": "2"})
+    write_jsonl(tmp_path / "rows.jsonl", [{"a": "good movie", "b": "1"}])
+    with pytest.raises(LorakitError, match=r"rows\.jsonl: --columns by position is for CSV/TSV files without a header row"):
+        records(tmp_path / "rows.jsonl", "classify", columns={"text": "1", "label": "2"})
+
+
+def test_a_header_with_an_unnamed_column_is_read(tmp_path):
+    # pandas' to_csv writes its index as a column without a name
+    (tmp_path / "pandas.csv").write_text(",text,label\n0,good movie,1\n1,bad movie,0\n")
+    found, fmt = records(tmp_path / "pandas.csv", "classify")
+    assert fmt == "label" and [r.data for r in found] == [{"text": "good movie", "label": "1"}, {"text": "bad movie", "label": "0"}]

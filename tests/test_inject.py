@@ -38,7 +38,7 @@ def test_adding_a_second_adapter_activates_it_and_freezes_the_first():
     layer = model.model.layers[0].self_attn.v_proj
     assert set(layer.adapters) == {"a", "b"}
     lorakit.set_active(model, ["a", "b"])
-    with pytest.raises(ValueError, match="use layer.adapters"):
+    with pytest.raises(AttributeError, match="use layer.adapters"):
         layer.adapter
 
 
@@ -390,3 +390,34 @@ def test_a_deep_copy_routes_its_own_mixed_batches():
     lorakit.remove(twin, "b")
     assert not twin._forward_pre_hooks and not twin._forward_hooks  # the copy's hooks went with its adapters
     torch.testing.assert_close(model(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected)  # the original's stay
+
+
+def test_merge_and_unload_checks_every_layer_before_changing_any():
+    """A later layer that cannot merge (two DoRA adapters on it) leaves every layer as it was."""
+    model = tiny_llama()
+    lorakit.adapt(model, lorakit.DoRA(r=4, targets=["q_proj", "v_proj"]), name="a")
+    perturb_trainable(model, seed=1)
+    lorakit.adapt(model, lorakit.DoRA(r=4, targets=["model.layers.1.self_attn.v_proj"]), name="b")
+    perturb_trainable(model, seed=2)
+    lorakit.set_active(model, ["a", "b"])
+    expected = model(INPUT).logits
+    layers = dict(lorakit.inject.adapted_layers(model))
+    with pytest.raises(ValueError, match="cannot merge adapters"):
+        lorakit.merge_and_unload(model)
+    assert dict(lorakit.inject.adapted_layers(model)) == layers  # no layer replaced by its base
+    assert all(layer.active == ("a", "b") and not layer.merged for layer in layers.values())
+    assert lorakit.inject.adapter_names(model) == ["a", "b"] and lorakit.inject.active_adapters(model) == ("a", "b")
+    torch.testing.assert_close(model(INPUT).logits, expected)
+    plain = lorakit.merge_and_unload(model, "a")  # one of them merges
+    assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in plain.modules())
+
+
+def test_hasattr_adapter_is_false_on_an_ambiguous_layer():
+    model = two_adapters("lora", "lora")
+    lorakit.set_active(model, ["a", "b"])
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not hasattr(layer, "adapter")
+    with pytest.raises(AttributeError, match=r"holds adapters \['a', 'b'\].*layer.adapters\[name\]"):
+        layer.adapter
+    lorakit.set_active(model, ["b"])
+    assert layer.adapter is layer.adapters["b"]

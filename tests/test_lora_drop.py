@@ -151,3 +151,23 @@ def test_lorakit_train_runs_both_stages_and_resume_does_not_repeat_stage_one(tmp
     resumed = interrupted_then_resumed(cfg_of, tmp_path, monkeypatch, at_index=2)
     assert len(calls) == 1  # the interrupted run decided; the resume replayed
     assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(reference.run_dir))
+
+
+def test_a_shared_pair_has_one_rank_and_scale_for_every_module_sharing_it():
+    """rank_pattern / alpha_pattern giving modules of one kind different settings: stage 1 puts them
+    in different groups (each shared pair has its members' rank and scale), and a plan that groups
+    them anyway is refused instead of giving every member the first one's rank."""
+    pattern = {"inner.blocks.2.proj": 4}
+    model = Wrapper()
+    lorakit.adapt(model, lorakit.LoRADrop(r=2, targets=["proj"], threshold=0.9, probe_steps=20, rank_pattern=pattern))
+    lorakit.training_hooks(model).before_training(model, lorakit.hooks.Probe(regression_batches(), mse, lr=0.05))
+    plan = lorakit.inject.adapter_config(model).plan
+    assert set(plan["groups"]) == {"inner.blocks.2.proj", "inner.blocks.3.proj"}
+    assert plan["groups"]["inner.blocks.2.proj"] != plan["groups"]["inner.blocks.3.proj"]
+    layers = dict(lorakit.inject.adapted_layers(model))
+    assert layers["inner.blocks.2.proj"].adapter.r == 4 and layers["inner.blocks.3.proj"].adapter.r == 2
+
+    one_group = {**plan, "groups": {"inner.blocks.2.proj": "proj(8x8)", "inner.blocks.3.proj": "proj(8x8)"}}
+    for settings in ({"rank_pattern": pattern}, {"alpha_pattern": {"inner.blocks.3.proj": 3.0}}):
+        with pytest.raises(ValueError, match=r"LoRA-drop group .proj\(8x8\).: inner\.blocks\.3\.proj has rank and scale .* share one pair need the same"):
+            lorakit.adapt(Wrapper(), lorakit.LoRADrop(r=2, targets=["proj"], plan=one_group, **settings))

@@ -160,3 +160,15 @@ def test_undeclared_adapter_defaults_to_lora_b_fast():
 
 def test_exported():
     assert lorakit.param_groups is param_groups
+
+
+def test_adalora_singular_values_get_no_weight_decay_like_vectors():
+    """E (r x 1) holds AdaLoRA's singular values: a vector stored as a column, not a matrix; decaying
+    it would pull the kept triplets toward zero, as decaying DoRA's magnitude or VeRA's vectors would."""
+    model = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(init_r=4, target_r=2, targets=TARGETS))
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1)
+    check_partition(model, groups)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in names_in(model, g)}
+    assert decayed and not any(n.endswith("lora_E") for n in decayed)
+    assert {n for n, _ in lorakit.adapter_parameters(model) if n.endswith("lora_E")} <= {
+        n for g in groups if g["weight_decay"] == 0 for n in names_in(model, g)}

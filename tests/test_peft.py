@@ -367,3 +367,41 @@ def test_adalora_adapters_load_both_ways(tmp_path, input_ids):
     back = lorakit.load(tiny_llama(), tmp_path / "theirs")
     assert lorakit.inject.adapter_config(back).rank_pattern == lorakit.inject.adapter_config(ours).rank_pattern
     torch.testing.assert_close(back(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- every architecture: PEFT loads what lorakit saved ----------------------------------------------
+
+from architectures import ARCHITECTURES  # noqa: E402
+
+ARCH_PEFT_CASES = [(a, m) for a in ARCHITECTURES for m in PEFT_METHODS + ["qlora"]]
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """The model with each 4-bit layer replaced by a dense one holding its dequantized weight: the
+    base a QLoRA adapter trained over, as PEFT (without bitsandbytes) can hold it."""
+    from lorakit.quant import quantized_layers
+    from lorakit.targets import set_submodule
+
+    for name, layer in quantized_layers(model):
+        set_submodule(model, name, layer.merged_module(layer.dense_weight()))
+    return model
+
+
+@pytest.mark.parametrize("name,method", ARCH_PEFT_CASES)
+def test_peft_loads_every_architectures_adapter_equal(name, method, tmp_path):
+    from architectures import batch, build, outputs
+    from lorakit.quant import quantize
+    from test_architectures import adapted, train_step
+
+    inputs = batch(name)
+    ours = adapted(name, method)
+    train_step(ours, inputs)
+    perturb_trainable(ours)  # every tensor of the file well away from its start
+    lorakit.save(ours, tmp_path)
+    base = build(name)
+    if method == "qlora":
+        base = dequantized(quantize(base, method="nf4"))
+    expected = outputs(ours, inputs)
+    assert (outputs(base, inputs) - expected).abs().max() > 1e-4  # the adapter changes 10x the tolerance below, or more
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(outputs(theirs, inputs), expected, atol=1e-5, rtol=1e-4)

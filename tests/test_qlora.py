@@ -352,3 +352,18 @@ def test_load_onto_an_already_quantized_base(tmp_path, input_ids):
     assert torch.equal(restored(input_ids).logits, model(input_ids).logits)
     with pytest.raises(ValueError, match=r"quantized differently.*blocksize: model 128 vs adapter 64.*exclude"):
         lorakit.load(quantize(tiny_llama(), blocksize=128), tmp_path)
+
+
+def test_modules_a_model_keeps_in_full_precision_stay_dense():
+    """T5 casts the input of `wo` to `wo.weight.dtype` (transformers' `_keep_in_fp32_modules`): a 4-bit
+    `wo` would feed it uint8. quantize and requantize leave such modules dense, as transformers does."""
+    from architectures import batch, build, outputs
+
+    model = build("t5")
+    dense = outputs(model, batch("t5"))
+    quantize(model)
+    names = {n for n, _ in quantized_layers(model)}
+    assert names and not any(n.endswith(".wo") for n in names)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(".wo"))
+    assert (outputs(model, batch("t5")) - dense).norm() < 0.5 * dense.norm()
+    assert set(requantize(build("t5"))["layers"]) == names

@@ -75,3 +75,75 @@ def test_inspect_report_draws_offline(tmp_path):
     assert requests == []
     colours, ink = drawn(tmp_path / "inspect.png")
     assert colours > 100 and ink > 0.05, (colours, ink)
+
+
+# measured in the browser: token chips and grid labels never overlap, no text is cut off, the page is
+# no wider than the window, and clicking a token shows its own panel
+LAYOUT_CHECK = """<script>
+(function () {
+  function overlap(a, b) { return a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5; }
+  function overlaps(elements) {
+    var boxes = elements.map(function (e) { return e.getBoundingClientRect(); }), found = 0;
+    for (var i = 0; i < boxes.length; i++) for (var j = i + 1; j < boxes.length; j++) if (overlap(boxes[i], boxes[j])) found++;
+    return found;
+  }
+  var result = {chips: 0, labels: 0, clipped: [], wide: document.documentElement.scrollWidth > window.innerWidth, click: null};
+  document.querySelectorAll('section.prompt').forEach(function (section) {
+    result.chips += overlaps(Array.from(section.querySelectorAll('.tok')));
+  });
+  document.querySelectorAll('table').forEach(function (table) {
+    result.labels += overlaps(Array.from(table.querySelectorAll('th')));
+  });
+  document.querySelectorAll('td, th, caption, .tok, h1, h2, h3, p, .scroll').forEach(function (e) {
+    if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).display !== 'inline') result.clipped.push(e.textContent.slice(0, 40));
+  });
+  var chip = document.querySelector('section.prompt .tok:not(.selected)');  // not the panel shown at first
+  chip.click();
+  var shown = Array.from(chip.closest('section').querySelectorAll('.panel.shown'));
+  result.click = shown.length === 1 && shown[0].dataset.pos === chip.dataset.pos && shown[0].offsetHeight > 0
+    && chip.classList.contains('selected');
+  document.body.setAttribute('data-layout', JSON.stringify(result));
+})();
+</script></body>"""
+
+
+def test_explain_report_draws_offline_and_lays_out_cleanly(tmp_path):
+    import html
+    import json
+    import re
+
+    from chromium import dump_dom
+    from lorakit.explain import explain, page
+    from test_explain import TOKENIZER, adapted
+
+    model, _ = adapted("dora")
+    found = [explain(model, TOKENIZER, "Reverse: fox dog cat", completion=" tac god xof"),
+             explain(model, TOKENIZER, "Reverse: a b", max_new_tokens=3)]
+    report = tmp_path / "explain.html"
+    page.write_html(found, report, "lorakit explain: a DoRA adapter")
+    requests = render(report, tmp_path / "explain.png", SIZE)
+    assert requests == []
+    colours, ink = drawn(tmp_path / "explain.png")
+    assert colours > 50 and ink > 0.05, (colours, ink)
+    checked = tmp_path / "checked.html"
+    checked.write_text(report.read_text().replace("</body>", LAYOUT_CHECK))
+    layout = json.loads(html.unescape(re.search(r'data-layout="([^"]*)"', dump_dom(checked, SIZE)).group(1)))
+    assert layout == {"chips": 0, "labels": 0, "clipped": [], "wide": False, "click": True}, layout
+
+
+def test_the_layout_check_can_fail(tmp_path):
+    import html
+    import json
+    import re
+
+    from chromium import dump_dom
+
+    page = tmp_path / "bad.html"  # chips drawn on top of each other, a clipped cell, a page wider than the window
+    page.write_text('<!doctype html><html><body><section class="prompt"><span class="tok out" data-pos="0" '
+                    'style="position:absolute;left:0">aaaa</span><span class="tok" data-pos="1" style="position:absolute;left:5px">bbbb</span>'
+                    '<table><tr><td style="max-width:20px;overflow:hidden">a long cell text</td></tr></table>'
+                    '<div style="width:3000px">wide</div></section></body></html>')
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", LAYOUT_CHECK))
+    layout = json.loads(html.unescape(re.search(r'data-layout="([^"]*)"', dump_dom(checked, SIZE)).group(1)))
+    assert layout["chips"] == 1 and layout["clipped"] == ["a long cell text"] and layout["wide"] and not layout["click"]

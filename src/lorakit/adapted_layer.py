@@ -91,14 +91,18 @@ class AdaptedLayer(nn.Module):
         # Code that reads `layer.weight.dtype/device` (transformers does) keeps working.
         return self.base_layer.weight
 
-    @property
-    def adapter(self) -> nn.Module:
-        """The layer's adapter when that is unambiguous: its only one, else its only active one."""
-        names = list(self.adapters) if len(self.adapters) == 1 else list(self.active)
-        if len(names) != 1:  # not AttributeError: nn.Module would replace the message with its own
-            raise ValueError(f"this layer holds adapters {list(self.adapters)} (active {list(self.active)}): "
+    def __getattr__(self, name: str) -> Any:
+        # `layer.adapter`: the layer's adapter when that is unambiguous (its only one, else its only
+        # active one). Answered here, not by a property: a property's AttributeError would reach
+        # nn.Module.__getattr__, which replaces the message with its own; `hasattr` must see False.
+        if name != "adapter":
+            return super().__getattr__(name)
+        adapters = super().__getattr__("adapters")
+        names = list(adapters) if len(adapters) == 1 else list(self.active)
+        if len(names) != 1:
+            raise AttributeError(f"this layer holds adapters {list(adapters)} (active {list(self.active)}): "
                                  "use layer.adapters[name]")
-        return self.adapters[names[0]]
+        return adapters[names[0]]
 
     def _refresh(self) -> None:
         self.running = tuple(n for n in self.active if n in self.adapters and n not in self.merged)

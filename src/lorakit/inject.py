@@ -232,7 +232,10 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     """
     names = _names(model, names)
     _refuse_tied_merge(model, names)
-    for module_name, layer in list(adapted_layers(model)):
+    layers = list(adapted_layers(model))
+    for _, layer in layers:  # check every layer before changing any (as merge does)
+        layer._scaling([n for n in names if n in layer.adapters])
+    for module_name, layer in layers:
         base = layer.base_layer
         make_merged = getattr(base, "merged_module", None)
         if callable(make_merged):  # a 4-bit base: the merged weight goes into a new dense module

@@ -52,6 +52,19 @@ def fast_parameter_ids(model: nn.Module) -> set[int]:
     return fast
 
 
+def vector_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the adapter parameters that are vectors stored with a dimension of size 1 (AdaLoRA's
+    singular values E, r x 1), as the module holding each declares: `no_weight_decay = ("lora_E",)`."""
+    found: set[int] = set()
+    for _, layer in inject.adapted_layers(model):
+        for adapter in layer.adapters.values():
+            for name, p in adapter.named_parameters():
+                path, _, leaf = name.rpartition(".")
+                if leaf in getattr(adapter.get_submodule(path) if path else adapter, "no_weight_decay", ()):
+                    found.add(id(p))
+    return found
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -68,7 +81,8 @@ def param_groups(
             The paper recommends about 16 (2^4), up to 80 for harder tasks; tune `lr` as for
             A, since B's lr follows from it.
         weight_decay: applied to matrices (2-D and up) only; vectors (biases, norms, DoRA's
-            magnitude, VeRA's vectors) get none: decaying them pulls scales toward zero.
+            magnitude, VeRA's vectors, AdaLoRA's singular values) get none: decaying them pulls
+            scales toward zero.
 
     Returns:
         Up to four groups, each a dict with `params`, `lr`, `weight_decay` and a `name`
@@ -94,11 +108,11 @@ def param_groups(
     ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
     if ratio <= 0:
         raise ValueError(f"loraplus_ratio must be positive (or None), got {loraplus_ratio}")
-    fast = fast_parameter_ids(model)
+    fast, vectors = fast_parameter_ids(model), vector_parameter_ids(model)
     buckets: dict[str, list[nn.Parameter]] = {"A": [], "A/no_decay": [], "B": [], "B/no_decay": []}
     for _, p in inject.adapter_parameters(model):  # trainable, each once
         side = "B" if id(p) in fast else "A"
-        buckets[side if p.ndim >= 2 else f"{side}/no_decay"].append(p)
+        buckets[side if p.ndim >= 2 and id(p) not in vectors else f"{side}/no_decay"].append(p)
     groups = []
     for name, params in buckets.items():
         if params:

@@ -70,7 +70,8 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules() if any(n == h or n.startswith(h + ".") for h in heads)}
 
 
-def _matches(name: str, pattern: str) -> bool:
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether module `name` is `pattern` or ends with `.pattern` (a name suffix)."""
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -88,6 +89,10 @@ def select_targets(model: nn.Module, config: TargetSelection) -> list[str]:
     """Names of the modules `config` selects; raises a helpful error when nothing fits."""
     modules = module_names(model)
     adaptable = [n for n, m in modules.items() if isinstance(m, AdaptedLayer) or base_layers.is_adaptable(m)]
+    if not adaptable:
+        kinds = sorted({type(m).__name__ for n, m in modules.items() if n and not list(m.children())})
+        raise ValueError(f"{type(model).__name__} has no layer lorakit can adapt: every method wraps linear layers "
+                         f"(nn.Linear, GPT-2's Conv1D, 4-bit Linear4bit), and this model's layers are {', '.join(kinds[:8]) or 'none'}")
     targets = config.targets
     if targets == "all-linear":
         heads = output_head_names(model)
@@ -98,8 +103,8 @@ def select_targets(model: nn.Module, config: TargetSelection) -> list[str]:
         chosen = [n for n in adaptable if regex.fullmatch(n)]
     else:
         targets = list(targets)
-        chosen = [n for n in modules if any(_matches(n, t) for t in targets)]
-        unmatched = [t for t in targets if not any(_matches(n, t) for n in modules)]
+        chosen = [n for n in modules if any(name_matches(n, t) for t in targets)]
+        unmatched = [t for t in targets if not any(name_matches(n, t) for n in modules)]
         if unmatched:
             raise ValueError(
                 f"target module(s) {unmatched} not found in the model; adaptable modules: "
@@ -112,7 +117,7 @@ def select_targets(model: nn.Module, config: TargetSelection) -> list[str]:
                 f"adaptable modules: {_candidate_summary(adaptable)}"
             )
     if config.exclude:
-        chosen = [n for n in chosen if not any(_matches(n, e) for e in config.exclude)]
+        chosen = [n for n in chosen if not any(name_matches(n, e) for e in config.exclude)]
     if config.layers is not None:
         layers = [config.layers] if isinstance(config.layers, int) else list(config.layers)
         chosen = [n for n in chosen if layer_index(n) in layers]

@@ -17,7 +17,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from ..inject import BASE_NAME, per_sample_adapters
-    from ..train.data import has_chat_template, render_chat
+    from ..train.data import has_chat_template, render_chat, text_ids
 
     adapters = named_adapters(args.adapter or [])
     first = next(iter(adapters.values()), None)
@@ -26,10 +26,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = prompt_jobs(args, list(adapters))
     model, tokenizer = load_adapted(model_spec, None, "causal-lm", extra=adapters)
 
-    def encode(prompt: str) -> list[int]:
+    def encode(prompt: str) -> list[int]:  # the ids training gives the same prompt (`text_ids`)
         if args.chat and has_chat_template(tokenizer):
-            return tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}], True), add_special_tokens=False)["input_ids"]
-        return tokenizer(prompt)["input_ids"]
+            return text_ids(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt}], True))
+        return text_ids(tokenizer, prompt)
 
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -12,6 +12,7 @@ from ..train import config as config_mod
 from ..train.config import TrainConfig
 from .compare import cmd_compare
 from .eval import cmd_eval
+from .explain import add_parser as add_explain_parser
 from .export import cmd_export
 from .generate import cmd_generate
 from .inspect import cmd_inspect
@@ -147,6 +148,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
     ins.set_defaults(func=cmd_inspect)
+
+    add_explain_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")

@@ -31,11 +31,13 @@ class SharedDownProjection(nn.Module):
         """`x A[:, :in]^T` in `dtype`, `(tokens, r)`, outside autograd (the fused node differentiates
         through x itself). Layers that read the same activation (q/k/v; gate/up) get the same
         product: it is computed once, for the first of them, and reused while `x` is the same,
-        unmodified tensor. Compiled graphs compute it each time and leave the deduplication to
-        the compiler."""
+        unmodified tensor. Compiled graphs (the compiler deduplicates) and inference-mode tensors
+        (which have no version counter) compute it each time."""
         a = self.vera_A[:, :in_features].to(device=x.device, dtype=dtype)
         if torch.compiler.is_compiling():
             return torch.mm(x.detach().reshape(-1, in_features).to(dtype), a.T)
+        if x.is_inference():  # `torch.inference_mode()` tensors keep no version counter to key a memo by
+            return torch.mm(x.reshape(-1, in_features).to(dtype), a.T)
         key = (x._version, in_features, dtype, self.vera_A._version)
         last = self._last_down
         if last is not None and last[0]() is x and last[1] == key:

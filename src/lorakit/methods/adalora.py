@@ -50,7 +50,7 @@ from torch import nn
 from ..adapted_layer import adapted_layers, adapter_config, reconfigure
 from ..base_layers import in_out_features, weight_dtype_device
 from ..kernels.dropout import AdapterDropout
-from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, register
+from .base import AdapterConfig, AdditiveAdapter, RankComponents, common_fields_from_peft, register
 from .lora import check_rank, low_rank_update
 
 SCALE_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
@@ -61,6 +61,7 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
     and `kept` (r_0,): which triplets the allocator currently keeps."""
 
     loraplus_fast = ("lora_B",)  # LoRA+ (lorakit.param_groups): P is the output side
+    no_weight_decay = ("lora_E",)  # E is a vector of singular values (stored r x 1, as PEFT's): never decayed
     training_buffers = ("kept",)  # buffers that training changes (the allocator's mask)
 
     def __init__(
@@ -114,6 +115,17 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         """`(diag(E) Q, s P)` over the kept triplets only (the pruned ones add nothing)."""
         index = self.kept.nonzero().view(-1)
         return (self.lora_A * self.lora_E)[index], self.scale * self.lora_B[:, index]
+
+    @torch.no_grad()
+    def rank_components(self, base_layer: nn.Module) -> RankComponents:
+        """The kept triplets themselves (for `lorakit explain`), strongest first: triplet i is
+        `s E_i P_i Q_i^T`, labelled with its index among the init_r (as `rank_pattern` counts them)."""
+        index = self.kept.nonzero().view(-1)
+        norms = self.lora_A[index].norm(dim=1).clamp_min(1e-30)
+        up = self.scale * self.lora_B[:, index] * (self.lora_E[index, 0] * norms)[None, :]
+        order = up.norm(dim=0).argsort(descending=True)
+        down = self.lora_A[index] / norms[:, None]
+        return RankComponents("update", up[:, order], down[order], [f"triplet {int(index[i])}" for i in order])
 
     @torch.no_grad()
     def apply_mask(self, kept: torch.Tensor) -> None:
@@ -236,9 +248,10 @@ class AdaLoRAHook:
     def triplet_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`S_i = s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)` per module (r_0,), from the smoothed importance."""
         scores = {}
-        for module in self.adapters(model):
-            s = {kind: self.exp_avg_ipt[f"{module}.{kind}"] * self.exp_avg_unc[f"{module}.{kind}"]
-                 for kind in ("lora_A", "lora_B", "lora_E")}
+        for module, adapter in self.adapters(model).items():
+            # a tensor that never had a gradient (no step before the final one) scores zero
+            s = {kind: self.exp_avg_ipt[key] * self.exp_avg_unc[key] if (key := f"{module}.{kind}") in self.exp_avg_ipt
+                 else torch.zeros_like(getattr(adapter, kind)) for kind in ("lora_A", "lora_B", "lora_E")}
             scores[module] = s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
         return scores
 
@@ -263,6 +276,8 @@ class AdaLoRAHook:
             if mask:
                 self.mask_to_budget(model, budget)
         elif step == final:
+            if not self.exp_avg_ipt:  # the final allocation is the run's first step (total_step = tfinal + 1)
+                self.update_importance(model)
             budget, _ = budget_at(step, init_budget, target_budget, self.config.tinit, self.config.tfinal,
                                   self.total_step, self.config.delta_t)
             kept = self.mask_to_budget(model, budget)
@@ -387,21 +402,23 @@ class AdaLoRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> AdaLoRA:
-        pattern = {}
-        for key, kept in (peft_config.get("rank_pattern") or {}).items():
-            pattern[key.removesuffix(".lora_E")] = [bool(k) for k in kept]  # module names, as lorakit's
+        patterns = peft_config.get("rank_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"rank_pattern must be a mapping {{module: [kept?] * init_r}}, got {patterns!r}"[:200])
+        # module names, as lorakit's; every value as written (the config's checks refuse `[1, 0]` or `r: "8"`)
+        pattern = {key.removesuffix(".lora_E"): kept for key, kept in patterns.items()}
         return cls(
             **common_fields_from_peft(peft_config),
-            init_r=int(peft_config.get("init_r", 12)),
-            target_r=int(peft_config.get("target_r", 8)),
-            alpha=float(peft_config.get("lora_alpha", 8)),
-            dropout=float(peft_config.get("lora_dropout", 0.0)),
-            tinit=int(peft_config.get("tinit", 0)),
-            tfinal=int(peft_config.get("tfinal", 0)),
-            delta_t=int(peft_config.get("deltaT", 1)),
-            beta1=float(peft_config.get("beta1", 0.85)),
-            beta2=float(peft_config.get("beta2", 0.85)),
-            orth_reg_weight=float(peft_config.get("orth_reg_weight", 0.5)),
+            init_r=peft_config.get("init_r", 12),
+            target_r=peft_config.get("target_r", 8),
+            alpha=peft_config.get("lora_alpha", 8),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            tinit=peft_config.get("tinit", 0),
+            tfinal=peft_config.get("tfinal", 0),
+            delta_t=peft_config.get("deltaT", 1),
+            beta1=peft_config.get("beta1", 0.85),
+            beta2=peft_config.get("beta2", 0.85),
+            orth_reg_weight=peft_config.get("orth_reg_weight", 0.5),
             total_step=peft_config.get("total_step"),
             rank_pattern=pattern,
         )

@@ -45,6 +45,11 @@ class Adapter(Protocol):
     # `base_layer(x) + change` as one autograd node, used when this adapter runs alone over the
     # whole batch; None where it has no such path for this base (the machinery then calls the
     # base, then `forward`). LoRA's pair (`methods/lora.py`) and VeRA have one.
+    #
+    # Optional, for `lorakit explain` (generic defaults below: `change_parts`, `rank_components`):
+    # `change_parts(x, base_out, base_layer) -> {part: change}`, the change split into named parts
+    # that add up to it (DoRA: magnitude and direction), and `rank_components(base_layer) ->
+    # RankComponents | None`, the method's own components of a low-rank part (AdaLoRA's triplets).
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The dense change `W' - W0` the adapter makes to the `(out, in)` base weight."""
@@ -78,6 +83,76 @@ class AdditiveAdapter:
         """`(down (r, in), up (out, r))` with `up @ down == delta_weight` (every scale folded in), the
         form a plain LoRA file holds (GGUF export); None when the change is not such a pair."""
         return None
+
+
+# --- what an adapter does to one input (`lorakit explain`), generically --------------------------
+
+
+@dataclass
+class RankComponents:
+    """A low-rank part of an adapter's change as a sum of rank-one components,
+    `part(x) = sum_i up[:, i] (down[i] · x)`, each `down[i]` of unit norm, so `||up[:, i]||` is the
+    component's strength (its singular value where the components come from an SVD), strongest first."""
+
+    part: str  # the change part they make up: a key of `change_parts`
+    up: torch.Tensor  # (out, k)
+    down: torch.Tensor  # (k, in)
+    labels: list[str]
+
+    @property
+    def strengths(self) -> torch.Tensor:
+        return self.up.norm(dim=0)
+
+
+NOISE_SHARE = 1e-6  # components below this share of the strongest are float rounding, not learning
+
+
+@torch.no_grad()
+def svd_components(part: str, up: torch.Tensor, down: torch.Tensor) -> RankComponents:
+    """`up (out, k) @ down (k, in)` as its singular components, strongest first, without forming the
+    dense product (QR of both factors, SVD of the small core). Each input direction's largest entry is
+    made positive, so the components are unique wherever the singular values differ."""
+    q_up, r_up = torch.linalg.qr(up.double())
+    q_down, r_down = torch.linalg.qr(down.double().T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    left, right = q_up @ u, vh @ q_down.T  # (out, j), (j, in)
+    keep = s > NOISE_SHARE * s.max() if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
+    left, s, right = left[:, keep], s[keep], right[keep]
+    largest = right.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(right.gather(1, largest)).view(-1)
+    left, right = left * sign, right * sign[:, None]
+    return RankComponents(part, (left * s).to(up.dtype), right.to(down.dtype), [f"σ{i + 1}" for i in range(len(s))])
+
+
+def change_parts(adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's change to its layer's output for input `x`, as named parts that add up to it.
+
+    The adapter's own `change_parts` where it has one (DoRA: magnitude and direction), else the
+    whole change as one part, "update", from the adapter's `forward` (its whole formula): an
+    additive adapter adds its change to a zero running output (no rounding against the base
+    output), any other gives `forward(x, base_out, ...) - base_out`.
+    """
+    own = getattr(adapter, "change_parts", None)
+    if callable(own):
+        return own(x, base_out, base_layer)
+    if getattr(adapter, "additive", False):
+        return {"update": adapter(x, torch.zeros_like(base_out), base_out, base_layer)}
+    return {"update": adapter(x, base_out, base_out, base_layer) - base_out}
+
+
+def rank_components(adapter: nn.Module, base_layer: nn.Module) -> RankComponents | None:
+    """The rank-one components of the adapter's low-rank part: the adapter's own `rank_components`
+    where it has one (AdaLoRA's triplets, DoRA's direction), else the singular components of its
+    `low_rank_factors` (LoRA's r directions ordered and made unique by the SVD of s·B·A; VeRA's
+    diag(b) B diag(d) A); None for an adapter whose change has no low-rank form."""
+    own = getattr(adapter, "rank_components", None)
+    if callable(own):
+        return own(base_layer)
+    factors = adapter.low_rank_factors() if getattr(adapter, "additive", False) else None
+    if factors is None:
+        return None
+    down, up = factors
+    return svd_components("update", up, down)
 
 
 def load_exact(module: nn.Module, names: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..base_layers import dense_weight, in_out_features, weight_dtype_device
-from .base import load_exact, register
+from .base import RankComponents, load_exact, register, svd_components
 from .lora import LoRAAdapter, LowRankConfig, low_rank_update
 
 NORM_EPS = 1e-6  # floor of a row norm: guards all-zero rows (PEFT divides 0 by 0 there)
@@ -146,6 +146,25 @@ class DoRAAdapter(nn.Module):
             return own
         # with other active adapters: DoRA adds its own change W' x - W0 x to the running output
         return result + (own - base_out)
+
+    def change_parts(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The change `W' x - W0 x` in two parts that add up to it (for `lorakit explain`):
+
+            magnitude:  (m/n - 1) ⊙ W0 x        the base path's rows rescaled by the magnitude
+            direction:  (m/n) ⊙ s · B A x       the low-rank turn of the rows, rescaled with them
+        """
+        z = self.lora.dropout(x) @ self.lora.lora_A.to(x.dtype).T
+        turn = low_rank_update(torch.zeros_like(base_out), z, self.lora.lora_B.to(x.dtype), self.scale)
+        mag_norm = (self.magnitude / self.weight_norm(base_layer)).to(x.dtype)
+        bias = getattr(base_layer, "bias", None)
+        base_path = base_out if bias is None else base_out - bias.to(base_out.dtype)
+        return {"magnitude": base_path * (mag_norm - 1), "direction": turn * mag_norm}
+
+    @torch.no_grad()
+    def rank_components(self, base_layer: nn.Module) -> RankComponents:
+        """The direction part's components: the singular components of `diag(m/n) s B A`."""
+        mag_norm = (self.magnitude.float() / self.weight_norm(base_layer)).to(self.lora.lora_B.dtype)
+        return svd_components("direction", self.scale * mag_norm[:, None] * self.lora.lora_B, self.lora.lora_A)
 
     def merged_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(W', n)`: `W' = m/n ⊙ (W0 + s B A)` in float32 for the `(out, in)` base weight `W0`."""

@@ -83,12 +83,17 @@ def choose_kept(importance: dict[str, float], threshold: float) -> list[str]:
 
 def sharing_groups(model: nn.Module, name: str, kept: list[str]) -> dict[str, str]:
     """Module -> group for every module of adapter `name` not in `kept`: one group per module kind
-    (the last component of its name) and shape, e.g. `q_proj(576x576)`."""
+    (the last component of its name) and shape, e.g. `q_proj(576x576)`, and per rank and alpha where
+    `rank_pattern` / `alpha_pattern` give a module other ones (`q_proj(576x576,r=16,alpha=32)`): a
+    shared pair has one rank and scale."""
+    config = adapter_config(model, name)
     groups = {}
     for module_name, layer in adapted_layers(model, name):
         if module_name not in kept:
             in_f, out_f = in_out_features(layer.base_layer)
-            groups[module_name] = f"{module_name.rsplit('.', 1)[-1]}({out_f}x{in_f})"
+            r, alpha = config.module_settings(module_name)["r"], config.module_settings(module_name)["alpha"]
+            own = "" if (r, alpha) == (config.r, config.alpha) else f",r={r},alpha={alpha:g}"
+            groups[module_name] = f"{module_name.rsplit('.', 1)[-1]}({out_f}x{in_f}{own})"
     return groups
 
 
@@ -168,7 +173,7 @@ class LoRADrop(LowRankConfig):
 
     def make_adapters(self, layers: dict[str, nn.Module]) -> dict[str, LoRAAdapter]:
         groups = self.plan.get("groups", {})
-        shared: dict[str, LoRAAdapter] = {}
+        shared: dict[str, tuple[str, LoRAAdapter]] = {}
         adapters = {}
         for module_name, base_layer in layers.items():
             group = groups.get(module_name)
@@ -176,10 +181,14 @@ class LoRADrop(LowRankConfig):
                 adapters[module_name] = self.make_adapter(module_name, base_layer)
                 continue
             if group not in shared:
-                shared[group] = self.make_adapter(module_name, base_layer)
-            adapter = shared[group]
+                shared[group] = module_name, self.make_adapter(module_name, base_layer)
+            first, adapter = shared[group]
             if in_out_features(base_layer) != (adapter.lora_A.shape[1], adapter.lora_B.shape[0]):
                 raise ValueError(f"LoRA-drop group {group!r}: {module_name} has another shape than its group")
+            if self.module_rank_scale(module_name) != self.module_rank_scale(first):
+                raise ValueError(f"LoRA-drop group {group!r}: {module_name} has rank and scale "
+                                 f"{self.module_rank_scale(module_name)}, {first} {self.module_rank_scale(first)}; modules "
+                                 "that share one pair need the same (rank_pattern / alpha_pattern)")
             adapters[module_name] = adapter
         return adapters
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import base_layers
 from ..adapted_layer import adapter_names, lorakit_state
-from ..targets import TargetSelection, select_targets, set_submodule
+from ..targets import TargetSelection, name_matches, select_targets, set_submodule
 from .linear4bit import Linear4bit
 from .nf4 import (
     DEFAULT_BLOCKSIZE,
@@ -43,6 +43,15 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
 
 def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or base_layers.is_conv1d(module)
+
+
+def quantization_targets(model: nn.Module, selection: TargetSelection) -> list[str]:
+    """The linear layers `selection` picks that become 4-bit. Not those the model keeps in full
+    precision (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, whose forward casts its input
+    to `wo.weight.dtype`: a 4-bit storage dtype would wreck it), as transformers' 4-bit loading does."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return [n for n in select_targets(model, selection)
+            if _quantizable(model.get_submodule(n)) and not any(name_matches(n, k) for k in keep)]
 
 
 def quantize(
@@ -80,10 +89,9 @@ def quantize(
         raise ValueError("quantize the base model before lorakit.adapt (this model already carries an adapter)")
     dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     config = TargetSelection(targets=targets, layers=layers, exclude=exclude)
-    for name in select_targets(model, config):
+    for name in quantization_targets(model, config):
         module = model.get_submodule(name)
-        if _quantizable(module):
-            set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
+        set_submodule(model, name, Linear4bit.from_linear(module, blocksize, double_quant, dtype, loftq_rank))
     lorakit_state(model, create=True).quantization = quantization_settings(
         method, targets, blocksize, double_quant, compute_dtype, layers, exclude
     )
@@ -135,8 +143,7 @@ def requantize(model: nn.Module, **settings: Any) -> dict[str, Any]:
     )
     dense = {
         name: base_layers.dense_weight(model.get_submodule(name)).detach().float().clone()
-        for name in select_targets(model, config)
-        if _quantizable(model.get_submodule(name))
+        for name in quantization_targets(model, config)
     }
     quantize(model, **settings)
     layers: dict[str, dict[str, float]] = {}

@@ -17,7 +17,7 @@ from torch import nn
 from .. import base_layers
 from ..adapted_layer import lorakit_state
 from ..models import stream_causal_lm
-from ..targets import TargetSelection, select_targets
+from ..targets import TargetSelection
 from .linear4bit import Linear4bit
 from .nf4 import DEFAULT_BLOCKSIZE
 
@@ -43,7 +43,7 @@ def load_quantized_causal_lm(
     `lorakit.quantize(load_causal_lm(spec, dtype), method, targets, ...)` bit for bit.
     `loftq_rank` keeps LoftQ's factors of each layer's rounding error, as in `quantize`.
     """
-    from . import QUANTIZATION_METHODS, _quantizable, quantization_settings
+    from . import QUANTIZATION_METHODS, quantization_settings, quantization_targets
 
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; lorakit implements {list(QUANTIZATION_METHODS)}")
@@ -51,7 +51,7 @@ def load_quantized_causal_lm(
     selection = TargetSelection(targets=targets, layers=layers, exclude=exclude)
 
     def chosen(model: nn.Module) -> set[str]:
-        return {n for n in select_targets(model, selection) if _quantizable(model.get_submodule(n))}
+        return set(quantization_targets(model, selection))
 
     def quantized(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         return Linear4bit.from_linear(_with_weight(module, weight), blocksize, double_quant, cdtype, loftq_rank)

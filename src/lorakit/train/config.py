@@ -41,7 +41,7 @@ class TrainConfig:
     eval_split: str | None = None
     """The split of a saved DatasetDict to evaluate on (of --eval-data, else of --data). Default: 'validation' when there is one."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Map your data's columns onto lorakit's: ROLE=COLUMN, comma separated (e.g. prompt=question,completion=answer; text=premise,text_pair=hypothesis,label=gold). Roles: prompt, completion, instruction, input, output, messages, text, text_pair, label. Well-known names (GLUE's sentence1/sentence2, question/sentence, question1/question2, a score column, GSM8K's question/answer) need no mapping."""
+    """Map your data's columns onto lorakit's: ROLE=COLUMN, comma separated (e.g. prompt=question,completion=answer; text=premise,text_pair=hypothesis,label=gold). Roles: prompt, completion, instruction, input, output, messages, text, text_pair, label. Well-known names (GLUE's sentence1/sentence2, question/sentence, question1/question2, a score column, GSM8K's question/answer) need no mapping. A CSV/TSV file without a header row: columns by position, counted from 1 (e.g. text=4,label=2); GLUE's CoLA files need none."""
     prompt_template: str | None = None
     """How a prompt is shown to the model. Default: as given, then the completion right after it (no separator is added: end the prompt with a space or newline if the completion needs one), then end-of-sequence. 'chat': the prompt as a user turn in the tokenizer's chat template. Or a template over the record's columns, e.g. 'Question: {question}\\nAnswer: ' ({prompt} is the mapped prompt; \\n is a newline)."""
     eval_fraction: float = 0.1

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import IGNORE_INDEX, Example, collate
+from .data import IGNORE_INDEX, Example, collate, text_ids
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -80,24 +80,25 @@ def regress_scores(model: nn.Module, examples: list[Example], pad_id: int, batch
 
 @torch.no_grad()
 def greedy_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: torch.device, bf16: bool) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches), cut at end of sequence."""
+    """Greedy continuations of `prompts` (left-padded batches, so that every prompt ends where
+    generation starts; each prompt's ids are those training used, `text_ids`), cut at end of sequence."""
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # so that every prompt ends where generation starts
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            encoded = [text_ids(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
+            width = max(len(ids) for ids in encoded)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
             with autocast(device, bf16):
                 out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 )
-            new = out[:, enc["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return outputs
 

@@ -3,7 +3,8 @@
     set_up:      check the config -> tokenizer, data -> model (4-bit if asked) -> metric before
                  -> adapt (or the checkpoint's layout) -> hooks.before_training -> optimizer
     train_steps: for each step:
-                     for each micro-batch (this process's share): loss (+ hooks.extra_loss on the last) -> backward
+                     for each micro-batch (this process's share): loss x its share of the step's label tokens
+                         (+ hooks.extra_loss on the last) -> backward
                      clip -> optimizer.step -> scheduler.step -> hooks.after_optimizer_step -> zero_grad
                      log; checkpoint every N steps; stop cleanly on Ctrl-C; stop on a non-finite loss
     finish:      metric after -> save adapter, config, metrics, report
@@ -299,27 +300,36 @@ def train_steps(run: Run) -> None:
     save(run, run.total_steps)
 
 
+def loss_items(batch: dict[str, torch.Tensor], task: str) -> int:
+    """What a micro-batch's loss is a mean over: its label tokens (a causal LM predicts token t + 1
+    at position t, so the first label never counts), or its examples (classify, regress)."""
+    if task in SEQUENCE_TASKS:
+        return int(batch["labels"].shape[0])
+    return int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
+
+
 def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
     """Forward and backward over the step's micro-batches (this process's share of each).
 
-    Returns (the step's loss averaged over micro-batches and processes, tokens in the global batch,
-    the method's extra loss or None). A non-finite loss in any process stops every process."""
+    The step's loss is the mean over all its label tokens (a sequence task's: over its examples),
+    however they are split into micro-batches and processes: as one batch of them all would give it.
+    Each micro-batch's own mean is weighted by its share of the step's tokens (times the process
+    count, which the gradient average over processes undoes).
+
+    Returns (that loss, tokens in the global batch, the method's extra loss or None). A non-finite
+    loss in any process stops every process."""
     cfg, strategy = run.cfg, run.strategy
-    losses, tokens = 0.0, 0
+    batches = [run.micro_batch(step, micro) for micro in range(cfg.grad_accum)]
+    counts = [loss_items(batch, cfg.task) for batch in batches]
+    step_items = strategy.sum([float(sum(counts))])[0]
+    loss_sum, tokens = 0.0, 0
     extra_value = None
-    for micro in range(cfg.grad_accum):
+    for micro, (batch, count) in enumerate(zip(batches, counts)):
         last = micro == cfg.grad_accum - 1
-        batch = run.micro_batch(step, micro)
-        kwargs = {}
-        if strategy.world_size > 1 and cfg.task not in SEQUENCE_TASKS:
-            # the loss of the global micro-batch is its mean over all label tokens: each process's
-            # sum is divided by the global count (over the process count, which DDP's mean undoes)
-            counts = strategy.sum([float((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())])[0]
-            kwargs["num_items_in_batch"] = torch.tensor(counts / strategy.world_size, device=run.device)
         with strategy.no_sync(run.forward, last):
             with evaluate.autocast(run.device, run.bf16):
-                loss = run.forward(**batch, **kwargs).loss
-            total = loss / cfg.grad_accum
+                loss = run.forward(**batch).loss
+            total = loss * (count * strategy.world_size / step_items)
             if last and run.hooks:
                 # a method's own loss term (AdaLoRA's regulariser) counts once per optimizer step with
                 # weight 1, whatever --grad-accum is, and is logged apart from the task loss; it is the
@@ -329,10 +339,10 @@ def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]
                     extra_value = extra.item()
                     total = total + extra
             total.backward()
-        losses += loss.item() / cfg.grad_accum
+        loss_sum += loss.item() * count
         tokens += int(batch["attention_mask"].sum())
-    losses, tokens_all = strategy.sum([losses, float(tokens)])
-    step_loss = losses / strategy.world_size
+    loss_sum, tokens_all = strategy.sum([loss_sum, float(tokens)])
+    step_loss = loss_sum / step_items
     if not math.isfinite(step_loss):
         raise TrainingDiverged(f"loss became {step_loss} at step {step}; stopped. " + _last_good(run.checkpoints)
                                + " Try a lower --lr or --grad-clip.")

@@ -45,7 +45,7 @@ def default_metric(cfg: TrainConfig) -> str:
 
 def _records(spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "--split") -> tuple[list[data_mod.Record], str, str]:
     """(records with roles, their layout, how columns were mapped) of one data spec."""
-    records, summary = data_mod.map_columns(data_mod.read_table(spec, split, split_flag), cfg.columns, cfg.task, spec)
+    records, summary = data_mod.map_columns(data_mod.read_table(spec, split, split_flag, cfg.columns), cfg.columns, cfg.task, spec)
     return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
 
 

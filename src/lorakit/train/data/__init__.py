@@ -24,6 +24,10 @@ MRPC's `#1 String`/`#2 String`/`Quality`), `sentence`, a `score` target, GSM8K's
 `question`/`answer`, Dolly's `instruction`/`context`/`response`. Other columns are ignored (and
 reported); `--columns ROLE=COLUMN,...` maps anything else.
 
+CSV/TSV files without a header row: GLUE's CoLA is read as shipped (`COLA_COLUMNS`); any other such
+file is named by position, `--columns text=4,label=2` (from 1), and a first row that holds a
+number is refused as a header.
+
 The package, one job a module: `records` (layouts, roles, where a record came from), `reading`
 (files), `diagnosis` (one line that names the place of a problem), `columns` (roles and layouts),
 `encoding` (token ids), `batching` (held-out split, micro-batches, padding).
@@ -55,6 +59,7 @@ from .encoding import (
                       prompt_completion_ids,
                       regression_target,
                       render_chat,
+                      text_ids,
                       to_prompt_completion,
 )
 from .reading import data_files, read_records, read_table, saved_splits

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import LorakitError
-from .records import FORMATS, GENERATION_COLUMNS, LABEL_COLUMNS, PAIR_COLUMNS, ROLES, TEXT_COLUMNS, Record
+from .records import FORMATS, GENERATION_COLUMNS, LABEL_COLUMNS, PAIR_COLUMNS, ROLES, TEXT_COLUMNS, Record, Where
 
 
 def parse_columns(text: str) -> dict[str, str]:
@@ -27,7 +27,8 @@ def check_column_roles(mapping: dict[str, str]) -> None:
         if role not in ROLES:
             raise LorakitError(f"--columns: {role!r} is not one of lorakit's columns ({', '.join(ROLES)})")
         if not isinstance(column, str) or not column:
-            raise LorakitError(f"--columns: the column for {role!r} must be a column name, got {column!r}")
+            raise LorakitError(f"--columns: the column for {role!r} must be a column name (or a position from 1, "
+                               f"written as a string: '4'), got {column!r}")
 
 
 def recognise_columns(columns: set[str], task: str, explicit: dict[str, str]) -> dict[str, str]:
@@ -114,6 +115,8 @@ def check_records(records: list[Record], path: Any) -> str:
                 f"{record.source}: no known layout in the columns {columns}; expected one of: "
                 + "; ".join(f"{k} {v}" for k, v in FORMATS.items())
                 + ". Map your columns with --columns ROLE=COLUMN (e.g. --columns prompt=question,completion=answer)"
+                + ("; a file without a header row by position, from 1 (e.g. --columns text=2,label=1)"
+                   if isinstance(record.source, Where) and record.source.origin.kind in ("csv", "tsv") else "")
             )
         if fmt is None:
             fmt, first = this, record.source

@@ -5,14 +5,16 @@ targets for sequence tasks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import LorakitError
-from .records import FORMATS, IGNORE_INDEX, Record, Where
+from .records import FORMATS, IGNORE_INDEX, Record, Where, is_number
 
 
 @dataclass
@@ -55,9 +57,35 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+_LEADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its leading special ids
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before every text: a BOS for Llama, Mistral or Gemma,
+    none for GPT-2, Qwen or SmolLM (found once per tokenizer by encoding a probe with and without)."""
+    try:
+        return list(_LEADING[tokenizer])
+    except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
+        pass
+    plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
+    lead = next((full[:start] for start in range(len(full) - len(plain) + 1) if full[start:start + len(plain)] == plain), [])
+    with contextlib.suppress(TypeError):
+        _LEADING[tokenizer] = tuple(lead)
+    return lead
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The ids a prompt (or a whole text) is trained on and generated from, in `lorakit train`, `eval`
+    and `generate` alike: the tokenizer's leading special tokens (its BOS) once, then the text's own
+    tokens. A text a chat template rendered with the BOS already in it (`{{ bos_token }}`) does not get
+    a second one, and nothing the tokenizer would append (an EOS) closes it: a completion follows."""
+    ids, lead = _ids(tokenizer, text, False), leading_special_ids(tokenizer)
+    return ids if ids[:len(lead)] == lead else lead + ids
+
+
 def prompt_completion_ids(tokenizer, prompt: str, completion: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     """`prompt + completion + eos` ids and labels (prompt masked unless `train_on_prompt`)."""
-    p = _ids(tokenizer, prompt, True)
+    p = text_ids(tokenizer, prompt)
     c = _ids(tokenizer, completion, False)
     if tokenizer.eos_token_id is not None:
         c = c + [tokenizer.eos_token_id]
@@ -70,13 +98,13 @@ def chat_ids(tokenizer, messages: list[dict[str, str]], train_on_prompt: bool) -
     Each assistant turn's tokens are the difference between the rendering that ends with that
     turn and the rendering of the turns before it plus the generation prompt.
     """
-    ids = _ids(tokenizer, render_chat(tokenizer, messages, False), False)
+    ids = text_ids(tokenizer, render_chat(tokenizer, messages, False))
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_ids(tokenizer, render_chat(tokenizer, messages[:i], True), False))
-        end = len(_ids(tokenizer, render_chat(tokenizer, messages[: i + 1], False), False))
+        start = len(text_ids(tokenizer, render_chat(tokenizer, messages[:i], True)))
+        end = len(text_ids(tokenizer, render_chat(tokenizer, messages[: i + 1], False)))
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -148,7 +176,7 @@ def encode_causal(records: list[Record], fmt: str, tokenizer, max_length: int, t
         elif fmt == "chat":
             ids, labels = chat_ids(tokenizer, record.data["messages"], train_on_prompt)
         else:  # text
-            ids = _ids(tokenizer, record.data["text"], True)
+            ids = text_ids(tokenizer, record.data["text"])
             if tokenizer.eos_token_id is not None:
                 ids = ids + [tokenizer.eos_token_id]
             labels = list(ids)
@@ -182,13 +210,6 @@ def label_text(record: Record) -> str:
     return text
 
 
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except (ValueError, OverflowError):
-        return False
-
-
 def data_name(records: list[Record]) -> str:
     """The file the records came from (for messages about the data as a whole)."""
     source = records[0].source if records else "data"
@@ -202,7 +223,7 @@ def label_names(records: list[Record]) -> list[str]:
     labels = {label_text(r) for r in records}
     if all(re.fullmatch(r"-?\d+", label) for label in labels):
         return sorted(labels, key=Decimal)  # Decimal: no digit limit, unlike int()
-    if all(_is_number(label) for label in labels):
+    if all(is_number(label) for label in labels):
         raise LorakitError(f"{data_name(records)}: the labels are real numbers (e.g. "
                            f"{sorted(labels, key=Decimal)[len(labels) // 2][:40]}): for a numeric target use --task regress")
     return sorted(labels)

@@ -20,7 +20,7 @@ from typing import Any
 from ...errors import LorakitError
 from .columns import map_columns
 from .diagnosis import _blank, _diagnose, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
-from .records import SUFFIXES, Origin, Record, Where, _csv_rows
+from .records import SUFFIXES, Origin, Record, Where, _csv_rows, is_number
 
 
 def data_files(spec: str | Path) -> list[Path]:
@@ -48,12 +48,15 @@ def data_files(spec: str | Path) -> list[Path]:
     return found
 
 
-def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--split") -> list[Record]:
+def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--split",
+               columns: dict[str, str] | None = None) -> list[Record]:
     """Every row of the data `spec` names, as records whose `data` is the row as stored (roles
-    are assigned later by `map_columns`). Raises a one-line error naming the file."""
+    are assigned later by `map_columns`). Raises a one-line error naming the file. `columns` (the
+    `--columns` mapping) naming columns by position reads CSV/TSV files as having no header row."""
     records: list[Record] = []
+    positions = by_position(columns or {})
     for path in data_files(spec):
-        for origin, rows in _read_source(path, split, split_flag):
+        for origin, rows in _read_source(path, split, split_flag, positions):
             records += [Record(row, Where(origin, i)) for i, row in enumerate(rows)]
     if not records:
         raise LorakitError(f"{spec}: no examples (the file is empty)")
@@ -63,22 +66,27 @@ def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--
 def read_records(spec: str | Path, columns: dict[str, str] | None = None, task: str = "causal-lm",
                  split: str | None = None) -> list[Record]:
     """The records of `spec` with lorakit's roles assigned (`map_columns`)."""
-    records, _ = map_columns(read_table(spec, split), columns or {}, task, spec)
+    records, _ = map_columns(read_table(spec, split, columns=columns), columns or {}, task, spec)
     return records
 
 
-def _read_source(path: Path, split: str | None, split_flag: str = "--split") -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
+def _read_source(path: Path, split: str | None, split_flag: str = "--split",
+                 positions: list[int] | None = None) -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
+    kind = "saved" if path.is_dir() else SUFFIXES.get(path.suffix.lower())
+    if positions and kind not in ("csv", "tsv"):
+        raise LorakitError(f"{path}: --columns by position is for CSV/TSV files without a header row; name this file's "
+                           "columns by name")
     if path.is_dir():
         yield _read_saved(path, split, split_flag)
         return
-    kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise LorakitError(f"{path}: unknown data file type {path.suffix!r} (use {', '.join(SUFFIXES)}, or a directory "
                            "written by datasets' save_to_disk)")
     if split is not None:
         raise LorakitError(f"{split_flag} {split} picks a split of a saved dataset directory; {path} is one file")
-    origin = Origin(path, kind)
     _check_encoding_start(path, kind)
+    names = _headerless_names(path, kind, positions) if kind in ("csv", "tsv") else None
+    origin = Origin(path, kind, headerless=names is not None)
     if kind == "json":
         # One JSON document: `datasets` would parse it whole with ujson and hand the items to pyarrow,
         # which crashes (segfault, pyarrow 26) on an item that is not an object; Python's json reads
@@ -89,7 +97,7 @@ def _read_source(path: Path, split: str | None, split_flag: str = "--split") -> 
         # objects (`null`): such a file is read line by line, which names the bad line
         rows = _scan_jsonl(path)
     else:
-        rows = _load_file(path, kind)
+        rows = _load_file(path, kind, names=names)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise LorakitError(f"{origin.describe(i)}: expected an object, got {type(row).__name__}")
@@ -158,10 +166,11 @@ def _quiet_datasets() -> Iterator[Any]:
             datasets.enable_progress_bars()
 
 
-def _load_file(path: Path, kind: str, field_name: str | None = None) -> list[dict[str, Any]]:
+def _load_file(path: Path, kind: str, field_name: str | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
     """The rows of one file through `datasets.load_dataset` (its cache in a temporary directory:
-    the rows are kept in memory, and a user's cache should not fill with copies of every file)."""
-    builder, options = _builder(path, kind)
+    the rows are kept in memory, and a user's cache should not fill with copies of every file).
+    `names`: the column names of a CSV/TSV file without a header row."""
+    builder, options = _builder(path, kind, names)
     if field_name is not None:
         options["field"] = field_name
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="lorakit-data-") as cache:
@@ -178,7 +187,7 @@ def _load_file(path: Path, kind: str, field_name: str | None = None) -> list[dic
     raise LorakitError(_diagnose(path, kind, failure))
 
 
-def _builder(path: Path, kind: str) -> tuple[str, dict[str, Any]]:
+def _builder(path: Path, kind: str, names: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     if kind in ("jsonl", "json"):
         return "json", {"encoding": "utf-8-sig"}
     if kind in ("csv", "tsv"):
@@ -186,13 +195,16 @@ def _builder(path: Path, kind: str) -> tuple[str, dict[str, Any]]:
 
         # Every cell as written: no type guessing ("007" stays "007"), no "NA"/"null" -> missing;
         # labels and targets are converted where their meaning is known.
-        header = _csv_header(path, kind)
-        duplicates = sorted({h for h in header if header.count(h) > 1})
-        if duplicates:
-            raise LorakitError(f"{path}:1: the header names {duplicates} more than once")
+        headerless = names is not None
+        if names is None:
+            # a column without a name (pandas' index) gets one; the names are given, replacing the header's
+            names = [h or f"column {i}" for i, h in enumerate(_csv_header(path, kind), start=1)]
+            duplicates = sorted({h for h in names if names.count(h) > 1})
+            if duplicates:
+                raise LorakitError(f"{path}:1: the header names {duplicates} more than once")
         options: dict[str, Any] = {
-            "features": Features({name: Value("string") for name in header}), "keep_default_na": False,
-            "na_filter": False, "encoding": "utf-8-sig",
+            "features": Features({name: Value("string") for name in names}), "keep_default_na": False,
+            "na_filter": False, "encoding": "utf-8-sig", "column_names": names, "header": None if headerless else 0,
         }
         if kind == "tsv":
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
@@ -208,6 +220,44 @@ def _csv_header(path: Path, kind: str) -> list[str]:
     except UnicodeDecodeError:
         raise LorakitError(_diagnose_encoding(path) or f"{path}: not UTF-8 text") from None
     raise LorakitError(f"{path}: no examples (the file is empty)")
+
+
+# GLUE's CoLA ships without a header row: source, label (0/1), the original mark (empty, "*", "?", "??",
+# "#"), sentence.
+COLA_COLUMNS = ["source", "label", "original_label", "sentence"]
+
+
+def by_position(columns: dict[str, str]) -> list[int]:
+    """The positions (from 1) `--columns` names columns by (`text=4,label=2`), or [] when it names
+    them by name. A file whose columns are named by position has no header row."""
+    positions = [c for c in columns.values() if isinstance(c, str) and c.strip().isdigit()]
+    if not positions:
+        return []
+    if len(positions) != len(columns):
+        raise LorakitError(f"--columns: name every column by position (text=4,label=2, for a file without a header row) "
+                           f"or every one by name, not both: {columns}")
+    if any(int(p) < 1 for p in positions):
+        raise LorakitError(f"--columns: positions count from 1 (the first column is 1), got {columns}")
+    return [int(p) for p in positions]
+
+
+def _headerless_names(path: Path, kind: str, positions: list[int] | None) -> list[str] | None:
+    """The column names of a CSV/TSV file that has no header row ("1", "2", ... when `--columns` names
+    them by position; CoLA's own), or None when its first row is the header. A first row holding a
+    number is data, not names: such a file needs `--columns` by position."""
+    first = _csv_header(path, kind)
+    if positions:
+        if max(positions) > len(first):
+            raise LorakitError(f"{path}: --columns names column {max(positions)}, but the file has {len(first)} columns")
+        return [str(i) for i in range(1, len(first) + 1)]
+    if kind == "tsv" and len(first) == 4 and first[1] in ("0", "1") and first[3] and first[0] and \
+            not any(c.isspace() for c in first[0]) and not any(c.isalnum() for c in first[2]):
+        return list(COLA_COLUMNS)
+    if any(is_number(cell) for cell in first):
+        cells = ", ".join(f"{i}={cell[:30]!r}" for i, cell in enumerate(first, start=1))
+        raise LorakitError(f"{path}:1: the file has no header row (its first row is data: {cells}); name its columns by "
+                           "position, counted from 1, e.g. --columns text=N,label=M")
+    return None
 
 
 def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> tuple[Origin, list[dict[str, Any]]]:

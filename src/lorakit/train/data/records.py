@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class Origin:
     kind: str  # a SUFFIXES value, or "saved"
     split: str | None = None
     _starts: list[int] | None = field(default=None, repr=False)
+    headerless: bool = False  # a CSV/TSV file whose first row is data
 
     def describe(self, row: int) -> str:
         if self.kind in ("jsonl", "csv", "tsv"):
@@ -66,7 +68,8 @@ class Origin:
                 if self.kind == "jsonl":
                     self._starts = [n for n, line in enumerate(f, start=1) if line.strip()]
                 else:
-                    self._starts = [start for start, row in _csv_rows(f, self.kind) if start > 1 and any(c.strip() for c in row)]
+                    first = 1 if self.headerless else 2
+                    self._starts = [start for start, row in _csv_rows(f, self.kind) if start >= first and any(c.strip() for c in row)]
         return self._starts
 
 
@@ -112,3 +115,11 @@ def _unlimited_csv_fields() -> Iterator[None]:
         yield
     finally:
         csv.field_size_limit(previous)
+
+
+def is_number(text: str) -> bool:
+    """Whether a cell reads as a finite number (a regression target, or a data row's cell)."""
+    try:
+        return math.isfinite(float(text))
+    except (ValueError, OverflowError):
+        return False
