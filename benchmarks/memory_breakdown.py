@@ -13,7 +13,8 @@ state exists, as from a run's second step) and one measured step on random token
 - `runtime`: resident memory after `import torch, transformers, lorakit`, before any model;
 - `base weights`: the frozen model's tensors (linear layers fp32 or NF4 codes + statistics; the
   embeddings, norms and rotary tables), and `dequantized (live max)`: the most bytes of dense
-  weights dequantized from NF4 alive at one time during the step;
+  weights dequantized from NF4 alive at one time during the step (on the CPU, the one buffer every
+  4-bit layer dequantizes into, `Linear4bit.transient_weight`);
 - `adapter`, `gradients`, `optimizer state`: the adapter's parameters, their gradients (alive from
   backward to `zero_grad`) and AdamW's two moments;
 - `saved activations` by kind: every tensor autograd saved for backward
@@ -181,9 +182,10 @@ class DequantizedLedger:
         self.live = self.peak = 0
         ledger = self
 
-        def dense_weight(layer, dtype=None):
-            w = ledger.original(layer, dtype)
-            ledger._track(w)
+        def dense_weight(layer, dtype=None, out=None):
+            w = ledger.original(layer, dtype, out)
+            if out is None:  # a new tensor; one written into the shared buffer is counted with it
+                ledger._track(w)
             return w
 
         linear4bit.Linear4bit.dense_weight = dense_weight
@@ -196,6 +198,11 @@ class DequantizedLedger:
 
     def _free(self, nbytes: int) -> None:
         self.live -= nbytes
+
+    def shared_buffer_bytes(self) -> int:
+        """Bytes of the buffers 4-bit layers dequantize into on the CPU (one per thread and dtype)."""
+        buffers = getattr(self.module._buffers, "by_dtype", {})
+        return sum(b.untyped_storage().nbytes() for b in buffers.values())
 
     def close(self) -> None:
         self.module.Linear4bit.dense_weight = self.original
@@ -272,7 +279,7 @@ def measure_condition(cond: Condition, batch: int, seq: int) -> dict[str, Any]:
         dequantized.close()
     out["saved_by_kind"] = dict(sorted(ledger.kinds.items(), key=lambda kv: -kv[1]))
     out["saved_bytes"] = sum(ledger.kinds.values())
-    out["dequantized_live_max_bytes"] = dequantized.peak
+    out["dequantized_live_max_bytes"] = dequantized.peak + dequantized.shared_buffer_bytes()
     step()  # one more, unprofiled: the allocator's steady state
     out["rss_end"], out["peak_rss"] = rss_mib()
     return out

@@ -30,7 +30,6 @@ from .loftq import residual_factors
 from .nf4 import DEFAULT_BLOCKSIZE, block_absmax, quantize_nf4
 from .triton_kernels import dequantize
 
-
 _buffers = threading.local()
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -90,8 +89,21 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-@cache
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
 def _cached_table(name: str, device: str) -> torch.Tensor:
+    # a plain dict, not functools.cache: torch.compile reads a dict's tensor as a constant, but traces
+    # into a cached function and would build the table again (`create_dynamic_map` leaves the graph)
+    table = _TABLES.get((name, device))
+    if table is None:
+        if torch.compiler.is_compiling():  # built inside the graph (no side effect on the dict there)
+            return _build_table(name, device)
+        table = _TABLES[(name, device)] = _build_table(name, device)
+    return table
+
+
+def _build_table(name: str, device: str) -> torch.Tensor:
     if name == "nf4":
         return create_normal_map().to(device)
     if name == "nf4_midpoints":
