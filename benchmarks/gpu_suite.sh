@@ -53,7 +53,8 @@ if [ "$mode" = gpu ]; then
 else
     out_dir="${out_dir:-$(mktemp -d "${TMPDIR:-/tmp}/lorakit-gpu-smoke-XXXXXX")}"
     prefix="gpu-smoke"
-    test_env=(LORAKIT_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1)
+    export OMP_NUM_THREADS=1  # a shared CPU: 2-thread OpenMP steps stall whenever a core is taken
+    test_env=(LORAKIT_GPU_TESTS_ON_CPU=1)
     step_args=(--device cpu --model tiny --dtype float32 --batch 2 --seq 64 --r 16 --vera-r 32 --steps 2 --threads 1)
     compile_args=(--compile-backend aot_eager)
     big_args=(--device cpu --model tiny --seq 128 --steps 1 --warmup 1)
