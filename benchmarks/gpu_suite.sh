@@ -26,7 +26,9 @@ out_dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-smoke) mode=cpu-smoke ;;
-        --out-dir) out_dir="${2:?--out-dir needs a directory}"; shift ;;
+        --out-dir)
+            if [ $# -lt 2 ] || [ -z "$2" ]; then echo "error: --out-dir needs a directory" >&2; exit 2; fi
+            out_dir="$2"; shift ;;
         -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument $1 (--cpu-smoke, --out-dir DIR)" >&2; exit 2 ;;
     esac
@@ -60,7 +62,7 @@ else
     big_args=(--device cpu --model tiny --seq 128 --steps 1 --warmup 1)
     limits=(600 300 300 300)
 fi
-mkdir -p "$out_dir"
+mkdir -p "$out_dir" && [ -w "$out_dir" ] || { echo "error: cannot write to $out_dir" >&2; exit 2; }
 summary="$out_dir/$prefix-suite-$stamp.json"
 stages=()
 
