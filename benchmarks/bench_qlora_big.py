@@ -14,8 +14,8 @@ Weights are random (std 0.02), built in bf16 on the device and quantized in plac
 runs in its own process, so one's memory never shows in another's peak. Peak memory is
 `torch.cuda.max_memory_allocated` from after the model is built (and quantized) to the end of the
 timed steps: weights, optimizer state, activations and dequantization temporaries. On CPU only the
-time is meaningful (a smoke run). Targets (issue 5, H100): lorakit peak <= PEFT+bnb's (9.8 GiB)
-and step <= 1.5 x the limit (PEFT+bnb: 504 ms; limit: 206 ms at 19.0 GiB).
+time is meaningful (a smoke run). Figures to compare with (H100, reported for PEFT + bitsandbytes on
+this shape): peak 9.8 GiB and 504 ms a step; the bf16 limit 206 ms a step at 19.0 GiB.
 """
 
 from __future__ import annotations

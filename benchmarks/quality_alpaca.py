@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--no-chunked-loss", action="store_true",
-                        help="the model's own loss (full logits), as before issue 20: to compare peak memory")
+                        help="the model's own loss (full logits), to compare peak memory with the chunked loss")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -67,6 +67,13 @@ CONDITIONS = {
 }
 QUANTIZED = {"qlora", "qlora-loftq"}
 
+# Hugging Face PEFT's own LoRA and DoRA on the same model, targets, budget and learning rate: the same
+# method through the reference library, so that quality can be compared with PEFT's, not only with LoRA
+PEFT_CONDITIONS = {
+    "peft-lora": ({"r": 8, "lora_alpha": 16}, 1e-3),
+    "peft-dora": ({"r": 8, "lora_alpha": 16, "use_dora": True}, 1e-3),
+}
+
 
 def read_tsv(path: Path, limit: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
     with open(path, newline="") as f:
@@ -94,7 +101,16 @@ def accuracy(model, rows, tokenizer, max_length: int) -> float:
     return correct / len(rows)
 
 
+def peft_model(model, settings: dict):
+    """PEFT's adapter over `model` (PEFT is a benchmark reference, never a lorakit dependency)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(target_modules=TARGETS, modules_to_save=["classifier"], **settings))
+
+
 def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
+    if name.split("@")[0] in PEFT_CONDITIONS:
+        return run_peft(name, train_rows, dev_rows, tokenizer, args)
     make_config, lr, ratio = CONDITIONS[name.split("@")[0]]
     if "@" in name:  # a sweep point: "method@lr"
         lr = float(name.split("@")[1])
@@ -118,6 +134,31 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
         hooks.before_training(model, lorakit.hooks.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
                                                                 args.max_length)), lr=lr, sampler=sample))
         params = lorakit.param_groups(model, lr, loraplus_ratio=ratio)
+    losses, train_seconds = train_loop(model, params, lr, hooks, train_rows, tokenizer, args)
+    acc = accuracy(model, dev_rows, tokenizer, args.max_length)
+    trainable = sum(p.numel() for g in params for p in g["params"])
+    size = None
+    if make_config is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            lorakit.save(model, tmp)
+            size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    layout = {}
+    if make_config is not None:
+        config = lorakit.inject.adapter_config(model)
+        if isinstance(config, lorakit.LoRADrop):
+            layout = {"kept": config.plan["kept"], "shared_groups": sorted(set(config.plan["groups"].values()))}
+        elif isinstance(config, lorakit.AdaLoRA):
+            layout = {"final_ranks": {m: sum(k) for m, k in config.rank_pattern.items()}}
+        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.inject.adapted_layers(model))
+        layout["adapter_params_vs_lora_r8"] = sum(p.numel() for n, p in lorakit.adapter_parameters(model)
+                                                  if ".adapters." in n) / full_lora
+    return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size, "layout": layout,
+            "lr": lr, "loraplus_ratio": ratio, "train_seconds": train_seconds,
+            "wall_seconds": time.perf_counter() - wall0, "losses": losses}
+
+
+def train_loop(model, params, lr: float, hooks, train_rows, tokenizer, args) -> tuple[list[float], float]:
+    """The same loop for every condition: AdamW, linear warmup and decay, the seed's data order."""
     optimizer = torch.optim.AdamW(params, lr=lr)
     steps_per_epoch = len(train_rows) // args.batch_size
     warmup = max(1, int(0.06 * args.steps))
@@ -143,26 +184,25 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
             losses.append(loss.item())
             if step >= args.steps:
                 break
-    train_seconds = time.perf_counter() - t0
+    return losses, time.perf_counter() - t0
+
+
+def run_peft(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
+    """PEFT's LoRA or DoRA, through the loop and evaluation every other condition uses."""
+    settings, lr = PEFT_CONDITIONS[name.split("@")[0]]
+    if "@" in name:
+        lr = float(name.split("@")[1])
+    wall0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = peft_model(models.load_classifier(num_labels=2), settings)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    losses, train_seconds = train_loop(model, params, lr, lorakit.hooks.Hooks([]), train_rows, tokenizer, args)
     acc = accuracy(model, dev_rows, tokenizer, args.max_length)
-    trainable = sum(p.numel() for g in params for p in g["params"])
-    size = None
-    if make_config is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            lorakit.save(model, tmp)
-            size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-    layout = {}
-    if make_config is not None:
-        config = lorakit.inject.adapter_config(model)
-        if isinstance(config, lorakit.LoRADrop):
-            layout = {"kept": config.plan["kept"], "shared_groups": sorted(set(config.plan["groups"].values()))}
-        elif isinstance(config, lorakit.AdaLoRA):
-            layout = {"final_ranks": {m: sum(k) for m, k in config.rank_pattern.items()}}
-        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.inject.adapted_layers(model))
-        layout["adapter_params_vs_lora_r8"] = sum(p.numel() for n, p in lorakit.adapter_parameters(model)
-                                                  if ".adapters." in n) / full_lora
-    return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size, "layout": layout,
-            "lr": lr, "loraplus_ratio": ratio, "train_seconds": train_seconds,
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    return {"condition": name, "dev_accuracy": acc, "trainable": sum(p.numel() for p in params[0]["params"]),
+            "adapter_bytes": size, "layout": {}, "lr": lr, "loraplus_ratio": None, "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - wall0, "losses": losses}
 
 
@@ -180,7 +220,7 @@ def first_step_below(losses: list[float], level: float) -> int | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    parser.add_argument("--methods", nargs="+", default=list(CONDITIONS), choices=[*CONDITIONS, *PEFT_CONDITIONS])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--train-size", type=int, default=1600)
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps on 320 sentences, 200 dev sentences")

@@ -1,4 +1,4 @@
-"""The README's method table: `lorakit compare` on SST-2 (MiniLM) and on the Alpaca subset
+"""Each method against its paper: `lorakit compare` on SST-2 (MiniLM) and on the Alpaca subset
 (SmolLM2-135M-Instruct), next to what each method's paper reports.
 
     python benchmarks/reproduce.py                                 # both parts, the default budgets
@@ -13,9 +13,9 @@ methods). Budgets follow benchmarks/quality_sst2.py (1,600 training sentences dr
 train / 100 held-out examples, 25 steps x batch 8, max length 256).
 
 Writes benchmarks/results/reproduce-<time>.json (every number of both comparisons, the reference
-numbers and the command) and prints the markdown table the README shows. The paper column quotes
-../shared/docs/METHODS.md; the papers trained other models (RoBERTa, DeBERTa, LLaMA) for thousands
-of steps, so the comparable quantity is each method's difference to LoRA, not the absolute metric.
+numbers and the command) and prints the table the documentation shows (benchmarks/tables.py makes
+it, there and here). The papers trained other models (RoBERTa, DeBERTa, LLaMA) for thousands of
+steps, so the comparable quantity is each method's difference to LoRA, not the absolute metric.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from lorakit.compare import LIMIT_PAIRED, compare
+from lorakit.compare import compare
 from lorakit.train import TrainConfig
+from tables import PAPERS, reproduction_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -39,20 +40,6 @@ SST2 = SHARED / "sst2"
 ALPACA = SHARED / "alpaca" / "alpaca_5000.json"
 
 ALL_METHODS = "lora,lora-fa,vera,dora,delta-lora,lora-plus,qlora,adalora,lora-drop"
-
-# method -> (what its paper reports, per ../shared/docs/METHODS.md; that claim as a difference to LoRA)
-PAPERS = {
-    "lora": ("RoBERTa-base SST-2 95.1 with 0.3 M trainable (full fine-tuning 94.8)", "reference"),
-    "lora-fa": ("accuracy close to LoRA (GLUE, MMLU); up to 1.4x less total memory", "about 0 points; less memory"),
-    "vera": ("RoBERTa-base SST-2 94.6 with 0.043 M trainable", "-0.5 points on SST-2 with ~7x fewer parameters"),
-    "dora": ("LLaMA-7B commonsense average 78.4 vs LoRA 74.7", "+3.7 points"),
-    "delta-lora": ("no figure in METHODS.md (the paper: above LoRA on E2E / GLUE)", "at or above LoRA"),
-    "lora-plus": ("1-2 % better, up to ~2x faster convergence, same step cost", "+1-2 points; fewer steps"),
-    "qlora": ("NF4 + double quant matches 16-bit LoRA (MMLU 53.1 vs 53.0)", "about 0"),
-    "adalora": ("DeBERTaV3-base GLUE average 89.46 vs LoRA r=8 88.50", "+1.0 point at the same budget"),
-    "lora-drop": ("about 50 % of LoRA's parameters, comparable accuracy", "about 0 points at ~half the parameters"),
-}
-
 
 def sample_sst2(directory: Path, size: int, seed: int) -> Path:
     """`size` training sentences drawn as quality_sst2.py draws them, as a GLUE-layout TSV."""
@@ -100,49 +87,6 @@ def run_part(name: str, cfg: TrainConfig, methods: list[str], collect_only: bool
     return {**saved, "wall_seconds": None if collect_only else time.perf_counter() - started}
 
 
-def _by_method(part: dict | None) -> dict[str, dict]:
-    return {r["method"]: r for r in (part or {}).get("methods", []) if r["status"] == "done"}
-
-
-def _metric_cell(record: dict | None, lora: dict | None, scale: float, digits: int, unit: str = "") -> str:
-    """A method's metric (x scale), with its difference to LoRA's beside it."""
-    if record is None:
-        return "-"
-    text = f"{scale * record['metric_after']:.{digits}f}{unit}"
-    if lora is not None and record is not lora:
-        text += f" ({scale * (record['metric_after'] - lora['metric_after']):+.{digits}f})"
-    return text
-
-
-def markdown(sst2: dict | None, alpaca: dict | None, notes: dict[str, str]) -> str:
-    """The README's table: SST-2 columns (cost and accuracy), the Alpaca loss, the paper's claim."""
-    s, a = _by_method(sst2), _by_method(alpaca)
-    methods = list(dict.fromkeys([*s, *a]))
-    header = ("| method | trainable params (SST-2) | adapter | peak memory | step / limit (SST-2, Alpaca) "
-              "| SST-2 dev accuracy (vs LoRA) | Alpaca held-out loss (vs LoRA) | paper reports | paper vs LoRA | here |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in methods:
-        r, q = s.get(m), a.get(m)
-        cost = r or q
-        ratio = " / ".join(_ratio_cell(x) for x in (r, q))
-        claim, versus = PAPERS.get(m, ("-", "-"))
-        lines.append(f"| {m} | {cost['trainable_params']:,} ({cost['trainable_percent']:.2f} %) | {cost['adapter_mib']:.2f} MiB "
-                     f"| {cost['peak_memory_mib']:,.0f} MiB | {ratio} | {_metric_cell(r, s.get('lora'), 100, 2, ' %')} "
-                     f"| {_metric_cell(q, a.get('lora'), 1, 3)} | {claim} | {versus} | {notes.get(m, '')} |")
-    if any(x and x.get("step_vs_limit") and x.get("limit_timed") != LIMIT_PAIRED for x in [*s.values(), *a.values()]):
-        lines.append("")
-        lines.append("† the limit timed once, after all methods (runs from before each run timed its own): on a busy "
-                     "machine such a ratio follows the load at the time the method ran, not the method")
-    return "\n".join(lines)
-
-
-def _ratio_cell(record: dict | None) -> str:
-    """A step / limit ratio; marked † unless the run timed the limit beside its own steps."""
-    if not record or not record.get("step_vs_limit"):
-        return "-"
-    return f"{record['step_vs_limit']:.2f}x" + ("" if record.get("limit_timed") == LIMIT_PAIRED else "†")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("both", "sst2", "alpaca"), default="both")
@@ -176,7 +120,9 @@ def main() -> int:
     if args.part in ("both", "alpaca"):
         out["alpaca"] = run_part("alpaca", alpaca_config(args, data_dir), args.alpaca_methods.split(","), args.collect_only)
     notes = json.loads(args.notes.read_text()) if args.notes else {}
-    out["table"] = markdown(out.get("sst2"), out.get("alpaca"), notes)
+    out["table"] = reproduction_table(out.get("sst2"), out.get("alpaca"))
+    if notes:
+        out["table"] += "\n\n" + "\n\n".join(f"**{method}.** {text}" for method, text in notes.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"command: {command}\nmachine: {machine}\n")

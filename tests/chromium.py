@@ -55,6 +55,44 @@ def dump_dom(page: Path, size: tuple[int, int] = (1100, 1500), timeout: float = 
         return done.stdout
 
 
+# Run in the page once it has loaded: the box (CSS pixels, page coordinates) of every figure, image,
+# caption, table and heading, and the page's scroll size, written into the DOM that --dump-dom prints.
+_MEASURE = """<script>
+window.addEventListener("load", () => {
+  const box = (e) => { const r = e.getBoundingClientRect();
+    return {tag: e.tagName.toLowerCase(), left: r.left + scrollX, top: r.top + scrollY, right: r.right + scrollX,
+            bottom: r.bottom + scrollY, naturalWidth: e.naturalWidth || 0, text: (e.alt || e.textContent || "").slice(0, 60)}; };
+  const found = {viewport: [innerWidth, innerHeight],
+                 scroll: [document.documentElement.scrollWidth, document.documentElement.scrollHeight],
+                 boxes: [...document.querySelectorAll("h1, p, figure, img, figcaption, table")].map(box)};
+  const out = document.createElement("pre"); out.id = "lorakit-measured"; out.textContent = JSON.stringify(found);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def measure(page: Path, size: tuple[int, int] = (1100, 1500), timeout: float = 120) -> dict:
+    """Where Chromium lays out the page's parts: {"viewport": [w, h], "scroll": [w, h], "boxes": [{tag,
+    left, top, right, bottom, naturalWidth, text}, ...]} in CSS pixels, in document order (a copy of
+    the page with a measuring script, rendered with --dump-dom)."""
+    import html as html_module
+    import re
+
+    binary = executable()
+    if binary is None:
+        raise FileNotFoundError("chromium is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "measured.html"
+        copy.write_text(Path(page).read_text().replace("</body>", _MEASURE + "</body>"))
+        done = subprocess.run([binary, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
+                               "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+                              check=True, capture_output=True, text=True, timeout=timeout)
+    found = re.search(r'<pre id="lorakit-measured">(.*?)</pre>', done.stdout, re.S)
+    if found is None:
+        raise RuntimeError("the measuring script did not run: " + done.stdout[-500:])
+    return json.loads(html_module.unescape(found.group(1)))
+
+
 def page_requests(net_log: dict) -> list[str]:
     """URLs of the requests a file:// page started: their initiator is the page's opaque origin,
     which the net log writes as "null" (the browser's own requests say "not an origin")."""

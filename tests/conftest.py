@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Test modules import the shared helpers beside this file (tiny_lm, architectures, step_runs, ...) and, where one
+# reuses another's helpers, that test module, by bare name from any directory under tests/ (pytest's prepend mode
+# puts only this directory and the importing file's own on sys.path). Test file basenames are unique across
+# tests/, so appending the subdirectories shadows nothing.
+_TESTS = Path(__file__).resolve().parent
+for _directory in sorted({path.parent for path in _TESTS.rglob("test_*.py")} - {_TESTS}):
+    if str(_directory) not in sys.path:
+        sys.path.append(str(_directory))
+
+# What a quick local run (`python3 -m pytest -q --quick`) leaves out; CI and the plain command run all of it.
+QUICK_RUN_SKIPS = ("fuzz", "distributed", "llama_cpp", "chromium", "integration")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="a quick local run: deselect the " + ", ".join(QUICK_RUN_SKIPS) + " tests")
+
+
+def pytest_configure(config):
+    if config.getoption("--quick"):  # as -m would (and together with a -m given too)
+        quick = "not (" + " or ".join(QUICK_RUN_SKIPS) + ")"
+        config.option.markexpr = f"({config.option.markexpr}) and {quick}" if config.option.markexpr else quick
+
 
 # torch.compile's on-disk kernel cache is keyed without the CPU's vector ISA: kernels built under one
 # ATEN_CPU_CAPABILITY (or on another CPU sharing the directory) were seen to crash or return wrong gradients
@@ -16,6 +41,14 @@ import torch
 _OWN_INDUCTOR_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test of a tests/test_fuzz*.py file carries the `fuzz` marker: `pytest -m "not fuzz"` is
+    the quick local run, the default run keeps them."""
+    for item in items:
+        if item.path.name.startswith("test_fuzz"):
+            item.add_marker(pytest.mark.fuzz)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -173,3 +173,55 @@ def test_lora_drop_importance_and_plan_are_shown(tmp_path):
     assert len(images) == 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "<th>LoRA-drop importance</th><th>LoRA-drop plan</th>" in page and "<td>50.00 %</td><td>own</td>" in page
     assert "LoRA-drop&#x27;s plan: 2 of 4 modules" in page
+
+
+def test_low_rank_singular_values_are_the_full_svds():
+    g = torch.Generator().manual_seed(5)
+    for out, inp, r in [(40, 24, 3), (24, 40, 6), (16, 16, 1), (30, 20, 19)]:
+        down, up = torch.randn(r, inp, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)
+        full = torch.linalg.svdvals(up @ down)[:r]
+        torch.testing.assert_close(analysis.low_rank_singular_values(down, up), full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", sorted(lorakit.methods.METHODS))
+def test_changes_equal_the_full_fp64_reference_for_every_method(method, monkeypatch):
+    """Where the change is a low-rank pair its spectrum comes from the factors (fast), elsewhere from a full
+    SVD; either way every number equals the full fp64 SVD of W - W0 within rounding."""
+    model = tiny_llama(seed=1, hidden_size=64)
+    config = {"targets": ["q_proj", "v_proj", "down_proj"]}
+    if method == "adalora":
+        config.update(init_r=6, target_r=3, total_step=10)
+    elif method == "lora-drop":
+        config.update(r=4)
+    elif "r" in lorakit.methods.METHODS[method].__dataclass_fields__:
+        config["r"] = 16 if method == "vera" else 4
+    names = [n for n, _ in model.named_modules() if n.endswith(tuple(config["targets"]))]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.methods.METHODS[method](**config))
+    perturb_trainable(model, seed=3)
+    fast = analysis.changes(model, original)
+    full_svd = []
+    real_svdvals = torch.linalg.svdvals
+    monkeypatch.setattr(analysis, "_change_factors", lambda *a: None)  # the reference: the SVD of W - W0 itself
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda m: full_svd.append(m.shape) or real_svdvals(m))
+    reference = analysis.changes(model, original)
+    assert len(full_svd) == len(reference) == len(fast) == len(names)
+    for a, b in zip(fast, reference):
+        assert a.module == b.module and a.relative_change == b.relative_change
+        torch.testing.assert_close(torch.tensor(a.top_singular_values), torch.tensor(b.top_singular_values)[: len(a.top_singular_values)],
+                                   rtol=1e-5, atol=1e-7 * b.top_singular_values[0])
+        assert a.effective_rank == pytest.approx(b.effective_rank, rel=1e-4)
+        assert a.rank_90 == b.rank_90
+
+
+def test_inspect_computes_no_full_svd_of_a_low_rank_change(monkeypatch):
+    model = tiny_llama(seed=1, hidden_size=64)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=["q_proj", "down_proj"]))
+    perturb_trainable(model, seed=3)
+    shapes = []
+    real_svdvals = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda m: shapes.append(tuple(m.shape)) or real_svdvals(m))
+    analysis.changes(model, original)
+    assert shapes and all(shape == (4, 4) for shape in shapes)  # the r x r core, never (out, in)

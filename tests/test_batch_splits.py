@@ -82,6 +82,7 @@ def test_one_step_is_the_same_whatever_the_micro_batch_split(tiny_model, uneven_
         assert_same_step(result, reference, f"{batch_size} x {grad_accum}")
 
 
+@pytest.mark.distributed
 def test_two_processes_give_the_same_step_as_one(tiny_model, uneven_data, tmp_path):
     """2 processes x 2 x 2 and 2 processes x 4 x 1 (DDP over gloo) against 1 process x 8 x 1."""
     reference = step_results(flags(tiny_model, uneven_data, tmp_path, "whole", STEP, 1))

@@ -85,7 +85,7 @@ def test_compiled_forward_in_inference_mode_equals_eager(case, input_ids):
 def test_inductor_compiled_layer_in_inference_mode_equals_eager(case):
     """The real CPU backend (inductor, C++) under inference mode, on one adapted layer (a whole model
     costs minutes of C++ compiles here): LoRA's and VeRA's fused nodes. Training compiles of whole
-    models are in the contract suite (aot_eager) and tests/test_lora_fa.py (inductor)."""
+    models are in the contract suite (aot_eager) and tests/methods/test_lora_fa.py (inductor)."""
     layer = next(layer for _, layer in lorakit.inject.adapted_layers(adapted(case)))
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 
 import lorakit
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.errors import LorakitError
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -51,24 +52,45 @@ def test_fresh_adapter_equals_base(method, arch, input_ids):
     base = model(input_ids).logits
     lorakit.adapt(model, make_config(method, arch))
     torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
+    layers = list(lorakit.inject.adapted_layers(model))
+    assert layers and all(isinstance(layer.adapter, lorakit.methods.Adapter) for _, layer in layers)
 
 
 @pytest.mark.parametrize("method,arch", CASES)
 def test_merged_equals_unmerged_equals_unloaded(method, arch, input_ids):
-    model = lorakit.adapt(MAKERS[arch](), make_config(method, arch))
+    """Merging changes no output (twice is once; disabling a merged adapter gives the base), unmerging
+    restores the base weights, and merge_and_unload leaves the model's own module types."""
+    model = MAKERS[arch]()
+    base = model(input_ids).logits
+    config = make_config(method, arch)
+    module_types = {name: type(module) for name, module in model.named_modules()}
+    lorakit.adapt(model, config)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
+    assert base_weights
     perturb_trainable(model)
     adapted = model(input_ids).logits
     with lorakit.disabled(model):
-        base = model(input_ids).logits
+        torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(adapted, base, atol=1e-4)
     lorakit.merge(model)
+    assert all(layer.merged for _, layer in lorakit.inject.adapted_layers(model))
     torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-4, rtol=1e-4)
+    lorakit.merge(model)
+    torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-4, rtol=1e-4)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
+    for _, layer in lorakit.inject.adapted_layers(model):  # the change is still known while merged
+        assert layer.delta_weight().shape == (layer.out_features, layer.in_features)
     lorakit.unmerge(model)
+    for name, p in model.named_parameters():
+        if name in base_weights:
+            torch.testing.assert_close(p, base_weights[name], atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-4, rtol=1e-4)
     with lorakit.disabled(model):
         torch.testing.assert_close(model(input_ids).logits, base, atol=1e-5, rtol=1e-5)
     plain = lorakit.merge_and_unload(model)
     assert not any(isinstance(m, lorakit.inject.AdaptedLayer) for m in plain.modules())
+    assert {name: type(module) for name, module in plain.named_modules()} == module_types
     torch.testing.assert_close(plain(input_ids).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
@@ -77,7 +99,8 @@ def test_only_adapter_state_changes_in_a_step(method, arch, input_ids):
     model = lorakit.adapt(MAKERS[arch](), make_config(method, arch))
     perturb_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable
+    assert trainable and trainable == {n for n, _ in lorakit.adapter_parameters(model)}
+    assert not any(".base_layer." in n for n in trainable)
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     # buffers an adapter declares as training state (AdaLoRA's allocator mask) may change too
     trainable |= {f"{m}.adapters.{a}.{b}" for m, layer in lorakit.inject.adapted_layers(model)
@@ -91,6 +114,11 @@ def test_only_adapter_state_changes_in_a_step(method, arch, input_ids):
             continue  # Delta-LoRA updates the adapted base weights by design
         assert torch.equal(tensor, before[name]), f"{method}: frozen tensor {name} changed"
     assert any(not torch.equal(model.state_dict()[n], before[n]) for n in trainable)
+    if moves_base:  # what the method declares it does: each adapted layer's base weight moved
+        after = model.state_dict()
+        for name, _ in lorakit.inject.adapted_layers(model):
+            key = f"{name}.base_layer.weight"
+            assert not torch.equal(after[key], before[key]), f"{method}: {key} did not move"
 
 
 @pytest.mark.parametrize("method,arch", CASES)
@@ -102,7 +130,11 @@ def test_save_load_round_trip(method, arch, input_ids, tmp_path):
     lorakit.save(model, tmp_path)
     loaded = lorakit.load(MAKERS[arch](), tmp_path)
     assert type(lorakit.inject.adapter_config(loaded)) is type(lorakit.inject.adapter_config(model))
-    torch.testing.assert_close(loaded(input_ids).logits, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded(input_ids).logits, expected, atol=0, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference unless asked
+    resumed = lorakit.load(MAKERS[arch](), tmp_path, trainable=True)
+    names = {n for n, _ in lorakit.adapter_parameters(model)}
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == names
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -130,6 +162,28 @@ def test_compiles_whole_and_equals_eager(method, input_ids):
         torch.testing.assert_close(compiled_grads[name], grad, msg=lambda m: f"{method} {name}: {m}")
 
 
+def takes_dropout(method: str) -> bool:
+    """Whether the method's config accepts adapter dropout (Delta-LoRA's refuses any: its update is
+    derived for a branch without it)."""
+    if "dropout" not in {f.name for f in dataclasses.fields(lorakit.methods.METHODS[method])}:
+        return False
+    try:
+        dataclasses.replace(make_config(method, "llama"), dropout=0.1)
+    except (ValueError, LorakitError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if takes_dropout(m)])
+def test_compiles_whole_in_training_with_dropout(method, input_ids):
+    """Dropout's path (a training-mode forward) keeps the model one graph too."""
+    model = lorakit.adapt(tiny_llama(), dataclasses.replace(make_config(method, "llama"), dropout=0.1)).train()
+    perturb_trainable(model)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=input_ids, labels=input_ids, use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_bf16_base_keeps_fp32_master_weights(method, input_ids):
     """Over a bf16 base: adapter parameters stay fp32 (their gradients too), the model computes in
@@ -148,7 +202,13 @@ def test_bf16_base_keeps_fp32_master_weights(method, input_ids):
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds).logits.float().sum().backward()
+    assert embeds.grad.dtype == torch.bfloat16  # the gradient flowing on stays in the activations' dtype
     torch.testing.assert_close(out.logits.float(), reference(input_ids).logits, atol=0.15, rtol=0.05)
+    # the config's `dtype` asks for adapter weights in another dtype
+    bf16 = lorakit.adapt(tiny_llama(), dataclasses.replace(make_config(method, "llama"), dtype="bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for _, p in lorakit.adapter_parameters(bf16))
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

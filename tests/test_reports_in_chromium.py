@@ -1,6 +1,8 @@
-"""The compare and inspect HTML reports, drawn by a real browser: headless Chromium (Debian's
+"""The compare, inspect and explain HTML reports, drawn by a real browser: headless Chromium (Debian's
 `chromium` package; skipped where it is not installed) takes a screenshot that must show the plots
-(not a blank page), and the page must make no network request (a report opens offline)."""
+(not a blank page), the page must make no network request (a report opens offline), and its layout,
+measured in the browser, must put the pictures first, whole and apart (no overlap, nothing cut off
+at the window's edge). The plots' own insides are checked in test_report_layout.py."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import math
 import pytest
 
 import lorakit
-from chromium import executable, render
+from chromium import executable, measure, render
 from conftest import perturb_trainable, tiny_llama
 from lorakit import analysis, compare
 
-pytestmark = pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.chromium,
+              pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")]
 pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
 from PIL import Image  # noqa: E402  (after the skip: Pillow comes with matplotlib)
 
@@ -75,6 +78,64 @@ def test_inspect_report_draws_offline(tmp_path):
     assert requests == []
     colours, ink = drawn(tmp_path / "inspect.png")
     assert colours > 100 and ink > 0.05, (colours, ink)
+
+
+def layout_problems(found: dict) -> list[str]:
+    """What is wrong with a page's layout as Chromium measured it (`chromium.measure`)."""
+    width, height = found["viewport"]
+    boxes = found["boxes"]
+    figures = [b for b in boxes if b["tag"] == "figure"]
+    images = [b for b in boxes if b["tag"] == "img"]
+    tables = [b for b in boxes if b["tag"] == "table"]
+    problems = []
+    if found["scroll"][0] > width:
+        problems.append(f"the page is {found['scroll'][0]} px wide in a {width} px window: its right side is cut off")
+    if not figures or figures[0]["top"] > height / 2:
+        problems.append(f"the first picture starts at {figures[0]['top'] if figures else None} px, not in the first half screen")
+    if tables and figures and tables[0]["top"] < figures[0]["top"]:
+        problems.append("a table comes before the pictures")
+    for a, b in zip(figures, figures[1:]):
+        if b["top"] < a["bottom"]:
+            problems.append(f"{a['text']!r} and {b['text']!r} overlap")
+    for image in images:
+        shown = image["right"] - image["left"]
+        if image["right"] > width or image["left"] < 0:
+            problems.append(f"{image['text']!r} runs past the window")
+        if not 0 < shown <= image["naturalWidth"]:
+            problems.append(f"{image['text']!r} is drawn {shown} px wide from {image['naturalWidth']} px")
+    return problems
+
+
+def test_the_layout_check_catches_a_table_first_and_a_cut_off_picture(tmp_path):
+    page = tmp_path / "bad.html"
+    rows = "".join(f"<tr><td>{i}</td></tr>" for i in range(300))
+    page.write_text(f'<!doctype html><html><body><table>{rows}</table><figure><img alt="wide" width="3000" height="10" '
+                    'src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="></figure></body></html>')
+    problems = layout_problems(measure(page, SIZE))
+    assert any("table comes before" in p for p in problems) and any("cut off" in p for p in problems), problems
+
+
+def test_compare_report_layout_in_the_browser(tmp_path):
+    from test_report_layout import crowded_comparison
+
+    results = crowded_comparison()
+    page = tmp_path / "compare.html"
+    compare.write_html(results, compare.rows(results, limit_s=0.2), 0.2, page, "lorakit compare")
+    assert layout_problems(measure(page, SIZE)) == []
+
+
+def test_inspect_report_of_many_modules_shows_its_pictures_first(tmp_path):
+    from test_report_layout import tiny_bert
+
+    model = tiny_bert(24)  # 144 adapted modules: a long table
+    targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+    names = [n for n, _ in model.named_modules() if n.endswith(targets)]
+    original = analysis.snapshot_base_weights(model, names)
+    lorakit.adapt(model, lorakit.LoRA(r=4, targets=list(targets)))
+    perturb_trainable(model, seed=2)
+    page = tmp_path / "inspect.html"
+    analysis.write_html(analysis.changes(model, original), page, "lorakit inspect: 144 modules")
+    assert layout_problems(measure(page, SIZE)) == []
 
 
 # measured in the browser: token chips and grid labels never overlap, no text is cut off, the page is

@@ -14,7 +14,7 @@ Several named adapters on one base::
     lorakit.set_active(model, ["sql", "chat"])                 # both run; their changes add up
     model(input_ids, adapter_names=["sql", "chat", "__base__"])  # or one adapter per sample
 
-The names below are the whole top-level API (what the README's API tour uses). Everything else is
+The names below are the whole top-level API of ordinary use. Everything else is
 reachable from its module, e.g. `lorakit.inject` (adapter sets: `adapted_layers`, `adapter_config`,
 `reconfigure`, `per_sample_adapters`, ...), `lorakit.io` (`hotswap`), `lorakit.hooks` (`Probe`,
 `Hooks`), `lorakit.methods` (`METHODS`, `AdapterConfig`, one module a method), `lorakit.quant`

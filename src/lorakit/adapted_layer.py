@@ -18,6 +18,7 @@ but `base_layers`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from torch import nn
 from . import base_layers
 
 BASE_NAME = "__base__"  # in per-sample adapter names: this sample runs the base model alone
+MERGED_TRAINING = ("adapter(s) {names} are merged into the base weights: training gives their parameters no gradient; "
+                   "lorakit.unmerge(model) before training (merge again for inference)")
 
 
 @dataclass
@@ -48,6 +51,17 @@ class LorakitState:
     active: tuple[str, ...] = ()
     quantization: dict[str, Any] | None = None
     layout_version: int = 0
+
+
+def merged_trainable(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into the base weights somewhere while their parameters are trainable."""
+    found: list[str] = []
+    for module in model.modules():
+        if isinstance(module, AdaptedLayer):
+            for name in module.merged:
+                if name not in found and any(p.requires_grad for p in module.adapters[name].parameters()):
+                    found.append(name)
+    return found
 
 
 def lorakit_state(model: nn.Module, create: bool = False) -> LorakitState | None:
@@ -120,6 +134,8 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(x)
+        if self.merged and self.training and torch.is_grad_enabled():
+            self._warn_if_merged_trains()
         if self.sample_groups is None and len(self.running) == 1:
             # One adapter over the whole batch: it may compute the base and its change as one
             # autograd node (LoRA's `fused_forward`); None means it has no such path for this base.
@@ -134,6 +150,13 @@ class AdaptedLayer(nn.Module):
         for name in self.running:
             y = self.adapters[name](x, y, base_out, self.base_layer)
         return y
+
+    def _warn_if_merged_trains(self) -> None:
+        """A merged adapter is part of the base weight: a loss gets no gradient for its parameters (the
+        backward fails with "element 0 of tensors does not require grad" when nothing else trains)."""
+        merged = [n for n in self.merged if any(p.requires_grad for p in self.adapters[n].parameters())]
+        if merged:
+            warnings.warn(MERGED_TRAINING.format(names=merged), stacklevel=2)
 
     def _mixed_batch(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Each sample (row of dim 0) through its own adapter; rows of other adapters untouched."""

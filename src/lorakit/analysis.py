@@ -120,14 +120,31 @@ def short_labels(kinds: list[str]) -> dict[str, str]:
     return labels
 
 
+def low_rank_singular_values(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The singular values of `up @ down` (up (out, r), down (r, in)) from the r x r core, exact:
+    with up = Q1 R1 and downᵀ = Q2 R2, up @ down = Q1 (R1 R2ᵀ) Q2ᵀ, and Q1, Q2 have orthonormal
+    columns, so σ(up @ down) = σ(R1 R2ᵀ). Two thin QRs and an r x r SVD instead of an out x in SVD."""
+    r1 = torch.linalg.qr(up.double(), mode="r").R
+    r2 = torch.linalg.qr(down.double().T, mode="r").R
+    return torch.linalg.svdvals(r1 @ r2.T)
+
+
 @torch.no_grad()
-def module_change(name: str, original: torch.Tensor, current: torch.Tensor, adapter_rank: int | None) -> ModuleChange:
-    """The change from `original` to `current` (both dense (out, in))."""
+def module_change(name: str, original: torch.Tensor, current: torch.Tensor, adapter_rank: int | None,
+                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleChange:
+    """The change from `original` to `current` (both dense (out, in)). `factors`: `(down, up)` with
+    `up @ down == current - original` (a low-rank change on an unmoved base): its singular values then
+    come from the factors (`low_rank_singular_values`) instead of an SVD of the whole matrix."""
     original, current = original.double(), current.double()
     delta = current - original
     base_norm = float(original.norm())
     delta_norm = float(delta.norm())
-    singular = torch.linalg.svdvals(delta) if delta_norm > 0 else torch.zeros(min(delta.shape), dtype=delta.dtype)
+    if delta_norm == 0:
+        singular = torch.zeros(min(delta.shape), dtype=delta.dtype)
+    elif factors is not None:
+        singular = low_rank_singular_values(*factors)
+    else:
+        singular = torch.linalg.svdvals(delta)
     row_before, row_after = original.norm(dim=1), current.norm(dim=1)
     cosine = torch.nn.functional.cosine_similarity(current, original, dim=1)
     layer, kind = _layer_and_kind(name)
@@ -147,22 +164,44 @@ def _adapter_rank(adapter: nn.Module) -> int | None:
     return rank if isinstance(rank, int) else None
 
 
+def _change_factors(layer: nn.Module, using: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(down, up)` of the adapters' summed change where each is a plain low-rank pair of lower rank
+    than the weight's (their factors side by side), else None."""
+    pairs = []
+    for name in using:
+        adapter = layer.adapters[name]
+        pair = adapter.low_rank_factors() if getattr(adapter, "additive", False) else None
+        if pair is None:
+            return None
+        pairs.append(tuple(t.detach().double().cpu() for t in pair))
+    down, up = torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1)
+    return (down, up) if down.shape[0] < min(up.shape[0], down.shape[1]) else None
+
+
 @torch.no_grad()
-def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str] | None = None) -> list[ModuleChange]:
+def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str] | None = None,
+            progress: bool = False) -> list[ModuleChange]:
     """The change of every adapted module (adapters `names`, default: the active ones) against
-    `original` (from `snapshot_base_weights`)."""
+    `original` (from `snapshot_base_weights`); `progress`: a bar on stderr (a terminal only)."""
+    from tqdm.auto import tqdm
+
     found = []
     groups: dict[int, int] = {}
-    for module_name, layer in inject.adapted_layers(model):
+    layers = list(inject.adapted_layers(model))
+    for module_name, layer in tqdm(layers, desc="inspect", unit="module", leave=False, dynamic_ncols=True,
+                                   disable=None if progress else True):
         using = [n for n in (names or inject.lorakit_state(model).active) if n in layer.adapters]
         if not using or module_name not in original:
             continue
         base_now = layer._unmerged_base_weight()
         current, _ = layer.merged_weight(using, base_now)
         ranks = [_adapter_rank(layer.adapters[n]) for n in using]
-        change = module_change(module_name, original[module_name], current.float().cpu(), ranks[0] if len(ranks) == 1 else None)
         w0 = original[module_name].double()
-        change.base_change = float((base_now.detach().double().cpu() - w0).norm() / w0.norm()) if w0.norm() > 0 else 0.0
+        moved = base_now.detach().double().cpu() - w0
+        factors = _change_factors(layer, using) if not moved.any() else None  # a moved base (Delta-LoRA) is not low-rank
+        change = module_change(module_name, original[module_name], current.float().cpu(), ranks[0] if len(ranks) == 1 else None,
+                               factors)
+        change.base_change = float(moved.norm() / w0.norm()) if w0.norm() > 0 else 0.0
         for name in using:
             adapter = layer.adapters[name]
             if callable(getattr(adapter, "describe", None)):
@@ -297,7 +336,7 @@ def write_html(found: list[ModuleChange], path, title: str) -> None:
             grid[layers.index(c.layer)][kinds.index(c.kind)] = c.relative_change
         fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.35 * len(layers)))
         shown = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(kinds)), [labels[k] for k in kinds], rotation=30, ha="right")
+        _kind_ticks(ax, [labels[k] for k in kinds])
         ax.set_yticks(range(len(layers)), [str(l) for l in layers])
         ax.set(xlabel="module", ylabel="layer", title="||ΔW|| / ||W0|| per module")
         fig.colorbar(shown, ax=ax, label="relative change")
@@ -329,9 +368,16 @@ def write_html(found: list[ModuleChange], path, title: str) -> None:
             row += [f"{100 * c.importance:.2f} %" if c.importance is not None else "-", c.plan or "-"]
     intro = summary_text(found).splitlines()[-1] if found else "no adapted module"
     # the summary's prose lines lead the page (the grids are drawn as figures)
-    path.write_text(html_report.page(title, " ".join(line for line in summary_text(found).splitlines()
+    path.write_text(html_report.page(title, "; ".join(line for line in summary_text(found).splitlines()
                                                        if line.startswith(("effective", "magnitude", "warning", "the base", "the method", "LoRA-drop's plan"))) or intro,
                                      html_report.table(head, rows), images))
+
+
+def _kind_ticks(ax, labels: list[str]) -> None:
+    """The module kinds under a heatmap's columns (one column is 1.1 inch): level where each fits its
+    column, else upright, so that long names (BERT's attention.output.dense) never overprint."""
+    upright = max((len(label) for label in labels), default=0) > 10
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if upright else 0, ha="center")
 
 
 def lora_drop_figure(plt, planned: list[ModuleChange]) -> str:
@@ -350,7 +396,7 @@ def lora_drop_figure(plt, planned: list[ModuleChange]) -> str:
         ax.text(column, row, "own" if c.plan == "own" else "shared", ha="center", va="center", fontsize=7,
                 color="black" if grid[row][column] > 0.6 * top else "white")  # readable on magma's light end
     shown = ax.imshow(grid, aspect="auto", cmap="magma")
-    ax.set_xticks(range(len(kinds)), [labels[k] for k in kinds], rotation=30, ha="right")
+    _kind_ticks(ax, [labels[k] for k in kinds])
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set(xlabel="module", ylabel="layer", title="LoRA-drop: importance (% of Σ||ΔW x||²) and plan")
     fig.colorbar(shown, ax=ax, label="importance (%)")

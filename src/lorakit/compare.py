@@ -77,7 +77,10 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo) -> MethodRe
     run_dir = directory / method
     if (run_dir / "report.json").is_file():
         echo(f"{method}: already trained, reusing {run_dir}")
-        return collect(method, run_dir)
+        try:
+            return collect(method, run_dir)
+        except LorakitError as err:  # one damaged run: the others still compare
+            return MethodResult(method, "failed", f"{err}; remove {run_dir} to train {method} again")
     config_file = directory / f".{method}.yaml"
     method_cfg = dataclasses.replace(with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory),
                                      resume=None, overwrite=False)
@@ -116,15 +119,56 @@ def run_showing_progress(command: list[str]) -> tuple[int, str]:
     return process.wait(), tail.decode("utf-8", errors="replace")
 
 
+# what `rows` reads of a run's report.json: numbers (final_loss may be NaN: a run that diverged at its end)
+REPORT_NUMBERS = ("steps", "train_seconds", "trainable_params", "total_params", "adapter_bytes", "peak_memory_mb",
+                  "tokens_per_s", "final_loss")
+
+
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """A finished run's report.json, checked for what the comparison reads, or a one-line error naming the file."""
+    import math
+
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    except (ValueError, RecursionError):
+        raise LorakitError(f"{path} is damaged (not valid JSON)") from None
+
+    def number(value: Any, finite: bool = True) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if isinstance(value, int):
+            return abs(value) < 2**63  # a 400-digit integer is no count (and no float)
+        return math.isfinite(value) or not finite
+
+    def scores(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and number(v, False) for k, v in value.items())
+
+    if not isinstance(report, dict):
+        raise LorakitError(f"{path} is damaged (a JSON {type(report).__name__}, not a run's report)")
+    wrong = [k for k in REPORT_NUMBERS if not number(report.get(k), finite=k != "final_loss")]
+    wrong += [k for k in ("before", "after") if not scores(report.get(k))]
+    wrong += [k for k in ("lr", "step_vs_limit") if report.get(k) is not None and not number(report[k])]
+    if report.get("metric") is not None and not isinstance(report["metric"], str):
+        wrong.append("metric")
+    if wrong:
+        raise LorakitError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type")
+    return report
+
+
 def collect(method: str, run_dir: Path) -> MethodResult:
-    report = json.loads((run_dir / "report.json").read_text())
+    report = read_report(run_dir)
     losses = []
     if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+            try:  # a damaged line (a kill mid-write, an edit) costs its point of the curve, nothing more
                 record = json.loads(line)
-                losses.append((int(record["step"]), float(record["loss"])))
-            except (ValueError, KeyError, TypeError):
+                step, loss = int(record["step"]), float(record["loss"])
+                if 0 <= step < 2**53:  # a step no float can plot is no step of this run
+                    losses.append((step, loss))
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
                 continue
     return MethodResult(method, "done", report=report, losses=losses)
 
@@ -253,24 +297,26 @@ def write_html(results: list[MethodResult], records: list[dict[str, Any]], limit
     done = [r for r in records if r["status"] == "done"]
     images = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        if r.losses:
-            ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method)
+    for index, r in enumerate(r for r in results if r.losses):
+        # each its own dash and marker: a curve drawn over another (lora-fa on lora) still shows
+        ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], label=r.method, **html_report.line_style(index, len(r.losses)))
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    ax.legend()
+    if ax.get_lines():
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the curves, not over them
     images.append(("Training loss of every method", html_report.png(fig)))
     if done and any(r["metric_after"] is not None for r in done):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for r in done:
-            if r["metric_after"] is not None:
-                ax.scatter(r["trainable_params"], r["metric_after"], s=40)
-                ax.annotate(r["method"], (r["trainable_params"], r["metric_after"]), textcoords="offset points", xytext=(5, 5))
-        ax.set_xscale("log")
-        ax.set(xlabel="trainable parameters (log scale)", ylabel=f"held-out {done[0]['metric']}",
+        shown = [r for r in done if r["metric_after"] is not None]
+        for index, r in enumerate(shown):
+            ax.scatter(r["trainable_params"], r["metric_after"], s=40, marker=html_report.MARKERS[index % len(html_report.MARKERS)])
+        html_report.parameter_axis(ax, [r["trainable_params"] for r in shown])
+        html_report.place_labels(ax, [r["trainable_params"] for r in shown], [r["metric_after"] for r in shown],
+                                 [r["method"] for r in shown])
+        ax.set(xlabel="trainable parameters" + (" (log scale)" if ax.get_xscale() == "log" else ""), ylabel=f"held-out {done[0]['metric']}",
                title="Held-out metric against trainable parameters")
         images.append(("Held-out metric against trainable parameters", html_report.png(fig)))
     if done:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)  # the method names once, at the left
         names = [r["method"] for r in done]
         left.barh(names, [r["peak_memory_mib"] for r in done])
         left.set(xlabel="peak memory (MiB)", title="Peak memory")
@@ -303,11 +349,13 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     {method: {key: value}}, that method's own settings (see `method_run_config`)."""
     per_method = per_method or {}
     from .methods import METHODS
-    from .train.config import ALIASES
+    from .train.config import ALIASES, method_names, unknown_method
 
     unknown = [m for m in methods if m not in METHODS and m not in ALIASES]
-    if unknown or not methods:
-        raise LorakitError(f"--methods: unknown {unknown or 'none given'}; choose from {', '.join(sorted(METHODS) + list(ALIASES))}")
+    if unknown:
+        raise unknown_method(unknown[0], METHODS, "--methods entry")
+    if not methods:
+        raise LorakitError(f"--methods: none given; choose from {', '.join(method_names(METHODS))}")
     directory.mkdir(parents=True, exist_ok=True)
     strangers = sorted(set(per_method) - set(methods))
     if strangers:

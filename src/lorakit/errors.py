@@ -27,6 +27,32 @@ def short_repr(value: Any) -> str:
     return shortener.repr(value)
 
 
+def closest(word: Any, choices: Any) -> str | None:
+    """The one of `choices` closest to `word` (difflib, case aside), or None when none is close."""
+    import difflib
+
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close and by_lower[close[0]] != str(word) else None
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """` (did you mean 'lora'?)` when `word` is close to one of `choices`, else ''."""
+    found = closest(word, choices)
+    return f" (did you mean {found!r}?)" if found is not None else ""
+
+
+def check_text(text: str, where: str) -> str:
+    """`text`, when a tokenizer can take it: no lone surrogate (a JSON escape such as "\\ud800" without its
+    pair, or bytes of a command-line argument that are not UTF-8), else one `LorakitError` line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LorakitError(f"{where} holds an invalid character ({text[err.start]!r}: a lone surrogate, from an escape "
+                           "such as \\ud800 without its pair or from bytes that are not UTF-8)") from None
+    return text
+
+
 _SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
 _INT_LIMIT = 2**31  # ranks, steps, seeds: anything larger is a typo or an attack, never a setting
 _FLOAT_LIMIT = 3.0e38  # a float that a float32 tensor can hold

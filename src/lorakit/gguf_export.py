@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -202,7 +203,10 @@ def export_adapter(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str
         writer.add_name(description or f"lorakit {method} adapter")
 
     size = _write_gguf(out, layout.architecture, add_metadata, plan)
-    notes = [f"{len(pairs)} adapted weights; run it in llama.cpp: llama-cli -m BASE.gguf --lora {out}"]
+    base = shlex.quote(str(layout.base_file)) if layout.base_file is not None else "BASE.gguf"
+    notes = [f"{len(pairs)} adapted weights; run it in llama.cpp: llama-cli -m {base} --lora {shlex.quote(str(out))}"]
+    if layout.base_file is None:
+        notes.append("BASE.gguf: this base model converted by llama.cpp's convert_hf_to_gguf.py")
     adapted = sum(1 for _ in inject.adapted_layers(model, name))
     if len(pairs) < adapted:
         notes.append(f"{adapted - len(pairs)} module(s) kept no rank (their change is zero) and are not written")

@@ -157,7 +157,59 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
             raise GGUFHeaderError(f"{path}: tensor {name!r} ends at byte {data_start + offset + n_bytes}, past the end "
                                   f"of the file ({size} bytes): the file is truncated or damaged")
         table.append(_GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, n_bytes))
+    _check_header_values(path, metadata)
     return metadata, table
+
+
+# the model settings a header states (under its architecture's prefix): integers, at least 1 and at most
+# this (a layer count of 2^31 would be built before any tensor is read), or positive finite numbers
+_HEADER_INTS = {"block_count": 1 << 12, "context_length": 1 << 24, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+                "attention.head_count": 1 << 16, "attention.head_count_kv": 1 << 16, "attention.key_length": 1 << 16,
+                "attention.value_length": 1 << 16, "rope.dimension_count": 1 << 16, "vocab_size": 1 << 24}
+_HEADER_FLOATS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base", "rope.scaling.factor")
+_TOKEN_IDS = ("bos", "eos", "pad", "unknown", "sep", "eot")
+
+
+def _check_header_values(path: str, metadata: dict) -> None:
+    """Refuse a header whose model settings no model can have (a layer count of 0, a string where a
+    number goes, a token id past the vocabulary): transformers would fail on each in its own words,
+    deep inside building the config, the tokenizer or the model."""
+    architecture = metadata["general.architecture"]
+
+    def refuse(key: str, value, wanted: str) -> GGUFHeaderError:
+        shown = value if not isinstance(value, (list, str)) or len(str(value)) < 60 else f"{str(value)[:60]}..."
+        return GGUFHeaderError(f"{path}: the header's {key} is {shown!r}; {wanted} (a damaged or hand-edited file)")
+
+    for suffix, limit in _HEADER_INTS.items():
+        key = f"{architecture}.{suffix}"
+        if key in metadata:
+            value = metadata[key]
+            per_layer = suffix in ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+            values = value if isinstance(value, list) and per_layer else [value]  # some models set these per layer
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+                raise refuse(key, value, f"expected a whole number from 1 to {limit}")
+    for suffix in _HEADER_FLOATS:
+        key = f"{architecture}.{suffix}"
+        if key in metadata:
+            value = metadata[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise refuse(key, value, "expected a positive finite number")
+    heads, kv_heads = metadata.get(f"{architecture}.attention.head_count"), metadata.get(f"{architecture}.attention.head_count_kv")
+    width = metadata.get(f"{architecture}.embedding_length")
+    if isinstance(heads, int) and isinstance(width, int) and f"{architecture}.attention.key_length" not in metadata and width % heads:
+        raise refuse(f"{architecture}.attention.head_count", heads, f"it must divide the embedding length {width}")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise refuse(f"{architecture}.attention.head_count_kv", kv_heads, f"it must divide the head count {heads}")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if "tokenizer.ggml.tokens" in metadata:
+        count = tokens.count if isinstance(tokens, _GGUFArray) else len(tokens) if isinstance(tokens, list) else 0
+        if count < 1:
+            raise refuse("tokenizer.ggml.tokens", tokens, "expected the vocabulary, a list of token strings")
+        for name in _TOKEN_IDS:
+            key = f"tokenizer.ggml.{name}_token_id"
+            value = metadata.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count):
+                raise refuse(key, value, f"expected a token id below the vocabulary's {count} tokens")
 
 
 def _gguf_tensor_table(path: Path) -> tuple[str, list[_GGUFTensorInfo]]:

@@ -1,6 +1,6 @@
 """Training hooks: how a method acts during training without owning the loop.
 
-Fixed points of a training step, in order::
+Fixed points of a training step, in order:
 
     before_training(model, probe)        once, before the first step (LoRA-drop's probe); never
                                           again on resume: what it decided is in the adapter's
@@ -13,7 +13,7 @@ Fixed points of a training step, in order::
                                           AdaLoRA's rank allocation)
     optimizer.zero_grad()
 
-lorakit's trainer calls these; a user with their own loop calls them the same way::
+lorakit's trainer calls these; a user with their own loop calls them the same way:
 
     hooks = lorakit.training_hooks(model)
     hooks.before_training(model, lorakit.hooks.Probe(sample_batches))   # a list of batches is fine too
@@ -37,7 +37,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import inject
+from . import adapted_layer, inject
+from .errors import LorakitError
 
 
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -146,6 +147,9 @@ def training_hooks(model: nn.Module, total_steps: int | None = None) -> Hooks:
     state = inject.lorakit_state(model)
     if state is None or not state.configs:
         inject.adapter_config(model)  # the usual "no adapter" error
+    merged = adapted_layer.merged_trainable(model)
+    if merged:
+        raise LorakitError(adapted_layer.MERGED_TRAINING.format(names=merged))
     hooks: list[Any] = []
     for name in state.active:
         hooks.extend(state.configs[name].training_hooks(model, name, total_steps))

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import inject
 from .base_layers import is_conv1d
+from .errors import LorakitError
 from .methods.base import AdapterConfig, config_from_dict, config_from_peft
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -120,7 +121,14 @@ def save(
 
 def _save_one(model: nn.Module, name: str, out: Path, base_model_name_or_path: str | None, quantization) -> None:
     config = inject.adapter_config(model, name)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LorakitError(f"cannot save the adapter to {out}: a file is there; an adapter is a directory (give "
+                           "a new or existing directory)") from None
+    except OSError as err:
+        raise LorakitError(f"cannot save the adapter to {out}: {err.strerror or err}"
+                           + (f" ({err.filename})" if err.filename and str(err.filename) != str(out) else "")) from None
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
     # Shared adapters appear under several names: safetensors refuses shared storage, so copy.
     seen: set[int] = set()

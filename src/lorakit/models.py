@@ -122,6 +122,25 @@ def load_tokenizer(spec: str | None = None, task: str = "causal-lm"):
     return tokenizer
 
 
+def load_config(spec: str | None = None, task: str = "causal-lm"):
+    """The transformers config of a model (built-in, local directory or GGUF), without its weights."""
+    from transformers import AutoConfig
+
+    _offline()
+    directory, gguf = resolve_model_path(spec, task)
+    return _gguf_config(directory / gguf) if gguf else AutoConfig.from_pretrained(directory)
+
+
+def max_positions(config) -> int | None:
+    """The positions a model was built for (`max_position_embeddings`, GPT-2's `n_positions`), or None.
+    Past them a model with learned positions fails and a rotary one reads text it never saw."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM (default: SmolLM2-135M-Instruct), offline.
 
@@ -190,6 +209,13 @@ def stream_causal_lm(
         except AttributeError:
             unexpected.append(name)
             continue
+        expected = module._parameters.get(attr, module._buffers.get(attr))
+        if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} is {tuple(tensor.shape)} in the file but "
+                             f"{tuple(expected.shape)} in the model its {'header' if gguf else 'config.json'} describes: "
+                             "the file's settings and its tensors disagree (a damaged or hand-edited file)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} holds NaN or infinite values (a damaged file)")
         tensor = tensor.to(dtype)
         if module_name in replaced and attr == "weight":
             layer = replace(module, tensor)

@@ -17,6 +17,8 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     (defaults when the adapter was not written by `lorakit train`)."""
     if adapter is None:
         return None, TrainConfig()
+    if not adapter.strip():  # Path("") is the current directory
+        raise LorakitError("the adapter path is empty; give an adapter or run directory (runs/<name>)")
     path = Path(adapter)
     if not path.exists():
         raise LorakitError(f"adapter path {path} does not exist")
@@ -32,6 +34,16 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     if (run_dir / "config.yaml").is_file():
         cfg = config_mod.from_dict(config_mod.load_yaml(run_dir / "config.yaml"))
     return path, cfg
+
+
+def chosen_task(given: str | None, cfg: TrainConfig, adapter: Path | None) -> str:
+    """The task a command loads the model for: `--task`, else the run's. A `--task` other than the one
+    the run trained is a warning (not an error: a user may mean it), since the model then gets an
+    output head the adapter never trained with."""
+    if given is not None and adapter is not None and (adapter.parent / "config.yaml").is_file() and given != cfg.task:
+        print(f"warning: {adapter.parent} trained a {cfg.task} model; --task {given} loads the base as a {given} model, "
+              "with an output head this adapter was not trained with", file=sys.stderr)
+    return given or cfg.task
 
 
 def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2,

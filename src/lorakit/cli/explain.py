@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError
+from ..errors import LorakitError, check_text, did_you_mean, short_repr
 
 TASKS = ("causal-lm", "classify", "regress")
 MAX_NEW_TOKENS = 1024
+JOB_KEYS = ("prompt", "text", "completion", "text_pair", "label")
 MAX_TOKENS = 2048  # prompt + completion: the attribution's backward passes keep every activation
 
 
@@ -104,6 +106,10 @@ def read_jobs(args: argparse.Namespace) -> list[Job]:
             raise LorakitError("give a prompt (lorakit explain --adapter RUN \"PROMPT\") or --prompts FILE")
         if not args.prompt.strip():
             raise LorakitError("the prompt is empty")
+        for text, what in ((args.prompt, "the prompt"), (args.completion, "--completion"), (args.text_pair, "--text-pair"),
+                           (args.label, "--label")):
+            if text is not None:
+                check_text(text, what)
         return [Job(args.prompt, "the prompt", args.completion, args.text_pair, args.label)]
     if args.prompt is not None:
         raise LorakitError("--prompts takes the prompts from the file: drop the positional prompt")
@@ -111,7 +117,7 @@ def read_jobs(args: argparse.Namespace) -> list[Job]:
         raise LorakitError("with --prompts, give each line's \"completion\", \"text_pair\" or \"label\" in the file, not as a flag")
     path = Path(args.prompts)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first line
     except (OSError, UnicodeDecodeError) as err:
         raise LorakitError(f"cannot read --prompts {path}: {err}") from None
     jobs = []
@@ -126,15 +132,26 @@ def read_jobs(args: argparse.Namespace) -> list[Job]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise LorakitError(f"{where}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise LorakitError(f"{where}: JSON nested too deeply") from None
+        except ValueError:  # an integer of more digits than Python converts
+            raise LorakitError(f"{where}: a number with too many digits (over {sys.get_int_max_str_digits()})") from None
+        if not isinstance(record, dict):  # `{} []`-like lines fail to parse; kept for safety
+            raise LorakitError(f"{where}: expected a JSON object, got {type(record).__name__}")
         prompt = record.get("prompt", record.get("text"))
         if not isinstance(prompt, str) or not prompt.strip():
-            raise LorakitError(f"{where}: needs a non-empty string \"prompt\" (or \"text\")")
+            typo = did_you_mean(next(iter(record), ""), JOB_KEYS) if "prompt" not in record and "text" not in record else ""
+            raise LorakitError(f"{where}: needs a non-empty string \"prompt\" (or \"text\"), got "
+                               f"{short_repr(prompt)}{typo}")
         for key in ("completion", "text_pair"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise LorakitError(f"{where}: \"{key}\" must be a string, got {type(record[key]).__name__}")
         label = record.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
-            raise LorakitError(f"{where}: \"label\" must be a class name or index, got {label!r}"[:200])
+            raise LorakitError(f"{where}: \"label\" must be a class name or index, got {short_repr(label)}")
+        for key in ("prompt", "text", "completion", "text_pair", "label"):
+            if isinstance(record.get(key), str):
+                check_text(record[key], f"{where}: \"{key}\"")
         jobs.append(Job(prompt, where, record.get("completion"), record.get("text_pair"), label, record))
     if not jobs:
         raise LorakitError(f"{path}: no prompts")
@@ -194,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import analysis, inject, io
     from ..explain import core, page, summary
     from ..train.loading import num_outputs, pick_device
-    from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+    from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     outputs = check_outputs(args, adapter)
-    task = args.task or cfg.task
+    task = chosen_task(args.task, cfg, adapter)
     jobs = read_jobs(args)
     check_jobs(jobs, task)
     try:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LorakitError
-from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     model_spec = args.model if args.model is not None else cfg.model
-    task = args.task or cfg.task
+    task = chosen_task(args.task, cfg, adapter)
     try:
         config, _ = io.read_config(adapter)
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -34,7 +34,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         original.update(analysis.snapshot_base_weights(model, names))
 
     model, _ = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)), before_load=snapshot)
-    found = analysis.changes(model, original)
+    found = analysis.changes(model, original, progress=args.progress)
     print(f"{adapter} ({config.method}) on {model_spec or 'the built-in model'}")
     print(analysis.summary_text(found))
     if args.json:

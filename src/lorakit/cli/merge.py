@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LorakitError
-from .adapters import adapter_dir_and_config, load_adapted, trained_labels
+from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
 
 
 def check_merge_target(out: Path, model_spec: str | None, adapter: Path) -> None:
@@ -30,7 +30,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model_spec = args.model if args.model is not None else cfg.model
     out = Path(args.out)
     check_merge_target(out, model_spec, adapter)  # before any model is loaded
-    task = args.task or cfg.task
+    task = chosen_task(args.task, cfg, adapter)
     from ..train.loading import num_outputs
 
     model, tokenizer = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)))

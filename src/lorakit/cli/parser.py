@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
+import sys
 
-from ..errors import LorakitError
+from ..errors import LorakitError, did_you_mean, short_repr
 from ..train import config as config_mod
 from ..train.config import TrainConfig
 from .compare import cmd_compare
@@ -39,10 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) 
         if f.name in config_mod.CHOICES:
             help_text += f" Choices: {', '.join(config_mod.CHOICES[f.name])}."
         if f.name == "method":
-            from ..methods import METHODS
-            from ..train.config import ALIASES
-
-            help_text += f" Choices: {', '.join(sorted(METHODS) + list(ALIASES))}."
+            help_text += f" Choices: {', '.join(config_mod.method_names())}."
         shown_default = "" if default is None else f" (default: {default})"  # a None default is explained in prose
         if kinds[f.name] is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -82,10 +82,74 @@ def positive_int(text: str) -> int:
     return value
 
 
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 (greedy) or a finite positive number; -1 or nan is a mistake, not greedy."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
+    if 0 < value < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: sampling fails deep inside transformers
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (below, sampling is greedy "
+                                         f"in all but name and the scaled logits overflow), got {text}")
+    return value
+
+
+MIN_TEMPERATURE = 1e-3
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed as `train --seed` takes it (an integer below 2^31 in size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if abs(value) >= 2**31:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2147483647 to 2147483647, got {short_repr(value)}")
+    return value
+
+
 class OneLineErrors(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported as one line (`error: ...`, exit 2) like every other."""
+    """argparse, with a usage mistake reported as one line (`error: ...`, exit 2) like every other,
+    naming the sub-command whose flags it is about and the closest flag or choice to a typo."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 -- argparse's method
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # an unknown flag of a sub-command: reported by that sub-command's parser, with its own flags
+            commands = getattr(self, "commands", {})
+            owner = commands.get(getattr(namespace, "command", None), self)
+            flags = [s for action in owner._actions for s in action.option_strings]
+            first = next((e for e in extras if e.startswith("-")), extras[0])
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(first.split('=')[0], flags)}")
+        return namespace
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 -- argparse's method
+        self.given = list(sys.argv[1:] if args is None else args)  # a sub-command's parser gets its own arguments
+        return super().parse_known_args(args, namespace)
+
+    def unknown_flags(self) -> list[str]:
+        """The flags given to this parser that it does not know (an abbreviation of a known one is known)."""
+        flags = [s for action in self._actions for s in action.option_strings]
+        given = [a.split("=")[0] for a in getattr(self, "given", []) if a.startswith("--") and a != "--"]
+        return [g for g in given if not any(f.startswith(g) for f in flags)]
 
     def error(self, message: str):  # noqa: D102 -- argparse's hook
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", "))
+        unknown = self.unknown_flags() if message.startswith("the following arguments are required") else []
+        if unknown:  # `--adaptr x`: the typo is the mistake, not the missing --adapter
+            flags = [s for action in self._actions for s in action.option_strings]
+            message = f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown[0], flags)}; {message}"
+        elif message.startswith("the following arguments are required"):
+            # a flag of its own that is one letter from the missing one (compare's --method for --methods)
+            missing = re.findall(r"--[\w-]+", message)
+            given = [a.split("=")[0] for a in getattr(self, "given", []) if a.startswith("--")]
+            near = [(g, m) for g in given for m in missing if did_you_mean(g, [m])]
+            if near:
+                message += f" (did you mean {near[0][1]!r} for {near[0][0]!r}?)"
         self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -95,6 +159,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     the registered methods, which imports torch, and `lorakit --help` starts without it."""
     everything = command is None
     parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge, export to GGUF.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -124,6 +191,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples (spread over the data)")
     ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a progress bar on stderr (only where stderr is a terminal)")
     ev.set_defaults(func=cmd_eval)
 
     cmp = sub.add_parser("compare", help="train several methods on the same data, steps and seed; table + HTML report",
@@ -147,6 +216,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
     ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
+    ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="a progress bar on stderr (only where stderr is a terminal)")
     ins.set_defaults(func=cmd_inspect)
 
     add_explain_parser(sub)
@@ -156,13 +227,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
                      help="adapter or run directory; repeat to load several on one base (named NAME, or after the run)")
     gen.add_argument("--use", metavar="NAME", help="the adapter for the prompt (default: the first; __base__ for none)")
-    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or plain lines): "
+    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or a text file of plain lines): "
                      "generated in one batch, each prompt through its own adapter; prints JSONL")
     gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together with --prompts")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above 0 samples (a finite number)")
+    gen.add_argument("--seed", type=seed, default=0, help="the sampling's random seed (with --temperature above 0)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                      help="wrap the prompt in the tokenizer's chat template")
     gen.set_defaults(func=cmd_generate)
@@ -186,4 +257,5 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", help="output file (default: runs/<name>/adapter.gguf or merged-<outtype>.gguf)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.set_defaults(func=cmd_export)
+    parser.commands = dict(sub.choices)
     return parser

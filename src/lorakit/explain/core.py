@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .. import inject
 from ..analysis import INERT, _layer_and_kind
 from . import attribution as attribution_mod
 from .probe import instrumented
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TASKS = ("causal-lm", "classify", "regress")
 
@@ -320,7 +323,7 @@ def _depth_checks(model: nn.Module, tracer, scored: Scored, task: str, base_valu
     return [DepthCheck(band, change[i].tolist(), change[len(bands) + i].tolist()) for i, band in enumerate(bands)]
 
 
-def explain(model: nn.Module, tokenizer, prompt: str, *, task: str = "causal-lm", completion: str | None = None,
+def explain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *, task: str = "causal-lm", completion: str | None = None,
             text_pair: str | None = None, label: int | None = None, label_names: list[str] | None = None,
             max_new_tokens: int = 16, top: int = 5, components: int = 8, steps: int | None = None,
             original: dict[str, torch.Tensor] | None = None) -> Explanation:

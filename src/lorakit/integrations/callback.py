@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .. import inject, io
+from .. import adapted_layer, inject, io
 from ..errors import LorakitError
 from ..hooks import Hooks, training_hooks
 from .checkpoints import finite_exact_state, save_training_state
@@ -97,7 +97,7 @@ def make_inputs_require_grad(model: nn.Module) -> None:
 
 class LorakitCallback(TrainerCallback):
     """lorakit's training hooks, adapter-only checkpoints and gradient checkpointing, inside any
-    `transformers.Trainer`::
+    `transformers.Trainer`:
 
         model = lorakit.adapt(model, lorakit.AdaLoRA(init_r=12, target_r=4))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[LorakitCallback()])
@@ -169,6 +169,9 @@ class LorakitCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         model = require_adapted(model)
+        merged = adapted_layer.merged_trainable(model)
+        if merged:
+            raise LorakitError(adapted_layer.MERGED_TRAINING.format(names=merged))
         self.install(model)  # a model swapped in since (model_init)
         if getattr(args, "load_best_model_at_end", False) and not self.managed:
             raise LorakitError("load_best_model_at_end loads the best checkpoint's weights where a plain Trainer looks "

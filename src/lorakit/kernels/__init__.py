@@ -4,11 +4,11 @@ Each kernel computes what a method's (or the NF4 format's) reference formula com
 against it in that formula's tests:
 
 - `fused_lora`: a frozen dense base and its LoRA pair as one autograd node (LoRA, LoRA-FA);
-  reference `methods/lora.py` (`LoRAAdapter.forward`), tests in tests/test_lora.py.
+  reference `methods/lora.py` (`LoRAAdapter.forward`), tests in tests/methods/test_lora.py.
 - `fused_vera`: the same for VeRA, with `x A^T` shared by the layers that read one activation;
-  reference `methods/vera.py` (`VeRAAdapter.forward`), tests in tests/test_vera.py.
+  reference `methods/vera.py` (`VeRAAdapter.forward`), tests in tests/methods/test_vera.py.
 - `nf4_native` (+ `_nf4_native.c`): NF4 dequantization in C on the CPU, loaded with ctypes;
-  reference `quant/nf4.py` (`dequantize_nf4_torch`), tests in tests/test_nf4_native.py.
+  reference `quant/nf4.py` (`dequantize_nf4_torch`), tests in tests/kernels/test_nf4_native.py.
 
 The method files keep the formula and call these where they apply. The kernels sit in the foundation
 layer (docs/ARCHITECTURE.md): they import nothing of lorakit above `base_layers` and `errors`. The

@@ -3,7 +3,7 @@ r"""The fused LoRA layer: a plain frozen dense (or 4-bit) base and its LoRA pair
 The reference formula is the method's own (`lorakit.methods.lora`: `y = x W0^T + s · dropout(x) A^T B^T`,
 `LoRAAdapter.forward`); this node computes the same output and gradients with fewer passes over
 the activations and, with dropout, without a dropped-out copy or a mask kept for backward
-(`kernels/dropout.py`), and `tests/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
+(`kernels/dropout.py`), and `tests/methods/test_lora.py` checks it against that formula. LoRA, LoRA-FA (A frozen)
 and VeRA's node (`fused_vera.py`) use `fusable_base` and `fused_dtype` to decide where it applies; over a
 4-bit base (QLoRA: `quantized_base`, `packed_dtype`) the node dequantizes the weight for each product
 and keeps no dense copy, as the base alone would.

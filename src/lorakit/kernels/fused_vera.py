@@ -1,7 +1,7 @@
 r"""The fused VeRA layer: a plain frozen dense base and its VeRA change as one autograd node.
 
 The reference formula is the method's own (`lorakit.methods.vera`: `y = x W0^T + b ⊙ ((d ⊙ (x A^T)) B^T)`,
-`VeRAAdapter.forward`); `tests/test_vera.py` checks this node against it. Three pieces:
+`VeRAAdapter.forward`); `tests/methods/test_vera.py` checks this node against it. Three pieces:
 
 - `SharedDownProjection`: the frozen projection `A` every VeRA layer of a model reads, with `x A^T`
   computed once for the layers that read the same activation (q/k/v; gate/up);

@@ -15,13 +15,14 @@ import os
 import textwrap
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import LorakitError, short_repr
+from ..errors import LorakitError, closest, did_you_mean, short_repr
 
 
 @dataclass
@@ -131,8 +132,31 @@ class TrainConfig:
     """Show the progress bar."""
 
 
-# method names that are LoRA with other settings (expanded by lorakit.train.loop.expand_aliases)
+# method names that are LoRA with other settings (expanded by lorakit.train.method_config.expand_aliases)
 ALIASES = ("qlora", "lora-plus")
+# the methods lorakit registers (`lorakit.methods.METHODS`; tests hold the two equal): named here so that
+# `--help` lists them without importing the methods, and torch with them
+BUILTIN_METHODS = ("adalora", "delta-lora", "dora", "lora", "lora-drop", "lora-fa", "vera")
+
+
+def method_names(registered: Iterable[str] = BUILTIN_METHODS) -> list[str]:
+    """The names `--method` takes: the registered methods (default: lorakit's own), then the aliases.
+    `--help` and every unknown-method error list these."""
+    return sorted(set(registered)) + [a for a in ALIASES if a not in registered]
+
+
+def unknown_method(name: Any, registered: Iterable[str], flag: str = "method") -> LorakitError:
+    """The error for a method name that is not one: the names there are, and the closest."""
+    names = method_names(registered)
+    return LorakitError(f"unknown {flag} {short_repr(name)}; choose from: {', '.join(names)}{did_you_mean(name, names)}")
+
+# the names transformers' TrainingArguments and PEFT's LoraConfig give lorakit's fields (a config file
+# written for them gets the lorakit name in its error)
+HF_NAMES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs", "output_dir": "out_dir",
+            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "max_grad_norm": "grad_clip", "lr_scheduler_type": "schedule", "target_modules": "targets",
+            "lora_alpha": "alpha", "lora_dropout": "dropout", "modules_to_save": "train_modules", "rank": "r",
+            "max_seq_length": "max_length", "use_rslora": "method_args", "save_steps": "checkpoint_every"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("causal-lm", "classify", "regress"),
@@ -222,7 +246,7 @@ def convert(name: str, value: Any) -> Any:
     except ValueError:
         raise LorakitError(f"{name}: expected {kind.__name__}, got {short_repr(value)}") from None
     if name in CHOICES and value not in CHOICES[name]:
-        raise LorakitError(f"{name}: {short_repr(value)} is not one of {', '.join(CHOICES[name])}")
+        raise LorakitError(f"{name}: {short_repr(value)} is not one of {', '.join(CHOICES[name])}{did_you_mean(value, CHOICES[name])}")
     return value
 
 
@@ -235,7 +259,9 @@ def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainCon
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise LorakitError(f"unknown config field(s) {short_repr(unknown)}; known: {', '.join(sorted(known))}")
+        hints = [f"{HF_NAMES.get(k) or closest(k, known)!r} for {k!r}" for k in unknown if k in HF_NAMES or closest(k, known)]
+        raise LorakitError(f"unknown config field(s) {short_repr(unknown)}; known: {', '.join(sorted(known))}"
+                           + (f" (did you mean {'; '.join(hints)}?)" if hints else ""))
     return dataclasses.replace(base or TrainConfig(), **{k: convert(k, v) for k, v in data.items()})
 
 
@@ -280,6 +306,25 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the optimizer applies its step sizes to float32 weights
+
+
+def _check_step_sizes(config: TrainConfig) -> None:
+    """Learning rates (and the products the optimizer forms from them) that a float32 weight can take:
+    1e39 is a finite number in the config, and an overflow error in the first optimizer step."""
+    if config.lr is None:
+        return
+    sizes = {"lr": config.lr}
+    if config.loraplus_ratio is not None:
+        sizes["lr x loraplus_ratio"] = config.lr * config.loraplus_ratio
+    if config.weight_decay:
+        sizes["lr x weight_decay"] = config.lr * config.weight_decay
+    for name, value in sizes.items():
+        if value > FLOAT32_MAX:
+            raise LorakitError(f"{name} = {value:g} is larger than the float32 weights can take ({FLOAT32_MAX:.3g}): the "
+                               "first optimizer step would overflow; learning rates are typically 1e-5 to 1e-2")
+
+
 def validate(config: TrainConfig) -> None:
     """Checks that need more than one field, or ranges; raises a one-line error."""
     if config.steps is not None and config.steps <= 0:
@@ -293,6 +338,7 @@ def validate(config: TrainConfig) -> None:
         raise LorakitError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if config.lr is not None and config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
+    _check_step_sizes(config)
     if config.name is not None and (not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\")
                                     or not config.name.isprintable()):
         raise LorakitError(f"name {config.name!r} must be a plain directory name (no path separators, no control "

@@ -7,6 +7,7 @@ GGUF loader draws a progress bar per tensor whatever its logging says; loading t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from .. import models
 from ..errors import LorakitError
 from ..quant import load_quantized_causal_lm, quantize
+from .config import TrainConfig
 from .distributed import SingleProcess
 
 SEQUENCE_TASKS = ("classify", "regress")  # a head over an encoder's (or decoder's) sequence output
@@ -35,6 +37,11 @@ def load_tokenizer(spec: str | None, task: str):
         return models.load_tokenizer(spec, task)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise LorakitError(str(err).splitlines()[0]) from None
+    except Exception as err:  # noqa: BLE001 -- building a tokenizer from a user's file fails in many types (a bare
+        # Exception from the tokenizers library, IndexError and TypeError from transformers' GGUF conversion)
+        kind = "" if type(err) is Exception else f"{type(err).__name__}: "
+        raise LorakitError(f"cannot build the tokenizer of {spec or 'the built-in model'}: {kind}"
+                           f"{' '.join(str(err).split())[:300]}") from None
 
 
 @contextlib.contextmanager
@@ -71,6 +78,22 @@ def load_model(spec: str | None, task: str, num_labels: int, tokenizer, quantiza
             return model
     except (FileNotFoundError, ValueError, OSError, TypeError) as err:
         raise LorakitError(str(err).splitlines()[0]) from None
+
+
+def fit_max_length(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """The config with `max_length` cut to the positions the model reads (a longer example fails inside
+    the model, e.g. BERT's 512 learned positions), and a note saying so where the user chose the
+    length; read from the model's config alone, before the data is encoded and the weights load."""
+    try:
+        limit = models.max_positions(models.load_config(cfg.model, "classify" if cfg.task in SEQUENCE_TASKS else cfg.task))
+    except Exception:  # noqa: BLE001 -- an unreadable model is reported, in one line, where it loads
+        return cfg, None
+    if limit is None or cfg.max_length <= limit:
+        return cfg, None
+    chosen = cfg.max_length != TrainConfig().max_length  # the default needs no note: the model's limit is the default then
+    note = (f"--max-length {cfg.max_length} is above the {limit} positions {cfg.model or 'the built-in model'} reads: "
+            f"examples are cut to {limit} tokens") if chosen else None
+    return dataclasses.replace(cfg, max_length=limit), note
 
 
 def num_outputs(task: str, labels: list[str]) -> int:

@@ -43,7 +43,15 @@ from . import evaluate
 from .config import TrainConfig
 from .distributed import SingleProcess, strategy_for
 from .limit import LimitProbe, limit_summary
-from .loading import SEQUENCE_TASKS, enable_checkpointing, load_model, load_tokenizer, num_outputs, use_bf16
+from .loading import (
+    SEQUENCE_TASKS,
+    enable_checkpointing,
+    fit_max_length,
+    load_model,
+    load_tokenizer,
+    num_outputs,
+    use_bf16,
+)
 from .method_config import check_config, method_config
 from .probe import run_probe
 from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
@@ -131,6 +139,9 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
     bf16 = use_bf16(cfg.precision, device)
 
     resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+    cfg, note = fit_max_length(cfg)
+    if note:
+        say(f"note: {note}")
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     datasets = build_datasets(cfg, tokenizer)
     if datasets.columns:
@@ -179,7 +190,7 @@ def set_up(cfg: TrainConfig, echo, strategy: SingleProcess) -> Run:
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
         say(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
-        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch)
+        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch, cfg.progress and strategy.is_main)
         say(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     try:
         hooks: Hooks = training_hooks(model, total_steps)
@@ -369,7 +380,8 @@ def finish(run: Run) -> RunResult:
     if strategy.is_main or strategy.sharded:  # a sharded forward needs every process
         run.echo(f"measuring {describe_eval(run.datasets)} after training ...")
         t0 = time.perf_counter()
-        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch)
+        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch,
+                        run.cfg.progress and run.strategy.is_main)
         run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     with strategy.gathered(run.model):  # sharded base weights the adapter file holds (Delta-LoRA's)
         if strategy.is_main:

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import LorakitError, did_you_mean
 from ..methods import METHODS
-from .config import TrainConfig, validate
+from .config import TrainConfig, unknown_method, validate
 from .loading import SEQUENCE_TASKS
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -58,7 +58,7 @@ def method_config(cfg: TrainConfig, model: nn.Module):
     newly registered method works without changes here. Common flags (r, alpha, dropout,
     targets, train_modules) are passed only to methods that have such fields."""
     if cfg.method not in METHODS:
-        raise LorakitError(f"unknown method {cfg.method!r}; choose from: {', '.join(sorted(METHODS))}")
+        raise unknown_method(cfg.method, METHODS)
     cls = METHODS[cfg.method]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     targets: Any = cfg.targets
@@ -76,11 +76,13 @@ def method_config(cfg: TrainConfig, model: nn.Module):
             continue
         name = cls.flag_fields.get(flag, flag)
         if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}")
+            raise LorakitError(f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}"
+                               f"{did_you_mean(flag, fields)}")
         kwargs[name] = value
     for name, value in cfg.method_args.items():
         if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}")
+            raise LorakitError(f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}"
+                               f"{did_you_mean(name, fields)}")
         kwargs[name] = value
     try:
         return cls(**kwargs)

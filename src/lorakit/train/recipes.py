@@ -9,9 +9,9 @@ trains only two scaling vectors (b starting at zero). Measured on SST-2 with all
 | method | dev accuracy by learning rate | recipe (x LoRA's) |
 |---|---|---|
 | LoRA-FA | 1e-3: 51.15 (majority class), 3e-3: 77.87, 1e-2: 77.87, 3e-2: 50.92 | 3x |
-| AdaLoRA | 1e-3: 73.51, 1e-2: 78.02 (README, issue 10) | 10x |
+| AdaLoRA | 1e-3: 73.51 (8,000 sentences), 1e-2: 78.02 (three seeds) | 10x |
 | VeRA | 1e-3: 50.92, 3e-3: 50.92, 1e-2: 60.09, 3e-2: 75.34 | 30x |
-| LoRA+ (ratio 16) | 1e-3: diverged (B at 1.6e-2), 2.5e-4: 77.75 (README quality table) | 1/4x (B: 4x) |
+| LoRA+ (ratio 16) | 1e-3: diverged (B at 1.6e-2), 2.5e-4: 77.75 | 1/4x (B: 4x) |
 
 The others (LoRA, DoRA, Delta-LoRA, LoRA-drop) train the same pair as LoRA and take its rate. LoRA's
 own default, 2e-3, is what the built-in job (reverse-words, SmolLM2) was tuned with; the ratios were

@@ -110,18 +110,20 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None,
 
 
 def measure(datasets: Datasets, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device,
-            bf16: bool, batch_size: int) -> dict[str, float]:
-    """The held-out metrics of the task (empty without held-out data)."""
+            bf16: bool, batch_size: int, progress: bool = False) -> dict[str, float]:
+    """The held-out metrics of the task (empty without held-out data); `progress`: a bar on stderr
+    (a terminal only)."""
     if not examples:
         return {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if datasets.task == "classify":
-        return evaluate.classify_scores(model, examples, pad, batch_size, device, bf16, len(datasets.labels))
+        return evaluate.classify_scores(model, examples, pad, batch_size, device, bf16, len(datasets.labels), progress)
     if datasets.task == "regress":
-        return evaluate.regress_scores(model, examples, pad, batch_size, device, bf16)
-    result = evaluate.causal_lm_loss(model, examples, pad, batch_size, device, bf16)
+        return evaluate.regress_scores(model, examples, pad, batch_size, device, bf16, progress)
+    result = evaluate.causal_lm_loss(model, examples, pad, batch_size, device, bf16, progress)
     if datasets.metric == "exact_match":
-        result.update(evaluate.exact_match(model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern))
+        result.update(evaluate.exact_match(model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern,
+                                           progress))
     return result
 
 

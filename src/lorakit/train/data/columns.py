@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import LorakitError
+from ...errors import LorakitError, did_you_mean
 from .records import FORMATS, GENERATION_COLUMNS, LABEL_COLUMNS, PAIR_COLUMNS, ROLES, TEXT_COLUMNS, Record, Where
 
 
@@ -25,7 +25,8 @@ def parse_columns(text: str) -> dict[str, str]:
 def check_column_roles(mapping: dict[str, str]) -> None:
     for role, column in mapping.items():
         if role not in ROLES:
-            raise LorakitError(f"--columns: {role!r} is not one of lorakit's columns ({', '.join(ROLES)})")
+            raise LorakitError(f"--columns: {role!r} is not one of lorakit's columns ({', '.join(ROLES)})"
+                               f"{did_you_mean(role, ROLES)}")
         if not isinstance(column, str) or not column:
             raise LorakitError(f"--columns: the column for {role!r} must be a column name (or a position from 1, "
                                f"written as a string: '4'), got {column!r}")
@@ -73,7 +74,7 @@ def map_columns(records: list[Record], explicit: dict[str, str], task: str, spec
     missing = [c for c in explicit.values() if c not in present]
     if missing:
         raise LorakitError(f"{spec}: --columns names {missing}, which the data does not have; its columns: "
-                           f"{', '.join(present)}")
+                           f"{', '.join(present)}{did_you_mean(missing[0], present)}")
     mapping = recognise_columns(set(present), task, explicit)
     mapped = [Record({role: record.data.get(column) for role, column in mapping.items() if record.data.get(column) is not None},
                      record.source, record.data) for record in records]
@@ -111,6 +112,10 @@ def check_records(records: list[Record], path: Any) -> str:
         this = detect_format(keys)
         if this is None:
             columns = sorted(record.columns or record.data)
+            empty = sorted(c for c, v in record.columns.items() if v is None)  # a null cell is no value
+            if empty:
+                raise LorakitError(f"{record.source}: {', '.join(map(repr, empty))} empty (null) in this row, which leaves "
+                                   f"no known layout in its columns {sorted(c for c in columns if c not in empty)}")
             raise LorakitError(
                 f"{record.source}: no known layout in the columns {columns}; expected one of: "
                 + "; ".join(f"{k} {v}" for k, v in FORMATS.items())

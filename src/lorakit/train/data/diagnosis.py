@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...errors import LorakitError
+from ...errors import LorakitError, short_repr
 from .records import _csv_rows
 
 
@@ -114,19 +114,26 @@ def _scan_json(path: Path) -> list[dict[str, Any]]:
     return obj
 
 
-def _diagnose_csv(path: Path, kind: str) -> str | None:
-    start, width = 1, None
+def _diagnose_csv(path: Path, kind: str, headerless: bool = False) -> str | None:
+    """The first row whose field count differs from the header's (the first row's, in a file without a
+    header row; blank rows aside), or None."""
+    start, width, header = 1, None, []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             for start, row in _csv_rows(f, kind):
                 if not row or all(not c.strip() for c in row):
                     continue
                 if width is None:
-                    width = len(row)
+                    width, header = len(row), [c.strip() for c in row]
                 elif len(row) != width:
                     if any("\n" in cell for cell in row):  # the reader ran to the end of the file inside quotes
                         return f"{path}:{start}: a quote opened on this line is never closed"
-                    return f"{path}:{start}: expected {width} columns, found {len(row)}"
+                    if headerless:
+                        return f"{path}:{start}: expected {width} columns, as in the first row, found {len(row)}"
+                    return (f"{path}:{start}: expected {width} columns, found {len(row)} (the header names "
+                            f"{short_repr(header)})")
     except csv.Error:
         return f"{path}:{start}: a quote opened on this line is never closed"
+    except UnicodeDecodeError:  # named by _diagnose_encoding
+        return None
     return None

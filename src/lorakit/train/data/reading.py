@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...errors import LorakitError
+from ...errors import LorakitError, short_repr
 from .columns import map_columns
-from .diagnosis import _blank, _diagnose, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
+from .diagnosis import _blank, _diagnose, _diagnose_csv, _diagnose_encoding, _first_line, _scan_json, _scan_jsonl
 from .records import SUFFIXES, Origin, Record, Where, _csv_rows, is_number
 
 
@@ -170,13 +170,22 @@ def _load_file(path: Path, kind: str, field_name: str | None = None, names: list
     """The rows of one file through `datasets.load_dataset` (its cache in a temporary directory:
     the rows are kept in memory, and a user's cache should not fill with copies of every file).
     `names`: the column names of a CSV/TSV file without a header row."""
+    if kind in ("csv", "tsv"):
+        # a row of another width than the header is misread, not refused, by pandas (one more field in
+        # every row turns the first column into an index): refused here, at its line
+        found = _diagnose_csv(path, kind, headerless=names is not None)
+        if found:
+            raise LorakitError(found)
     builder, options = _builder(path, kind, names)
     if field_name is not None:
         options["field"] = field_name
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="lorakit-data-") as cache:
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **options)
-            return table.to_list()
+            rows = table.to_list()
+            if kind in ("csv", "tsv"):  # rows of empty cells (`\t`, `,`, often trailing) are blank lines too
+                rows = [row for row in rows if any(isinstance(v, str) and v.strip() for v in row.values())]
+            return rows
         except Exception as err:  # noqa: BLE001 -- datasets, pyarrow and pandas raise many types; each becomes one line
             failure = err
     if kind in ("jsonl", "json") and field_name is None and not _diagnose_encoding(path) and not _blank(path):
@@ -204,7 +213,9 @@ def _builder(path: Path, kind: str, names: list[str] | None = None) -> tuple[str
                 raise LorakitError(f"{path}:1: the header names {duplicates} more than once")
         options: dict[str, Any] = {
             "features": Features({name: Value("string") for name in names}), "keep_default_na": False,
-            "na_filter": False, "encoding": "utf-8-sig", "column_names": names, "header": None if headerless else 0,
+            "na_filter": False, "encoding": "utf-8-sig",
+            # the names as lorakit reads them (` label ` is `label`): with a header row, header=0 replaces the file's own
+            "column_names": names, "header": None if headerless else 0,
         }
         if kind == "tsv":
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
@@ -263,10 +274,7 @@ def _headerless_names(path: Path, kind: str, positions: list[int] | None) -> lis
 def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> tuple[Origin, list[dict[str, Any]]]:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     if (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        except (ValueError, AttributeError):
-            raise LorakitError(f"{path}/dataset_dict.json is not valid JSON") from None
+        splits = _declared_splits(path)
         if split is None:
             if "train" not in splits and len(splits) != 1:
                 raise LorakitError(f"{path} holds the splits {splits}: choose one with {split_flag}")
@@ -289,10 +297,28 @@ def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> t
     return Origin(path, "saved", split), rows
 
 
+def _declared_splits(path: Path) -> list[str]:
+    """The `splits` of a DatasetDict directory's dataset_dict.json: a list of names of its subdirectories."""
+    where = path / "dataset_dict.json"
+    try:
+        declared = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read {where}: {getattr(err, 'strerror', None) or err}") from None
+    except RecursionError:
+        raise LorakitError(f"{where}: nested too deeply to be a split list") from None
+    except ValueError:
+        raise LorakitError(f"{where} is not valid JSON") from None
+    splits = declared.get("splits") if isinstance(declared, dict) else None
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(s, str) and s.strip() and s not in (".", "..") and "/" not in s and "\\" not in s for s in splits):
+        raise LorakitError(f"{where}: \"splits\" must be a list of split names (the subdirectories, e.g. [\"train\", "
+                           f"\"validation\"]), got {short_repr(splits)}")
+    return splits
+
+
 def saved_splits(spec: str | Path) -> list[str]:
     """The splits of a saved DatasetDict directory (empty for anything else)."""
     path = Path(spec)
-    try:
-        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
-    except (OSError, ValueError, AttributeError):
+    if not (path / "dataset_dict.json").is_file():
         return []
+    return _declared_splits(path)
