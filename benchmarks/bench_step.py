@@ -22,6 +22,11 @@ each condition once, in alternating order, and the tables report medians over th
     python benchmarks/bench_step.py --methods lora dora --compile
     python benchmarks/bench_step.py --profile lora        # where lorakit's and PEFT's LoRA step spend time
     python benchmarks/bench_step.py --methods lora dora --before HEAD~1   # before/after a change, one run
+    python benchmarks/bench_step.py --methods lora --dropout 0.05   # also lorakit's and PEFT's LoRA with dropout 0.05
+
+With `--dropout P` each method that has an input dropout (and PEFT's counterpart) also runs with dropout
+P, its model in training mode so the dropout is drawn (the base models here have no dropout of their own).
+Under the tables, the time of every round, and lorakit's time over PEFT's round by round.
 
 On a CPU shared with other busy processes, add `--threads 1` (see the note printed under the table).
 """
@@ -207,20 +212,42 @@ def registered_methods(lib: Any) -> dict[str, type]:
     return importlib.import_module(f"{lib.__name__}.methods").METHODS
 
 
-def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit) -> lorakit.methods.AdapterConfig:
-    """The method's config with the shared rank / alpha / targets where it has such fields."""
+def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit, dropout: float = 0.0
+                   ) -> lorakit.methods.AdapterConfig:
+    """The method's config with the shared rank / alpha / targets (and `dropout`) where it has such fields."""
     cls = registered_methods(lib)[method]
     fields = {f.name for f in dataclasses.fields(cls)}
-    wanted: dict[str, Any] = {"targets": list(args.targets), "dropout": 0.0}
+    wanted: dict[str, Any] = {"targets": list(args.targets), "dropout": dropout}
     wanted["r"] = args.vera_r if method == "vera" else args.r
     wanted["alpha"] = float(args.alpha)
     return cls(**{k: v for k, v in wanted.items() if k in fields})
 
 
+def has_dropout(method: str) -> bool:
+    """Whether lorakit's `method` takes an input dropout (Delta-LoRA refuses one)."""
+    if method not in lorakit.methods.METHODS or "dropout" not in {f.name for f in dataclasses.fields(lorakit.methods.METHODS[method])}:
+        return False
+    try:
+        lorakit.methods.METHODS[method](dropout=0.05)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def with_dropout(condition: Condition | None, dropout: float) -> Condition | None:
+    """The condition renamed for its dropout and its model in training mode (so that the dropout draws)."""
+    if condition is None or not dropout or condition.error:
+        return condition
+    condition.model.train()
+    label = f" dropout {dropout:g}"
+    return dataclasses.replace(condition, name=condition.name + label, method=condition.method + label)
+
+
 def lorakit_condition(
-    base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False, lib: Any = lorakit
+    base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False, lib: Any = lorakit,
+    dropout: float = 0.0,
 ) -> Condition:
-    config = lorakit_config(method, args, lib)
+    config = lorakit_config(method, args, lib, dropout)
     # Methods that write the base weights (Delta-LoRA) get their own copy.
     own_weights = quantized or getattr(config, "moves_base_weights", False)
     model = copy.deepcopy(base) if own_weights else sharing_copy(base)
@@ -231,23 +258,27 @@ def lorakit_condition(
     hooks = lib.training_hooks(model, total_steps=ADALORA_TOTAL_STEPS) if lib is lorakit else lib.training_hooks(model)
     version = f"@{lib.revision}" if lib is not lorakit else ""
     name = f"lorakit{version} {'qlora' if quantized else method}"
-    return Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None)
+    return with_dropout(Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None), dropout)
 
 
-def peft_condition(base: nn.Module, method: str, args: argparse.Namespace) -> Condition | None:
-    """PEFT's version of `method`, or None where PEFT has none."""
+def peft_condition(base: nn.Module, method: str, args: argparse.Namespace, dropout: float = 0.0) -> Condition | None:
+    """PEFT's version of `method` (with input dropout `dropout`), or None where PEFT has none."""
+    return with_dropout(plain_peft_condition(base, method, args, dropout), dropout)
+
+
+def plain_peft_condition(base: nn.Module, method: str, args: argparse.Namespace, dropout: float) -> Condition | None:
     import peft
 
     targets = list(args.targets)
     model = sharing_copy(base)
     if method in ("lora", "dora", "lora-fa"):
         config = peft.LoraConfig(
-            r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets, use_dora=method == "dora"
+            r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=targets, use_dora=method == "dora"
         )
     elif method == "vera":
-        config = peft.VeraConfig(r=args.vera_r, target_modules=targets, vera_dropout=0.0)
+        config = peft.VeraConfig(r=args.vera_r, target_modules=targets, vera_dropout=dropout)
     elif method == "adalora":
-        config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
+        config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=targets,
                                     total_step=ADALORA_TOTAL_STEPS)
         # AdaLoraModel.forward adds the regulariser (PeftModel.forward would skip it); the allocator
         # runs after each optimizer step, as PEFT's docs ask
@@ -308,6 +339,10 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
                 builders.append(lambda m=method: lorakit_condition(base, m, args, lib=args.before_lib))
             if method in PEFT_COUNTERPARTS and not args.no_peft:
                 builders.append(lambda m=method: peft_condition(base, m, args))
+            if args.dropout and has_dropout(method):
+                builders.append(lambda m=method: lorakit_condition(base, m, args, dropout=args.dropout))
+                if method in PEFT_COUNTERPARTS and not args.no_peft:
+                    builders.append(lambda m=method: peft_condition(base, m, args, dropout=args.dropout))
         for build in builders:
             try:
                 condition = build()
@@ -320,13 +355,13 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
         conditions += [dataclasses.replace(c, name=c.name + " +chunked loss", chunked_loss=True, times=[], memory={})
                        for c in conditions if c.error is None and c.library in ("base", "lorakit")]
     if args.compile:
-        conditions += [compiled_variant(c) for c in conditions if c.error is None]
+        conditions += [compiled_variant(c, args.compile_backend) for c in conditions if c.error is None]
     return conditions
 
 
-def compiled_variant(condition: Condition) -> Condition:
+def compiled_variant(condition: Condition, backend: str = "inductor") -> Condition:
     """The same model, parameters and optimizer under `torch.compile` (nothing is copied)."""
-    model = torch.compile(condition.model)
+    model = torch.compile(condition.model, backend=backend)
     return dataclasses.replace(condition, name=condition.name + " +compile", model=model, compiled=True, times=[], memory={})
 
 
@@ -455,6 +490,23 @@ def summarize(conditions: list[Condition]) -> list[dict[str, Any]]:
     return rows
 
 
+def rounds_table(rows: list[dict[str, Any]]) -> str:
+    """Every timed round's ms per condition, and lorakit over PEFT (same method) round by round: the
+    conditions of a round ran back to back, so a round's ratio is paired (the load is shared)."""
+    rounds = max((len(r["ms_per_step_all"]) for r in rows), default=0)
+    if not rounds:
+        return ""
+    by_key = {(r["library"], r["method"], r["compiled"]): r for r in rows}
+    body = [[r["condition"]] + [fmt(t, ".0f") for t in r["ms_per_step_all"]] for r in rows if not r["error"]]
+    for r in rows:
+        peft = by_key.get(("peft", r["method"], r["compiled"]))
+        if r["library"] != "lorakit" or peft is None or r["error"] or peft["error"] or "+chunked" in r["condition"]:
+            continue
+        ratios = [a / b for a, b in zip(r["ms_per_step_all"], peft["ms_per_step_all"], strict=False)]
+        body.append([f"{r['condition']} / {peft['condition']}"] + [fmt(x, ".3f") for x in ratios])
+    return common.markdown_table(["ms per step"] + [f"round {i + 1}" for i in range(rounds)], body)
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -515,6 +567,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         table(rows),
         "",
         MEMORY_NOTE.format(how=how),
+        "",
+        "Every round (ms), and lorakit / PEFT round by round:",
+        "",
+        rounds_table(rows),
     ]
     if device.type == "cpu":
         lines.append(
@@ -536,6 +592,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="default 4 (2 with --quick)")
     p.add_argument("--seq", type=int, help="default 256 on CPU (128 with --quick), 2048 on CUDA")
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="also run each method that has an input dropout (lorakit's and PEFT's) with this dropout")
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--vera-r", type=int, default=256, help="VeRA's rank (its shared projections)")
     p.add_argument("--targets", nargs="+", default=SEVEN_PROJECTIONS)
@@ -545,6 +603,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend for --compile (aot_eager: the same code paths without C++/Triton builds)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory step")
     p.add_argument("--chunked-loss", action="store_true",
                    help="also time lorakit's conditions (and the limit) with lorakit.losses.causal_lm_loss (no full logits)")

@@ -268,6 +268,91 @@ def test_low_rank_factors_are_the_whole_change_or_absent(method, input_ids):
         torch.testing.assert_close(up @ down, expected, atol=1e-6, rtol=1e-5)
 
 
+def dropout_config(method: str, p: float) -> lorakit.methods.AdapterConfig | None:
+    """The contract's config with input dropout `p`, or None for a method without one (Delta-LoRA refuses it)."""
+    config = make_config(method, "llama")
+    if "dropout" not in {f.name for f in dataclasses.fields(config)}:
+        return None
+    try:
+        return dataclasses.replace(config, dropout=p)
+    except ValueError:
+        return None
+
+
+DROPOUT_METHODS = [m for m in METHOD_NAMES if dropout_config(m, 0.3) is not None]
+
+
+def saved_activation_bytes(model, input_ids) -> int:
+    """Bytes autograd keeps for backward in one forward: distinct storages, parameters and buffers left out."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids, labels=input_ids).loss.backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", DROPOUT_METHODS)
+def test_dropout_keeps_no_more_activations_than_none(method, input_ids):
+    """A training step with dropout keeps no more for backward than one without: no dropped-out
+    copy, no mask (it is drawn again from its seed in backward)."""
+    sizes = []
+    for p in (0.0, 0.3):
+        model = lorakit.adapt(tiny_llama(), dropout_config(method, p)).train()
+        perturb_trainable(model)
+        sizes.append(saved_activation_bytes(model, input_ids))
+    assert sizes[1] <= sizes[0], f"{method}: {sizes[1]} bytes saved with dropout, {sizes[0]} without"
+
+
+@pytest.mark.parametrize("method", DROPOUT_METHODS)
+def test_dropout_gradients_are_those_of_the_same_mask(method, input_ids, monkeypatch):
+    """With dropout, loss and gradients equal a reference that applies the same masks as plain
+    autograd ops (`x * m / (1 - p)`, every layer unfused): the mask backward draws again is the
+    mask forward used. A new step draws new masks."""
+    from lorakit.kernels.dropout import AdapterDropout, DropoutDraw, draw_seed
+
+    model = lorakit.adapt(tiny_llama(), dropout_config(method, 0.3)).train()
+    perturb_trainable(model)
+
+    def loss_and_grads():
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model)}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    torch.manual_seed(5)
+    loss, grads = loss_and_grads()
+    other_step, _ = loss_and_grads()
+    assert other_step != loss  # new masks
+    monkeypatch.setattr(AdapterDropout, "draw", lambda self: None)
+    monkeypatch.setattr(AdapterDropout, "forward",
+                        lambda self, x: x * DropoutDraw(self.p, draw_seed()).factor(x) if self.active else x)
+    for _, layer in lorakit.inject.adapted_layers(model):
+        for adapter in layer.adapters.values():
+            if hasattr(adapter, "fused_forward"):
+                monkeypatch.setattr(adapter, "fused_forward", lambda x, base_layer: None)
+    torch.manual_seed(5)
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=lambda m: f"{method} {name}: {m}")
+
+
+@pytest.mark.parametrize("method", DROPOUT_METHODS)
+def test_compiles_whole_with_dropout(method, input_ids):
+    """Training with dropout under torch.compile: no graph break (dropout runs as the compiler's own)."""
+    model = lorakit.adapt(tiny_llama(), dropout_config(method, 0.3)).train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=input_ids, labels=input_ids, use_cache=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 PEFT_TYPED = sorted(m for m, cls in lorakit.methods.METHODS.items() if cls.peft_type is not None)
 
 

@@ -45,6 +45,10 @@ class DenseWeightProvider(Protocol):
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Replace the weight by a dense `(out, in)` tensor (e.g. re-quantize it)."""
 
+    # Optional: `compute_dtype`, the dtype its forward computes `x W^T + b` in, and `transient_weight()`,
+    # W in it for one product made right away (it may be overwritten by the next call): a base that
+    # has both is computed inside LoRA's fused node with its adapter
+    # (`lorakit.kernels.fused_lora.quantized_base`), dequantized there for each product.
     # Optional: `residual_factors`, `(L (out, k), R (k, in))` with `L @ R` the best rank-k
     # approximation of the rounding error `W - dense_weight()`, kept by a quantizer asked for them
     # (LoftQ, `lorakit.quant.loftq`) until an adapter starting from them takes them (sets it to None).

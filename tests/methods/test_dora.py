@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit
 from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from lorakit.kernels.dropout import DropoutDraw, draw_seed
 from lorakit.methods.dora import NORM_EPS, factored_row_norm
 
 
@@ -96,7 +97,7 @@ def test_dropout_runs_the_base_matmul_once_on_the_clean_input():
     torch.manual_seed(3)
     y = model(x)
     torch.manual_seed(3)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
+    dropped = DropoutDraw(0.5, draw_seed()).apply(x)  # the mask the adapter draws after the same seed
     mag_norm = adapter.magnitude / adapter.weight_norm(base)
     lora = adapter.scale * dropped @ adapter.lora.lora_A.T @ adapter.lora.lora_B.T
     plain = x @ base.weight.T

@@ -99,6 +99,59 @@ def test_backward_keeps_no_dense_weight():
     torch.testing.assert_close(x.grad, torch.ones(5, 96) @ layer.dense_weight())
 
 
+def graph_node_names(output: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_over_4bit_is_one_fused_node_keeping_no_dense_weight(input_ids, monkeypatch, dropout):
+    """LoRA over a 4-bit base (GPT-2: biases, Conv1D) runs as one fused node per layer that dequantizes
+    the weight for each product and keeps none, and equals the unfused path (base, then adapter)."""
+    from lorakit.methods.lora import LoRAAdapter
+
+    model = lorakit.adapt(quantize(tiny_gpt2()), lorakit.LoRA(r=4, alpha=8, dropout=dropout)).train()
+    perturb_trainable(model)
+    dense_shapes = {s for _, layer in quantized_layers(model)
+                    for s in ((layer.out_features, layer.in_features), (layer.in_features, layer.out_features))}
+
+    own = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+
+    def step():
+        saved = []
+
+        def pack(t):
+            if t.data_ptr() not in own:
+                saved.append(tuple(t.shape))
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids, labels=input_ids).loss
+        nodes = graph_node_names(loss)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model)}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, saved, nodes
+
+    loss, grads, saved, nodes = step()
+    assert sum("FusedLoRALinear" in n for n in nodes) == len(quantized_layers(model))
+    assert not dense_shapes & set(saved)
+    monkeypatch.setattr(LoRAAdapter, "fused_forward", lambda self, x, base_layer: None)
+    ref_loss, ref_grads, _, ref_nodes = step()
+    assert not any("FusedLoRALinear" in n for n in ref_nodes)
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_bf16_compute_dtype_on_cpu():
     layer = Linear4bit(torch.randn(32, 64), bias=torch.randn(32), compute_dtype=torch.bfloat16)
     x = torch.randn(3, 64)

@@ -45,18 +45,18 @@ class NativeKernelError(LorakitError, RuntimeError):
     """The kernel cannot run as the environment asks (LORAKIT_NF4_ISA): one `error:` line on the CLI."""
 
 
-def library_path() -> Path | None:
-    """Where the compiled library is (None if lorakit was installed without it)."""
+def library_path(name: str = LIBRARY_NAME) -> Path | None:
+    """Where the compiled library `name` is (None if lorakit was installed without it)."""
     try:
-        spec = importlib.util.find_spec(f"{__package__}.{LIBRARY_NAME}")
+        spec = importlib.util.find_spec(f"{__package__}.{name}")
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.origin and os.path.isfile(spec.origin):
         return Path(spec.origin)
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (here / f"{LIBRARY_NAME}{suffix}").is_file():
-            return here / f"{LIBRARY_NAME}{suffix}"
+        if (here / f"{name}{suffix}").is_file():
+            return here / f"{name}{suffix}"
     return None
 
 
@@ -176,9 +176,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, dtype: torch.dtype,
-               code: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+               code: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """The first `n` weights in `dtype` (flat, or in `shape`): `code[nibble] * absmax[block]` in fp32,
-    rounded once.
+    rounded once (into `out`, a contiguous CPU tensor of `n` elements in `dtype`, when given).
 
     `packed`: uint8, two codes per byte (high nibble first); `absmax`: per-block scales (fp32 after
     `.float()`); `code`: the 16 NF4 values. Call when `accepts(...)` is true.
@@ -191,7 +192,8 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: in
         absmax = absmax.detach().float().contiguous()
     if code.dtype != torch.float32 or not code.is_contiguous():
         code = code.float().contiguous()
-    out = torch.empty(n if shape is None else shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(n if shape is None else shape, dtype=dtype)
     blocks = (n + blocksize - 1) // blocksize
     args = (path, DTYPES[dtype], packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize, n)
     parts = min(torch.get_num_threads(), blocks, max(1, n // MIN_WEIGHTS_PER_THREAD))

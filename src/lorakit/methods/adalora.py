@@ -49,6 +49,7 @@ from torch import nn
 
 from ..adapted_layer import adapted_layers, adapter_config, reconfigure
 from ..base_layers import in_out_features, weight_dtype_device
+from ..kernels.dropout import AdapterDropout
 from .base import AdapterConfig, AdditiveAdapter, RankComponents, common_fields_from_peft, register
 from .lora import check_rank, low_rank_update
 
@@ -89,7 +90,7 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         # rank_pattern; all rows until training decides).
         self.register_buffer("kept", mask.clone().to(device))
         self.register_buffer("layout", mask.to(device), persistent=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout)  # keeps no dropped-out copy or mask for backward
 
     @property
     def r(self) -> int:
@@ -102,7 +103,7 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         down = (self.lora_A * self.lora_E).to(x.dtype)  # diag(E) Q, (r_0, in)
-        z = self.dropout(x) @ down.T  # (..., r_0)
+        z = self.dropout.down_projection(x, down)  # dropout(x) (diag(E) Q)^T, (..., r_0)
         return low_rank_update(result, z, self.lora_B.to(x.dtype), self.scale)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ class DoRAAdapter(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        z = self.lora.dropout(x) @ self.lora.lora_A.to(x.dtype).T  # (..., r)
+        z = self.lora.dropout.down_projection(x, self.lora.lora_A.to(x.dtype))  # dropout(x) A^T, (..., r)
         direction = low_rank_update(base_out, z, self.lora.lora_B.to(x.dtype), self.scale)  # base + s z B^T
         mag_norm = (self.magnitude / self.weight_norm(base_layer)).to(x.dtype)  # (out,)
         bias = getattr(base_layer, "bias", None)

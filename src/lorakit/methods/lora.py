@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, residual_factors, weight_dtype_device
+from ..kernels.dropout import AdapterDropout
 from ..kernels.fused_lora import fused_lora_forward
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
 
@@ -91,20 +92,23 @@ class LoRAAdapter(LoRAPair, nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # dropout(x) A^T without a dropped-out copy or a mask kept for backward (kernels/dropout.py)
+        self.dropout = AdapterDropout(dropout)
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         # Compute in the activation dtype; `.to` is free when the dtypes already agree.
-        z = self.dropout(x) @ self.lora_A.to(x.dtype).T  # (..., r)
+        z = self.dropout.down_projection(x, self.lora_A.to(x.dtype))  # dropout(x) A^T, (..., r)
         return low_rank_update(result, z, self.lora_B.to(x.dtype), self.scale)
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """The whole layer, `base_layer(x) + s · dropout(x) A^T B^T`, as one autograd node
         (`lorakit.kernels.fused_lora.FusedLoRALinear`), or None where the base cannot be fused (the machinery then runs the
-        base and `forward`). Dropout, when active, runs outside the node as `forward` runs it (same
-        random numbers); its output then is the adapter's separate input."""
-        dropped = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-        return fused_lora_forward(x, dropped, base_layer, self.lora_A, self.lora_B, self.scale)
+        base and `forward`). The dropout mask is drawn as `forward` draws it (one seed from the
+        default generator), so both paths give the same numbers; inside `torch.compile` dropout
+        runs as the plain `nn.functional.dropout` of `forward`."""
+        if self.dropout.active and torch.compiler.is_compiling():
+            return None
+        return fused_lora_forward(x, base_layer, self.lora_A, self.lora_B, self.scale, self.dropout.draw())
 
 @dataclass
 class LowRankConfig(AdapterConfig):

@@ -23,7 +23,8 @@ so backward needs `z`, not `x`. Freezing A in the optimizer (what PEFT's LoRA-FA
 autograd keep `x` alive for A's gradient; here a custom `torch.autograd.Function` saves only `z`
 (plus A and B themselves, which are the module's own tensors, no extra memory). The frozen base
 layer does not keep `x` either: its weight needs no gradient. With dropout on, the dropout mask is
-needed for dL/dx; it is saved packed to one bit per element (tokens x in / 8 bytes), never as x.
+needed for dL/dx; it is drawn again from its seed in backward (`lorakit.kernels.dropout`), so
+nothing of it is kept.
 
 Optional, from v2 of the paper ("LoRA-FA optimizer"): `projected_grad=True` replaces B's gradient
 by its projection `g_B (A A^T + δI)^+ / s^2`, the gradient full fine-tuning would take restricted to
@@ -44,63 +45,39 @@ import torch
 from torch import nn
 
 from ..base_layers import in_out_features, weight_dtype_device
+from ..kernels.dropout import AdapterDropout, DropoutDraw
 from ..kernels.fused_lora import fused_lora_forward
 from .base import register
 from .lora import LoRAPair, LowRankConfig, check_rank
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a `(n, d)` bool mask into `(n, ceil(d / 8))` uint8, eight elements per byte."""
-    n, d = mask.shape
-    pad = (-d) % 8
-    if pad:
-        mask = torch.cat([mask, mask.new_zeros(n, pad)], dim=1)
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    bits = mask.view(n, -1, 8).to(torch.uint8) << shifts
-    return bits.sum(dim=-1, dtype=torch.uint8)  # distinct bits: the sum is their OR
-
-
-def unpack_bits(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the `(n, d)` bool mask."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.view(packed.shape[0], -1)[:, :d].bool()
 
 
 class FrozenDownProjection(torch.autograd.Function):
     """`y = base_out + s · dropout(x) A^T B^T` with A frozen; saves `z = dropout(x) A^T` only.
 
     Inputs are 2-D: `x (n, in)`, `base_out (n, out)`, `A (r, in)`, `B (out, r)` (master dtype;
-    computed in x's dtype), `scale`, dropout probability `p` (0 when not training), and
-    `projection` (`(r, r)` fp32 matrix applied to B's gradient, or None).
+    computed in x's dtype), `scale`, the dropout mask `draw` (`kernels.dropout.DropoutDraw`, drawn
+    again from its seed in backward; None: no dropout), and `projection` (`(r, r)` fp32 matrix
+    applied to B's gradient, or None).
     """
 
     @staticmethod
-    def forward(ctx, x, base_out, lora_A, lora_B, scale: float, p: float, projection):
-        a = lora_A.to(x.dtype)
-        if p > 0:
-            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-            z = ((x * keep) @ a.T) * (1.0 / (1.0 - p))  # (n, r); the 1/(1-p) on the small side
-            packed = pack_bits(keep)
-        else:
-            z = x @ a.T  # (n, r)
-            packed = None
+    def forward(ctx, x, base_out, lora_A, lora_B, scale: float, draw: DropoutDraw | None, projection):
+        z = (x if draw is None else draw.apply(x)) @ lora_A.to(x.dtype).T  # (n, r)
         y = torch.addmm(base_out, z, lora_B.to(x.dtype).T, alpha=scale)
         # A and B are the module's own tensors (no extra memory); z is the only new activation.
-        ctx.save_for_backward(z, lora_A, lora_B, packed, projection)
-        ctx.scale, ctx.p, ctx.in_features = scale, p, x.shape[1]
+        ctx.save_for_backward(z, lora_A, lora_B, projection)
+        ctx.scale, ctx.draw = scale, draw
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, lora_A, lora_B, packed, projection = ctx.saved_tensors
+        z, lora_A, lora_B, projection = ctx.saved_tensors
         dtype = grad_y.dtype
         grad_x = grad_base = grad_B = None
         if ctx.needs_input_grad[0]:
-            factor = ctx.scale / (1.0 - ctx.p)
-            grad_x = (grad_y @ (lora_B.to(dtype) * factor)) @ lora_A.to(dtype)  # (n, in), rank-r path
-            if packed is not None:
-                grad_x = grad_x * unpack_bits(packed, ctx.in_features)
+            grad_x = (grad_y @ (lora_B.to(dtype) * ctx.scale)) @ lora_A.to(dtype)  # (n, in), rank-r path
+            if ctx.draw is not None:
+                ctx.draw.apply(grad_x, out=grad_x)  # ⊙ m / (1 - p), the mask drawn again
         if ctx.needs_input_grad[1]:
             grad_base = grad_y
         if ctx.needs_input_grad[3]:
@@ -138,7 +115,8 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
         check_rank(r, "LoRA-FA rank r")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.r, self.scale, self.dropout = r, scale, dropout
+        self.r, self.scale = r, scale
+        self.dropout = AdapterDropout(dropout)  # its mask is drawn again in backward, never kept
         self.projected_grad, self.projection_damping = projected_grad, projection_damping
         # A is a buffer, not a frozen Parameter: nothing (an optimizer, `requires_grad_(True)`)
         # can make it train by accident. It is saved with the adapter like any LoRA A.
@@ -149,23 +127,25 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         y = result
-        p = self.dropout if self.training else 0.0
         projection = None
         if self.projected_grad and torch.is_grad_enabled():
             projection = projected_gradient_matrix(self.lora_A, self.scale, self.projection_damping)
+        draw = self.dropout.draw()
+        if self.dropout.active and draw is None:  # inside torch.compile: plain dropout, ahead of the node
+            x = self.dropout(x)
         out = FrozenDownProjection.apply(
-            x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, p, projection
+            x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, draw, projection
         )
         return out.view(y.shape)
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """Base and adapter as one autograd node (`lora.FusedLoRALinear`; A is frozen, so it
-        keeps only `z`, never x), or None (the machinery runs `forward`) where dropout is active
-        or B's gradient is projected: `FrozenDownProjection` keeps the packed dropout mask and
-        applies the projection."""
-        if (self.dropout > 0 and self.training) or self.projected_grad:
+        keeps only `z`, never x, and the dropout mask is drawn again from its seed), or None (the
+        machinery runs `forward`) where B's gradient is projected (`FrozenDownProjection` applies
+        the projection) or dropout runs inside `torch.compile`."""
+        if self.projected_grad or (self.dropout.active and torch.compiler.is_compiling()):
             return None
-        return fused_lora_forward(x, None, base_layer, self.lora_A, self.lora_B, self.scale)
+        return fused_lora_forward(x, base_layer, self.lora_A, self.lora_B, self.scale, self.dropout.draw())
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, A frozen"
@@ -179,7 +159,7 @@ class LoRAFA(LowRankConfig):
     Attributes:
         r: rank of the update.
         alpha: scale numerator; `s = alpha / r` (or `alpha / sqrt(r)` with `rslora`).
-        dropout: dropout on the adapter's input (its mask is kept at one bit per element).
+        dropout: dropout on the adapter's input (its mask is drawn again in backward, never kept).
         rslora: rank-stabilised scale `alpha / sqrt(r)`.
         projected_grad: LoRA-FA v2: B's gradient becomes `g_B (A A^T + δI)^+ / s^2`.
         projection_damping: δ above (PEFT's LoRA-FA optimizer uses 1e-8).

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..adapted_layer import adapted_layers
 from ..base_layers import in_out_features, weight_dtype_device
+from ..kernels.dropout import AdapterDropout
 from ..kernels.fused_lora import fusable_base, fused_dtype
 from ..kernels.fused_vera import SharedDownProjection, fused_vera_linear
 from .base import AdapterConfig, AdditiveAdapter, common_fields_from_peft, load_exact, register
@@ -106,7 +107,7 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         self.projections = projections
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=dtype, device=device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout)  # keeps no dropped-out copy or mask for backward
 
     def scaled_up_projection(self) -> torch.Tensor:
         """`diag(b) B[:out, :] diag(d)`, `(out, r)`, in the parameters' dtype."""
@@ -117,7 +118,7 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         y = result
         vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=x.dtype)
-        z = self.dropout(x) @ vera_A.T  # (..., r); A is frozen, so autograd keeps z, not x
+        z = self.dropout.down_projection(x, vera_A)  # (..., r); A is frozen: nothing of x is kept
         up = self.scaled_up_projection().to(device=x.device, dtype=x.dtype)  # (out, r)
         return low_rank_update(y, z, up, 1.0)
 
@@ -126,7 +127,7 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         base, with `x A^T` shared by the layers that read the same x; None (the machinery runs the
         base and `forward`) where the base cannot be fused or dropout is active (the adapter's
         input then differs from the base's)."""
-        if not isinstance(self.dropout, nn.Identity) and self.training:
+        if self.dropout.active:
             return None
         base = fusable_base(base_layer)
         dtype = None if base is None else fused_dtype(x, *base)

@@ -19,6 +19,8 @@ parameters, so that each process holds 1/N of every 4-bit layer (`lorakit train 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -28,6 +30,19 @@ from .loftq import residual_factors
 from .nf4 import DEFAULT_BLOCKSIZE, block_absmax, quantize_nf4
 from .triton_kernels import dequantize
 
+_buffers = threading.local()
+
+
+def _shared_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable buffer for one dense weight in `dtype` (at least `numel` elements)."""
+    by_dtype = getattr(_buffers, "by_dtype", None)
+    if by_dtype is None:
+        by_dtype = _buffers.by_dtype = {}
+    buffer = by_dtype.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = by_dtype[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
 
 class _DequantizeMatmul(torch.autograd.Function):
     """`x @ W.T` with W dequantized on the fly in forward and again in backward."""
@@ -35,11 +50,11 @@ class _DequantizeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer  # the module holds the packed weight: nothing dense is saved
-        return x @ layer.dense_weight(x.dtype).T
+        return x @ layer.transient_weight(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_out @ ctx.layer.dense_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ ctx.layer.transient_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None
 
 
@@ -142,13 +157,29 @@ class Linear4bit(nn.Module):
         return block_absmax(full_tensor(self.weight_absmax), None if scale is None else full_tensor(scale),
                             self.weight_absmax_offset)
 
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized `(out, in)` weight in `dtype` (default: the compute dtype)."""
+    def dense_weight(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dequantized `(out, in)` weight in `dtype` (default: the compute dtype), into `out` if given."""
         with torch.no_grad():
             shape = (self.out_features, self.in_features)
             # outside forward under FSDP the storage is sharded: gathered here (every process calls)
             packed = full_tensor(self.weight_packed)
-            return dequantize(packed, self.block_absmax(), shape, self.blocksize, dtype or self.compute_dtype)
+            return dequantize(packed, self.block_absmax(), shape, self.blocksize, dtype or self.compute_dtype, out)
+
+    def transient_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight for one product made right away (a forward or a backward GEMM).
+
+        On the CPU it is written into a buffer that every 4-bit layer of the thread shares (the
+        next call overwrites it): a dense temporary allocated and freed per layer, in forward and
+        again in backward, interleaved with the activations, fragments the C heap, and the process
+        then holds hundreds of MiB it has freed (`benchmarks/memory_breakdown.py`). Elsewhere (the
+        CUDA caching allocator reuses its blocks) and inside `torch.compile`, a new tensor.
+        """
+        dtype = dtype or self.compute_dtype
+        device = self.weight_packed.device
+        if device.type != "cpu" or torch.compiler.is_compiling():
+            return self.dense_weight(dtype)
+        return self.dense_weight(dtype, out=_shared_buffer(self.out_features * self.in_features, dtype, device).view(
+            self.out_features, self.in_features))
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize from a dense `(out, in)` weight (lossy: NF4 rounding applies again)."""

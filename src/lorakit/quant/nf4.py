@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -90,8 +89,21 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-@cache
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
 def _cached_table(name: str, device: str) -> torch.Tensor:
+    # a plain dict, not functools.cache: torch.compile reads a dict's tensor as a constant, but traces
+    # into a cached function and would build the table again (`create_dynamic_map` leaves the graph)
+    table = _TABLES.get((name, device))
+    if table is None:
+        if torch.compiler.is_compiling():  # built inside the graph (no side effect on the dict there)
+            return _build_table(name, device)
+        table = _TABLES[(name, device)] = _build_table(name, device)
+    return table
+
+
+def _build_table(name: str, device: str) -> torch.Tensor:
     if name == "nf4":
         return create_normal_map().to(device)
     if name == "nf4_midpoints":
@@ -235,8 +247,10 @@ def dequantize_nf4(
     shape: tuple[int, ...] | torch.Size,
     blocksize: int = DEFAULT_BLOCKSIZE,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax`.
+    """Dense tensor of `shape` from packed NF4 codes and fp32 per-block `absmax` (written into `out`,
+    a contiguous tensor of `shape` and `dtype` on the codes' device, when given).
 
     Each weight is `NF4[code] * absmax` formed in fp32 and rounded once to `dtype`, as bitsandbytes
     does. CPU tensors (uint8 codes; fp32, bf16 or fp16 output) go through lorakit's native kernel
@@ -247,8 +261,9 @@ def dequantize_nf4(
     """
     n = math.prod(shape)
     if native.accepts(packed, absmax, n, blocksize, dtype):
-        return native.dequantize(packed, absmax, n, blocksize, dtype, _cached_table("nf4", "cpu"), shape)
-    return dequantize_nf4_torch(packed, absmax, shape, blocksize, dtype)
+        return native.dequantize(packed, absmax, n, blocksize, dtype, _cached_table("nf4", "cpu"), shape, out)
+    dense = dequantize_nf4_torch(packed, absmax, shape, blocksize, dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 def dequantize_nf4_torch(

@@ -75,9 +75,11 @@ def dequantize_nf4_triton(
 
 
 def dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size, blocksize: int, dtype: torch.dtype
+    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size, blocksize: int, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense weight from packed NF4 and fp32 block absmax: Triton on CUDA when available."""
+    """Dense weight from packed NF4 and fp32 block absmax (into `out` when given): Triton on CUDA when available."""
     if packed.is_cuda and triton_available():
-        return dequantize_nf4_triton(packed, absmax, shape, blocksize, dtype)
-    return dequantize_nf4(packed, absmax, shape, blocksize, dtype)
+        dense = dequantize_nf4_triton(packed, absmax, shape, blocksize, dtype)
+        return dense if out is None else out.copy_(dense)
+    return dequantize_nf4(packed, absmax, shape, blocksize, dtype, out)
