@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapter sets", ("lorakit.inject", "lorakit.hooks", "lorakit.optim", "lorakit.param_summary")),
     ("adapter files", ("lorakit.io",)),
     ("training", ("lorakit.train",)),
-    ("reports and export", ("lorakit.compare", "lorakit.analysis", "lorakit.html_report", "lorakit.explain",
+    ("reports and export", ("lorakit.compare", "lorakit.compare_table", "lorakit.analysis", "lorakit.html_report", "lorakit.explain",
                             "lorakit.gguf_export")),
     ("interfaces", ("lorakit.cli", "lorakit.__main__", "lorakit.integrations", "lorakit")),
 ]

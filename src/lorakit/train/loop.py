@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,6 @@ from .. import files, inject, io, losses, models
 from ..errors import LorakitError
 from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
-from ..optim import param_groups
 from ..param_summary import parameter_counts
 from . import checkpoint as ckpt
 from . import data as data_mod
@@ -54,10 +51,12 @@ from .loading import (
     use_bf16,
 )
 from .method_config import check_config, method_config
+from .optimizer import lr_factor, make_optimizer, make_scheduler, rebuild_optimizer  # noqa: F401  (loop.lr_factor)
 from .probe import run_probe
 from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
 from .run_data import Datasets, build_datasets, describe_eval, measure
 from .run_dir import HeldRunDir, new_run_dir, open_metrics_log, prepare_run_dir, resumed_run_dir
+from .stop import StopFlag
 
 
 class TrainingDiverged(LorakitError):
@@ -446,40 +445,6 @@ def finish(run: Run) -> RunResult:
 # --- what the recipe calls -----------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch.optim.Optimizer, make_scheduler) -> tuple:
-    """(`new`, its scheduler) continuing `old`: the schedule's position and current learning rates,
-    and the optimizer state of every parameter both share (only rebuilt adapters start afresh)."""
-    scheduler = make_scheduler(new)
-    scheduler.load_state_dict(old_scheduler.state_dict())
-    for old_group, new_group in zip(old.param_groups, new.param_groups):
-        new_group["lr"] = old_group["lr"]
-    for group in new.param_groups:
-        for p in group["params"]:
-            if p in old.state:
-                new.state[p] = old.state[p]
-    return new, scheduler
-
-
 def forward_module(run: Run) -> nn.Module:
     """The module a step calls: the model (with the chunked loss where it applies), compiled with
     --compile, then wrapped by the strategy (DDP)."""
@@ -491,28 +456,6 @@ def forward_module(run: Run) -> nn.Module:
         module = losses.ChunkedLossModel(module)
     module = torch.compile(module) if run.cfg.compile else module
     return run.strategy.wrap(module)
-
-
-class StopFlag:
-    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def _last_good(checkpoints: Path) -> str:
