@@ -26,9 +26,29 @@ from pathlib import Path
 def run(nproc: int, args: argparse.Namespace, out_dir: Path, repeat: int) -> dict:
     name = f"n{nproc}-r{repeat}"
     per_process = args.batch_size // nproc
-    cmd = [sys.executable, "-m", "lorakit", "train", "--nproc", str(nproc), "--steps", str(args.steps),
-           "--batch-size", str(per_process), "--out-dir", str(out_dir), "--name", name, "--no-progress",
-           "--device", args.device, "--max-eval-examples", "1", "--checkpoint-every", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(per_process),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        name,
+        "--no-progress",
+        "--device",
+        args.device,
+        "--max-eval-examples",
+        "1",
+        "--checkpoint-every",
+        "0",
+    ]
     if args.model:
         cmd += ["--model", args.model]
     if args.data:
@@ -57,7 +77,9 @@ def main() -> None:
             for nproc in args.nproc:
                 rows.setdefault(nproc, []).append(run(nproc, args, Path(tmp), repeat))
     base = statistics.median(r["tokens_per_s"] for r in rows[args.nproc[0]])
-    print(f"| processes | tokens/s (median of {args.rounds}) | x {args.nproc[0]} process(es) | peak memory, main process |")
+    print(
+        f"| processes | tokens/s (median of {args.rounds}) | x {args.nproc[0]} process(es) | peak memory, main process |"
+    )
     print("|---|---|---|---|")
     summary = {}
     for nproc, found in rows.items():
@@ -66,7 +88,9 @@ def main() -> None:
         summary[nproc] = {"tokens_per_s": tps, "ratio": tps / base, "peak_memory_mb": mem}
         print(f"| {nproc} | {tps:,.0f} | {tps / base:.2f}x | {mem:,.0f} MiB |")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": summary}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": summary}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -57,14 +57,16 @@ def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, dty
     return (values.view(-1, blocksize) * absmax.view(-1, 1)).to(dtype)
 
 
-def pairs_formula(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, blocksize: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+def pairs_formula(
+    packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
     values = pairs[packed.to(torch.int32)].view(torch.float32)
     return scale_blocks(values, absmax, blocksize, dtype)
 
 
-def select_tree_formula(packed: torch.Tensor, absmax: torch.Tensor, codes: tuple[float, ...], blocksize: int,
-                        dtype: torch.dtype) -> torch.Tensor:
+def select_tree_formula(
+    packed: torch.Tensor, absmax: torch.Tensor, codes: tuple[float, ...], blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
     def decode(nibble: torch.Tensor) -> torch.Tensor:
         nodes: list[torch.Tensor | float] = list(codes)
         bit = 1
@@ -86,7 +88,9 @@ def options(blocksize: int) -> dict[str, Callable]:
     compiled_tree = torch.compile(select_tree_formula, dynamic=True)
     found = {}
     if native.enabled():
-        found["native (lorakit C kernel)"] = lambda q, dtype: nf4.dequantize_nf4(q.packed, q.absmax, q.shape, blocksize, dtype)
+        found["native (lorakit C kernel)"] = lambda q, dtype: nf4.dequantize_nf4(
+            q.packed, q.absmax, q.shape, blocksize, dtype
+        )
     else:
         print(f"no native option: {native.load_error() or 'LORAKIT_NATIVE=0'}", file=sys.stderr)
     found |= {
@@ -116,8 +120,9 @@ def make_layers(count: int, blocksize: int) -> list[nf4.NF4Tensor]:
         try:
             import bitsandbytes.functional as bnb_functional
 
-            q.bnb_packed, q.bnb_state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
-                                                                     compress_statistics=False)
+            q.bnb_packed, q.bnb_state = bnb_functional.quantize_4bit(
+                weight, blocksize=blocksize, quant_type="nf4", compress_statistics=False
+            )
         except ImportError:
             pass
         layers.append(q)
@@ -146,31 +151,52 @@ def main(argv: list[str] | None = None) -> dict:
                     raise SystemExit(f"{name} ({dtype}) is not bit-identical to lorakit's PyTorch dequantization")
         times: dict[str, list[float]] = {name: [] for name in found}
         for i in range(args.rounds):
-            for name, fn in (list(found.items()) if i % 2 == 0 else list(found.items())[::-1]):
+            for name, fn in list(found.items()) if i % 2 == 0 else list(found.items())[::-1]:
                 start = time.perf_counter()
                 for q in layers:
                     fn(q, dtype)
                 times[name].append(time.perf_counter() - start)
         reference = times.get("bitsandbytes")
         for name, values in times.items():
-            row = {"option": name, "dtype": str(dtype).removeprefix("torch."), "min_ms": min(values) * 1e3,
-                   "median_ms": statistics.median(values) * 1e3}
+            row = {
+                "option": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "min_ms": min(values) * 1e3,
+                "median_ms": statistics.median(values) * 1e3,
+            }
             if reference:
                 row["min_x_bitsandbytes"] = min(values) / min(reference)
                 row["median_x_bitsandbytes"] = statistics.median(values) / statistics.median(reference)
             rows.append(row)
     header = ["option", "dtype", "min ms", "median ms", "min x bnb", "median x bnb"]
-    body = [[r["option"], r["dtype"], f"{r['min_ms']:.2f}", f"{r['median_ms']:.2f}",
-             f"{r.get('min_x_bitsandbytes', float('nan')):.2f}", f"{r.get('median_x_bitsandbytes', float('nan')):.2f}"]
-            for r in rows]
+    body = [
+        [
+            r["option"],
+            r["dtype"],
+            f"{r['min_ms']:.2f}",
+            f"{r['median_ms']:.2f}",
+            f"{r.get('min_x_bitsandbytes', float('nan')):.2f}",
+            f"{r.get('median_x_bitsandbytes', float('nan')):.2f}",
+        ]
+        for r in rows
+    ]
     isa = native.isa() if native.enabled() else None
-    text = (f"NF4 dequantization, {weights / 1e6:.1f} M weights ({args.layers} x SmolLM2-135M decoder layers), "
-            f"{args.rounds} interleaved rounds, torch threads {args.threads}, native kernel path {isa}; load average "
-            f"{load_before} / {common.load_average()}\n\n" + common.markdown_table(header, body))
+    text = (
+        f"NF4 dequantization, {weights / 1e6:.1f} M weights ({args.layers} x SmolLM2-135M decoder layers), "
+        f"{args.rounds} interleaved rounds, torch threads {args.threads}, native kernel path {isa}; load average "
+        f"{load_before} / {common.load_average()}\n\n" + common.markdown_table(header, body)
+    )
     print(text)
-    result = {"benchmark": "bench_dequantize", "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(["python"] + sys.argv), "machine": common.machine_info(torch.device("cpu")),
-              "weights": weights, "native_isa": isa, "results": rows, "markdown": text}
+    result = {
+        "benchmark": "bench_dequantize",
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "machine": common.machine_info(torch.device("cpu")),
+        "weights": weights,
+        "native_isa": isa,
+        "results": rows,
+        "markdown": text,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -40,10 +40,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qlora_big import SEVEN_PROJECTIONS, SHAPES  # noqa: E402  (benchmarks/ is not a package)
 
 PRESETS = {
-    "cpu-smoke": dict(shape="tiny", device="cpu", nproc=[1, 2], distributed=["ddp", "fsdp"], quantize=True, r=8,
-                      seq=128, batch_size=2, steps=6, warmup=2, checkpointing=False),
-    "qlora-8b": dict(shape="llama-8b", device="cuda", nproc=[1, 2, 4, 8], distributed=["ddp", "fsdp"], quantize=True,
-                     r=16, seq=2048, batch_size=1, steps=10, warmup=3, checkpointing=True),
+    "cpu-smoke": dict(
+        shape="tiny",
+        device="cpu",
+        nproc=[1, 2],
+        distributed=["ddp", "fsdp"],
+        quantize=True,
+        r=8,
+        seq=128,
+        batch_size=2,
+        steps=6,
+        warmup=2,
+        checkpointing=False,
+    ),
+    "qlora-8b": dict(
+        shape="llama-8b",
+        device="cuda",
+        nproc=[1, 2, 4, 8],
+        distributed=["ddp", "fsdp"],
+        quantize=True,
+        r=16,
+        seq=2048,
+        batch_size=1,
+        steps=10,
+        warmup=3,
+        checkpointing=True,
+    ),
 }
 
 
@@ -96,7 +118,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch_size, args.seq), generator=generator).to(device)
+        ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch_size, args.seq), generator=generator).to(
+            device
+        )
         strategy.barrier()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -109,13 +133,25 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    found = strategy.gather({"rank": strategy.rank, "peak_bytes": peak_bytes(device), "step_s": statistics.median(times)})
+    found = strategy.gather(
+        {"rank": strategy.rank, "peak_bytes": peak_bytes(device), "step_s": statistics.median(times)}
+    )
     if strategy.is_main:
         step_s = max(r["step_s"] for r in found)
         tokens = args.batch_size * args.seq * strategy.world_size
-        print("RESULT " + json.dumps({"processes": strategy.world_size, "distributed": args.distributed, "step_s": step_s,
-                                      "tokens_per_s": tokens / step_s, "peak_gib_per_process": max(r["peak_bytes"] for r in found) / 2**30,
-                                      "per_process": found}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "processes": strategy.world_size,
+                    "distributed": args.distributed,
+                    "step_s": step_s,
+                    "tokens_per_s": tokens / step_s,
+                    "peak_gib_per_process": max(r["peak_bytes"] for r in found) / 2**30,
+                    "per_process": found,
+                }
+            )
+        )
     strategy.close()
 
 
@@ -123,26 +159,59 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_condition(nproc: int, distributed: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = ["--worker", "--shape", args.shape, "--device", args.device, "--distributed-kind", distributed, "--lora-r", str(args.r),
-            "--seq", str(args.seq), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv = [
+        "--worker",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--distributed-kind",
+        distributed,
+        "--lora-r",
+        str(args.r),
+        "--seq",
+        str(args.seq),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     argv += ["--quantize"] if args.quantize else []
     argv += ["--checkpointing"] if args.checkpointing else []
-    cmd = [sys.executable, "-m", "lorakit.train.launch", str(nproc), __file__, *argv]  # as `lorakit train --nproc` starts them
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit.train.launch",
+        str(nproc),
+        __file__,
+        *argv,
+    ]  # as `lorakit train --nproc` starts them
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        return {"processes": nproc, "distributed": distributed, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        return {
+            "processes": nproc,
+            "distributed": distributed,
+            "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300],
+        }
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| distributed | processes | tokens/s (global) | step | peak memory per process (max) |", "|---|---|---|---|---|"]
+    rows = [
+        "| distributed | processes | tokens/s (global) | step | peak memory per process (max) |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['distributed']} | {r['processes']} | failed: {r['error']} | | |")
         else:
-            rows.append(f"| {r['distributed']} | {r['processes']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.0f} ms | "
-                        f"{r['peak_gib_per_process']:.2f} GiB |")
+            rows.append(
+                f"| {r['distributed']} | {r['processes']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.0f} ms | "
+                f"{r['peak_gib_per_process']:.2f} GiB |"
+            )
     return "\n".join(rows)
 
 

@@ -161,9 +161,14 @@ def worker_train(kind: str, directory: str, batch: int, seq: int, steps: int) ->
         from transformers import BitsAndBytesConfig
 
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
         )
-        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=config, device_map="cpu", dtype=torch.float32
+        )
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     else:
         raise ValueError(kind)
@@ -219,7 +224,11 @@ def quantization_error_vs_bnb(directory: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    weights = [m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n and int(n.split(".")[2]) < 4]
+    weights = [
+        m.weight.detach()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "layers." in n and int(n.split(".")[2]) < 4
+    ]
     identical = True
     err = {"lorakit": 0.0, "bitsandbytes": 0.0}
     ref = 0.0
@@ -228,7 +237,11 @@ def quantization_error_vs_bnb(directory: str) -> dict[str, Any]:
         packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
         theirs = F.dequantize_4bit(packed, state)
         mine = ours.dequantize()
-        identical &= torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, state.absmax) and torch.equal(mine, theirs)
+        identical &= (
+            torch.equal(ours.packed, packed.view(-1))
+            and torch.equal(ours.absmax, state.absmax)
+            and torch.equal(mine, theirs)
+        )
         err["lorakit"] += (mine - w).pow(2).sum().item()
         err["bitsandbytes"] += (theirs - w).pow(2).sum().item()
         ref += w.pow(2).sum().item()
@@ -295,14 +308,19 @@ def main() -> None:
     results: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "command": " ".join(sys.argv)}
     results["load_average_start"] = common.load_average()
     with tempfile.TemporaryDirectory() as directory:
-        loads = {kind: run_worker([kind, directory]) for kind in ("gguf-fp32", "gguf-fp32-transformers", "gguf-nf4", "safetensors-fp32", "safetensors-nf4")}
+        loads = {
+            kind: run_worker([kind, directory])
+            for kind in ("gguf-fp32", "gguf-fp32-transformers", "gguf-nf4", "safetensors-fp32", "safetensors-nf4")
+        }
         results["loads"] = loads
         if "error" in loads["gguf-fp32"]:
             raise SystemExit(f"could not load SmolLM2: {loads['gguf-fp32']['error']}")
         results["error_vs_bnb"] = quantization_error_vs_bnb(directory)
         results["dequantization"] = dequantization_speed(directory)
         shape = [str(args.batch), str(args.seq), str(args.steps)]
-        results["training"] = {kind: run_worker([kind, directory, *shape]) for kind in ("lorakit-fp32", "lorakit-nf4", "peft-bnb-nf4")}
+        results["training"] = {
+            kind: run_worker([kind, directory, *shape]) for kind in ("lorakit-fp32", "lorakit-nf4", "peft-bnb-nf4")
+        }
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = common.load_average()
     print(report(results, args))
@@ -322,9 +340,18 @@ def report(r: dict[str, Any], args) -> str:
         common.markdown_table(
             ["model", "weight MiB", "bits/param (all)", "bits/param (decoder linears)"],
             [
-                ["fp32", f"{fp32['weight_mib']:.1f}", f"{fp32['bits_per_parameter']:.2f}", f"{fp32['linear_bits_per_parameter']:.2f}"],
-                ["lorakit NF4 + double quant (head, embeddings fp32, tied)", f"{q.get('weight_mib', float('nan')):.1f}",
-                 f"{q.get('bits_per_parameter', float('nan')):.2f}", f"{q.get('linear_bits_per_parameter', float('nan')):.3f}"],
+                [
+                    "fp32",
+                    f"{fp32['weight_mib']:.1f}",
+                    f"{fp32['bits_per_parameter']:.2f}",
+                    f"{fp32['linear_bits_per_parameter']:.2f}",
+                ],
+                [
+                    "lorakit NF4 + double quant (head, embeddings fp32, tied)",
+                    f"{q.get('weight_mib', float('nan')):.1f}",
+                    f"{q.get('bits_per_parameter', float('nan')):.2f}",
+                    f"{q.get('linear_bits_per_parameter', float('nan')):.3f}",
+                ],
             ],
         ),
         "",
@@ -335,7 +362,10 @@ def report(r: dict[str, Any], args) -> str:
         f"### Dequantization on CPU ({deq['matrices']} matrices, {deq['parameters'] / 1e6:.1f} M weights, ms per pass)",
         common.markdown_table(
             ["output dtype", "lorakit (PyTorch)", "bitsandbytes (C++ CPU kernel)"],
-            [[d, f"{deq[f'lorakit_{d}_ms']:.1f}", f"{deq[f'bitsandbytes_{d}_ms']:.1f}"] for d in ("float32", "bfloat16")],
+            [
+                [d, f"{deq[f'lorakit_{d}_ms']:.1f}", f"{deq[f'bitsandbytes_{d}_ms']:.1f}"]
+                for d in ("float32", "bfloat16")
+            ],
         ),
         "",
         f"### Training step: LoRA r=16 on all linear layers, AdamW, batch {args.batch} x {args.seq} tokens, median of {args.steps}",
@@ -345,16 +375,42 @@ def report(r: dict[str, Any], args) -> str:
         if "error" in t:
             rows.append([kind, "failed: " + t["error"].replace("|", "/")[:160], "", "", "", ""])
         else:
-            rows.append([kind, f"{t['ms_per_step']:.0f}", f"{t['resident_mib']:.0f}", f"{t['peak_step_mib']:.0f}", f"{t['peak_mib']:.0f}", f"{t['process_peak_rss_mib']:.0f}"])
-    out.append(common.markdown_table(["condition", "ms/step", "resident MiB", "step peak MiB", "peak MiB", "process peak RSS MiB"], rows))
+            rows.append(
+                [
+                    kind,
+                    f"{t['ms_per_step']:.0f}",
+                    f"{t['resident_mib']:.0f}",
+                    f"{t['peak_step_mib']:.0f}",
+                    f"{t['peak_mib']:.0f}",
+                    f"{t['process_peak_rss_mib']:.0f}",
+                ]
+            )
+    out.append(
+        common.markdown_table(
+            ["condition", "ms/step", "resident MiB", "step peak MiB", "peak MiB", "process peak RSS MiB"], rows
+        )
+    )
     out += ["", "### Loading: peak RSS of a fresh process"]
     load_rows = []
     for kind, result in loads.items():
         if "error" in result:
             load_rows.append([kind, "failed: " + result["error"][:120], "", "", ""])
         else:
-            load_rows.append([kind, f"{result['seconds']:.1f}", f"{result['peak_rss_mib']:.0f}", f"{result['peak_anon_mib']:.0f}", f"{result['weight_mib']:.0f}"])
-    out.append(common.markdown_table(["load", "seconds", "peak RSS MiB (incl. mapped file pages)", "peak anonymous MiB", "weights MiB"], load_rows))
+            load_rows.append(
+                [
+                    kind,
+                    f"{result['seconds']:.1f}",
+                    f"{result['peak_rss_mib']:.0f}",
+                    f"{result['peak_anon_mib']:.0f}",
+                    f"{result['weight_mib']:.0f}",
+                ]
+            )
+    out.append(
+        common.markdown_table(
+            ["load", "seconds", "peak RSS MiB (incl. mapped file pages)", "peak anonymous MiB", "weights MiB"],
+            load_rows,
+        )
+    )
     out += [
         "",
         "gguf-nf4 / safetensors-nf4 stream: weights are quantized one tensor at a time as they are read "

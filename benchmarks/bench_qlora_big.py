@@ -41,16 +41,40 @@ KINDS = ("limit", "lorakit", "peft-bnb")
 GiB = 2**30
 
 SHAPES = {  # LlamaConfig fields
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
 }
 
 
-def build(kind: str, args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+def build(
+    kind: str, args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**SHAPES[args.model], max_position_embeddings=max(2048, args.seq))
@@ -67,8 +91,9 @@ def build(kind: str, args: argparse.Namespace, device: torch.device) -> tuple[to
         import peft
 
         common.bnb_quantize(model, SEVEN_PROJECTIONS, compute_dtype=torch.bfloat16)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0,
-                                                           target_modules=SEVEN_PROJECTIONS))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=SEVEN_PROJECTIONS)
+        )
     # the same checkpointing for every condition: each decoder layer recomputed in backward
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -107,8 +132,12 @@ def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         common.synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    result = {"kind": kind, "ms": [t * 1e3 for t in times], "median_ms": statistics.median(times) * 1e3,
-              "weight_bytes": weights}
+    result = {
+        "kind": kind,
+        "ms": [t * 1e3 for t in times],
+        "median_ms": statistics.median(times) * 1e3,
+        "weight_bytes": weights,
+    }
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
@@ -133,25 +162,33 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
             rows.append([r["kind"], f"failed: {r['error'][:120]}", "", "", "", "", ""])
             continue
         peak = r.get("peak_bytes")
-        rows.append([
-            r["kind"], f"{r['median_ms']:.1f}",
-            f"{r['median_ms'] / limit['median_ms']:.3f}" if limit.get("median_ms") else "–",
-            f"{r['median_ms'] / peft_bnb['median_ms']:.3f}" if peft_bnb.get("median_ms") else "–",
-            f"{peak / GiB:.2f}" if peak else "–",
-            f"{peak / peft_bnb['peak_bytes']:.3f}" if peak and peft_bnb.get("peak_bytes") else "–",
-            f"{r['weight_bytes'] / GiB:.2f}",
-        ])
-    return "\n".join([
-        f"## QLoRA at scale: {args.model} shape, batch {args.batch} x {args.seq}, LoRA r={args.r} on the seven projections, "
-        "gradient checkpointing, bf16",
-        "", f"command: `python {' '.join(sys.argv)}`",
-        f"machine: {info.get('gpu', info.get('cpu'))}; torch {info['torch']}, transformers {info.get('transformers')}, "
-        f"peft {info.get('peft')}, bitsandbytes {info.get('bitsandbytes')}",
-        f"{args.warmup} warmup + {args.steps} timed steps per condition, each condition in its own process",
-        "", common.markdown_table(header, rows),
-        "", "weights GiB: the model's parameters and buffers after quantization (bitsandbytes' absmax statistics sit "
-        "outside them, about 3% of its 4-bit weights); peak GiB: torch.cuda.max_memory_allocated over the steps.",
-    ])
+        rows.append(
+            [
+                r["kind"],
+                f"{r['median_ms']:.1f}",
+                f"{r['median_ms'] / limit['median_ms']:.3f}" if limit.get("median_ms") else "–",
+                f"{r['median_ms'] / peft_bnb['median_ms']:.3f}" if peft_bnb.get("median_ms") else "–",
+                f"{peak / GiB:.2f}" if peak else "–",
+                f"{peak / peft_bnb['peak_bytes']:.3f}" if peak and peft_bnb.get("peak_bytes") else "–",
+                f"{r['weight_bytes'] / GiB:.2f}",
+            ]
+        )
+    return "\n".join(
+        [
+            f"## QLoRA at scale: {args.model} shape, batch {args.batch} x {args.seq}, LoRA r={args.r} on the seven projections, "
+            "gradient checkpointing, bf16",
+            "",
+            f"command: `python {' '.join(sys.argv)}`",
+            f"machine: {info.get('gpu', info.get('cpu'))}; torch {info['torch']}, transformers {info.get('transformers')}, "
+            f"peft {info.get('peft')}, bitsandbytes {info.get('bitsandbytes')}",
+            f"{args.warmup} warmup + {args.steps} timed steps per condition, each condition in its own process",
+            "",
+            common.markdown_table(header, rows),
+            "",
+            "weights GiB: the model's parameters and buffers after quantization (bitsandbytes' absmax statistics sit "
+            "outside them, about 3% of its 4-bit weights); peak GiB: torch.cuda.max_memory_allocated over the steps.",
+        ]
+    )
 
 
 def main() -> None:
@@ -180,10 +217,15 @@ def main() -> None:
     info = common.machine_info(torch.device(args.device))
     text = report(results, args, info)
     print("\n" + text)
-    out = args.out or RESULTS_DIR / f"qlora-big-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    out = (
+        args.out or RESULTS_DIR / f"qlora-big-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": info, "results": results,
-                               "markdown": text}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"command": "python " + " ".join(sys.argv), "machine": info, "results": results, "markdown": text}, indent=1
+        )
+    )
     print(f"\nsaved {out}")
 
 

@@ -177,7 +177,9 @@ class Condition:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         missing = [n for n, p in trainable if p.grad is None]
         if not trainable or missing:
-            raise RuntimeError(f"{self.name}: trainable parameters without gradient: {missing[:5]} ({len(trainable)} trainable)")
+            raise RuntimeError(
+                f"{self.name}: trainable parameters without gradient: {missing[:5]} ({len(trainable)} trainable)"
+            )
 
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
@@ -192,14 +194,20 @@ def lorakit_at(revision: str) -> Any:
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
     target = Path(tempfile.mkdtemp(prefix=f"lorakit-{commit}-"))
-    archive = subprocess.run(["git", "archive", commit, "src/lorakit"], cwd=root, check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", commit, "src/lorakit"], cwd=root, check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
     package = target / "src" / "lorakit"
     name = f"lorakit_{commit}"
-    spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -212,8 +220,9 @@ def registered_methods(lib: Any) -> dict[str, type]:
     return importlib.import_module(f"{lib.__name__}.methods").METHODS
 
 
-def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit, dropout: float = 0.0
-                   ) -> lorakit.methods.AdapterConfig:
+def lorakit_config(
+    method: str, args: argparse.Namespace, lib: Any = lorakit, dropout: float = 0.0
+) -> lorakit.methods.AdapterConfig:
     """The method's config with the shared rank / alpha / targets (and `dropout`) where it has such fields."""
     cls = registered_methods(lib)[method]
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -225,7 +234,9 @@ def lorakit_config(method: str, args: argparse.Namespace, lib: Any = lorakit, dr
 
 def has_dropout(method: str) -> bool:
     """Whether lorakit's `method` takes an input dropout (Delta-LoRA refuses one)."""
-    if method not in lorakit.methods.METHODS or "dropout" not in {f.name for f in dataclasses.fields(lorakit.methods.METHODS[method])}:
+    if method not in lorakit.methods.METHODS or "dropout" not in {
+        f.name for f in dataclasses.fields(lorakit.methods.METHODS[method])
+    }:
         return False
     try:
         lorakit.methods.METHODS[method](dropout=0.05)
@@ -244,7 +255,11 @@ def with_dropout(condition: Condition | None, dropout: float) -> Condition | Non
 
 
 def lorakit_condition(
-    base: nn.Module, method: str, args: argparse.Namespace, quantized: bool = False, lib: Any = lorakit,
+    base: nn.Module,
+    method: str,
+    args: argparse.Namespace,
+    quantized: bool = False,
+    lib: Any = lorakit,
     dropout: float = 0.0,
 ) -> Condition:
     config = lorakit_config(method, args, lib, dropout)
@@ -258,7 +273,9 @@ def lorakit_condition(
     hooks = lib.training_hooks(model, total_steps=ADALORA_TOTAL_STEPS) if lib is lorakit else lib.training_hooks(model)
     version = f"@{lib.revision}" if lib is not lorakit else ""
     name = f"lorakit{version} {'qlora' if quantized else method}"
-    return with_dropout(Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None), dropout)
+    return with_dropout(
+        Condition(name, "lorakit", "qlora" if quantized else method, model, optimizer, hooks or None), dropout
+    )
 
 
 def peft_condition(base: nn.Module, method: str, args: argparse.Namespace, dropout: float = 0.0) -> Condition | None:
@@ -278,8 +295,14 @@ def plain_peft_condition(base: nn.Module, method: str, args: argparse.Namespace,
     elif method == "vera":
         config = peft.VeraConfig(r=args.vera_r, target_modules=targets, vera_dropout=dropout)
     elif method == "adalora":
-        config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=targets,
-                                    total_step=ADALORA_TOTAL_STEPS)
+        config = peft.AdaLoraConfig(
+            init_r=12,
+            target_r=8,
+            lora_alpha=args.alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            total_step=ADALORA_TOTAL_STEPS,
+        )
         # AdaLoraModel.forward adds the regulariser (PeftModel.forward would skip it); the allocator
         # runs after each optimizer step, as PEFT's docs ask
         model = peft.get_peft_model(model, config).base_model
@@ -348,12 +371,17 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
                 condition = build()
             except Exception as exc:  # noqa: BLE001 - report the failure, keep benchmarking the rest
                 print(f"  could not build a condition for {method}: {type(exc).__name__}: {exc}", flush=True)
-                condition = Condition(f"? {method}", "?", method, nn.Identity(), None, error=f"{type(exc).__name__}: {exc}")
+                condition = Condition(
+                    f"? {method}", "?", method, nn.Identity(), None, error=f"{type(exc).__name__}: {exc}"
+                )
             if condition is not None:
                 conditions.append(condition)
     if args.chunked_loss:
-        conditions += [dataclasses.replace(c, name=c.name + " +chunked loss", chunked_loss=True, times=[], memory={})
-                       for c in conditions if c.error is None and c.library in ("base", "lorakit")]
+        conditions += [
+            dataclasses.replace(c, name=c.name + " +chunked loss", chunked_loss=True, times=[], memory={})
+            for c in conditions
+            if c.error is None and c.library in ("base", "lorakit")
+        ]
     if args.compile:
         conditions += [compiled_variant(c, args.compile_backend) for c in conditions if c.error is None]
     return conditions
@@ -362,7 +390,9 @@ def build_conditions(base: nn.Module, args: argparse.Namespace) -> list[Conditio
 def compiled_variant(condition: Condition, backend: str = "inductor") -> Condition:
     """The same model, parameters and optimizer under `torch.compile` (nothing is copied)."""
     model = torch.compile(condition.model, backend=backend)
-    return dataclasses.replace(condition, name=condition.name + " +compile", model=model, compiled=True, times=[], memory={})
+    return dataclasses.replace(
+        condition, name=condition.name + " +compile", model=model, compiled=True, times=[], memory={}
+    )
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -438,7 +468,9 @@ def run(conditions: list[Condition], batch: torch.Tensor, device: torch.device, 
         print(f"  round {i + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f}" for c in done), flush=True)
 
 
-def profile_method(conditions: list[Condition], method: str, batch: torch.Tensor, device: torch.device, rows: int) -> str:
+def profile_method(
+    conditions: list[Condition], method: str, batch: torch.Tensor, device: torch.device, rows: int
+) -> str:
     """torch.profiler tables (self time by op) for the lorakit, PEFT and limit steps of `method`."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -513,8 +545,15 @@ def fmt(value: float | None, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = [
-        "condition", "ms/step (median)", "x limit", "x PEFT same method",
-        "peak MiB", "step peak MiB", "saved-for-backward MiB", "peak x limit", "peak x PEFT",
+        "condition",
+        "ms/step (median)",
+        "x limit",
+        "x PEFT same method",
+        "peak MiB",
+        "step peak MiB",
+        "saved-for-backward MiB",
+        "peak x limit",
+        "peak x PEFT",
     ]
     body = []
     for r in rows:
@@ -522,17 +561,19 @@ def table(rows: list[dict[str, Any]]) -> str:
             body.append([r["condition"], "failed: " + r["error"][:80]] + [""] * (len(header) - 2))
             continue
         mib = lambda key: fmt(r[key] / common.MiB if key in r else None, ".0f")  # noqa: E731, B023 (used in this iteration)
-        body.append([
-            r["condition"],
-            fmt(r["ms_per_step_median"], ".1f"),
-            fmt(r["vs_limit"], ".3f"),
-            fmt(r["vs_peft_same_method"], ".3f"),
-            mib("peak_bytes"),
-            mib("peak_step_bytes"),
-            mib("saved_bytes"),
-            fmt(r.get("peak_vs_limit"), ".3f"),
-            fmt(r.get("peak_vs_peft_same_method"), ".3f"),
-        ])
+        body.append(
+            [
+                r["condition"],
+                fmt(r["ms_per_step_median"], ".1f"),
+                fmt(r["vs_limit"], ".3f"),
+                fmt(r["vs_peft_same_method"], ".3f"),
+                mib("peak_bytes"),
+                mib("peak_step_bytes"),
+                mib("saved_bytes"),
+                fmt(r.get("peak_vs_limit"), ".3f"),
+                fmt(r.get("peak_vs_peft_same_method"), ".3f"),
+            ]
+        )
     return common.markdown_table(header, body)
 
 
@@ -544,10 +585,19 @@ MEMORY_NOTE = (
 )
 
 
-def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]], device: torch.device,
-           batch_shape: tuple[int, int], extra: dict[str, Any]) -> str:
-    how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-           else "PyTorch CPU allocator events from torch.profiler(profile_memory=True); oneDNN/MKL scratch not seen")
+def report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    batch_shape: tuple[int, int],
+    extra: dict[str, Any],
+) -> str:
+    how = (
+        "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "PyTorch CPU allocator events from torch.profiler(profile_memory=True); oneDNN/MKL scratch not seen"
+    )
     lines = [
         f"## lorakit step benchmark: {args.model}, {args.dtype}, batch {batch_shape[0]} x {batch_shape[1]}, "
         f"r={args.r} (VeRA r={args.vera_r}), alpha={args.alpha}, targets {','.join(args.targets)}",
@@ -585,15 +635,23 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", choices=["smollm2", "llama-1b", "tiny"], help="default: smollm2 on CPU, llama-1b on CUDA")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA"
+    )
     p.add_argument("--batch", type=int, help="default 4 (2 with --quick)")
     p.add_argument("--seq", type=int, help="default 256 on CPU (128 with --quick), 2048 on CUDA")
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="also run each method that has an input dropout (lorakit's and PEFT's) with this dropout")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="also run each method that has an input dropout (lorakit's and PEFT's) with this dropout",
+    )
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--vera-r", type=int, default=256, help="VeRA's rank (its shared projections)")
     p.add_argument("--targets", nargs="+", default=SEVEN_PROJECTIONS)
@@ -603,21 +661,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile's backend for --compile (aot_eager: the same code paths without C++/Triton builds)")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend for --compile (aot_eager: the same code paths without C++/Triton builds)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory step")
-    p.add_argument("--chunked-loss", action="store_true",
-                   help="also time lorakit's conditions (and the limit) with lorakit.losses.causal_lm_loss (no full logits)")
+    p.add_argument(
+        "--chunked-loss",
+        action="store_true",
+        help="also time lorakit's conditions (and the limit) with lorakit.losses.causal_lm_loss (no full logits)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall time, or the process's CPU time (CPU runs with --threads 1 on a machine other "
-                   "processes keep busy: their time on the cores is left out)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or the process's CPU time (CPU runs with --threads 1 on a machine other "
+        "processes keep busy: their time on the cores is left out)",
+    )
     p.add_argument("--quick", action="store_true", help="smaller batch and fewer rounds")
-    p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")
+    p.add_argument(
+        "--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit"
+    )
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/step-<device>-<model>-<time>.json)")
-    p.add_argument("--before", metavar="REV", help="also time lorakit as it was at git revision REV (same run, "
-                   "interleaved): before/after a change")
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        help="also time lorakit as it was at git revision REV (same run, interleaved): before/after a change",
+    )
     args = p.parse_args(argv)
     args.before_lib = lorakit_at(args.before) if args.before else None
     gpu = args.device == "cuda"
@@ -673,9 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profile = profile_method(conditions, args.profile, batch, device, args.profile_rows)
         print("\n" + profile, flush=True)
         result["profile"] = profile
-    out = args.out or RESULTS_DIR / (
-        f"step-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
-    )
+    out = args.out or RESULTS_DIR / (f"step-{args.device}-{args.model}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nsaved {out}", flush=True)

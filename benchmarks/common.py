@@ -146,7 +146,9 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device) -> int:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     memory = sorted(
-        (e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+        (e["ts"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
     )
     # A running sum of allocations (+) and frees (-) in time order; frees of tensors made before
     # the step (last step's gradients are freed by zero_grad(set_to_none) before it) count down.
@@ -167,7 +169,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def bnb_quantize(model: nn.Module, targets: list[str], compute_dtype: torch.dtype, double_quant: bool = True) -> nn.Module:
+def bnb_quantize(
+    model: nn.Module, targets: list[str], compute_dtype: torch.dtype, double_quant: bool = True
+) -> nn.Module:
     """Replace the `nn.Linear`s whose name ends in one of `targets` by bitsandbytes NF4 `Linear4bit`s,
     in place, on the weights' device: what `BitsAndBytesConfig(load_in_4bit=True, nf4)` loading
     makes, for a model that already exists (random benchmark weights have no checkpoint to load)."""
@@ -176,12 +180,19 @@ def bnb_quantize(model: nn.Module, targets: list[str], compute_dtype: torch.dtyp
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
             continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
-                                  device="meta")
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            device="meta",
+        )
         # bitsandbytes quantizes when a Params4bit moves to a (non-meta) device
-        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=double_quant,
-                                         quant_type="nf4", module=layer).to(module.weight.device)
+        layer.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type="nf4", module=layer
+        ).to(module.weight.device)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
         parent_name, _, child = name.rpartition(".")

@@ -39,9 +39,15 @@ MODELS = {
 def projections(m: dict) -> list[tuple[str, int, int, str]]:
     """(name, in, out, which input it reads) of one decoder layer's seven projections."""
     h, i, kv = m["hidden"], m["intermediate"], m["kv"]
-    return [("q_proj", h, h, "attn_in"), ("k_proj", h, kv, "attn_in"), ("v_proj", h, kv, "attn_in"),
-            ("o_proj", h, h, "attn_out"), ("gate_proj", h, i, "mlp_in"), ("up_proj", h, i, "mlp_in"),
-            ("down_proj", i, h, "mlp_mid")]
+    return [
+        ("q_proj", h, h, "attn_in"),
+        ("k_proj", h, kv, "attn_in"),
+        ("v_proj", h, kv, "attn_in"),
+        ("o_proj", h, h, "attn_out"),
+        ("gate_proj", h, i, "mlp_in"),
+        ("up_proj", h, i, "mlp_in"),
+        ("down_proj", i, h, "mlp_mid"),
+    ]
 
 
 def limit_per_token(m: dict, seq: int) -> float:
@@ -84,10 +90,15 @@ def main() -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     m, tokens = MODELS[args.model], args.batch * args.seq
     limit = limit_per_token(m, args.seq)
-    rows = {"limit": limit, f"LoRA r={args.r} (floor)": limit + lora_per_token(m, args.r, tokens),
-            f"VeRA r={args.vera_r} (floor)": limit + vera_per_token(m, args.vera_r, tokens)}
+    rows = {
+        "limit": limit,
+        f"LoRA r={args.r} (floor)": limit + lora_per_token(m, args.r, tokens),
+        f"VeRA r={args.vera_r} (floor)": limit + vera_per_token(m, args.vera_r, tokens),
+    }
     if args.json:
-        print(json.dumps({name: {"mult_adds_per_token": v, "x_limit": v / limit} for name, v in rows.items()}, indent=1))
+        print(
+            json.dumps({name: {"mult_adds_per_token": v, "x_limit": v / limit} for name, v in rows.items()}, indent=1)
+        )
         return
     print(f"{args.model}, batch {args.batch} x {args.seq}, all seven projections: multiply-adds per token")
     print("| step | M multiply-adds / token | x limit |\n|---|---|---|")

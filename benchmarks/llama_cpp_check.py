@@ -46,8 +46,21 @@ def train(out_dir: Path, name: str, steps: int, examples: int, method: str = "lo
     """A run of the built-in job (its adapter is what gets exported)."""
     run = out_dir / name
     if not (run / "adapter").is_dir():
-        lorakit_cli("train", "--method", method, "--steps", str(steps), "--max-eval-examples", str(examples),
-                    "--out-dir", str(out_dir), "--name", name, "--no-progress", "--overwrite")
+        lorakit_cli(
+            "train",
+            "--method",
+            method,
+            "--steps",
+            str(steps),
+            "--max-eval-examples",
+            str(examples),
+            "--out-dir",
+            str(out_dir),
+            "--name",
+            name,
+            "--no-progress",
+            "--overwrite",
+        )
     return run
 
 
@@ -94,17 +107,24 @@ def lorakit_logits(model, token_ids: list[int]) -> np.ndarray:
 def logit_distance(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict[str, float]:
     """How close llama.cpp's logits are to lorakit's, over every position of every prompt."""
     a, b = np.concatenate(ours), np.concatenate(theirs)
-    return {"max_abs_logit_diff": float(np.abs(a - b).max()), "mean_abs_logit_diff": float(np.abs(a - b).mean()),
-            "logit_std": float(a.std()), "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+    return {
+        "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "mean_abs_logit_diff": float(np.abs(a - b).mean()),
+        "logit_std": float(a.std()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+    }
 
 
-def effect_correlation(ours: list[np.ndarray], theirs: list[np.ndarray], ours_base: list[np.ndarray],
-                       theirs_base: list[np.ndarray]) -> dict[str, float]:
+def effect_correlation(
+    ours: list[np.ndarray], theirs: list[np.ndarray], ours_base: list[np.ndarray], theirs_base: list[np.ndarray]
+) -> dict[str, float]:
     """Correlation of the adapter's effect (adapted minus base logits) in lorakit and in llama.cpp."""
     effect_ours = np.concatenate(ours) - np.concatenate(ours_base)
     effect_theirs = np.concatenate(theirs) - np.concatenate(theirs_base)
-    return {"adapter_effect_correlation": float(np.corrcoef(effect_ours.ravel(), effect_theirs.ravel())[0, 1]),
-            "adapter_effect_std": float(effect_ours.std())}
+    return {
+        "adapter_effect_correlation": float(np.corrcoef(effect_ours.ravel(), effect_theirs.ravel())[0, 1]),
+        "adapter_effect_std": float(effect_ours.std()),
+    }
 
 
 def exact_match_both(model, tokenizer, llm, examples: list[dict[str, str]]) -> dict[str, float]:
@@ -116,13 +136,20 @@ def exact_match_both(model, tokenizer, llm, examples: list[dict[str, str]]) -> d
     answers = [e["completion"] for e in examples]
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     ours = greedy_completions(model, tokenizer, prompts, longest + 2, 8, torch.device("cpu"), False)
-    theirs = [tokenizer.decode(llama_greedy(llm, tokenizer(p)["input_ids"], longest + 2, tokenizer.eos_token_id),
-                               skip_special_tokens=True) for p in prompts]
+    theirs = [
+        tokenizer.decode(
+            llama_greedy(llm, tokenizer(p)["input_ids"], longest + 2, tokenizer.eos_token_id), skip_special_tokens=True
+        )
+        for p in prompts
+    ]
     hits_ours = [whole_completion_match(p, a) for p, a in zip(ours, answers)]
     hits_theirs = [whole_completion_match(p, a) for p, a in zip(theirs, answers)]
-    return {"lorakit": float(np.mean(hits_ours)), "llama_cpp": float(np.mean(hits_theirs)),
-            "same_answer": float(np.mean([o.strip() == t.strip() for o, t in zip(ours, theirs)])),
-            "examples": len(examples)}
+    return {
+        "lorakit": float(np.mean(hits_ours)),
+        "llama_cpp": float(np.mean(hits_theirs)),
+        "same_answer": float(np.mean([o.strip() == t.strip() for o, t in zip(ours, theirs)])),
+        "examples": len(examples),
+    }
 
 
 def greedy_answers_agree(model, tokenizer, llm, prompts: list[str], max_new_tokens: int = 12) -> list[tuple[str, str]]:
@@ -131,10 +158,17 @@ def greedy_answers_agree(model, tokenizer, llm, prompts: list[str], max_new_toke
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        ours = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-        theirs = tokenizer.decode(llama_greedy(llm, ids, max_new_tokens, tokenizer.eos_token_id), skip_special_tokens=True)
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        ours = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        theirs = tokenizer.decode(
+            llama_greedy(llm, ids, max_new_tokens, tokenizer.eos_token_id), skip_special_tokens=True
+        )
         pairs.append((ours, theirs))
     return pairs
 
@@ -175,8 +209,11 @@ def check(out_dir: Path, steps: int, examples: int, dora_steps: int, runs: dict[
         pairs = greedy_answers_agree(model, tokenizer, merged_llm, [e["prompt"] for e in held_out[:10]] + PROMPTS[2:])
         merged_llm.close()
         results["runs"]["dora"] = str(dora)
-        results["dora_merged"] = {"same_greedy_answers": sum(o == t for o, t in pairs), "prompts": len(pairs),
-                                  "pairs": pairs}
+        results["dora_merged"] = {
+            "same_greedy_answers": sum(o == t for o, t in pairs),
+            "prompts": len(pairs),
+            "pairs": pairs,
+        }
     results["check_seconds"] = round(time.time() - t, 1)
     return results
 
@@ -187,7 +224,9 @@ def main() -> None:
     parser.add_argument("--dora-steps", type=int, default=50, help="training steps of the DoRA run (0: skip)")
     parser.add_argument("--examples", type=int, default=100, help="held-out examples for exact match")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/llama-cpp-check"))
-    parser.add_argument("--lora-run", type=Path, help="use this finished LoRA run of the built-in job instead of training")
+    parser.add_argument(
+        "--lora-run", type=Path, help="use this finished LoRA run of the built-in job instead of training"
+    )
     parser.add_argument("--dora-run", type=Path, help="use this finished DoRA run instead of training")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "gguf-llama-cpp.json")
     args = parser.parse_args()
@@ -195,8 +234,13 @@ def main() -> None:
     results = check(args.out_dir, args.steps, args.examples, args.dora_steps, runs)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k != "dora_merged"} | {
-        "dora_merged": {k: v for k, v in results.get("dora_merged", {}).items() if k != "pairs"}}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k != "dora_merged"}
+            | {"dora_merged": {k: v for k, v in results.get("dora_merged", {}).items() if k != "pairs"}},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

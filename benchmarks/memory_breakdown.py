@@ -230,15 +230,21 @@ def measure_condition(cond: Condition, batch: int, seq: int) -> dict[str, Any]:
     out["rss_after_load"], out["peak_rss_after_load"] = rss_mib()
 
     base_tensors = list(model.parameters()) + list(model.buffers())
-    linear = [t for m in model.modules() if isinstance(m, (Linear4bit, torch.nn.Linear))
-              and m is not model.get_output_embeddings() for t in list(m.parameters()) + list(m.buffers())]
+    linear = [
+        t
+        for m in model.modules()
+        if isinstance(m, (Linear4bit, torch.nn.Linear)) and m is not model.get_output_embeddings()
+        for t in list(m.parameters()) + list(m.buffers())
+    ]
     out["base_linear_bytes"] = storage_bytes(linear)
     out["base_other_bytes"] = storage_bytes(base_tensors) - out["base_linear_bytes"]
 
     torch.manual_seed(0)
     config_cls = lorakit.methods.METHODS[cond.method]
     lorakit.adapt(model, config_cls(r=cond.r, alpha=cond.alpha, dropout=cond.dropout, targets="all-linear"))
-    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=torch.Generator().manual_seed(0)
+    )
     if cond.method == "lora-drop":
         # Stage 1 stands in: B perturbed so the importance is defined, the plan drawn from one batch
         # (the step's memory depends on the layout, shared pairs included, not on how it was chosen).
@@ -268,8 +274,9 @@ def measure_condition(cond: Condition, batch: int, seq: int) -> dict[str, Any]:
     t0 = time.process_time()
     step()  # warm-up: the optimizer state exists from here on
     out["warmup_step_seconds"] = time.process_time() - t0
-    out["optimizer_state_bytes"] = storage_bytes(v for s in optimizer.state.values() for v in s.values()
-                                                 if torch.is_tensor(v) and v.numel() > 1)
+    out["optimizer_state_bytes"] = storage_bytes(
+        v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1
+    )
     ledger = SavedTensorLedger(model, adapted)
     dequantized = DequantizedLedger()
     try:
@@ -290,16 +297,44 @@ def measure_condition(cond: Condition, batch: int, seq: int) -> dict[str, Any]:
 
 def cli_peak_rss(name: str, flags: list[str], batch: int, seq: int, steps: int, out_dir: Path) -> dict[str, Any]:
     """Peak RSS of a `lorakit train` process on the shipped Alpaca subset."""
-    command = [sys.executable, "-m", "lorakit", "train", "--data", str(ALPACA), "--batch-size", str(batch),
-               "--max-length", str(seq), "--steps", str(steps), "--max-eval-examples", "8", "--no-progress",
-               "--checkpoint-every", "0", "--out-dir", str(out_dir), "--name", name, "--overwrite", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "train",
+        "--data",
+        str(ALPACA),
+        "--batch-size",
+        str(batch),
+        "--max-length",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--max-eval-examples",
+        "8",
+        "--no-progress",
+        "--checkpoint-every",
+        "0",
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        name,
+        "--overwrite",
+        *flags,
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     error = process.stderr.read()
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"name": name, "flags": flags, "peak_rss_mib": usage.ru_maxrss / 1024, "exit": process.returncode,
-            "wall_s": time.perf_counter() - start, "stderr_tail": error[-300:] if process.returncode else ""}
+    return {
+        "name": name,
+        "flags": flags,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "exit": process.returncode,
+        "wall_s": time.perf_counter() - start,
+        "stderr_tail": error[-300:] if process.returncode else "",
+    }
 
 
 CLI_RUNS = {
@@ -321,7 +356,10 @@ def mib(value: float) -> str:
 
 def breakdown_table(results: list[dict[str, Any]]) -> str:
     names = [r["condition"]["name"] for r in results]
-    kinds = sorted({k for r in results for k in r["saved_by_kind"]}, key=lambda k: -max(r["saved_by_kind"].get(k, 0) for r in results))
+    kinds = sorted(
+        {k for r in results for k in r["saved_by_kind"]},
+        key=lambda k: -max(r["saved_by_kind"].get(k, 0) for r in results),
+    )
     rows = [
         ["runtime (torch, transformers, lorakit)"] + [f"{r['rss_runtime']:,.0f}" for r in results],
         ["base weights: linear layers"] + [mib(r["base_linear_bytes"]) for r in results],
@@ -338,8 +376,16 @@ def breakdown_table(results: list[dict[str, Any]]) -> str:
         + [mib(r["step_peak_live_bytes"] - r["saved_bytes"]) for r in results],
         ["step peak (live tensors above the step's start)"] + [mib(r["step_peak_live_bytes"]) for r in results],
         ["model + adapter + optimizer + step peak (live)"]
-        + [mib(r["base_linear_bytes"] + r["base_other_bytes"] + r["adapter_bytes"] + r["optimizer_state_bytes"]
-               + r["step_peak_live_bytes"]) for r in results],
+        + [
+            mib(
+                r["base_linear_bytes"]
+                + r["base_other_bytes"]
+                + r["adapter_bytes"]
+                + r["optimizer_state_bytes"]
+                + r["step_peak_live_bytes"]
+            )
+            for r in results
+        ],
         ["RSS after loading"] + [f"{r['rss_after_load']:,.0f}" for r in results],
         ["process peak RSS"] + [f"{r['peak_rss']:,.0f}" for r in results],
         ["RSS at the end"] + [f"{r['rss_end']:,.0f}" for r in results],
@@ -376,8 +422,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.only or list(CONDITIONS):
         print(f"  {name} ...", flush=True)
         results.append(run_one(name, args))
-    text = [f"## Memory of one training step, SmolLM2-135M, batch {args.batch} x {args.seq}, all linear layers, CPU fp32",
-            "", "command: `" + " ".join(["python"] + sys.argv) + "`", "", breakdown_table(results)]
+    text = [
+        f"## Memory of one training step, SmolLM2-135M, batch {args.batch} x {args.seq}, all linear layers, CPU fp32",
+        "",
+        "command: `" + " ".join(["python"] + sys.argv) + "`",
+        "",
+        breakdown_table(results),
+    ]
     cli = []
     if args.cli:
         import tempfile
@@ -388,15 +439,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 print(f"  lorakit train {name} ...", flush=True)
                 cli.append(cli_peak_rss(name, flags, args.batch, args.seq, 3, Path(tmp)))
-        text += ["", "`lorakit train` on the Alpaca subset, 3 steps: peak RSS of the process (MiB)", "",
-                 common.markdown_table(["run", "flags", "peak RSS"],
-                                       [[c["name"], " ".join(c["flags"]), f"{c['peak_rss_mib']:,.0f}" if c["exit"] == 0
-                                         else "failed: " + c["stderr_tail"][-80:]] for c in cli])]
+        text += [
+            "",
+            "`lorakit train` on the Alpaca subset, 3 steps: peak RSS of the process (MiB)",
+            "",
+            common.markdown_table(
+                ["run", "flags", "peak RSS"],
+                [
+                    [
+                        c["name"],
+                        " ".join(c["flags"]),
+                        f"{c['peak_rss_mib']:,.0f}" if c["exit"] == 0 else "failed: " + c["stderr_tail"][-80:],
+                    ]
+                    for c in cli
+                ],
+            ),
+        ]
     text.append(f"\nload average before / after: {load_before} / {common.load_average()}")
     print("\n".join(text), flush=True)
-    result = {"benchmark": "memory_breakdown", "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(["python"] + sys.argv), "machine": common.machine_info(__import__("torch").device("cpu")),
-              "results": results, "cli": cli, "markdown": "\n".join(text)}
+    result = {
+        "benchmark": "memory_breakdown",
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "machine": common.machine_info(__import__("torch").device("cpu")),
+        "results": results,
+        "cli": cli,
+        "markdown": "\n".join(text),
+    }
     out = args.out or RESULTS / f"memory-breakdown-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

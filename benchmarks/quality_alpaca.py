@@ -64,16 +64,21 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--no-chunked-loss", action="store_true",
-                        help="the model's own loss (full logits), to compare peak memory with the chunked loss")
+    parser.add_argument(
+        "--no-chunked-loss",
+        action="store_true",
+        help="the model's own loss (full logits), to compare peak memory with the chunked loss",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.train_size, args.eval_size, args.steps, args.batch_size = 16, 8, 2, 4
     if args.steps is None:
         args.steps = max(1, args.train_size // args.batch_size)
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
-               f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
+    )
     command = "python " + " ".join(sys.argv)
     path = args.json or RESULTS / f"quality-alpaca-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     if not ALPACA.is_file():
@@ -89,39 +94,76 @@ def main() -> int:
         for seed in args.seeds or [args.seed]:
             for name in args.methods:
                 config = TrainConfig(
-                    data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
-                    max_eval_examples=args.eval_size, steps=args.steps, batch_size=args.batch_size,
-                    max_length=args.max_length, lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=seed,
-                    out_dir=str(tmp_path / "runs"), name=f"{name}-{seed}", progress=False,
-                    chunked_loss=not args.no_chunked_loss, gradient_checkpointing=args.gradient_checkpointing,
+                    data=str(tmp_path / "train.jsonl"),
+                    eval_data=str(tmp_path / "eval.jsonl"),
+                    max_eval_examples=args.eval_size,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    lr=args.lr,
+                    warmup_steps=max(1, args.steps // 10),
+                    seed=seed,
+                    out_dir=str(tmp_path / "runs"),
+                    name=f"{name}-{seed}",
+                    progress=False,
+                    chunked_loss=not args.no_chunked_loss,
+                    gradient_checkpointing=args.gradient_checkpointing,
                     **CONDITIONS[name],
                 )
                 result = train(config, echo=lambda *a, **k: None)
-                results.append({"condition": name, "seed": seed, "before": result.before, "after": result.after,
-                                "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-                                "peak_memory_mb": result.peak_memory_mb, "final_loss": result.final_loss})
+                results.append(
+                    {
+                        "condition": name,
+                        "seed": seed,
+                        "before": result.before,
+                        "after": result.after,
+                        "train_seconds": result.train_seconds,
+                        "wall_seconds": result.wall_seconds,
+                        "peak_memory_mb": result.peak_memory_mb,
+                        "final_loss": result.final_loss,
+                    }
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"command": command, "machine": machine,
-                                            "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
-                print(f"{name} (seed {seed}): eval loss {result.before['eval_loss']:.4f} -> {result.after['eval_loss']:.4f}",
-                      flush=True)
+                path.write_text(
+                    json.dumps(
+                        {
+                            "command": command,
+                            "machine": machine,
+                            "args": {k: str(v) for k, v in vars(args).items()},
+                            "results": results,
+                        },
+                        indent=1,
+                    )
+                )
+                print(
+                    f"{name} (seed {seed}): eval loss {result.before['eval_loss']:.4f} -> {result.after['eval_loss']:.4f}",
+                    flush=True,
+                )
 
-    print(f"\nAlpaca subset, SmolLM2-135M-Instruct: {args.train_size} train / {args.eval_size} held-out examples, "
-          f"{args.steps} steps x batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, seed {args.seed}")
+    print(
+        f"\nAlpaca subset, SmolLM2-135M-Instruct: {args.train_size} train / {args.eval_size} held-out examples, "
+        f"{args.steps} steps x batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, seed {args.seed}"
+    )
     print(f"command: {command}")
     print(f"machine: {machine}\n")
-    print("| condition | seed | held-out loss before | after | perplexity before -> after | train time | wall time | peak memory |")
+    print(
+        "| condition | seed | held-out loss before | after | perplexity before -> after | train time | wall time | peak memory |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         b, a = r["before"], r["after"]
-        print(f"| {r['condition']} | {r['seed']} | {b['eval_loss']:.4f} | {a['eval_loss']:.4f} "
-              f"| {b['perplexity']:.2f} -> {a['perplexity']:.2f} | {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s "
-              f"| {r['peak_memory_mb']:,.0f} MiB |")
+        print(
+            f"| {r['condition']} | {r['seed']} | {b['eval_loss']:.4f} | {a['eval_loss']:.4f} "
+            f"| {b['perplexity']:.2f} -> {a['perplexity']:.2f} | {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s "
+            f"| {r['peak_memory_mb']:,.0f} MiB |"
+        )
     after = {(r["condition"], r["seed"]): r["after"]["eval_loss"] for r in results}
     seeds = sorted({r["seed"] for r in results})
     for name in args.methods:
         values = [after[name, s] for s in seeds]
-        spread = f", spread over {len(values)} seeds (max - min) {max(values) - min(values):.4f}" if len(values) > 1 else ""
+        spread = (
+            f", spread over {len(values)} seeds (max - min) {max(values) - min(values):.4f}" if len(values) > 1 else ""
+        )
         print(f"\n{name}: mean held-out loss after training {statistics.mean(values):.4f}{spread}", end="")
     print()
     for quantized in ("qlora", "qlora-loftq"):

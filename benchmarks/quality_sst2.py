@@ -51,19 +51,38 @@ CONDITIONS = {
     "vera": (lambda: lorakit.VeRA(r=256, targets=TARGETS, train_modules=["classifier"]), 3e-2, None),
     # AdaLoRA: 12 triplets a module at the start, 8 on average at the end (LoRA r=8's final budget);
     # allocation from 10 % of the steps, frozen for the last 20 %; gamma 0.1 as the paper
-    "adalora": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
-                                        orth_reg_weight=0.1), 1e-3, None),
+    "adalora": (
+        lambda: lorakit.AdaLoRA(
+            init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], orth_reg_weight=0.1
+        ),
+        1e-3,
+        None,
+    ),
     # the same at 10x the learning rate: P and Q start at std 0.02 and E at 0, so the update starts far
     # smaller than LoRA's and 1e-3 barely moves it in a short run
-    "adalora-lr1e-2": (lambda: lorakit.AdaLoRA(init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
-                                               orth_reg_weight=0.1), 1e-2, None),
+    "adalora-lr1e-2": (
+        lambda: lorakit.AdaLoRA(
+            init_r=12, target_r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], orth_reg_weight=0.1
+        ),
+        1e-2,
+        None,
+    ),
     # LoRA-drop: stage 1 on 10 % of the training sentences, keep modules up to 90 % of the importance
-    "lora-drop": (lambda: lorakit.LoRADrop(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"],
-                                           sample_fraction=0.1, threshold=0.9), 1e-3, None),
+    "lora-drop": (
+        lambda: lorakit.LoRADrop(
+            r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], sample_fraction=0.1, threshold=0.9
+        ),
+        1e-3,
+        None,
+    ),
     # LoRA over the encoder's adapted linears stored in NF4 + double quantization
     "qlora": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"]), 1e-3, None),
     # the same, the pair starting at the rank-8 SVD of each layer's rounding error (LoftQ)
-    "qlora-loftq": (lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], init="loftq"), 1e-3, None),
+    "qlora-loftq": (
+        lambda: lorakit.LoRA(r=8, alpha=16, targets=TARGETS, train_modules=["classifier"], init="loftq"),
+        1e-3,
+        None,
+    ),
 }
 QUANTIZED = {"qlora", "qlora-loftq"}
 
@@ -86,7 +105,9 @@ def read_tsv(path: Path, limit: int | None = None, seed: int = 0) -> list[tuple[
 def batches(rows, tokenizer, batch_size: int, max_length: int):
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([label for _, label in chunk])
         yield enc
 
@@ -128,11 +149,21 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
             config.tinit, config.tfinal = max(1, args.steps // 10), max(1, args.steps // 5)
         lorakit.adapt(model, config)
         hooks = lorakit.training_hooks(model, total_steps=args.steps)
+
         # before the optimizer exists: a method may rebuild its adapters here (LoRA-drop's stage 1)
-        sample = lambda fraction: list(batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size,  # noqa: E731
-                                               args.max_length))
-        hooks.before_training(model, lorakit.hooks.Probe(list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size,
-                                                                args.max_length)), lr=lr, sampler=sample))
+        def sample(fraction: float) -> list:
+            return list(
+                batches(train_rows[:: max(1, round(1 / fraction))], tokenizer, args.batch_size, args.max_length)
+            )
+
+        hooks.before_training(
+            model,
+            lorakit.hooks.Probe(
+                list(batches(train_rows[: 4 * args.batch_size], tokenizer, args.batch_size, args.max_length)),
+                lr=lr,
+                sampler=sample,
+            ),
+        )
         params = lorakit.param_groups(model, lr, loraplus_ratio=ratio)
     losses, train_seconds = train_loop(model, params, lr, hooks, train_rows, tokenizer, args)
     acc = accuracy(model, dev_rows, tokenizer, args.max_length)
@@ -149,12 +180,24 @@ def run(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
             layout = {"kept": config.plan["kept"], "shared_groups": sorted(set(config.plan["groups"].values()))}
         elif isinstance(config, lorakit.AdaLoRA):
             layout = {"final_ranks": {m: sum(k) for m, k in config.rank_pattern.items()}}
-        full_lora = sum(layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.inject.adapted_layers(model))
-        layout["adapter_params_vs_lora_r8"] = sum(p.numel() for n, p in lorakit.adapter_parameters(model)
-                                                  if ".adapters." in n) / full_lora
-    return {"condition": name, "dev_accuracy": acc, "trainable": trainable, "adapter_bytes": size, "layout": layout,
-            "lr": lr, "loraplus_ratio": ratio, "train_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - wall0, "losses": losses}
+        full_lora = sum(
+            layer.in_features * 8 + layer.out_features * 8 for _, layer in lorakit.inject.adapted_layers(model)
+        )
+        layout["adapter_params_vs_lora_r8"] = (
+            sum(p.numel() for n, p in lorakit.adapter_parameters(model) if ".adapters." in n) / full_lora
+        )
+    return {
+        "condition": name,
+        "dev_accuracy": acc,
+        "trainable": trainable,
+        "adapter_bytes": size,
+        "layout": layout,
+        "lr": lr,
+        "loraplus_ratio": ratio,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - wall0,
+        "losses": losses,
+    }
 
 
 def train_loop(model, params, lr: float, hooks, train_rows, tokenizer, args) -> tuple[list[float], float]:
@@ -201,9 +244,18 @@ def run_peft(name: str, train_rows, dev_rows, tokenizer, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    return {"condition": name, "dev_accuracy": acc, "trainable": sum(p.numel() for p in params[0]["params"]),
-            "adapter_bytes": size, "layout": {}, "lr": lr, "loraplus_ratio": None, "train_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - wall0, "losses": losses}
+    return {
+        "condition": name,
+        "dev_accuracy": acc,
+        "trainable": sum(p.numel() for p in params[0]["params"]),
+        "adapter_bytes": size,
+        "layout": {},
+        "lr": lr,
+        "loraplus_ratio": None,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - wall0,
+        "losses": losses,
+    }
 
 
 def smoothed(losses: list[float], beta: float = 0.9) -> list[float]:
@@ -246,24 +298,35 @@ def main() -> int:
     for name in args.methods:
         result = run(name, train_rows, dev_rows, tokenizer, args)
         results.append(result)
-        print(f"{name}: dev accuracy {100 * result['dev_accuracy']:.2f}% ({result['train_seconds']:.0f} s training, "
-              f"{result['wall_seconds']:.0f} s wall)", flush=True)
+        print(
+            f"{name}: dev accuracy {100 * result['dev_accuracy']:.2f}% ({result['train_seconds']:.0f} s training, "
+            f"{result['wall_seconds']:.0f} s wall)",
+            flush=True,
+        )
 
-    print(f"\nSST-2 dev ({len(dev_rows)}), all-MiniLM-L6-v2, {args.steps} steps x batch {args.batch_size} on {len(train_rows)} "
-          f"train sentences, max length {args.max_length}, seed {args.seed}")
+    print(
+        f"\nSST-2 dev ({len(dev_rows)}), all-MiniLM-L6-v2, {args.steps} steps x batch {args.batch_size} on {len(train_rows)} "
+        f"train sentences, max length {args.max_length}, seed {args.seed}"
+    )
     print(f"command: python {' '.join(sys.argv)}")
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
-               f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    machine = (
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
+    )
     print(f"machine: {machine}\n")
     print("| condition | lr | dev accuracy | trainable params | adapter on disk | train time | wall time |")
     print("|---|---|---|---|---|---|---|")
     full = next((r for r in results if r["condition"] == "full"), None)
     for r in results:
         size = "-" if r["adapter_bytes"] is None else f"{r['adapter_bytes'] / 2**20:.2f} MiB"
-        delta = "" if full is None or r is full else f" ({100 * (r['dev_accuracy'] - full['dev_accuracy']):+.2f} vs full)"
+        delta = (
+            "" if full is None or r is full else f" ({100 * (r['dev_accuracy'] - full['dev_accuracy']):+.2f} vs full)"
+        )
         name = r["condition"] + (f" (ratio {r['loraplus_ratio']:g})" if r["loraplus_ratio"] else "")
-        print(f"| {name} | {r['lr']:g} | {100 * r['dev_accuracy']:.2f}%{delta} | {r['trainable']:,} | {size} "
-              f"| {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s |")
+        print(
+            f"| {name} | {r['lr']:g} | {100 * r['dev_accuracy']:.2f}%{delta} | {r['trainable']:,} | {size} "
+            f"| {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s |"
+        )
     by_name = {r["condition"]: r for r in results}
     if "lora" in by_name and "lora-plus" in by_name:
         final = smoothed(by_name["lora"]["losses"])[-1]
@@ -279,9 +342,18 @@ def main() -> int:
         steps_to = None
     path = args.json or RESULTS / f"quality-sst2-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": machine,
-                                "args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                "loraplus_steps_to_loss": steps_to}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "command": "python " + " ".join(sys.argv),
+                "machine": machine,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "results": results,
+                "loraplus_steps_to_loss": steps_to,
+            },
+            indent=1,
+        )
+    )
     print(f"\nsaved {path}")
     return 0
 

@@ -53,12 +53,20 @@ def inspect_summary(lines: list[str]) -> list[str]:
     """The summary of `lorakit inspect`: its grid, then the lines on the largest changes (the first two),
     rank and magnitude against direction."""
     start = next(i for i, line in enumerate(lines) if line.startswith("relative change"))
-    grid = [line for line in lines[start + 2:] if re.match(r"\s+\d+\s", line)]
-    below = lines[start + 2 + len(grid):]
-    kept = [line for line in below if line.startswith(("bert.", "largest changes", "effective rank", "magnitude vs direction"))]
+    grid = [line for line in lines[start + 2 :] if re.match(r"\s+\d+\s", line)]
+    below = lines[start + 2 + len(grid) :]
+    kept = [
+        line
+        for line in below
+        if line.startswith(("bert.", "largest changes", "effective rank", "magnitude vs direction"))
+    ]
     # the largest changes: the first two of five (the grid above shows them all)
-    kept = [", ".join(line.split(", ")[:2]) + ", ..." if line.startswith("largest changes") and line.count(", ") > 1 else line
-            for line in kept]
+    kept = [
+        ", ".join(line.split(", ")[:2]) + ", ..."
+        if line.startswith("largest changes") and line.count(", ") > 1
+        else line
+        for line in kept
+    ]
     return [lines[start], lines[start + 1], *grid] + kept
 
 
@@ -66,22 +74,55 @@ def run_summary(lines: list[str]) -> list[str]:
     """The summary `lorakit train` ends with, from its `method` line to its last metric line."""
     start = next(i for i, line in enumerate(lines) if line.startswith("method "))
     end = max(i for i, line in enumerate(lines) if line.startswith(("eval loss", "final train loss")))
-    return lines[start:end + 1]
+    return lines[start : end + 1]
 
 
 SAMPLES = [
-    Sample("default-train", "default", ["train", "--out-dir", "{runs}", "--name", "default", "--no-progress"], run_summary),
-    Sample("sst2-train", "sst2",
-           ["train", "--task", "classify", "--data", "{data}/sst2/train.tsv", "--eval-data", "{data}/sst2/dev.tsv",
-            "--steps", "150", "--batch-size", "16", "--max-eval-examples", "1000", "--out-dir", "{runs}", "--name", "sst2",
-            "--no-progress"],
-           without_timings(starting_with("data columns", "before:", "after:", "method ", "trainable params",
-                                         "adapter size on disk", "accuracy (held-out)"))),
+    Sample(
+        "default-train", "default", ["train", "--out-dir", "{runs}", "--name", "default", "--no-progress"], run_summary
+    ),
+    Sample(
+        "sst2-train",
+        "sst2",
+        [
+            "train",
+            "--task",
+            "classify",
+            "--data",
+            "{data}/sst2/train.tsv",
+            "--eval-data",
+            "{data}/sst2/dev.tsv",
+            "--steps",
+            "150",
+            "--batch-size",
+            "16",
+            "--max-eval-examples",
+            "1000",
+            "--out-dir",
+            "{runs}",
+            "--name",
+            "sst2",
+            "--no-progress",
+        ],
+        without_timings(
+            starting_with(
+                "data columns",
+                "before:",
+                "after:",
+                "method ",
+                "trainable params",
+                "adapter size on disk",
+                "accuracy (held-out)",
+            )
+        ),
+    ),
     Sample("sst2-inspect", "sst2", ["inspect", "{runs}/sst2", "--no-html", "--no-progress"], inspect_summary),
 ]
 # blocks whose output another script's run makes (benchmarks/reproduce.py's comparison, hours of CPU):
 # left as written here, and listed by --list
-ELSEWHERE = {"sst2-lora-drop-inspect": "lorakit inspect on the lora-drop run of benchmarks/reproduce.py's SST-2 comparison"}
+ELSEWHERE = {
+    "sst2-lora-drop-inspect": "lorakit inspect on the lora-drop run of benchmarks/reproduce.py's SST-2 comparison"
+}
 
 
 def run(sample: Sample, runs: Path) -> list[str]:
@@ -98,7 +139,9 @@ _BLOCK = r"(^[ \t]*<!--[ \t]*sample:[ \t]*{name}[ \t]*-->[ \t]*\r?\n[ \t]*(?P<fe
 
 def sample_names(text: str) -> list[str]:
     """The names of the sample markers in a Markdown text, in order."""
-    return re.findall(r"^[ \t]*<!--[ \t]*sample:[ \t]*(\S+?)[ \t]*-->", text, re.M)  # on a line of its own: not `quoted`
+    return re.findall(
+        r"^[ \t]*<!--[ \t]*sample:[ \t]*(\S+?)[ \t]*-->", text, re.M
+    )  # on a line of its own: not `quoted`
 
 
 def replace_sample(text: str, name: str, lines: list[str], where: str = "README.md") -> str:
@@ -147,7 +190,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pages", nargs="*", type=Path, help="Markdown files holding samples (default: README.md, docs/*.md)")
+    parser.add_argument(
+        "pages", nargs="*", type=Path, help="Markdown files holding samples (default: README.md, docs/*.md)"
+    )
     parser.add_argument("--only", metavar="GROUP", help=f"one group: {', '.join(sorted({s.group for s in SAMPLES}))}")
     parser.add_argument("--list", action="store_true", help="print the samples, their commands and pages; run nothing")
     args = parser.parse_args(argv)
@@ -160,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = {s.group for s in SAMPLES if s.name in named} if args.pages else {s.group for s in SAMPLES}
     chosen = [s for s in SAMPLES if s.group in groups and args.only in (None, s.group)]
     if not chosen:
-        raise SystemExit(f"no sample to run in {', '.join(map(str, pages))}"
-                         f"{f' of group {args.only}' if args.only else ''} (groups: {', '.join(sorted({s.group for s in SAMPLES}))})")
+        raise SystemExit(
+            f"no sample to run in {', '.join(map(str, pages))}"
+            f"{f' of group {args.only}' if args.only else ''} (groups: {', '.join(sorted({s.group for s in SAMPLES}))})"
+        )
     where = places(pages, [s for s in chosen if not args.pages or s.name in named])
     if args.list:
         for s in chosen:

@@ -41,6 +41,7 @@ ALPACA = SHARED / "alpaca" / "alpaca_5000.json"
 
 ALL_METHODS = "lora,lora-fa,vera,dora,delta-lora,lora-plus,qlora,adalora,lora-drop"
 
+
 def sample_sst2(directory: Path, size: int, seed: int) -> Path:
     """`size` training sentences drawn as quality_sst2.py draws them, as a GLUE-layout TSV."""
     with open(SST2 / "train.tsv", newline="") as f:
@@ -63,18 +64,41 @@ def split_alpaca(directory: Path, train: int, held_out: int, seed: int) -> tuple
 
 
 def sst2_config(args, data_dir: Path) -> TrainConfig:
-    return TrainConfig(model="minilm", task="classify", data=str(sample_sst2(data_dir, args.sst2_train, args.seed)),
-                       eval_data=str(SST2 / "dev.tsv"), max_eval_examples=872, steps=args.sst2_steps, batch_size=32,
-                       max_length=64, warmup_steps=max(1, round(0.06 * args.sst2_steps)), schedule="linear",
-                       seed=args.seed, out_dir=str(args.out_dir), name=f"sst2-{args.sst2_steps}", progress=False)
+    return TrainConfig(
+        model="minilm",
+        task="classify",
+        data=str(sample_sst2(data_dir, args.sst2_train, args.seed)),
+        eval_data=str(SST2 / "dev.tsv"),
+        max_eval_examples=872,
+        steps=args.sst2_steps,
+        batch_size=32,
+        max_length=64,
+        warmup_steps=max(1, round(0.06 * args.sst2_steps)),
+        schedule="linear",
+        seed=args.seed,
+        out_dir=str(args.out_dir),
+        name=f"sst2-{args.sst2_steps}",
+        progress=False,
+    )
 
 
 def alpaca_config(args, data_dir: Path) -> TrainConfig:
     train, held_out = split_alpaca(data_dir, args.alpaca_train, args.alpaca_eval, args.seed)
-    return TrainConfig(model="smollm2", data=str(train), eval_data=str(held_out), max_eval_examples=args.alpaca_eval,
-                       metric="eval_loss", steps=args.alpaca_steps, batch_size=8, max_length=256,
-                       warmup_steps=max(1, args.alpaca_steps // 10), seed=args.seed, out_dir=str(args.out_dir),
-                       name=f"alpaca-{args.alpaca_steps}", progress=False)
+    return TrainConfig(
+        model="smollm2",
+        data=str(train),
+        eval_data=str(held_out),
+        max_eval_examples=args.alpaca_eval,
+        metric="eval_loss",
+        steps=args.alpaca_steps,
+        batch_size=8,
+        max_length=256,
+        warmup_steps=max(1, args.alpaca_steps // 10),
+        seed=args.seed,
+        out_dir=str(args.out_dir),
+        name=f"alpaca-{args.alpaca_steps}",
+        progress=False,
+    )
 
 
 def run_part(name: str, cfg: TrainConfig, methods: list[str], collect_only: bool = False) -> dict:
@@ -82,7 +106,12 @@ def run_part(name: str, cfg: TrainConfig, methods: list[str], collect_only: bool
     `collect_only`: read the compare.json an earlier call wrote, train and time nothing."""
     started = time.perf_counter()
     if not collect_only:
-        compare(cfg, methods, Path(cfg.out_dir) / cfg.name, echo=lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True))
+        compare(
+            cfg,
+            methods,
+            Path(cfg.out_dir) / cfg.name,
+            echo=lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True),
+        )
     saved = json.loads((Path(cfg.out_dir) / cfg.name / "compare.json").read_text())
     return {**saved, "wall_seconds": None if collect_only else time.perf_counter() - started}
 
@@ -101,8 +130,11 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/reproduce-<time>.json")
     parser.add_argument("--notes", type=Path, help="JSON {method: text} for the table's last column")
-    parser.add_argument("--collect-only", action="store_true",
-                        help="no training: the table from the compare.json files earlier calls left under --out-dir")
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="no training: the table from the compare.json files earlier calls left under --out-dir",
+    )
     args = parser.parse_args()
     missing = [str(p) for p in (SST2 / "train.tsv", ALPACA) if not p.is_file()]
     if missing:
@@ -113,12 +145,18 @@ def main() -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     command = "python " + " ".join(sys.argv)
     path = args.json or RESULTS / f"reproduce-{time.strftime('%Y%m%dT%H%MZ', time.gmtime())}.json"
-    out: dict = {"command": command, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                 "papers": PAPERS}
+    out: dict = {
+        "command": command,
+        "machine": machine,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "papers": PAPERS,
+    }
     if args.part in ("both", "sst2"):
         out["sst2"] = run_part("sst2", sst2_config(args, data_dir), args.sst2_methods.split(","), args.collect_only)
     if args.part in ("both", "alpaca"):
-        out["alpaca"] = run_part("alpaca", alpaca_config(args, data_dir), args.alpaca_methods.split(","), args.collect_only)
+        out["alpaca"] = run_part(
+            "alpaca", alpaca_config(args, data_dir), args.alpaca_methods.split(","), args.collect_only
+        )
     notes = json.loads(args.notes.read_text()) if args.notes else {}
     out["table"] = reproduction_table(out.get("sst2"), out.get("alpaca"))
     if notes:

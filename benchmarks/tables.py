@@ -34,8 +34,17 @@ from lorakit.compare import LIMIT_PAIRED
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
-METHOD_NAMES = {"lora": "LoRA", "lora-fa": "LoRA-FA", "vera": "VeRA", "dora": "DoRA", "delta-lora": "Delta-LoRA",
-                "adalora": "AdaLoRA", "lora-drop": "LoRA-drop", "lora-plus": "LoRA+", "qlora": "QLoRA"}
+METHOD_NAMES = {
+    "lora": "LoRA",
+    "lora-fa": "LoRA-FA",
+    "vera": "VeRA",
+    "dora": "DoRA",
+    "delta-lora": "Delta-LoRA",
+    "adalora": "AdaLoRA",
+    "lora-drop": "LoRA-drop",
+    "lora-plus": "LoRA+",
+    "qlora": "QLoRA",
+}
 
 
 def benchmark_module(name: str):
@@ -106,19 +115,30 @@ def step_all() -> str:
     for method in ("lora", "lora-fa", "dora", "vera", "delta-lora", "adalora", "lora-drop", "qlora"):
         ours = rows[f"lorakit {method}"]
         peft = rows.get(f"peft {method}") or rows.get(f"peft {method} (bitsandbytes)")
-        out.append([
-            METHOD_NAMES[method] + (" (stage 2)" if method == "lora-drop" else ""),
-            f"{ours['ms_per_step_median']:,.0f}",
-            f"{peft['ms_per_step_median']:,.0f}" if peft else "– (PEFT has none)",
-            f"**{ours['vs_peft_same_method']:.3f}**" if peft else "–",
-            f"{ours['vs_limit']:.3f}",
-            mib(ours["peak_bytes"]),
-            mib(peft["peak_bytes"]) if peft else "–",
-            f"**{ours['peak_vs_peft_same_method']:.3f}**" if peft else "–",
-            mib(ours["saved_bytes"]),
-        ])
-    header = ["method", "lorakit ms/step", "PEFT ms/step", "time x PEFT", "time x limit", "lorakit peak MiB",
-              "PEFT peak MiB", "peak x PEFT", "saved for backward MiB"]
+        out.append(
+            [
+                METHOD_NAMES[method] + (" (stage 2)" if method == "lora-drop" else ""),
+                f"{ours['ms_per_step_median']:,.0f}",
+                f"{peft['ms_per_step_median']:,.0f}" if peft else "– (PEFT has none)",
+                f"**{ours['vs_peft_same_method']:.3f}**" if peft else "–",
+                f"{ours['vs_limit']:.3f}",
+                mib(ours["peak_bytes"]),
+                mib(peft["peak_bytes"]) if peft else "–",
+                f"**{ours['peak_vs_peft_same_method']:.3f}**" if peft else "–",
+                mib(ours["saved_bytes"]),
+            ]
+        )
+    header = [
+        "method",
+        "lorakit ms/step",
+        "PEFT ms/step",
+        "time x PEFT",
+        "time x limit",
+        "lorakit peak MiB",
+        "PEFT peak MiB",
+        "peak x PEFT",
+        "saved for backward MiB",
+    ]
     return table(header, out) + f"\n\n{source('step-cpu-all-methods.json')}"
 
 
@@ -126,52 +146,98 @@ def step_qlora_native() -> str:
     rows = step_rows("step-cpu-qlora-native.json")
     q, lora = rows["lorakit qlora"], rows["lorakit lora"]
     peft = rows["peft qlora (bitsandbytes)"]
-    return table(
-        ["condition", "time x limit", "time x PEFT + bitsandbytes", "peak MiB"],
-        [["lorakit QLoRA (NF4 + LoRA r=16)", f"{q['vs_limit']:.3f}", f"**{q['vs_peft_same_method']:.3f}**", mib(q["peak_bytes"])],
-         ["PEFT + bitsandbytes QLoRA", f"{peft['vs_limit']:.3f}", "1.000", mib(peft["peak_bytes"])],
-         ["lorakit LoRA, fp32 base", f"{lora['vs_limit']:.3f}", "–", mib(lora["peak_bytes"])]],
-    ) + f"\n\n{source('step-cpu-qlora-native.json')}"
+    return (
+        table(
+            ["condition", "time x limit", "time x PEFT + bitsandbytes", "peak MiB"],
+            [
+                [
+                    "lorakit QLoRA (NF4 + LoRA r=16)",
+                    f"{q['vs_limit']:.3f}",
+                    f"**{q['vs_peft_same_method']:.3f}**",
+                    mib(q["peak_bytes"]),
+                ],
+                ["PEFT + bitsandbytes QLoRA", f"{peft['vs_limit']:.3f}", "1.000", mib(peft["peak_bytes"])],
+                ["lorakit LoRA, fp32 base", f"{lora['vs_limit']:.3f}", "–", mib(lora["peak_bytes"])],
+            ],
+        )
+        + f"\n\n{source('step-cpu-qlora-native.json')}"
+    )
 
 
 def chunked_loss() -> str:
     rows = step_rows("step-cpu-chunked-loss.json")
     out = []
-    for label, key in (("limit (frozen base)", "limit (frozen base)"), ("lorakit LoRA", "lorakit lora"),
-                       ("lorakit DoRA", "lorakit dora"), ("lorakit VeRA", "lorakit vera")):
+    for label, key in (
+        ("limit (frozen base)", "limit (frozen base)"),
+        ("lorakit LoRA", "lorakit lora"),
+        ("lorakit DoRA", "lorakit dora"),
+        ("lorakit VeRA", "lorakit vera"),
+    ):
         full, chunked = rows[key], rows[key + " +chunked loss"]
         peft = (full.get("peak_vs_peft_same_method"), chunked.get("peak_vs_peft_same_method"))
-        out.append([
-            label,
-            f"{mib(full['peak_step_bytes'])} -> **{mib(chunked['peak_step_bytes'])}**",
-            f"{mib(full['peak_bytes'])} -> {mib(chunked['peak_bytes'])}",
-            "–" if peft[0] is None else f"{peft[0]:.3f} -> **{peft[1]:.3f}**",
-            f"{full['vs_limit']:.3f} -> {chunked['vs_limit'] * chunked_limit_ratio(rows):.3f}",
-        ])
-    header = ["condition", "step peak MiB, model's loss -> chunked", "peak MiB", "peak x PEFT (model's loss)",
-              "time x limit (the model's loss limit)"]
+        out.append(
+            [
+                label,
+                f"{mib(full['peak_step_bytes'])} -> **{mib(chunked['peak_step_bytes'])}**",
+                f"{mib(full['peak_bytes'])} -> {mib(chunked['peak_bytes'])}",
+                "–" if peft[0] is None else f"{peft[0]:.3f} -> **{peft[1]:.3f}**",
+                f"{full['vs_limit']:.3f} -> {chunked['vs_limit'] * chunked_limit_ratio(rows):.3f}",
+            ]
+        )
+    header = [
+        "condition",
+        "step peak MiB, model's loss -> chunked",
+        "peak MiB",
+        "peak x PEFT (model's loss)",
+        "time x limit (the model's loss limit)",
+    ]
     return table(header, out) + f"\n\n{source('step-cpu-chunked-loss.json')}"
 
 
 def chunked_limit_ratio(rows: dict[str, dict]) -> float:
     """The chunked limit's step time as a multiple of the plain limit's (both medians of one run)."""
-    return rows["limit (frozen base) +chunked loss"]["ms_per_step_median"] / rows["limit (frozen base)"]["ms_per_step_median"]
+    return (
+        rows["limit (frozen base) +chunked loss"]["ms_per_step_median"]
+        / rows["limit (frozen base)"]["ms_per_step_median"]
+    )
 
 
 def compile_step() -> str:
     rows = step_rows("step-cpu-compile.json")
     out = []
-    for label, key in (("limit (frozen base)", "limit (frozen base)"), ("lorakit LoRA", "lorakit lora"),
-                       ("PEFT LoRA", "peft lora")):
+    for label, key in (
+        ("limit (frozen base)", "limit (frozen base)"),
+        ("lorakit LoRA", "lorakit lora"),
+        ("PEFT LoRA", "peft lora"),
+    ):
         eager, compiled = rows[key], rows[key + " +compile"]
-        vs_peft = ("–" if key.startswith(("limit", "peft")) else
-                   f"{eager['vs_peft_same_method']:.3f} / {compiled['vs_peft_same_method']:.3f}")
-        out.append([label, f"{eager['vs_limit']:.3f} / {compiled['vs_limit']:.3f}", vs_peft,
-                    f"{mib(eager['peak_bytes'])} / {mib(compiled['peak_bytes'])}"])
-    ratio = rows["limit (frozen base) +compile"]["ms_per_step_median"] / rows["limit (frozen base)"]["ms_per_step_median"]
-    header = ["condition", "time x its limit, eager / compiled", "time x PEFT, eager / compiled", "peak MiB, eager / compiled"]
-    return (table(header, out) + f"\n\nThe compiled limit took {ratio:.3f}x the eager limit's time. "
-            + source("step-cpu-compile.json"))
+        vs_peft = (
+            "–"
+            if key.startswith(("limit", "peft"))
+            else f"{eager['vs_peft_same_method']:.3f} / {compiled['vs_peft_same_method']:.3f}"
+        )
+        out.append(
+            [
+                label,
+                f"{eager['vs_limit']:.3f} / {compiled['vs_limit']:.3f}",
+                vs_peft,
+                f"{mib(eager['peak_bytes'])} / {mib(compiled['peak_bytes'])}",
+            ]
+        )
+    ratio = (
+        rows["limit (frozen base) +compile"]["ms_per_step_median"] / rows["limit (frozen base)"]["ms_per_step_median"]
+    )
+    header = [
+        "condition",
+        "time x its limit, eager / compiled",
+        "time x PEFT, eager / compiled",
+        "peak MiB, eager / compiled",
+    ]
+    return (
+        table(header, out)
+        + f"\n\nThe compiled limit took {ratio:.3f}x the eager limit's time. "
+        + source("step-cpu-compile.json")
+    )
 
 
 def before_after(name: str, methods: tuple[str, ...], then: str, now: str) -> str:
@@ -182,17 +248,30 @@ def before_after(name: str, methods: tuple[str, ...], then: str, now: str) -> st
     out = []
     for method in methods:
         b, a = rows[f"lorakit@{other} {method}"], rows[f"lorakit {method}"]
-        vs_peft = ("–" if math.isnan(a.get("vs_peft_same_method", math.nan))
-                   else f"{b['vs_peft_same_method']:.3f} -> {a['vs_peft_same_method']:.3f}")
-        out.append([METHOD_NAMES[method], f"{b['vs_limit']:.3f} -> {a['vs_limit']:.3f}", vs_peft,
-                    f"{mib(b['peak_bytes'])} -> {mib(a['peak_bytes'])}"])
+        vs_peft = (
+            "–"
+            if math.isnan(a.get("vs_peft_same_method", math.nan))
+            else f"{b['vs_peft_same_method']:.3f} -> {a['vs_peft_same_method']:.3f}"
+        )
+        out.append(
+            [
+                METHOD_NAMES[method],
+                f"{b['vs_limit']:.3f} -> {a['vs_limit']:.3f}",
+                vs_peft,
+                f"{mib(b['peak_bytes'])} -> {mib(a['peak_bytes'])}",
+            ]
+        )
     header = [f"method: {then} -> {now}", "time x limit", "time x PEFT's", "peak MiB"]
     return table(header, out) + f"\n\n{source(name)}"
 
 
 def named_adapters() -> str:
-    return before_after("step-cpu-smollm2-20261130T111159Z.json", ("lora", "lora-fa", "dora", "vera", "delta-lora"),
-                        "one adapter per layer", "named adapters")
+    return before_after(
+        "step-cpu-smollm2-20261130T111159Z.json",
+        ("lora", "lora-fa", "dora", "vera", "delta-lora"),
+        "one adapter per layer",
+        "named adapters",
+    )
 
 
 def fused_vera() -> str:
@@ -200,12 +279,18 @@ def fused_vera() -> str:
 
 
 def vera_merged_forward() -> str:
-    return before_after("step-cpu-vera-merged-forward.json", ("vera", "lora"), "forward through z B'ᵀ", "through W + B'A")
+    return before_after(
+        "step-cpu-vera-merged-forward.json", ("vera", "lora"), "forward through z B'ᵀ", "through W + B'A"
+    )
 
 
 # the bench_step.py runs of the current layers (fused LoRA and VeRA nodes, VeRA's forward through W + B'A)
-CURRENT_STEP_FILES = ["step-cpu-all-methods.json", "step-cpu-qlora-native.json", "step-cpu-compile.json",
-                      "step-cpu-vera-merged-forward.json"]
+CURRENT_STEP_FILES = [
+    "step-cpu-all-methods.json",
+    "step-cpu-qlora-native.json",
+    "step-cpu-compile.json",
+    "step-cpu-vera-merged-forward.json",
+]
 
 
 def flop_floor() -> str:
@@ -218,15 +303,33 @@ def flop_floor() -> str:
         return (limit + extra(m, batch * seq)) / limit
 
     out = []
-    for label, method, extra in (("LoRA r = 16", "lora", lambda m, t: floor.lora_per_token(m, 16, t)),
-                                 ("VeRA r = 256", "vera", lambda m, t: floor.vera_per_token(m, 256, t))):
-        measured = [step_rows(f)[f"lorakit {method}"]["vs_limit"] for f in CURRENT_STEP_FILES if f"lorakit {method}" in step_rows(f)]
-        out.append([label, f"{ratio('smollm2', 4, 256, extra):.3f}", f"{min(measured):.3f}-{max(measured):.3f}",
-                    f"{ratio('llama-1b', 4, 2048, extra):.3f}"])
-    header = ["step (all seven projections)", "SmolLM2-135M, batch 4 x 256: floor x limit", "measured time x limit",
-              "Llama-3.2-1B shape, batch 4 x 2048: floor"]
-    return (table(header, out) + "\n\n`python benchmarks/flop_floor.py` (and `--model llama-1b --seq 2048`); measured: "
-            "the `bench_step.py` runs of the current layers (" + ", ".join(f"`{f}`" for f in CURRENT_STEP_FILES) + ")")
+    for label, method, extra in (
+        ("LoRA r = 16", "lora", lambda m, t: floor.lora_per_token(m, 16, t)),
+        ("VeRA r = 256", "vera", lambda m, t: floor.vera_per_token(m, 256, t)),
+    ):
+        measured = [
+            step_rows(f)[f"lorakit {method}"]["vs_limit"]
+            for f in CURRENT_STEP_FILES
+            if f"lorakit {method}" in step_rows(f)
+        ]
+        out.append(
+            [
+                label,
+                f"{ratio('smollm2', 4, 256, extra):.3f}",
+                f"{min(measured):.3f}-{max(measured):.3f}",
+                f"{ratio('llama-1b', 4, 2048, extra):.3f}",
+            ]
+        )
+    header = [
+        "step (all seven projections)",
+        "SmolLM2-135M, batch 4 x 256: floor x limit",
+        "measured time x limit",
+        "Llama-3.2-1B shape, batch 4 x 2048: floor",
+    ]
+    return (
+        table(header, out) + "\n\n`python benchmarks/flop_floor.py` (and `--model llama-1b --seq 2048`); measured: "
+        "the `bench_step.py` runs of the current layers (" + ", ".join(f"`{f}`" for f in CURRENT_STEP_FILES) + ")"
+    )
 
 
 # --- quality (quality_sst2.py, quality_alpaca.py) --------------------------------------------------
@@ -244,12 +347,24 @@ def sst2_vs_peft() -> str:
     for ours, theirs in (("lora", "peft-lora"), ("dora", "peft-dora")):
         a = [r[ours]["dev_accuracy"] for r in runs]
         b = [r[theirs]["dev_accuracy"] for r in runs]
-        out.append([METHOD_NAMES[ours], *(f"{pct(x)} / {pct(y)}" for x, y in zip(a, b)),
-                    f"**{pct(statistics.mean(a))} / {pct(statistics.mean(b))}**",
-                    points(statistics.mean(a) - statistics.mean(b)),
-                    f"{runs[0][ours]['trainable']:,} / {runs[0][theirs]['trainable']:,}"])
-    header = ["method (r=8)", "seed 0: lorakit / PEFT", "seed 1", "seed 2", "mean", "lorakit - PEFT (points)",
-              "trainable params"]
+        out.append(
+            [
+                METHOD_NAMES[ours],
+                *(f"{pct(x)} / {pct(y)}" for x, y in zip(a, b)),
+                f"**{pct(statistics.mean(a))} / {pct(statistics.mean(b))}**",
+                points(statistics.mean(a) - statistics.mean(b)),
+                f"{runs[0][ours]['trainable']:,} / {runs[0][theirs]['trainable']:,}",
+            ]
+        )
+    header = [
+        "method (r=8)",
+        "seed 0: lorakit / PEFT",
+        "seed 1",
+        "seed 2",
+        "mean",
+        "lorakit - PEFT (points)",
+        "trainable params",
+    ]
     cmd = command(files[0]).replace("--seed 0", "--seed S").replace("sst2-vs-peft-seed0", "sst2-vs-peft-seedS")
     return table(header, out) + f"\n\n`{cmd}`, S = 0, 1, 2 (`benchmarks/results/sst2-vs-peft-seed*.json`)"
 
@@ -260,19 +375,26 @@ def sst2_quality() -> str:
     plus = sst2("quality-sst2-20261123T132139Z.json")["lora-plus"]
     sweep = sst2("quality-sst2-lr-sweep.json")
     lora = full["lora"]
-    rows = [("full fine-tuning", full["full"], ""), ("LoRA r=8", lora, ""), ("DoRA r=8", full["dora"], ""),
-            ("Delta-LoRA r=8", full["delta-lora"], " (holds the moved W)"),
-            ("LoRA+ ratio 16", plus, ""), ("LoRA-FA r=8", sweep["lora-fa@0.003"], ""),
-            ("VeRA r=256", sweep["vera@0.03"], "")]
+    rows = [
+        ("full fine-tuning", full["full"], ""),
+        ("LoRA r=8", lora, ""),
+        ("DoRA r=8", full["dora"], ""),
+        ("Delta-LoRA r=8", full["delta-lora"], " (holds the moved W)"),
+        ("LoRA+ ratio 16", plus, ""),
+        ("LoRA-FA r=8", sweep["lora-fa@0.003"], ""),
+        ("VeRA r=256", sweep["vera@0.03"], ""),
+    ]
     out = []
     for label, r, note in rows:
         lr = rate(r["lr"]) + (f" (B: {rate(r['lr'] * r['loraplus_ratio'])})" if r.get("loraplus_ratio") else "")
         delta = "" if r is full["full"] else f" ({points(r['dev_accuracy'] - full['full']['dev_accuracy'])} vs full)"
         size = "–" if r["adapter_bytes"] is None else f"{r['adapter_bytes'] / 2**20:.2f} MiB{note}"
         out.append([label, lr, pct(r["dev_accuracy"]) + delta, f"{r['trainable']:,}", size])
-    return (table(["condition", "lr", "dev accuracy", "trainable params", "adapter on disk"], out)
-            + f"\n\n{source('quality-sst2-20261123T131726Z.json')}; LoRA+: {source('quality-sst2-20261123T132139Z.json')}; "
-            f"LoRA-FA and VeRA: {source('quality-sst2-lr-sweep.json')}")
+    return (
+        table(["condition", "lr", "dev accuracy", "trainable params", "adapter on disk"], out)
+        + f"\n\n{source('quality-sst2-20261123T131726Z.json')}; LoRA+: {source('quality-sst2-20261123T132139Z.json')}; "
+        f"LoRA-FA and VeRA: {source('quality-sst2-lr-sweep.json')}"
+    )
 
 
 def lr_sweep() -> str:
@@ -283,12 +405,16 @@ def lr_sweep() -> str:
         accs = [sweep[f"{method}@{lr:g}"]["dev_accuracy"] for lr in rates]
         best = max(accs)
         out.append([METHOD_NAMES[method], *(f"**{pct(a)}**" if a == best else pct(a) for a in accs)])
-    return (table(["method", "1e-3 (LoRA's)", "3e-3", "1e-2", "3e-2"], out)
-            + f"\n\n{source('quality-sst2-lr-sweep.json')}; LoRA at 1e-3, the same seed: "
-            f"{pct(sst2('quality-sst2-20261123T131726Z.json')['lora']['dev_accuracy'])}")
+    return (
+        table(["method", "1e-3 (LoRA's)", "3e-3", "1e-2", "3e-2"], out)
+        + f"\n\n{source('quality-sst2-lr-sweep.json')}; LoRA at 1e-3, the same seed: "
+        f"{pct(sst2('quality-sst2-20261123T131726Z.json')['lora']['dev_accuracy'])}"
+    )
 
 
-def seeds_table(files: list[str], columns: list[tuple[str, str]], lora_file: list[str] | None = None) -> list[list[str]]:
+def seeds_table(
+    files: list[str], columns: list[tuple[str, str]], lora_file: list[str] | None = None
+) -> list[list[str]]:
     """Per seed, the dev accuracy of each (label, condition), LoRA's first; a mean row at the end."""
     values = []
     for i, name in enumerate(files):
@@ -309,9 +435,11 @@ def sst2_qlora_seeds() -> str:
         lora, q, lq = (float(x.split()[0]) for x in (a[1], a[2], b[1]))
         out.append([a[0], a[1], a[2], f"{q - lora:+.2f}", b[1], f"{lq - lora:+.2f}"])
     header = ["seed", "LoRA r=8", "QLoRA r=8", "QLoRA - LoRA", "QLoRA + LoftQ init", "LoftQ - LoRA"]
-    return (table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora qlora --seed S` and "
-            "`--methods qlora-loftq --seed S`, S = 0, 1, 2 (`benchmarks/results/sst2-qlora-seed*.json`, "
-            "`sst2-qlora-loftq-seed*.json`)")
+    return (
+        table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora qlora --seed S` and "
+        "`--methods qlora-loftq --seed S`, S = 0, 1, 2 (`benchmarks/results/sst2-qlora-seed*.json`, "
+        "`sst2-qlora-loftq-seed*.json`)"
+    )
 
 
 def sst2_adalora_lora_drop_seeds() -> str:
@@ -325,30 +453,56 @@ def sst2_adalora_lora_drop_seeds() -> str:
         accs = [runs[c]["dev_accuracy"] for c in ("lora", "adalora", "adalora-lr1e-2", "lora-drop")]
         share = drop["layout"]["adapter_params_vs_lora_r8"]
         values.append([*accs, accs[3] - accs[0], share])
-        out.append([str(seed), *(pct(a) for a in accs), points(accs[3] - accs[0]),
-                    f"{pct(share, 1)} ({kept} modules keep their own pair)"])
+        out.append(
+            [
+                str(seed),
+                *(pct(a) for a in accs),
+                points(accs[3] - accs[0]),
+                f"{pct(share, 1)} ({kept} modules keep their own pair)",
+            ]
+        )
     means = [statistics.mean(col) for col in zip(*values)]
     out.append(["mean", *(pct(m) for m in means[:4]), points(means[4]), pct(means[5], 1)])
-    header = ["seed", "LoRA r=8", "AdaLoRA, lr 1e-3", "AdaLoRA, lr 1e-2", "LoRA-drop", "LoRA-drop - LoRA",
-              "LoRA-drop's adapter parameters / LoRA's"]
-    return (table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora adalora lora-drop --seed S` "
-            "and `--methods adalora-lr1e-2 --seed S`, S = 0, 1, 2 (`benchmarks/results/sst2-adalora-lora-drop-seed*.json`, "
-            "`sst2-adalora-lr1e-2-seed*.json`)")
+    header = [
+        "seed",
+        "LoRA r=8",
+        "AdaLoRA, lr 1e-3",
+        "AdaLoRA, lr 1e-2",
+        "LoRA-drop",
+        "LoRA-drop - LoRA",
+        "LoRA-drop's adapter parameters / LoRA's",
+    ]
+    return (
+        table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora adalora lora-drop --seed S` "
+        "and `--methods adalora-lr1e-2 --seed S`, S = 0, 1, 2 (`benchmarks/results/sst2-adalora-lora-drop-seed*.json`, "
+        "`sst2-adalora-lr1e-2-seed*.json`)"
+    )
 
 
 def sst2_8000_adalora_lora_drop() -> str:
     runs = sst2("sst2-adalora-lora-drop-8000.json")
     out = []
-    for label, cond in (("LoRA r=8, lr 1e-3", "lora"), ("LoRA-drop, lr 1e-3", "lora-drop"), ("AdaLoRA 12 -> 8, lr 1e-3", "adalora")):
+    for label, cond in (
+        ("LoRA r=8, lr 1e-3", "lora"),
+        ("LoRA-drop, lr 1e-3", "lora-drop"),
+        ("AdaLoRA 12 -> 8, lr 1e-3", "adalora"),
+    ):
         r = runs[cond]
         share = r["layout"].get("adapter_params_vs_lora_r8", 1.0)
-        note = {"lora-drop": f"{len(r['layout'].get('kept', []))} of 36 modules keep their own pair",
-                "adalora": "final ranks {}..{} across modules".format(
-                    *(f(r["layout"]["final_ranks"].values()) for f in (min, max))) if cond == "adalora" else "",
-                "lora": ""}[cond]
+        note = {
+            "lora-drop": f"{len(r['layout'].get('kept', []))} of 36 modules keep their own pair",
+            "adalora": "final ranks {}..{} across modules".format(
+                *(f(r["layout"]["final_ranks"].values()) for f in (min, max))
+            )
+            if cond == "adalora"
+            else "",
+            "lora": "",
+        }[cond]
         out.append([label, pct(r["dev_accuracy"]), pct(share, 1), note])
-    return (table(["condition", "dev accuracy", "adapter parameters / LoRA r=8's", "notes"], out)
-            + f"\n\n{source('sst2-adalora-lora-drop-8000.json')}")
+    return (
+        table(["condition", "dev accuracy", "adapter parameters / LoRA r=8's", "notes"], out)
+        + f"\n\n{source('sst2-adalora-lora-drop-8000.json')}"
+    )
 
 
 def sst2_8000_seeds() -> str:
@@ -360,14 +514,22 @@ def sst2_8000_seeds() -> str:
     for method in ("lora", "lora-fa", "vera", "dora", "delta-lora", "lora-plus"):
         accs = [r[method]["dev_accuracy"] for r in runs]
         diffs = [a - b for a, b in zip(accs, lora)]
-        out.append([METHOD_NAMES[method] + {"vera": " r=256", "lora-plus": " (ratio 16)"}.get(method, " r=8"),
-                    rate(runs[0][method]["lr"]), *(pct(a) for a in accs), pct(statistics.mean(accs)),
-                    "–" if method == "lora" else " / ".join(points(d) for d in diffs),
-                    "–" if method == "lora" else points(statistics.mean(diffs))])
+        out.append(
+            [
+                METHOD_NAMES[method] + {"vera": " r=256", "lora-plus": " (ratio 16)"}.get(method, " r=8"),
+                rate(runs[0][method]["lr"]),
+                *(pct(a) for a in accs),
+                pct(statistics.mean(accs)),
+                "–" if method == "lora" else " / ".join(points(d) for d in diffs),
+                "–" if method == "lora" else points(statistics.mean(diffs)),
+            ]
+        )
     header = ["condition", "lr", "seed 0", "seed 1", "seed 2", "mean", "vs LoRA, per seed", "mean vs LoRA"]
-    return (table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora lora-fa vera dora delta-lora "
-            "lora-plus --train-size 8000 --steps 250 --threads 1 --seed S` (`benchmarks/results/sst2-methods-8000*.json`; "
-            "seed 0's LoRA row: `sst2-adalora-lora-drop-8000.json`)")
+    return (
+        table(header, out) + "\n\n`python benchmarks/quality_sst2.py --methods lora lora-fa vera dora delta-lora "
+        "lora-plus --train-size 8000 --steps 250 --threads 1 --seed S` (`benchmarks/results/sst2-methods-8000*.json`; "
+        "seed 0's LoRA row: `sst2-adalora-lora-drop-8000.json`)"
+    )
 
 
 def steps_to_loss(losses: list[float], level: float, window: int = 20) -> int | None:
@@ -379,17 +541,21 @@ def steps_to_loss(losses: list[float], level: float, window: int = 20) -> int | 
 
 
 def loraplus_convergence() -> str:
-    files = [("sst2-adalora-lora-drop-8000.json", "sst2-methods-8000.json"),
-             ("sst2-methods-8000-seed1.json", "sst2-methods-8000-seed1.json"),
-             ("sst2-methods-8000-seed2.json", "sst2-methods-8000-seed2.json")]
+    files = [
+        ("sst2-adalora-lora-drop-8000.json", "sst2-methods-8000.json"),
+        ("sst2-methods-8000-seed1.json", "sst2-methods-8000-seed1.json"),
+        ("sst2-methods-8000-seed2.json", "sst2-methods-8000-seed2.json"),
+    ]
     levels = (0.5, 0.45, 0.4)
     out = []
     for seed, (lora_file, plus_file) in enumerate(files):
         lora, plus = sst2(lora_file)["lora"]["losses"], sst2(plus_file)["lora-plus"]["losses"]
         cells = [" / ".join(str(steps_to_loss(x, level) or "–") for level in levels) for x in (lora, plus)]
         out.append([str(seed), *cells])
-    return (table(["seed", "LoRA: steps to 0.5 / 0.45 / 0.4", "LoRA+ (ratio 16)"], out)
-            + "\n\nThe training loss as its mean over the last 20 steps; the 8,000-sentence runs above.")
+    return (
+        table(["seed", "LoRA: steps to 0.5 / 0.45 / 0.4", "LoRA+ (ratio 16)"], out)
+        + "\n\nThe training loss as its mean over the last 20 steps; the 8,000-sentence runs above."
+    )
 
 
 def alpaca_rows(name: str) -> list[dict]:
@@ -398,27 +564,45 @@ def alpaca_rows(name: str) -> list[dict]:
 
 def alpaca_200() -> str:
     rows = []
-    for label, name, cond in (("LoRA (fp32 base)", "quality-alpaca-20261123T132339Z.json", "lora"),
-                              ("QLoRA (NF4 + double quantization base)", "quality-alpaca-20261123T132339Z.json", "qlora"),
-                              ("LoRA, training seed 1", "quality-alpaca-seed1-20261123T1653Z.json", "lora"),
-                              ("QLoRA, training seed 1", "quality-alpaca-seed1-20261123T1653Z.json", "qlora")):
+    for label, name, cond in (
+        ("LoRA (fp32 base)", "quality-alpaca-20261123T132339Z.json", "lora"),
+        ("QLoRA (NF4 + double quantization base)", "quality-alpaca-20261123T132339Z.json", "qlora"),
+        ("LoRA, training seed 1", "quality-alpaca-seed1-20261123T1653Z.json", "lora"),
+        ("QLoRA, training seed 1", "quality-alpaca-seed1-20261123T1653Z.json", "qlora"),
+    ):
         r = next(x for x in alpaca_rows(name) if x["condition"] == cond)
-        rows.append([label, f"{r['before']['eval_loss']:.4f}", f"{r['after']['eval_loss']:.4f}",
-                     f"{r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f}"])
-    return (table(["condition", "held-out loss before", "after", "perplexity before -> after"], rows)
-            + f"\n\n{source('quality-alpaca-20261123T132339Z.json')}; seed 1: {source('quality-alpaca-seed1-20261123T1653Z.json')}")
+        rows.append(
+            [
+                label,
+                f"{r['before']['eval_loss']:.4f}",
+                f"{r['after']['eval_loss']:.4f}",
+                f"{r['before']['perplexity']:.2f} -> {r['after']['perplexity']:.2f}",
+            ]
+        )
+    return (
+        table(["condition", "held-out loss before", "after", "perplexity before -> after"], rows)
+        + f"\n\n{source('quality-alpaca-20261123T132339Z.json')}; seed 1: {source('quality-alpaca-seed1-20261123T1653Z.json')}"
+    )
 
 
 def alpaca_400() -> str:
-    runs = alpaca_rows("quality-alpaca-400-20261123T1913Z.json") + alpaca_rows("quality-alpaca-400-loftq-20261123T1852Z.json")
+    runs = alpaca_rows("quality-alpaca-400-20261123T1913Z.json") + alpaca_rows(
+        "quality-alpaca-400-loftq-20261123T1852Z.json"
+    )
     after = {(r["condition"], r["seed"]): r["after"]["eval_loss"] for r in runs}
     before = {r["condition"]: r["before"]["eval_loss"] for r in runs}
     out = []
-    for label, cond in (("LoRA (fp32 base)", "lora"), ("QLoRA", "qlora"), ("QLoRA + LoftQ init (rank 16)", "qlora-loftq")):
+    for label, cond in (
+        ("LoRA (fp32 base)", "lora"),
+        ("QLoRA", "qlora"),
+        ("QLoRA + LoftQ init (rank 16)", "qlora-loftq"),
+    ):
         gap = "–" if cond == "lora" else f"{statistics.mean(after[cond, s] - after['lora', s] for s in (0, 1)):+.3f}"
         out.append([label, f"{before[cond]:.4f}", f"{after[cond, 0]:.4f}", f"{after[cond, 1]:.4f}", gap])
-    return (table(["condition", "held-out loss before", "after, seed 0", "after, seed 1", "mean gap to LoRA"], out)
-            + f"\n\n{source('quality-alpaca-400-20261123T1913Z.json')}; LoftQ: {source('quality-alpaca-400-loftq-20261123T1852Z.json')}")
+    return (
+        table(["condition", "held-out loss before", "after, seed 0", "after, seed 1", "mean gap to LoRA"], out)
+        + f"\n\n{source('quality-alpaca-400-20261123T1913Z.json')}; LoftQ: {source('quality-alpaca-400-loftq-20261123T1852Z.json')}"
+    )
 
 
 def run_memory() -> str:
@@ -427,15 +611,27 @@ def run_memory() -> str:
     chunked = alpaca_rows("quality-alpaca-chunked-loss.json")[0]
     ckpt = alpaca_rows("quality-alpaca-chunked-loss-checkpointing.json")[0]
     out = []
-    for label, r in (("the model's own loss (full logits)", own), ("chunked loss (the default)", chunked),
-                     ("chunked loss + `--gradient-checkpointing`", ckpt)):
-        out.append([label, f"{r['peak_memory_mb']:,.0f} MiB", f"{r['peak_memory_mb'] / own['peak_memory_mb']:.2f}",
-                    f"{r['after']['eval_loss']:.8f}", f"{r['train_seconds']:.0f} s"])
-    return (table(["run", "peak memory (RSS)", "x the model's loss", "held-out loss after", "training time"], out)
-            + f"\n\nChunked: {source('quality-alpaca-chunked-loss.json')}; with checkpointing: "
-            f"{source('quality-alpaca-chunked-loss-checkpointing.json')}; the model's own loss: "
-            f"{source('quality-alpaca-20261123T130951Z.json')}, from before the chunked loss existed "
-            "(`--no-chunked-loss` runs it that way now)")
+    for label, r in (
+        ("the model's own loss (full logits)", own),
+        ("chunked loss (the default)", chunked),
+        ("chunked loss + `--gradient-checkpointing`", ckpt),
+    ):
+        out.append(
+            [
+                label,
+                f"{r['peak_memory_mb']:,.0f} MiB",
+                f"{r['peak_memory_mb'] / own['peak_memory_mb']:.2f}",
+                f"{r['after']['eval_loss']:.8f}",
+                f"{r['train_seconds']:.0f} s",
+            ]
+        )
+    return (
+        table(["run", "peak memory (RSS)", "x the model's loss", "held-out loss after", "training time"], out)
+        + f"\n\nChunked: {source('quality-alpaca-chunked-loss.json')}; with checkpointing: "
+        f"{source('quality-alpaca-chunked-loss-checkpointing.json')}; the model's own loss: "
+        f"{source('quality-alpaca-20261123T130951Z.json')}, from before the chunked loss existed "
+        "(`--no-chunked-loss` runs it that way now)"
+    )
 
 
 # --- NF4 / QLoRA (bench_qlora.py, bench_dequantize.py) ---------------------------------------------
@@ -447,36 +643,63 @@ def qlora_format() -> str:
     nf4, fp32, peft = train["lorakit-nf4"], train["lorakit-fp32"], train["peft-bnb-nf4"]
     err = d["error_vs_bnb"]
     rows = [
-        ["NF4 codes and statistics vs bitsandbytes' `quantize_4bit`",
-         f"bit-identical on {err['matrices']} matrices" if err["bit_identical"] else "differ", "–"],
-        ["relative weight error of NF4 on SmolLM2", f"{err['relative_error_lorakit']:.4f}", f"{err['relative_error_bitsandbytes']:.4f}"],
-        ["bits per parameter, decoder linears (norms included)", f"{loads['gguf-nf4']['linear_bits_per_parameter']:.3f}", "–"],
-        ["SmolLM2 weights, fp32 -> NF4", f"{loads['gguf-fp32']['weight_mib']:.1f} -> {loads['gguf-nf4']['weight_mib']:.1f} MiB", "–"],
-        ["training step (LoRA r=16, batch 2 x 64): peak memory",
-         f"{nf4['peak_mib']:.0f} MiB (fp32 base: {fp32['peak_mib']:.0f} MiB)", f"PEFT + bitsandbytes: {peft['peak_mib']:.0f} MiB"],
-        ["loading SmolLM2 from GGUF: time, peak anonymous memory",
-         f"fp32: {loads['gguf-fp32']['seconds']:.1f} s, {loads['gguf-fp32']['peak_anon_mib']:.0f} MiB; "
-         f"streamed into NF4: {loads['gguf-nf4']['seconds']:.1f} s, {loads['gguf-nf4']['peak_anon_mib']:.0f} MiB",
-         f"transformers' GGUF loader, fp32: {loads['gguf-fp32-transformers']['seconds']:.1f} s, "
-         f"{loads['gguf-fp32-transformers']['peak_anon_mib']:.0f} MiB"],
+        [
+            "NF4 codes and statistics vs bitsandbytes' `quantize_4bit`",
+            f"bit-identical on {err['matrices']} matrices" if err["bit_identical"] else "differ",
+            "–",
+        ],
+        [
+            "relative weight error of NF4 on SmolLM2",
+            f"{err['relative_error_lorakit']:.4f}",
+            f"{err['relative_error_bitsandbytes']:.4f}",
+        ],
+        [
+            "bits per parameter, decoder linears (norms included)",
+            f"{loads['gguf-nf4']['linear_bits_per_parameter']:.3f}",
+            "–",
+        ],
+        [
+            "SmolLM2 weights, fp32 -> NF4",
+            f"{loads['gguf-fp32']['weight_mib']:.1f} -> {loads['gguf-nf4']['weight_mib']:.1f} MiB",
+            "–",
+        ],
+        [
+            "training step (LoRA r=16, batch 2 x 64): peak memory",
+            f"{nf4['peak_mib']:.0f} MiB (fp32 base: {fp32['peak_mib']:.0f} MiB)",
+            f"PEFT + bitsandbytes: {peft['peak_mib']:.0f} MiB",
+        ],
+        [
+            "loading SmolLM2 from GGUF: time, peak anonymous memory",
+            f"fp32: {loads['gguf-fp32']['seconds']:.1f} s, {loads['gguf-fp32']['peak_anon_mib']:.0f} MiB; "
+            f"streamed into NF4: {loads['gguf-nf4']['seconds']:.1f} s, {loads['gguf-nf4']['peak_anon_mib']:.0f} MiB",
+            f"transformers' GGUF loader, fp32: {loads['gguf-fp32-transformers']['seconds']:.1f} s, "
+            f"{loads['gguf-fp32-transformers']['peak_anon_mib']:.0f} MiB",
+        ],
     ]
     return table(["", "lorakit", "reference"], rows) + f"\n\n{source('qlora-cpu-20261123T1915Z.json')}"
 
 
 def dequantize() -> str:
     d = load("dequantize-cpu-1thread.json")
-    labels = {"native (lorakit C kernel)": "**lorakit's native kernel** (the default)",
-              "eager (pairs table)": "eager PyTorch, 256-entry byte -> pair table (the fallback)",
-              "compiled (pairs table)": "`torch.compile` of the same formula",
-              "compiled (select tree)": "`torch.compile`, codes chosen by a 4-level `where` tree",
-              "bitsandbytes": f"bitsandbytes {d['machine']['bitsandbytes']} `dequantize_4bit` (C++)"}
+    labels = {
+        "native (lorakit C kernel)": "**lorakit's native kernel** (the default)",
+        "eager (pairs table)": "eager PyTorch, 256-entry byte -> pair table (the fallback)",
+        "compiled (pairs table)": "`torch.compile` of the same formula",
+        "compiled (select tree)": "`torch.compile`, codes chosen by a 4-level `where` tree",
+        "bitsandbytes": f"bitsandbytes {d['machine']['bitsandbytes']} `dequantize_4bit` (C++)",
+    }
     by = {(r["option"], r["dtype"]): r for r in d["results"]}
     out = []
     for option, label in labels.items():
-        cells = [f"{by[option, dt]['min_ms']:.1f} ({by[option, dt]['min_x_bitsandbytes']:.2f}x)" for dt in ("float32", "bfloat16")]
+        cells = [
+            f"{by[option, dt]['min_ms']:.1f} ({by[option, dt]['min_x_bitsandbytes']:.2f}x)"
+            for dt in ("float32", "bfloat16")
+        ]
         out.append([label, *cells])
-    return (table(["option", "fp32: min ms (x bitsandbytes)", "bf16: min ms (x bitsandbytes)"], out)
-            + f"\n\n{d['weights'] / 1e6:.1f} M weights, one thread, native path `{d['native_isa']}`; {source('dequantize-cpu-1thread.json')}")
+    return (
+        table(["option", "fp32: min ms (x bitsandbytes)", "bf16: min ms (x bitsandbytes)"], out)
+        + f"\n\n{d['weights'] / 1e6:.1f} M weights, one thread, native path `{d['native_isa']}`; {source('dequantize-cpu-1thread.json')}"
+    )
 
 
 # --- several processes, llama.cpp -------------------------------------------------------------------
@@ -484,29 +707,53 @@ def dequantize() -> str:
 
 def ddp() -> str:
     d = load("ddp-cpu.json")
-    out = [[n, f"{r['tokens_per_s']:.0f}", f"{r['ratio']:.2f}x", f"{r['peak_memory_mb']:,.0f} MiB"] for n, r in d["results"].items()]
+    out = [
+        [n, f"{r['tokens_per_s']:.0f}", f"{r['ratio']:.2f}x", f"{r['peak_memory_mb']:,.0f} MiB"]
+        for n, r in d["results"].items()
+    ]
     a = d["args"]
-    return (table(["processes", f"tokens/s (median of {a['rounds']})", "x 1 process", "peak memory, main process"], out)
-            + f"\n\nSmolLM2-135M, the built-in task, global batch {a['batch_size']}, {a['steps']} steps: "
-            "`python benchmarks/bench_ddp.py` (`benchmarks/results/ddp-cpu.json`)")
+    return (
+        table(["processes", f"tokens/s (median of {a['rounds']})", "x 1 process", "peak memory, main process"], out)
+        + f"\n\nSmolLM2-135M, the built-in task, global batch {a['batch_size']}, {a['steps']} steps: "
+        "`python benchmarks/bench_ddp.py` (`benchmarks/results/ddp-cpu.json`)"
+    )
 
 
 def llama_cpp() -> str:
     d = load("gguf-llama-cpp.json")
     em, ad, base, dora = d["exact_match"], d["adapted_logits"], d["base_logits"], d["dora_merged"]
     rows = [
-        [f"held-out exact match, greedy (all {em['examples']} word lists)", pct(em["lorakit"], 0),
-         f"{pct(em['llama_cpp'], 0)} (the same answers: {pct(em['same_answer'], 0)})"],
-        [f"logits vs lorakit's: mean / max abs difference (logit std {ad['logit_std']:.1f})", "–",
-         f"{ad['mean_abs_logit_diff']:.2f} / {ad['max_abs_logit_diff']:.2f} (base alone: "
-         f"{base['mean_abs_logit_diff']:.2f} / {base['max_abs_logit_diff']:.2f})"],
-        ["top-1 token agreement with lorakit", "–", f"{pct(ad['top1_agreement'], 0)} (base alone: {pct(base['top1_agreement'], 0)})"],
-        ["adapter's effect (adapted - base logits), correlation with lorakit's", "–", f"{ad['adapter_effect_correlation']:.4f}"],
-        ["merged DoRA model (`--merged`, f16): greedy answers equal to lorakit's", "–",
-         f"{dora['same_greedy_answers']} of {dora['prompts']} prompts"],
+        [
+            f"held-out exact match, greedy (all {em['examples']} word lists)",
+            pct(em["lorakit"], 0),
+            f"{pct(em['llama_cpp'], 0)} (the same answers: {pct(em['same_answer'], 0)})",
+        ],
+        [
+            f"logits vs lorakit's: mean / max abs difference (logit std {ad['logit_std']:.1f})",
+            "–",
+            f"{ad['mean_abs_logit_diff']:.2f} / {ad['max_abs_logit_diff']:.2f} (base alone: "
+            f"{base['mean_abs_logit_diff']:.2f} / {base['max_abs_logit_diff']:.2f})",
+        ],
+        [
+            "top-1 token agreement with lorakit",
+            "–",
+            f"{pct(ad['top1_agreement'], 0)} (base alone: {pct(base['top1_agreement'], 0)})",
+        ],
+        [
+            "adapter's effect (adapted - base logits), correlation with lorakit's",
+            "–",
+            f"{ad['adapter_effect_correlation']:.4f}",
+        ],
+        [
+            "merged DoRA model (`--merged`, f16): greedy answers equal to lorakit's",
+            "–",
+            f"{dora['same_greedy_answers']} of {dora['prompts']} prompts",
+        ],
     ]
-    return (table(["", "lorakit", f"llama.cpp, `{d['base']}` + `--lora adapter.gguf`"], rows)
-            + "\n\n`python benchmarks/llama_cpp_check.py` (`benchmarks/results/gguf-llama-cpp.json`)")
+    return (
+        table(["", "lorakit", f"llama.cpp, `{d['base']}` + `--lora adapter.gguf`"], rows)
+        + "\n\n`python benchmarks/llama_cpp_check.py` (`benchmarks/results/gguf-llama-cpp.json`)"
+    )
 
 
 # --- each method against its paper (reproduce.py) ---------------------------------------------------
@@ -554,16 +801,34 @@ def reproduction_table(sst2_part: dict | None, alpaca_part: dict | None, methods
     for m in methods:
         r, q = s.get(m), a.get(m)
         cost = r or q
-        out.append([METHOD_NAMES.get(m, m), f"{cost['trainable_params']:,} ({cost['trainable_percent']:.2f} %)",
-                    f"{cost['adapter_mib']:.2f} MiB", f"{cost['peak_memory_mib']:,.0f} MiB",
-                    " / ".join(ratio_cell(x) for x in (r, q)), metric_cell(r, s.get("lora"), 100, 2, " %"),
-                    metric_cell(q, a.get("lora"), 1, 3), PAPERS.get(m, ("-", "-"))[1]])
-    header = ["method", "trainable (SST-2)", "adapter (SST-2)", "peak memory (SST-2)", "step / limit (SST-2 / Alpaca)",
-              "SST-2 accuracy (vs LoRA)", "Alpaca held-out loss (vs LoRA)", "paper vs LoRA"]
+        out.append(
+            [
+                METHOD_NAMES.get(m, m),
+                f"{cost['trainable_params']:,} ({cost['trainable_percent']:.2f} %)",
+                f"{cost['adapter_mib']:.2f} MiB",
+                f"{cost['peak_memory_mib']:,.0f} MiB",
+                " / ".join(ratio_cell(x) for x in (r, q)),
+                metric_cell(r, s.get("lora"), 100, 2, " %"),
+                metric_cell(q, a.get("lora"), 1, 3),
+                PAPERS.get(m, ("-", "-"))[1],
+            ]
+        )
+    header = [
+        "method",
+        "trainable (SST-2)",
+        "adapter (SST-2)",
+        "peak memory (SST-2)",
+        "step / limit (SST-2 / Alpaca)",
+        "SST-2 accuracy (vs LoRA)",
+        "Alpaca held-out loss (vs LoRA)",
+        "paper vs LoRA",
+    ]
     text = table(header, out)
     if any(x.get("step_vs_limit") and x.get("limit_timed") != LIMIT_PAIRED for x in [*s.values(), *a.values()]):
-        text += ("\n\n† the limit timed once, after all methods: on a busy machine such a ratio follows the load at "
-                 "the time the method ran, not the method")
+        text += (
+            "\n\n† the limit timed once, after all methods: on a busy machine such a ratio follows the load at "
+            "the time the method ran, not the method"
+        )
     return text
 
 
@@ -573,9 +838,11 @@ def reproduce() -> str:
 
 
 def reproduce_source() -> str:
-    return ("`OMP_NUM_THREADS=1 python benchmarks/reproduce.py --part sst2 --out-dir runs/reproduce-paired`, "
-            "`python benchmarks/reproduce.py --part alpaca --out-dir runs/reproduce`, collected by `python "
-            "benchmarks/reproduce.py --collect-only ...` (`benchmarks/results/reproduce-cpu.json`)")
+    return (
+        "`OMP_NUM_THREADS=1 python benchmarks/reproduce.py --part sst2 --out-dir runs/reproduce-paired`, "
+        "`python benchmarks/reproduce.py --part alpaca --out-dir runs/reproduce`, collected by `python "
+        "benchmarks/reproduce.py --collect-only ...` (`benchmarks/results/reproduce-cpu.json`)"
+    )
 
 
 def reproduce_notes() -> str:
@@ -593,17 +860,26 @@ def reproduce_method(method: str) -> str:
     rows = [
         ["trainable parameters (SST-2)", lambda m: f"{s[m]['trainable_params']:,} ({s[m]['trainable_percent']:.2f} %)"],
         ["adapter on disk (SST-2)", lambda m: f"{s[m]['adapter_mib']:.2f} MiB"],
-        ["peak memory (SST-2 / Alpaca)", lambda m: f"{s[m]['peak_memory_mib']:,.0f} / {a[m]['peak_memory_mib']:,.0f} MiB"],
+        [
+            "peak memory (SST-2 / Alpaca)",
+            lambda m: f"{s[m]['peak_memory_mib']:,.0f} / {a[m]['peak_memory_mib']:,.0f} MiB",
+        ],
         ["step time x limit (SST-2 / Alpaca)", lambda m: f"{ratio_cell(s[m])} / {ratio_cell(a[m])}"],
         ["SST-2 dev accuracy (vs LoRA)", lambda m: metric_cell(s[m], s["lora"], 100, 2, " %")],
         ["Alpaca held-out loss (vs LoRA)", lambda m: metric_cell(a[m], a["lora"], 1, 3)],
         ["the paper, vs LoRA", lambda m: PAPERS[m][1]],
     ]
-    text = table(["", *(METHOD_NAMES[m] for m in columns)], [[label, *(cell(m) for m in columns)] for label, cell in rows])
+    text = table(
+        ["", *(METHOD_NAMES[m] for m in columns)], [[label, *(cell(m) for m in columns)] for label, cell in rows]
+    )
     if any(r.get("step_vs_limit") and r.get("limit_timed") != LIMIT_PAIRED for m in columns for r in (s[m], a[m])):
         text += "\n\n† the limit timed once, after all methods: such a ratio follows the machine's load, not the method"
-    return (text + f"\n\nThe paper: {PAPERS[method][0]}. Here: {load('reproduce-notes.json')[method]}\n\n"
-            + reproduce_source() + "; every method: [Each method against its paper](../benchmarks/reproduction.md)")
+    return (
+        text
+        + f"\n\nThe paper: {PAPERS[method][0]}. Here: {load('reproduce-notes.json')[method]}\n\n"
+        + reproduce_source()
+        + "; every method: [Each method against its paper](../benchmarks/reproduction.md)"
+    )
 
 
 # --- the README's headline -------------------------------------------------------------------------
@@ -612,28 +888,50 @@ def reproduce_method(method: str) -> str:
 def headline() -> str:
     step = step_rows("step-cpu-all-methods.json")
     chunked = step_rows("step-cpu-chunked-loss.json")
-    time_cells = " · ".join(f"{METHOD_NAMES[m]} {step['lorakit ' + m]['vs_peft_same_method']:.2f}x"
-                            for m in ("lora", "dora", "vera", "adalora", "qlora"))
-    peak_cells = " · ".join(f"{METHOD_NAMES[m]} {step['lorakit ' + m]['peak_vs_peft_same_method']:.2f}x"
-                            for m in ("lora", "dora", "vera", "adalora", "qlora"))
+    time_cells = " · ".join(
+        f"{METHOD_NAMES[m]} {step['lorakit ' + m]['vs_peft_same_method']:.2f}x"
+        for m in ("lora", "dora", "vera", "adalora", "qlora")
+    )
+    peak_cells = " · ".join(
+        f"{METHOD_NAMES[m]} {step['lorakit ' + m]['peak_vs_peft_same_method']:.2f}x"
+        for m in ("lora", "dora", "vera", "adalora", "qlora")
+    )
     chunked_cell = f"{chunked['lorakit lora +chunked loss']['peak_vs_peft_same_method']:.2f}x"
     runs = [sst2(f"sst2-vs-peft-seed{s}.json") for s in range(3)]
     quality = " · ".join(
         f"{METHOD_NAMES[m]} {pct(statistics.mean(r[m]['dev_accuracy'] for r in runs))} vs "
-        f"{pct(statistics.mean(r['peft-' + m]['dev_accuracy'] for r in runs))}" for m in ("lora", "dora"))
+        f"{pct(statistics.mean(r['peft-' + m]['dev_accuracy'] for r in runs))}"
+        for m in ("lora", "dora")
+    )
     dq = {(r["option"], r["dtype"]): r for r in load("dequantize-cpu-1thread.json")["results"]}
     seeds = command("sst2-vs-peft-seed0.json").replace("seed 0", "seed S").replace("seed0", "seedS")
     rows = [
-        ["training step time, x PEFT's same method (lower is better)", time_cells,
-         "SmolLM2-135M, batch 4 x 256, CPU", f"`{command('step-cpu-all-methods.json')}`"],
+        [
+            "training step time, x PEFT's same method (lower is better)",
+            time_cells,
+            "SmolLM2-135M, batch 4 x 256, CPU",
+            f"`{command('step-cpu-all-methods.json')}`",
+        ],
         ["peak memory of the step, x PEFT's", peak_cells, "the same", "the same"],
-        ["the same, with lorakit's chunked loss", f"LoRA {chunked_cell}", "the same",
-         f"`{command('step-cpu-chunked-loss.json')}`"],
-        ["SST-2 dev accuracy, lorakit vs PEFT (mean of 3 seeds, S = 0, 1, 2)", quality, "MiniLM-L6, 50 steps x 32",
-         f"`{seeds}`"],
-        ["NF4 dequantization, x bitsandbytes' CPU kernel", f"{dq['native (lorakit C kernel)', 'float32']['min_x_bitsandbytes']:.2f}x "
-         f"(fp32) · {dq['native (lorakit C kernel)', 'bfloat16']['min_x_bitsandbytes']:.2f}x (bf16)",
-         "106 M weights, 1 thread", f"`{command('dequantize-cpu-1thread.json')}`"],
+        [
+            "the same, with lorakit's chunked loss",
+            f"LoRA {chunked_cell}",
+            "the same",
+            f"`{command('step-cpu-chunked-loss.json')}`",
+        ],
+        [
+            "SST-2 dev accuracy, lorakit vs PEFT (mean of 3 seeds, S = 0, 1, 2)",
+            quality,
+            "MiniLM-L6, 50 steps x 32",
+            f"`{seeds}`",
+        ],
+        [
+            "NF4 dequantization, x bitsandbytes' CPU kernel",
+            f"{dq['native (lorakit C kernel)', 'float32']['min_x_bitsandbytes']:.2f}x "
+            f"(fp32) · {dq['native (lorakit C kernel)', 'bfloat16']['min_x_bitsandbytes']:.2f}x (bf16)",
+            "106 M weights, 1 thread",
+            f"`{command('dequantize-cpu-1thread.json')}`",
+        ],
     ]
     return table(["measured", "lorakit", "on", "command"], rows)
 
@@ -641,14 +939,32 @@ def headline() -> str:
 # --- blocks in pages -------------------------------------------------------------------------------
 
 GENERATORS: dict[str, Callable[[], str]] = {
-    "headline": headline, "step-all": step_all, "step-qlora-native": step_qlora_native, "chunked-loss": chunked_loss,
-    "run-memory": run_memory, "compile": compile_step, "named-adapters": named_adapters, "fused-vera": fused_vera,
-    "vera-merged-forward": vera_merged_forward, "sst2-vs-peft": sst2_vs_peft, "sst2-quality": sst2_quality,
-    "lr-sweep": lr_sweep, "sst2-qlora-seeds": sst2_qlora_seeds, "sst2-adalora-lora-drop-seeds": sst2_adalora_lora_drop_seeds,
-    "sst2-8000-adalora-lora-drop": sst2_8000_adalora_lora_drop, "sst2-8000-seeds": sst2_8000_seeds,
-    "loraplus-convergence": loraplus_convergence, "alpaca-200": alpaca_200, "alpaca-400": alpaca_400,
-    "flop-floor": flop_floor, "qlora-format": qlora_format, "dequantize": dequantize, "ddp": ddp, "llama-cpp": llama_cpp,
-    "reproduce": reproduce, "reproduce-notes": reproduce_notes,
+    "headline": headline,
+    "step-all": step_all,
+    "step-qlora-native": step_qlora_native,
+    "chunked-loss": chunked_loss,
+    "run-memory": run_memory,
+    "compile": compile_step,
+    "named-adapters": named_adapters,
+    "fused-vera": fused_vera,
+    "vera-merged-forward": vera_merged_forward,
+    "sst2-vs-peft": sst2_vs_peft,
+    "sst2-quality": sst2_quality,
+    "lr-sweep": lr_sweep,
+    "sst2-qlora-seeds": sst2_qlora_seeds,
+    "sst2-adalora-lora-drop-seeds": sst2_adalora_lora_drop_seeds,
+    "sst2-8000-adalora-lora-drop": sst2_8000_adalora_lora_drop,
+    "sst2-8000-seeds": sst2_8000_seeds,
+    "loraplus-convergence": loraplus_convergence,
+    "alpaca-200": alpaca_200,
+    "alpaca-400": alpaca_400,
+    "flop-floor": flop_floor,
+    "qlora-format": qlora_format,
+    "dequantize": dequantize,
+    "ddp": ddp,
+    "llama-cpp": llama_cpp,
+    "reproduce": reproduce,
+    "reproduce-notes": reproduce_notes,
 }
 
 
@@ -661,8 +977,10 @@ def generate(name: str) -> str:
     if name.startswith("reproduce:") and name.split(":", 1)[1] in PAPERS:
         return reproduce_method(name.split(":", 1)[1])
     if name not in GENERATORS:
-        raise UnknownTable(f"no generated table named {name!r} (known: {', '.join(GENERATORS)}, "
-                           f"reproduce:METHOD for {', '.join(PAPERS)})")
+        raise UnknownTable(
+            f"no generated table named {name!r} (known: {', '.join(GENERATORS)}, "
+            f"reproduce:METHOD for {', '.join(PAPERS)})"
+        )
     return GENERATORS[name]()
 
 

@@ -16,10 +16,27 @@ from torch import nn
 
 VOCAB = 64
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DECODER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-               vocab_size=VOCAB, max_position_embeddings=64, **SPECIAL)
-ENCODER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
-               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+DECODER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    **SPECIAL,
+)
+ENCODER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=2,
+)
 
 
 @dataclass(frozen=True)
@@ -42,27 +59,98 @@ ARCHITECTURES = {
     "qwen3": arch("qwen3", "causal", head_dim=8, **DECODER),
     "gemma2": arch("gemma2", "causal", head_dim=8, query_pre_attn_scalar=8, **DECODER),
     "phi3": arch("phi3", "causal", **DECODER),
-    "gpt2": arch("gpt2", "causal", n_embd=16, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, resid_pdrop=0.0,
-                 embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL),
-    "gpt_neox": arch("gpt_neox", "causal", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     vocab_size=VOCAB, max_position_embeddings=64, **SPECIAL),
-    "opt": arch("opt", "causal", hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
-                word_embed_proj_dim=16, max_position_embeddings=64, dropout=0.0, **SPECIAL),
-    "falcon": arch("falcon", "causal", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB, **SPECIAL),
+    "gpt2": arch(
+        "gpt2",
+        "causal",
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **SPECIAL,
+    ),
+    "gpt_neox": arch(
+        "gpt_neox",
+        "causal",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        **SPECIAL,
+    ),
+    "opt": arch(
+        "opt",
+        "causal",
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        word_embed_proj_dim=16,
+        max_position_embeddings=64,
+        dropout=0.0,
+        **SPECIAL,
+    ),
+    "falcon": arch(
+        "falcon", "causal", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB, **SPECIAL
+    ),
     "bloom": arch("bloom", "causal", hidden_size=16, n_layer=2, n_head=2, vocab_size=VOCAB, **SPECIAL),
-    "t5": arch("t5", "seq2seq", d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, vocab_size=VOCAB, dropout_rate=0.0,
-               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+    "t5": arch(
+        "t5",
+        "seq2seq",
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=VOCAB,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    ),
     "bert": arch("bert", "classify", **ENCODER),
     "roberta": arch("roberta", "classify", pad_token_id=1, **ENCODER),
-    "deberta-v2": arch("deberta-v2", "classify", relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
-                       max_relative_positions=-1, position_biased_input=False, share_att_key=True, norm_rel_ebd="layer_norm",
-                       pooler_hidden_size=16, pooler_dropout=0.0, **ENCODER),
-    "vit": arch("vit", "image", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                image_size=16, patch_size=8, num_channels=3, num_labels=2, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0),
+    "deberta-v2": arch(
+        "deberta-v2",
+        "classify",
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=16,
+        max_relative_positions=-1,
+        position_biased_input=False,
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        pooler_hidden_size=16,
+        pooler_dropout=0.0,
+        **ENCODER,
+    ),
+    "vit": arch(
+        "vit",
+        "image",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
 }
-AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "classify": "AutoModelForSequenceClassification",
-        "image": "AutoModelForImageClassification"}
+AUTO = {
+    "causal": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classify": "AutoModelForSequenceClassification",
+    "image": "AutoModelForImageClassification",
+}
 
 
 @functools.cache

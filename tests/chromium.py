@@ -19,8 +19,18 @@ from pathlib import Path
 
 # Chromium's own background traffic (updates, sync, ...) is switched off so that the net log holds
 # the page's requests; host resolution fails for every name, so nothing leaves the machine anyway
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-default-apps", "--no-first-run", "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
 
 
 def executable() -> str | None:
@@ -36,9 +46,20 @@ def render(page: Path, screenshot: Path, size: tuple[int, int] = (1100, 1500), t
         raise FileNotFoundError("chromium is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         net_log = Path(tmp) / "net.json"
-        subprocess.run([binary, *FLAGS, f"--user-data-dir={tmp}/profile", f"--log-net-log={net_log}",
-                        f"--screenshot={screenshot}", f"--window-size={size[0]},{size[1]}", Path(page).resolve().as_uri()],
-                       check=True, capture_output=True, timeout=timeout)
+        subprocess.run(
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--log-net-log={net_log}",
+                f"--screenshot={screenshot}",
+                f"--window-size={size[0]},{size[1]}",
+                Path(page).resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
         return page_requests(json.loads(net_log.read_text()))
 
 
@@ -49,9 +70,20 @@ def dump_dom(page: Path, size: tuple[int, int] = (1100, 1500), timeout: float = 
     if binary is None:
         raise FileNotFoundError("chromium is not installed")
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([binary, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
-                               "--dump-dom", Path(page).resolve().as_uri()],
-                              check=True, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={size[0]},{size[1]}",
+                "--dump-dom",
+                Path(page).resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return done.stdout
 
 
@@ -84,9 +116,21 @@ def measure(page: Path, size: tuple[int, int] = (1100, 1500), timeout: float = 1
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "measured.html"
         copy.write_text(Path(page).read_text().replace("</body>", _MEASURE + "</body>"))
-        done = subprocess.run([binary, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
-                               "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
-                              check=True, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                copy.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     found = re.search(r'<pre id="lorakit-measured">(.*?)</pre>', done.stdout, re.S)
     if found is None:
         raise RuntimeError("the measuring script did not run: " + done.stdout[-500:])
@@ -97,8 +141,11 @@ def page_requests(net_log: dict) -> list[str]:
     """URLs of the requests a file:// page started: their initiator is the page's opaque origin,
     which the net log writes as "null" (the browser's own requests say "not an origin")."""
     names = {number: name for name, number in net_log["constants"]["logEventTypes"].items()}
-    return [event["params"]["url"] for event in net_log["events"]
-            if names.get(event["type"]) == "URL_REQUEST_START_JOB" and event.get("params", {}).get("initiator") == "null"]
+    return [
+        event["params"]["url"]
+        for event in net_log["events"]
+        if names.get(event["type"]) == "URL_REQUEST_START_JOB" and event.get("params", {}).get("initiator") == "null"
+    ]
 
 
 def small_png(path: Path) -> None:

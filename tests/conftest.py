@@ -25,8 +25,9 @@ QUICK_RUN_SKIPS = ("fuzz", "distributed", "llama_cpp", "chromium", "integration"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--quick", action="store_true",
-                     help="a quick local run: deselect the " + ", ".join(QUICK_RUN_SKIPS) + " tests")
+    parser.addoption(
+        "--quick", action="store_true", help="a quick local run: deselect the " + ", ".join(QUICK_RUN_SKIPS) + " tests"
+    )
 
 
 def pytest_configure(config):
@@ -64,8 +65,13 @@ def tiny_llama(seed: int = 0, hidden_size: int = 32):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -74,8 +80,9 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(config).eval()
 
 

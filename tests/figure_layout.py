@@ -21,7 +21,14 @@ def _texts(figure):
         texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
         for axis in (ax.xaxis, ax.yaxis):
             for tick in axis._update_ticks():  # the ticks drawn (those within the view)
-                texts += [label for label, on in ((tick.label1, tick.label1.get_visible()), (tick.label2, tick.label2.get_visible())) if on]
+                texts += [
+                    label
+                    for label, on in (
+                        (tick.label1, tick.label1.get_visible()),
+                        (tick.label2, tick.label2.get_visible()),
+                    )
+                    if on
+                ]
         legend = ax.get_legend()
         if legend is not None:
             texts += [legend.get_title(), *legend.get_texts()]
@@ -77,6 +84,9 @@ def layout_problems(figure) -> list[str]:
             if xa.shape != xb.shape or not np.allclose(xa, xb):
                 continue
             scale = max(np.ptp(np.concatenate([ya, yb])), 1e-12)
-            if np.max(np.abs(ya - yb)) < 0.01 * scale and (a.get_linestyle(), a.get_marker()) == (b.get_linestyle(), b.get_marker()):
+            if np.max(np.abs(ya - yb)) < 0.01 * scale and (a.get_linestyle(), a.get_marker()) == (
+                b.get_linestyle(),
+                b.get_marker(),
+            ):
                 problems.append(f"line {a.get_label()!r} hides line {b.get_label()!r} (same data, same style)")
     return problems

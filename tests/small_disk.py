@@ -59,8 +59,9 @@ def namespace_prefix() -> tuple[str, ...] | None:
     candidates.append(("unshare", "-r", "-m"))
     with tempfile.TemporaryDirectory() as probe:
         for prefix in candidates:
-            done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                                  capture_output=True, timeout=30)
+            done = subprocess.run(
+                [*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"], capture_output=True, timeout=30
+            )
             if done.returncode == 0:
                 return prefix
     return None
@@ -73,17 +74,39 @@ def require_small_disk() -> tuple[str, ...]:
     return prefix
 
 
-def run_on_small_disk(disk: Path, command: list[str], *, after: Path, seed: Path | None = None, size: str = "16m",
-                      leave_free: int = 0, read_only: bool = False, env: dict[str, str] | None = None,
-                      timeout: float = 300) -> subprocess.CompletedProcess:
+def run_on_small_disk(
+    disk: Path,
+    command: list[str],
+    *,
+    after: Path,
+    seed: Path | None = None,
+    size: str = "16m",
+    leave_free: int = 0,
+    read_only: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run `command` with a fresh tmpfs of `size` at `disk` (see the module docstring)."""
     prefix = require_small_disk()
     disk.mkdir(parents=True, exist_ok=True)
     after.mkdir(parents=True, exist_ok=True)
-    variables = {**os.environ, **(env or {}), "DISK": str(disk), "SIZE": size, "SEED": str(seed or ""),
-                 "LEAVE_FREE": str(leave_free), "READ_ONLY": "1" if read_only else "0", "AFTER": str(after)}
-    return subprocess.run([*prefix, "sh", "-c", SCRIPT, "small-disk", *command], capture_output=True, text=True,
-                          env=variables, timeout=timeout)
+    variables = {
+        **os.environ,
+        **(env or {}),
+        "DISK": str(disk),
+        "SIZE": size,
+        "SEED": str(seed or ""),
+        "LEAVE_FREE": str(leave_free),
+        "READ_ONLY": "1" if read_only else "0",
+        "AFTER": str(after),
+    }
+    return subprocess.run(
+        [*prefix, "sh", "-c", SCRIPT, "small-disk", *command],
+        capture_output=True,
+        text=True,
+        env=variables,
+        timeout=timeout,
+    )
 
 
 def snapshot(directory: Path) -> dict[str, str]:

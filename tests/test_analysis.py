@@ -19,8 +19,11 @@ def test_module_change_against_a_naive_computation():
     change = analysis.module_change("model.layers.3.self_attn.q_proj", w0, w0 + delta, adapter_rank=2)
     assert change.layer == 3 and change.kind == "self_attn.q_proj" and change.shape == (12, 10)
     assert analysis.short_labels(["attention.output.dense", "output.dense", "intermediate.dense", "self.query"]) == {
-        "attention.output.dense": "attention.output.dense", "output.dense": "output.dense",
-        "intermediate.dense": "intermediate.dense", "self.query": "query"}
+        "attention.output.dense": "attention.output.dense",
+        "output.dense": "output.dense",
+        "intermediate.dense": "intermediate.dense",
+        "self.query": "query",
+    }
     assert change.relative_change == pytest.approx(float(delta.norm() / w0.norm()), rel=1e-6)
     singular = torch.linalg.svdvals(delta.double())[:2]  # rank 2: the rest is rounding
     p = singular / singular.sum()
@@ -87,9 +90,32 @@ def test_lorakit_inspect_on_a_trained_run(tmp_path, capsys):
     from tiny_lm import save_tiny_llama, write_jsonl
 
     model = str(save_tiny_llama(tmp_path / "m"))
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)])
-    assert cli.main(["train", "--model", model, "--data", str(data), "--out-dir", str(tmp_path), "--name", "r", "--steps", "3",
-                     "--lr", "1e-2", "--no-progress", "--method", "dora"]) == 0
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)]
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                model,
+                "--data",
+                str(data),
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "r",
+                "--steps",
+                "3",
+                "--lr",
+                "1e-2",
+                "--no-progress",
+                "--method",
+                "dora",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["inspect", str(tmp_path / "r"), "--json", str(tmp_path / "changes.json")]) == 0
     out = capsys.readouterr().out
@@ -157,8 +183,10 @@ def test_lora_drop_importance_and_plan_are_shown(tmp_path):
     assert {c.module: c.importance for c in found} == pytest.approx(scores)
     assert [c.plan for c in found] == ["own", "v_proj(16x32)", "own", "v_proj(16x32)"]
     text = analysis.summary_text(found)
-    assert "LoRA-drop's plan: 2 of 4 modules keep their own pair (their importance adds up to 0.800); the other 2 share " \
-           "1 pair, one per kind: v_proj(16x32) x2" in text
+    assert (
+        "LoRA-drop's plan: 2 of 4 modules keep their own pair (their importance adds up to 0.800); the other 2 share "
+        "1 pair, one per kind: v_proj(16x32) x2" in text
+    )
     grid = text.split("in %; * keeps its own pair):\n")[1].splitlines()
     assert grid[1].split() == ["0", "50.00*", "5.00"] and grid[2].split() == ["1", "30.00*", "15.00"]
     assert json.loads(json.dumps(analysis.report(found)))["modules"][1]["plan"] == "v_proj(16x32)"
@@ -178,7 +206,10 @@ def test_lora_drop_importance_and_plan_are_shown(tmp_path):
 def test_low_rank_singular_values_are_the_full_svds():
     g = torch.Generator().manual_seed(5)
     for out, inp, r in [(40, 24, 3), (24, 40, 6), (16, 16, 1), (30, 20, 19)]:
-        down, up = torch.randn(r, inp, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)
+        down, up = (
+            torch.randn(r, inp, generator=g, dtype=torch.float64),
+            torch.randn(out, r, generator=g, dtype=torch.float64),
+        )
         full = torch.linalg.svdvals(up @ down)[:r]
         torch.testing.assert_close(analysis.low_rank_singular_values(down, up), full, rtol=1e-10, atol=1e-12)
 
@@ -208,8 +239,12 @@ def test_changes_equal_the_full_fp64_reference_for_every_method(method, monkeypa
     assert len(full_svd) == len(reference) == len(fast) == len(names)
     for a, b in zip(fast, reference):
         assert a.module == b.module and a.relative_change == b.relative_change
-        torch.testing.assert_close(torch.tensor(a.top_singular_values), torch.tensor(b.top_singular_values)[: len(a.top_singular_values)],
-                                   rtol=1e-5, atol=1e-7 * b.top_singular_values[0])
+        torch.testing.assert_close(
+            torch.tensor(a.top_singular_values),
+            torch.tensor(b.top_singular_values)[: len(a.top_singular_values)],
+            rtol=1e-5,
+            atol=1e-7 * b.top_singular_values[0],
+        )
         assert a.effective_rank == pytest.approx(b.effective_rank, rel=1e-4)
         assert a.rank_90 == b.rank_90
 

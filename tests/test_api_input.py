@@ -56,7 +56,11 @@ def test_the_trainer_callback_refuses_a_merged_adapter(tmp_path):
 
     model = adapted()
     lorakit.merge(model)
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=token_data(),
-                      callbacks=[LorakitCallback()])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=token_data(),
+        callbacks=[LorakitCallback()],
+    )
     with pytest.raises(LorakitError, match=r"merged into the base weights"):
         trainer.train()

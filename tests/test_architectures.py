@@ -77,7 +77,7 @@ def assert_same_greedy(model: nn.Module, reference: nn.Module, inputs: dict[str,
         # where they part: the reference's scores for the position must make both choices (near) equal
         if kind == "causal":
             length = prompt["input_ids"].shape[1]
-            logits = reference(input_ids=mine, attention_mask=torch.ones_like(mine)).logits[:, length - 1:-1]
+            logits = reference(input_ids=mine, attention_mask=torch.ones_like(mine)).logits[:, length - 1 : -1]
             chosen = mine[:, length:]
         else:
             logits = reference(**prompt, decoder_input_ids=mine[:, :-1]).logits
@@ -149,9 +149,12 @@ class ConvNet(nn.Module):
 @pytest.mark.parametrize("method", sorted(lorakit.methods.METHODS))
 def test_a_model_without_linear_layers_is_refused_clearly(method):
     for targets in ("all-linear", ["conv"]):
-        with pytest.raises(ValueError, match=r"ConvNet has no layer lorakit can adapt: every method wraps linear layers "
-                                             r"\(nn\.Linear, GPT-2's Conv1D, 4-bit Linear4bit\), and this model's layers are "
-                                             r"BatchNorm2d, Conv2d"):
+        with pytest.raises(
+            ValueError,
+            match=r"ConvNet has no layer lorakit can adapt: every method wraps linear layers "
+            r"\(nn\.Linear, GPT-2's Conv1D, 4-bit Linear4bit\), and this model's layers are "
+            r"BatchNorm2d, Conv2d",
+        ):
             lorakit.adapt(ConvNet(), dataclasses.replace(method_config(method, "llama"), targets=targets))
     mixed = nn.Sequential(ConvNet(), nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"target\(s\) \{'0.conv': 'Conv2d'\} are not linear layers lorakit can adapt"):

@@ -32,15 +32,43 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uneven_data(tmp_path_factory):
     """Completions from 1 to 12 words: micro-batches hold very different numbers of label tokens."""
-    records = [{"prompt": f"Repeat: {WORDS[i % 12]}\nAnswer:", "completion": " " + " ".join([WORDS[(i * 5) % 12]] * (1 + (i * 7) % 12))}
-               for i in range(2 * STEP)]
+    records = [
+        {
+            "prompt": f"Repeat: {WORDS[i % 12]}\nAnswer:",
+            "completion": " " + " ".join([WORDS[(i * 5) % 12]] * (1 + (i * 7) % 12)),
+        }
+        for i in range(2 * STEP)
+    ]
     return str(write_jsonl(tmp_path_factory.mktemp("data") / "uneven.jsonl", records))
 
 
 def flags(model, data, out_dir, name, batch_size, grad_accum, *extra) -> list[str]:
-    return ["--model", model, "--data", data, "--eval-data", data, "--max-eval-examples", "1", "--out-dir", str(out_dir),
-            "--name", name, "--steps", "1", "--lr", "1e-3", "--warmup-steps", "0", "--batch-size", str(batch_size),
-            "--grad-accum", str(grad_accum), "--no-progress", *extra]
+    return [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--max-eval-examples",
+        "1",
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        name,
+        "--steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "0",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        str(grad_accum),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def assert_same_step(result, reference, what: str) -> None:
@@ -60,15 +88,23 @@ def whole_step_reference(model_dir, data, out_dir):
     from lorakit.cli import build_parser, resolve_train_config
     from lorakit.train.loop import build_datasets, check_config, load_tokenizer
 
-    cfg = check_config(resolve_train_config(build_parser().parse_args(["train", *flags(model_dir, data, out_dir, "ref", STEP, 1)])))
+    cfg = check_config(
+        resolve_train_config(build_parser().parse_args(["train", *flags(model_dir, data, out_dir, "ref", STEP, 1)]))
+    )
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     examples = build_datasets(cfg, tokenizer).train
     batch = data_mod.collate(data_mod.micro_batch(examples, 0, STEP, cfg.seed), tokenizer.pad_token_id)
-    logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = AutoModelForCausalLM.from_pretrained(model_dir)(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits
     targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
-    per_pair = [int((targets[i:i + 2] != data_mod.IGNORE_INDEX).sum()) for i in range(0, STEP, 2)]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=data_mod.IGNORE_INDEX,
+        reduction="sum",
+    )
+    per_pair = [int((targets[i : i + 2] != data_mod.IGNORE_INDEX).sum()) for i in range(0, STEP, 2)]
     return float(losses) / int((targets != data_mod.IGNORE_INDEX).sum()), per_pair
 
 
@@ -89,8 +125,16 @@ def test_two_processes_give_the_same_step_as_one(tiny_model, uneven_data, tmp_pa
     runs = {f"{b}x{k}": flags(tiny_model, uneven_data, tmp_path, f"two-{b}x{k}", b, k) for b, k in ((2, 2), (4, 1))}
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     script = os.path.join(os.path.dirname(__file__), "step_runs.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-               str(tmp_path / "runs.json"), str(tmp_path / "out.pt")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        script,
+        str(tmp_path / "runs.json"),
+        str(tmp_path / "out.pt"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -45,8 +45,24 @@ def test_compare_writes_a_table_json_csv_and_an_offline_html(setup, capsys, monk
     # added to the caller's path (which may name the lorakit under test), not replacing it
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("LORAKIT_TEST_FAIL_METHOD", "adalora")
-    argv = ["compare", "--methods", "lora,dora,adalora", "--model", model, "--data", data, "--steps", "3", "--batch-size", "4",
-            "--out-dir", str(root / "runs"), "--name", "cmp", "--no-progress"]
+    argv = [
+        "compare",
+        "--methods",
+        "lora,dora,adalora",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out-dir",
+        str(root / "runs"),
+        "--name",
+        "cmp",
+        "--no-progress",
+    ]
     code = cli.main(argv)
     out = capsys.readouterr().out
     directory = root / "runs" / "cmp"
@@ -77,8 +93,23 @@ def test_compare_writes_a_table_json_csv_and_an_offline_html(setup, capsys, monk
 
 def test_compare_refuses_a_directory_with_other_settings_and_unknown_methods(setup, capsys):
     root, model, data = setup
-    base = ["compare", "--model", model, "--data", data, "--steps", "2", "--batch-size", "4", "--out-dir", str(root / "runs2"),
-            "--name", "c", "--no-progress", "--no-html"]
+    base = [
+        "compare",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--out-dir",
+        str(root / "runs2"),
+        "--name",
+        "c",
+        "--no-progress",
+        "--no-html",
+    ]
     assert cli.main(base + ["--methods", "lora"]) == 0
     capsys.readouterr()
     assert cli.main(base + ["--methods", "lora", "--lr", "0.5"]) == 2
@@ -89,10 +120,35 @@ def test_compare_refuses_a_directory_with_other_settings_and_unknown_methods(set
 
 def test_per_method_arguments_reach_only_their_method(setup, capsys):
     root, model, data = setup
-    argv = ["compare", "--methods", "lora,dora", "--model", model, "--data", data, "--steps", "1", "--batch-size", "4",
-            "--out-dir", str(root / "runs3"), "--name", "per", "--no-progress", "--no-html", "--targets", "q_proj,v_proj",
-            "--method-arg", "dora:r=2", "--method-arg", "dora:rslora=true", "--method-arg", "lora:lr=0.01",
-            "--method-arg", "lora:alpha=4"]
+    argv = [
+        "compare",
+        "--methods",
+        "lora,dora",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--out-dir",
+        str(root / "runs3"),
+        "--name",
+        "per",
+        "--no-progress",
+        "--no-html",
+        "--targets",
+        "q_proj,v_proj",
+        "--method-arg",
+        "dora:r=2",
+        "--method-arg",
+        "dora:rslora=true",
+        "--method-arg",
+        "lora:lr=0.01",
+        "--method-arg",
+        "lora:alpha=4",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     import yaml
 
@@ -116,17 +172,40 @@ def test_per_method_arguments_reach_only_their_method(setup, capsys):
     assert "holds a comparison with other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("vera:r=256", "error: --method-arg 'vera:r=256': 'vera' is not one of --methods (lora, dora)"),
-    ("dora:nosuch=1", "error: method 'dora' has no setting 'nosuch'; its settings: "),
-    ("dora:steps=3", "error: --method-arg dora:steps=...: every method of a comparison has the same steps; per method: lr, "),
-    ("dora:r", "error: --method-arg expects KEY=VALUE, got 'r'"),
-    ("dora:r=many", "error: --method-arg dora:r: expected int, got 'many'"),
-])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("vera:r=256", "error: --method-arg 'vera:r=256': 'vera' is not one of --methods (lora, dora)"),
+        ("dora:nosuch=1", "error: method 'dora' has no setting 'nosuch'; its settings: "),
+        (
+            "dora:steps=3",
+            "error: --method-arg dora:steps=...: every method of a comparison has the same steps; per method: lr, ",
+        ),
+        ("dora:r", "error: --method-arg expects KEY=VALUE, got 'r'"),
+        ("dora:r=many", "error: --method-arg dora:r: expected int, got 'many'"),
+    ],
+)
 def test_per_method_argument_mistakes_are_one_line(setup, capsys, pair, message):
     root, model, data = setup
-    code = cli.main(["compare", "--methods", "lora,dora", "--model", model, "--data", data, "--steps", "1",
-                     "--out-dir", str(root / "runs4"), "--no-progress", "--no-html", "--method-arg", pair])
+    code = cli.main(
+        [
+            "compare",
+            "--methods",
+            "lora,dora",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--steps",
+            "1",
+            "--out-dir",
+            str(root / "runs4"),
+            "--no-progress",
+            "--no-html",
+            "--method-arg",
+            pair,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message), err
     assert not (root / "runs4").exists()  # refused before anything trained

@@ -59,8 +59,9 @@ def test_bf16_autocast_forward_and_backward(case, input_ids):
     torch.testing.assert_close(out.logits.float(), expected, atol=0.15, rtol=0.05)
     out.loss.backward()
     trainable = [p for _, p in lorakit.adapter_parameters(model)]
-    assert trainable and all(p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
-                             for p in trainable)
+    assert trainable and all(
+        p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all() for p in trainable
+    )
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(input_ids).logits.float(), out.logits.detach().float(), atol=1e-2, rtol=1e-2)
 
@@ -97,9 +98,14 @@ def test_inductor_compiled_layer_in_inference_mode_equals_eager(case):
     torch._dynamo.reset()
 
 
-FUSED = sorted(m for m in METHOD_NAMES
-               if any(hasattr(layer.adapter, "fused_forward")
-                      for _, layer in lorakit.inject.adapted_layers(lorakit.adapt(tiny_llama(), make_config(m, "llama")))))
+FUSED = sorted(
+    m
+    for m in METHOD_NAMES
+    if any(
+        hasattr(layer.adapter, "fused_forward")
+        for _, layer in lorakit.inject.adapted_layers(lorakit.adapt(tiny_llama(), make_config(m, "llama")))
+    )
+)
 
 
 def test_the_fused_methods_are_known():

@@ -103,8 +103,12 @@ def test_only_adapter_state_changes_in_a_step(method, arch, input_ids):
     assert not any(".base_layer." in n for n in trainable)
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     # buffers an adapter declares as training state (AdaLoRA's allocator mask) may change too
-    trainable |= {f"{m}.adapters.{a}.{b}" for m, layer in lorakit.inject.adapted_layers(model)
-                  for a, adapter in layer.adapters.items() for b in getattr(adapter, "training_buffers", ())}
+    trainable |= {
+        f"{m}.adapters.{a}.{b}"
+        for m, layer in lorakit.inject.adapted_layers(model)
+        for a, adapter in layer.adapters.items()
+        for b in getattr(adapter, "training_buffers", ())
+    }
     one_step(model, input_ids)
     moves_base = getattr(lorakit.inject.adapter_config(model), "moves_base_weights", False)
     for name, tensor in model.state_dict().items():
@@ -331,8 +335,9 @@ def test_dropout_gradients_are_those_of_the_same_mask(method, input_ids, monkeyp
     other_step, _ = loss_and_grads()
     assert other_step != loss  # new masks
     monkeypatch.setattr(AdapterDropout, "draw", lambda self: None)
-    monkeypatch.setattr(AdapterDropout, "forward",
-                        lambda self, x: x * DropoutDraw(self.p, draw_seed()).factor(x) if self.active else x)
+    monkeypatch.setattr(
+        AdapterDropout, "forward", lambda self, x: x * DropoutDraw(self.p, draw_seed()).factor(x) if self.active else x
+    )
     for _, layer in lorakit.inject.adapted_layers(model):
         for adapter in layer.adapters.values():
             if hasattr(adapter, "fused_forward"):

@@ -54,14 +54,34 @@ def code_blocks(path: Path, language: str) -> list[str]:
 
 
 def test_mkdocs_build_strict(tmp_path):
-    missing = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
-               if importlib.util.find_spec(m.split(".")[0]) is None
-               or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)]
+    missing = [
+        m
+        for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+        if importlib.util.find_spec(m.split(".")[0]) is None
+        or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)
+    ]
     if missing:
         pytest.skip(f"the docs extra is not installed ({', '.join(missing)} missing): pip install -e .[docs]")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"),
-                          "-d", str(tmp_path / "site")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--quiet",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
     site = tmp_path / "site"
     cli = (site / "reference" / "cli" / "index.html").read_text()
@@ -105,8 +125,12 @@ def test_generated_tables_change_when_a_result_changes(tables, monkeypatch):
     page = (DOCS / "benchmarks" / "speed-memory.md").read_text()
     assert "<!-- generated: step-all -->" in page and not tables.stale_blocks(page)
     original = tables.load("step-cpu-all-methods.json")
-    changed = {**original, "results": [{**r, "vs_peft_same_method": 0.5} if r["condition"] == "lorakit lora" else r
-                                       for r in original["results"]]}
+    changed = {
+        **original,
+        "results": [
+            {**r, "vs_peft_same_method": 0.5} if r["condition"] == "lorakit lora" else r for r in original["results"]
+        ],
+    }
     load = tables.load
     monkeypatch.setattr(tables, "load", lambda name: changed if name == "step-cpu-all-methods.json" else load(name))
     assert "step-all" in tables.stale_blocks(page)
@@ -118,8 +142,11 @@ def test_every_table_a_page_names_exists_and_every_result_file_is_quoted(tables)
         assert tables.generate(name).strip()
     quoted = "\n".join(tables.generate(name) for name in names) + "".join(p.read_text() for p in pages())
     globs = re.findall(r"[\w.-]*\*[\w.*-]*\.json", quoted)  # sst2-qlora-seed*.json
-    unquoted = [p.name for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-                if p.name not in quoted and not any(fnmatch.fnmatch(p.name, g) for g in globs)]
+    unquoted = [
+        p.name
+        for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+        if p.name not in quoted and not any(fnmatch.fnmatch(p.name, g) for g in globs)
+    ]
     assert unquoted == [], "result files no page quotes (superseded results go)"
 
 
@@ -128,8 +155,12 @@ def test_a_block_naming_no_table_or_missing_its_end_is_an_error(tables):
         tables.stale_blocks("<!-- generated: nosuch -->\n<!-- end generated -->\n")
     with pytest.raises(tables.UnknownTable, match="without its"):
         tables.stale_blocks("<!-- generated: ddp -->\n| a table |\n")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "reproduce:nosuch"], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "reproduce:nosuch"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert run.returncode == 2 and run.stderr.startswith("error: no generated table named 'reproduce:nosuch'")
     assert run.stderr.count("\n") == 1
 
@@ -191,8 +222,11 @@ def test_readme_is_a_front_page():
 
 # Work-tracking words: issue numbers, work targets, work history. A figure says what was measured. (A
 # command's `--before COMMIT` flag, which times an earlier version beside the current one, is a command.)
-INTERNAL = re.compile(r"\bissues? \d+|\bthe issue\b|issue's|\btargets? (met|hold)|\bthis session\b|"
-                      r"\bwhen issue\b|(?<!--)\bbefore [0-9a-f]{7}\b|\(issue", re.IGNORECASE)
+INTERNAL = re.compile(
+    r"\bissues? \d+|\bthe issue\b|issue's|\btargets? (met|hold)|\bthis session\b|"
+    r"\bwhen issue\b|(?<!--)\bbefore [0-9a-f]{7}\b|\(issue",
+    re.IGNORECASE,
+)
 
 
 def test_no_work_tracking_words_where_users_read(hooks):
@@ -235,8 +269,17 @@ def test_getting_started_python_runs_on_a_tiny_model(tmp_path, monkeypatch):
 
     def tiny_causal_lm(*args, **kwargs):
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, vocab_size=vocabulary, max_position_embeddings=64))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=vocabulary,
+                max_position_embeddings=64,
+            )
+        )
 
     monkeypatch.setattr(lorakit.models, "load_causal_lm", tiny_causal_lm)
     scope = run_python_blocks(tmp_path, monkeypatch)
@@ -276,8 +319,14 @@ def test_getting_started_shell_blocks_are_what_the_test_runs():
 @pytest.mark.integration
 def test_getting_started_commands_run(tmp_path):
     budget = "--steps 2 --max-eval-examples 2 --batch-size 2 --max-length 64 --no-progress"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(["bash", "-c", shell_script(budget)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        ["bash", "-c", shell_script(budget)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert (tmp_path / "runs" / "capitals" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "capitals-dora" / "adapter" / "adapter_config.json").is_file()

@@ -36,7 +36,9 @@ def test_a_failed_write_keeps_the_earlier_file_and_says_so_in_one_line(tmp_path)
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(LorakitError, match=r"^the disk is full: .*out.json was not written; the earlier out.json is kept"):
+    with pytest.raises(
+        LorakitError, match=r"^the disk is full: .*out.json was not written; the earlier out.json is kept"
+    ):
         files.atomic_write(target, full)
     assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
@@ -128,8 +130,12 @@ def test_a_child_ends_with_its_parent(tmp_path):
 def test_the_launcher_prints_one_message():
     same = [("1", "error: [process 1] data file x does not exist"), ("0", "error: data file x does not exist")]
     assert one_message(same) == "error: data file x does not exist"
-    assert one_message([("1", "interrupted at step 3; checkpoint saved to runs/a/checkpoints"),
-                        ("0", "interrupted at step 3; checkpoint saved to runs/a/checkpoints/step-000003")]).endswith("step-000003")
+    assert one_message(
+        [
+            ("1", "interrupted at step 3; checkpoint saved to runs/a/checkpoints"),
+            ("0", "interrupted at step 3; checkpoint saved to runs/a/checkpoints/step-000003"),
+        ]
+    ).endswith("step-000003")
     assert one_message([("1", "error: [process 1] no CUDA GPU")]) == "error: no CUDA GPU"
 
 

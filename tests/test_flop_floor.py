@@ -30,16 +30,28 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(config).train()
 
 
 class MatmulCounter(TorchDispatchMode):
     """Multiply-adds of every matrix product that runs (forward and backward), in place ones included."""
 
-    PRODUCTS = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm_.default: 1,
-                torch.ops.aten.bmm.default: 0, torch.ops.aten.baddbmm.default: 1}
+    PRODUCTS = {
+        torch.ops.aten.mm.default: 0,
+        torch.ops.aten.addmm.default: 1,
+        torch.ops.aten.addmm_.default: 1,
+        torch.ops.aten.bmm.default: 0,
+        torch.ops.aten.baddbmm.default: 1,
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,16 +72,21 @@ def step_multiply_adds(model, input_ids) -> int:
     return counter.total
 
 
-@pytest.mark.parametrize("method,config,tight", [
-    ("lora", lambda: lorakit.LoRA(r=4, targets="all-linear"), None),
-    ("vera", lambda: lorakit.VeRA(r=48, targets="all-linear"), 1.05),
-])
+@pytest.mark.parametrize(
+    "method,config,tight",
+    [
+        ("lora", lambda: lorakit.LoRA(r=4, targets="all-linear"), None),
+        ("vera", lambda: lorakit.VeRA(r=48, targets="all-linear"), 1.05),
+    ],
+)
 def test_a_step_adds_at_least_the_floor(method, config, tight):
     floor = floor_module()
     shape = dict(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, kv=KV, vocab=VOCAB)
     tokens = BATCH * SEQ
     r = config().r
-    expected = tokens * (floor.lora_per_token(shape, r, tokens) if method == "lora" else floor.vera_per_token(shape, r, tokens))
+    expected = tokens * (
+        floor.lora_per_token(shape, r, tokens) if method == "lora" else floor.vera_per_token(shape, r, tokens)
+    )
     input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     base = tiny_llama()
     for p in base.parameters():

@@ -189,8 +189,15 @@ def dump_json(value: Any, ensure_ascii: bool = True) -> str:
     if isinstance(value, Raw):
         return value.text
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k if isinstance(k, str) else str(k), ensure_ascii=ensure_ascii)}: "
-                               f"{dump_json(v, ensure_ascii)}" for k, v in value.items()) + "}"
+        return (
+            "{"
+            + ", ".join(
+                f"{json.dumps(k if isinstance(k, str) else str(k), ensure_ascii=ensure_ascii)}: "
+                f"{dump_json(v, ensure_ascii)}"
+                for k, v in value.items()
+            )
+            + "}"
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(dump_json(v, ensure_ascii) for v in value) + "]"
     return json.dumps(value, ensure_ascii=ensure_ascii)
@@ -204,13 +211,60 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", errors="surrogatepass")  # lone surrogates become invalid UTF-8 bytes
 
 
-BYTE_POOL = [b"\xff", b"\xfe", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\x00", b'"', b"'", b",", b"\t", b"\n", b"\r",
-             b"\r\n", b"{", b"}", b"[", b"]", b":", b"\\", b"\\u", b"\\ud800", codecs.BOM_UTF8, b" ", b"#", b"-", b"!!",
-             b"&", b"*", b"|", b">", b"%", b"?"]
+BYTE_POOL = [
+    b"\xff",
+    b"\xfe",
+    b"\xc3",
+    b"\x80",
+    b"\xed\xa0\x80",
+    b"\x00",
+    b'"',
+    b"'",
+    b",",
+    b"\t",
+    b"\n",
+    b"\r",
+    b"\r\n",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b":",
+    b"\\",
+    b"\\u",
+    b"\\ud800",
+    codecs.BOM_UTF8,
+    b" ",
+    b"#",
+    b"-",
+    b"!!",
+    b"&",
+    b"*",
+    b"|",
+    b">",
+    b"%",
+    b"?",
+]
 
 
-BYTE_DAMAGE = ["flip", "insert", "delete", "truncate", "bom", "utf16", "utf16le", "utf32", "latin1", "empty", "blank", "nul",
-               "crlf", "cr", "garbage-line", "duplicate"]
+BYTE_DAMAGE = [
+    "flip",
+    "insert",
+    "delete",
+    "truncate",
+    "bom",
+    "utf16",
+    "utf16le",
+    "utf32",
+    "latin1",
+    "empty",
+    "blank",
+    "nul",
+    "crlf",
+    "cr",
+    "garbage-line",
+    "duplicate",
+]
 
 
 def mutate_bytes(rng: random.Random, raw: bytes, kind: str | None = None) -> tuple[bytes, str]:
@@ -230,7 +284,7 @@ def mutate_bytes(rng: random.Random, raw: bytes, kind: str | None = None) -> tup
         return raw[:at] + rng.choice(BYTE_POOL) * rng.choice([1, 1, 2, 50]) + raw[at:], kind
     if kind == "delete" and n:
         at = rng.randrange(n)
-        return raw[:at] + raw[at + rng.randint(1, 20):], kind
+        return raw[:at] + raw[at + rng.randint(1, 20) :], kind
     if kind == "truncate":
         return raw[: rng.randint(0, n)], kind
     if kind == "bom":
@@ -258,15 +312,39 @@ def mutate_bytes(rng: random.Random, raw: bytes, kind: str | None = None) -> tup
     if kind == "cr":
         return raw.replace(b"\n", b"\r"), kind
     if kind == "garbage-line":
-        return raw + rng.choice([b"\ngarbage", b"\n}", b"\n,,,\n", b"\n\"unterminated", b"\n[1,2]\n", b"\nnull\n"]), kind
+        return raw + rng.choice([b"\ngarbage", b"\n}", b"\n,,,\n", b'\n"unterminated', b"\n[1,2]\n", b"\nnull\n"]), kind
     lines = raw.split(b"\n")
     return b"\n".join(lines[:1] + lines), "duplicate"
 
 
 # --- family 1: data files -----------------------------------------------------------------------
 
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "green", "lamp", "piano", "honey", "héllo", "日本", "🙂", "good",
-         "bad", "a,b", "say \"hi\"", "tab\there", "x'y", "{prompt}", "#1", "null", "NA", "007", ""]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "green",
+    "lamp",
+    "piano",
+    "honey",
+    "héllo",
+    "日本",
+    "🙂",
+    "good",
+    "bad",
+    "a,b",
+    'say "hi"',
+    "tab\there",
+    "x'y",
+    "{prompt}",
+    "#1",
+    "null",
+    "NA",
+    "007",
+    "",
+]
 
 
 def text(rng: random.Random, lo: int = 1, hi: int = 6) -> str:
@@ -299,40 +377,182 @@ def base_records(rng: random.Random, layout: str) -> list[dict[str, Any]]:
     return records
 
 
-TASK_OF = {"alpaca": "causal-lm", "chat": "causal-lm", "prompt-completion": "causal-lm", "qa": "causal-lm",
-           "text": "causal-lm", "label": "classify", "pair": "classify", "regress": "regress"}
+TASK_OF = {
+    "alpaca": "causal-lm",
+    "chat": "causal-lm",
+    "prompt-completion": "causal-lm",
+    "qa": "causal-lm",
+    "text": "causal-lm",
+    "label": "classify",
+    "pair": "classify",
+    "regress": "regress",
+}
 
-FIELD_NAMES = ["text", "label", "messages", "prompt", "completion", "instruction", "input", "output", "text_pair",
-               "sentence", "sentence1", "sentence2", "score", "question", "answer", "extra", "", " ", "Text",
-               "label ", "#1 String", "\ufefftext", "a\u0000b", "idx"]
+FIELD_NAMES = [
+    "text",
+    "label",
+    "messages",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "text_pair",
+    "sentence",
+    "sentence1",
+    "sentence2",
+    "score",
+    "question",
+    "answer",
+    "extra",
+    "",
+    " ",
+    "Text",
+    "label ",
+    "#1 String",
+    "\ufefftext",
+    "a\u0000b",
+    "idx",
+]
 
-ODD_LABELS = ["", " ", "\t", "pos\n", "a\nb", "1.5", "-0", "0.0", "1e999", "nan", "NaN", "inf", "-inf", "1_000", "٣", "²",
-              "0x10", "+1", " 1", "1 ", "00", "9" * 5000, "-" * 3, "True", "None", "null", "\ud800", "🙂", "x" * 3000,
-              0, 1, -1, 2**63, 10**400, 1.0, 1.5, -0.0, float("nan"), float("inf"), True, False, None, [], [1], {},
-              {"a": 1}, Raw("1e400"), Raw("-1e400"), Raw("NaN"), Raw("Infinity"), Raw("9" * 5000), Raw("-0"),
-              Raw("1.0e+2"), Raw("0.1e-400")]
+ODD_LABELS = [
+    "",
+    " ",
+    "\t",
+    "pos\n",
+    "a\nb",
+    "1.5",
+    "-0",
+    "0.0",
+    "1e999",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "1_000",
+    "٣",
+    "²",
+    "0x10",
+    "+1",
+    " 1",
+    "1 ",
+    "00",
+    "9" * 5000,
+    "-" * 3,
+    "True",
+    "None",
+    "null",
+    "\ud800",
+    "🙂",
+    "x" * 3000,
+    0,
+    1,
+    -1,
+    2**63,
+    10**400,
+    1.0,
+    1.5,
+    -0.0,
+    float("nan"),
+    float("inf"),
+    True,
+    False,
+    None,
+    [],
+    [1],
+    {},
+    {"a": 1},
+    Raw("1e400"),
+    Raw("-1e400"),
+    Raw("NaN"),
+    Raw("Infinity"),
+    Raw("9" * 5000),
+    Raw("-0"),
+    Raw("1.0e+2"),
+    Raw("0.1e-400"),
+]
 
 
 def weird_value(rng: random.Random) -> Any:
-    return rng.choice([
-        None, True, False, 0, 1, -1, 10**400, 2**63, -(2**63) - 1, 1.5, float("nan"), float("inf"), -0.0, 1e308,
-        "", " ", "\t", "\n", "a\nb", "\ud800", "x\udfffy", "\x00", "\u2028", "🙂" * 3, "é", "0", "1.5", "nan",
-        "1e999", "None", "٣", "9" * 5000, [], [1, 2], ["a"], [None], {}, {"a": 1}, {"role": "user", "content": "x"},
-        [{"role": "user"}], deep(rng.choice([3, 300, 3000])), deep(rng.choice([3, 300]), "{\"a\": ", "}", "1"),
-        Raw("1e400"), Raw("-0"), Raw("NaN"), Raw("-Infinity"), Raw("9" * 5000), "x" * rng.randint(1000, 20_000),
-    ])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            0,
+            1,
+            -1,
+            10**400,
+            2**63,
+            -(2**63) - 1,
+            1.5,
+            float("nan"),
+            float("inf"),
+            -0.0,
+            1e308,
+            "",
+            " ",
+            "\t",
+            "\n",
+            "a\nb",
+            "\ud800",
+            "x\udfffy",
+            "\x00",
+            "\u2028",
+            "🙂" * 3,
+            "é",
+            "0",
+            "1.5",
+            "nan",
+            "1e999",
+            "None",
+            "٣",
+            "9" * 5000,
+            [],
+            [1, 2],
+            ["a"],
+            [None],
+            {},
+            {"a": 1},
+            {"role": "user", "content": "x"},
+            [{"role": "user"}],
+            deep(rng.choice([3, 300, 3000])),
+            deep(rng.choice([3, 300]), '{"a": ', "}", "1"),
+            Raw("1e400"),
+            Raw("-0"),
+            Raw("NaN"),
+            Raw("-Infinity"),
+            Raw("9" * 5000),
+            "x" * rng.randint(1000, 20_000),
+        ]
+    )
 
 
 def bad_messages(rng: random.Random, messages: Any) -> Any:
-    kind = rng.choice(["role", "role", "no-user", "assistant-first", "content", "not-dict", "empty", "string",
-                       "no-assistant", "missing-key", "extra-key", "null"])
+    kind = rng.choice(
+        [
+            "role",
+            "role",
+            "no-user",
+            "assistant-first",
+            "content",
+            "not-dict",
+            "empty",
+            "string",
+            "no-assistant",
+            "missing-key",
+            "extra-key",
+            "null",
+        ]
+    )
     messages = [dict(m) if isinstance(m, dict) else m for m in (messages if isinstance(messages, list) else [])]
     if not messages:
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     i = rng.randrange(len(messages))
     if kind == "role":
-        messages[i]["role"] = rng.choice(["", "User", "bot", "tool", "function", "ipython", 1, None, ["user"], "\ud800",
-                                          "assistant ", "system"])
+        messages[i]["role"] = rng.choice(
+            ["", "User", "bot", "tool", "function", "ipython", 1, None, ["user"], "\ud800", "assistant ", "system"]
+        )
     elif kind == "no-user":
         messages = [m for m in messages if m.get("role") not in ("user", "system")]
     elif kind == "assistant-first":
@@ -356,8 +576,21 @@ def bad_messages(rng: random.Random, messages: Any) -> Any:
     return messages
 
 
-RECORD_DAMAGE = ["wrong-type", "drop-field", "extra-field", "rename-field", "odd-label", "chat", "non-object", "no-records",
-                 "long-field", "surrogate", "deep", "all-null", "duplicate-key"]
+RECORD_DAMAGE = [
+    "wrong-type",
+    "drop-field",
+    "extra-field",
+    "rename-field",
+    "odd-label",
+    "chat",
+    "non-object",
+    "no-records",
+    "long-field",
+    "surrogate",
+    "deep",
+    "all-null",
+    "duplicate-key",
+]
 
 
 def mutate_records(rng: random.Random, records: list[Any], kind: str | None = None) -> tuple[list[Any], str]:
@@ -395,8 +628,14 @@ def mutate_records(rng: random.Random, records: list[Any], kind: str | None = No
         records[i] = {k: None for k in keys}
     elif kind == "duplicate-key" and keys:
         key = rng.choice(keys)
-        records[i] = Raw("{" + ", ".join([f"{json.dumps(k)}: {dump_json(v)}" for k, v in record.items()]
-                                         + [f"{json.dumps(key)}: {dump_json(weird_value(rng))}"]) + "}")
+        records[i] = Raw(
+            "{"
+            + ", ".join(
+                [f"{json.dumps(k)}: {dump_json(v)}" for k, v in record.items()]
+                + [f"{json.dumps(key)}: {dump_json(weird_value(rng))}"]
+            )
+            + "}"
+        )
     return records, kind
 
 
@@ -420,7 +659,9 @@ def serialize(rng: random.Random, records: list[Any], kind: str, damage: bool = 
             lines.insert(rng.randrange(len(lines) + 1), rng.choice(["", "  ", "\t"]))
         return encode("\n".join(lines) + rng.choice(["\n", "", "\n\n"]))
     if kind == "json":
-        shape = rng.choice(["list", "list", "wrapped", "two-keys", "object", "pretty"] if damage else ["list", "pretty"])
+        shape = rng.choice(
+            ["list", "list", "wrapped", "two-keys", "object", "pretty"] if damage else ["list", "pretty"]
+        )
         if shape == "wrapped":
             body: Any = {rng.choice(["data", "train", "examples", ""]): records}
         elif shape == "two-keys":
@@ -555,8 +796,17 @@ def build_data_case(case_id: str, directory: Path) -> DataCase:
     columns = None
     if rng.random() < 0.1:
         # valid roles only: a bad role is a flag error (the config family fuzzes those), not the file's
-        columns = rng.choice([{"text": "sentence1"}, {"label": "nope"}, {"prompt": "instruction"}, {"text": "extra"},
-                              {"messages": "text"}, {"label": "text", "text": "label"}, {"completion": "label"}])
+        columns = rng.choice(
+            [
+                {"text": "sentence1"},
+                {"label": "nope"},
+                {"prompt": "instruction"},
+                {"text": "extra"},
+                {"messages": "text"},
+                {"label": "text", "text": "label"},
+                {"completion": "label"},
+            ]
+        )
         steps.append(f"columns={columns}")
     max_length = rng.choice([64, 64, 64, 512, 16, 2, 1])
     return DataCase(case_id, path, task, columns, max_length, steps)
@@ -616,7 +866,9 @@ def valid_data_files(directory: Path) -> list[DataCase]:
                 path = directory / f"{layout}-{count}.{kind}"
                 records = (base_records(rng, layout) * 3)[:count]
                 if kind == "tsv":  # TSV cells are taken as written: a tab in one is another cell
-                    records = [{k: v.replace("\t", " ") if isinstance(v, str) else v for k, v in r.items()} for r in records]
+                    records = [
+                        {k: v.replace("\t", " ") if isinstance(v, str) else v for k, v in r.items()} for r in records
+                    ]
                 if kind == "parquet":
                     write_parquet(rng, records, path)
                 else:
@@ -686,12 +938,55 @@ def nested_list(depth: int) -> list:
 
 
 def weird_config_value(rng: random.Random) -> Any:
-    return rng.choice([
-        None, True, False, 0, -1, 1, 2**31, -(2**31) - 1, 2**63, 10**400, float("nan"), float("inf"), -float("inf"),
-        -0.0, 1e308, 5e-324, 0.5, "", " ", "x", "none", "null", "True", "yes", "1e999", "-1", "٣", "²", "\x00",
-        "a\nb", "x" * 5000, "9" * 5000, [], [1, "a"], [None], ["lm_head"], {}, {"a": {"b": [1]}}, {1: 2},
-        nested_list(rng.choice([5, 3000])), b"\xff\x00", datetime.date(2001, 12, 14), (1, 2), {1, 2}, 1 + 2j,
-    ])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            1,
+            2**31,
+            -(2**31) - 1,
+            2**63,
+            10**400,
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            -0.0,
+            1e308,
+            5e-324,
+            0.5,
+            "",
+            " ",
+            "x",
+            "none",
+            "null",
+            "True",
+            "yes",
+            "1e999",
+            "-1",
+            "٣",
+            "²",
+            "\x00",
+            "a\nb",
+            "x" * 5000,
+            "9" * 5000,
+            [],
+            [1, "a"],
+            [None],
+            ["lm_head"],
+            {},
+            {"a": {"b": [1]}},
+            {1: 2},
+            nested_list(rng.choice([5, 3000])),
+            b"\xff\x00",
+            datetime.date(2001, 12, 14),
+            (1, 2),
+            {1, 2},
+            1 + 2j,
+        ]
+    )
 
 
 def plausible_value(rng: random.Random, name: str, kind: type) -> Any:
@@ -703,30 +998,154 @@ def plausible_value(rng: random.Random, name: str, kind: type) -> Any:
     if name == "method_args":
         cls = rng.choice(list(METHODS.values()))
         fields = [f.name for f in dataclasses.fields(cls)] + ["bogus"]
-        return {rng.choice(fields): rng.choice([weird_config_value(rng), plausible_value(rng, "r", int),
-                                                {"[": 4}, {"q_proj": "x"}, {"(": 1.0}, "(", [1], ["q_proj"], "int8"])
-                for _ in range(rng.randint(1, 3))}
+        return {
+            rng.choice(fields): rng.choice(
+                [
+                    weird_config_value(rng),
+                    plausible_value(rng, "r", int),
+                    {"[": 4},
+                    {"q_proj": "x"},
+                    {"(": 1.0},
+                    "(",
+                    [1],
+                    ["q_proj"],
+                    "int8",
+                ]
+            )
+            for _ in range(rng.randint(1, 3))
+        }
     if name in config_mod.CHOICES:
         choices = list(config_mod.CHOICES[name])
         return rng.choice(choices + [choices[0].upper(), " " + choices[0], "", "x"])
     if kind is int:
-        return rng.choice([0, -1, 1, 8, 2**31 - 1, 2**31, -(2**31), 10**400, "8", "08", " 8", "+8", "-0", "1e3", "٣",
-                           "²", 8.0, 8.5, True, "9" * 5000])
+        return rng.choice(
+            [
+                0,
+                -1,
+                1,
+                8,
+                2**31 - 1,
+                2**31,
+                -(2**31),
+                10**400,
+                "8",
+                "08",
+                " 8",
+                "+8",
+                "-0",
+                "1e3",
+                "٣",
+                "²",
+                8.0,
+                8.5,
+                True,
+                "9" * 5000,
+            ]
+        )
     if kind is float:
-        return rng.choice([0.0, -0.0, 1e-320, 1e308, "1e308", "1e309", "nan", "inf", "-inf", float("nan"), 10**400,
-                           "0x10", "1_0", 0.5, 1, True, "  2.5  ", "1e-400", 2**1024 - 1, "9" * 400])
+        return rng.choice(
+            [
+                0.0,
+                -0.0,
+                1e-320,
+                1e308,
+                "1e308",
+                "1e309",
+                "nan",
+                "inf",
+                "-inf",
+                float("nan"),
+                10**400,
+                "0x10",
+                "1_0",
+                0.5,
+                1,
+                True,
+                "  2.5  ",
+                "1e-400",
+                2**1024 - 1,
+                "9" * 400,
+            ]
+        )
     if kind is bool:
         return rng.choice([True, False, "yes", "no", "maybe", "TRUE", 1, 0, 2, "1", "", None, [], {}])
     if kind is list:
-        return rng.choice([[], ["lm_head"], "a,b", ",", [1, 2], [None], [["a"]], {"a": 1}, 5, "x", (1, 2), 1.5, True,
-                           b"ab", nested_list(3000)])
+        return rng.choice(
+            [
+                [],
+                ["lm_head"],
+                "a,b",
+                ",",
+                [1, 2],
+                [None],
+                [["a"]],
+                {"a": 1},
+                5,
+                "x",
+                (1, 2),
+                1.5,
+                True,
+                b"ab",
+                nested_list(3000),
+            ]
+        )
     if kind is dict:
-        return rng.choice([{}, {"prompt": "q"}, {"bogus": "x"}, {"prompt": 1}, {"prompt": ""}, {1: "x"},
-                           {"prompt": None}, "prompt=q", "prompt", "a=b=c", ",", "=x", [], 5, {"prompt": ["q"]},
-                           {"prompt": nested_list(3000)}])
-    return rng.choice(["", ".", "..", "a/b", "a\x00b", "x" * 5000, "{prompt}", "{", "}", "{0}", "{a.b}", "{a[0]}",
-                       "{a!r}", "{:>{}}", "{prompt:{x}}", "chat", "gsm8k", "last-number", "(", "(a)(b)", "[",
-                       "all-linear", "q_proj,v_proj", "q_proj,,", ",", ".*", "(?P<x", "a{1,}", "\\", 5, True, ["a"]])
+        return rng.choice(
+            [
+                {},
+                {"prompt": "q"},
+                {"bogus": "x"},
+                {"prompt": 1},
+                {"prompt": ""},
+                {1: "x"},
+                {"prompt": None},
+                "prompt=q",
+                "prompt",
+                "a=b=c",
+                ",",
+                "=x",
+                [],
+                5,
+                {"prompt": ["q"]},
+                {"prompt": nested_list(3000)},
+            ]
+        )
+    return rng.choice(
+        [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a\x00b",
+            "x" * 5000,
+            "{prompt}",
+            "{",
+            "}",
+            "{0}",
+            "{a.b}",
+            "{a[0]}",
+            "{a!r}",
+            "{:>{}}",
+            "{prompt:{x}}",
+            "chat",
+            "gsm8k",
+            "last-number",
+            "(",
+            "(a)(b)",
+            "[",
+            "all-linear",
+            "q_proj,v_proj",
+            "q_proj,,",
+            ",",
+            ".*",
+            "(?P<x",
+            "a{1,}",
+            "\\",
+            5,
+            True,
+            ["a"],
+        ]
+    )
 
 
 def random_config_dict(rng: random.Random, first: str | None = None) -> dict[Any, Any]:
@@ -750,18 +1169,72 @@ def random_config_dict(rng: random.Random, first: str | None = None) -> dict[Any
 
 
 YAML_SNIPPETS = [
-    "lr: !!python/object/apply:os.system ['true']\n", "!!python/object/apply:os.system ['true']\n",
-    "model: !!python/name:os.system\n", "data: !!binary aGVsbG8=\n", "targets: !!set {a, b}\n",
-    "columns: !!omap [prompt: q]\n", "name: 2001-12-14\n", "lr: !!float .nan\n", "lr: .inf\n", "steps: 0x1F\n",
-    "steps: 0o17\n", "steps: 1_000\n", "steps: +12\n", "lr: 1e400\n", "steps: !!int '12'\n", "steps: " + "9" * 5000 + "\n",
-    "- a\n- b\n", "42\n", "'text'\n", "null\n", "~\n", "", "   \n", "---\n", "--- !!str\n", "[1, 2]\n", "lr: 1\n---\nsteps: 2\n",
-    "a: &x [1, 2]\nb: *x\n", "method_args: *undefined\n", "lr:\t1\n\tsteps: 2\n", "lr: 1\nlr: 2\n", "1: 2\n", "null: 3\n",
-    "[a]: 1\n", "? {a: 1}\n: 2\n", "true: 1\n", "1.5: x\n", "2001-01-01: x\n", "columns: {prompt: [q]}\n",
-    "method_args: {rank_pattern: {'[': 4}}\n", "train_modules: {a: 1}\n", "train_modules: 5\n", "lr: 1e308\nepochs: 1e308\n",
-    "targets: '('\n", "answer_pattern: '(a)(b)'\n", "prompt_template: '{'\n", "name: 'a/b'\n", "metric: 5\n",
-    "max_length: 2147483648\n", "lr: [1, 2]\n", "lr: {a: 1}\n", "r: 1.5\n", "r: true\n", "r: -3\n", "dropout: 1.0\n",
-    "alpha: 1e999\n", "progress: maybe\n", "%YAML 1.1\n---\nlr: 1\n", "%TAG ! tag:x,2000:\n---\nlr: !foo 1\n",
-    "lr: !custom 1\n", "lr: &a 1\nsteps: *a\n", "lr: null\n", "batch_size: ~\n", "task:\n", "method: lora\nr: 4\nmethod_args: {dtype: int8}\n", "\ufefflr: 1\n",
+    "lr: !!python/object/apply:os.system ['true']\n",
+    "!!python/object/apply:os.system ['true']\n",
+    "model: !!python/name:os.system\n",
+    "data: !!binary aGVsbG8=\n",
+    "targets: !!set {a, b}\n",
+    "columns: !!omap [prompt: q]\n",
+    "name: 2001-12-14\n",
+    "lr: !!float .nan\n",
+    "lr: .inf\n",
+    "steps: 0x1F\n",
+    "steps: 0o17\n",
+    "steps: 1_000\n",
+    "steps: +12\n",
+    "lr: 1e400\n",
+    "steps: !!int '12'\n",
+    "steps: " + "9" * 5000 + "\n",
+    "- a\n- b\n",
+    "42\n",
+    "'text'\n",
+    "null\n",
+    "~\n",
+    "",
+    "   \n",
+    "---\n",
+    "--- !!str\n",
+    "[1, 2]\n",
+    "lr: 1\n---\nsteps: 2\n",
+    "a: &x [1, 2]\nb: *x\n",
+    "method_args: *undefined\n",
+    "lr:\t1\n\tsteps: 2\n",
+    "lr: 1\nlr: 2\n",
+    "1: 2\n",
+    "null: 3\n",
+    "[a]: 1\n",
+    "? {a: 1}\n: 2\n",
+    "true: 1\n",
+    "1.5: x\n",
+    "2001-01-01: x\n",
+    "columns: {prompt: [q]}\n",
+    "method_args: {rank_pattern: {'[': 4}}\n",
+    "train_modules: {a: 1}\n",
+    "train_modules: 5\n",
+    "lr: 1e308\nepochs: 1e308\n",
+    "targets: '('\n",
+    "answer_pattern: '(a)(b)'\n",
+    "prompt_template: '{'\n",
+    "name: 'a/b'\n",
+    "metric: 5\n",
+    "max_length: 2147483648\n",
+    "lr: [1, 2]\n",
+    "lr: {a: 1}\n",
+    "r: 1.5\n",
+    "r: true\n",
+    "r: -3\n",
+    "dropout: 1.0\n",
+    "alpha: 1e999\n",
+    "progress: maybe\n",
+    "%YAML 1.1\n---\nlr: 1\n",
+    "%TAG ! tag:x,2000:\n---\nlr: !foo 1\n",
+    "lr: !custom 1\n",
+    "lr: &a 1\nsteps: *a\n",
+    "lr: null\n",
+    "batch_size: ~\n",
+    "task:\n",
+    "method: lora\nr: 4\nmethod_args: {dtype: int8}\n",
+    "\ufefflr: 1\n",
 ]
 
 
@@ -774,9 +1247,13 @@ def yaml_case(rng: random.Random, n: int) -> tuple[bytes, list[str]]:
     import yaml
 
     steps = []
-    body = {k: v for k, v in random_config_dict(rng).items()
-            if isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None), list, dict))
-            and not (isinstance(v, list) and v and isinstance(v[0], list))}  # no deep lists: YAML dumps recurse
+    body = {
+        k: v
+        for k, v in random_config_dict(rng).items()
+        if isinstance(k, str)
+        and isinstance(v, (str, int, float, bool, type(None), list, dict))
+        and not (isinstance(v, list) and v and isinstance(v[0], list))
+    }  # no deep lists: YAML dumps recurse
     try:
         textual = yaml.safe_dump(body, sort_keys=False, allow_unicode=rng.random() < 0.5)
     except Exception:  # noqa: BLE001 -- e.g. a huge int's repr: start from an empty document
@@ -793,8 +1270,11 @@ def yaml_case(rng: random.Random, n: int) -> tuple[bytes, list[str]]:
             textual += rng.choice(YAML_SNIPPETS)
     elif kind == "deep-flow":
         depth = rng.choice([100, 1000, 5000])
-        textual += rng.choice(["columns: ", "method_args: ", ""]) + rng.choice(["[" * depth + "]" * depth,
-                                                                               "{a: " * depth + "1" + "}" * depth]) + "\n"
+        textual += (
+            rng.choice(["columns: ", "method_args: ", ""])
+            + rng.choice(["[" * depth + "]" * depth, "{a: " * depth + "1" + "}" * depth])
+            + "\n"
+        )
     elif kind == "deep-block":
         depth = rng.choice([50, 150])
         textual += "".join("  " * d + "a:\n" for d in range(depth)) + "  " * depth + "1\n"
@@ -882,15 +1362,74 @@ def test_malformed_configs_give_a_config_or_one_line(chunk, tmp_path):
 
 # --- family 3: adapter directories --------------------------------------------------------------
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.bool, torch.uint8, torch.int8,
-          torch.float8_e4m3fn, torch.complex64]
-ST_DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "C64", "XX", "", 5, None]
+DTYPES = [
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.float8_e4m3fn,
+    torch.complex64,
+]
+ST_DTYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I32",
+    "I64",
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E4M3",
+    "F8_E5M2",
+    "C64",
+    "XX",
+    "",
+    5,
+    None,
+]
 PICKLE = b"\x80\x04\x95\x1a\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
-ADAPTER_KEYS = ["method", "r", "alpha", "dropout", "rslora", "init", "targets", "layers", "exclude", "train_modules",
-                "dtype", "rank_pattern", "alpha_pattern", "init_r", "target_r", "bogus"]
-PEFT_KEYS = ["peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
-             "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
-             "task_type", "init_lora_weights", "base_model_name_or_path", "revision"]
+ADAPTER_KEYS = [
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "rslora",
+    "init",
+    "targets",
+    "layers",
+    "exclude",
+    "train_modules",
+    "dtype",
+    "rank_pattern",
+    "alpha_pattern",
+    "init_r",
+    "target_r",
+    "bogus",
+]
+PEFT_KEYS = [
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "target_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "fan_in_fan_out",
+    "task_type",
+    "init_lora_weights",
+    "base_model_name_or_path",
+    "revision",
+]
 
 
 def adapter_value(rng: random.Random, key: str) -> Any:
@@ -903,28 +1442,97 @@ def adapter_value(rng: random.Random, key: str) -> Any:
         "r": [0, -1, 1, 2, 3, 5, 8, 64, 10**12, 2**63, 10**400, 1.5, 4.0, "4", True, None, Raw("NaN")],
         "alpha": [0, -1.0, 1e308, Raw("1e400"), Raw("NaN"), Raw("-Infinity"), "16", None, 10**400, True],
         "dropout": [0.0, 0.5, 1.0, -0.1, 2, Raw("NaN"), "0.1", None, 10**400],
-        "targets": [[], ["q_proj"], ["nope"], ["lm_head"], ["embed_tokens"], ["model"], "all-linear", ".*", "(", "q_proj",
-                    [1], [None], ["q_proj", 1], "", ["model.layers.0.self_attn.q_proj"], ["norm"], ["mlp"]],
+        "targets": [
+            [],
+            ["q_proj"],
+            ["nope"],
+            ["lm_head"],
+            ["embed_tokens"],
+            ["model"],
+            "all-linear",
+            ".*",
+            "(",
+            "q_proj",
+            [1],
+            [None],
+            ["q_proj", 1],
+            "",
+            ["model.layers.0.self_attn.q_proj"],
+            ["norm"],
+            ["mlp"],
+        ],
         "layers": [[0], [5], [-1], ["0"], [10**400], [True], 0, "0", [], [None], [1.5]],
         "exclude": [["q_proj"], ["v_proj", "q_proj"], "q_proj", [1], [], [None]],
         "train_modules": [["lm_head"], ["nope"], [""], ["model"], ["model.norm"], "lm_head", [1], [None], ["."]],
         "dtype": ["float16", "bfloat16", "float64", "int8", "float128", "", None, 1, "complex64"],
         "init": ["default", "loftq", "pissa", "", None, 1, "gaussian"],
-        "rank_pattern": [{"q_proj": 2}, {"q_proj": 0}, {"[": 2}, {"q_proj": "2"}, {"q_proj": 10**400}, {"": 1},
-                         {"q_proj": 2.5}, [], "q_proj", {"(": 1}, {"v_proj": -1}, {"q_proj": None}],
+        "rank_pattern": [
+            {"q_proj": 2},
+            {"q_proj": 0},
+            {"[": 2},
+            {"q_proj": "2"},
+            {"q_proj": 10**400},
+            {"": 1},
+            {"q_proj": 2.5},
+            [],
+            "q_proj",
+            {"(": 1},
+            {"v_proj": -1},
+            {"q_proj": None},
+        ],
         "alpha_pattern": [{"q_proj": 2.0}, {"[": 2.0}, {"q_proj": "x"}, {"q_proj": Raw("NaN")}, [], {"q_proj": None}],
-        "adapted_modules": [[], ["nope"], ["model.layers.0.self_attn.q_proj"], [1], [None], "q_proj", [""], [".*"],
-                            ["lm_head"], ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj"]],
-        "quantization": [{"method": "nf4"}, {"method": "int8"}, {"bogus": 1}, {"blocksize": 0}, {"blocksize": 7},
-                         {"compute_dtype": "float32"}, {"compute_dtype": "int8"}, {"targets": ["q_proj"]}, [], "nf4", 1,
-                         {"method": "nf4", "double_quant": "no"}, {"layers": ["x"]}],
+        "adapted_modules": [
+            [],
+            ["nope"],
+            ["model.layers.0.self_attn.q_proj"],
+            [1],
+            [None],
+            "q_proj",
+            [""],
+            [".*"],
+            ["lm_head"],
+            ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj"],
+        ],
+        "quantization": [
+            {"method": "nf4"},
+            {"method": "int8"},
+            {"bogus": 1},
+            {"blocksize": 0},
+            {"blocksize": 7},
+            {"compute_dtype": "float32"},
+            {"compute_dtype": "int8"},
+            {"targets": ["q_proj"]},
+            [],
+            "nf4",
+            1,
+            {"method": "nf4", "double_quant": "no"},
+            {"layers": ["x"]},
+        ],
         "adapter_name": ["default", "other", "", None, 1, "__base__"],
     }
     pool = pools.get(key, [])
     if pool and rng.random() < 0.7:
         return rng.choice(pool)
-    return rng.choice([None, True, 0, -1, 10**400, Raw("NaN"), Raw("1e400"), "", "x", [], {}, [1, "a"], {"a": None},
-                       deep(rng.choice([10, 3000])), "\ud800", "x" * 3000])
+    return rng.choice(
+        [
+            None,
+            True,
+            0,
+            -1,
+            10**400,
+            Raw("NaN"),
+            Raw("1e400"),
+            "",
+            "x",
+            [],
+            {},
+            [1, "a"],
+            {"a": None},
+            deep(rng.choice([10, 3000])),
+            "\ud800",
+            "x" * 3000,
+        ]
+    )
 
 
 OWN_TOP_KEYS = ["config", "adapted_modules", "quantization", "adapter_name", "base_model_name_or_path"]
@@ -936,7 +1544,7 @@ def mutate_json_config(rng: random.Random, meta: dict[str, Any], peft: bool, key
     if key is not None:
         target = meta
         if key.startswith("config.") and isinstance(meta.get("config"), dict):
-            target, key = meta["config"], key[len("config."):]
+            target, key = meta["config"], key[len("config.") :]
         target[key] = adapter_value(rng, key)
         return meta, f"{key}={target[key]!r}"[:80]
     kind = rng.choice(["set", "set", "set", "delete", "add", "whole"])
@@ -969,7 +1577,7 @@ def safetensors_header(raw: bytes) -> tuple[dict[str, Any], bytes] | None:
         return None
     (n,) = struct.unpack("<Q", raw[:8])
     try:
-        return json.loads(raw[8:8 + n]), raw[8 + n:]
+        return json.loads(raw[8 : 8 + n]), raw[8 + n :]
     except ValueError:
         return None
 
@@ -978,11 +1586,17 @@ HEADER_DAMAGE = ["dtype", "shape", "offsets", "metadata", "drop", "whole", "leng
 TENSOR_DAMAGE = ["shape", "dtype", "values", "drop", "add", "rename", "empty"]
 WEIGHT_BYTE_DAMAGE = ["truncate", "flip", "pickle", "empty", "random", "pad", "flip-header"]
 FILE_DAMAGE = ["del-weights", "del-own", "del-both", "bin", "weights-dir", "own-dir", "subdir"]
-ADAPTER_DAMAGE = ([("weights-bytes", k) for k in WEIGHT_BYTE_DAMAGE] + [("header", k) for k in HEADER_DAMAGE]
-                  + [("tensors", k) for k in TENSOR_DAMAGE] + [("files", k) for k in FILE_DAMAGE]
-                  + [("own-json", None)] * 3 + [("own-json", k) for k in OWN_TOP_KEYS[1:4]]
-                  + [("own-json", f"config.{k}") for k in ADAPTER_KEYS]
-                  + [("peft-json", None)] * 2 + [("peft-json", k) for k in PEFT_KEYS[:11]])
+ADAPTER_DAMAGE = (
+    [("weights-bytes", k) for k in WEIGHT_BYTE_DAMAGE]
+    + [("header", k) for k in HEADER_DAMAGE]
+    + [("tensors", k) for k in TENSOR_DAMAGE]
+    + [("files", k) for k in FILE_DAMAGE]
+    + [("own-json", None)] * 3
+    + [("own-json", k) for k in OWN_TOP_KEYS[1:4]]
+    + [("own-json", f"config.{k}") for k in ADAPTER_KEYS]
+    + [("peft-json", None)] * 2
+    + [("peft-json", k) for k in PEFT_KEYS[:11]]
+)
 
 
 def mutate_header(rng: random.Random, raw: bytes, kind: str | None = None) -> tuple[bytes, str]:
@@ -997,11 +1611,24 @@ def mutate_header(rng: random.Random, raw: bytes, kind: str | None = None) -> tu
     if kind == "dtype" and name:
         header[name]["dtype"] = rng.choice(ST_DTYPES)
     elif kind == "shape" and name:
-        header[name]["shape"] = rng.choice([[], [0], [-1, 4], [4], [2**40, 2**40], [10**20], ["4"], [4, 32, 1], None, 4])
+        header[name]["shape"] = rng.choice(
+            [[], [0], [-1, 4], [4], [2**40, 2**40], [10**20], ["4"], [4, 32, 1], None, 4]
+        )
     elif kind == "offsets" and name:
         start, end = header[name]["data_offsets"]
-        header[name]["data_offsets"] = rng.choice([[end, start], [0, 0], [start, end + 4], [-4, end], [start, 10**12],
-                                                   [start], None, ["0", "4"], [0, len(body)]])
+        header[name]["data_offsets"] = rng.choice(
+            [
+                [end, start],
+                [0, 0],
+                [start, end + 4],
+                [-4, end],
+                [start, 10**12],
+                [start],
+                None,
+                ["0", "4"],
+                [0, len(body)],
+            ]
+        )
     elif kind == "metadata":
         header["__metadata__"] = rng.choice([{"format": "pt"}, {"format": 1}, {"a": None}, [], "x", {"format": "np"}])
     elif kind == "drop" and name:
@@ -1026,18 +1653,37 @@ def mutate_tensors(rng: random.Random, path: Path, kind: str | None = None) -> s
     name = rng.choice(names) if names else None
     if kind == "shape" and name:
         t = tensors[name]
-        tensors[name] = rng.choice([t.T.contiguous(), t.reshape(-1), t.unsqueeze(0), torch.zeros(0, t.shape[-1]),
-                                    torch.zeros(t.shape[0], 0), torch.zeros(2, 3), torch.zeros(()), torch.zeros(t.shape[0] + 1, t.shape[1])])
+        tensors[name] = rng.choice(
+            [
+                t.T.contiguous(),
+                t.reshape(-1),
+                t.unsqueeze(0),
+                torch.zeros(0, t.shape[-1]),
+                torch.zeros(t.shape[0], 0),
+                torch.zeros(2, 3),
+                torch.zeros(()),
+                torch.zeros(t.shape[0] + 1, t.shape[1]),
+            ]
+        )
     elif kind == "dtype" and name:
         tensors[name] = tensors[name].to(rng.choice(DTYPES))
     elif kind == "values" and name:
-        tensors[name] = torch.full_like(tensors[name], rng.choice([float("nan"), float("inf"), -float("inf"), 1e38, 0.0]))
+        tensors[name] = torch.full_like(
+            tensors[name], rng.choice([float("nan"), float("inf"), -float("inf"), 1e38, 0.0])
+        )
     elif kind == "drop" and name:
         del tensors[name]
     elif kind == "add":
-        extra = rng.choice(["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", "junk",
-                            "base_model.model.lm_head.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
-                            "base_model.model.model.layers.0.self_attn.q_proj.lora_E", ""])
+        extra = rng.choice(
+            [
+                "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
+                "junk",
+                "base_model.model.lm_head.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_E",
+                "",
+            ]
+        )
         tensors[extra] = torch.zeros(4, 32)
     elif kind == "rename" and name:
         tensors[name.replace("lora_A", "lora_a").replace("q_proj", "k_proj")] = tensors.pop(name)
@@ -1049,7 +1695,11 @@ def mutate_tensors(rng: random.Random, path: Path, kind: str | None = None) -> s
 
 def damage_adapter(rng: random.Random, directory: Path, first: tuple[str, str | None] | None = None) -> list[str]:
     """Apply 1-3 kinds of damage to the adapter saved in `directory` (the first one `first`, when given)."""
-    weights, own, peft = directory / "adapter_model.safetensors", directory / "lorakit.json", directory / "adapter_config.json"
+    weights, own, peft = (
+        directory / "adapter_model.safetensors",
+        directory / "lorakit.json",
+        directory / "adapter_config.json",
+    )
     steps = []
     for number in range(rng.choice([1, 1, 2, 3])):
         kind, sub = first if first and number == 0 else rng.choice(ADAPTER_DAMAGE)
@@ -1126,7 +1776,9 @@ def damage_adapter(rng: random.Random, directory: Path, first: tuple[str, str | 
             elif choice == "subdir":
                 child = directory / rng.choice(["second", "default", "1bad", "__base__", "x y", "é", "adapter", "-"])
                 if not child.exists():
-                    shutil.copytree(directory, child, ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
+                    shutil.copytree(
+                        directory, child, ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()]
+                    )
             steps.append(choice)
     return steps
 
@@ -1172,8 +1824,10 @@ def test_damaged_adapter_directories_load_or_raise_one_documented_line(chunk, tm
             if not one_line(str(err)):
                 failures.append(f"{label}: {type(err).__name__} message is not one line: {str(err)[:300]!r}")
             elif lorakit.inject.adapter_names(model):
-                failures.append(f"{label}: {type(err).__name__} raised, but adapters {lorakit.inject.adapter_names(model)} "
-                                "stayed on the model")
+                failures.append(
+                    f"{label}: {type(err).__name__} raised, but adapters {lorakit.inject.adapter_names(model)} "
+                    "stayed on the model"
+                )
             continue
         except KeyboardInterrupt:
             raise
@@ -1181,7 +1835,9 @@ def test_damaged_adapter_directories_load_or_raise_one_documented_line(chunk, tm
             failures.append(f"{label}: {describe(err)}")
             continue
         if not lorakit.inject.adapter_names(model) or tuple(logits.shape) != (1, 6, model.config.vocab_size):
-            failures.append(f"{label}: loaded, but adapters {lorakit.inject.adapter_names(model)}, logits {tuple(logits.shape)}")
+            failures.append(
+                f"{label}: loaded, but adapters {lorakit.inject.adapter_names(model)}, logits {tuple(logits.shape)}"
+            )
     report(failures, "adapter", ADAPTER_CASES)
 
 
@@ -1216,7 +1872,9 @@ def test_lorakit_eval_on_damaged_adapters_exits_0_or_one_error_line(chunk, tmp_p
         capsys.readouterr()
         try:
             with time_limit(60):
-                status = cli.main(["eval", "--adapter", str(directory), "--model", str(model_dir), "--max-examples", "2"])
+                status = cli.main(
+                    ["eval", "--adapter", str(directory), "--model", str(model_dir), "--max-examples", "2"]
+                )
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # noqa: BLE001

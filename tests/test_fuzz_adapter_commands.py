@@ -15,10 +15,30 @@ from test_fuzz import build_adapter_case, cli_model, describe, report, time_limi
 
 CASES = 12
 COMMANDS = {
-    "inspect": lambda adapter, model, out: ["inspect", adapter, "--model", model, "--no-html", "--no-progress",
-                                            "--json", out],
-    "explain": lambda adapter, model, out: ["explain", "--adapter", adapter, "--model", model, "--max-new-tokens", "2",
-                                            "--steps", "2", "--json", out, "Reverse: a b"],
+    "inspect": lambda adapter, model, out: [
+        "inspect",
+        adapter,
+        "--model",
+        model,
+        "--no-html",
+        "--no-progress",
+        "--json",
+        out,
+    ],
+    "explain": lambda adapter, model, out: [
+        "explain",
+        "--adapter",
+        adapter,
+        "--model",
+        model,
+        "--max-new-tokens",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+        out,
+        "Reverse: a b",
+    ],
 }
 SUMMARY = {"inspect": "relative change", "explain": "output"}
 

@@ -18,11 +18,43 @@ from lorakit import compare
 from test_fuzz import Raw, deep, dump_json, mutate_bytes, one_line, report, run_isolated
 
 CASES = 30
-GOOD = {"steps": 20, "train_seconds": 12.5, "trainable_params": 4096, "total_params": 1_000_000, "adapter_bytes": 16384,
-        "peak_memory_mb": 512.0, "tokens_per_s": 900.0, "final_loss": 0.75, "metric": "accuracy", "lr": 1e-3,
-        "step_vs_limit": 1.8, "before": {"accuracy": 0.5, "eval_loss": 0.7}, "after": {"accuracy": 0.8, "eval_loss": 0.4}}
-ODD = [0, -1, 1e308, -1e308, 10**400, Raw("1e999"), Raw("NaN"), Raw("-Infinity"), True, None, "12", "", [], {}, [1], {"a": 1},
-       deep(50), 2**63, 1e-320, "accuracy"]
+GOOD = {
+    "steps": 20,
+    "train_seconds": 12.5,
+    "trainable_params": 4096,
+    "total_params": 1_000_000,
+    "adapter_bytes": 16384,
+    "peak_memory_mb": 512.0,
+    "tokens_per_s": 900.0,
+    "final_loss": 0.75,
+    "metric": "accuracy",
+    "lr": 1e-3,
+    "step_vs_limit": 1.8,
+    "before": {"accuracy": 0.5, "eval_loss": 0.7},
+    "after": {"accuracy": 0.8, "eval_loss": 0.4},
+}
+ODD = [
+    0,
+    -1,
+    1e308,
+    -1e308,
+    10**400,
+    Raw("1e999"),
+    Raw("NaN"),
+    Raw("-Infinity"),
+    True,
+    None,
+    "12",
+    "",
+    [],
+    {},
+    [1],
+    {"a": 1},
+    deep(50),
+    2**63,
+    1e-320,
+    "accuracy",
+]
 
 
 def odd_report(rng: random.Random) -> tuple[dict, list[str]]:
@@ -49,8 +81,7 @@ def metrics_lines(rng: random.Random) -> str:
         if roll < 0.7:
             lines.append(json.dumps({"step": step, "loss": rng.choice([0.5, 1.0 / step, 3.0])}))
         else:
-            lines.append(dump_json({"step": rng.choice([step, "x", None, 10**400, -1, 1.5]),
-                                    "loss": rng.choice(ODD)}))
+            lines.append(dump_json({"step": rng.choice([step, "x", None, 10**400, -1, 1.5]), "loss": rng.choice(ODD)}))
     return "\n".join(lines) + "\n"
 
 
@@ -105,8 +136,15 @@ def test_reused_run_directories_compare_or_fail_in_one_line(tmp_path):
         rng = random.Random(f"compare-dir:{n}")
         directory = tmp_path / str(n)
         outcome = run_isolated(lambda: compare_directory(rng, directory, html and n % 4 == 0), 60)
-        problem = outcome[1] if outcome[0] == "ok" else (f"{outcome[1]}: {outcome[2][:300]!r} at {outcome[3]}"
-                                                          if outcome[0] == "raised" else f"{outcome[0]}: {outcome[1]}")
+        problem = (
+            outcome[1]
+            if outcome[0] == "ok"
+            else (
+                f"{outcome[1]}: {outcome[2][:300]!r} at {outcome[3]}"
+                if outcome[0] == "raised"
+                else f"{outcome[0]}: {outcome[1]}"
+            )
+        )
         if problem:
             failures.append(f"[compare-dir:{n}]: {problem}")
     report(failures, "compare directory", CASES)

@@ -25,14 +25,34 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
 
-LAYOUTS = {"classify": ("text", "label"), "prompt-completion": ("prompt", "completion"), "text": ("text",),
-           "alpaca": ("instruction", "input", "output")}
+LAYOUTS = {
+    "classify": ("text", "label"),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output"),
+}
 
 
 def column_values(rng: random.Random, n: int) -> Any:
     """n values of one column, of a type chosen at random (the wrong ones on purpose)."""
-    kind = rng.choice(["str", "str", "int", "float", "bool", "null", "list", "struct", "binary", "mixed-null", "timestamp",
-                       "nan", "large-str", "dictionary"])
+    kind = rng.choice(
+        [
+            "str",
+            "str",
+            "int",
+            "float",
+            "bool",
+            "null",
+            "list",
+            "struct",
+            "binary",
+            "mixed-null",
+            "timestamp",
+            "nan",
+            "large-str",
+            "dictionary",
+        ]
+    )
     if kind == "str":
         return pa.array([rng.choice(["good", "bad", "a b c", "", " ", "é✓", "x" * 50]) for _ in range(n)])
     if kind == "large-str":
@@ -63,7 +83,15 @@ def column_values(rng: random.Random, n: int) -> Any:
 def check_records(records: list) -> str | None:
     for record in records:
         for role, value in record.data.items():
-            if role in ("text", "text_pair", "prompt", "completion", "instruction", "input", "output") and not isinstance(value, str):
+            if role in (
+                "text",
+                "text_pair",
+                "prompt",
+                "completion",
+                "instruction",
+                "input",
+                "output",
+            ) and not isinstance(value, str):
                 return f"{record.source}: role {role} holds {type(value).__name__}"
     return None
 
@@ -115,7 +143,9 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     rows = {"text": ["good", "bad", "fine", "ugly"] * 3, "label": ["1", "0", "1", "0"] * 3}
     single, split = root / "single", root / "dict"
     datasets.Dataset.from_dict(rows).save_to_disk(single)
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(split)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}
+    ).save_to_disk(split)
     return {"single": single, "dict": split}
 
 

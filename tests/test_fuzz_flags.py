@@ -17,11 +17,75 @@ from test_fuzz import describe, report
 
 CASES = 60
 METHODS = ["lora", "dora", "vera", "adalora", "lora-fa", "delta-lora", "lora-drop", "qlora", "lora-plus"]
-KEYS = ["r", "alpha", "dropout", "lr", "init", "rslora", "targets", "quantize", "loraplus_ratio", "init_r", "target_r",
-        "steps", "seed", "data", "d_initial", "projection_prng_key", "rank_pattern", "", "r ", " r", "R", "lr=1", "x"]
-VALUES = ["4", "0", "-1", "1e-3", "1e39", "nan", "inf", "-inf", "true", "no", "null", "", " ", "[1, 2]", "{a: 1}", "{", "9" * 30,
-          "q_proj,v_proj", "gaussian", "loftq", "nf4", "é", "\x00", "'quoted'", "1_000", "0x10", "=", ":"]
-ROLES = ["text", "label", "prompt", "completion", "instruction", "input", "output", "messages", "text_pair", "txt", "", " "]
+KEYS = [
+    "r",
+    "alpha",
+    "dropout",
+    "lr",
+    "init",
+    "rslora",
+    "targets",
+    "quantize",
+    "loraplus_ratio",
+    "init_r",
+    "target_r",
+    "steps",
+    "seed",
+    "data",
+    "d_initial",
+    "projection_prng_key",
+    "rank_pattern",
+    "",
+    "r ",
+    " r",
+    "R",
+    "lr=1",
+    "x",
+]
+VALUES = [
+    "4",
+    "0",
+    "-1",
+    "1e-3",
+    "1e39",
+    "nan",
+    "inf",
+    "-inf",
+    "true",
+    "no",
+    "null",
+    "",
+    " ",
+    "[1, 2]",
+    "{a: 1}",
+    "{",
+    "9" * 30,
+    "q_proj,v_proj",
+    "gaussian",
+    "loftq",
+    "nf4",
+    "é",
+    "\x00",
+    "'quoted'",
+    "1_000",
+    "0x10",
+    "=",
+    ":",
+]
+ROLES = [
+    "text",
+    "label",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "text_pair",
+    "txt",
+    "",
+    " ",
+]
 
 
 class Reached(Exception):
@@ -34,7 +98,13 @@ def token(rng: random.Random, pool: list[str]) -> str:
     return rng.choice(pool)
 
 
-VALID = {"r": ["2", "4", "8"], "alpha": ["8", "16.0"], "dropout": ["0", "0.1"], "lr": ["1e-3", "0.01"], "targets": ["q_proj,v_proj", "all-linear"]}
+VALID = {
+    "r": ["2", "4", "8"],
+    "alpha": ["8", "16.0"],
+    "dropout": ["0", "0.1"],
+    "lr": ["1e-3", "0.01"],
+    "targets": ["q_proj,v_proj", "all-linear"],
+}
 
 
 def method_arg(rng: random.Random, methods: list[str]) -> str:
@@ -98,11 +168,21 @@ def test_columns_mappings(capsys, tmp_path):
     failures = []
     for n in range(CASES):
         rng = random.Random(f"columns:{n}")
-        parts = [f"{token(rng, ROLES)}{rng.choice(['=', '=', '==', ':', ''])}{token(rng, ['sentence', 'label', 'x', 'nosuch', '', '0'])}"
-                 for _ in range(rng.randint(1, 4))]
+        parts = [
+            f"{token(rng, ROLES)}{rng.choice(['=', '=', '==', ':', ''])}{token(rng, ['sentence', 'label', 'x', 'nosuch', '', '0'])}"
+            for _ in range(rng.randint(1, 4))
+        ]
         text = rng.choice([",", ", ", ",,"]).join(parts)
-        argv = ["train", "--task", rng.choice(["classify", "causal-lm"]), "--data", str(tmp_path / "d.csv"), "--columns", text,
-                "--print-config"]
+        argv = [
+            "train",
+            "--task",
+            rng.choice(["classify", "causal-lm"]),
+            "--data",
+            str(tmp_path / "d.csv"),
+            "--columns",
+            text,
+            "--print-config",
+        ]
         problem = outcome(argv, capsys)
         if problem:
             failures.append(f"[columns:{n}] --columns {text!r}: {problem}")

@@ -27,10 +27,20 @@ from tiny_lm import save_tiny_gguf
 gguf = pytest.importorskip("gguf")
 BASE_CASES, EXPORT_CASES = 30, 24
 
-NUMBER_KEYS = ["llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
-               "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.dimension_count", "llama.vocab_size",
-               "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.attention.layer_norm_rms_epsilon",
-               "llama.rope.freq_base"]
+NUMBER_KEYS = [
+    "llama.block_count",
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.rope.dimension_count",
+    "llama.vocab_size",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.rope.freq_base",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +55,25 @@ def rewrite(source: Path, target: Path, rng: random.Random) -> list[str]:
     changes: dict[str, object] = {}
     done = []
     for _ in range(rng.randint(1, 3)):
-        what = rng.choice(["number", "number", "type", "drop-key", "architecture", "tensor-shape", "drop-tensor", "extra-tensor",
-                           "tensor-type", "tokens"])
+        what = rng.choice(
+            [
+                "number",
+                "number",
+                "type",
+                "drop-key",
+                "architecture",
+                "tensor-shape",
+                "drop-tensor",
+                "extra-tensor",
+                "tensor-type",
+                "tokens",
+            ]
+        )
         if what == "number":
             key = rng.choice(NUMBER_KEYS)
-            changes[key] = rng.choice([0, 1, 2, 3, 7, 64, 96, 4096, 2**31 - 1, -1, 0.5, float("nan"), float("inf"), 1e30])
+            changes[key] = rng.choice(
+                [0, 1, 2, 3, 7, 64, 96, 4096, 2**31 - 1, -1, 0.5, float("nan"), float("inf"), 1e30]
+            )
         elif what == "type":
             changes[rng.choice(NUMBER_KEYS)] = rng.choice(["eight", True, [1, 2]])
         elif what == "drop-key":
@@ -79,7 +103,7 @@ def rewrite(source: Path, target: Path, rng: random.Random) -> list[str]:
             elif isinstance(value, float):
                 writer.add_float32(name, value)
             else:
-                writer.add_int32(name, value) if -2**31 <= value < 2**31 else writer.add_uint64(name, value)
+                writer.add_int32(name, value) if -(2**31) <= value < 2**31 else writer.add_uint64(name, value)
             continue
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
@@ -91,7 +115,11 @@ def rewrite(source: Path, target: Path, rng: random.Random) -> list[str]:
         if changes.get("@drop-tensor") == index:
             continue
         if changes.get("@tensor-shape") == index:
-            array = array.reshape(-1)[: max(1, array.size // 2)].reshape(-1) if array.ndim == 1 else array[: max(1, array.shape[0] // 2)]
+            array = (
+                array.reshape(-1)[: max(1, array.size // 2)].reshape(-1)
+                if array.ndim == 1
+                else array[: max(1, array.shape[0] // 2)]
+            )
         if changes.get("@tensor-type") == index and array.ndim == 2:
             array = array.astype(np.float16)
         writer.add_tensor(tensor.name, np.ascontiguousarray(array))
@@ -146,7 +174,13 @@ def test_damaged_gguf_bases_load_right_or_fail_in_one_line(base, tmp_path):
     report(failures, "GGUF base", BASE_CASES)
 
 
-EXPORTABLE = {"lora": {}, "lora-fa": {}, "vera": {"r": 16}, "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}, "lora-drop": {}}
+EXPORTABLE = {
+    "lora": {},
+    "lora-fa": {},
+    "vera": {"r": 16},
+    "adalora": {"init_r": 4, "target_r": 2, "total_step": 10},
+    "lora-drop": {},
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -183,8 +217,10 @@ def export_case(rng: random.Random, base: Path, out: Path) -> tuple[str, str | N
     reader = gguf.GGUFReader(out)
     gguf_reader._read_gguf_header(out)  # lorakit's own reader takes it too
     fields = {f.name: f.contents() for f in reader.fields.values()}
-    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(n) for n in t.shape])))
-               for t in reader.tensors}
+    tensors = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(n) for n in t.shape])))
+        for t in reader.tensors
+    }
     alpha = fields["adapter.lora.alpha"]
     if not (np.isfinite(alpha) and alpha > 0):
         return what, f"alpha {alpha}"
@@ -200,7 +236,10 @@ def export_case(rng: random.Random, base: Path, out: Path) -> tuple[str, str | N
         expected = layer.delta_weight().detach().double().numpy()
         tolerance = 1e-5 if outtype == "f32" else 2e-3
         if not np.allclose(applied, expected, atol=tolerance * max(1.0, np.abs(expected).max()), rtol=tolerance):
-            return what, f"{name}: the file's change differs from the adapter's by {np.abs(applied - expected).max():.3g}"
+            return (
+                what,
+                f"{name}: the file's change differs from the adapter's by {np.abs(applied - expected).max():.3g}",
+            )
     return what, None
 
 

@@ -44,8 +44,21 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     model = save_tiny_llama(root / "model")
     data = write_jsonl(root / "pc.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)])
-    run_flags = ["--model", str(model), "--data", str(data), "--steps", "6", "--batch-size", "4", "--checkpoint-every", "2",
-                 "--lr", "1e-2", "--no-progress"]
+    run_flags = [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
     done = lorakit_run(["train", *run_flags, "--out-dir", str(root / "runs"), "--name", "a"])
     assert done.returncode == 0, done.stderr[-3000:]
     return root, run_flags, root / "runs" / "a"
@@ -90,8 +103,12 @@ def running(pid: int) -> bool:
 def kill_after(argv: list[str], delay: float) -> str:
     """Start `argv`, SIGKILL its own process after `delay` s (unless it ended first); wait until every
     process it started has ended too. Returns how it ended."""
-    process = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + delay
     family: set[int] = set()
     while time.monotonic() < deadline and process.poll() is None:
@@ -113,12 +130,16 @@ def kill_after(argv: list[str], delay: float) -> str:
 
 
 def temporaries(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if files.is_temporary(p) or p.name.startswith(".tmp-") or p.name.endswith(".tmp"))
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if files.is_temporary(p) or p.name.startswith(".tmp-") or p.name.endswith(".tmp")
+    )
 
 
-def chain(command: str, argv: Callable[[], list[str]], reference_seconds: float, check: Callable[[], None],
-          area: Path) -> list[float]:
+def chain(
+    command: str, argv: Callable[[], list[str]], reference_seconds: float, check: Callable[[], None], area: Path
+) -> list[float]:
     """KILLS runs killed at random moments, each checked; returns the delays (for the message)."""
     rng = random.Random(SEEDS[command])
     delays = []
@@ -150,7 +171,9 @@ def test_train_killed_at_random_resumes_to_the_uninterrupted_result(world, tmp_p
         if (run / "config.yaml").exists():
             assert "method: lora" in (run / "config.yaml").read_text()  # never empty or torn
         if (run / "adapter").exists():
-            assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "lorakit.json").is_file()
+            assert (run / "adapter" / "adapter_model.safetensors").is_file() and (
+                run / "adapter" / "lorakit.json"
+            ).is_file()
 
     delays = chain("train", argv, seconds, check, tmp_path)
     if not (run / "report.json").is_file():
@@ -230,7 +253,9 @@ def test_compare_killed_at_random_leaves_no_orphan_and_a_rerun_finishes(world, t
     records = {r["method"]: r for r in json.loads((directory / "compare.json").read_text())["methods"]}
     assert records["lora"]["status"] == records["dora"]["status"] == "done", delays
     lora = json.loads((reference / "report.json").read_text())
-    assert records["lora"]["final_loss"] == pytest.approx(lora["final_loss"], abs=1e-6), delays  # the same run, resumed exactly
+    assert records["lora"]["final_loss"] == pytest.approx(lora["final_loss"], abs=1e-6), (
+        delays
+    )  # the same run, resumed exactly
     assert temporaries(tmp_path) == [], delays
 
 
@@ -247,9 +272,19 @@ def test_nproc_settings_at_random_are_one_line_before_any_process_starts(world, 
 
     root, run_flags, run = world
     monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail(f"processes started for {a}"))
-    bad = [["--data", str(tmp_path / "missing.jsonl")], ["--model", str(tmp_path / "no-model")], ["--lr", "inf"],
-           ["--r", "0"], ["--method", "nosuch"], ["--resume", str(run)], ["--name", "a/b"], ["--steps", "-1"],
-           ["--batch-size", "0"], ["--out-dir", str(root / "pc.jsonl")], ["--checkpoint-every", "x"]]
+    bad = [
+        ["--data", str(tmp_path / "missing.jsonl")],
+        ["--model", str(tmp_path / "no-model")],
+        ["--lr", "inf"],
+        ["--r", "0"],
+        ["--method", "nosuch"],
+        ["--resume", str(run)],
+        ["--name", "a/b"],
+        ["--steps", "-1"],
+        ["--batch-size", "0"],
+        ["--out-dir", str(root / "pc.jsonl")],
+        ["--checkpoint-every", "x"],
+    ]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
     rng = random.Random(16)
@@ -260,14 +295,23 @@ def test_nproc_settings_at_random_are_one_line_before_any_process_starts(world, 
         extras = rng.sample(bad, rng.randint(1, 2) if value == "2" else rng.randint(0, 2))
         if value == "2" and not extras:
             continue
-        argv = ["train", *run_flags, "--out-dir", str(out), "--name", f"t{trial}", "--nproc", value,
-                *[flag for extra in extras for flag in extra]]
+        argv = [
+            "train",
+            *run_flags,
+            "--out-dir",
+            str(out),
+            "--name",
+            f"t{trial}",
+            "--nproc",
+            value,
+            *[flag for extra in extras for flag in extra],
+        ]
         try:
             code = cli.main(argv)
         except SystemExit as exit_:  # argparse's usage errors
             code = exit_.code
         err = capsys.readouterr().err.strip().splitlines()
-        where = f"seed 16, trial {trial}: {argv[len(run_flags) + 1:]}"
+        where = f"seed 16, trial {trial}: {argv[len(run_flags) + 1 :]}"
         assert code == 2, (where, code, err)
         assert len(err) == 1 and err[0].startswith("error: "), (where, err)
         assert list(out.iterdir()) == [], (where, list(out.iterdir()))

@@ -27,8 +27,29 @@ NAMES = ["sql", "chat"]
 
 
 def value(rng: random.Random):
-    return rng.choice(["hello", "", " ", "é✓ 中文", "\ud800", "a\nb", "{", "x" * 3000, 5, 1.5, True, None, [], ["a"], {"a": 1},
-                       Raw("NaN"), Raw("1e400"), Raw("9" * 5000), deep(rng.choice([10, 2000, 100_000]))])
+    return rng.choice(
+        [
+            "hello",
+            "",
+            " ",
+            "é✓ 中文",
+            "\ud800",
+            "a\nb",
+            "{",
+            "x" * 3000,
+            5,
+            1.5,
+            True,
+            None,
+            [],
+            ["a"],
+            {"a": 1},
+            Raw("NaN"),
+            Raw("1e400"),
+            Raw("9" * 5000),
+            deep(rng.choice([10, 2000, 100_000])),
+        ]
+    )
 
 
 def record(rng: random.Random, odd: float = 1.0, names: tuple[str, ...] = (*NAMES, "__base__")) -> dict:
@@ -36,13 +57,19 @@ def record(rng: random.Random, odd: float = 1.0, names: tuple[str, ...] = (*NAME
     if rng.random() < 1 - 0.15 * odd:
         rec["prompt"] = rng.choice(["Reverse: a b", "hello world", ""]) if rng.random() > 0.4 * odd else value(rng)
     if rng.random() < 0.5:
-        rec["adapter"] = rng.choice([*names, "nosuch", "Chat", ""] if rng.random() < odd else names) if rng.random() > 0.3 * odd else value(rng)
+        rec["adapter"] = (
+            rng.choice([*names, "nosuch", "Chat", ""] if rng.random() < odd else names)
+            if rng.random() > 0.3 * odd
+            else value(rng)
+        )
     if rng.random() < 0.1 * odd:
         rec[rng.choice(["adaptor", "Prompt", "text", "", "prompt "])] = "x"
     return rec
 
 
-def prompt_file(rng: random.Random, odd: float = 1.0, names: tuple[str, ...] = (*NAMES, "__base__")) -> tuple[bytes, str]:
+def prompt_file(
+    rng: random.Random, odd: float = 1.0, names: tuple[str, ...] = (*NAMES, "__base__")
+) -> tuple[bytes, str]:
     """A prompts file naming the adapters `names`; `odd` (0 to 1) scales how often a value is of a wrong
     kind or the bytes are damaged."""
     kind = rng.choice(["jsonl", "jsonl", "plain", "mixed"] if odd >= 0.5 else ["jsonl", "plain"])
@@ -93,8 +120,15 @@ def test_prompt_files_give_jobs_or_one_line(tmp_path):
         path = tmp_path / f"{n}{rng.choice(['.jsonl', '.txt', ''])}"
         path.write_bytes(raw)
         outcome = run_isolated(lambda: check_jobs(str(path)), 20)
-        problem = outcome[1] if outcome[0] == "ok" else (f"{outcome[1]}: {outcome[2][:200]!r} at {outcome[3]}"
-                                                          if outcome[0] == "raised" else f"{outcome[0]}: {outcome[1]}")
+        problem = (
+            outcome[1]
+            if outcome[0] == "ok"
+            else (
+                f"{outcome[1]}: {outcome[2][:200]!r} at {outcome[3]}"
+                if outcome[0] == "raised"
+                else f"{outcome[0]}: {outcome[1]}"
+            )
+        )
         if problem:
             failures.append(f"[prompts:{n}] ({what}): {problem}")
     report(failures, "--prompts", CASES)
@@ -136,7 +170,9 @@ def explain_file(rng: random.Random) -> tuple[bytes, str]:
     lines = []
     for _ in range(rng.randint(1, 6)):
         if rng.random() < 0.3:
-            lines.append(rng.choice(["a plain prompt", "[1, 2]", "null", "  ", "", '"quoted"', "{ not json", "\\ud800"]))
+            lines.append(
+                rng.choice(["a plain prompt", "[1, 2]", "null", "  ", "", '"quoted"', "{ not json", "\\ud800"])
+            )
             continue
         rec = {}
         for key in rng.sample(EXPLAIN_KEYS + ["promt", "Label", "completon"], rng.randint(0, 4)):
@@ -166,7 +202,9 @@ def check_explain_jobs(path: str) -> str | None:
         for text in (job.completion, job.text_pair):
             if text is not None and not takeable(text):
                 return f"text {text!r}"
-        if job.label is not None and (isinstance(job.label, bool) or not (isinstance(job.label, int) or takeable(job.label))):
+        if job.label is not None and (
+            isinstance(job.label, bool) or not (isinstance(job.label, int) or takeable(job.label))
+        ):
             return f"label {job.label!r}"
     return None if jobs else "no jobs and no error"
 
@@ -179,8 +217,15 @@ def test_explain_prompt_files_give_jobs_or_one_line(tmp_path):
         path = tmp_path / f"{n}.jsonl"
         path.write_bytes(raw)
         outcome = run_isolated(lambda: check_explain_jobs(str(path)), 20)
-        problem = outcome[1] if outcome[0] == "ok" else (f"{outcome[1]}: {outcome[2][:200]!r} at {outcome[3]}"
-                                                          if outcome[0] == "raised" else f"{outcome[0]}: {outcome[1]}")
+        problem = (
+            outcome[1]
+            if outcome[0] == "ok"
+            else (
+                f"{outcome[1]}: {outcome[2][:200]!r} at {outcome[3]}"
+                if outcome[0] == "raised"
+                else f"{outcome[0]}: {outcome[1]}"
+            )
+        )
         if problem:
             failures.append(f"[explain-prompts:{n}] ({what}): {problem}")
     report(failures, "explain --prompts", CASES)

@@ -64,8 +64,10 @@ def write_tiny_gguf_base(model, path: Path) -> None:
 def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     reader = gguf.GGUFReader(path)
     fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
-    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(n) for n in t.shape])))
-               for t in reader.tensors}
+    tensors = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(n) for n in t.shape])))
+        for t in reader.tensors
+    }
     return fields, tensors
 
 
@@ -89,19 +91,32 @@ def hf_layout(model, tmp_path: Path):
 def test_row_order_is_the_converters_permutation():
     model = tiny_llama()  # 4 heads, 2 kv heads: q and k permute differently
     layout = hf_layout(model, Path("."))
-    for module, tensor in (("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
-                           ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight"),
-                           ("model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight"),
-                           ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight")):
+    for module, tensor in (
+        ("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+        ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight"),
+        ("model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight"),
+        ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"),
+    ):
         assert layout.tensor_name(module) == tensor
         weight = model.get_submodule(module).weight.detach().numpy()
-        np.testing.assert_array_equal(weight[layout.row_order(tensor, weight.shape[0])], gguf_permute(tensor, weight, model))
+        np.testing.assert_array_equal(
+            weight[layout.row_order(tensor, weight.shape[0])], gguf_permute(tensor, weight, model)
+        )
     assert not np.array_equal(layout.row_order("blk.0.attn_q.weight", 32), np.arange(32))
 
 
-@pytest.mark.parametrize("method,kwargs", [("lora", {}), ("lora", {"rslora": True, "alpha": 3}),
-                                           ("lora", {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"q_proj": 32}}),
-                                           ("lora-fa", {}), ("vera", {}), ("adalora", {}), ("lora-drop", {})])
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [
+        ("lora", {}),
+        ("lora", {"rslora": True, "alpha": 3}),
+        ("lora", {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"q_proj": 32}}),
+        ("lora-fa", {}),
+        ("vera", {}),
+        ("adalora", {}),
+        ("lora-drop", {}),
+    ],
+)
 def test_adapter_file_holds_exactly_the_change(method, kwargs, tmp_path):
     model = adapted(method, **kwargs)
     if method == "adalora":  # prune some triplets: only the kept ones are written
@@ -141,11 +156,14 @@ def test_f16_adapter(tmp_path):
     assert summary.outtype == "f16"
 
 
-@pytest.mark.parametrize("method,kwargs,words", [
-    ("dora", {}, "depends on the base weight"),
-    ("delta-lora", {"start_step": 0}, "changes the base weights"),
-    ("lora", {"train_modules": ["lm_head"]}, "trains whole modules"),
-])
+@pytest.mark.parametrize(
+    "method,kwargs,words",
+    [
+        ("dora", {}, "depends on the base weight"),
+        ("delta-lora", {"start_step": 0}, "changes the base weights"),
+        ("lora", {"train_modules": ["lm_head"]}, "trains whole modules"),
+    ],
+)
 def test_what_an_adapter_file_cannot_hold_is_refused_with_the_alternative(method, kwargs, words, tmp_path):
     model = adapted(method, **kwargs)
     with pytest.raises(LorakitError, match="--merged") as err:
@@ -186,7 +204,10 @@ def test_merged_model_is_the_merged_weights_in_the_bases_layout(outtype, tmp_pat
     summary = gguf_export.export_merged(model, layout, tmp_path / "m.gguf", outtype)
     fields, tensors = read_gguf(tmp_path / "m.gguf")
     base_fields, base_tensors = read_gguf(tmp_path / "base.gguf")
-    assert fields["general.name"] == "tiny test llama" and fields["tokenizer.ggml.tokens"] == base_fields["tokenizer.ggml.tokens"]
+    assert (
+        fields["general.name"] == "tiny test llama"
+        and fields["tokenizer.ggml.tokens"] == base_fields["tokenizer.ggml.tokens"]
+    )
     assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[outtype]
     assert set(tensors) == set(base_tensors) and summary.tensors == len(tensors)
     assert summary.modules == len(tensors) and not any("copied from the base" in n for n in summary.notes)
@@ -246,5 +267,9 @@ def test_qlora_merges_into_the_4bit_weights_it_was_trained_against(tmp_path):
     assert not np.allclose(expected_k, base.get_submodule("model.layers.0.self_attn.k_proj").weight.detach().numpy())
     lorakit.export_gguf(model, tmp_path / "m.gguf", base=tmp_path / "base.gguf", merged=True, outtype="f32")
     _, tensors = read_gguf(tmp_path / "m.gguf")
-    np.testing.assert_allclose(unpermute("blk.0.attn_q.weight", tensors["blk.0.attn_q.weight"], model), expected_q, atol=1e-6)
-    np.testing.assert_allclose(unpermute("blk.0.attn_k.weight", tensors["blk.0.attn_k.weight"], model), expected_k, atol=1e-6)
+    np.testing.assert_allclose(
+        unpermute("blk.0.attn_q.weight", tensors["blk.0.attn_q.weight"], model), expected_q, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        unpermute("blk.0.attn_k.weight", tensors["blk.0.attn_k.weight"], model), expected_k, atol=1e-6
+    )

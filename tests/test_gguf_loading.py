@@ -18,7 +18,9 @@ Q = gguf.GGMLQuantizationType
 
 def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """The row order llama.cpp's converter gives q/k projections (transformers undoes it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_tiny_gguf(path, model) -> None:
@@ -193,7 +195,7 @@ def _damaged_variants(data: bytes) -> dict[str, bytes]:
     import struct
 
     def patch(offset: int, fmt: str, value: int) -> bytes:
-        return data[:offset] + struct.pack("<" + fmt, value) + data[offset + struct.calcsize("<" + fmt):]
+        return data[:offset] + struct.pack("<" + fmt, value) + data[offset + struct.calcsize("<" + fmt) :]
 
     variants = {f"truncated at {n}": data[:n] for n in (6, 20, 40, 200, len(data) // 2, len(data) - 3)}
     variants["2^62 tensors"] = patch(8, "Q", 2**62)
@@ -214,6 +216,8 @@ def test_damaged_gguf_headers_are_one_clear_error(tiny_gguf, tmp_path, capsys):
         with pytest.raises(ValueError, match=r"bad\.gguf: (damaged GGUF header|tensor .* past the end|.*not a GGUF)"):
             gguf_reader._gguf_tensor_table(bad)
         gguf_reader._read_gguf_header_cached.cache_clear()
-        code = cli.main(["train", "--model", str(bad), "--steps", "1", "--out-dir", str(tmp_path / "runs"), "--no-progress"])
+        code = cli.main(
+            ["train", "--model", str(bad), "--steps", "1", "--out-dir", str(tmp_path / "runs"), "--no-progress"]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "bad.gguf" in err[0], (what, err)

@@ -19,8 +19,9 @@ from conftest import perturb_trainable, tiny_gpt2, tiny_llama
 
 ON_CPU = os.environ.get("LORAKIT_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE != "cuda" and not ON_CPU,
-                                reason="needs CUDA (LORAKIT_GPU_TESTS_ON_CPU=1 runs the same tests on the CPU)")
+pytestmark = pytest.mark.skipif(
+    DEVICE != "cuda" and not ON_CPU, reason="needs CUDA (LORAKIT_GPU_TESTS_ON_CPU=1 runs the same tests on the CPU)"
+)
 HALF = [torch.bfloat16, torch.float16]
 TOLERANCE = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
@@ -81,8 +82,13 @@ def check_close(got, expected, dtype, what):
     torch.testing.assert_close(loss, ref_loss, **TOLERANCE[dtype])
     for name, grad in ref_grads.items():
         scale = grad.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(grads[name] / scale, grad / scale, atol=TOLERANCE[dtype]["atol"] * 3, rtol=0,
-                                   msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            grads[name] / scale,
+            grad / scale,
+            atol=TOLERANCE[dtype]["atol"] * 3,
+            rtol=0,
+            msg=lambda m: f"{what} {name}: {m}",
+        )
 
 
 CONFIGS = {

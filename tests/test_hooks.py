@@ -85,17 +85,33 @@ def toy_method(method_name, hook_class):
 @pytest.fixture
 def toy_methods():
     EVENTS.clear()
-    made = [toy_method("toy-extra", ExtraLossHook), toy_method("toy-probe", ProbeThenShrinkHook),
-            toy_method("toy-shrink", ShrinkAtStep2Hook)]
+    made = [
+        toy_method("toy-extra", ExtraLossHook),
+        toy_method("toy-probe", ProbeThenShrinkHook),
+        toy_method("toy-shrink", ShrinkAtStep2Hook),
+    ]
     yield made
     for cls in made:
         METHODS.pop(cls.method)
 
 
 @pytest.mark.parametrize("grad_accum", [1, 4])
-def test_extra_loss_counts_once_per_step_whatever_the_accumulation(grad_accum, toy_methods, tiny_model, pc_data, tmp_path):
-    cfg = config(tiny_model, pc_data, tmp_path, method="toy-extra", steps=1, grad_accum=grad_accum, batch_size=2,
-                 grad_clip=None, dropout=0.0, targets="q_proj", r=4)
+def test_extra_loss_counts_once_per_step_whatever_the_accumulation(
+    grad_accum, toy_methods, tiny_model, pc_data, tmp_path
+):
+    cfg = config(
+        tiny_model,
+        pc_data,
+        tmp_path,
+        method="toy-extra",
+        steps=1,
+        grad_accum=grad_accum,
+        batch_size=2,
+        grad_clip=None,
+        dropout=0.0,
+        targets="q_proj",
+        r=4,
+    )
     result = train(cfg, echo=quiet)
     (grad,) = [e[1] for e in EVENTS if e[0] == "grad_A"]
     torch.testing.assert_close(grad, torch.full_like(grad, EXTRA_WEIGHT))
@@ -120,8 +136,18 @@ def interrupted_then_resumed(cfg_of, tmp_path, monkeypatch, at_index):
 
 def test_before_training_decides_once_and_resume_replays_it(toy_methods, tiny_model, pc_data, tmp_path, monkeypatch):
     def cfg_of(out, **extra):
-        return config(tiny_model, pc_data, out, method="toy-probe", steps=4, grad_accum=1, checkpoint_every=0,
-                      targets="q_proj,v_proj", r=4, **extra)
+        return config(
+            tiny_model,
+            pc_data,
+            out,
+            method="toy-probe",
+            steps=4,
+            grad_accum=1,
+            checkpoint_every=0,
+            targets="q_proj,v_proj",
+            r=4,
+            **extra,
+        )
 
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     assert [e[0] for e in EVENTS] == ["before_training"] and len(EVENTS[0][1]) == 3
@@ -134,8 +160,19 @@ def test_before_training_decides_once_and_resume_replays_it(toy_methods, tiny_mo
 
 def test_a_rank_changed_mid_run_survives_save_load_and_resume(toy_methods, tiny_model, pc_data, tmp_path, monkeypatch):
     def cfg_of(out, **extra):
-        return config(tiny_model, pc_data, out, method="toy-shrink", steps=4, grad_accum=1, checkpoint_every=0,
-                      targets="q_proj,v_proj", r=4, dropout=0.0, **extra)
+        return config(
+            tiny_model,
+            pc_data,
+            out,
+            method="toy-shrink",
+            steps=4,
+            grad_accum=1,
+            checkpoint_every=0,
+            targets="q_proj,v_proj",
+            r=4,
+            dropout=0.0,
+            **extra,
+        )
 
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     assert ("shrunk", 2) in EVENTS

@@ -83,10 +83,12 @@ def test_mixed_batch_generation_equals_each_adapter_alone():
     for row, name in enumerate(["a", "b", "__base__"]):
         if name == "__base__":
             with lorakit.disabled(model):
-                alone.append(model.generate(prompts[row:row + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
+                alone.append(
+                    model.generate(prompts[row : row + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)[0]
+                )
         else:
             lorakit.set_active(model, name)
-            alone.append(model.generate(prompts[row:row + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
+            alone.append(model.generate(prompts[row : row + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
     with lorakit.inject.per_sample_adapters(model, ["a", "b", "__base__"]):
         together = model.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for row in range(3):
@@ -222,8 +224,13 @@ def test_one_adapter_step_has_no_extra_work():
 
 @pytest.mark.parametrize("method", ["lora", "lora-fa", "dora", "delta-lora"])
 def test_rank_and_alpha_patterns_resolve_per_module(method):
-    config = lorakit.methods.METHODS[method](r=4, alpha=8.0, targets="all-linear",
-                                     rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6}, alpha_pattern={"v_proj": 3.0})
+    config = lorakit.methods.METHODS[method](
+        r=4,
+        alpha=8.0,
+        targets="all-linear",
+        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6},
+        alpha_pattern={"v_proj": 3.0},
+    )
     model = lorakit.adapt(tiny_llama(), config)
     ranks = {name: layer.adapter.r for name, layer in lorakit.inject.adapted_layers(model)}
     scales = {name: layer.adapter.scale for name, layer in lorakit.inject.adapted_layers(model)}
@@ -366,14 +373,25 @@ def test_merging_into_a_tied_output_head_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            tie_word_embeddings=True,
+        )
+    )
     lorakit.adapt(model, lorakit.LoRA(r=2, targets=["lm_head", "q_proj"]))
     perturb_trainable(model)
     expected = model(INPUT).logits
     embedding = model.model.embed_tokens.weight.detach().clone()
     for merge in (lorakit.merge, lorakit.merge_and_unload):
-        with pytest.raises(ValueError, match="cannot merge into lm_head: its weight is tied to model.embed_tokens.weight"):
+        with pytest.raises(
+            ValueError, match="cannot merge into lm_head: its weight is tied to model.embed_tokens.weight"
+        ):
             merge(model)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     torch.testing.assert_close(model(INPUT).logits, expected)
@@ -389,7 +407,9 @@ def test_a_deep_copy_routes_its_own_mixed_batches():
     lorakit.remove(twin, "a")
     lorakit.remove(twin, "b")
     assert not twin._forward_pre_hooks and not twin._forward_hooks  # the copy's hooks went with its adapters
-    torch.testing.assert_close(model(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected)  # the original's stay
+    torch.testing.assert_close(
+        model(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected
+    )  # the original's stay
 
 
 def test_merge_and_unload_checks_every_layer_before_changing_any():

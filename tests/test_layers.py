@@ -18,15 +18,36 @@ import lorakit
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("lorakit.errors",)),
-    ("foundation", ("lorakit.base_layers", "lorakit.targets", "lorakit.adapted_layer", "lorakit.gguf_reader",
-                    "lorakit.models", "lorakit.losses", "lorakit.kernels", "lorakit.files", "lorakit.children")),
+    (
+        "foundation",
+        (
+            "lorakit.base_layers",
+            "lorakit.targets",
+            "lorakit.adapted_layer",
+            "lorakit.gguf_reader",
+            "lorakit.models",
+            "lorakit.losses",
+            "lorakit.kernels",
+            "lorakit.files",
+            "lorakit.children",
+        ),
+    ),
     ("methods", ("lorakit.methods",)),
     ("quantization", ("lorakit.quant",)),
     ("adapter sets", ("lorakit.inject", "lorakit.hooks", "lorakit.optim", "lorakit.param_summary")),
     ("adapter files", ("lorakit.io",)),
     ("training", ("lorakit.train",)),
-    ("reports and export", ("lorakit.compare", "lorakit.compare_table", "lorakit.analysis", "lorakit.html_report", "lorakit.explain",
-                            "lorakit.gguf_export")),
+    (
+        "reports and export",
+        (
+            "lorakit.compare",
+            "lorakit.compare_table",
+            "lorakit.analysis",
+            "lorakit.html_report",
+            "lorakit.explain",
+            "lorakit.gguf_export",
+        ),
+    ),
     ("interfaces", ("lorakit.cli", "lorakit.__main__", "lorakit.integrations", "lorakit")),
 ]
 
@@ -88,17 +109,22 @@ def test_every_import_names_a_module(module):
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_run_downwards(module):
     own = layer_of(module)
-    upward = [f"line {line}: {name} ({LAYERS[layer_of(name)][0]})"
-              for line, name in imported_modules(module, MODULES[module])
-              if layer_of(name) is not None and layer_of(name) > own]
+    upward = [
+        f"line {line}: {name} ({LAYERS[layer_of(name)][0]})"
+        for line, name in imported_modules(module, MODULES[module])
+        if layer_of(name) is not None and layer_of(name) > own
+    ]
     assert upward == [], f"{module} ({LAYERS[own][0]}) imports from a layer above it"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("lorakit.methods")))
 def test_methods_import_no_machinery(module):
     imports = imported_modules(module, MODULES[module])
-    assert [(line, name) for line, name in imports
-            if any(name == banned or name.startswith(banned + ".") for banned in METHODS_NEVER_IMPORT)] == []
+    assert [
+        (line, name)
+        for line, name in imports
+        if any(name == banned or name.startswith(banned + ".") for banned in METHODS_NEVER_IMPORT)
+    ] == []
 
 
 def test_the_table_catches_an_upward_import(tmp_path):

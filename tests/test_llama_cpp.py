@@ -85,5 +85,7 @@ def test_merged_dora_gives_lorakits_greedy_answers(runs):
     pairs = check.greedy_answers_agree(model, tokenizer, llm, prompts)
     llm.close()
     assert sum(ours == theirs for ours, theirs in pairs) >= len(pairs) - 1, pairs
-    reversed_right = sum(ours.strip() == e["completion"].strip() for (ours, _), e in zip(pairs, tasks.generate()[1][:6]))
+    reversed_right = sum(
+        ours.strip() == e["completion"].strip() for (ours, _), e in zip(pairs, tasks.generate()[1][:6])
+    )
     assert reversed_right >= 3, pairs  # the merged model is the trained one, not the base

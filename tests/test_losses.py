@@ -109,12 +109,29 @@ def test_lorakit_train_uses_it_and_trains_the_same_adapter(tmp_path, monkeypatch
     from tiny_lm import save_tiny_llama, write_jsonl
 
     model = str(save_tiny_llama(tmp_path / "m"))
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1} {i + 2}"} for i in range(24)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1} {i + 2}"} for i in range(24)]
+    )
     calls = count_chunked_losses(monkeypatch)
     monkeypatch.setattr(losses, "MIN_CHUNKED_LOGIT_BYTES", 0)  # chunk even these tiny batches
-    runs = {flag: train(TrainConfig(model=model, data=str(data), out_dir=str(tmp_path), name=f"c{flag}", steps=3,
-                                    batch_size=4, lr=1e-2, dropout=0.0, progress=False, chunked_loss=flag),
-                        echo=lambda *_: None) for flag in (True, False)}
+    runs = {
+        flag: train(
+            TrainConfig(
+                model=model,
+                data=str(data),
+                out_dir=str(tmp_path),
+                name=f"c{flag}",
+                steps=3,
+                batch_size=4,
+                lr=1e-2,
+                dropout=0.0,
+                progress=False,
+                chunked_loss=flag,
+            ),
+            echo=lambda *_: None,
+        )
+        for flag in (True, False)
+    }
     assert calls["n"] == 3  # one chunked loss per step of the chunked run, none in the other
     a, b = (load_file(str(runs[f].run_dir / "adapter" / "adapter_model.safetensors")) for f in (True, False))
     for key in a:

@@ -171,4 +171,5 @@ def test_adalora_singular_values_get_no_weight_decay_like_vectors():
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in names_in(model, g)}
     assert decayed and not any(n.endswith("lora_E") for n in decayed)
     assert {n for n, _ in lorakit.adapter_parameters(model) if n.endswith("lora_E")} <= {
-        n for g in groups if g["weight_decay"] == 0 for n in names_in(model, g)}
+        n for g in groups if g["weight_decay"] == 0 for n in names_in(model, g)
+    }

@@ -26,14 +26,20 @@ def copy_into_peft_lora(ours: nn.Module, theirs: nn.Module) -> None:
             module.lora_B["default"].weight.copy_(layer.adapter.lora_B)
 
 
-@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-                                                (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+@pytest.mark.parametrize(
+    "make_model,targets",
+    [
+        (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        (tiny_gpt2, ["c_attn", "c_proj", "c_fc"]),
+    ],
+)
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_outputs_and_gradients_match_peft(make_model, targets, rslora, input_ids):
     ours = lorakit.adapt(make_model(), lorakit.LoRA(r=4, alpha=12, targets=targets, rslora=rslora))
     perturb_trainable(ours)
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora,
-                             fan_in_fan_out=make_model is tiny_gpt2)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora, fan_in_fan_out=make_model is tiny_gpt2
+    )
     theirs = peft.get_peft_model(make_model(), config)
     copy_into_peft_lora(ours, theirs)
     out_ours = ours(input_ids, labels=input_ids)
@@ -43,8 +49,12 @@ def test_lora_outputs_and_gradients_match_peft(make_model, targets, rslora, inpu
     out_theirs.loss.backward()
     for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            layer.adapter.lora_A.grad, module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            layer.adapter.lora_B.grad, module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_lora_peft_loads_lorakit_adapter(tmp_path, input_ids):
@@ -66,8 +76,9 @@ def test_lora_lorakit_loads_peft_adapter(tmp_path, input_ids, targets):
 
 
 def test_lora_lorakit_loads_peft_gpt2_adapter(tmp_path, input_ids):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
     theirs = peft.get_peft_model(tiny_gpt2(), config)
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(tiny_gpt2(), tmp_path)
@@ -79,8 +90,9 @@ DORA_CASES = [(tiny_llama, ["q_proj", "v_proj", "o_proj", "down_proj"]), (tiny_g
 
 
 def peft_dora(make_model, targets, **kwargs):
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_dora=True,
-                             fan_in_fan_out=make_model is tiny_gpt2, **kwargs)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=targets, use_dora=True, fan_in_fan_out=make_model is tiny_gpt2, **kwargs
+    )
     return peft.get_peft_model(make_model(), config)
 
 
@@ -119,9 +131,11 @@ def test_dora_outputs_and_gradients_match_peft(make_model, targets, dropout, inp
     out_theirs.loss.backward()
     for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
-        pairs = [(layer.adapter.lora.lora_A, module.lora_A["default"].weight),
-                 (layer.adapter.lora.lora_B, module.lora_B["default"].weight),
-                 (layer.adapter.magnitude, module.lora_magnitude_vector["default"].weight)]
+        pairs = [
+            (layer.adapter.lora.lora_A, module.lora_A["default"].weight),
+            (layer.adapter.lora.lora_B, module.lora_B["default"].weight),
+            (layer.adapter.magnitude, module.lora_magnitude_vector["default"].weight),
+        ]
         for mine, peft_param in pairs:
             torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-5, rtol=1e-4)
 
@@ -146,7 +160,10 @@ def test_dora_lorakit_loads_peft_adapter(make_model, targets, tmp_path, input_id
 
 
 # --- LoRA-FA (read by PEFT as plain LoRA) ------------------------------------------------------
-@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "v_proj", "gate_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])])
+@pytest.mark.parametrize(
+    "make_model,targets",
+    [(tiny_llama, ["q_proj", "v_proj", "gate_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])],
+)
 def test_lora_fa_peft_loads_lora_fa_adapter_with_equal_outputs(tmp_path, input_ids, make_model, targets):
     ours = lorakit.adapt(make_model(), lorakit.LoRAFA(r=4, alpha=12, targets=targets))
     perturb_trainable(ours)
@@ -194,14 +211,20 @@ def test_vera_outputs_and_gradients_match_peft(make_model, targets, input_ids):
     out_theirs.loss.backward()
     for name, layer in lorakit.inject.adapted_layers(ours):
         module = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            layer.adapter.vera_lambda_b.grad, module.vera_lambda_b["default"].grad, atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            layer.adapter.vera_lambda_d.grad, module.vera_lambda_d["default"].grad, atol=1e-5, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("save_projection", [False, True])
 @pytest.mark.parametrize("make_model,targets", VERA_CASES)
 def test_vera_peft_loads_lorakit_adapter(make_model, targets, save_projection, tmp_path, input_ids):
-    ours = lorakit.adapt(make_model(), lorakit.VeRA(r=16, projection_prng_key=3, save_projection=save_projection, targets=targets))
+    ours = lorakit.adapt(
+        make_model(), lorakit.VeRA(r=16, projection_prng_key=3, save_projection=save_projection, targets=targets)
+    )
     perturb_trainable(ours)
     lorakit.save(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(make_model(), str(tmp_path))
@@ -217,7 +240,11 @@ def test_vera_lorakit_loads_peft_adapter(make_model, targets, save_projection, t
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(make_model(), tmp_path)
     config = lorakit.inject.adapter_config(ours)
-    assert isinstance(config, lorakit.VeRA) and config.projection_prng_key == 11 and config.save_projection == save_projection
+    assert (
+        isinstance(config, lorakit.VeRA)
+        and config.projection_prng_key == 11
+        and config.save_projection == save_projection
+    )
     peft_layers = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.vera.VeraLayer)]
     assert sorted(n for n, _ in lorakit.inject.adapted_layers(ours)) == sorted(peft_layers)
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
@@ -229,12 +256,23 @@ def test_vera_lorakit_loads_peft_adapter(make_model, targets, save_projection, t
 def test_peft_reads_each_of_several_lorakit_adapters(tmp_path, input_ids):
     ours = tiny_llama()
     lorakit.adapt(ours, lorakit.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]))
-    lorakit.adapt(ours, lorakit.LoRA(r=4, alpha=8, targets="all-linear", rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6},
-                                     alpha_pattern={"v_proj": 3.0}), name="sql")
+    lorakit.adapt(
+        ours,
+        lorakit.LoRA(
+            r=4,
+            alpha=8,
+            targets="all-linear",
+            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\..*": 6},
+            alpha_pattern={"v_proj": 3.0},
+        ),
+        name="sql",
+    )
     lorakit.adapt(ours, lorakit.DoRA(r=2, targets=["o_proj", "up_proj"]), name="chat")
     for name in lorakit.inject.adapter_names(ours):
         lorakit.set_active(ours, name)
-        for p in (p for _, layer in lorakit.inject.adapted_layers(ours, name) for p in layer.adapters[name].parameters()):
+        for p in (
+            p for _, layer in lorakit.inject.adapted_layers(ours, name) for p in layer.adapters[name].parameters()
+        ):
             torch.nn.init.normal_(p.data, std=0.1)
     lorakit.save(ours, tmp_path)
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "sql" / "adapter_config.json").is_file()
@@ -249,14 +287,25 @@ def test_peft_reads_each_of_several_lorakit_adapters(tmp_path, input_ids):
 
 
 def test_lorakit_reads_a_peft_multi_adapter_directory(tmp_path, input_ids):
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                               init_lora_weights=False))
-    theirs.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["k_proj", "down_proj"],
-                                                rank_pattern={"down_proj": 3}, alpha_pattern={"k_proj": 2.0},
-                                                init_lora_weights=False))
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    theirs.add_adapter(
+        "other",
+        peft.LoraConfig(
+            r=8,
+            lora_alpha=4,
+            target_modules=["k_proj", "down_proj"],
+            rank_pattern={"down_proj": 3},
+            alpha_pattern={"k_proj": 2.0},
+            init_lora_weights=False,
+        ),
+    )
     theirs.save_pretrained(str(tmp_path))
     ours = lorakit.load(tiny_llama(), tmp_path)
-    assert lorakit.inject.adapter_names(ours) == ["default", "other"] and lorakit.inject.active_adapters(ours) == ("default",)
+    assert lorakit.inject.adapter_names(ours) == ["default", "other"] and lorakit.inject.active_adapters(ours) == (
+        "default",
+    )
     assert lorakit.inject.adapter_config(ours, "other").rank_pattern == {"down_proj": 3}
     for name in ("default", "other"):
         theirs.set_adapter(name)
@@ -271,9 +320,17 @@ def test_lorakit_reads_a_peft_multi_adapter_directory(tmp_path, input_ids):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_rank_and_alpha_patterns_match_peft(method, tmp_path, input_ids):
     patterns = {"rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, "alpha_pattern": {"v_proj": 3.0}}
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                               use_dora=method == "dora", init_lora_weights=False,
-                                                               **patterns))
+    theirs = peft.get_peft_model(
+        tiny_llama(),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            use_dora=method == "dora",
+            init_lora_weights=False,
+            **patterns,
+        ),
+    )
     theirs.save_pretrained(str(tmp_path / "peft"))
     ours = lorakit.load(tiny_llama(), tmp_path / "peft")
     assert lorakit.inject.adapter_config(ours).method == method
@@ -311,7 +368,9 @@ ADALORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
 def peft_adalora(total_step):
-    config = peft.AdaLoraConfig(lora_alpha=8, target_modules=ADALORA_TARGETS, deltaT=1, total_step=total_step, **ADALORA)
+    config = peft.AdaLoraConfig(
+        lora_alpha=8, target_modules=ADALORA_TARGETS, deltaT=1, total_step=total_step, **ADALORA
+    )
     return peft.get_peft_model(tiny_llama(), config)
 
 

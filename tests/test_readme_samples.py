@@ -20,7 +20,8 @@ def test_every_sample_has_its_block_in_the_readme_or_the_docs():
         for page in found[sample.name]:
             text = page.read_text()
             assert readme_samples.replace_sample(text, sample.name, ["new line"]).count("new line") == text.count(
-                f"<!-- sample: {sample.name} -->"), (page, sample.name)
+                f"<!-- sample: {sample.name} -->"
+            ), (page, sample.name)
 
 
 def test_replacing_a_sample_leaves_the_rest():
@@ -29,7 +30,9 @@ def test_replacing_a_sample_leaves_the_rest():
     assert new == text.replace("old 1\nold 2\n", "new 1\n")
     with pytest.raises(SystemExit, match="no sample 'z'"):
         readme_samples.replace_sample(text, "z", [])
-    indented = "- item\n\n  <!--  sample: x -->\n  ~~~text\n  old\n  ~~~\n  <!-- /sample -->\n"  # in a list, another fence
+    indented = (
+        "- item\n\n  <!--  sample: x -->\n  ~~~text\n  old\n  ~~~\n  <!-- /sample -->\n"  # in a list, another fence
+    )
     assert readme_samples.replace_sample(indented, "x", ["new"]) == indented.replace("  old\n", "new\n")
     assert readme_samples.sample_names("Write `<!-- sample: NAME -->` above the block.\n" + text) == ["x", "y"]
 
@@ -44,7 +47,9 @@ def pages(tmp_path, monkeypatch):
     data = tmp_path / "data.md"
     data.write_text("# Data\n\n" + block.format("sst2-train") + "\ntext\n\n" + block.format("sst2-inspect") + "\nend\n")
     ran = []
-    monkeypatch.setattr(readme_samples, "run", lambda sample, runs: ran.append(sample.name) or [f"output of {sample.name}"])
+    monkeypatch.setattr(
+        readme_samples, "run", lambda sample, runs: ran.append(sample.name) or [f"output of {sample.name}"]
+    )
     return readme, data, ran
 
 
@@ -54,14 +59,17 @@ def test_samples_moved_into_a_docs_page_are_found_and_regenerated_there(pages):
     assert readme_samples.main([str(readme), str(data)]) == 0
     assert ran == ["sst2-train", "sst2-inspect"]  # in order: inspect reads the run train wrote
     assert readme.read_text() == before
-    assert data.read_text() == ("# Data\n\n<!-- sample: sst2-train -->\n```\noutput of sst2-train\n```\n<!-- /sample -->\n\ntext\n\n"
-                                "<!-- sample: sst2-inspect -->\n```\noutput of sst2-inspect\n```\n<!-- /sample -->\n\nend\n")
+    assert data.read_text() == (
+        "# Data\n\n<!-- sample: sst2-train -->\n```\noutput of sst2-train\n```\n<!-- /sample -->\n\ntext\n\n"
+        "<!-- sample: sst2-inspect -->\n```\noutput of sst2-inspect\n```\n<!-- /sample -->\n\nend\n"
+    )
     assert sorted(p.name for p in data.parent.iterdir()) == ["README.md", "data.md"]  # no temporary file left
 
 
 def test_a_page_edited_while_the_samples_ran_is_not_overwritten(pages, monkeypatch):
     readme, data, ran = pages
     edited = data.read_text() + "an edit made meanwhile\n"
+
     def run_and_edit(sample, runs):
         data.write_text(edited)  # the docs writer saves the page while the sample runs
         return ["new"]
@@ -83,35 +91,64 @@ def test_a_marker_of_a_block_made_elsewhere_is_left_as_written(pages):
 def test_a_page_with_a_stray_or_open_marker_stops_before_anything_runs(pages):
     readme, data, ran = pages
     readme.write_text("<!-- sample: sst2-trian -->\n```\nx\n```\n<!-- /sample -->\n")
-    with pytest.raises(SystemExit, match=r"README\.md: no sample is named 'sst2-trian' \(known: sst2-inspect, sst2-train\)"):
+    with pytest.raises(
+        SystemExit, match=r"README\.md: no sample is named 'sst2-trian' \(known: sst2-inspect, sst2-train\)"
+    ):
         readme_samples.main([str(readme), str(data)])
     readme.write_text("<!-- sample: sst2-train -->\n```\nx\n")
     with pytest.raises(SystemExit, match=r"the sample 'sst2-train' is not a fenced block closed by <!-- /sample -->"):
         readme_samples.main([str(readme), str(data)])
     readme.write_text("# lorakit\n")
-    with pytest.raises(SystemExit, match=r"no block for sample\(s\) default-train, sst2-train, sst2-inspect in .*README\.md"):
+    with pytest.raises(
+        SystemExit, match=r"no block for sample\(s\) default-train, sst2-train, sst2-inspect in .*README\.md"
+    ):
         readme_samples.places([readme], readme_samples.SAMPLES)
     assert ran == []
 
 
 def test_the_inspect_sample_keeps_the_summary_and_the_whole_grid():
-    output = ["adapter (lora) on minilm", "relative change ||ΔW|| / ||W0|| (x 1e-3) of 37 adapted modules:",
-              "layer    query     key", "    0    41.58   44.71", "    1    1.00   2.00", "    5   105.22   61.11",
-              "bert.pooler.dense: 261.10", "", "largest changes: a 2.6e-01, b 1.2e-01, c 1.1e-01", "effective rank of ΔW: mean 5.64",
-              "magnitude vs direction change per module (DoRA's view): mean ΔM 4.492e-03", "report: x.html"]
-    assert readme_samples.inspect_summary(output) == output[1:7] + ["largest changes: a 2.6e-01, b 1.2e-01, ..."] + output[9:11]
+    output = [
+        "adapter (lora) on minilm",
+        "relative change ||ΔW|| / ||W0|| (x 1e-3) of 37 adapted modules:",
+        "layer    query     key",
+        "    0    41.58   44.71",
+        "    1    1.00   2.00",
+        "    5   105.22   61.11",
+        "bert.pooler.dense: 261.10",
+        "",
+        "largest changes: a 2.6e-01, b 1.2e-01, c 1.1e-01",
+        "effective rank of ΔW: mean 5.64",
+        "magnitude vs direction change per module (DoRA's view): mean ΔM 4.492e-03",
+        "report: x.html",
+    ]
+    assert (
+        readme_samples.inspect_summary(output)
+        == output[1:7] + ["largest changes: a 2.6e-01, b 1.2e-01, ..."] + output[9:11]
+    )
 
 
 def test_the_default_run_sample_is_its_summary():
-    output = ["loading", "step 100 loss 0.01", "method                  lora", "trainable params        2,442,240",
-              "final train loss        0.0089", "exact_match (held-out)  0.0% -> 100.0%", "eval loss               5.0755 -> 0.0062",
-              "saved to runs/default"]
+    output = [
+        "loading",
+        "step 100 loss 0.01",
+        "method                  lora",
+        "trainable params        2,442,240",
+        "final train loss        0.0089",
+        "exact_match (held-out)  0.0% -> 100.0%",
+        "eval loss               5.0755 -> 0.0062",
+        "saved to runs/default",
+    ]
     assert readme_samples.run_summary(output) == output[2:7]
 
 
 def test_the_train_sample_leaves_out_timings():
-    output = ["loading", "data columns: label=label, text=sentence", "step 10 loss 0.7 (3.2 s)",
-              "after: accuracy 80.3%, f1 80.2%, mcc 0.6063, eval_loss 0.4296 (36 s)", "accuracy (held-out)   53.2% -> 80.3%",
-              "time: 86 s"]
+    output = [
+        "loading",
+        "data columns: label=label, text=sentence",
+        "step 10 loss 0.7 (3.2 s)",
+        "after: accuracy 80.3%, f1 80.2%, mcc 0.6063, eval_loss 0.4296 (36 s)",
+        "accuracy (held-out)   53.2% -> 80.3%",
+        "time: 86 s",
+    ]
     train = next(s for s in readme_samples.SAMPLES if s.name == "sst2-train")
     assert train.keep(output) == [output[1], "after: accuracy 80.3%, f1 80.2%, mcc 0.6063, eval_loss 0.4296", output[4]]

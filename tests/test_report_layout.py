@@ -34,9 +34,19 @@ def figures(monkeypatch):
 
 
 def result(method: str, trainable: int, metric: float, slope: float, losses=None) -> compare.MethodResult:
-    report = {"train_seconds": 12.0 * (1 + slope), "steps": 40, "metric": "accuracy", "trainable_params": trainable,
-              "total_params": 22_700_000, "adapter_bytes": 4 * trainable, "peak_memory_mb": 900 + trainable / 1e3,
-              "tokens_per_s": 3000.0, "final_loss": 0.3 + slope, "before": {"accuracy": 0.5}, "after": {"accuracy": metric}}
+    report = {
+        "train_seconds": 12.0 * (1 + slope),
+        "steps": 40,
+        "metric": "accuracy",
+        "trainable_params": trainable,
+        "total_params": 22_700_000,
+        "adapter_bytes": 4 * trainable,
+        "peak_memory_mb": 900 + trainable / 1e3,
+        "tokens_per_s": 3000.0,
+        "final_loss": 0.3 + slope,
+        "before": {"accuracy": 0.5},
+        "after": {"accuracy": metric},
+    }
     losses = losses or [(s, 0.7 * math.exp(-s / (10 + 20 * slope)) + 0.25) for s in range(1, 41)]
     return compare.MethodResult(method, "done", report=report, losses=losses)
 
@@ -45,10 +55,16 @@ def crowded_comparison() -> list[compare.MethodResult]:
     """Methods whose points sit close together (lora and dora: "lodora" before) and whose loss curves
     coincide (lora-fa's is lora's), one at the plot's corner."""
     same = [(s, 0.7 * math.exp(-s / 10) + 0.25) for s in range(1, 41)]
-    return [result("lora", 338_690, 0.78, 0.0, same), result("dora", 353_282, 0.79, 0.1), result("vera", 30_722, 0.75, 0.5),
-            result("lora-fa", 169_345, 0.78, 0.0, list(same)), result("adalora", 340_000, 0.785, 0.2),
-            result("qlora", 338_690, 0.781, 0.05), result("lora-plus", 338_690, 0.779, 0.02),
-            compare.MethodResult("lora-drop", "failed", "simulated failure")]
+    return [
+        result("lora", 338_690, 0.78, 0.0, same),
+        result("dora", 353_282, 0.79, 0.1),
+        result("vera", 30_722, 0.75, 0.5),
+        result("lora-fa", 169_345, 0.78, 0.0, list(same)),
+        result("adalora", 340_000, 0.785, 0.2),
+        result("qlora", 338_690, 0.781, 0.05),
+        result("lora-plus", 338_690, 0.779, 0.02),
+        compare.MethodResult("lora-drop", "failed", "simulated failure"),
+    ]
 
 
 def test_compare_report_figures_have_no_overlap_clipping_or_hidden_line(tmp_path, figures):
@@ -62,16 +78,24 @@ def tiny_bert(layers: int):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, vocab_size=64))
+    return BertModel(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, vocab_size=64)
+    )
 
 
 @pytest.mark.parametrize("base", ["llama", "bert-24-layers"])
 def test_inspect_report_figures_have_no_overlap_or_clipping(tmp_path, figures, base):
     # BERT's module names are long (attention.output.dense next to output.dense): their tick labels crowded
     if base == "llama":
-        model, targets = tiny_llama(seed=1), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        model, targets = (
+            tiny_llama(seed=1),
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
     else:
-        model, targets = tiny_bert(24), ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+        model, targets = (
+            tiny_bert(24),
+            ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+        )
     names = [n for n, _ in model.named_modules() if n.endswith(targets)]
     original = analysis.snapshot_base_weights(model, names)
     lorakit.adapt(model, lorakit.DoRA(r=4, targets=list(targets)))

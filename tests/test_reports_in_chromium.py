@@ -15,8 +15,10 @@ from chromium import executable, measure, render
 from conftest import perturb_trainable, tiny_llama
 from lorakit import analysis, compare
 
-pytestmark = [pytest.mark.chromium,
-              pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(executable() is None, reason="chromium is not installed (apt-get install chromium)"),
+]
 pytest.importorskip("matplotlib")  # the reports' plots; Pillow comes with it
 from PIL import Image  # noqa: E402  (after the skip: Pillow comes with matplotlib)
 
@@ -35,9 +37,19 @@ def drawn(png) -> tuple[int, float]:
 
 def fake_result(method: str, trainable: int, metric: float, slope: float) -> compare.MethodResult:
     """A finished run as `lorakit train` reports it (the report is what is drawn, not the training)."""
-    report = {"train_seconds": 12.0 * (1 + slope), "steps": 40, "metric": "accuracy", "trainable_params": trainable,
-              "total_params": 22_700_000, "adapter_bytes": 4 * trainable, "peak_memory_mb": 900 + trainable / 1e3,
-              "tokens_per_s": 3000.0, "final_loss": 0.3 + slope, "before": {"accuracy": 0.5}, "after": {"accuracy": metric}}
+    report = {
+        "train_seconds": 12.0 * (1 + slope),
+        "steps": 40,
+        "metric": "accuracy",
+        "trainable_params": trainable,
+        "total_params": 22_700_000,
+        "adapter_bytes": 4 * trainable,
+        "peak_memory_mb": 900 + trainable / 1e3,
+        "tokens_per_s": 3000.0,
+        "final_loss": 0.3 + slope,
+        "before": {"accuracy": 0.5},
+        "after": {"accuracy": metric},
+    }
     losses = [(s, 0.7 * math.exp(-s / (10 + 20 * slope)) + 0.25) for s in range(1, 41)]
     return compare.MethodResult(method, "done", report=report, losses=losses)
 
@@ -45,7 +57,9 @@ def fake_result(method: str, trainable: int, metric: float, slope: float) -> com
 def test_a_page_with_an_external_image_is_caught_and_blank(tmp_path):
     # the checks below must be able to fail: a page whose only picture is fetched from elsewhere
     page = tmp_path / "external.html"
-    page.write_text('<!doctype html><html><body><img src="https://example.com/plot.png" width="600" height="400"></body></html>')
+    page.write_text(
+        '<!doctype html><html><body><img src="https://example.com/plot.png" width="600" height="400"></body></html>'
+    )
     requests = render(page, tmp_path / "external.png", SIZE)
     assert requests == ["https://example.com/plot.png"]
     _, ink = drawn(tmp_path / "external.png")
@@ -53,8 +67,12 @@ def test_a_page_with_an_external_image_is_caught_and_blank(tmp_path):
 
 
 def test_compare_report_draws_offline(tmp_path):
-    results = [fake_result("lora", 338_690, 0.78, 0.0), fake_result("vera", 30_722, 0.75, 0.5),
-               fake_result("dora", 353_282, 0.79, 0.1), compare.MethodResult("qlora", "failed", "simulated failure")]
+    results = [
+        fake_result("lora", 338_690, 0.78, 0.0),
+        fake_result("vera", 30_722, 0.75, 0.5),
+        fake_result("dora", 353_282, 0.79, 0.1),
+        compare.MethodResult("qlora", "failed", "simulated failure"),
+    ]
     records = compare.rows(results, limit_s=0.2)
     page = tmp_path / "compare.html"
     compare.write_html(results, records, 0.2, page, "lorakit compare: lora, vera, dora, qlora")
@@ -91,7 +109,9 @@ def layout_problems(found: dict) -> list[str]:
     if found["scroll"][0] > width:
         problems.append(f"the page is {found['scroll'][0]} px wide in a {width} px window: its right side is cut off")
     if not figures or figures[0]["top"] > height / 2:
-        problems.append(f"the first picture starts at {figures[0]['top'] if figures else None} px, not in the first half screen")
+        problems.append(
+            f"the first picture starts at {figures[0]['top'] if figures else None} px, not in the first half screen"
+        )
     if tables and figures and tables[0]["top"] < figures[0]["top"]:
         problems.append("a table comes before the pictures")
     for a, b in zip(figures, figures[1:]):
@@ -109,8 +129,10 @@ def layout_problems(found: dict) -> list[str]:
 def test_the_layout_check_catches_a_table_first_and_a_cut_off_picture(tmp_path):
     page = tmp_path / "bad.html"
     rows = "".join(f"<tr><td>{i}</td></tr>" for i in range(300))
-    page.write_text(f'<!doctype html><html><body><table>{rows}</table><figure><img alt="wide" width="3000" height="10" '
-                    'src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="></figure></body></html>')
+    page.write_text(
+        f'<!doctype html><html><body><table>{rows}</table><figure><img alt="wide" width="3000" height="10" '
+        'src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="></figure></body></html>'
+    )
     problems = layout_problems(measure(page, SIZE))
     assert any("table comes before" in p for p in problems) and any("cut off" in p for p in problems), problems
 
@@ -178,8 +200,10 @@ def test_explain_report_draws_offline_and_lays_out_cleanly(tmp_path):
     from test_explain import TOKENIZER, adapted
 
     model, _ = adapted("dora")
-    found = [explain(model, TOKENIZER, "Reverse: fox dog cat", completion=" tac god xof"),
-             explain(model, TOKENIZER, "Reverse: a b", max_new_tokens=3)]
+    found = [
+        explain(model, TOKENIZER, "Reverse: fox dog cat", completion=" tac god xof"),
+        explain(model, TOKENIZER, "Reverse: a b", max_new_tokens=3),
+    ]
     report = tmp_path / "explain.html"
     page.write_html(found, report, "lorakit explain: a DoRA adapter")
     requests = render(report, tmp_path / "explain.png", SIZE)
@@ -200,10 +224,12 @@ def test_the_layout_check_can_fail(tmp_path):
     from chromium import dump_dom
 
     page = tmp_path / "bad.html"  # chips drawn on top of each other, a clipped cell, a page wider than the window
-    page.write_text('<!doctype html><html><body><section class="prompt"><span class="tok out" data-pos="0" '
-                    'style="position:absolute;left:0">aaaa</span><span class="tok" data-pos="1" style="position:absolute;left:5px">bbbb</span>'
-                    '<table><tr><td style="max-width:20px;overflow:hidden">a long cell text</td></tr></table>'
-                    '<div style="width:3000px">wide</div></section></body></html>')
+    page.write_text(
+        '<!doctype html><html><body><section class="prompt"><span class="tok out" data-pos="0" '
+        'style="position:absolute;left:0">aaaa</span><span class="tok" data-pos="1" style="position:absolute;left:5px">bbbb</span>'
+        '<table><tr><td style="max-width:20px;overflow:hidden">a long cell text</td></tr></table>'
+        '<div style="width:3000px">wide</div></section></body></html>'
+    )
     checked = tmp_path / "checked.html"
     checked.write_text(page.read_text().replace("</body>", LAYOUT_CHECK))
     layout = json.loads(html.unescape(re.search(r'data-layout="([^"]*)"', dump_dom(checked, SIZE)).group(1)))

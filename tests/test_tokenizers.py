@@ -20,15 +20,22 @@ from lorakit.train import evaluate
 from lorakit.train.data import IGNORE_INDEX
 from lorakit.train.loop import build_datasets, check_config, load_tokenizer
 
-CORPUS = ["Reverse the words: apple river stone cloud tiger green lamp", "Answer: the quick brown fox jumps over the lazy dog",
-          "instruction input output prompt completion [INST] [/INST] user assistant"]
+CORPUS = [
+    "Reverse the words: apple river stone cloud tiger green lamp",
+    "Answer: the quick brown fox jumps over the lazy dog",
+    "instruction input output prompt completion [INST] [/INST] user assistant",
+]
 SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 BOS, EOS = 0, 1
 # Llama 2 / Mistral / Gemma render the BOS in the template; ChatML (Qwen, SmolLM) has none.
-TEMPLATE_WITH_BOS = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                     "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE_WITH_BOS = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # kind -> (what the tokenizer adds around a text, its chat template, whether it wants a BOS)
 KINDS = {
     "bos": ("<s> $A", TEMPLATE_WITH_BOS, True),  # Llama 3, Gemma (byte-level)
@@ -53,16 +60,27 @@ def save_model_dir(directory: Path, kind: str) -> Path:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if single is not None:
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", BOS), ("</s>", EOS)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = template
     fast.save_pretrained(directory)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(fast), max_position_embeddings=256, bos_token_id=BOS,
-                         eos_token_id=EOS, pad_token_id=2)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(fast),
+        max_position_embeddings=256,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
@@ -84,8 +102,9 @@ def write(path: Path, records: list[dict]) -> str:
 
 def train_examples(directory: Path, data: str, *flags: str):
     """The examples `lorakit train` would train on (and evaluate with), with its tokenizer."""
-    args = cli.build_parser().parse_args(["train", "--model", str(directory), "--data", data, "--eval-data", data,
-                                          "--metric", "eval_loss", *flags])
+    args = cli.build_parser().parse_args(
+        ["train", "--model", str(directory), "--data", data, "--eval-data", data, "--metric", "eval_loss", *flags]
+    )
     cfg = check_config(cli.resolve_train_config(args))
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     return build_datasets(cfg, tokenizer), tokenizer
@@ -134,10 +153,18 @@ def check_bos(ids: list[int], wants_bos: bool) -> None:
 
 LAYOUTS = {
     "prompt-template-chat": ([{"prompt": PROMPT, "completion": ANSWER}], ["--prompt-template", "chat"], PROMPT, True),
-    "alpaca-through-chat-template": ([{"instruction": "Reverse the words:", "input": "apple river", "output": ANSWER}], [],
-                                     "Reverse the words:\n\napple river", True),
-    "chat-messages": ([{"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}]}], [],
-                      PROMPT, True),
+    "alpaca-through-chat-template": (
+        [{"instruction": "Reverse the words:", "input": "apple river", "output": ANSWER}],
+        [],
+        "Reverse the words:\n\napple river",
+        True,
+    ),
+    "chat-messages": (
+        [{"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}]}],
+        [],
+        PROMPT,
+        True,
+    ),
     "plain-prompt": ([{"prompt": PROMPT, "completion": ANSWER}], [], PROMPT, False),
 }
 

@@ -30,8 +30,10 @@ def save_tokenizer(directory: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=380, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=380,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -49,8 +51,16 @@ def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
     save_tokenizer(directory)
     vocab = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]) + 3
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=max(vocab, 400), max_position_embeddings=256, eos_token_id=2, pad_token_id=2, bos_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=max(vocab, 400),
+        max_position_embeddings=256,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=0,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
@@ -65,7 +75,9 @@ def save_wordpiece_tokenizer(directory: Path) -> None:
     words = sorted({w for line in CORPUS for w in line.lower().split()})
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n"
+    )
     BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
 
 
@@ -79,8 +91,15 @@ def save_tiny_bert(directory: str | Path, seed: int = 0, wordpiece: bool = False
         save_wordpiece_tokenizer(directory)
     else:
         save_tokenizer(directory)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=400, max_position_embeddings=256, pad_token_id=0 if wordpiece else 2)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=400,
+        max_position_embeddings=256,
+        pad_token_id=0 if wordpiece else 2,
+    )
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(directory)
     return directory
@@ -110,9 +129,19 @@ def save_tiny_gguf(path: Path, seed: int = 0, hidden_size: int = 32, header: dic
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     size = 400
     tokens += [f"<unused{i}>" for i in range(size - len(tokens))]
-    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=size, max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=size,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     stated = {**config.to_dict(), **(header or {})}
@@ -144,7 +173,11 @@ def save_tiny_gguf(path: Path, seed: int = 0, hidden_size: int = 32, header: dic
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         for projection, count in heads.items():
             if projection in module:
-                array = array.reshape(count, 2, array.shape[0] // count // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+                array = (
+                    array.reshape(count, 2, array.shape[0] // count // 2, *array.shape[1:])
+                    .swapaxes(1, 2)
+                    .reshape(array.shape)
+                )
         writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -50,8 +50,19 @@ def method_config(method: str, **overrides) -> lorakit.methods.AdapterConfig:
 def training_args(out: Path, **overrides):
     from transformers import TrainingArguments
 
-    settings = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                    logging_steps=2, use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no", dataloader_num_workers=0)
+    settings = dict(
+        output_dir=str(out),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -89,10 +100,17 @@ def train_and_write(out_dir: Path, model: torch.nn.Module, batch: int) -> None:
     from lorakit.integrations import LorakitCallback, lorakit_trainer
 
     distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-    args = training_args(out_dir, per_device_train_batch_size=batch, save_strategy="steps", save_steps=4,
-                         learning_rate=5e-3, **distributed)
-    trainer = lorakit_trainer(Trainer)(model=model, args=args, train_dataset=token_data(),
-                                       callbacks=[LorakitCallback(loraplus_ratio=4.0)])
+    args = training_args(
+        out_dir,
+        per_device_train_batch_size=batch,
+        save_strategy="steps",
+        save_steps=4,
+        learning_rate=5e-3,
+        **distributed,
+    )
+    trainer = lorakit_trainer(Trainer)(
+        model=model, args=args, train_dataset=token_data(), callbacks=[LorakitCallback(loraplus_ratio=4.0)]
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         save_file({k: v.contiguous() for k, v in adapter_tensors(model).items()}, str(out_dir / "final.safetensors"))

@@ -48,8 +48,18 @@ API_SECTIONS = {
     "param_summary": "Summaries",
 }
 # The modules page: what a user reaches through a module rather than the top level
-MODULE_PAGES = ["lorakit.inject", "lorakit.io", "lorakit.hooks", "lorakit.quant", "lorakit.integrations",
-                "lorakit.explain", "lorakit.models", "lorakit.train.config", "lorakit.methods.base", "lorakit.errors"]
+MODULE_PAGES = [
+    "lorakit.inject",
+    "lorakit.io",
+    "lorakit.hooks",
+    "lorakit.quant",
+    "lorakit.integrations",
+    "lorakit.explain",
+    "lorakit.models",
+    "lorakit.train.config",
+    "lorakit.methods.base",
+    "lorakit.errors",
+]
 
 
 def on_pre_build(config) -> None:
@@ -61,8 +71,10 @@ def on_pre_build(config) -> None:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     try:
         for name in tables.stale_blocks(markdown):
-            log.warning(f"{page.file.src_uri}: the table '{name}' differs from benchmarks/results; "
-                        "run `python benchmarks/tables.py` to write it again")
+            log.warning(
+                f"{page.file.src_uri}: the table '{name}' differs from benchmarks/results; "
+                "run `python benchmarks/tables.py` to write it again"
+            )
         markdown = tables.fill(markdown)
     except (tables.UnknownTable, FileNotFoundError) as err:
         log.warning(f"{page.file.src_uri}: {err}")
@@ -84,8 +96,12 @@ def cli_reference() -> str:
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     summary = {a.dest: a.help for a in commands._choices_actions}
-    parts = [table(["command", "what it does"], [[f"[`lorakit {name}`](#lorakit-{name})", cell(summary[name])]
-                                                  for name in commands.choices])]
+    parts = [
+        table(
+            ["command", "what it does"],
+            [[f"[`lorakit {name}`](#lorakit-{name})", cell(summary[name])] for name in commands.choices],
+        )
+    ]
     for name, sub in commands.choices.items():
         parts.append(f"## `lorakit {name}` {{#lorakit-{name}}}\n\n{cell(sub.description or summary[name])}")
         formatter = sub._get_formatter()
@@ -104,8 +120,9 @@ def cli_reference() -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
+    )
 
 
 def cell(text: str) -> str:
@@ -151,6 +168,8 @@ def modules_reference() -> str:
         module = path.removeprefix("lorakit.")
         shown_on_api_page = [name for name, where in top_level.items() if where == module]
         filters = ["!^_", *(f"!^{name}$" for name in shown_on_api_page)]
-        parts.append(f"::: {path}\n    options:\n      heading_level: 2\n      show_root_full_path: true\n"
-                     f"      filters: {filters!r}")
+        parts.append(
+            f"::: {path}\n    options:\n      heading_level: 2\n      show_root_full_path: true\n"
+            f"      filters: {filters!r}"
+        )
     return "\n\n".join(parts)

@@ -33,8 +33,10 @@ _PUBLIC: dict[str, str] = {
     # the methods: one config dataclass each
     **dict.fromkeys(("LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA", "LoRADrop"), "methods"),
     # adapters on a model
-    **dict.fromkeys(("adapt", "set_active", "remove", "disabled", "merge", "unmerge", "merge_and_unload",
-                     "adapter_parameters"), "inject"),
+    **dict.fromkeys(
+        ("adapt", "set_active", "remove", "disabled", "merge", "unmerge", "merge_and_unload", "adapter_parameters"),
+        "inject",
+    ),
     # training with any loop: LoRA+ parameter groups, the methods' training hooks
     "param_groups": "optim",
     "training_hooks": "hooks",

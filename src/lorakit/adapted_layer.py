@@ -29,8 +29,10 @@ from torch import nn
 from . import base_layers
 
 BASE_NAME = "__base__"  # in per-sample adapter names: this sample runs the base model alone
-MERGED_TRAINING = ("adapter(s) {names} are merged into the base weights: training gives their parameters no gradient; "
-                   "lorakit.unmerge(model) before training (merge again for inference)")
+MERGED_TRAINING = (
+    "adapter(s) {names} are merged into the base weights: training gives their parameters no gradient; "
+    "lorakit.unmerge(model) before training (merge again for inference)"
+)
 
 
 @dataclass
@@ -114,8 +116,9 @@ class AdaptedLayer(nn.Module):
         adapters = super().__getattr__("adapters")
         names = list(adapters) if len(adapters) == 1 else list(self.active)
         if len(names) != 1:
-            raise AttributeError(f"this layer holds adapters {list(adapters)} (active {list(self.active)}): "
-                                 "use layer.adapters[name]")
+            raise AttributeError(
+                f"this layer holds adapters {list(adapters)} (active {list(self.active)}): use layer.adapters[name]"
+            )
         return adapters[names[0]]
 
     def _refresh(self) -> None:
@@ -127,9 +130,11 @@ class AdaptedLayer(nn.Module):
         running = [n for n in active if n in self.adapters and n not in merged]
         scaling = [n for n in running if not getattr(self.adapters[n], "additive", False)]
         if scaling and merged:
-            raise ValueError(f"adapter {scaling[0]!r} (DoRA) would run unmerged over a base weight that holds the merged "
-                             f"adapters {list(merged)}: its change depends on the base weight itself; merge it too, "
-                             "or unmerge the others first")
+            raise ValueError(
+                f"adapter {scaling[0]!r} (DoRA) would run unmerged over a base weight that holds the merged "
+                f"adapters {list(merged)}: its change depends on the base weight itself; merge it too, "
+                "or unmerge the others first"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -162,8 +167,10 @@ class AdaptedLayer(nn.Module):
         """Each sample (row of dim 0) through its own adapter; rows of other adapters untouched."""
         samples = sum(len(rows) for rows in self.sample_groups.values())
         if x.shape[0] != samples:
-            raise ValueError(f"per-sample adapters: this layer's input has {x.shape[0]} rows in dim 0 for {samples} samples "
-                             "(the model reshapes activations before it); run such adapters one at a time")
+            raise ValueError(
+                f"per-sample adapters: this layer's input has {x.shape[0]} rows in dim 0 for {samples} samples "
+                "(the model reshapes activations before it); run such adapters one at a time"
+            )
         y = base_out
         for name, rows in self.sample_groups.items():
             if name == BASE_NAME or name not in self.adapters:
@@ -192,9 +199,11 @@ class AdaptedLayer(nn.Module):
         names = [n for n in (self.active if names is None else names) if n in self.adapters]
         together = list(self.merged) + [n for n in names if n not in self.merged]
         if together != list(self.merged) and isinstance(self.base_layer, base_layers.DenseWeightProvider):
-            raise ValueError("cannot merge into a 4-bit base: writing W + delta back would round it to 4 bits, and "
-                             "unmerging would not restore the base; lorakit.merge_and_unload(model) gives the exact "
-                             "merged model in full precision")
+            raise ValueError(
+                "cannot merge into a 4-bit base: writing W + delta back would round it to 4 bits, and "
+                "unmerging would not restore the base; lorakit.merge_and_unload(model) gives the exact "
+                "merged model in full precision"
+            )
         self._scaling(together)
         self.check_exact(self.active, together)
         return together
@@ -219,8 +228,10 @@ class AdaptedLayer(nn.Module):
         """The adapters among `names` whose change depends on W0 (DoRA); more than one cannot merge."""
         scaling = [n for n in names if not getattr(self.adapters[n], "additive", False)]
         if len(scaling) > 1:
-            raise ValueError(f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
-                             "(DoRA); merge one of them, or run them unmerged")
+            raise ValueError(
+                f"cannot merge adapters {scaling} into one weight: each rescales the whole weight "
+                "(DoRA); merge one of them, or run them unmerged"
+            )
         return scaling
 
     def merged_weight(self, names: Sequence[str], base: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -291,8 +302,9 @@ def adapter_config(model: nn.Module, name: str | None = None) -> Any:
     if name is None:
         candidates = list(state.configs) if len(state.configs) == 1 else list(state.active)
         if len(candidates) != 1:
-            raise ValueError(f"the model has adapters {list(state.configs)} (active {list(state.active)}): "
-                             "name the one you mean")
+            raise ValueError(
+                f"the model has adapters {list(state.configs)} (active {list(state.active)}): name the one you mean"
+            )
         name = candidates[0]
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r} on this model; adapters: {list(state.configs)}")
@@ -308,7 +320,9 @@ def reconfigure(model: nn.Module, name: str, **changes: Any) -> list[str]:
     config = adapter_config(model, name)
     bad = sorted(set(changes) - set(config.layout_fields))
     if bad:
-        raise ValueError(f"{type(config).__name__}: {bad} are not layout fields; layout fields: {list(config.layout_fields)}")
+        raise ValueError(
+            f"{type(config).__name__}: {bad} are not layout fields; layout fields: {list(config.layout_fields)}"
+        )
     new_config = dataclasses.replace(config, **changes)
     layers = dict(adapted_layers(model, name))
     rebuilt = [m for m in layers if new_config.module_settings(m) != config.module_settings(m)]

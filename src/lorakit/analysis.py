@@ -103,7 +103,7 @@ def _layer_and_kind(name: str) -> tuple[int | None, str]:
     found = list(re.finditer(r"(?:^|\.)(\d+)\.", name))
     if not found:
         return None, name
-    return int(found[-1].group(1)), name[found[-1].end():]
+    return int(found[-1].group(1)), name[found[-1].end() :]
 
 
 def short_labels(kinds: list[str]) -> dict[str, str]:
@@ -130,8 +130,13 @@ def low_rank_singular_values(down: torch.Tensor, up: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def module_change(name: str, original: torch.Tensor, current: torch.Tensor, adapter_rank: int | None,
-                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleChange:
+def module_change(
+    name: str,
+    original: torch.Tensor,
+    current: torch.Tensor,
+    adapter_rank: int | None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> ModuleChange:
     """The change from `original` to `current` (both dense (out, in)). `factors`: `(down, up)` with
     `up @ down == current - original` (a low-rank change on an unmoved base): its singular values then
     come from the factors (`low_rank_singular_values`) instead of an SVD of the whole matrix."""
@@ -149,11 +154,18 @@ def module_change(name: str, original: torch.Tensor, current: torch.Tensor, adap
     cosine = torch.nn.functional.cosine_similarity(current, original, dim=1)
     layer, kind = _layer_and_kind(name)
     return ModuleChange(
-        module=name, layer=layer, kind=kind, shape=(int(original.shape[0]), int(original.shape[1])),
+        module=name,
+        layer=layer,
+        kind=kind,
+        shape=(int(original.shape[0]), int(original.shape[1])),
         relative_change=delta_norm / base_norm if base_norm > 0 else math.inf if delta_norm > 0 else 0.0,
-        delta_norm=delta_norm, effective_rank=effective_rank(singular), rank_90=energy_rank(singular),
-        adapter_rank=adapter_rank, magnitude_change=float((row_after - row_before).abs().mean()),
-        direction_change=float((1 - cosine).mean()), top_singular_values=[float(s) for s in singular[:8]],
+        delta_norm=delta_norm,
+        effective_rank=effective_rank(singular),
+        rank_90=energy_rank(singular),
+        adapter_rank=adapter_rank,
+        magnitude_change=float((row_after - row_before).abs().mean()),
+        direction_change=float((1 - cosine).mean()),
+        top_singular_values=[float(s) for s in singular[:8]],
     )
 
 
@@ -179,8 +191,9 @@ def _change_factors(layer: nn.Module, using: list[str]) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str] | None = None,
-            progress: bool = False) -> list[ModuleChange]:
+def changes(
+    model: nn.Module, original: dict[str, torch.Tensor], names: list[str] | None = None, progress: bool = False
+) -> list[ModuleChange]:
     """The change of every adapted module (adapters `names`, default: the active ones) against
     `original` (from `snapshot_base_weights`); `progress`: a bar on stderr (a terminal only)."""
     from tqdm.auto import tqdm
@@ -188,8 +201,9 @@ def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str
     found = []
     groups: dict[int, int] = {}
     layers = list(inject.adapted_layers(model))
-    for module_name, layer in tqdm(layers, desc="inspect", unit="module", leave=False, dynamic_ncols=True,
-                                   disable=None if progress else True):
+    for module_name, layer in tqdm(
+        layers, desc="inspect", unit="module", leave=False, dynamic_ncols=True, disable=None if progress else True
+    ):
         using = [n for n in (names or inject.lorakit_state(model).active) if n in layer.adapters]
         if not using or module_name not in original:
             continue
@@ -198,9 +212,12 @@ def changes(model: nn.Module, original: dict[str, torch.Tensor], names: list[str
         ranks = [_adapter_rank(layer.adapters[n]) for n in using]
         w0 = original[module_name].double()
         moved = base_now.detach().double().cpu() - w0
-        factors = _change_factors(layer, using) if not moved.any() else None  # a moved base (Delta-LoRA) is not low-rank
-        change = module_change(module_name, original[module_name], current.float().cpu(), ranks[0] if len(ranks) == 1 else None,
-                               factors)
+        factors = (
+            _change_factors(layer, using) if not moved.any() else None
+        )  # a moved base (Delta-LoRA) is not low-rank
+        change = module_change(
+            module_name, original[module_name], current.float().cpu(), ranks[0] if len(ranks) == 1 else None, factors
+        )
         change.base_change = float(moved.norm() / w0.norm()) if w0.norm() > 0 else 0.0
         for name in using:
             adapter = layer.adapters[name]
@@ -239,8 +256,11 @@ def report(found: list[ModuleChange]) -> dict[str, Any]:
         "modules": [{**asdict(c), "inert": c.inert} for c in found],
         "inert_modules": [c.module for c in found if c.inert],
         "mean_relative_change": sum(c.relative_change for c in found) / max(len(found), 1),
-        "magnitude_direction_correlation": correlation([c.magnitude_change for c in moved], [c.direction_change for c in moved])
-        if len(moved) > 1 else None,
+        "magnitude_direction_correlation": correlation(
+            [c.magnitude_change for c in moved], [c.direction_change for c in moved]
+        )
+        if len(moved) > 1
+        else None,
     }
 
 
@@ -270,11 +290,14 @@ def lora_drop_text(found: list[ModuleChange]) -> list[str]:
     for c in planned:
         if c.plan != "own":
             shared[str(c.plan)] = shared.get(str(c.plan), 0) + 1
-    lines = [f"LoRA-drop's plan: {len(kept)} of {len(planned)} modules keep their own pair (their importance adds up to "
-             f"{sum(c.importance for c in kept):.3f}); the other {len(planned) - len(kept)} share {len(shared)} "
-             f"pair{'s' if len(shared) != 1 else ''}, one per kind: " + ", ".join(f"{group} x{count}" for group, count in shared.items()),
-             "LoRA-drop's importance (stage 1: share of Σ||ΔW x||², in %; * keeps its own pair):",
-             heatmap_text(planned, value=lambda c: 100 * c.importance, mark=lambda c: "*" if c.plan == "own" else " ")]
+    lines = [
+        f"LoRA-drop's plan: {len(kept)} of {len(planned)} modules keep their own pair (their importance adds up to "
+        f"{sum(c.importance for c in kept):.3f}); the other {len(planned) - len(kept)} share {len(shared)} "
+        f"pair{'s' if len(shared) != 1 else ''}, one per kind: "
+        + ", ".join(f"{group} x{count}" for group, count in shared.items()),
+        "LoRA-drop's importance (stage 1: share of Σ||ΔW x||², in %; * keeps its own pair):",
+        heatmap_text(planned, value=lambda c: 100 * c.importance, mark=lambda c: "*" if c.plan == "own" else " "),
+    ]
     return lines
 
 
@@ -291,31 +314,50 @@ def summary_text(found: list[ModuleChange]) -> str:
         mean_erank = sum(c.effective_rank for c in moved) / len(moved)
         mean_r90 = sum(c.rank_90 for c in moved) / len(moved)
         ranks = [c.adapter_rank for c in moved if c.adapter_rank]
-        of = f" (adapter rank {min(ranks)}-{max(ranks)})" if ranks and min(ranks) != max(ranks) else (f" (adapter rank {ranks[0]})" if ranks else "")
-        lines.append(f"effective rank of ΔW: mean {mean_erank:.2f}; 90 % of its energy in {mean_r90:.1f} singular values{of}")
+        of = (
+            f" (adapter rank {min(ranks)}-{max(ranks)})"
+            if ranks and min(ranks) != max(ranks)
+            else (f" (adapter rank {ranks[0]})" if ranks else "")
+        )
+        lines.append(
+            f"effective rank of ΔW: mean {mean_erank:.2f}; 90 % of its energy in {mean_r90:.1f} singular values{of}"
+        )
         corr = data["magnitude_direction_correlation"]
-        lines.append("magnitude vs direction change per module (DoRA's view): mean ΔM "
-                     f"{sum(c.magnitude_change for c in moved) / len(moved):.3e}, mean ΔD "
-                     f"{sum(c.direction_change for c in moved) / len(moved):.3e}"
-                     + (f", correlation {corr:+.2f} (LoRA tends positive, DoRA negative)" if corr is not None else ""))
+        lines.append(
+            "magnitude vs direction change per module (DoRA's view): mean ΔM "
+            f"{sum(c.magnitude_change for c in moved) / len(moved):.3e}, mean ΔD "
+            f"{sum(c.direction_change for c in moved) / len(moved):.3e}"
+            + (f", correlation {corr:+.2f} (LoRA tends positive, DoRA negative)" if corr is not None else "")
+        )
     moved_base = [c for c in found if c.base_change > INERT]
     if moved_base:
-        lines.append(f"the base weights themselves moved in {len(moved_base)} modules (Delta-LoRA): mean ||W_base - W0|| / ||W0|| "
-                     f"{sum(c.base_change for c in moved_base) / len(moved_base):.2e} of a total change of "
-                     f"{sum(c.relative_change for c in moved_base) / len(moved_base):.2e}")
+        lines.append(
+            f"the base weights themselves moved in {len(moved_base)} modules (Delta-LoRA): mean ||W_base - W0|| / ||W0|| "
+            f"{sum(c.base_change for c in moved_base) / len(moved_base):.2e} of a total change of "
+            f"{sum(c.relative_change for c in moved_base) / len(moved_base):.2e}"
+        )
     groups = {c.shared_group for c in found if c.shared_group is not None}
     if len(groups) < len([c for c in found if c.shared_group is not None]):
-        lines.append(f"{len(found)} modules share {len(groups)} adapters (LoRA-drop's plan: modules with one number share it)")
+        lines.append(
+            f"{len(found)} modules share {len(groups)} adapters (LoRA-drop's plan: modules with one number share it)"
+        )
     lines += lora_drop_text(found)
     keys = list(dict.fromkeys(k for c in found for k in c.extras))
     if keys:
-        lines.append("the method's own numbers (mean over modules): " + ", ".join(
-            f"{k} {sum(c.extras.get(k, 0.0) for c in found) / len(found):.4g}" for k in keys))
+        lines.append(
+            "the method's own numbers (mean over modules): "
+            + ", ".join(f"{k} {sum(c.extras.get(k, 0.0) for c in found) / len(found):.4g}" for k in keys)
+        )
     if data["inert_modules"]:
         share = len(data["inert_modules"]) / len(found)
-        lines.append(f"warning: {len(data['inert_modules'])} of {len(found)} modules did not change (ΔW ≈ 0): "
-                     + ("the adapter learned nothing; check the learning rate, steps and that B is trained"
-                        if share == 1 else ", ".join(data["inert_modules"][:6]) + (" ..." if len(data["inert_modules"]) > 6 else "")))
+        lines.append(
+            f"warning: {len(data['inert_modules'])} of {len(found)} modules did not change (ΔW ≈ 0): "
+            + (
+                "the adapter learned nothing; check the learning rate, steps and that B is trained"
+                if share == 1
+                else ", ".join(data["inert_modules"][:6]) + (" ..." if len(data["inert_modules"]) > 6 else "")
+            )
+        )
     return "\n".join(lines)
 
 
@@ -346,31 +388,72 @@ def write_html(found: list[ModuleChange], path, title: str) -> None:
         if not c.inert and c.top_singular_values:
             values = [v / c.top_singular_values[0] for v in c.top_singular_values]
             ax.plot(range(1, len(values) + 1), values, alpha=0.4)
-    ax.set(xlabel="singular value index", ylabel="σ_i / σ_1", title="Singular values of ΔW (one line per module)", yscale="log")
+    ax.set(
+        xlabel="singular value index",
+        ylabel="σ_i / σ_1",
+        title="Singular values of ΔW (one line per module)",
+        yscale="log",
+    )
     images.append(("How low-rank each update is: its leading singular values", html_report.png(fig)))
     moved = [c for c in found if not c.inert]
     if moved:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.scatter([c.direction_change for c in moved], [c.magnitude_change for c in moved], s=18)
-        ax.set(xlabel="direction change ΔD (mean 1 - cos per output row)", ylabel="magnitude change ΔM (mean |Δ row norm|)",
-               title="Magnitude against direction change (DoRA's view)")
+        ax.set(
+            xlabel="direction change ΔD (mean 1 - cos per output row)",
+            ylabel="magnitude change ΔM (mean |Δ row norm|)",
+            title="Magnitude against direction change (DoRA's view)",
+        )
         images.append(("Magnitude against direction change, one point per module", html_report.png(fig)))
     planned = [c for c in in_blocks if c.importance is not None]
     if planned:
-        images.append(("LoRA-drop's importance of every module and its plan (own pair or shared)",
-                       lora_drop_figure(plt, planned)))
-    head = ["module", "relative change", "effective rank", "rank 90 %", "adapter rank", "ΔM", "ΔD", "base moved", "inert"]
-    rows = [[c.module, f"{c.relative_change:.3e}", f"{c.effective_rank:.2f}", c.rank_90, c.adapter_rank or "-",
-             f"{c.magnitude_change:.3e}", f"{c.direction_change:.3e}", f"{c.base_change:.2e}", "yes" if c.inert else ""] for c in found]
+        images.append(
+            ("LoRA-drop's importance of every module and its plan (own pair or shared)", lora_drop_figure(plt, planned))
+        )
+    head = [
+        "module",
+        "relative change",
+        "effective rank",
+        "rank 90 %",
+        "adapter rank",
+        "ΔM",
+        "ΔD",
+        "base moved",
+        "inert",
+    ]
+    rows = [
+        [
+            c.module,
+            f"{c.relative_change:.3e}",
+            f"{c.effective_rank:.2f}",
+            c.rank_90,
+            c.adapter_rank or "-",
+            f"{c.magnitude_change:.3e}",
+            f"{c.direction_change:.3e}",
+            f"{c.base_change:.2e}",
+            "yes" if c.inert else "",
+        ]
+        for c in found
+    ]
     if any(c.importance is not None for c in found):  # LoRA-drop: its importance and plan per module
         head += ["LoRA-drop importance", "LoRA-drop plan"]
         for row, c in zip(rows, found):
             row += [f"{100 * c.importance:.2f} %" if c.importance is not None else "-", c.plan or "-"]
     intro = summary_text(found).splitlines()[-1] if found else "no adapted module"
     # the summary's prose lines lead the page (the grids are drawn as figures)
-    path.write_text(html_report.page(title, "; ".join(line for line in summary_text(found).splitlines()
-                                                       if line.startswith(("effective", "magnitude", "warning", "the base", "the method", "LoRA-drop's plan"))) or intro,
-                                     html_report.table(head, rows), images))
+    path.write_text(
+        html_report.page(
+            title,
+            "; ".join(
+                line
+                for line in summary_text(found).splitlines()
+                if line.startswith(("effective", "magnitude", "warning", "the base", "the method", "LoRA-drop's plan"))
+            )
+            or intro,
+            html_report.table(head, rows),
+            images,
+        )
+    )
 
 
 def _kind_ticks(ax, labels: list[str]) -> None:
@@ -393,8 +476,15 @@ def lora_drop_figure(plt, planned: list[ModuleChange]) -> str:
     for c in planned:
         row, column = layers.index(c.layer), kinds.index(c.kind)
         grid[row][column] = 100 * c.importance
-        ax.text(column, row, "own" if c.plan == "own" else "shared", ha="center", va="center", fontsize=7,
-                color="black" if grid[row][column] > 0.6 * top else "white")  # readable on magma's light end
+        ax.text(
+            column,
+            row,
+            "own" if c.plan == "own" else "shared",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if grid[row][column] > 0.6 * top else "white",
+        )  # readable on magma's light end
     shown = ax.imshow(grid, aspect="auto", cmap="magma")
     _kind_ticks(ax, [labels[k] for k in kinds])
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])

@@ -89,8 +89,9 @@ def write_full(target: torch.Tensor, value: torch.Tensor) -> None:
         target.copy_(value)
         return
     # src_data_rank=None: each process cuts its own part out of its own copy of `value`
-    local = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements,
-                              src_data_rank=None)
+    local = distribute_tensor(
+        value.to(target.device, target.dtype), target.device_mesh, target.placements, src_data_rank=None
+    )
     target.to_local().copy_(local.to_local())
 
 

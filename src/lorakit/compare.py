@@ -58,8 +58,10 @@ def method_run_config(cfg: TrainConfig, method: str, overrides: dict[str, Any] |
     shared = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_METHOD_FIELDS) - {"method_args"}
     fixed = sorted(k for k in overrides if k.replace("-", "_") in shared)
     if fixed:
-        raise LorakitError(f"--method-arg {method}:{fixed[0]}=...: every method of a comparison has the same {fixed[0]}; "
-                           f"per method: {', '.join(PER_METHOD_FIELDS)} and the method's own settings")
+        raise LorakitError(
+            f"--method-arg {method}:{fixed[0]}=...: every method of a comparison has the same {fixed[0]}; "
+            f"per method: {', '.join(PER_METHOD_FIELDS)} and the method's own settings"
+        )
     fields = {k: overrides.pop(k) for k in list(overrides) if k.replace("-", "_") in PER_METHOD_FIELDS}
     try:
         with_fields = from_dict(fields, cfg) if fields else cfg
@@ -79,8 +81,9 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo, fresh: bool
         except LorakitError as err:  # one damaged run: the others still compare
             return MethodResult(method, "failed", f"{err}; remove {run_dir} to train {method} again")
     config_file = directory / f".{method}.yaml"
-    method_cfg = dataclasses.replace(with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory),
-                                     resume=None, overwrite=False)
+    method_cfg = dataclasses.replace(
+        with_resolved_paths(cfg), method=method, name=method, out_dir=str(directory), resume=None, overwrite=False
+    )
     files.atomic_write_text(config_file, to_yaml(method_cfg))
     command = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
     if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file() and not fresh:
@@ -96,7 +99,9 @@ def run_method(cfg: TrainConfig, method: str, directory: Path, echo, fresh: bool
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return MethodResult(method, "failed", f"its process was stopped by {name}; run the same command again to resume it")
+        return MethodResult(
+            method, "failed", f"its process was stopped by {name}; run the same command again to resume it"
+        )
     if returncode != 0:
         lines = [line.strip() for line in stderr_tail.replace("\r", "\n").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")]
@@ -124,8 +129,16 @@ def run_showing_progress(command: list[str]) -> tuple[int, str]:
 
 
 # what `rows` reads of a run's report.json: numbers (final_loss may be NaN: a run that diverged at its end)
-REPORT_NUMBERS = ("steps", "train_seconds", "trainable_params", "total_params", "adapter_bytes", "peak_memory_mb",
-                  "tokens_per_s", "final_loss")
+REPORT_NUMBERS = (
+    "steps",
+    "train_seconds",
+    "trainable_params",
+    "total_params",
+    "adapter_bytes",
+    "peak_memory_mb",
+    "tokens_per_s",
+    "final_loss",
+)
 
 
 def read_report(run_dir: Path) -> dict[str, Any]:
@@ -197,7 +210,9 @@ def time_limit(cfg: TrainConfig, steps: int = 3) -> float | None:
     for p in model.parameters():
         p.requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = evaluate.to_device(data_mod.collate(data_mod.micro_batch(datasets.train, 0, cfg.batch_size, cfg.seed), pad), device)
+    batch = evaluate.to_device(
+        data_mod.collate(data_mod.micro_batch(datasets.train, 0, cfg.batch_size, cfg.seed), pad), device
+    )
     embed = model.get_input_embeddings()
     times = []
     for _ in range(steps + 1):
@@ -215,15 +230,26 @@ def time_limit(cfg: TrainConfig, steps: int = 3) -> float | None:
 def settings_text(cfg: TrainConfig, per_method: dict[str, dict[str, Any]]) -> str:
     """What `compare.yaml` holds: the settings every method shares, and each method's own; a
     directory holding other settings is another comparison."""
-    mine = to_yaml(dataclasses.replace(with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None,
-                                       overwrite=False, progress=True))
+    mine = to_yaml(
+        dataclasses.replace(
+            with_resolved_paths(cfg), method="lora", name=None, out_dir="", resume=None, overwrite=False, progress=True
+        )
+    )
     if any(per_method.values()):  # a method's own settings are part of what the directory holds
-        mine += yaml.safe_dump({"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True)
+        mine += yaml.safe_dump(
+            {"per_method": {m: per_method[m] for m in sorted(per_method) if per_method[m]}}, sort_keys=True
+        )
     return mine
 
 
-def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, html_report: bool = True,
-            per_method: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def compare(
+    cfg: TrainConfig,
+    methods: list[str],
+    directory: Path,
+    echo=print,
+    html_report: bool = True,
+    per_method: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Run the comparison (see the module docstring); returns the per-method records. `per_method`:
     {method: {key: value}}, that method's own settings (see `method_run_config`)."""
     per_method = per_method or {}
@@ -238,21 +264,33 @@ def compare(cfg: TrainConfig, methods: list[str], directory: Path, echo=print, h
     directory.mkdir(parents=True, exist_ok=True)
     strangers = sorted(set(per_method) - set(methods))
     if strangers:
-        raise LorakitError(f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})")
+        raise LorakitError(
+            f"per-method settings for {strangers[0]!r}, which is not one of the methods ({', '.join(methods)})"
+        )
     with files.DirectoryLock.acquire(directory, "compared"):  # one comparison at a time in a directory
         files.clean_temporaries(directory)
         return _compare(cfg, methods, directory, echo, html_report, per_method)
 
 
-def _compare(cfg: TrainConfig, methods: list[str], directory: Path, echo, html_report: bool,
-             per_method: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    configs = {m: dataclasses.replace(method_run_config(cfg, m, per_method.get(m)), measure_limit=True) for m in methods}
+def _compare(
+    cfg: TrainConfig,
+    methods: list[str],
+    directory: Path,
+    echo,
+    html_report: bool,
+    per_method: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    configs = {
+        m: dataclasses.replace(method_run_config(cfg, m, per_method.get(m)), measure_limit=True) for m in methods
+    }
     settings = directory / "compare.yaml"
     mine = settings_text(cfg, per_method)
     earlier = settings.read_text() if settings.is_file() else None
     if earlier is not None and earlier != mine and not cfg.overwrite:
-        raise LorakitError(f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
-                           "or --overwrite to train every method again")
+        raise LorakitError(
+            f"{directory} holds a comparison with other settings ({settings}): pick another --name, "
+            "or --overwrite to train every method again"
+        )
     if earlier != mine:
         files.atomic_write_text(settings, mine)
     results = []
@@ -273,8 +311,13 @@ def _compare(cfg: TrainConfig, methods: list[str], directory: Path, echo, html_r
             echo(f"could not time the limit: {err}")
     records = rows(results, limit_s)
     # each written whole or not at all: a kill or a full disk leaves the earlier file
-    files.atomic_write_text(directory / "compare.json", json.dumps({"limit_step_seconds": limit_s, "methods": records,
-                                                                    "config": yaml.safe_load(to_yaml(cfg))}, indent=2) + "\n")
+    files.atomic_write_text(
+        directory / "compare.json",
+        json.dumps(
+            {"limit_step_seconds": limit_s, "methods": records, "config": yaml.safe_load(to_yaml(cfg))}, indent=2
+        )
+        + "\n",
+    )
     files.atomic_write(directory / "compare.csv", lambda tmp: write_csv(records, tmp))
     if html_report:
         title = f"lorakit compare: {', '.join(methods)}"

@@ -48,8 +48,10 @@ def check_text(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise LorakitError(f"{where} holds an invalid character ({text[err.start]!r}: a lone surrogate, from an escape "
-                           "such as \\ud800 without its pair or from bytes that are not UTF-8)") from None
+        raise LorakitError(
+            f"{where} holds an invalid character ({text[err.start]!r}: a lone surrogate, from an escape "
+            "such as \\ud800 without its pair or from bytes that are not UTF-8)"
+        ) from None
     return text
 
 

@@ -75,7 +75,11 @@ def clean_temporaries(directory: Path, name: str | None = None) -> list[Path]:
         return removed
     for path in entries:
         found = _TEMP.match(path.name)
-        if found is None or (name is not None and found.group("name") != _stem(name)) or _alive(int(found.group("pid"))):
+        if (
+            found is None
+            or (name is not None and found.group("name") != _stem(name))
+            or _alive(int(found.group("pid")))
+        ):
             continue
         target = path.with_name(found.group("name"))
         if found.group("kind") == "old" and not target.exists() and not target.is_symlink():
@@ -106,7 +110,9 @@ def write_error(err: OSError, path: str | os.PathLike, kept: bool = False) -> Lo
         reason = err.strerror[:1].lower() + err.strerror[1:] if err.strerror else str(err)
     tail = f"; the earlier {Path(path).name} is kept as it was" if kept else ""
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return LorakitError(f"the disk is full: {path} was not written{tail}; free some space and run the command again")
+        return LorakitError(
+            f"the disk is full: {path} was not written{tail}; free some space and run the command again"
+        )
     return LorakitError(f"cannot write {path}: {reason}{tail}")
 
 
@@ -247,8 +253,10 @@ def _writable_directory(directory: Path, flag: str) -> None:
         read_only = False
         with contextlib.suppress(OSError):
             read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        raise LorakitError(f"{flag}: cannot write into {probe}: "
-                           + ("the file system is read-only" if read_only else "permission denied"))
+        raise LorakitError(
+            f"{flag}: cannot write into {probe}: "
+            + ("the file system is read-only" if read_only else "permission denied")
+        )
 
 
 def _no_broken_link(path: Path, flag: str) -> None:
@@ -256,7 +264,9 @@ def _no_broken_link(path: Path, flag: str) -> None:
     for step in (path, *path.parents):
         if step.is_symlink() and not step.exists():
             where = f"{flag} {path}" if step == path else f"{flag} {path}: {step}"
-            raise LorakitError(f"{where} is a broken symbolic link (to {os.readlink(step)}); remove it or give another path")
+            raise LorakitError(
+                f"{where} is a broken symbolic link (to {os.readlink(step)}); remove it or give another path"
+            )
 
 
 def check_file_target(path: str | os.PathLike, flag: str) -> Path:
@@ -298,8 +308,10 @@ def make_directory(path: Path, flag: str) -> None:
 
 def _held_message(directory: Path, holder: str, what: str) -> str:
     who = f"process {holder}" if holder.isdigit() else "another process"
-    return (f"{directory} is being {what} by {who} (it holds {directory / LOCK_NAME}); wait for it to finish, "
-            "or stop it first")
+    return (
+        f"{directory} is being {what} by {who} (it holds {directory / LOCK_NAME}); wait for it to finish, "
+        "or stop it first"
+    )
 
 
 class DirectoryLock:

@@ -65,13 +65,16 @@ class ExportSummary:
 
     def lines(self) -> list[str]:
         size = f"{self.bytes / 2**20:.2f} MiB"
-        head = (f"GGUF {'LoRA adapter' if self.kind == 'adapter' else 'merged model'} written to {self.path} "
-                f"({self.architecture}, {self.tensors} tensors, {size}, {self.outtype})")
+        head = (
+            f"GGUF {'LoRA adapter' if self.kind == 'adapter' else 'merged model'} written to {self.path} "
+            f"({self.architecture}, {self.tensors} tensors, {size}, {self.outtype})"
+        )
         return [head, *self.notes]
 
 
-def export_gguf(model: nn.Module, out: str | os.PathLike, base: str | os.PathLike, merged: bool = False,
-                outtype: str | None = None) -> ExportSummary:
+def export_gguf(
+    model: nn.Module, out: str | os.PathLike, base: str | os.PathLike, merged: bool = False, outtype: str | None = None
+) -> ExportSummary:
     """Write `model`'s active adapter as a GGUF LoRA adapter for llama.cpp, or (`merged`) the whole model
     with it merged (`model` is changed: its adapters are merged and unloaded).
 
@@ -127,8 +130,10 @@ class GGUFLayout:
         result = self.processor.process(weights=probe, name=tensor_name, tensor_key_mapping={}, parsed_parameters={})
         perm = np.asarray(result.weights).reshape(-1)
         if result.name != tensor_name or perm.shape != (rows,) or not np.array_equal(np.sort(perm), probe[:, 0]):
-            raise LorakitError(f"the {self.architecture} GGUF conversion transforms {tensor_name} in a way a LoRA "
-                               "adapter cannot follow; export the merged model instead (--merged)")
+            raise LorakitError(
+                f"the {self.architecture} GGUF conversion transforms {tensor_name} in a way a LoRA "
+                "adapter cannot follow; export the merged model instead (--merged)"
+            )
         return np.argsort(perm.astype(np.int64))
 
 
@@ -153,7 +158,8 @@ def gguf_layout(model: nn.Module, model_dir: Path, gguf_file: str | None) -> GGU
         if model_type not in _HF_TO_GGUF_ARCHITECTURE:
             raise LorakitError(
                 f"GGUF export needs a base llama.cpp converts: a .gguf file, or a Hugging Face {', '.join(sorted(_HF_TO_GGUF_ARCHITECTURE))} "
-                f"model; this base is {model_type!r}. Use `lorakit merge` for a Hugging Face directory instead")
+                f"model; this base is {model_type!r}. Use `lorakit merge` for a Hugging Face directory instead"
+            )
         architecture = _HF_TO_GGUF_ARCHITECTURE[model_type]
     arch_ids = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
     if architecture not in arch_ids:
@@ -162,7 +168,8 @@ def gguf_layout(model: nn.Module, model_dir: Path, gguf_file: str | None) -> GGU
     if processor_class.__name__ not in ("TensorProcessor", "LlamaTensorProcessor"):
         raise LorakitError(
             f"GGUF export does not support the {architecture!r} architecture yet (its conversion changes weights "
-            "beyond renaming and row order); use `lorakit merge` and llama.cpp's convert_hf_to_gguf.py")
+            "beyond renaming and row order); use `lorakit merge` and llama.cpp's convert_hf_to_gguf.py"
+        )
     blocks = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     name_map = gguf.get_tensor_name_map(arch_ids[architecture], blocks)
     return GGUFLayout(architecture, base_file, base_shapes, name_map, processor_class(config=model.config.to_dict()))
@@ -171,19 +178,31 @@ def gguf_layout(model: nn.Module, model_dir: Path, gguf_file: str | None) -> GGU
 # --- the adapter file ----------------------------------------------------------------------------------
 
 
-def export_adapter(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str = "f32",
-                   name: str = inject.DEFAULT_NAME, description: str | None = None) -> ExportSummary:
+def export_adapter(
+    model: nn.Module,
+    layout: GGUFLayout,
+    out: Path,
+    outtype: str = "f32",
+    name: str = inject.DEFAULT_NAME,
+    description: str | None = None,
+) -> ExportSummary:
     """Write the adapter `name` of `model` (base + loaded adapter) as a GGUF LoRA adapter file."""
     if outtype not in ADAPTER_OUTTYPES:
-        raise LorakitError(f"--outtype {outtype!r} is not available for an adapter: choose {', '.join(ADAPTER_OUTTYPES)}")
+        raise LorakitError(
+            f"--outtype {outtype!r} is not available for an adapter: choose {', '.join(ADAPTER_OUTTYPES)}"
+        )
     config = inject.adapter_config(model, name)
     method = type(config).__name__
     if config.train_modules:
-        raise LorakitError(f"the adapter trains whole modules ({', '.join(config.train_modules)}), which a GGUF LoRA "
-                           "adapter cannot hold; export the merged model instead (--merged)")
+        raise LorakitError(
+            f"the adapter trains whole modules ({', '.join(config.train_modules)}), which a GGUF LoRA "
+            "adapter cannot hold; export the merged model instead (--merged)"
+        )
     if config.moves_base_weights:
-        raise LorakitError(f"{method} also changes the base weights themselves, which a GGUF LoRA adapter cannot "
-                           "hold; export the merged model instead (--merged)")
+        raise LorakitError(
+            f"{method} also changes the base weights themselves, which a GGUF LoRA adapter cannot "
+            "hold; export the merged model instead (--merged)"
+        )
     import gguf
 
     pairs = list(_gguf_pairs(model, layout, name, method))
@@ -212,26 +231,40 @@ def export_adapter(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str
     return ExportSummary(out, "adapter", layout.architecture, len(plan), size, len(pairs), alpha, outtype, notes)
 
 
-def _gguf_pairs(model: nn.Module, layout: GGUFLayout, name: str, method: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _gguf_pairs(
+    model: nn.Module, layout: GGUFLayout, name: str, method: str
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(GGUF weight name, A (r, in), B·scale (out, r) in the file's row order) per adapted module."""
     for module_name, layer in inject.adapted_layers(model, name):
         adapter = layer.adapters[name]
         factors = adapter.low_rank_factors() if getattr(adapter, "additive", False) else None
         if factors is None:
-            raise LorakitError(f"{method}'s change to {module_name} is not a plain low-rank pair (it depends on the "
-                               "base weight), which a GGUF LoRA adapter cannot hold; export the merged model instead (--merged)")
-        if not isinstance(layer.base_layer, nn.Linear) and not isinstance(layer.base_layer, base_layers.DenseWeightProvider):
-            raise LorakitError(f"{module_name} is a {type(layer.base_layer).__name__}, not a linear layer llama.cpp "
-                               "adapts; export the merged model instead (--merged)")
+            raise LorakitError(
+                f"{method}'s change to {module_name} is not a plain low-rank pair (it depends on the "
+                "base weight), which a GGUF LoRA adapter cannot hold; export the merged model instead (--merged)"
+            )
+        if not isinstance(layer.base_layer, nn.Linear) and not isinstance(
+            layer.base_layer, base_layers.DenseWeightProvider
+        ):
+            raise LorakitError(
+                f"{module_name} is a {type(layer.base_layer).__name__}, not a linear layer llama.cpp "
+                "adapts; export the merged model instead (--merged)"
+            )
         tensor_name = layout.tensor_name(module_name)
         if tensor_name is None:
-            raise LorakitError(f"{module_name} has no weight in llama.cpp's {layout.architecture} layout; export "
-                               "the merged model instead (--merged)")
+            raise LorakitError(
+                f"{module_name} has no weight in llama.cpp's {layout.architecture} layout; export "
+                "the merged model instead (--merged)"
+            )
         down, up = (t.detach().to(device="cpu", dtype=torch.float32).numpy() for t in factors)
         if up.shape[1] == 0:
             continue  # AdaLoRA pruned every triplet here: nothing to add
         _check_base_shape(layout, module_name, tensor_name, (up.shape[0], down.shape[1]))
-        yield tensor_name, np.ascontiguousarray(down), np.ascontiguousarray(up[layout.row_order(tensor_name, up.shape[0])])
+        yield (
+            tensor_name,
+            np.ascontiguousarray(down),
+            np.ascontiguousarray(up[layout.row_order(tensor_name, up.shape[0])]),
+        )
 
 
 def _check_base_shape(layout: GGUFLayout, module_name: str, tensor_name: str, shape: tuple[int, int]) -> None:
@@ -239,11 +272,15 @@ def _check_base_shape(layout: GGUFLayout, module_name: str, tensor_name: str, sh
         return
     if tensor_name not in layout.base_shapes:
         tied = " (the output head is tied to the token embeddings there)" if tensor_name == "output.weight" else ""
-        raise LorakitError(f"the base GGUF file has no {tensor_name} for {module_name}{tied}: llama.cpp cannot apply an "
-                           "adapter to it; export the merged model instead (--merged)")
+        raise LorakitError(
+            f"the base GGUF file has no {tensor_name} for {module_name}{tied}: llama.cpp cannot apply an "
+            "adapter to it; export the merged model instead (--merged)"
+        )
     if tuple(layout.base_shapes[tensor_name]) != shape:
-        raise LorakitError(f"{module_name}: the adapter's change is {shape} but the base GGUF file's {tensor_name} is "
-                           f"{tuple(layout.base_shapes[tensor_name])}: a different base model")
+        raise LorakitError(
+            f"{module_name}: the adapter's change is {shape} but the base GGUF file's {tensor_name} is "
+            f"{tuple(layout.base_shapes[tensor_name])}: a different base model"
+        )
 
 
 def _file_alpha(config, pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> float:
@@ -258,14 +295,17 @@ def _file_alpha(config, pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> floa
 # --- the merged model ----------------------------------------------------------------------------------
 
 
-def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str = "f16",
-                  notes: list[str] | None = None) -> ExportSummary:
+def export_merged(
+    model: nn.Module, layout: GGUFLayout, out: Path, outtype: str = "f16", notes: list[str] | None = None
+) -> ExportSummary:
     """Write `model` (adapters merged, i.e. after `merge_and_unload`) as a whole GGUF model, with the
     base GGUF file's metadata and tokenizer, every weight as the model holds it."""
     import gguf
 
     if outtype not in MERGED_OUTTYPES:
-        raise LorakitError(f"--outtype {outtype!r} is not available for a merged model: choose {', '.join(MERGED_OUTTYPES)}")
+        raise LorakitError(
+            f"--outtype {outtype!r} is not available for a merged model: choose {', '.join(MERGED_OUTTYPES)}"
+        )
     require_gguf_base(layout.base_file)
     weights = _model_weights(model)
     gguf_to_hf = {}
@@ -285,8 +325,13 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
             value_type = item.types[0]
             sub_type = item.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(item.name, item.contents(), value_type, sub_type=sub_type)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            }[outtype]
+        )
 
     def make(info, hf_name: str | None):
         def tensor() -> np.ndarray:
@@ -297,6 +342,7 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
                 if value.ndim >= 1:  # a bias follows its weight's rows
                     value = value[layout.row_order(info.name, value.shape[0])]
             return _encode(value, _encoded_kind(value.shape, outtype))
+
         return tensor
 
     plan = []
@@ -304,23 +350,29 @@ def export_merged(model: nn.Module, layout: GGUFLayout, out: Path, outtype: str 
         shape = tuple(int(n) for n in reversed(info.shape))  # GGUF lists dimensions innermost first
         hf_name = gguf_to_hf.get(info.name)
         if hf_name is not None and tuple(weights[hf_name].shape) != shape:
-            raise LorakitError(f"{hf_name} is {tuple(weights[hf_name].shape)} in the model but {shape} in the base GGUF "
-                               f"file {layout.base_file.name}: a different base model")
+            raise LorakitError(
+                f"{hf_name} is {tuple(weights[hf_name].shape)} in the model but {shape} in the base GGUF "
+                f"file {layout.base_file.name}: a different base model"
+            )
         plan.append(PlannedTensor(info.name, shape, _encoded_kind(shape, outtype), make(info, hf_name)))
     size = _write_gguf(out, layout.architecture, add_metadata, plan)
     notes = list(notes or [])
     if from_base:
-        notes.append(f"{len(from_base)} tensor(s) the model has no weight for, copied from the base file as they are: "
-                     f"{', '.join(from_base[:5])}{' ...' if len(from_base) > 5 else ''}")
+        notes.append(
+            f"{len(from_base)} tensor(s) the model has no weight for, copied from the base file as they are: "
+            f"{', '.join(from_base[:5])}{' ...' if len(from_base) > 5 else ''}"
+        )
     return ExportSummary(out, "merged", layout.architecture, len(plan), size, written, None, outtype, notes)
 
 
 def require_gguf_base(base_file: Path | None) -> None:
     """A merged GGUF copies the base file's tokenizer and metadata: refuse a base without one."""
     if base_file is None:
-        raise LorakitError("--merged --format gguf copies the base GGUF file's tokenizer and metadata, and this base is "
-                           "a Hugging Face directory: write the merged model with `lorakit merge` and convert it with "
-                           "llama.cpp's convert_hf_to_gguf.py")
+        raise LorakitError(
+            "--merged --format gguf copies the base GGUF file's tokenizer and metadata, and this base is "
+            "a Hugging Face directory: write the merged model with `lorakit merge` and convert it with "
+            "llama.cpp's convert_hf_to_gguf.py"
+        )
 
 
 def _model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -329,7 +381,7 @@ def _model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         if isinstance(module, base_layers.DenseWeightProvider):
             prefix = f"{module_name}." if module_name else ""
-            for key in [k for k in weights if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            for key in [k for k in weights if k.startswith(prefix) and "." not in k[len(prefix) :]]:
                 del weights[key]
             weights[f"{prefix}weight"] = module.dense_weight()
             bias = getattr(module, "bias", None)
@@ -394,7 +446,9 @@ def _write_gguf(out: Path, architecture: str, add_metadata, plan: list[PlannedTe
                 writer.add_tensor_info(item.name, item.shape, np.dtype(np.float16), 2 * math.prod(item.shape))
             else:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(item.shape, item.kind)
-                writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=item.kind)
+                writer.add_tensor_info(
+                    item.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=item.kind
+                )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

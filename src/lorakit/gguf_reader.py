@@ -73,6 +73,7 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
+
         def damaged(what: str) -> GGUFHeaderError:
             return GGUFHeaderError(f"{path}: damaged GGUF header ({what} at byte {f.tell()} of {size})")
 
@@ -154,8 +155,10 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
         n_bytes = math.prod(dims) // block_size * type_size
         if data_start + offset + n_bytes > size:
-            raise GGUFHeaderError(f"{path}: tensor {name!r} ends at byte {data_start + offset + n_bytes}, past the end "
-                                  f"of the file ({size} bytes): the file is truncated or damaged")
+            raise GGUFHeaderError(
+                f"{path}: tensor {name!r} ends at byte {data_start + offset + n_bytes}, past the end "
+                f"of the file ({size} bytes): the file is truncated or damaged"
+            )
         table.append(_GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, n_bytes))
     _check_header_values(path, metadata)
     return metadata, table
@@ -163,10 +166,24 @@ def _read_gguf_header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict,
 
 # the model settings a header states (under its architecture's prefix): integers, at least 1 and at most
 # this (a layer count of 2^31 would be built before any tensor is read), or positive finite numbers
-_HEADER_INTS = {"block_count": 1 << 12, "context_length": 1 << 24, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
-                "attention.head_count": 1 << 16, "attention.head_count_kv": 1 << 16, "attention.key_length": 1 << 16,
-                "attention.value_length": 1 << 16, "rope.dimension_count": 1 << 16, "vocab_size": 1 << 24}
-_HEADER_FLOATS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base", "rope.scaling.factor")
+_HEADER_INTS = {
+    "block_count": 1 << 12,
+    "context_length": 1 << 24,
+    "embedding_length": 1 << 20,
+    "feed_forward_length": 1 << 22,
+    "attention.head_count": 1 << 16,
+    "attention.head_count_kv": 1 << 16,
+    "attention.key_length": 1 << 16,
+    "attention.value_length": 1 << 16,
+    "rope.dimension_count": 1 << 16,
+    "vocab_size": 1 << 24,
+}
+_HEADER_FLOATS = (
+    "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon",
+    "rope.freq_base",
+    "rope.scaling.factor",
+)
 _TOKEN_IDS = ("bos", "eos", "pad", "unknown", "sep", "eot")
 
 
@@ -186,7 +203,9 @@ def _check_header_values(path: str, metadata: dict) -> None:
             value = metadata[key]
             per_layer = suffix in ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
             values = value if isinstance(value, list) and per_layer else [value]  # some models set these per layer
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+            if not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values
+            ):
                 raise refuse(key, value, f"expected a whole number from 1 to {limit}")
     for suffix in _HEADER_FLOATS:
         key = f"{architecture}.{suffix}"
@@ -194,9 +213,17 @@ def _check_header_values(path: str, metadata: dict) -> None:
             value = metadata[key]
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise refuse(key, value, "expected a positive finite number")
-    heads, kv_heads = metadata.get(f"{architecture}.attention.head_count"), metadata.get(f"{architecture}.attention.head_count_kv")
+    heads, kv_heads = (
+        metadata.get(f"{architecture}.attention.head_count"),
+        metadata.get(f"{architecture}.attention.head_count_kv"),
+    )
     width = metadata.get(f"{architecture}.embedding_length")
-    if isinstance(heads, int) and isinstance(width, int) and f"{architecture}.attention.key_length" not in metadata and width % heads:
+    if (
+        isinstance(heads, int)
+        and isinstance(width, int)
+        and f"{architecture}.attention.key_length" not in metadata
+        and width % heads
+    ):
         raise refuse(f"{architecture}.attention.head_count", heads, f"it must divide the embedding length {width}")
     if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
         raise refuse(f"{architecture}.attention.head_count_kv", kv_heads, f"it must divide the head count {heads}")
@@ -240,7 +267,11 @@ def _gguf_config_dict(path: Path) -> dict | None:
     except ImportError:
         return None
     name = metadata.get("general.name", "")
-    if architecture not in config_renames or architecture not in _PLAIN_GGUF_CONFIG_ARCHITECTURES or "mistral" in name.lower():
+    if (
+        architecture not in config_renames
+        or architecture not in _PLAIN_GGUF_CONFIG_ARCHITECTURES
+        or "mistral" in name.lower()
+    ):
         return None
     config = {"tie_word_embeddings": all(t.name != "output.weight" for t in table)}
     for key, value in metadata.items():  # general.architecture -> model_type, tokenizer.ggml.bos_token_id, ...
@@ -339,9 +370,13 @@ def _gguf_tensors(path: Path, model: nn.Module, config: dict) -> Iterator[tuple[
             for first in range(0, rows, step):
                 count = min(step, rows - first)
                 raw = np.frombuffer(os.pread(fd, count * row_bytes, info.offset + first * row_bytes), dtype=np.uint8)
-                out[first : first + count] = dequantize(raw.reshape(count, row_bytes), GGMLQuantizationType(info.ggml_type))
+                out[first : first + count] = dequantize(
+                    raw.reshape(count, row_bytes), GGMLQuantizationType(info.ggml_type)
+                )
             weights = out.reshape(info.shape)
-            result = processor.process(weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+            result = processor.process(
+                weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+            )
             del out, weights
             if result.name in mapping:
                 weights = result.weights

@@ -61,8 +61,14 @@ class Probe:
         own batches when it has no access to the data set."""
         return self.sampler(fraction) if self.sampler is not None else list(self.batches)
 
-    def train(self, model: nn.Module, steps: int, lr: float, params: Iterable[nn.Parameter] | None = None,
-              batches: list[Any] | None = None) -> list[float]:
+    def train(
+        self,
+        model: nn.Module,
+        steps: int,
+        lr: float,
+        params: Iterable[nn.Parameter] | None = None,
+        batches: list[Any] | None = None,
+    ) -> list[float]:
         """`steps` AdamW steps over `batches` (default: the probe's; cycling) on `params` (default:
         every trainable parameter); returns the losses. The optimizer is thrown away afterwards."""
         batches = self.batches if batches is None else batches

@@ -31,13 +31,25 @@ def line_style(index: int, points: int) -> dict[str, Any]:
     """The `plot` keywords of the index-th line of a plot: a dash pattern and a marker of its own, the
     markers of different lines at different steps, so that a line drawn over another stays visible."""
     every = max(1, points // 8)
-    return {"linestyle": LINE_STYLES[index % len(LINE_STYLES)], "marker": MARKERS[index % len(MARKERS)],
-            "markevery": (index * every // 3 % every, every), "markersize": 5}
+    return {
+        "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+        "marker": MARKERS[index % len(MARKERS)],
+        "markevery": (index * every // 3 % every, every),
+        "markersize": 5,
+    }
 
 
 # where a label may go around its point (offset in points, alignment), nearest first
-_AROUND = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top"),
-           (8, 0, "left", "center"), (-8, 0, "right", "center"), (0, 8, "center", "bottom"), (0, -8, "center", "top")]
+_AROUND = [
+    (6, 4, "left", "bottom"),
+    (6, -4, "left", "top"),
+    (-6, 4, "right", "bottom"),
+    (-6, -4, "right", "top"),
+    (8, 0, "left", "center"),
+    (-8, 0, "right", "center"),
+    (0, 8, "center", "bottom"),
+    (0, -8, "center", "top"),
+]
 
 
 def place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str], fontsize: float = 9) -> None:
@@ -55,11 +67,18 @@ def place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str], f
     def clash(box: Any, own: int) -> float:
         score = 0.0
         for other in taken:
-            score += max(0.0, min(box.x1, other.x1) - max(box.x0, other.x0)) * max(0.0, min(box.y1, other.y1) - max(box.y0, other.y0))
+            score += max(0.0, min(box.x1, other.x1) - max(box.x0, other.x0)) * max(
+                0.0, min(box.y1, other.y1) - max(box.y0, other.y0)
+            )
         for j, (x, y) in enumerate(at):
             if j != own and box.x0 - 4 < x < box.x1 + 4 and box.y0 - 4 < y < box.y1 + 4:
                 score += 100.0
-        outside = max(0.0, frame.x0 - box.x0) + max(0.0, box.x1 - frame.x1) + max(0.0, frame.y0 - box.y0) + max(0.0, box.y1 - frame.y1)
+        outside = (
+            max(0.0, frame.x0 - box.x0)
+            + max(0.0, box.x1 - frame.x1)
+            + max(0.0, frame.y0 - box.y0)
+            + max(0.0, box.y1 - frame.y1)
+        )
         return score + 1000.0 * outside
 
     for i in sorted(range(len(labels)), key=lambda k: (at[k][0], at[k][1])):
@@ -67,8 +86,16 @@ def place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str], f
         for distance in (1, 2, 3.5, 5):
             for dx, dy, ha, va in _AROUND:
                 arrow = {"arrowstyle": "-", "color": "0.5", "linewidth": 0.6} if distance > 1 else None
-                text = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx * distance, dy * distance),
-                                   ha=ha, va=va, fontsize=fontsize, arrowprops=arrow)
+                text = ax.annotate(
+                    labels[i],
+                    (xs[i], ys[i]),
+                    textcoords="offset points",
+                    xytext=(dx * distance, dy * distance),
+                    ha=ha,
+                    va=va,
+                    fontsize=fontsize,
+                    arrowprops=arrow,
+                )
                 box = text.get_window_extent(renderer)
                 score = clash(box, i)
                 if best is None or score < best[0]:
@@ -115,8 +142,11 @@ def table(head: list[str], rows: list[list[Any]]) -> str:
 def page(title: str, intro: str, body_html: str, figures: list[tuple[str, str]]) -> str:
     """The whole document: title, an introduction (text), the figures (caption, PNG data), then the
     tables (HTML): the pictures are what a reader looks at first, the tables hold every number."""
-    shown = "\n".join(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                      f"<figcaption>{html.escape(alt)}</figcaption></figure>" for alt, data in figures)
+    shown = "\n".join(
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+        for alt, data in figures
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}

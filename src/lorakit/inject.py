@@ -36,10 +36,29 @@ from .targets import select_targets, set_submodule
 # The queries on adapters live below the methods (`adapted_layer`: a method's training hooks use them);
 # they are part of this module's API too.
 __all__ = [
-    "BASE_NAME", "DEFAULT_NAME", "AdaptedLayer", "LorakitState", "active_adapters", "adapt", "adapted_layers",
-    "adapter_config", "adapter_names", "adapter_parameters", "base_of", "check_name", "disabled", "lorakit_state",
-    "merge", "merge_and_unload", "per_sample_adapters", "reconfigure", "remove", "select_targets", "set_active",
-    "set_submodule", "unmerge",
+    "BASE_NAME",
+    "DEFAULT_NAME",
+    "AdaptedLayer",
+    "LorakitState",
+    "active_adapters",
+    "adapt",
+    "adapted_layers",
+    "adapter_config",
+    "adapter_names",
+    "adapter_parameters",
+    "base_of",
+    "check_name",
+    "disabled",
+    "lorakit_state",
+    "merge",
+    "merge_and_unload",
+    "per_sample_adapters",
+    "reconfigure",
+    "remove",
+    "select_targets",
+    "set_active",
+    "set_submodule",
+    "unmerge",
 ]
 
 DEFAULT_NAME = "default"
@@ -56,8 +75,10 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == BASE_NAME:
-        raise ValueError(f"adapter name {name!r} must be a word (letters, digits, _ or -, not starting with a digit), "
-                         f"not {BASE_NAME!r}")
+        raise ValueError(
+            f"adapter name {name!r} must be a word (letters, digits, _ or -, not starting with a digit), "
+            f"not {BASE_NAME!r}"
+        )
     return name
 
 
@@ -71,8 +92,10 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> 
     check_name(name)
     state = lorakit_state(model, create=True)
     if name in state.configs:
-        raise ValueError(f"the model already has an adapter named {name!r} (adapters: {list(state.configs)}); "
-                         "pick another name, or lorakit.remove(model, name) first")
+        raise ValueError(
+            f"the model already has an adapter named {name!r} (adapters: {list(state.configs)}); "
+            "pick another name, or lorakit.remove(model, name) first"
+        )
     names = select_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -206,9 +229,11 @@ def _refuse_tied_merge(model: nn.Module, names: Sequence[str]) -> None:
         weight = getattr(layer.base_layer, "weight", None)
         tied = [n for n in owners.get(id(weight), []) if not n.startswith(f"{module_name}.")]
         if tied:
-            raise ValueError(f"cannot merge into {module_name}: its weight is tied to {tied[0]} (tied embeddings), so "
-                             "merging would change that module too; keep this adapter unmerged, or untie the weights "
-                             "first (e.g. model.config.tie_word_embeddings = False and a copy of the weight)")
+            raise ValueError(
+                f"cannot merge into {module_name}: its weight is tied to {tied[0]} (tied embeddings), so "
+                "merging would change that module too; keep this adapter unmerged, or untie the weights "
+                "first (e.g. model.config.tie_word_embeddings = False and a copy of the weight)"
+            )
 
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
@@ -240,7 +265,9 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
         make_merged = getattr(base, "merged_module", None)
         if callable(make_merged):  # a 4-bit base: the merged weight goes into a new dense module
             with torch.no_grad():
-                weight, _ = layer.merged_weight([n for n in names if n in layer.adapters], layer._unmerged_base_weight())
+                weight, _ = layer.merged_weight(
+                    [n for n in names if n in layer.adapters], layer._unmerged_base_weight()
+                )
             set_submodule(model, module_name, make_merged(weight))
         else:
             layer.unmerge()
@@ -285,8 +312,10 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     names = _name_list(names, "adapter_names")
     unknown = sorted({n for n in names if n != BASE_NAME and n not in state.configs})
     if unknown:
-        raise ValueError(f"adapter_names: no adapter named {unknown}; adapters: {list(state.configs)} "
-                         f"(or {BASE_NAME!r} for the base model)")
+        raise ValueError(
+            f"adapter_names: no adapter named {unknown}; adapters: {list(state.configs)} "
+            f"(or {BASE_NAME!r} for the base model)"
+        )
     layers = [layer for _, layer in adapted_layers(model)]
     if any(layer.merged for layer in layers):
         raise ValueError("adapter_names needs unmerged adapters: lorakit.unmerge(model) first")

@@ -117,11 +117,15 @@ def _save_one(model: nn.Module, name: str, out: Path, base_model_name_or_path: s
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise LorakitError(f"cannot save the adapter to {out}: a file is there; an adapter is a directory (give "
-                           "a new or existing directory)") from None
+        raise LorakitError(
+            f"cannot save the adapter to {out}: a file is there; an adapter is a directory (give "
+            "a new or existing directory)"
+        ) from None
     except OSError as err:
-        raise LorakitError(f"cannot save the adapter to {out}: {err.strerror or err}"
-                           + (f" ({err.filename})" if err.filename and str(err.filename) != str(out) else "")) from None
+        raise LorakitError(
+            f"cannot save the adapter to {out}: {err.strerror or err}"
+            + (f" ({err.filename})" if err.filename and str(err.filename) != str(out) else "")
+        ) from None
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
     # Shared adapters appear under several names: safetensors refuses shared storage, so copy.
     seen: set[int] = set()
@@ -138,8 +142,12 @@ def _save_one(model: nn.Module, name: str, out: Path, base_model_name_or_path: s
         if "fan_in_fan_out" in peft_config:  # PEFT's flag for GPT-2 Conv1D bases
             peft_config["fan_in_fan_out"] = any(is_conv1d(layer.base_layer) for _, layer in layers)
         _write_json(out / PEFT_CONFIG_NAME, peft_config)
-    meta = {"config": config.to_dict(), "adapted_modules": module_names, "adapter_name": name,
-            "base_model_name_or_path": base_model_name_or_path}
+    meta = {
+        "config": config.to_dict(),
+        "adapted_modules": module_names,
+        "adapter_name": name,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
     if quantization is not None:
         meta["quantization"] = quantization
     _write_json(out / LORAKIT_CONFIG_NAME, meta)
@@ -173,9 +181,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-QUANTIZATION_RECORD_FIELDS = {"method": str, "targets": (str, list), "blocksize": int, "double_quant": bool,
-                              "compute_dtype": (str, type(None)), "layers": (list, type(None)), "exclude": (list, type(None)),
-                              "loftq_rank": int}
+QUANTIZATION_RECORD_FIELDS = {
+    "method": str,
+    "targets": (str, list),
+    "blocksize": int,
+    "double_quant": bool,
+    "compute_dtype": (str, type(None)),
+    "layers": (list, type(None)),
+    "exclude": (list, type(None)),
+    "loftq_rank": int,
+}
 
 
 def _check_quantization_record(record: Any) -> None:
@@ -186,8 +201,12 @@ def _check_quantization_record(record: Any) -> None:
         raise ValueError(f"'quantization' must be an object of lorakit.quantize settings, got {type(record).__name__}")
     for key, value in record.items():
         if key not in QUANTIZATION_RECORD_FIELDS:
-            raise ValueError(f"'quantization' has an unknown setting {key!r}; known: {', '.join(QUANTIZATION_RECORD_FIELDS)}")
-        if not isinstance(value, QUANTIZATION_RECORD_FIELDS[key]) or (isinstance(value, bool) and QUANTIZATION_RECORD_FIELDS[key] is int):
+            raise ValueError(
+                f"'quantization' has an unknown setting {key!r}; known: {', '.join(QUANTIZATION_RECORD_FIELDS)}"
+            )
+        if not isinstance(value, QUANTIZATION_RECORD_FIELDS[key]) or (
+            isinstance(value, bool) and QUANTIZATION_RECORD_FIELDS[key] is int
+        ):
             raise ValueError(f"'quantization.{key}' has the wrong type ({type(value).__name__})")
 
 
@@ -205,15 +224,26 @@ def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, 
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if name == PEFT_CONFIG_NAME:
                 return config_from_peft(data), {}
-            if not isinstance(data.get("config"), dict) or not isinstance(data.get("adapted_modules"), list) \
-                    or not all(isinstance(m, str) for m in data["adapted_modules"]):
+            if (
+                not isinstance(data.get("config"), dict)
+                or not isinstance(data.get("adapted_modules"), list)
+                or not all(isinstance(m, str) for m in data["adapted_modules"])
+            ):
                 raise ValueError("expected 'config' (an object) and 'adapted_modules' (a list of module names)")
             _check_quantization_record(data.get("quantization"))
             config = config_from_dict(data["config"])
             # Re-select exactly the modules that were adapted, whatever selection made them.
             config.targets, config.layers, config.exclude = list(data["adapted_modules"]), None, None
             return config, data
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError, OverflowError) as err:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+            UnicodeDecodeError,
+            OverflowError,
+        ) as err:
             raise ValueError(f"{file} is not a valid adapter config: {' '.join(str(err).split())[:300]}") from None
     raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
 
@@ -221,7 +251,9 @@ def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, 
 def has_adapter(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds an adapter file (lorakit's or PEFT's)."""
     path = Path(directory)
-    return (path / WEIGHTS_NAME).is_file() and ((path / LORAKIT_CONFIG_NAME).is_file() or (path / PEFT_CONFIG_NAME).is_file())
+    return (path / WEIGHTS_NAME).is_file() and (
+        (path / LORAKIT_CONFIG_NAME).is_file() or (path / PEFT_CONFIG_NAME).is_file()
+    )
 
 
 def find_adapters(directory: str | os.PathLike) -> dict[str, Path]:
@@ -259,7 +291,9 @@ def load(
         found = find_adapters(path)
         if not found:
             _require_weights(path)  # names what is missing
-            raise FileNotFoundError(f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
+            raise FileNotFoundError(
+                f"{path} holds no adapter: neither {LORAKIT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found"
+            )
     state = inject.lorakit_state(model)
     active_before = state.active if state is not None else ()
     loaded: list[str] = []
@@ -280,7 +314,11 @@ def load(
 def _require_weights(path: Path) -> Path:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        hint = " (lorakit reads safetensors only; it never unpickles .bin files)" if (path / "adapter_model.bin").exists() else ""
+        hint = (
+            " (lorakit reads safetensors only; it never unpickles .bin files)"
+            if (path / "adapter_model.bin").exists()
+            else ""
+        )
         raise FileNotFoundError(f"{weights} not found{hint}")
     return weights
 
@@ -336,16 +374,22 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = inject.D
         problems.append(f"method {config.method!r} vs the model's {current.method!r}")
     elif sorted(inject.select_targets(model, config)) != sorted(modules):
         saved_modules = set(inject.select_targets(model, config))
-        problems.append(f"adapted modules differ (only saved: {sorted(saved_modules - set(modules))[:4]}, "
-                        f"only in the model: {sorted(set(modules) - saved_modules)[:4]})")
+        problems.append(
+            f"adapted modules differ (only saved: {sorted(saved_modules - set(modules))[:4]}, "
+            f"only in the model: {sorted(set(modules) - saved_modules)[:4]})"
+        )
     else:
         for module_name in modules:
             if config.module_settings(module_name) != current.module_settings(module_name):
-                problems.append(f"{module_name}: {config.module_settings(module_name)} vs the model's "
-                                f"{current.module_settings(module_name)}")
+                problems.append(
+                    f"{module_name}: {config.module_settings(module_name)} vs the model's "
+                    f"{current.module_settings(module_name)}"
+                )
         differ = [f for f in ("alpha", "rslora", "dropout") if getattr(config, f, None) != getattr(current, f, None)]
         if differ:
-            problems.append("fields " + ", ".join(f"{f}: {getattr(config, f)!r} vs {getattr(current, f)!r}" for f in differ))
+            problems.append(
+                "fields " + ", ".join(f"{f}: {getattr(config, f)!r} vs {getattr(current, f)!r}" for f in differ)
+            )
     if problems:
         raise ValueError(f"cannot hot-swap {path} into adapter {name!r}: " + "; ".join(problems[:6]))
     load_adapter_state(model, read_tensors(weights), name)
@@ -354,8 +398,11 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = inject.D
 
 def _check_same_quantization(model_settings: dict, saved: dict, path: Path) -> None:
     """An already 4-bit base must hold the bits the adapter was trained on (the matmul dtype may differ)."""
-    differ = {k: (model_settings.get(k), saved.get(k)) for k in set(model_settings) | set(saved)
-              if k != "compute_dtype" and model_settings.get(k) != saved.get(k)}
+    differ = {
+        k: (model_settings.get(k), saved.get(k))
+        for k in set(model_settings) | set(saved)
+        if k != "compute_dtype" and model_settings.get(k) != saved.get(k)
+    }
     if differ:
         detail = ", ".join(f"{k}: model {a!r} vs adapter {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ValueError(f"the model is quantized differently from the base {path} was trained on ({detail})")
@@ -381,7 +428,7 @@ def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor], name: s
     for module_name in config.train_modules:
         module = model.get_submodule(module_name)
         prefix = f"{PREFIX}{module_name}."
-        mine = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
         try:
             _load_module_strict(module, mine)
         except ValueError as err:

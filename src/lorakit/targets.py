@@ -46,8 +46,11 @@ class TargetSelection:
             except re.error as err:
                 raise ValueError(f"targets {self.targets!r} is not a valid regular expression ({err})") from None
         elif not isinstance(self.targets, str) and (
-                not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)):
-            raise ValueError(f"targets must be 'all-linear', a regular expression or a list of module names, got {self.targets!r}")
+            not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)
+        ):
+            raise ValueError(
+                f"targets must be 'all-linear', a regular expression or a list of module names, got {self.targets!r}"
+            )
 
 
 def layer_index(name: str) -> int | None:
@@ -91,8 +94,10 @@ def select_targets(model: nn.Module, config: TargetSelection) -> list[str]:
     adaptable = [n for n, m in modules.items() if isinstance(m, AdaptedLayer) or base_layers.is_adaptable(m)]
     if not adaptable:
         kinds = sorted({type(m).__name__ for n, m in modules.items() if n and not list(m.children())})
-        raise ValueError(f"{type(model).__name__} has no layer lorakit can adapt: every method wraps linear layers "
-                         f"(nn.Linear, GPT-2's Conv1D, 4-bit Linear4bit), and this model's layers are {', '.join(kinds[:8]) or 'none'}")
+        raise ValueError(
+            f"{type(model).__name__} has no layer lorakit can adapt: every method wraps linear layers "
+            f"(nn.Linear, GPT-2's Conv1D, 4-bit Linear4bit), and this model's layers are {', '.join(kinds[:8]) or 'none'}"
+        )
     targets = config.targets
     if targets == "all-linear":
         heads = output_head_names(model)

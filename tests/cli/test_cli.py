@@ -23,8 +23,14 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "alpaca.jsonl", [{"instruction": "Reverse", "input": f"{a} {b}", "output": f"{b} {a}"} for a in WORDS for b in WORDS[:3]])
-    write_jsonl(d / "chat.jsonl", [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]} for w in WORDS])
+    write_jsonl(
+        d / "alpaca.jsonl",
+        [{"instruction": "Reverse", "input": f"{a} {b}", "output": f"{b} {a}"} for a in WORDS for b in WORDS[:3]],
+    )
+    write_jsonl(
+        d / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]} for w in WORDS],
+    )
     write_jsonl(d / "text.jsonl", [{"text": f"the {w} jumps over the lazy dog"} for w in WORDS])
     return d
 
@@ -32,8 +38,28 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "alpaca.jsonl"), "--steps", "3", "--batch-size", "4",
-                     "--out-dir", str(out), "--name", "a", "--no-progress", "--r", "4", "--lr", "0.01"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / "alpaca.jsonl"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(out),
+            "--name",
+            "a",
+            "--no-progress",
+            "--r",
+            "4",
+            "--lr",
+            "0.01",
+        ]
+    )
     assert code == 0
     return out / "a"
 
@@ -53,8 +79,24 @@ def test_train_writes_run_and_summary(trained_run, capsys):
 
 @pytest.mark.parametrize("fmt", ["chat", "text"])
 def test_train_other_formats(fmt, tiny_model, data_dir, tmp_path, capsys):
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / f"{fmt}.jsonl"), "--steps", "2",
-                     "--batch-size", "4", "--out-dir", str(tmp_path), "--name", fmt, "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / f"{fmt}.jsonl"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            fmt,
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "eval_loss (held-out)" in out and f"saved to {tmp_path / fmt}/" in out
@@ -76,20 +118,78 @@ def test_help_comes_from_field_docstrings(capsys):
 
 def test_generate_with_several_adapters_and_a_per_prompt_choice(trained_run, tiny_model, data_dir, tmp_path, capsys):
     out = trained_run.parent
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "3", "--batch-size", "4",
-                     "--out-dir", str(out), "--name", "b", "--no-progress", "--r", "4", "--lr", "0.05", "--method", "dora"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / "text.jsonl"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(out),
+            "--name",
+            "b",
+            "--no-progress",
+            "--r",
+            "4",
+            "--lr",
+            "0.05",
+            "--method",
+            "dora",
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     one_by_one = {}
     for name in ("a", "b", "__base__"):
-        assert cli.main(["generate", "--adapter", str(trained_run), "--adapter", str(out / "b"), "--use", name,
-                         "--max-new-tokens", "5", "apple river"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    "--adapter",
+                    str(trained_run),
+                    "--adapter",
+                    str(out / "b"),
+                    "--use",
+                    name,
+                    "--max-new-tokens",
+                    "5",
+                    "apple river",
+                ]
+            )
+            == 0
+        )
         one_by_one[name] = capsys.readouterr().out.strip()
     prompts = tmp_path / "prompts.jsonl"
-    write_jsonl(prompts, [{"prompt": "apple river", "adapter": "a"}, {"prompt": "apple river", "adapter": "b"},
-                          {"prompt": "apple river", "adapter": "__base__"}, {"prompt": "apple river"}])
-    assert cli.main(["generate", "--adapter", str(trained_run), "--adapter", f"b={out / 'b'}", "--prompts", str(prompts),
-                     "--max-new-tokens", "5"]) == 0
+    write_jsonl(
+        prompts,
+        [
+            {"prompt": "apple river", "adapter": "a"},
+            {"prompt": "apple river", "adapter": "b"},
+            {"prompt": "apple river", "adapter": "__base__"},
+            {"prompt": "apple river"},
+        ],
+    )
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--adapter",
+                str(trained_run),
+                "--adapter",
+                f"b={out / 'b'}",
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["adapter"] for r in rows] == ["a", "b", "__base__", "a"]  # no "adapter": the first one
     for row in rows:
@@ -127,7 +227,9 @@ def test_eval_generate_merge(trained_run, tiny_model, data_dir, tmp_path, capsys
 
 
 def test_error_missing_model(tmp_path, data_dir, capsys):
-    code = cli.main(["train", "--model", str(tmp_path / "nope"), "--data", str(data_dir / "text.jsonl"), "--out-dir", str(tmp_path)])
+    code = cli.main(
+        ["train", "--model", str(tmp_path / "nope"), "--data", str(data_dir / "text.jsonl"), "--out-dir", str(tmp_path)]
+    )
     assert code == 2 and "does not exist" in error_line(capsys)
 
 
@@ -164,8 +266,21 @@ def test_label_mismatch_via_cli(tmp_path, capsys):
     model = save_tiny_bert(tmp_path / "bert")
     (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
     (tmp_path / "e.tsv").write_text("sentence\tlabel\nmeh\t2\n")
-    code = cli.main(["train", "--task", "classify", "--model", str(model), "--data", str(tmp_path / "t.tsv"),
-                     "--eval-data", str(tmp_path / "e.tsv"), "--out-dir", str(tmp_path)])
+    code = cli.main(
+        [
+            "train",
+            "--task",
+            "classify",
+            "--model",
+            str(model),
+            "--data",
+            str(tmp_path / "t.tsv"),
+            "--eval-data",
+            str(tmp_path / "e.tsv"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "e.tsv:2: label '2' is not among the training labels ['0', '1']" in error_line(capsys)
 
 
@@ -179,8 +294,29 @@ def test_eval_classifier_keeps_training_label_order(tmp_path, capsys):
 
     model = save_tiny_bert(tmp_path / "bert")
     (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "good\tpos\nbad\tneg\n" * 4)
-    assert cli.main(["train", "--task", "classify", "--model", str(model), "--data", str(tmp_path / "t.tsv"), "--steps", "2",
-                     "--batch-size", "4", "--out-dir", str(tmp_path), "--name", "c", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--task",
+                "classify",
+                "--model",
+                str(model),
+                "--data",
+                str(tmp_path / "t.tsv"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "c",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     (tmp_path / "only_pos.tsv").write_text("sentence\tlabel\ngood\tpos\n")  # one class: indices from training
     assert cli.main(["eval", "--adapter", str(tmp_path / "c"), "--data", str(tmp_path / "only_pos.tsv")]) == 0
@@ -190,11 +326,36 @@ def test_eval_classifier_keeps_training_label_order(tmp_path, capsys):
     assert "label 'neutral' is not among the training labels ['neg', 'pos']" in error_line(capsys)
 
 
-@pytest.mark.parametrize("extra", [["--quantize", "nf4"], ["--method", "qlora"], ["--method", "qlora", "--init", "loftq"],
-                                   ["--gradient-checkpointing"], ["--method", "dora", "--loraplus-ratio", "16"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--quantize", "nf4"],
+        ["--method", "qlora"],
+        ["--method", "qlora", "--init", "loftq"],
+        ["--gradient-checkpointing"],
+        ["--method", "dora", "--loraplus-ratio", "16"],
+    ],
+)
 def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "2", "--batch-size", "4",
-                     "--out-dir", str(tmp_path), "--name", "x", "--no-progress", *extra])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / "text.jsonl"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--no-progress",
+            *extra,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     if "nf4" in extra or "qlora" in extra:  # the adapter records the quantized base; eval re-quantizes a fresh base
         meta = json.loads((tmp_path / "x" / "adapter" / "lorakit.json").read_text())
@@ -212,7 +373,17 @@ def test_train_options(extra, tiny_model, data_dir, tmp_path, capsys):
 
 
 def test_loftq_needs_a_quantized_base_and_a_low_rank_method(tiny_model, data_dir, tmp_path, capsys):
-    common = ["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--steps", "1", "--out-dir", str(tmp_path)]
+    common = [
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        str(data_dir / "text.jsonl"),
+        "--steps",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert cli.main([*common, "--init", "loftq"]) == 2
     assert "add --quantize nf4" in error_line(capsys)
     assert cli.main([*common, "--init", "loftq", "--quantize", "nf4", "--method", "vera"]) == 2
@@ -220,11 +391,35 @@ def test_loftq_needs_a_quantized_base_and_a_low_rank_method(tiny_model, data_dir
 
 
 def test_targets_matching_nothing_is_one_line_error(tiny_model, data_dir, tmp_path, capsys):
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--targets", "no_such_proj",
-                     "--out-dir", str(tmp_path), "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / "text.jsonl"),
+            "--targets",
+            "no_such_proj",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "target module(s) ['no_such_proj'] not found in the model" in error_line(capsys)
-    code = cli.main(["train", "--model", tiny_model, "--data", str(data_dir / "text.jsonl"), "--targets", ".*nothing.*",
-                     "--out-dir", str(tmp_path), "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--data",
+            str(data_dir / "text.jsonl"),
+            "--targets",
+            ".*nothing.*",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "matched no adaptable module" in error_line(capsys)
 
 
@@ -232,7 +427,9 @@ def test_python_dash_m_lorakit_runs_the_cli():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--print-config"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--print-config"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "method: lora" in out.stdout
 
@@ -264,7 +461,10 @@ def test_resume_refuses_settings_it_cannot_honour(trained_run, capsys):
     assert "a resume cannot change r (4 -> 8), lr (0.01 -> 0.5)" in line and "another --name" in line
     assert cli.main(["train", "--resume", str(trained_run), "--method", "dora", "--print-config"]) == 2
     assert "method ('lora' -> 'dora')" in error_line(capsys)
-    assert cli.main(["train", "--resume", str(trained_run), "--steps", "5", "--keep-checkpoints", "3", "--print-config"]) == 0
+    assert (
+        cli.main(["train", "--resume", str(trained_run), "--steps", "5", "--keep-checkpoints", "3", "--print-config"])
+        == 0
+    )
     assert "steps: 5" in capsys.readouterr().out
 
 
@@ -272,7 +472,9 @@ def test_config_errors_come_before_any_model_is_loaded(capsys, monkeypatch):
     from lorakit.train import loop
 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking the config"))
-    monkeypatch.setattr(loop, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking the config"))
+    monkeypatch.setattr(
+        loop, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking the config")
+    )
     assert cli.main(["train", "--method", "nosuch", "--no-progress"]) == 2
     assert "unknown method 'nosuch'" in error_line(capsys)
     assert cli.main(["train", "--method-arg", "rslora=maybe", "--no-progress"]) == 2
@@ -288,22 +490,50 @@ def test_an_adapter_records_its_base_and_another_base_is_warned_about(trained_ru
 
     saved = json_mod.loads((trained_run / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == tiny_model
-    assert json_mod.loads((trained_run / "adapter" / "lorakit.json").read_text())["base_model_name_or_path"] == tiny_model
+    assert (
+        json_mod.loads((trained_run / "adapter" / "lorakit.json").read_text())["base_model_name_or_path"] == tiny_model
+    )
     from tiny_lm import save_tiny_llama
 
     other = str(save_tiny_llama(tmp_path / "other-base", seed=1))
     assert cli.main(["generate", "--adapter", str(trained_run), "--model", other, "--max-new-tokens", "2", "x"]) == 0
-    assert f"warning: {trained_run / 'adapter'} was trained on {tiny_model}; loading it onto {other}" in capsys.readouterr().err
+    assert (
+        f"warning: {trained_run / 'adapter'} was trained on {tiny_model}; loading it onto {other}"
+        in capsys.readouterr().err
+    )
     assert cli.main(["generate", "--adapter", str(trained_run), "--max-new-tokens", "2", "x"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
-def test_run_config_paths_work_from_any_directory_and_help_lists_methods(tiny_model, data_dir, tmp_path, capsys, monkeypatch):
+def test_run_config_paths_work_from_any_directory_and_help_lists_methods(
+    tiny_model, data_dir, tmp_path, capsys, monkeypatch
+):
     from lorakit.train import config as config_mod
 
     monkeypatch.chdir(data_dir)  # a run started with relative paths
-    assert cli.main(["train", "--model", tiny_model, "--data", "alpaca.jsonl", "--steps", "1", "--batch-size", "4",
-                     "--out-dir", str(tmp_path / "runs"), "--name", "rel", "--no-progress", "--r", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                tiny_model,
+                "--data",
+                "alpaca.jsonl",
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--name",
+                "rel",
+                "--no-progress",
+                "--r",
+                "2",
+            ]
+        )
+        == 0
+    )
     saved = config_mod.load_yaml(tmp_path / "runs" / "rel" / "config.yaml")
     assert saved["data"] == str(data_dir / "alpaca.jsonl")
     monkeypatch.chdir(tmp_path)  # elsewhere: the run still finds its data
@@ -325,11 +555,21 @@ def test_ctrl_c_while_importing_is_a_clean_exit():
     import sys
     import time
 
-    probe = subprocess.run([sys.executable, "-c", "import sys, lorakit.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datasets')))"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, lorakit.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datasets')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "[]"
     # `lorakit` as the console script runs it (import lorakit.cli, call main), telling us when main starts
-    script = "import sys, lorakit.cli; print('ready', flush=True); sys.exit(lorakit.cli.main(['train', '--print-config']))"
+    script = (
+        "import sys, lorakit.cli; print('ready', flush=True); sys.exit(lorakit.cli.main(['train', '--print-config']))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.3)  # inside main, importing torch (seconds)
@@ -340,12 +580,18 @@ def test_ctrl_c_while_importing_is_a_clean_exit():
     assert proc.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--nproc", "0"], "error: lorakit train: argument --nproc: must be positive, got 0 (see lorakit train --help)"),
-    (["train", "--bogus"], "error: lorakit train: unrecognized arguments: --bogus"),
-    (["nosuch"], "error: lorakit: argument command: invalid choice: 'nosuch'"),
-    (["train", "--data", ""], "error: the data path is empty"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--nproc", "0"],
+            "error: lorakit train: argument --nproc: must be positive, got 0 (see lorakit train --help)",
+        ),
+        (["train", "--bogus"], "error: lorakit train: unrecognized arguments: --bogus"),
+        (["nosuch"], "error: lorakit: argument command: invalid choice: 'nosuch'"),
+        (["train", "--data", ""], "error: the data path is empty"),
+    ],
+)
 def test_usage_mistakes_are_one_line(argv, message, capsys):
     try:
         code = cli.main(argv)
@@ -409,7 +655,9 @@ def test_export_gguf_adapter_and_its_refusals(trained_run, tiny_model, tmp_path,
     capsys.readouterr()
     assert cli.main(["export", "--adapter", str(trained_run), "--out", str(tmp_path)]) == 2
     assert "is a directory" in error_line(capsys)
-    assert cli.main(["export", "--adapter", str(trained_run), "--outtype", "q8_0", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert (
+        cli.main(["export", "--adapter", str(trained_run), "--outtype", "q8_0", "--out", str(tmp_path / "x.gguf")]) == 2
+    )
     assert "--merged" in error_line(capsys)
     assert cli.main(["export", "--adapter", str(trained_run), "--merged", "--out", str(tmp_path / "m.gguf")]) == 2
     assert "convert_hf_to_gguf" in error_line(capsys)  # a Hugging Face directory base: no GGUF file to copy from

@@ -30,8 +30,26 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
     model = save_tiny_llama(root / "model")
     data = write_jsonl(root / "pc.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i} {i + 1}"} for i in range(24)])
-    code = cli.main(["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4",
-                     "--checkpoint-every", "1", "--out-dir", str(root / "runs"), "--name", "a", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "1",
+            "--out-dir",
+            str(root / "runs"),
+            "--name",
+            "a",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return root, model, data, root / "runs" / "a"
 
@@ -63,8 +81,22 @@ def test_compare_leaves_a_directory_of_the_users_files_alone(world, tmp_path, ca
     (mine / "compare.csv").write_text("my own table\n")
     (mine / "notes.txt").write_text("keep me\n")
     before = snapshot(mine)
-    flags = ["compare", "--methods", "lora,dora", "--model", str(model), "--data", str(data), "--steps", "1",
-             "--out-dir", str(tmp_path), "--name", "mine", "--no-progress"]
+    flags = [
+        "compare",
+        "--methods",
+        "lora,dora",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "mine",
+        "--no-progress",
+    ]
     assert cli.main(flags) == 2
     assert "--name" in (line := error_line(capsys)) and "already holds files" in line and "--overwrite" in line
     assert snapshot(mine) == before
@@ -79,7 +111,18 @@ def test_inspect_replaces_a_file_only_with_overwrite(world, tmp_path, capsys):
     kept = tmp_path / "kept.jsonl"
     shutil.copy(data, kept)
     for flag in ("--json", "--html"):
-        assert cli.main(["inspect", str(run), flag, str(kept), "--no-html" if flag == "--json" else "--json=" + str(tmp_path / "x.json")]) == 2
+        assert (
+            cli.main(
+                [
+                    "inspect",
+                    str(run),
+                    flag,
+                    str(kept),
+                    "--no-html" if flag == "--json" else "--json=" + str(tmp_path / "x.json"),
+                ]
+            )
+            == 2
+        )
         assert f"{flag} {kept} exists" in error_line(capsys) and kept.read_bytes() == data.read_bytes()
         assert not (tmp_path / "x.json").exists()  # refused before anything was written
     assert cli.main(["inspect", str(run), "--json", str(kept), "--no-html", "--overwrite"]) == 0
@@ -131,19 +174,35 @@ def bad_paths(tmp_path: Path) -> dict[str, Path]:
 def test_an_output_path_that_cannot_be_written_is_one_line(kind, world, tmp_path, capsys):
     _, model, data, run = world
     path = bad_paths(tmp_path)[kind]
-    commands = [["export", "--adapter", str(run), "--out", str(path)],
-                ["inspect", str(run), "--json", str(path), "--no-html"],
-                ["inspect", str(run), "--html", str(path)],
-                ["merge", "--adapter", str(run), "--out", str(path)],
-                ["compare", "--methods", "lora", "--model", str(model), "--data", str(data), "--out-dir", str(path), "--name", "c"],
-                ["train", "--model", str(model), "--data", str(data), "--out-dir", str(path), "--name", "t", "--steps", "1"]]
+    commands = [
+        ["export", "--adapter", str(run), "--out", str(path)],
+        ["inspect", str(run), "--json", str(path), "--no-html"],
+        ["inspect", str(run), "--html", str(path)],
+        ["merge", "--adapter", str(run), "--out", str(path)],
+        [
+            "compare",
+            "--methods",
+            "lora",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out-dir",
+            str(path),
+            "--name",
+            "c",
+        ],
+        ["train", "--model", str(model), "--data", str(data), "--out-dir", str(path), "--name", "t", "--steps", "1"],
+    ]
     for argv in commands:
         if kind == "dir" and argv[0] in ("merge", "compare", "train"):
             continue  # a directory is what these write
         before = snapshot(tmp_path)
         assert cli.main(argv) == 2, argv
         line = error_line(capsys)
-        assert {"broken": "broken symbolic link", "dir": "is a directory", "under-file": "is a file"}[kind] in line, line
+        assert {"broken": "broken symbolic link", "dir": "is a directory", "under-file": "is a file"}[kind] in line, (
+            line
+        )
         assert snapshot(tmp_path) == before
 
 
@@ -158,8 +217,12 @@ def test_a_missing_parent_directory_is_made(world, tmp_path, capsys):
 def batch(tmp_path: Path, commands: list[list[str]], **disk) -> list[dict]:
     """`commands` in one process (tests/cli_batch.py) on a small disk at tmp_path/disk."""
     (tmp_path / "commands.json").write_text(json.dumps(commands))
-    done = run_on_small_disk(tmp_path / "disk", [sys.executable, CLI_BATCH, str(tmp_path / "commands.json"),
-                                                 str(tmp_path / "results.json")], after=tmp_path / "after", **disk)
+    done = run_on_small_disk(
+        tmp_path / "disk",
+        [sys.executable, CLI_BATCH, str(tmp_path / "commands.json"), str(tmp_path / "results.json")],
+        after=tmp_path / "after",
+        **disk,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp_path / "results.json").read_text())
 
@@ -175,14 +238,30 @@ def assert_one_line_each(results: list[dict], words: str) -> None:
 def test_a_read_only_output_directory_is_one_line(world, tmp_path):
     _, model, data, run = world
     disk = tmp_path / "disk"
-    results = batch(tmp_path, [
-        ["export", "--adapter", str(run), "--out", str(disk / "a.gguf")],
-        ["inspect", str(run), "--json", str(disk / "all.json"), "--no-html"],
-        ["inspect", str(run), "--html", str(disk / "page.html")],
-        ["merge", "--adapter", str(run), "--out", str(disk / "merged")],
-        ["compare", "--methods", "lora", "--model", str(model), "--data", str(data), "--out-dir", str(disk), "--name", "c"],
-        ["train", "--model", str(model), "--data", str(data), "--out-dir", str(disk / "runs"), "--steps", "1"],
-    ], read_only=True)
+    results = batch(
+        tmp_path,
+        [
+            ["export", "--adapter", str(run), "--out", str(disk / "a.gguf")],
+            ["inspect", str(run), "--json", str(disk / "all.json"), "--no-html"],
+            ["inspect", str(run), "--html", str(disk / "page.html")],
+            ["merge", "--adapter", str(run), "--out", str(disk / "merged")],
+            [
+                "compare",
+                "--methods",
+                "lora",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--out-dir",
+                str(disk),
+                "--name",
+                "c",
+            ],
+            ["train", "--model", str(model), "--data", str(data), "--out-dir", str(disk / "runs"), "--steps", "1"],
+        ],
+        read_only=True,
+    )
     assert_one_line_each(results, "read-only")
     assert snapshot(tmp_path / "after") == {}
 
@@ -196,24 +275,67 @@ def test_a_full_disk_keeps_what_was_there(world, tmp_path):
     for name in ("a.gguf", "all.json", "page.html"):
         (seed / name).write_text(f"the earlier {name}")
     shutil.copytree(model, seed / "merged")  # an earlier merged model
-    shutil.copytree(run, seed / "cut", ignore=lambda d, names: [n for n in names if Path(d) == run and n in ("adapter", "report.json",
-                                                                                                   "report.txt", ".lock")])
+    shutil.copytree(
+        run,
+        seed / "cut",
+        ignore=lambda d, names: [
+            n for n in names if Path(d) == run and n in ("adapter", "report.json", "report.txt", ".lock")
+        ],
+    )
     # (a run killed after its last checkpoint)
-    compare = ["compare", "--methods", "lora", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4",
-               "--checkpoint-every", "1", "--out-dir", str(disk), "--name", "cmp", "--no-progress", "--no-html"]
+    compare = [
+        "compare",
+        "--methods",
+        "lora",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--out-dir",
+        str(disk),
+        "--name",
+        "cmp",
+        "--no-progress",
+        "--no-html",
+    ]
     (seed / "cmp").mkdir()  # a finished comparison, to be reported again
     shutil.copytree(run, seed / "cmp" / "lora", ignore=shutil.ignore_patterns(".lock"))
     (seed / "cmp" / "compare.json").write_text('{"the earlier": "compare.json"}')
-    (seed / "cmp" / "compare.yaml").write_text(lorakit.compare.settings_text(resolve_train_config(build_parser("compare").parse_args(compare)), {}))
-    results = batch(tmp_path, [
-        ["export", "--adapter", str(run), "--out", str(disk / "a.gguf"), "--overwrite"],
-        ["inspect", str(run), "--json", str(disk / "all.json"), "--html", str(disk / "page.html"), "--overwrite"],
-        ["merge", "--adapter", str(run), "--out", str(disk / "merged"), "--overwrite"],
-        ["train", "--resume", str(disk / "cut"), "--no-progress"],
-        ["train", "--model", str(model), "--data", str(data), "--out-dir", str(disk / "runs"), "--name", "new", "--steps", "1",
-         "--no-progress"],
-        compare,
-    ], seed=seed, leave_free=0)
+    (seed / "cmp" / "compare.yaml").write_text(
+        lorakit.compare.settings_text(resolve_train_config(build_parser("compare").parse_args(compare)), {})
+    )
+    results = batch(
+        tmp_path,
+        [
+            ["export", "--adapter", str(run), "--out", str(disk / "a.gguf"), "--overwrite"],
+            ["inspect", str(run), "--json", str(disk / "all.json"), "--html", str(disk / "page.html"), "--overwrite"],
+            ["merge", "--adapter", str(run), "--out", str(disk / "merged"), "--overwrite"],
+            ["train", "--resume", str(disk / "cut"), "--no-progress"],
+            [
+                "train",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--out-dir",
+                str(disk / "runs"),
+                "--name",
+                "new",
+                "--steps",
+                "1",
+                "--no-progress",
+            ],
+            compare,
+        ],
+        seed=seed,
+        leave_free=0,
+    )
     assert_one_line_each(results, "the disk is full")
     after = snapshot(tmp_path / "after")
     assert {name: digest for name, digest in after.items() if not name.endswith(".lock")} == snapshot(seed)
@@ -249,8 +371,25 @@ def test_two_outputs_on_one_file_and_a_newline_in_a_path_are_one_line(world, tmp
 
 def test_compare_with_overwrite_trains_again_and_other_settings_need_it(world, tmp_path, capsys):
     _, model, data, _ = world
-    flags = ["compare", "--methods", "lora", "--model", str(model), "--data", str(data), "--steps", "1", "--batch-size", "4",
-             "--out-dir", str(tmp_path), "--name", "cmp", "--no-progress", "--no-html"]
+    flags = [
+        "compare",
+        "--methods",
+        "lora",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "cmp",
+        "--no-progress",
+        "--no-html",
+    ]
     assert cli.main(flags) == 0
     first = (tmp_path / "cmp" / "lora" / "report.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -264,8 +403,9 @@ def test_compare_with_overwrite_trains_again_and_other_settings_need_it(world, t
 
 def dead_pid() -> int:
     """The id of a process that has exited."""
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    return int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
 
 
 def test_explain_never_writes_over_the_base_model_or_the_run_and_not_through_a_broken_link(world, tmp_path, capsys):
@@ -279,8 +419,20 @@ def test_explain_never_writes_over_the_base_model_or_the_run_and_not_through_a_b
     shutil.copytree(run, copy)
     (copy / "adapter" / "other").mkdir()
     (copy / "adapter" / "other" / "keep.json").write_text("{}")
-    assert cli.main(["explain", "--adapter", str(copy), "hi", "--json", str(copy / "adapter" / "other" / "keep.json"),
-                     "--overwrite"]) == 2
+    assert (
+        cli.main(
+            [
+                "explain",
+                "--adapter",
+                str(copy),
+                "hi",
+                "--json",
+                str(copy / "adapter" / "other" / "keep.json"),
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert "an input of this command" in error_line(capsys)
     assert (copy / "adapter" / "other" / "keep.json").read_text() == "{}"
     broken = tmp_path / "broken.html"
@@ -297,8 +449,24 @@ def test_explain_writes_through_a_link_and_removes_what_a_killed_explain_left(wo
     link.symlink_to(real)
     leftover = tmp_path / f".real.json.tmp-{dead_pid()}-0123abcd"
     leftover.write_text("half")
-    assert cli.main(["explain", "--adapter", str(run), "Say 1:", "--completion", " 1", "--steps", "2",
-                     "--json", str(link), "--overwrite"]) == 0
+    assert (
+        cli.main(
+            [
+                "explain",
+                "--adapter",
+                str(run),
+                "Say 1:",
+                "--completion",
+                " 1",
+                "--steps",
+                "2",
+                "--json",
+                str(link),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert link.is_symlink() and json.loads(real.read_text())["inputs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
 
@@ -313,12 +481,20 @@ def test_trainer_checkpoint_files_are_written_atomically_and_leftovers_removed(w
     model = io.load(AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter")
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
-    stale = [checkpoint / f".{name}.tmp-{dead_pid()}-0123abcd"
-             for name in ("adapter_model.safetensors", checkpoints.EXACT_STATE_NAME, checkpoints.HOOKS_STATE_NAME)]
+    stale = [
+        checkpoint / f".{name}.tmp-{dead_pid()}-0123abcd"
+        for name in ("adapter_model.safetensors", checkpoints.EXACT_STATE_NAME, checkpoints.HOOKS_STATE_NAME)
+    ]
     for path in stale:
         path.write_text("half")
     io.save(model, checkpoint)
     checkpoints.save_training_state(checkpoint, model, None)
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
-        ["adapter_model.safetensors", "adapter_config.json", "lorakit.json", checkpoints.EXACT_STATE_NAME,
-         checkpoints.HOOKS_STATE_NAME])
+        [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "lorakit.json",
+            checkpoints.EXACT_STATE_NAME,
+            checkpoints.HOOKS_STATE_NAME,
+        ]
+    )

@@ -65,15 +65,19 @@ def adapted(method: str, seed: int = 1, std: float = 0.2, targets=TARGETS):
     if method == "delta-lora":
         with torch.no_grad():
             for _, layer in inject.adapted_layers(model):
-                layer.base_layer.weight.add_(0.02 * torch.randn(layer.base_layer.weight.shape, generator=torch.Generator().manual_seed(5)))
+                layer.base_layer.weight.add_(
+                    0.02 * torch.randn(layer.base_layer.weight.shape, generator=torch.Generator().manual_seed(5))
+                )
     return model.eval(), original
 
 
 def module_inputs(model, ids) -> dict[str, torch.Tensor]:
     """Each adapted module's input in the adapted model's own forward pass (first batch row)."""
     seen = {}
-    handles = [layer.register_forward_pre_hook(lambda _, inputs, name=name: seen.__setitem__(name, inputs[0][0].detach()))
-               for name, layer in inject.adapted_layers(model)]
+    handles = [
+        layer.register_forward_pre_hook(lambda _, inputs, name=name: seen.__setitem__(name, inputs[0][0].detach()))
+        for name, layer in inject.adapted_layers(model)
+    ]
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]))
     for handle in handles:
@@ -106,14 +110,19 @@ def test_module_sizes_by_hand(method):
             parts = {"update": x @ (adapter.scale * adapter.lora_B @ (adapter.lora_A * adapter.lora_E)).T}
         elif method == "vera":
             b, d = adapter.vera_lambda_b, adapter.vera_lambda_d
-            vera_A = adapter.projections.vera_A[:, :layer.in_features]
-            vera_B = adapter.projections.vera_B[:layer.out_features]
+            vera_A = adapter.projections.vera_A[:, : layer.in_features]
+            vera_B = adapter.projections.vera_B[: layer.out_features]
             parts = {"update": x @ (b[:, None] * vera_B @ torch.diag(d) @ vera_A).T}
         else:  # DoRA, densely: W' = m ⊙ (W0 + s B A) / ||W0 + s B A||_row
             direction = w0 + adapter.scale * adapter.lora.lora_B @ adapter.lora.lora_A
             ratio = adapter.magnitude / direction.norm(dim=1)
-            parts = {"magnitude": (ratio - 1) * base, "direction": ratio * (x @ (adapter.scale * adapter.lora.lora_B @ adapter.lora.lora_A).T)}
-            torch.testing.assert_close(sum(parts.values()), x @ (ratio[:, None] * direction - w0).T, atol=1e-5, rtol=1e-4)
+            parts = {
+                "magnitude": (ratio - 1) * base,
+                "direction": ratio * (x @ (adapter.scale * adapter.lora.lora_B @ adapter.lora.lora_A).T),
+            }
+            torch.testing.assert_close(
+                sum(parts.values()), x @ (ratio[:, None] * direction - w0).T, atol=1e-5, rtol=1e-4
+            )
         with torch.no_grad():
             expected = {part: relative(value, base) for part, value in parts.items()}
             total = relative(sum(parts.values()), base)
@@ -134,7 +143,7 @@ def naive_integrated_gradients(model, ids, completion_start, steps=24, h=1e-3) -
         with torch.no_grad():
             for layer, b, scale in zip(layers, originals, scales):
                 layer.adapter.lora_B.copy_(b * scale)
-            logits = model(input_ids=torch.tensor([ids])).logits[0, completion_start - 1:-1].double()
+            logits = model(input_ids=torch.tensor([ids])).logits[0, completion_start - 1 : -1].double()
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     total = torch.zeros(len(targets), len(layers), dtype=torch.float64)
@@ -178,7 +187,9 @@ def test_attributions_add_up_to_the_total_for_every_method(method):
     base = tiny_llama(seed=1)
     with torch.no_grad():
         base_logits = base(input_ids=torch.tensor([found.token_ids])).logits[0].log_softmax(-1)
-    assert [o.base_value for o in found.outputs] == pytest.approx([float(base_logits[o.position, o.token_id]) for o in found.outputs], abs=1e-4)
+    assert [o.base_value for o in found.outputs] == pytest.approx(
+        [float(base_logits[o.position, o.token_id]) for o in found.outputs], abs=1e-4
+    )
 
 
 def test_an_adapter_that_changes_one_module_is_attributed_to_it():
@@ -241,8 +252,17 @@ def test_sequence_classifiers_and_regressors(task):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     vocab_size=128, max_position_embeddings=64, num_labels=3 if task == "classify" else 1))
+    model = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            num_labels=3 if task == "classify" else 1,
+        )
+    )
     lorakit.adapt(model, lorakit.LoRA(r=4, targets=["query", "value"], train_modules=["classifier"]))
     perturb_trainable(model, seed=2, std=0.5)
     model.eval()
@@ -312,12 +332,19 @@ def test_json_holds_every_number_and_no_infinities(tmp_path):
     data = json.loads((tmp_path / "e.json").read_text())
     (record,) = data["inputs"]
     assert data["adapter"] == "x" and record["modules"][0]["size"][0] is None and record["depth_check"] == []
-    assert record["completion"] == " go" and len(record["outputs"]) == 3 and len(record["outputs"][0]["adapted_top"]) == 3
+    assert (
+        record["completion"] == " go" and len(record["outputs"]) == 3 and len(record["outputs"][0]["adapted_top"]) == 3
+    )
     module = record["modules"][1]
     assert set(module["parts"]) == {"magnitude", "direction"} and len(module["components"]) == 2
     assert len(module["size"]) == len(record["tokens"]) == len(module["components"][0]["drive"])
-    assert record["attribution"]["within_tolerance"] and record["attribution"]["completeness_error"] <= record["attribution"]["tolerance"]
-    assert sum(m["attribution"] for m in record["modules"]) == pytest.approx(record["total_effect"], abs=record["attribution"]["tolerance"])
+    assert (
+        record["attribution"]["within_tolerance"]
+        and record["attribution"]["completeness_error"] <= record["attribution"]["tolerance"]
+    )
+    assert sum(m["attribution"] for m in record["modules"]) == pytest.approx(
+        record["total_effect"], abs=record["attribution"]["tolerance"]
+    )
 
 
 def test_a_4bit_base():
@@ -368,7 +395,7 @@ def test_svd_components_of_a_factored_update(out_features, rank, in_features):
     up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
     found = svd_components("update", up, down)
     singular = torch.linalg.svdvals((up @ down).double())
-    assert found.strengths.tolist() == pytest.approx(singular[:len(found.labels)].tolist(), rel=1e-5)
+    assert found.strengths.tolist() == pytest.approx(singular[: len(found.labels)].tolist(), rel=1e-5)
     assert len(found.labels) == min(out_features, rank, in_features)
     torch.testing.assert_close(found.up @ found.down, up @ down, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(found.down @ found.down.T, torch.eye(len(found.labels)), atol=1e-5, rtol=0)
@@ -381,21 +408,30 @@ def test_the_exact_check_by_depth_against_removing_the_update_by_hand():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
+    ).eval()
     lorakit.adapt(model, config("lora"))
     perturb_trainable(model, seed=1, std=0.3)
     found = explain(model, TOKENIZER, PROMPT, completion=" god", steps=8)
     assert [d.layers for d in found.depth] == [[0, 1], [2], [3]]
     ids = torch.tensor([found.token_ids])
-    targets = torch.tensor(found.token_ids[found.prompt_length:])
+    targets = torch.tensor(found.token_ids[found.prompt_length :])
     saved = {name: layer.adapter.lora_B.detach().clone() for name, layer in inject.adapted_layers(model)}
 
     def changes(keep) -> list[float]:
         with torch.no_grad():
             for name, layer in inject.adapted_layers(model):
                 layer.adapter.lora_B.copy_(saved[name] * float(keep(layer_index(name))))
-            logits = model(input_ids=ids).logits[0, found.prompt_length - 1:-1].log_softmax(-1)
+            logits = model(input_ids=ids).logits[0, found.prompt_length - 1 : -1].log_softmax(-1)
         values = logits.gather(-1, targets[:, None]).squeeze(-1)
         return [float(v) - o.base_value for v, o in zip(values, found.outputs)]
 

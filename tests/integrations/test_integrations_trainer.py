@@ -19,13 +19,19 @@ from trainer_runs import adapter_tensors, method_config, token_data, training_ar
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+FULL_MODEL_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def run(model, out: Path, trainer_class=None, callbacks=None, resume=None, **overrides):
     trainer_class = trainer_class or lorakit_trainer(Trainer)
-    trainer = trainer_class(model=model, args=training_args(out, **overrides), train_dataset=token_data(),
-                            callbacks=callbacks)
+    trainer = trainer_class(
+        model=model, args=training_args(out, **overrides), train_dataset=token_data(), callbacks=callbacks
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -37,8 +43,9 @@ class GradientRecorder(TrainerCallback):
         self.steps: list[dict[str, torch.Tensor | None]] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.steps.append({n: (None if p.grad is None else p.grad.detach().clone())
-                           for n, p in lorakit.adapter_parameters(model)})
+        self.steps.append(
+            {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in lorakit.adapter_parameters(model)}
+        )
 
 
 # --- 1. checkpoints hold the adapter ------------------------------------------------------------------
@@ -47,12 +54,28 @@ class GradientRecorder(TrainerCallback):
 @pytest.mark.parametrize("plain", [False, True], ids=["lorakit-trainer", "plain-trainer+callback"])
 def test_checkpoints_hold_the_adapter_not_the_model(tmp_path, plain):
     model = lorakit.adapt(tiny_llama(), method_config("lora"))
-    trainer = run(model, tmp_path, trainer_class=Trainer if plain else None, callbacks=[LorakitCallback()],
-                  max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = run(
+        model,
+        tmp_path,
+        trainer_class=Trainer if plain else None,
+        callbacks=[LorakitCallback()],
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
     for step in (2, 4):
         files = {p.name for p in (tmp_path / f"checkpoint-{step}").iterdir()}
-        assert {"adapter_model.safetensors", "adapter_config.json", "lorakit.json", EXACT_STATE_NAME, HOOKS_STATE_NAME,
-                "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files, files
+        assert {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "lorakit.json",
+            EXACT_STATE_NAME,
+            HOOKS_STATE_NAME,
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+        } <= files, files
         assert not files & set(FULL_MODEL_FILES), files
     trainer.save_model(str(tmp_path / "final"))
     files = {p.name for p in (tmp_path / "final").iterdir()}
@@ -88,7 +111,9 @@ def test_a_merged_model_saves_in_full(tmp_path, input_ids):
 
 def test_the_callback_refuses_a_model_without_adapters(tmp_path):
     with pytest.raises(LorakitError, match="no lorakit adapter"):
-        Trainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=token_data(), callbacks=[LorakitCallback()])
+        Trainer(
+            model=tiny_llama(), args=training_args(tmp_path), train_dataset=token_data(), callbacks=[LorakitCallback()]
+        )
 
 
 # --- 2. exact resume ----------------------------------------------------------------------------------
@@ -110,8 +135,9 @@ class HookStateRecorder(LorakitCallback):
         self.by_step: dict[int, list] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.by_step[state.global_step] = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in hook.items()}
-                                           for hook in self.hooks.state_dict()]
+        self.by_step[state.global_step] = [
+            {k: (dict(v) if isinstance(v, dict) else v) for k, v in hook.items()} for hook in self.hooks.state_dict()
+        ]
 
 
 def interrupted_and_whole(tmp_path, method, overrides):
@@ -145,10 +171,13 @@ def test_resume_ends_equal_to_an_uninterrupted_run(tmp_path, case):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     decided = lorakit.inject.adapter_config(whole)
-    assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in decided.layout_fields} == \
-        {f: getattr(decided, f) for f in decided.layout_fields}  # the layout training decided, too
+    assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in decided.layout_fields} == {
+        f: getattr(decided, f) for f in decided.layout_fields
+    }  # the layout training decided, too
     selection = ("targets", "layers", "exclude")  # as the script chose them, not the modules they matched
-    assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in selection} == {f: getattr(decided, f) for f in selection}
+    assert {f: getattr(lorakit.inject.adapter_config(resumed), f) for f in selection} == {
+        f: getattr(decided, f) for f in selection
+    }
     assert sorted(resumed_hooks) == [5, 6, 7, 8]
     for step in resumed_hooks:  # and the hooks went through the same states
         assert same_state(resumed_hooks[step], whole_hooks[step]), step
@@ -210,13 +239,20 @@ def test_the_extra_loss_is_part_of_each_step_once(tmp_path):
     reference.load_state_dict(model.state_dict())
     recorder = GradientRecorder()
     trainer = lorakit_trainer(Trainer)(
-        model=model, args=training_args(tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                        max_grad_norm=0.0), train_dataset=batches, callbacks=[recorder])
+        model=model,
+        args=training_args(
+            tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.0
+        ),
+        train_dataset=batches,
+        callbacks=[recorder],
+    )
     trainer.train()
     hooks = lorakit.training_hooks(reference, 2)
     order = list(trainer.get_train_dataloader().sampler)  # the examples of the step, in the trainer's order
     ids = torch.tensor(batches["input_ids"])[order]
-    loss = sum(reference(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss / 2 for i in (0, 4)) + hooks.extra_loss(reference)
+    loss = sum(reference(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss / 2 for i in (0, 4)) + hooks.extra_loss(
+        reference
+    )
     loss.backward()
     expected = {n: p.grad for n, p in lorakit.adapter_parameters(reference)}
     assert expected.keys() == recorder.steps[0].keys()
@@ -254,8 +290,14 @@ def test_a_plain_trainer_refuses_what_only_the_mixin_can_do(tmp_path):
 @pytest.mark.parametrize("method", sorted(lorakit.methods.METHODS))
 def test_loraplus_through_the_trainers_optimizer(tmp_path, method):
     model = lorakit.adapt(tiny_llama(), method_config(method))
-    trainer = run(model, tmp_path, callbacks=[LorakitCallback(loraplus_ratio=16)], max_steps=4, weight_decay=0.1,
-                  lr_scheduler_type="constant")
+    trainer = run(
+        model,
+        tmp_path,
+        callbacks=[LorakitCallback(loraplus_ratio=16)],
+        max_steps=4,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+    )
     groups = trainer.optimizer.param_groups
     params = [p for g in groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params})
@@ -270,8 +312,13 @@ def test_loraplus_through_the_trainers_optimizer(tmp_path, method):
 def test_loraplus_with_a_plain_trainer_and_its_own_groups(tmp_path):
     model = lorakit.adapt(tiny_llama(), method_config("lora"))
     optimizer = torch.optim.AdamW(lorakit.param_groups(model, 1e-2, 16))
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=token_data(),
-                      callbacks=[LorakitCallback(loraplus_ratio=16)], optimizers=(optimizer, None))
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=token_data(),
+        callbacks=[LorakitCallback(loraplus_ratio=16)],
+        optimizers=(optimizer, None),
+    )
     trainer.train()
 
 
@@ -282,8 +329,14 @@ def test_loraplus_with_a_plain_trainer_and_its_own_groups(tmp_path):
 def test_gradient_checkpointing_trains_the_adapters(tmp_path, reentrant):
     model = lorakit.adapt(tiny_llama(), method_config("lora"))
     recorder = GradientRecorder()
-    run(model, tmp_path, callbacks=[recorder], max_steps=2, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    run(
+        model,
+        tmp_path,
+        callbacks=[recorder],
+        max_steps=2,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     for name, grad in recorder.steps[-1].items():
         assert grad is not None and grad.abs().sum() > 0, name  # lora_A too: B moved off zero in step 1
@@ -303,8 +356,12 @@ def test_reentrant_checkpointing_over_frozen_inputs_is_handled(tmp_path, monkeyp
     # without lorakit the adapters silently get no gradient at all
     plain = frozen_input_checkpointing()
     recorder = GradientRecorder()
-    Trainer(model=plain, args=training_args(tmp_path / "plain", max_steps=1), train_dataset=token_data(),
-            callbacks=[recorder]).train()
+    Trainer(
+        model=plain,
+        args=training_args(tmp_path / "plain", max_steps=1),
+        train_dataset=token_data(),
+        callbacks=[recorder],
+    ).train()
     inside = {n: g for n, g in recorder.steps[0].items() if "layers." in n}
     assert inside and all(grad is None for grad in inside.values())
     assert all(g is not None for n, g in recorder.steps[0].items() if "lm_head" in n)
@@ -326,8 +383,10 @@ def test_reentrant_checkpointing_over_frozen_inputs_is_handled(tmp_path, monkeyp
 # --- 6. Accelerate: two processes train what one does with twice the batch ---------------------------
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="this PyTorch build has no torch.distributed gloo backend")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this PyTorch build has no torch.distributed gloo backend",
+)
 @pytest.mark.distributed
 def test_accelerate_launch_two_processes_trains_the_one_process_adapter(tmp_path):
     """`accelerate launch --num_processes 2` (gloo on CPU) with the trainer and the callback: AdaLoRA's
@@ -343,21 +402,48 @@ def test_accelerate_launch_two_processes_trains_the_one_process_adapter(tmp_path
 
     pytest.importorskip("accelerate")
     trainer_runs.main(str(tmp_path / "one"), 8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(lorakit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              str(Path(trainer_runs.__file__)), str(tmp_path / "two"), "4"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(Path(trainer_runs.__file__)),
+        str(tmp_path / "two"),
+        "4",
+    ]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = load_file(str(tmp_path / "one" / "final.safetensors")), load_file(str(tmp_path / "two" / "final.safetensors"))
+    one, two = (
+        load_file(str(tmp_path / "one" / "final.safetensors")),
+        load_file(str(tmp_path / "two" / "final.safetensors")),
+    )
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
     assert (tmp_path / "two" / "ranks.txt").read_text() == (tmp_path / "one" / "ranks.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "two").glob("adapter-written-by-rank-*")) == ["adapter-written-by-rank-0"]
     checkpoint = {p.name for p in (tmp_path / "two" / "checkpoint-4").iterdir()}
-    assert {"adapter_model.safetensors", "lorakit_adapter_state.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
+    assert {
+        "adapter_model.safetensors",
+        "lorakit_adapter_state.safetensors",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    } <= checkpoint
     assert "model.safetensors" not in checkpoint
 
 
@@ -372,10 +458,18 @@ def test_generate_pipeline_and_merged_model(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     lorakit.adapt(model, method_config("lora", alpha=32.0))
     data = token_data()
-    data = data.map(lambda row: {"input_ids": [t % len(tokenizer) for t in row["input_ids"]],
-                                 "labels": [t % len(tokenizer) for t in row["labels"]]})
-    trainer = lorakit_trainer(Trainer)(model=model, args=training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2),
-                                       train_dataset=data, processing_class=tokenizer)
+    data = data.map(
+        lambda row: {
+            "input_ids": [t % len(tokenizer) for t in row["input_ids"]],
+            "labels": [t % len(tokenizer) for t in row["labels"]],
+        }
+    )
+    trainer = lorakit_trainer(Trainer)(
+        model=model,
+        args=training_args(tmp_path / "run", max_steps=4, learning_rate=5e-2),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
     trainer.train()
     model.eval()
     prompt = tokenizer("Reverse the order of the words: apple river", return_tensors="pt")
@@ -414,8 +508,9 @@ def checkpoint_of_two_steps(tmp_path, method="lora"):
     return tmp_path / "a" / "checkpoint-2"
 
 
-@pytest.mark.parametrize("damage", ["no-exact-state", "no-hook-state", "truncated-adapter", "truncated-exact-state",
-                                    "pickle-as-hook-state"])
+@pytest.mark.parametrize(
+    "damage", ["no-exact-state", "no-hook-state", "truncated-adapter", "truncated-exact-state", "pickle-as-hook-state"]
+)
 def test_an_incomplete_or_damaged_checkpoint_is_refused(tmp_path, damage):
     checkpoint = checkpoint_of_two_steps(tmp_path)
     if damage == "no-exact-state":
@@ -471,7 +566,9 @@ def test_the_extra_loss_gradient_is_scaled_like_the_task_loss_under_fp16():
         callback.build_hooks(model, 4)
         model.zero_grad(set_to_none=True)
         callback.add_extra_loss_gradient(model, optimizer)
-        grads[optimizer is None] = {n: p.grad.clone() for n, p in lorakit.adapter_parameters(model) if p.grad is not None}
+        grads[optimizer is None] = {
+            n: p.grad.clone() for n, p in lorakit.adapter_parameters(model) if p.grad is not None
+        }
     assert grads[True] and grads[True].keys() == grads[False].keys()
     for name in grads[True]:
         torch.testing.assert_close(grads[False][name], 8.0 * grads[True][name])
@@ -480,10 +577,21 @@ def test_the_extra_loss_gradient_is_scaled_like_the_task_loss_under_fp16():
 def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
     model = lorakit.adapt(tiny_llama(), method_config("lora"))
     trainer = lorakit_trainer(Trainer)(
-        model=model, args=training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                                        save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
-                                        greater_is_better=False),  # random held-out tokens: the loss rises, the best is early
-        train_dataset=token_data(), eval_dataset=token_data(n=8, seed=1))
+        model=model,
+        args=training_args(
+            tmp_path,
+            max_steps=6,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="steps",
+            save_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            greater_is_better=False,
+        ),  # random held-out tokens: the loss rises, the best is early
+        train_dataset=token_data(),
+        eval_dataset=token_data(n=8, seed=1),
+    )
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-6")
@@ -494,6 +602,18 @@ def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
 
     plain = lorakit.adapt(tiny_llama(), method_config("lora"))
     with pytest.raises(LorakitError, match="load_best_model_at_end"):
-        Trainer(model=plain, args=training_args(tmp_path / "plain", max_steps=2, eval_strategy="steps", eval_steps=1,
-                                                save_strategy="steps", save_steps=1, load_best_model_at_end=True),
-                train_dataset=token_data(), eval_dataset=token_data(n=8), callbacks=[LorakitCallback()]).train()
+        Trainer(
+            model=plain,
+            args=training_args(
+                tmp_path / "plain",
+                max_steps=2,
+                eval_strategy="steps",
+                eval_steps=1,
+                save_strategy="steps",
+                save_steps=1,
+                load_best_model_at_end=True,
+            ),
+            train_dataset=token_data(),
+            eval_dataset=token_data(n=8),
+            callbacks=[LorakitCallback()],
+        ).train()

@@ -64,8 +64,9 @@ def test_native_and_torch_paths_give_the_same_bits(monkeypatch):
     monkeypatch.setenv("LORAKIT_NATIVE", "0")
     plain = draw.mask(x.shape), draw.apply(x), draw.accumulate(acc.clone(), x)
     for a, b in zip(native, plain):
-        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
-                           b.view(torch.int32) if b.is_floating_point() else b)
+        assert torch.equal(
+            a.view(torch.int32) if a.is_floating_point() else a, b.view(torch.int32) if b.is_floating_point() else b
+        )
 
 
 def test_threads_split_a_tensor_without_changing_it(monkeypatch):

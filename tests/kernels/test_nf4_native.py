@@ -19,9 +19,29 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 # (weights, blocksize): a padded last block, odd counts (the last byte half used), one weight, blocks
 # of every even size from 2 up, blocks larger than the tensor
-CASES = [(1, 64), (2, 64), (3, 64), (31, 64), (63, 64), (64, 64), (65, 64), (127, 64), (130, 64), (561, 64),
-         (4096, 64), (4097, 64), (1000, 32), (999, 128), (1537, 256), (5000, 4096), (70, 2), (90, 6), (333, 34),
-         (250, 100), (1001, 66)]
+CASES = [
+    (1, 64),
+    (2, 64),
+    (3, 64),
+    (31, 64),
+    (63, 64),
+    (64, 64),
+    (65, 64),
+    (127, 64),
+    (130, 64),
+    (561, 64),
+    (4096, 64),
+    (4097, 64),
+    (1000, 32),
+    (999, 128),
+    (1537, 256),
+    (5000, 4096),
+    (70, 2),
+    (90, 6),
+    (333, 34),
+    (250, 100),
+    (1001, 66),
+]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -84,9 +104,31 @@ def test_special_values_bit_exact(isa, dtype):
     blocks, blocksize = 700, 64
     n = blocks * blocksize - 3
     packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g)
-    absmax = torch.randint(-(2**31), 2**31 - 1, (blocks,), dtype=torch.int64, generator=g).to(torch.int32).view(torch.float32).clone()
-    special = [float("inf"), -float("inf"), float("nan"), -float("nan"), 0.0, -0.0, 1e-40, 1e-45, 2.0**-24, 2.0**-25,
-               6.1e-5, 65504.0, 65520.0, 7e4, 3e38, 1.0, 0.02]
+    absmax = (
+        torch.randint(-(2**31), 2**31 - 1, (blocks,), dtype=torch.int64, generator=g)
+        .to(torch.int32)
+        .view(torch.float32)
+        .clone()
+    )
+    special = [
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+        -float("nan"),
+        0.0,
+        -0.0,
+        1e-40,
+        1e-45,
+        2.0**-24,
+        2.0**-25,
+        6.1e-5,
+        65504.0,
+        65520.0,
+        7e4,
+        3e38,
+        1.0,
+        0.02,
+    ]
     absmax[: len(special)] = torch.tensor(special)
     absmax[20:22] = torch.tensor([0x7F812345, 0x7FBFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
     absmax[100:600] = torch.rand(500, generator=g) * torch.pow(2.0, torch.randint(-30, 18, (500,), generator=g).float())
@@ -121,7 +163,9 @@ def test_default_threshold_splits_a_large_layer(monkeypatch):
     real = native._executor
     monkeypatch.setattr(native, "_executor", lambda workers: pools.append(workers) or real(workers))
     threads = torch.get_num_threads()
-    q = nf4.quantize_nf4(torch.randn(1024, 2 * native.MIN_WEIGHTS_PER_THREAD // 1024 + 3, generator=torch.Generator().manual_seed(4)))
+    q = nf4.quantize_nf4(
+        torch.randn(1024, 2 * native.MIN_WEIGHTS_PER_THREAD // 1024 + 3, generator=torch.Generator().manual_seed(4))
+    )
     expected = nf4.dequantize_nf4_torch(q.packed, q.block_absmax(), q.shape, q.blocksize, torch.bfloat16)
     try:
         torch.set_num_threads(2)
@@ -178,11 +222,15 @@ def test_other_inputs(calls):
     assert not strided.is_contiguous()
     half_scales = q.absmax.to(torch.bfloat16)
     for packed, absmax in [(strided, q.absmax), (q.packed, half_scales)]:
-        assert same_bits(nf4.dequantize_nf4(packed, absmax, q.shape, 64, torch.float16),
-                         nf4.dequantize_nf4_torch(packed, absmax, q.shape, 64, torch.float16))
+        assert same_bits(
+            nf4.dequantize_nf4(packed, absmax, q.shape, 64, torch.float16),
+            nf4.dequantize_nf4_torch(packed, absmax, q.shape, 64, torch.float16),
+        )
     assert len(calls) == 2
-    assert torch.equal(nf4.dequantize_nf4(q.packed, q.absmax, q.shape, 64, torch.float64),
-                       nf4.dequantize_nf4_torch(q.packed, q.absmax, q.shape, 64, torch.float64))
+    assert torch.equal(
+        nf4.dequantize_nf4(q.packed, q.absmax, q.shape, 64, torch.float64),
+        nf4.dequantize_nf4_torch(q.packed, q.absmax, q.shape, 64, torch.float64),
+    )
     scales = q.absmax.clone().requires_grad_()
     out = nf4.dequantize_nf4(q.packed, scales, q.shape, 64, torch.float32)
     assert out.requires_grad
@@ -193,6 +241,8 @@ def test_torch_path_when_the_library_is_missing(monkeypatch, calls):
     monkeypatch.setattr(native, "_library", lambda: None)
     assert not native.available() and not native.enabled()
     q = nf4.quantize_nf4(torch.randn(10, 70, generator=torch.Generator().manual_seed(8)))
-    assert same_bits(q.dequantize(torch.bfloat16),
-                     nf4.dequantize_nf4_torch(q.packed, q.block_absmax(), q.shape, q.blocksize, torch.bfloat16))
+    assert same_bits(
+        q.dequantize(torch.bfloat16),
+        nf4.dequantize_nf4_torch(q.packed, q.block_absmax(), q.shape, q.blocksize, torch.bfloat16),
+    )
     assert not calls

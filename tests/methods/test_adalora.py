@@ -17,13 +17,19 @@ from lorakit.methods.adalora import AdaLoRAAdapter, budget_at, prune_to_budget
 
 def test_forward_and_grads_match_the_formula():
     torch.manual_seed(0)
-    model = lorakit.adapt(nn.Sequential(nn.Linear(12, 6)), lorakit.AdaLoRA(init_r=3, target_r=2, alpha=5.0, targets=["0"]))
+    model = lorakit.adapt(
+        nn.Sequential(nn.Linear(12, 6)), lorakit.AdaLoRA(init_r=3, target_r=2, alpha=5.0, targets=["0"])
+    )
     perturb_trainable(model)
     layer, adapter = model[0], model[0].adapter
     x = torch.randn(4, 12, requires_grad=True)
     y = model(x)
     P, E, Q = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_B, adapter.lora_E, adapter.lora_A))
-    ref = x.detach() @ layer.base_layer.weight.T + layer.base_layer.bias + x.detach() @ (P @ torch.diag(E.view(-1)) @ Q).T * 5.0 / (3 + 1e-5)
+    ref = (
+        x.detach() @ layer.base_layer.weight.T
+        + layer.base_layer.bias
+        + x.detach() @ (P @ torch.diag(E.view(-1)) @ Q).T * 5.0 / (3 + 1e-5)
+    )
     torch.testing.assert_close(y, ref)
     y.square().sum().backward()
     ref.square().sum().backward()
@@ -39,7 +45,9 @@ def test_fresh_adapter_starts_at_the_base_with_peft_init():
 
 
 def test_regulariser_is_the_mean_frobenius_distance_from_orthogonality():
-    model = lorakit.adapt(tiny_llama(), lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj"], orth_reg_weight=0.3))
+    model = lorakit.adapt(
+        tiny_llama(), lorakit.AdaLoRA(init_r=4, target_r=2, targets=["q_proj", "v_proj"], orth_reg_weight=0.3)
+    )
     hooks = lorakit.training_hooks(model, total_steps=10)
     terms = []
     for _, layer in lorakit.inject.adapted_layers(model):
@@ -159,13 +167,31 @@ def test_lorakit_train_runs_the_allocator_and_resumes_exactly(cut_in_step, tmp_p
     from tiny_lm import save_tiny_llama, write_jsonl
 
     model_dir = str(save_tiny_llama(tmp_path / "model"))
-    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"say {w}", "completion": f" {w} {w}"}
-                                                 for w in "red green blue cyan pink gold gray navy".split() * 3])
+    data = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": f"say {w}", "completion": f" {w} {w}"}
+            for w in "red green blue cyan pink gold gray navy".split() * 3
+        ],
+    )
 
     def cfg_of(out, **extra):
-        return TrainConfig(model=model_dir, data=str(data), out_dir=str(out), name="run", steps=6, batch_size=4,
-                           lr=2e-2, progress=False, checkpoint_every=0, method="adalora", r=4, targets="q_proj,v_proj",
-                           method_args={"target_r": 2, "tinit": 1, "tfinal": 2}, **extra)
+        return TrainConfig(
+            model=model_dir,
+            data=str(data),
+            out_dir=str(out),
+            name="run",
+            steps=6,
+            batch_size=4,
+            lr=2e-2,
+            progress=False,
+            checkpoint_every=0,
+            method="adalora",
+            r=4,
+            targets="q_proj,v_proj",
+            method_args={"target_r": 2, "tinit": 1, "tfinal": 2},
+            **extra,
+        )
 
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     meta = json.loads((reference.run_dir / "adapter" / "lorakit.json").read_text())["config"]
@@ -182,13 +208,49 @@ def test_a_schedule_longer_than_the_run_is_one_clear_error(tmp_path, capsys):
 
     model_dir = str(save_tiny_llama(tmp_path / "model"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}] * 8)
-    code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora",
-                     "--method-arg", "tinit=2", "--method-arg", "tfinal=2", "--out-dir", str(tmp_path), "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            model_dir,
+            "--data",
+            str(data),
+            "--steps",
+            "3",
+            "--method",
+            "adalora",
+            "--method-arg",
+            "tinit=2",
+            "--method-arg",
+            "tfinal=2",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: total_step=3 must be an integer above tinit + tfinal = 4")
-    code = cli.main(["train", "--model", model_dir, "--data", str(data), "--steps", "3", "--method", "adalora", "--r", "4",
-                     "--out-dir", str(tmp_path), "--name", "x", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            model_dir,
+            "--data",
+            str(data),
+            "--steps",
+            "3",
+            "--method",
+            "adalora",
+            "--r",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "target_r must be an integer in 1..init_r=4" in capsys.readouterr().err
 
 

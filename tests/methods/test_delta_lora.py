@@ -26,8 +26,11 @@ def sgd_step(model, input_ids, hooks, step, lr=0.05):
 def snapshot(model):
     """{name: (W, A, B)} of every adapted layer, detached copies."""
     return {
-        name: (dense_weight(layer.base_layer).detach().clone(), layer.adapter.lora_A.detach().clone(),
-               layer.adapter.lora_B.detach().clone())
+        name: (
+            dense_weight(layer.base_layer).detach().clone(),
+            layer.adapter.lora_A.detach().clone(),
+            layer.adapter.lora_B.detach().clone(),
+        )
         for name, layer in lorakit.inject.adapted_layers(model)
     }
 
@@ -53,7 +56,9 @@ def test_forward_is_lora_without_dropout(input_ids):
 def test_base_update_equals_hand_computation(input_ids, make_model, targets):
     """W_{t+1} = W_t + λ s (B_{t+1} A_{t+1} - B_t A_t), exactly (float64), per adapted layer."""
     lam, alpha, r = 0.7, 6.0, 4
-    model = lorakit.adapt(make_model().double(), lorakit.DeltaLoRA(r=r, alpha=alpha, delta_lambda=lam, targets=targets, dtype="float64"))
+    model = lorakit.adapt(
+        make_model().double(), lorakit.DeltaLoRA(r=r, alpha=alpha, delta_lambda=lam, targets=targets, dtype="float64")
+    )
     perturb_trainable(model)  # B != 0, so B_t A_t matters too
     hooks = lorakit.training_hooks(model)
     before = snapshot(model)
@@ -76,7 +81,10 @@ def test_base_update_equals_hand_computation(input_ids, make_model, targets):
 def test_start_step_and_telescoping_sum(input_ids):
     """W moves only after steps t > K; over a run, W - W0 = λ s (B_T A_T - B_K A_K)."""
     lam, k = 0.5, 2
-    model = lorakit.adapt(tiny_llama().double(), lorakit.DeltaLoRA(r=4, alpha=8, delta_lambda=lam, start_step=k, targets=TARGETS, dtype="float64"))
+    model = lorakit.adapt(
+        tiny_llama().double(),
+        lorakit.DeltaLoRA(r=4, alpha=8, delta_lambda=lam, start_step=k, targets=TARGETS, dtype="float64"),
+    )
     hooks = lorakit.training_hooks(model)
     start = snapshot(model)
     for step in range(1, k + 1):
@@ -189,7 +197,9 @@ def test_merge_is_exact(input_ids):
     layer = model.get_submodule("model.layers.1.mlp.down_proj")
     w = layer.base_layer.weight.detach().clone()
     lorakit.merge(model)
-    torch.testing.assert_close(layer.base_layer.weight, w + 2.0 * layer.adapter.lora_B @ layer.adapter.lora_A, rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        layer.base_layer.weight, w + 2.0 * layer.adapter.lora_B @ layer.adapter.lora_A, rtol=0, atol=1e-7
+    )
     torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 

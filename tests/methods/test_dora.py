@@ -38,7 +38,9 @@ def test_forward_and_grads_match_naive_reference(bias, rslora):
     x = torch.randn(3, 5, 20, requires_grad=True)
     y = model(x)
     x_ref = x.detach().clone().requires_grad_(True)
-    a, b, m = (t.detach().clone().requires_grad_(True) for t in (adapter.lora.lora_A, adapter.lora.lora_B, adapter.magnitude))
+    a, b, m = (
+        t.detach().clone().requires_grad_(True) for t in (adapter.lora.lora_A, adapter.lora.lora_B, adapter.magnitude)
+    )
     y_ref = naive_dora(x_ref, base.weight, base.bias, a, b, m, adapter.scale)
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
@@ -155,8 +157,15 @@ def test_compute_in_activation_dtype_with_fp32_master_weights():
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = model(x)
     assert y.dtype == torch.bfloat16
-    ref = naive_dora(x.float(), base.weight.float(), base.bias.float(), adapter.lora.lora_A, adapter.lora.lora_B,
-                     adapter.magnitude, adapter.scale)
+    ref = naive_dora(
+        x.float(),
+        base.weight.float(),
+        base.bias.float(),
+        adapter.lora.lora_A,
+        adapter.lora.lora_B,
+        adapter.magnitude,
+        adapter.scale,
+    )
     torch.testing.assert_close(y.float(), ref.detach(), atol=0.05, rtol=0.02)
     y.float().sum().backward()
     assert adapter.magnitude.grad.dtype == torch.float32

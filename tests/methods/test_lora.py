@@ -86,8 +86,14 @@ def test_dtype_policy_fp32_master_weights_compute_in_activation_dtype():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert adapter.lora_B.grad.dtype == torch.float32
-    ref = naive_lora(x.float(), model[0].base_layer.weight.float(), model[0].base_layer.bias.float(),
-                     adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scale)
+    ref = naive_lora(
+        x.float(),
+        model[0].base_layer.weight.float(),
+        model[0].base_layer.bias.float(),
+        adapter.lora_A.detach(),
+        adapter.lora_B.detach(),
+        adapter.scale,
+    )
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
     lorakit_bf16 = nn.Sequential(nn.Linear(16, 8).to(torch.bfloat16))
     lorakit.adapt(lorakit_bf16, lorakit.LoRA(r=2, targets=["0"], dtype="bfloat16"))
@@ -109,7 +115,9 @@ def test_all_linear_skips_output_head():
 
 def test_suffix_regex_and_layer_selection():
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["q_proj", "v_proj"]))
-    assert sorted(names(model)) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert sorted(names(model)) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    )
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=r".*mlp\.(gate|up)_proj", layers=[1]))
     assert sorted(names(model)) == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(targets=["model.layers.0.self_attn.o_proj"]))
@@ -181,8 +189,16 @@ def test_load_onto_wrong_base_names_module_and_shapes(tmp_path):
     lorakit.save(model, tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
     with pytest.raises(ValueError) as err:
         lorakit.load(wider, tmp_path)
     msg = str(err.value)
@@ -204,13 +220,17 @@ def test_load_is_strict_about_extra_and_missing_tensors(tmp_path):
         lorakit.load(tiny_llama(), tmp_path)
     missing = {k: v for k, v in state.items() if "layers.1" not in k}
     save_file(missing, str(weights))
-    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj: missing \['lora_A.weight', 'lora_B.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.1.self_attn.q_proj: missing \['lora_A.weight', 'lora_B.weight'\]"
+    ):
         lorakit.load(tiny_llama(), tmp_path)
 
 
 def test_load_refuses_pickles(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
+    )
     with pytest.raises(FileNotFoundError, match="never unpickles"):
         lorakit.load(tiny_llama(), tmp_path)
 
@@ -284,7 +304,9 @@ def test_fused_layer_under_bf16_autocast_equals_unfused_path(input_ids, monkeypa
     for name, grad in reference[2].items():
         assert fused[2][name].dtype == torch.float32
         scale = grad.abs().max()
-        torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=3e-2, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            fused[2][name] / scale, grad / scale, atol=3e-2, rtol=0, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_fused_layer_with_dropout_draws_the_same_mask(input_ids, monkeypatch):

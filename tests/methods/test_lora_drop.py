@@ -64,7 +64,9 @@ def test_the_loud_branches_keep_their_own_pairs_and_the_quiet_ones_share_one(tmp
     assert shared is layers["inner.blocks.3.proj"].adapter and shared is not layers["inner.blocks.0.proj"].adapter
     # parameters: two own pairs + one shared pair, each r (in + out) = 2 * 16
     assert sum(p.numel() for _, p in lorakit.adapter_parameters(model)) == 3 * 2 * 16
-    assert all(torch.equal(layer.adapter.lora_B, torch.zeros(8, 2)) for layer in layers.values())  # stage 2 starts afresh
+    assert all(
+        torch.equal(layer.adapter.lora_B, torch.zeros(8, 2)) for layer in layers.values()
+    )  # stage 2 starts afresh
     table = lorakit.summary(model, per_module=True)
     assert "inner.blocks.3.proj" in table and "(shares inner.blocks.2.proj's pair)" in table
 
@@ -115,9 +117,13 @@ def test_choose_kept_takes_the_fewest_reaching_the_threshold():
 
 
 def test_bad_settings_are_clear_errors():
-    for kwargs, message in (({"threshold": 0.0}, "threshold must be in"), ({"sample_fraction": 1.5}, "sample_fraction"),
-                            ({"probe_steps": 0}, "probe_steps"), ({"plan": {"kept": []}}, "plan must be"),
-                            ({"init": "loftq"}, "only init='default'")):
+    for kwargs, message in (
+        ({"threshold": 0.0}, "threshold must be in"),
+        ({"sample_fraction": 1.5}, "sample_fraction"),
+        ({"probe_steps": 0}, "probe_steps"),
+        ({"plan": {"kept": []}}, "plan must be"),
+        ({"init": "loftq"}, "only init='default'"),
+    ):
         with pytest.raises(ValueError, match=message):
             lorakit.LoRADrop(**kwargs)
 
@@ -130,16 +136,33 @@ def test_lorakit_train_runs_both_stages_and_resume_does_not_repeat_stage_one(tmp
     from tiny_lm import save_tiny_llama, write_jsonl
 
     model_dir = str(save_tiny_llama(tmp_path / "model"))
-    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"say {w}", "completion": f" {w} {w}"}
-                                                 for w in "red green blue cyan pink gold gray navy".split() * 5])
+    data = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": f"say {w}", "completion": f" {w} {w}"}
+            for w in "red green blue cyan pink gold gray navy".split() * 5
+        ],
+    )
     calls = []
     real = lora_drop.apply_plan
     monkeypatch.setattr(lora_drop, "apply_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def cfg_of(out, **extra):
-        return TrainConfig(model=model_dir, data=str(data), out_dir=str(out), name="run", steps=4, batch_size=4,
-                           lr=2e-2, progress=False, checkpoint_every=0, method="lora-drop", r=4,
-                           method_args={"sample_fraction": 0.25, "threshold": 0.5}, **extra)
+        return TrainConfig(
+            model=model_dir,
+            data=str(data),
+            out_dir=str(out),
+            name="run",
+            steps=4,
+            batch_size=4,
+            lr=2e-2,
+            progress=False,
+            checkpoint_every=0,
+            method="lora-drop",
+            r=4,
+            method_args={"sample_fraction": 0.25, "threshold": 0.5},
+            **extra,
+        )
 
     reference = train(cfg_of(tmp_path / "ref"), echo=quiet)
     plan = json.loads((reference.run_dir / "adapter" / "lorakit.json").read_text())["config"]["plan"]
@@ -169,5 +192,8 @@ def test_a_shared_pair_has_one_rank_and_scale_for_every_module_sharing_it():
 
     one_group = {**plan, "groups": {"inner.blocks.2.proj": "proj(8x8)", "inner.blocks.3.proj": "proj(8x8)"}}
     for settings in ({"rank_pattern": pattern}, {"alpha_pattern": {"inner.blocks.3.proj": 3.0}}):
-        with pytest.raises(ValueError, match=r"LoRA-drop group .proj\(8x8\).: inner\.blocks\.3\.proj has rank and scale .* share one pair need the same"):
+        with pytest.raises(
+            ValueError,
+            match=r"LoRA-drop group .proj\(8x8\).: inner\.blocks\.3\.proj has rank and scale .* share one pair need the same",
+        ):
             lorakit.adapt(Wrapper(), lorakit.LoRADrop(r=2, targets=["proj"], plan=one_group, **settings))

@@ -180,7 +180,9 @@ def test_merge_is_exact(input_ids):
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+@pytest.mark.parametrize(
+    "make_model,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])]
+)
 def test_save_load_round_trip_keeps_method_and_frozen_a(tmp_path, input_ids, make_model, targets):
     model = lorakit.adapt(make_model(), lorakit.LoRAFA(r=4, alpha=8, targets=targets, dropout=0.1))
     perturb_trainable(model)

@@ -37,12 +37,28 @@ def test_forward_and_grads_match_naive_reference():
 
     x = torch.randn(3, 5, 20, requires_grad=True)
     y = model(x)
-    refs = [{k: t.detach().clone().requires_grad_(True) for k, t in a.peft_state_dict().items()} for a in (first, second)]
+    refs = [
+        {k: t.detach().clone().requires_grad_(True) for k, t in a.peft_state_dict().items()} for a in (first, second)
+    ]
     x_ref = x.detach().clone().requires_grad_(True)
-    h = naive_vera(x_ref, model[0].base_layer.weight, model[0].base_layer.bias, proj.vera_A[:, :20],
-                   proj.vera_B[:12], refs[0]["vera_lambda_d"], refs[0]["vera_lambda_b"])
-    y_ref = naive_vera(h, model[1].base_layer.weight, None, proj.vera_A[:, :12], proj.vera_B[:24],
-                       refs[1]["vera_lambda_d"], refs[1]["vera_lambda_b"])
+    h = naive_vera(
+        x_ref,
+        model[0].base_layer.weight,
+        model[0].base_layer.bias,
+        proj.vera_A[:, :20],
+        proj.vera_B[:12],
+        refs[0]["vera_lambda_d"],
+        refs[0]["vera_lambda_b"],
+    )
+    y_ref = naive_vera(
+        h,
+        model[1].base_layer.weight,
+        None,
+        proj.vera_A[:, :12],
+        proj.vera_B[:24],
+        refs[1]["vera_lambda_d"],
+        refs[1]["vera_lambda_b"],
+    )
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
     y.backward(g)
@@ -100,8 +116,15 @@ def test_compute_in_activation_dtype_with_fp32_master_weights():
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = model(x)
     assert y.dtype == torch.bfloat16
-    ref = naive_vera(x.float(), model[0].base_layer.weight.float(), model[0].base_layer.bias.float(),
-                     adapter.projections.vera_A, adapter.projections.vera_B, adapter.vera_lambda_d, adapter.vera_lambda_b)
+    ref = naive_vera(
+        x.float(),
+        model[0].base_layer.weight.float(),
+        model[0].base_layer.bias.float(),
+        adapter.projections.vera_A,
+        adapter.projections.vera_B,
+        adapter.vera_lambda_d,
+        adapter.vera_lambda_b,
+    )
     torch.testing.assert_close(y.float(), ref.detach(), atol=0.05, rtol=0.02)
     y.float().sum().backward()
     assert adapter.vera_lambda_d.grad.dtype == torch.float32
@@ -109,6 +132,7 @@ def test_compute_in_activation_dtype_with_fp32_master_weights():
 
 def test_summary_counts_the_seed_document_example():
     """in = out = 4096, r = 64, 80 layers: LoRA ~42M trainable, VeRA ~333K (a meta-device base)."""
+
     def base():
         with torch.device("meta"):
             return nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(80)])
@@ -142,7 +166,11 @@ def test_save_load_round_trip(save_projection, tmp_path, input_ids):
     lorakit.save(model, tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert ("base_model.vera_A" in saved) == save_projection
-    assert all(k.endswith(("vera_lambda_b", "vera_lambda_d")) for k in saved if k not in ("base_model.vera_A", "base_model.vera_B"))
+    assert all(
+        k.endswith(("vera_lambda_b", "vera_lambda_d"))
+        for k in saved
+        if k not in ("base_model.vera_A", "base_model.vera_B")
+    )
     peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "VERA" and peft_config["projection_prng_key"] == 7
     loaded = lorakit.load(tiny_llama(), tmp_path)
@@ -180,8 +208,11 @@ def test_fused_layer_equals_unfused_path(make_model, autocast, merged, input_ids
     original = VeRAProjections.down_projection
     monkeypatch.setattr(VeRAProjections, "down_projection", lambda self, *a: calls.append(1) or original(self, *a))
     decide = vera_module.merge_in_forward
-    monkeypatch.setattr(vera_module, "merge_in_forward",
-                        lambda tokens, in_features, dtype: merges.append(decide(10**9, 1, dtype) and merged) or merges[-1])
+    monkeypatch.setattr(
+        vera_module,
+        "merge_in_forward",
+        lambda tokens, in_features, dtype: merges.append(decide(10**9, 1, dtype) and merged) or merges[-1],
+    )
     fused = step_results(model, input_ids, autocast)[1:]
     assert calls  # the fused path ran
     assert any(merges) == (merged and not autocast)  # merged forward in fp32 only
@@ -191,8 +222,9 @@ def test_fused_layer_equals_unfused_path(make_model, autocast, merged, input_ids
     torch.testing.assert_close(fused[0], reference[0], **tol)
     for name, grad in reference[1].items():
         scale = grad.abs().max()
-        torch.testing.assert_close(fused[1][name] / scale, grad / scale, **(tol or {"atol": 1e-5, "rtol": 1e-4}),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            fused[1][name] / scale, grad / scale, **(tol or {"atol": 1e-5, "rtol": 1e-4}), msg=lambda m: f"{name}: {m}"
+        )
     scale = reference[2].abs().max()
     torch.testing.assert_close(fused[2] / scale, reference[2] / scale, **(tol or {"atol": 1e-5, "rtol": 1e-4}))
     assert projections.vera_A.grad is None

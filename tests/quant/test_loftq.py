@@ -65,7 +65,9 @@ def test_adapted_layer_starts_at_quantized_plus_truncated_residual(method, rslor
         assert layer.base_layer.residual_factors is None  # consumed by the adapter
     # the forward pass agrees with the dense weights it stands for
     h = torch.relu(x @ (expected_weight(model, "0")).T + model[0].base_layer.bias)
-    torch.testing.assert_close(model(x), h @ expected_weight(model, "2").T + model[2].base_layer.bias, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model(x), h @ expected_weight(model, "2").T + model[2].base_layer.bias, atol=1e-4, rtol=1e-4
+    )
 
 
 def expected_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -118,7 +120,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="loftq_rank=r"):  # quantized without keeping the factors
         lorakit.adapt(quantize(two_layer(), targets=TARGETS), lorakit.LoRA(r=4, targets=TARGETS, init="loftq"))
     with pytest.raises(ValueError, match="loftq_rank >= r"):
-        lorakit.adapt(quantize(two_layer(), targets=TARGETS, loftq_rank=2), lorakit.LoRA(r=4, targets=TARGETS, init="loftq"))
+        lorakit.adapt(
+            quantize(two_layer(), targets=TARGETS, loftq_rank=2), lorakit.LoRA(r=4, targets=TARGETS, init="loftq")
+        )
     with pytest.raises(ValueError, match="not one of default, loftq"):
         lorakit.LoRA(init="pissa")
     with pytest.raises(ValueError, match="Delta-LoRA supports only init='default'"):

@@ -18,10 +18,22 @@ from lorakit.quant.triton_kernels import dequantize, triton_available
 
 # exact float32 values of bitsandbytes' get_4bit_type("nf4") (METHODS.md, section 6)
 NF4_REFERENCE = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 SHAPES = [(64, 64), (100, 70), (33, 17), (7,), (257, 300), (3, 5, 11), (512, 128)]
@@ -89,7 +101,9 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, double_quant):
         assert torch.equal(mine.absmax, state.absmax)  # the 8-bit codes of the block maxima
         assert torch.equal(mine.absmax_scale, state.state2.absmax)
         assert torch.equal(mine.absmax_offset, state.offset)
-        assert torch.equal(mine.block_absmax(), reference_dequantize_blockwise(state.absmax, state.state2) + state.offset)
+        assert torch.equal(
+            mine.block_absmax(), reference_dequantize_blockwise(state.absmax, state.state2) + state.offset
+        )
     else:
         assert torch.equal(mine.absmax, state.absmax)
     ours = mine.dequantize()
@@ -200,7 +214,9 @@ def test_bits_per_parameter_large_layer():
     layer = Linear4bit(torch.randn(4096, 4096) * 0.02, double_quant=True)
     bits = bits_per_parameter(layer)
     assert 4.12 < bits <= 4.13
-    assert bits_per_parameter(Linear4bit(torch.randn(2048, 4096) * 0.02, double_quant=False)) == pytest.approx(4.5, abs=1e-3)
+    assert bits_per_parameter(Linear4bit(torch.randn(2048, 4096) * 0.02, double_quant=False)) == pytest.approx(
+        4.5, abs=1e-3
+    )
     assert bits_per_parameter(torch.nn.Linear(64, 64, bias=False)) == 32.0
 
 

@@ -38,7 +38,11 @@ def test_quantize_replaces_linear_layers_but_not_the_head():
     assert len(names) == 2 * 7 and all("layers." in n for n in names)
     assert type(model.lm_head) is nn.Linear
     assert lorakit.inject.lorakit_state(model).quantization == {
-        "method": "nf4", "targets": "all-linear", "blocksize": 64, "double_quant": True, "compute_dtype": None,
+        "method": "nf4",
+        "targets": "all-linear",
+        "blocksize": 64,
+        "double_quant": True,
+        "compute_dtype": None,
     }
     # idempotent: a second call finds the 4-bit layers and leaves them alone
     before = model.model.layers[0].mlp.up_proj.weight_packed
@@ -119,8 +123,11 @@ def test_lora_over_4bit_is_one_fused_node_keeping_no_dense_weight(input_ids, mon
 
     model = lorakit.adapt(quantize(tiny_gpt2()), lorakit.LoRA(r=4, alpha=8, dropout=dropout)).train()
     perturb_trainable(model)
-    dense_shapes = {s for _, layer in quantized_layers(model)
-                    for s in ((layer.out_features, layer.in_features), (layer.in_features, layer.out_features))}
+    dense_shapes = {
+        s
+        for _, layer in quantized_layers(model)
+        for s in ((layer.out_features, layer.in_features), (layer.in_features, layer.out_features))
+    }
 
     own = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
@@ -198,7 +205,9 @@ def test_quantize_after_adapt_is_refused():
 
 
 def test_save_load_round_trip_requantizes_fresh_base(tmp_path, input_ids):
-    model = lorakit.adapt(quantize(tiny_llama(), compute_dtype="float32", exclude=["down_proj"]), lorakit.LoRA(r=4, alpha=8))
+    model = lorakit.adapt(
+        quantize(tiny_llama(), compute_dtype="float32", exclude=["down_proj"]), lorakit.LoRA(r=4, alpha=8)
+    )
     perturb_trainable(model)
     expected = model(input_ids).logits
     lorakit.save(model, tmp_path)
@@ -275,9 +284,15 @@ def test_every_method_trains_on_a_quantized_base(method, input_ids):
 def peft_bnb_model(directory, double_quant: bool = True):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", dtype=torch.float32).eval()
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -303,16 +318,22 @@ def test_qlora_matches_peft_over_bitsandbytes(tmp_path, input_ids, double_quant,
 
 def compare_with_peft_over_bitsandbytes(tmp_path, input_ids, double_quant, hidden_size, peft):
     tiny_llama(seed=2, hidden_size=hidden_size).save_pretrained(tmp_path / "base")
-    ours = lorakit.adapt(quantize(tiny_llama(seed=2, hidden_size=hidden_size), double_quant=double_quant),
-                         lorakit.LoRA(r=4, alpha=8))
+    ours = lorakit.adapt(
+        quantize(tiny_llama(seed=2, hidden_size=hidden_size), double_quant=double_quant), lorakit.LoRA(r=4, alpha=8)
+    )
     perturb_trainable(ours)
-    theirs = peft.get_peft_model(peft_bnb_model(tmp_path / "base", double_quant),
-                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs = peft.get_peft_model(
+        peft_bnb_model(tmp_path / "base", double_quant), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     bnb_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     import bitsandbytes.functional as F
 
-    torch.testing.assert_close(F.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state),
-                               ours.model.layers[0].self_attn.q_proj.base_layer.dense_weight(torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(
+        F.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state),
+        ours.model.layers[0].self_attn.q_proj.base_layer.dense_weight(torch.float32),
+        rtol=0,
+        atol=0,
+    )
     state = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items() if "lora_" in k}
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     with torch.no_grad():

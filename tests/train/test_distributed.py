@@ -22,8 +22,10 @@ from lorakit.train import checkpoint as ckpt
 from tiny_lm import save_tiny_llama, write_jsonl
 
 WORDS = "apple river stone cloud tiger green lamp piano honey fox dog movie".split()
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this PyTorch build has no torch.distributed gloo backend")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this PyTorch build has no torch.distributed gloo backend",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,13 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pc_data(tmp_path_factory):
     # completions of different lengths: the loss must be the mean over the global batch's tokens
-    records = [{"prompt": f"Reverse: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}\nAnswer:",
-                "completion": " " + " ".join([WORDS[(i * 5) % 12], WORDS[i % 12]] * (1 + i % 3))} for i in range(40)]
+    records = [
+        {
+            "prompt": f"Reverse: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}\nAnswer:",
+            "completion": " " + " ".join([WORDS[(i * 5) % 12], WORDS[i % 12]] * (1 + i % 3)),
+        }
+        for i in range(40)
+    ]
     return str(write_jsonl(tmp_path_factory.mktemp("data") / "pc.jsonl", records))
 
 
@@ -50,9 +57,29 @@ DDP_METHODS = ("adalora", "delta-lora", "dora", "lora")
 
 
 def common_flags(tiny_model, pc_data, out_dir, method) -> list[str]:
-    return ["--model", tiny_model, "--data", pc_data, "--out-dir", str(out_dir), "--method", method, "--steps", "6",
-            "--lr", "1e-2", "--warmup-steps", "2", "--grad-accum", "2", "--checkpoint-every", "2", "--no-progress",
-            *(["--dropout", "0"] if method != "adalora" else []), *METHOD_FLAGS[method]]
+    return [
+        "--model",
+        tiny_model,
+        "--data",
+        pc_data,
+        "--out-dir",
+        str(out_dir),
+        "--method",
+        method,
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--grad-accum",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+        *(["--dropout", "0"] if method != "adalora" else []),
+        *METHOD_FLAGS[method],
+    ]
 
 
 def torchrun(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -60,8 +87,13 @@ def torchrun(args: list[str], env: dict[str, str] | None = None, timeout: float 
     full_env = {**os.environ, **(env or {})}
     if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):  # added to, not replacing, the caller's path
         full_env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
-    return subprocess.run([sys.executable, "-m", "lorakit", "train", "--nproc", "2", *args], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--nproc", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -77,8 +109,9 @@ def one_process(tiny_model, pc_data, tmp_path_factory):
 
     def run(method: str):
         if method not in done:
-            args = build_parser().parse_args(["train", *common_flags(tiny_model, pc_data, out, method), "--batch-size", "4",
-                                              "--name", method])
+            args = build_parser().parse_args(
+                ["train", *common_flags(tiny_model, pc_data, out, method), "--batch-size", "4", "--name", method]
+            )
             done[method] = train(resolve_train_config(args), echo=lambda *_: None).run_dir
         return done[method]
 
@@ -91,7 +124,10 @@ def assert_same_run(two_dir, one_dir) -> None:
     mine, reference = adapter(two_dir), adapter(one_dir)
     assert mine.keys() == reference.keys()
     for key in reference:
-        assert torch.allclose(mine[key], reference[key], atol=2e-5, rtol=1e-4), (key, (mine[key] - reference[key]).abs().max())
+        assert torch.allclose(mine[key], reference[key], atol=2e-5, rtol=1e-4), (
+            key,
+            (mine[key] - reference[key]).abs().max(),
+        )
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in reference.values())  # it trained
     report, own = json.loads((two_dir / "report.json").read_text()), json.loads((one_dir / "report.json").read_text())
     assert report["processes"] == 2
@@ -103,8 +139,9 @@ def assert_same_run(two_dir, one_dir) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", DDP_METHODS)
-def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(method, tiny_model, pc_data, tmp_path,
-                                                                                one_process):
+def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
+    method, tiny_model, pc_data, tmp_path, one_process
+):
     two = torchrun(common_flags(tiny_model, pc_data, tmp_path, method) + ["--batch-size", "2", "--name", "two"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_run(tmp_path / "two", one_process(method))
@@ -135,8 +172,13 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it_exactly(tiny_mod
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
     started = time.monotonic()
-    killed = torchrun(flags + ["--name", "cut"], env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
-                                                           "LORAKIT_TEST_KILL_STEP": "5"})
+    killed = torchrun(
+        flags + ["--name", "cut"],
+        env={
+            "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+            "LORAKIT_TEST_KILL_STEP": "5",
+        },
+    )
     assert killed.returncode != 0 and time.monotonic() - started < 200  # the other process did not hang
     cut = tmp_path / "cut"
     assert not (cut / "adapter").exists()
@@ -158,14 +200,18 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it_exactly(tiny_mod
 def test_clear_errors_without_torchrun_or_backend(monkeypatch):
     for name in distributed.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(LorakitError, match=r"needs torchrun's environment .*torchrun --nproc_per_node N -m lorakit train"):
+    with pytest.raises(
+        LorakitError, match=r"needs torchrun's environment .*torchrun --nproc_per_node N -m lorakit train"
+    ):
         distributed.DataParallel()
     assert isinstance(distributed.strategy_for(), distributed.SingleProcess)
     if not torch.distributed.is_nccl_available():
         env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        with pytest.raises(LorakitError, match="the nccl backend is not available in this PyTorch build; available: gloo"):
+        with pytest.raises(
+            LorakitError, match="the nccl backend is not available in this PyTorch build; available: gloo"
+        ):
             distributed.DataParallel(backend="nccl")
 
 
@@ -184,9 +230,27 @@ def test_shards_split_each_global_micro_batch_in_rank_order():
 def test_lora_drop_plan_is_decided_once_and_shared(tiny_model, pc_data, tmp_path):
     """LoRA-drop's probe runs on the main process; the others take its sharing plan (a process that
     kept its own plan would hold other parameters, and DDP would refuse to start)."""
-    flags = ["--model", tiny_model, "--data", pc_data, "--out-dir", str(tmp_path), "--name", "drop", "--method", "lora-drop",
-             "--method-arg", "threshold=0.5", "--method-arg", "probe_steps=2", "--steps", "2", "--batch-size", "2",
-             "--no-progress"]
+    flags = [
+        "--model",
+        tiny_model,
+        "--data",
+        pc_data,
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "drop",
+        "--method",
+        "lora-drop",
+        "--method-arg",
+        "threshold=0.5",
+        "--method-arg",
+        "probe_steps=2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     done = torchrun(flags)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "drop" / "report.json").read_text())
@@ -197,7 +261,14 @@ def test_lora_drop_plan_is_decided_once_and_shared(tiny_model, pc_data, tmp_path
 
 
 def fsdp_flags(tiny_model, pc_data, out_dir, method) -> list[str]:
-    return common_flags(tiny_model, pc_data, out_dir, method) + ["--batch-size", "2", "--distributed", "fsdp", "--name", method]
+    return common_flags(tiny_model, pc_data, out_dir, method) + [
+        "--batch-size",
+        "2",
+        "--distributed",
+        "fsdp",
+        "--name",
+        method,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +279,14 @@ def fsdp_runs(tiny_model, pc_data, tmp_path_factory):
     runs = out / "runs.json"
     runs.write_text(json.dumps([fsdp_flags(tiny_model, pc_data, out, method) for method in sorted(METHOD_FLAGS)]))
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed_runs.py")
-    command = [sys.executable, "-m", "lorakit.train.launch", "2", script, str(runs)]  # as --nproc starts them: on loopback
+    command = [
+        sys.executable,
+        "-m",
+        "lorakit.train.launch",
+        "2",
+        script,
+        str(runs),
+    ]  # as --nproc starts them: on loopback
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return {method: out / method for method in METHOD_FLAGS}
@@ -271,9 +349,11 @@ def test_fsdp_needs_torchrun_and_refuses_what_it_cannot_shard(monkeypatch, tmp_p
         distributed.strategy_for("fsdp")
     from lorakit import cli
 
-    for flags, message in ((["--compile"], "torch.compile over an FSDP-sharded model"),
-                           (["--method", "lora-drop"], "method lora-drop: .* use --distributed ddp"),
-                           (["--distributed", "zero3"], "'zero3' is not one of auto, ddp, fsdp")):
+    for flags, message in (
+        (["--compile"], "torch.compile over an FSDP-sharded model"),
+        (["--method", "lora-drop"], "method lora-drop: .* use --distributed ddp"),
+        (["--distributed", "zero3"], "'zero3' is not one of auto, ddp, fsdp"),
+    ):
         code = cli.main(["train", "--distributed", "fsdp", *flags, "--out-dir", str(tmp_path), "--print-config"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
@@ -312,7 +392,13 @@ def test_fsdp_shards_the_base_and_keeps_adapters_and_vera_projections_whole(one_
     from conftest import tiny_llama
     from lorakit.methods import METHODS
 
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     model = tiny_llama()
     inject.adapt(model, METHODS["vera"](r=8))
@@ -341,7 +427,13 @@ def test_fsdp_merge_and_4bit_storage_go_through_the_one_door(one_process_group, 
     from lorakit.quant import quantize
     from lorakit.quant.linear4bit import Linear4bit
 
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     model = tiny_llama()
     quantize(model, method="nf4", targets=["q_proj"])
@@ -354,7 +446,9 @@ def test_fsdp_merge_and_4bit_storage_go_through_the_one_door(one_process_group, 
     assert torch.equal(base_layers.dense_weight(four_bit), dense_before)
     base_layers.set_dense_weight(four_bit, dense_before.flip(0))
     assert base_layers.is_sharded(four_bit.weight_packed)  # the same (sharded) parameters, written in place
-    assert torch.allclose(base_layers.dense_weight(four_bit), dense_before.flip(0), atol=0.05 * dense_before.abs().max())
+    assert torch.allclose(
+        base_layers.dense_weight(four_bit), dense_before.flip(0), atol=0.05 * dense_before.abs().max()
+    )
 
     ids = torch.randint(0, 128, (2, 6))
     v_proj = model.model.layers[1].self_attn.v_proj
@@ -374,8 +468,14 @@ def test_device_cpu_on_a_gpu_machine_uses_gloo(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     strategy = distributed.strategy_for("ddp", device="cpu")

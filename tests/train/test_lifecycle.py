@@ -50,8 +50,17 @@ def world(tmp_path_factory):
 
 def config(world, out_dir: Path, **overrides) -> TrainConfig:
     _, model, data = world
-    base = dict(model=model, data=data, out_dir=str(out_dir), name="run", steps=4, batch_size=4, lr=1e-2,
-                checkpoint_every=2, progress=False)
+    base = dict(
+        model=model,
+        data=data,
+        out_dir=str(out_dir),
+        name="run",
+        steps=4,
+        batch_size=4,
+        lr=1e-2,
+        checkpoint_every=2,
+        progress=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -63,7 +72,11 @@ def finished(world, tmp_path_factory):
 
 def cut_after_last_checkpoint(run: Path, to: Path) -> Path:
     """A copy of `run` as a kill after its last checkpoint leaves it: no adapter/, no report."""
-    shutil.copytree(run, to, ignore=lambda d, names: [n for n in names if Path(d) == run and n in ("adapter", "report.json", "report.txt")])
+    shutil.copytree(
+        run,
+        to,
+        ignore=lambda d, names: [n for n in names if Path(d) == run and n in ("adapter", "report.json", "report.txt")],
+    )
     return to
 
 
@@ -88,7 +101,9 @@ def test_a_run_finished_by_resume_reports_the_checkpoints_final_loss(world, fini
     state = json.loads(state_file.read_text())
     del state["loss"]
     state_file.write_text(json.dumps(state))
-    assert train(config(world, tmp_path, resume=str(older)), echo=lambda *_: None).final_loss == pytest.approx(expected, abs=1e-5)
+    assert train(config(world, tmp_path, resume=str(older)), echo=lambda *_: None).final_loss == pytest.approx(
+        expected, abs=1e-5
+    )
 
 
 def _weights_only_refuses(path: Path) -> None:
@@ -98,16 +113,26 @@ def _weights_only_refuses(path: Path) -> None:
 DAMAGE = {
     "optimizer.pt truncated": ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])),
     "optimizer.pt refused unread": ("optimizer.pt", _weights_only_refuses),
-    "optimizer.pt of another run": ("optimizer.pt", lambda p: torch.save({"optimizer": {"state": {}, "param_groups": []},
-                                                                          "scheduler": {}}, p)),
+    "optimizer.pt of another run": (
+        "optimizer.pt",
+        lambda p: torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}}, p),
+    ),
     "optimizer.pt missing": ("optimizer.pt", lambda p: p.unlink()),
     "rng.safetensors truncated": ("rng.safetensors", lambda p: p.write_bytes(p.read_bytes()[:40])),
-    "rng.safetensors of the wrong kind": ("rng.safetensors", lambda p: __import__("safetensors.torch").torch.save_file(
-        {"torch": torch.zeros(3)}, str(p))),
+    "rng.safetensors of the wrong kind": (
+        "rng.safetensors",
+        lambda p: __import__("safetensors.torch").torch.save_file({"torch": torch.zeros(3)}, str(p)),
+    ),
     "hooks.pt truncated": ("hooks.pt", lambda p: p.write_bytes(p.read_bytes()[:10])),
-    "state.json step a string": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": "4"}))),
-    "state.json before a list": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "before": [1]}))),
-    "state.json not JSON": ("state.json", lambda p: p.write_text("{\"step\": 4,")),
+    "state.json step a string": (
+        "state.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": "4"})),
+    ),
+    "state.json before a list": (
+        "state.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "before": [1]})),
+    ),
+    "state.json not JSON": ("state.json", lambda p: p.write_text('{"step": 4,')),
     "state.json a list": ("state.json", lambda p: p.write_text("[4]")),
     "adapter_state truncated": ("adapter_state.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
     "adapter weights truncated": ("adapter/adapter_model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
@@ -129,7 +154,9 @@ def test_a_damaged_checkpoint_file_is_named_and_the_one_before_offered(damage, w
     assert cli.main(["train", "--resume", str(previous), "--no-progress"]) == 0
     capsys.readouterr()
     reference = json.loads((finished / "report.json").read_text())
-    assert json.loads((cut / "report.json").read_text())["final_loss"] == pytest.approx(reference["final_loss"], abs=1e-6)
+    assert json.loads((cut / "report.json").read_text())["final_loss"] == pytest.approx(
+        reference["final_loss"], abs=1e-6
+    )
     assert ckpt.find_checkpoint(cut) == newest  # replaced by a good one
     assert json.loads((newest / "state.json").read_text())["step"] == 4
 
@@ -142,14 +169,43 @@ def test_without_an_earlier_checkpoint_the_message_says_start_again(world, tmp_p
     assert "no earlier checkpoint is left: start the run again with --overwrite" in one_error_line(capsys)
 
 
-def slow_train(world, out_dir: Path, name: str, seconds: float = 0.4, steps: int = 400, extra: tuple = ()) -> subprocess.Popen:
+def slow_train(
+    world, out_dir: Path, name: str, seconds: float = 0.4, steps: int = 400, extra: tuple = ()
+) -> subprocess.Popen:
     root, model, data = world
-    env = {**os.environ, "LORAKIT_TEST_STEP_SECONDS": str(seconds),
-           "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--model", model, "--data", data, "--steps", str(steps),
-                             "--batch-size", "4", "--checkpoint-every", "2", "--out-dir", str(out_dir), "--name", name,
-                             "--no-progress", *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "LORAKIT_TEST_STEP_SECONDS": str(seconds),
+        "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--out-dir",
+            str(out_dir),
+            "--name",
+            name,
+            "--no-progress",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, seconds: float = 120, what: str = "") -> None:
@@ -183,8 +239,24 @@ def test_one_process_at_a_time_trains_in_a_run_directory(world, tmp_path, capsys
         assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 2
         assert f"{run} is being trained by process {first.pid}" in one_error_line(capsys)
         _, model, data = world
-        assert cli.main(["train", "--model", model, "--data", data, "--out-dir", str(tmp_path), "--name", "busy",
-                         "--overwrite", "--no-progress"]) == 2
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--model",
+                    model,
+                    "--data",
+                    data,
+                    "--out-dir",
+                    str(tmp_path),
+                    "--name",
+                    "busy",
+                    "--overwrite",
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
         assert f"is being trained by process {first.pid}" in one_error_line(capsys)
         assert first.poll() is None  # and the first run trains on
     finally:
@@ -197,12 +269,38 @@ def test_one_process_at_a_time_trains_in_a_run_directory(world, tmp_path, capsys
 
 def test_killing_compare_stops_its_training_child_and_a_rerun_finishes(world, tmp_path):
     root, model, data = world
-    argv = [sys.executable, "-m", "lorakit", "compare", "--methods", "lora", "--model", model, "--data", data,
-            "--steps", "8", "--batch-size", "4", "--checkpoint-every", "2", "--out-dir", str(tmp_path), "--name", "cmp",
-            "--no-progress", "--no-html"]
-    env = {**os.environ, "LORAKIT_TEST_STEP_SECONDS": "1.5",
-           "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")])}
-    parent = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "compare",
+        "--methods",
+        "lora",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "cmp",
+        "--no-progress",
+        "--no-html",
+    ]
+    env = {
+        **os.environ,
+        "LORAKIT_TEST_STEP_SECONDS": "1.5",
+        "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")]),
+    }
+    parent = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     run = tmp_path / "cmp" / "lora"
     try:
         wait_for(lambda: ckpt.list_checkpoints(run / "checkpoints"), what="the child's first checkpoint")
@@ -223,20 +321,29 @@ def test_killing_compare_stops_its_training_child_and_a_rerun_finishes(world, tm
 
 
 def nproc(args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "train", "--nproc", "2", *args], capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--nproc", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def test_nproc_with_a_bad_setting_is_one_line(world, tmp_path):
     _, model, data = world
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
-    for flags, words in ((["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
-                         (["--device", "cuda"], "no CUDA GPU"),
-                         (["--model", str(tmp_path / "no-model")], "does not exist"),
-                         (["--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:2")):  # found by the processes themselves
+    for flags, words in (
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--model", str(tmp_path / "no-model")], "does not exist"),
+        (["--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:2"),
+    ):  # found by the processes themselves
         if "cuda" in flags and torch.cuda.is_available():
             continue
-        done = nproc(["--model", model, "--data", data, "--steps", "1", "--out-dir", str(tmp_path), "--no-progress", *flags])
+        done = nproc(
+            ["--model", model, "--data", data, "--steps", "1", "--out-dir", str(tmp_path), "--no-progress", *flags]
+        )
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error: ")]
         assert done.returncode == 2 and len(errors) == 1 and words in errors[0], done.stderr[-3000:]
@@ -245,15 +352,47 @@ def test_nproc_with_a_bad_setting_is_one_line(world, tmp_path):
 
 def test_killing_the_nproc_launcher_stops_its_processes(world, tmp_path):
     root, model, data = world
-    env = {**os.environ, "LORAKIT_TEST_STEP_SECONDS": "0.5",
-           "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")])}
-    launcher = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--nproc", "2", "--model", model, "--data", data,
-                                 "--steps", "400", "--batch-size", "2", "--checkpoint-every", "2", "--out-dir", str(tmp_path),
-                                 "--name", "ddp", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "LORAKIT_TEST_STEP_SECONDS": "0.5",
+        "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")]),
+    }
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            "--nproc",
+            "2",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--steps",
+            "400",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "ddp",
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: ckpt.list_checkpoints(tmp_path / "ddp" / "checkpoints"), seconds=180, what="the first checkpoint")
-        ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == launcher.pid]
+        wait_for(
+            lambda: ckpt.list_checkpoints(tmp_path / "ddp" / "checkpoints"), seconds=180, what="the first checkpoint"
+        )
+        ranks = [
+            int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == launcher.pid
+        ]
         assert len(ranks) == 2
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait()
@@ -276,16 +415,49 @@ def test_nproc_asks_no_name_server(world, tmp_path):
     (port 53), and no reverse lookup (in-addr.arpa) leaves the machine."""
     _, model, data = world
     trace = tmp_path / "trace.txt"
-    done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg", "-s", "64", "-o", str(trace),
-                           sys.executable, "-m", "lorakit", "train", "--nproc", "2", "--model", model, "--data", data,
-                           "--steps", "1", "--batch-size", "2", "--out-dir", str(tmp_path), "--name", "ddp", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=connect,sendto,sendmsg,sendmmsg",
+            "-s",
+            "64",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            "--nproc",
+            "2",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "ddp",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0 and "ptrace" in done.stderr:
         pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr[-3000:]
     text = trace.read_text()
     assert "htons(53)" not in text and "in-addr" not in text and "ip6.arpa" not in text
-    addresses = set(re.findall(r'inet_addr\("([\d.]+)"\)', text)) | set(re.findall(r'inet_pton\(AF_INET6, "([^"]+)"', text))
+    addresses = set(re.findall(r'inet_addr\("([\d.]+)"\)', text)) | set(
+        re.findall(r'inet_pton\(AF_INET6, "([^"]+)"', text)
+    )
     assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::1", "::"}, addresses
 
 

@@ -35,8 +35,10 @@ def _class_cases(seed: int, count: int):
         k = (2, 3, 5)[i % 3]
         n = rng.randint(1, 50)
         skew = rng.random() < 0.3  # mostly one class: exercises absent classes and zero denominators
+
         def draw():
             return 0 if skew and rng.random() < 0.8 else rng.randrange(k)
+
         labels = [draw() for _ in range(n)]
         predictions = [y if rng.random() < 0.5 else draw() for y in labels]
         yield predictions, labels, k
@@ -244,7 +246,9 @@ def test_user_regex():
     assert extract_answer("x=;", optional) is None
 
 
-@pytest.mark.parametrize("spec, problem", [("(unclosed", "not a valid"), (r"(\d+)-(\d+)", "2 capturing groups"), ("", "empty")])
+@pytest.mark.parametrize(
+    "spec, problem", [("(unclosed", "not a valid"), (r"(\d+)-(\d+)", "2 capturing groups"), ("", "empty")]
+)
 def test_bad_user_regex(spec, problem):
     with pytest.raises(ValueError) as info:
         compile_answer_pattern(spec)

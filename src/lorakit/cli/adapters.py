@@ -26,8 +26,9 @@ def adapter_dir_and_config(adapter: str | None) -> tuple[Path | None, TrainConfi
     if (path / "adapter").is_dir():
         path = path / "adapter"
     elif (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
-        raise LorakitError(f"{path} has no adapter/ yet (the run did not finish): `lorakit train --resume {path}` "
-                           "finishes it")
+        raise LorakitError(
+            f"{path} has no adapter/ yet (the run did not finish): `lorakit train --resume {path}` finishes it"
+        )
     else:
         run_dir = path.parent
     cfg = TrainConfig()
@@ -41,13 +42,22 @@ def chosen_task(given: str | None, cfg: TrainConfig, adapter: Path | None) -> st
     the run trained is a warning (not an error: a user may mean it), since the model then gets an
     output head the adapter never trained with."""
     if given is not None and adapter is not None and (adapter.parent / "config.yaml").is_file() and given != cfg.task:
-        print(f"warning: {adapter.parent} trained a {cfg.task} model; --task {given} loads the base as a {given} model, "
-              "with an output head this adapter was not trained with", file=sys.stderr)
+        print(
+            f"warning: {adapter.parent} trained a {cfg.task} model; --task {given} loads the base as a {given} model, "
+            "with an output head this adapter was not trained with",
+            file=sys.stderr,
+        )
     return given or cfg.task
 
 
-def load_adapted(model_spec: str | None, adapter: Path | None, task: str, num_labels: int = 2,
-                 extra: dict[str, Path] | None = None, before_load=None):
+def load_adapted(
+    model_spec: str | None,
+    adapter: Path | None,
+    task: str,
+    num_labels: int = 2,
+    extra: dict[str, Path] | None = None,
+    before_load=None,
+):
     """(model, tokenizer): the base model with the adapter loaded for inference (and the `extra`
     adapters, name -> directory, beside it on the same base). `before_load(model)` runs on the base
     just before the adapters load (inspect takes its snapshot there)."""
@@ -86,8 +96,9 @@ def warn_if_other_base(adapter: Path, model_spec: str | None, task: str) -> None
     loading = model_spec or (models.DEFAULT_ENCODER if task in ("classify", "regress") else models.DEFAULT_CAUSAL_LM)
     if recorded is None:
         return
-    same = recorded == loading or (Path(recorded).exists() and Path(loading).exists()
-                                   and Path(recorded).resolve() == Path(loading).resolve())
+    same = recorded == loading or (
+        Path(recorded).exists() and Path(loading).exists() and Path(recorded).resolve() == Path(loading).resolve()
+    )
     if not same:
         print(f"warning: {adapter} was trained on {recorded}; loading it onto {loading}", file=sys.stderr)
 

@@ -39,17 +39,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # with the same settings continues; its inputs are never written into
     inputs = [("the data", path) for path in (data_files(cfg.data) if cfg.data else [])]
     inputs += model_inputs(cfg.model, cfg.task) + ([("the --config file", Path(args.config))] if args.config else [])
-    check_output_directory(directory, "--name", cfg.overwrite or (directory / "compare.yaml").is_file(), inputs,
-                           what="what a comparison writes there (compare.*, a run directory per method)")
+    check_output_directory(
+        directory,
+        "--name",
+        cfg.overwrite or (directory / "compare.yaml").is_file(),
+        inputs,
+        what="what a comparison writes there (compare.*, a run directory per method)",
+    )
     files.make_directory(directory, "--name")
     started = time.perf_counter()
-    records = compare(cfg, methods, directory, echo=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      html_report=not args.no_html, per_method=per_method)
+    records = compare(
+        cfg,
+        methods,
+        directory,
+        echo=lambda msg: print(msg, file=sys.stderr, flush=True),
+        html_report=not args.no_html,
+        per_method=per_method,
+    )
     print()
     print(table(records))
     limit_s = json.loads((directory / "compare.json").read_text()).get("limit_step_seconds")
     print(f"x limit: {limit_note(records, limit_s)}")
     print()
     written = "compare.json, compare.csv" + ("" if args.no_html else ", compare.html")
-    print(f"{len(methods)} methods in {time.perf_counter() - started:.0f} s; saved to {directory}/: {written}, one run per method")
+    print(
+        f"{len(methods)} methods in {time.perf_counter() - started:.0f} s; saved to {directory}/: {written}, one run per method"
+    )
     return 2 if any(r["status"] != "done" for r in records) else 0

@@ -15,10 +15,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     chosen_task(args.task, cfg, adapter)  # a warning where --task is not the run's
-    overrides = {k: v for k, v in {"model": args.model, "task": args.task, "data": args.data, "eval_data": args.data,
-                                   "split": args.split, "eval_split": args.split, "columns": args.columns,
-                                   "metric": args.metric, "answer_pattern": args.answer_pattern,
-                                   "max_eval_examples": args.max_examples, "device": args.device}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "task": args.task,
+            "data": args.data,
+            "eval_data": args.data,
+            "split": args.split,
+            "eval_split": args.split,
+            "columns": args.columns,
+            "metric": args.metric,
+            "answer_pattern": args.answer_pattern,
+            "max_eval_examples": args.max_examples,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
     if args.data is not None:
         overrides["eval_fraction"] = 0.0
         # --data is the data to score: the training data's settings do not apply to it
@@ -35,7 +48,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_adapted(cfg.model, adapter, cfg.task, num_outputs(cfg.task, datasets.labels))
     device = pick_device(cfg.device)
     model.to(device)
-    result = measure(datasets, model, tokenizer, examples, device, use_bf16(cfg.precision, device),
-                     args.batch_size or cfg.eval_batch_size or cfg.batch_size, args.progress)
+    result = measure(
+        datasets,
+        model,
+        tokenizer,
+        examples,
+        device,
+        use_bf16(cfg.precision, device),
+        args.batch_size or cfg.eval_batch_size or cfg.batch_size,
+        args.progress,
+    )
     print(f"{describe_eval(datasets)}: {format_metrics(result)}")
     return 0

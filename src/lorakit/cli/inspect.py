@@ -29,11 +29,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     # where it writes, checked before the slow part (the base's inputs: its files, the adapter's, the run's)
     inputs = [("the adapter's own directory", adapter), *model_inputs(model_spec, task)]
     if adapter.name == "adapter":
-        inputs += [("the run's config", adapter.parent / "config.yaml"), ("the run's report", adapter.parent / "report.json")]
+        inputs += [
+            ("the run's config", adapter.parent / "config.yaml"),
+            ("the run's report", adapter.parent / "report.json"),
+        ]
     json_out = check_output_file(args.json, "--json", args.overwrite, inputs) if args.json else None
     if json_out is not None and args.html and os.path.realpath(args.html) == os.path.realpath(json_out):
         raise LorakitError(f"--json and --html name the same file ({args.json}); give each its own")
-    page = args.html or (str(adapter.parent / "inspect.html") if adapter.name == "adapter" and not args.no_html else None)
+    page = args.html or (
+        str(adapter.parent / "inspect.html") if adapter.name == "adapter" and not args.no_html else None
+    )
     # the run's own inspect.html is this command's output from before: written again without asking
     own = None if args.html else own_report
     html_out = check_output_file(page, "--html", args.overwrite, inputs, replaceable=own) if page else None
@@ -46,8 +51,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             names = inject.select_targets(model, config)
         except ValueError as err:
-            raise LorakitError(f"{adapter} does not fit {model_spec or 'the built-in model'}: "
-                               f"{' '.join(str(err).split())}") from None
+            raise LorakitError(
+                f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}"
+            ) from None
         original.update(analysis.snapshot_base_weights(model, names))
 
     model, _ = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)), before_load=snapshot)

@@ -17,8 +17,14 @@ def check_merge_target(out: Path, model_spec: str | None, adapter: Path, task: s
     a model directory (a merged model from before), never a directory of other files."""
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} is an existing file; give a directory for the merged model")
-    return check_output_directory(out, "--out", overwrite, inputs=[*model_inputs(model_spec, task), *adapter_inputs(adapter)],
-                                  replaceable=lambda d: (d / "config.json").is_file(), what="a model directory")
+    return check_output_directory(
+        out,
+        "--out",
+        overwrite,
+        inputs=[*model_inputs(model_spec, task), *adapter_inputs(adapter)],
+        replaceable=lambda d: (d / "config.json").is_file(),
+        what="a model directory",
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

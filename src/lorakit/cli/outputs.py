@@ -40,7 +40,11 @@ def model_inputs(model_spec: str | None, task: str) -> list[tuple[str, Path]]:
         directory, gguf_file = models.resolve_model_path(model_spec, task)
     except (FileNotFoundError, ValueError, LorakitError):
         return []  # the command's own loading says what is wrong with it
-    return [("the base model's own file", directory / gguf_file)] if gguf_file else [("the base model's own directory", directory)]
+    return (
+        [("the base model's own file", directory / gguf_file)]
+        if gguf_file
+        else [("the base model's own directory", directory)]
+    )
 
 
 def adapter_inputs(adapter: Path) -> list[tuple[str, Path]]:
@@ -53,11 +57,18 @@ def adapter_inputs(adapter: Path) -> list[tuple[str, Path]]:
 
 def holds_anything(directory: Path) -> bool:
     """Whether `directory` holds anything but lorakit's own lock and a killed writer's temporaries."""
-    return directory.is_dir() and any(p.name != files.LOCK_NAME and not files.is_temporary(p) for p in directory.iterdir())
+    return directory.is_dir() and any(
+        p.name != files.LOCK_NAME and not files.is_temporary(p) for p in directory.iterdir()
+    )
 
 
-def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool, inputs: Inputs = (),
-                      replaceable: Callable[[Path], bool] | None = None) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    flag: str,
+    overwrite: bool,
+    inputs: Inputs = (),
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
     """The file to write for `flag` (a symbolic link's target): refused if it is one of `inputs` (or an
     existing file inside an input directory), if it exists and neither `overwrite` nor
     `replaceable(path)` (a file this command wrote itself) allows replacing it, or if it cannot be
@@ -68,16 +79,23 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool, input
         if where == source:
             raise LorakitError(f"{flag} {path} is {label}, an input of this command; give another file name")
         if target.exists() and _within(where, source):
-            raise LorakitError(f"{flag} {path} is a file of {label} ({given}), an input of this command; "
-                               "give another file name")
+            raise LorakitError(
+                f"{flag} {path} is a file of {label} ({given}), an input of this command; give another file name"
+            )
     stream = files.is_stream(target)  # /dev/stdout, a FIFO: written into, it holds nothing to lose
     if target.exists() and not stream and not overwrite and not (replaceable is not None and replaceable(target)):
         raise LorakitError(f"{flag} {path} exists; give another file name, or --overwrite to replace it")
     return target
 
 
-def check_output_directory(path: str | os.PathLike, flag: str, overwrite: bool, inputs: Inputs = (),
-                           replaceable: Callable[[Path], bool] | None = None, what: str = "its output") -> Path:
+def check_output_directory(
+    path: str | os.PathLike,
+    flag: str,
+    overwrite: bool,
+    inputs: Inputs = (),
+    replaceable: Callable[[Path], bool] | None = None,
+    what: str = "its output",
+) -> Path:
     """The directory to write for `flag`: refused if it is, holds or lies inside one of `inputs`; if
     it holds anything, unless `overwrite` (and `replaceable(directory)`, when given: what `--overwrite`
     may replace, e.g. a model directory, never a directory of the user's other files); or if it
@@ -91,13 +109,17 @@ def check_output_directory(path: str | os.PathLike, flag: str, overwrite: bool, 
         source = _resolved(Path(given))
         if _within(target, source) or _within(source, target):
             relation = "lies inside" if _within(target, source) else "holds"
-            raise LorakitError(f"{flag} {path} {relation} {label} ({given}), an input of this command; "
-                               "give another directory")
+            raise LorakitError(
+                f"{flag} {path} {relation} {label} ({given}), an input of this command; give another directory"
+            )
     if holds_anything(target):
         if not overwrite:
-            raise LorakitError(f"{flag} {path} already holds files; give a new or empty directory, or --overwrite to "
-                               f"replace {what}")
+            raise LorakitError(
+                f"{flag} {path} already holds files; give a new or empty directory, or --overwrite to replace {what}"
+            )
         if replaceable is not None and not replaceable(target):
-            raise LorakitError(f"{flag} {path} holds files that are not {what}; --overwrite replaces only {what}: "
-                               "give a new or empty directory")
+            raise LorakitError(
+                f"{flag} {path} holds files that are not {what}; --overwrite replaces only {what}: "
+                "give a new or empty directory"
+            )
     return target

@@ -45,22 +45,45 @@ def add_config_flags(parser: argparse.ArgumentParser, per_method: bool = False) 
             help_text += f" Choices: {', '.join(config_mod.method_names())}."
         shown_default = "" if default is None else f" (default: {default})"  # a None default is explained in prose
         if kinds[f.name] is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text}{shown_default}")
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text}{shown_default}",
+            )
         elif f.name == "method_args":
             if per_method:
                 from ..compare import PER_METHOD_FIELDS
 
-                help_text += (" METHOD:KEY=VALUE sets it for that method only (e.g. vera:r=512); KEY may also be one of "
-                              f"{', '.join(PER_METHOD_FIELDS)} for that method.")
-            parser.add_argument("--method-arg", dest=f.name, action="append", metavar="[METHOD:]KEY=VALUE" if per_method else "KEY=VALUE",
-                                default=argparse.SUPPRESS, help=help_text)
+                help_text += (
+                    " METHOD:KEY=VALUE sets it for that method only (e.g. vera:r=512); KEY may also be one of "
+                    f"{', '.join(PER_METHOD_FIELDS)} for that method."
+                )
+            parser.add_argument(
+                "--method-arg",
+                dest=f.name,
+                action="append",
+                metavar="[METHOD:]KEY=VALUE" if per_method else "KEY=VALUE",
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif kinds[f.name] is dict:  # --columns a=b,c=d (repeatable)
-            parser.add_argument(_flag(f.name), dest=f.name, action="append", metavar="ROLE=COLUMN", default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action="append",
+                metavar="ROLE=COLUMN",
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                                help=f"{help_text}{shown_default}")
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                metavar=f.name.upper(),
+                default=argparse.SUPPRESS,
+                help=f"{help_text}{shown_default}",
+            )
 
 
 def _columns(text: str) -> dict[str, str]:
@@ -91,8 +114,10 @@ def temperature(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
     if 0 < value < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: sampling fails deep inside transformers
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (below, sampling is greedy "
-                                         f"in all but name and the scaled logits overflow), got {text}")
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (below, sampling is greedy "
+            f"in all but name and the scaled logits overflow), got {text}"
+        )
     return value
 
 
@@ -138,7 +163,9 @@ class OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102 -- argparse's hook
         choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
         if choice:
-            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", "))
+            message += did_you_mean(
+                choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", ")
+            )
         unknown = self.unknown_flags() if message.startswith("the following arguments are required") else []
         if unknown:  # `--adaptr x`: the typo is the mistake, not the missing --adapter
             flags = [s for action in self._actions for s in action.option_strings]
@@ -158,23 +185,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     `train` and `compare` get their config flags only when they are that command: those flags list
     the registered methods, which imports torch, and `lorakit --help` starts without it."""
     everything = command is None
-    parser = OneLineErrors(prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge, export to GGUF.")
+    parser = OneLineErrors(
+        prog="lorakit", description="Fine-tune with the LoRA family; evaluate, generate, merge, export to GGUF."
+    )
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    train = sub.add_parser("train", help="fine-tune a model with an adapter (no arguments: the built-in demo job)",
-                           description="Fine-tune a model with an adapter. With no arguments, SmolLM2-135M learns the built-in "
-                           "reverse-words task on CPU in a few minutes. Flags override --config.")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model with an adapter (no arguments: the built-in demo job)",
+        description="Fine-tune a model with an adapter. With no arguments, SmolLM2-135M learns the built-in "
+        "reverse-words task on CPU in a few minutes. Flags override --config.",
+    )
     train.add_argument("--config", metavar="YAML", help="YAML file of config fields (flags override it)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    train.add_argument("--nproc", type=positive_int, metavar="N",
-                       help="train on N processes with torch.distributed (DDP, or FSDP2 with --distributed fsdp; gloo "
-                       "on CPU, NCCL on GPU): the same as "
-                       "`torchrun --nproc_per_node N -m lorakit train ...`. The global batch is --batch-size x N x "
-                       "--grad-accum")
+    train.add_argument(
+        "--nproc",
+        type=positive_int,
+        metavar="N",
+        help="train on N processes with torch.distributed (DDP, or FSDP2 with --distributed fsdp; gloo "
+        "on CPU, NCCL on GPU): the same as "
+        "`torchrun --nproc_per_node N -m lorakit train ...`. The global batch is --batch-size x N x "
+        "--grad-accum",
+    )
     if everything or command == "train":
         add_config_flags(train)
     train.set_defaults(func=cmd_train)
@@ -191,15 +227,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, help="evaluate at most this many examples (spread over the data)")
     ev.add_argument("--batch-size", type=positive_int, help="examples per batch (default: the run's)")
     ev.add_argument("--device", choices=config_mod.CHOICES["device"])
-    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                    help="a progress bar on stderr (only where stderr is a terminal)")
+    ev.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a progress bar on stderr (only where stderr is a terminal)",
+    )
     ev.set_defaults(func=cmd_eval)
 
-    cmp = sub.add_parser("compare", help="train several methods on the same data, steps and seed; table + HTML report",
-                         description="Train each method of --methods in its own process with the same settings (any train "
-                         "flag), then print a table and write compare.json, compare.csv and compare.html (plots need "
-                         "matplotlib: the plots extra). Running the same command again reuses finished methods and "
-                         "resumes an interrupted one.")
+    cmp = sub.add_parser(
+        "compare",
+        help="train several methods on the same data, steps and seed; table + HTML report",
+        description="Train each method of --methods in its own process with the same settings (any train "
+        "flag), then print a table and write compare.json, compare.csv and compare.html (plots need "
+        "matplotlib: the plots extra). Running the same command again reuses finished methods and "
+        "resumes an interrupted one.",
+    )
     cmp.add_argument("--methods", required=True, help="comma-separated methods, e.g. lora,dora,vera,qlora")
     cmp.add_argument("--config", metavar="YAML", help="YAML file of train settings (flags override it)")
     cmp.add_argument("--no-html", action="store_true", help="skip the HTML report (no matplotlib needed)")
@@ -207,17 +250,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_config_flags(cmp, per_method=True)
     cmp.set_defaults(func=cmd_compare)
 
-    ins = sub.add_parser("inspect", help="what an adapter changed inside the model, module by module", formatter_class=fmt,
-                         description="Per adapted module: ||ΔW|| / ||W0|| (a layers x modules grid), the effective rank of "
-                         "ΔW, magnitude vs direction change (DoRA's view), and a warning for modules that did not change.")
+    ins = sub.add_parser(
+        "inspect",
+        help="what an adapter changed inside the model, module by module",
+        formatter_class=fmt,
+        description="Per adapted module: ||ΔW|| / ||W0|| (a layers x modules grid), the effective rank of "
+        "ΔW, magnitude vs direction change (DoRA's view), and a warning for modules that did not change.",
+    )
     ins.add_argument("adapter", help="adapter directory or run directory (runs/<name>)")
     ins.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     ins.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     ins.add_argument("--json", metavar="FILE", help="write every number (per module) as JSON")
-    ins.add_argument("--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)")
+    ins.add_argument(
+        "--html", metavar="FILE", help="write the HTML report here (default: <run>/inspect.html for a run directory)"
+    )
     ins.add_argument("--no-html", action="store_true", help="no HTML report (no matplotlib needed)")
-    ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                     help="a progress bar on stderr (only where stderr is a terminal)")
+    ins.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a progress bar on stderr (only where stderr is a terminal)",
+    )
     ins.add_argument("--overwrite", action="store_true", help="replace an existing --json or --html file")
     ins.set_defaults(func=cmd_inspect)
 
@@ -225,37 +278,63 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with base + adapter, streamed", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
-    gen.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
-                     help="adapter or run directory; repeat to load several on one base (named NAME, or after the run)")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="adapter or run directory; repeat to load several on one base (named NAME, or after the run)",
+    )
     gen.add_argument("--use", metavar="NAME", help="the adapter for the prompt (default: the first; __base__ for none)")
-    gen.add_argument("--prompts", metavar="FILE", help="JSONL of {\"prompt\": ..., \"adapter\": NAME} (or a text file of plain lines): "
-                     "generated in one batch, each prompt through its own adapter; prints JSONL")
+    gen.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help='JSONL of {"prompt": ..., "adapter": NAME} (or a text file of plain lines): '
+        "generated in one batch, each prompt through its own adapter; prints JSONL",
+    )
     gen.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together with --prompts")
-    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above 0 samples (a finite number)")
+    gen.add_argument(
+        "--temperature", type=temperature, default=0.0, help="0 = greedy; above 0 samples (a finite number)"
+    )
     gen.add_argument("--seed", type=seed, default=0, help="the sampling's random seed (with --temperature above 0)")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
-                     help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="wrap the prompt in the tokenizer's chat template",
+    )
     gen.set_defaults(func=cmd_generate)
 
-    merge = sub.add_parser("merge", help="write base + adapter as one plain Hugging Face model directory", formatter_class=fmt)
+    merge = sub.add_parser(
+        "merge", help="write base + adapter as one plain Hugging Face model directory", formatter_class=fmt
+    )
     merge.add_argument("--adapter", required=True, help="adapter directory or run directory (runs/<name>)")
     merge.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     merge.add_argument("--task", choices=config_mod.CHOICES["task"], help="default: the run's task")
     merge.add_argument("--out", required=True, help="output directory")
-    merge.add_argument("--overwrite", action="store_true",
-                       help="replace an existing --out model directory (a directory of other files is never replaced)")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out model directory (a directory of other files is never replaced)",
+    )
     merge.set_defaults(func=cmd_merge)
 
-    export = sub.add_parser("export", help="write an adapter (or base + adapter merged) as a GGUF file for llama.cpp",
-                            formatter_class=fmt)
+    export = sub.add_parser(
+        "export", help="write an adapter (or base + adapter merged) as a GGUF file for llama.cpp", formatter_class=fmt
+    )
     export.add_argument("--adapter", required=True, help="adapter directory or run directory (runs/<name>)")
     export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (llama.cpp's)")
-    export.add_argument("--merged", action="store_true",
-                        help="write the whole model with the adapter merged (DoRA, Delta-LoRA; or one file to ship)")
-    export.add_argument("--outtype", choices=["f32", "f16", "q8_0"],
-                        help="tensor type: adapter f32 (default) or f16; merged f16 (default), f32 or q8_0")
+    export.add_argument(
+        "--merged",
+        action="store_true",
+        help="write the whole model with the adapter merged (DoRA, Delta-LoRA; or one file to ship)",
+    )
+    export.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "q8_0"],
+        help="tensor type: adapter f32 (default) or f16; merged f16 (default), f32 or q8_0",
+    )
     export.add_argument("--model", help="base model (default: the run's model, else the built-in one)")
     export.add_argument("--out", help="output file (default: runs/<name>/adapter.gguf or merged-<outtype>.gguf)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

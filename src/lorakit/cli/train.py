@@ -25,8 +25,10 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise LorakitError(f"--method-arg expects KEY=VALUE, got {pair!r}")
         if ":" in key:  # METHOD:KEY=VALUE picks one of several methods: only compare trains several
-            raise LorakitError(f"--method-arg {pair!r}: the METHOD:KEY=VALUE form is for lorakit compare; "
-                               "lorakit train takes KEY=VALUE")
+            raise LorakitError(
+                f"--method-arg {pair!r}: the METHOD:KEY=VALUE form is for lorakit compare; "
+                "lorakit train takes KEY=VALUE"
+            )
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -44,7 +46,9 @@ def split_method_args(pairs: list[str], methods: list[str]) -> tuple[list[str], 
             continue
         method, _, rest = pair.partition(":")
         if method.strip() not in methods:
-            raise LorakitError(f"--method-arg {pair!r}: {method.strip()!r} is not one of --methods ({', '.join(methods)})")
+            raise LorakitError(
+                f"--method-arg {pair!r}: {method.strip()!r} is not one of --methods ({', '.join(methods)})"
+            )
         per_method.setdefault(method.strip(), []).append(rest)
     return common, {method: parse_method_args(given) for method, given in per_method.items()}
 
@@ -71,20 +75,40 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     cfg = config_mod.from_dict(given, cfg)
     if saved_cfg is not None:
         saved_values, new_values = config_mod.with_resolved_paths(saved_cfg), config_mod.with_resolved_paths(cfg)
-        changed = [f"{name} ({getattr(saved_cfg, name)!r} -> {getattr(cfg, name)!r})"
-                   for name in (f.name for f in dataclasses.fields(TrainConfig))
-                   if name not in RESUME_MAY_CHANGE and getattr(new_values, name) != getattr(saved_values, name)]
+        changed = [
+            f"{name} ({getattr(saved_cfg, name)!r} -> {getattr(cfg, name)!r})"
+            for name in (f.name for f in dataclasses.fields(TrainConfig))
+            if name not in RESUME_MAY_CHANGE and getattr(new_values, name) != getattr(saved_values, name)
+        ]
         if changed:
-            raise LorakitError(f"--resume continues the run as {saved} configures it; a resume cannot change "
-                               f"{', '.join(changed)}: drop those settings, or start a new run with another --name")
+            raise LorakitError(
+                f"--resume continues the run as {saved} configures it; a resume cannot change "
+                f"{', '.join(changed)}: drop those settings, or start a new run with another --name"
+            )
     return cfg
 
 
 # what a resumed run may set anew: its length, where and how it runs, what it reports
 # (--distributed too: a checkpoint holds whole tensors under DDP and FSDP alike)
-RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "progress", "keep_checkpoints", "checkpoint_every", "device", "distributed",
-                     "max_eval_examples", "compile", "gradient_checkpointing", "overwrite", "eval_batch_size", "metric",
-                     "answer_pattern", "chunked_loss", "measure_limit"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "steps",
+    "epochs",
+    "progress",
+    "keep_checkpoints",
+    "checkpoint_every",
+    "device",
+    "distributed",
+    "max_eval_examples",
+    "compile",
+    "gradient_checkpointing",
+    "overwrite",
+    "eval_batch_size",
+    "metric",
+    "answer_pattern",
+    "chunked_loss",
+    "measure_limit",
+}
 
 
 def launch_processes(args: argparse.Namespace) -> int:
@@ -94,7 +118,7 @@ def launch_processes(args: argparse.Namespace) -> int:
     argv = list(args.argv)
     for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N
         if arg == "--nproc":
-            del argv[i:i + 2]
+            del argv[i : i + 2]
             break
         if arg.startswith("--nproc="):
             del argv[i]
@@ -118,18 +142,23 @@ def check_before_launch(cfg: TrainConfig, nproc: int) -> None:
         import torch
 
         if nproc > torch.cuda.device_count():
-            raise LorakitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA GPU(s); one process a GPU")
+            raise LorakitError(
+                f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA GPU(s); one process a GPU"
+            )
     elif nproc > max(2, os.cpu_count() or 1):  # one a core (two anywhere, to try several processes out)
-        raise LorakitError(f"--nproc {nproc}: this machine has {os.cpu_count()} CPU cores; at most one process a core "
-                           "on the CPU")
+        raise LorakitError(
+            f"--nproc {nproc}: this machine has {os.cpu_count()} CPU cores; at most one process a core on the CPU"
+        )
     if cfg.resume:
         from ..train import checkpoint as ckpt
 
         saved = ckpt.find_checkpoint(cfg.resume)
         state = ckpt.check_state(saved, ckpt.read_state(saved))
         if state.get("world_size", 1) != nproc:
-            raise LorakitError(f"{saved} was written by a run on {state.get('world_size', 1)} process(es); resume it on the "
-                               f"same number (--nproc {state.get('world_size', 1)}): the data order and random streams are per process")
+            raise LorakitError(
+                f"{saved} was written by a run on {state.get('world_size', 1)} process(es); resume it on the "
+                f"same number (--nproc {state.get('world_size', 1)}): the data order and random streams are per process"
+            )
     if cfg.data:
         data_files(cfg.data)
     try:

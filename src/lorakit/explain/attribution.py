@@ -47,26 +47,33 @@ def gauss_legendre(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor((nodes + 1) / 2), torch.tensor(weights / 2)
 
 
-def integrated_gradients(outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, steps: int, batch: int = 8) -> torch.Tensor:
+def integrated_gradients(
+    outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, steps: int, batch: int = 8
+) -> torch.Tensor:
     """`IG[t, m]` for `outputs(scale (batch, modules)) -> (batch, outputs)` (each batch row one point
     of the path), with `steps` Gauss-Legendre nodes, `batch` points per call."""
     nodes, weights = gauss_legendre(steps)
     total = None
     for start in range(0, steps, batch):
-        t, w = nodes[start:start + batch], weights[start:start + batch]
+        t, w = nodes[start : start + batch], weights[start : start + batch]
         scale = (t[:, None].float() * torch.ones(1, modules)).requires_grad_(True)
         values = outputs(scale)  # (batch, outputs)
         if total is None:
             total = torch.zeros(values.shape[1], modules, dtype=torch.float64)
         for index in range(values.shape[1]):
             # rows are independent points of the path: the gradient of their sum is each row's own
-            grad, = torch.autograd.grad(values[:, index].sum(), scale, retain_graph=index < values.shape[1] - 1)
+            (grad,) = torch.autograd.grad(values[:, index].sum(), scale, retain_graph=index < values.shape[1] - 1)
             total[index] += (w[:, None] * grad.double().cpu()).sum(dim=0)
     return total
 
 
-def attribute(outputs: Callable[[torch.Tensor], torch.Tensor], modules: int, change: torch.Tensor,
-              steps: int | None = None, tokens: int = 1) -> Attribution:
+def attribute(
+    outputs: Callable[[torch.Tensor], torch.Tensor],
+    modules: int,
+    change: torch.Tensor,
+    steps: int | None = None,
+    tokens: int = 1,
+) -> Attribution:
     """Integrated gradients with enough nodes for completeness (see the module docstring); `steps`
     fixes the node count instead. `change[t]` = f_t(1) - f_t(0), measured by the caller; `tokens`:
     the input's length (fewer path points go in one pass for a long input)."""

@@ -38,6 +38,7 @@ from .results import (  # noqa: F401  (the records stay reachable as core.NAME)
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -93,14 +94,18 @@ def _check(model: nn.Module, original: dict[str, torch.Tensor] | None, task: str
         raise ValueError("the model has no active adapter to explain: lorakit.load(model, path) first")
     moving = [n for n in active if state.configs[n].moves_base_weights]
     if moving and original is None:
-        raise ValueError(f"adapter {moving[0]!r} moves the base weights (Delta-LoRA): pass original=, the base weights "
-                         "before it was loaded (lorakit.analysis.snapshot_base_weights)")
+        raise ValueError(
+            f"adapter {moving[0]!r} moves the base weights (Delta-LoRA): pass original=, the base weights "
+            "before it was loaded (lorakit.analysis.snapshot_base_weights)"
+        )
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt is empty")
     return active
 
 
-def _causal_input(model: nn.Module, tracer, tokenizer, prompt: str, completion: str | None, max_new_tokens: int) -> Scored:
+def _causal_input(
+    model: nn.Module, tracer, tokenizer, prompt: str, completion: str | None, max_new_tokens: int
+) -> Scored:
     """Prompt + completion (given, or the adapted model's greedy one; the base's is generated too)."""
     device = _device(model)
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -117,21 +122,35 @@ def _causal_input(model: nn.Module, tracer, tokenizer, prompt: str, completion: 
         completion_ids = _greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer))
         tracer.scale = torch.zeros(len(tracer.sites), device=device)  # the base model, as it was before the adapter
         try:
-            base_completion = tokenizer.decode(_greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer)),
-                                               skip_special_tokens=True)
+            base_completion = tokenizer.decode(
+                _greedy(model, prompt_ids, max_new_tokens, _stop_ids(tokenizer)), skip_special_tokens=True
+            )
         finally:
             tracer.scale = None
     ids = prompt_ids + completion_ids
-    return Scored(ids, {"input_ids": torch.tensor([ids], device=device)}, len(prompt_ids),
-                  list(range(len(prompt_ids) - 1, len(ids) - 1)), completion_ids, "log p(token)",
-                  "given" if completion is not None else "generated", base_completion)
+    return Scored(
+        ids,
+        {"input_ids": torch.tensor([ids], device=device)},
+        len(prompt_ids),
+        list(range(len(prompt_ids) - 1, len(ids) - 1)),
+        completion_ids,
+        "log p(token)",
+        "given" if completion is not None else "generated",
+        base_completion,
+    )
 
 
 def _sequence_input(model: nn.Module, tokenizer, task: str, prompt: str, text_pair: str | None) -> Scored:
     encoded = tokenizer(prompt, text_pair, truncation=True, return_tensors="pt")
     ids = encoded["input_ids"][0].tolist()
-    return Scored(ids, {k: v.to(_device(model)) for k, v in encoded.items()}, len(ids), [-1], None,
-                  "log p(class)" if task == "classify" else "score")
+    return Scored(
+        ids,
+        {k: v.to(_device(model)) for k, v in encoded.items()},
+        len(ids),
+        [-1],
+        None,
+        "log p(class)" if task == "classify" else "score",
+    )
 
 
 def _values(task: str, logits: torch.Tensor, scored: Scored, picked: list[int]) -> torch.Tensor:
@@ -145,7 +164,9 @@ def _values(task: str, logits: torch.Tensor, scored: Scored, picked: list[int]) 
     return logprobs.gather(-1, index).squeeze(-1)
 
 
-def _forward(model: nn.Module, tracer, scored: Scored, scale: torch.Tensor | None, record: bool = False) -> torch.Tensor:
+def _forward(
+    model: nn.Module, tracer, scored: Scored, scale: torch.Tensor | None, record: bool = False
+) -> torch.Tensor:
     """The logits with each module's update scaled by `scale` (None: 1; `(batch, modules)`: a batch
     of scalings of the one input)."""
     tracer.scale, tracer.record = scale, record
@@ -158,18 +179,28 @@ def _forward(model: nn.Module, tracer, scored: Scored, scale: torch.Tensor | Non
 
 def _module_activity(site, record, attribution: float, tokens: int) -> ModuleActivity:
     layer, kind = _layer_and_kind(site.name)
-    found = [Component(label, piece.part, float(strength), [float(d) for d in drive[i]])
-             for piece, drive in zip(site.components, record.drive)
-             for i, (label, strength) in enumerate(zip(piece.labels, piece.strengths))]
+    found = [
+        Component(label, piece.part, float(strength), [float(d) for d in drive[i]])
+        for piece, drive in zip(site.components, record.drive)
+        for i, (label, strength) in enumerate(zip(piece.labels, piece.strengths))
+    ]
     found.sort(key=lambda c: -c.strength)
-    return ModuleActivity(site.name, layer, kind, [float(s) for s in record.size],
-                          {p: [float(s) for s in v] for p, v in record.parts.items()}, found, attribution,
-                          len(record.size) == tokens)
+    return ModuleActivity(
+        site.name,
+        layer,
+        kind,
+        [float(s) for s in record.size],
+        {p: [float(s) for s in v] for p, v in record.parts.items()},
+        found,
+        attribution,
+        len(record.size) == tokens,
+    )
 
 
 @torch.no_grad()
-def _depth_checks(model: nn.Module, tracer, scored: Scored, task: str, base_values: torch.Tensor,
-                  device: torch.device) -> list[DepthCheck]:
+def _depth_checks(
+    model: nn.Module, tracer, scored: Scored, task: str, base_values: torch.Tensor, device: torch.device
+) -> list[DepthCheck]:
     """Each third of the layers' update alone, and the update without it: one batch of 6 scalings."""
     layer_of = [_layer_and_kind(site.name)[0] for site in tracer.sites]
     bands = depth_bands([layer for layer in layer_of if layer is not None])
@@ -182,10 +213,22 @@ def _depth_checks(model: nn.Module, tracer, scored: Scored, task: str, base_valu
     return [DepthCheck(band, change[i].tolist(), change[len(bands) + i].tolist()) for i, band in enumerate(bands)]
 
 
-def explain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *, task: str = "causal-lm", completion: str | None = None,
-            text_pair: str | None = None, label: int | None = None, label_names: list[str] | None = None,
-            max_new_tokens: int = 16, top: int = 5, components: int = 8, steps: int | None = None,
-            original: dict[str, torch.Tensor] | None = None) -> Explanation:
+def explain(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    *,
+    task: str = "causal-lm",
+    completion: str | None = None,
+    text_pair: str | None = None,
+    label: int | None = None,
+    label_names: list[str] | None = None,
+    max_new_tokens: int = 16,
+    top: int = 5,
+    components: int = 8,
+    steps: int | None = None,
+    original: dict[str, torch.Tensor] | None = None,
+) -> Explanation:
     """What the model's active adapters do to `prompt` (see the module docstring).
 
     Args:
@@ -218,8 +261,11 @@ def explain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *
     with instrumented(model, original, components) as tracer:
         if not tracer.sites:
             raise ValueError("none of the active adapters adapts a module of this model")
-        scored = (_causal_input(model, tracer, tokenizer, prompt, completion, max_new_tokens) if task == "causal-lm"
-                  else _sequence_input(model, tokenizer, task, prompt, text_pair))
+        scored = (
+            _causal_input(model, tracer, tokenizer, prompt, completion, max_new_tokens)
+            if task == "causal-lm"
+            else _sequence_input(model, tokenizer, task, prompt, text_pair)
+        )
         with torch.no_grad():
             adapted_logits = _forward(model, tracer, scored, None, record=True)
             base_logits = _forward(model, tracer, scored, torch.zeros(len(tracer.sites), device=device))
@@ -233,12 +279,17 @@ def explain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *
         change = (adapted_values - base_values).double()
         if all(not bool(record.size.any()) for record in tracer.records.values()):
             # no module changes its output at all (B = 0): every attribution is exactly 0, nothing to integrate
-            result = attribution_mod.Attribution(torch.zeros(len(change), len(tracer.sites), dtype=torch.float64), 0,
-                                                 change.abs().cpu(), True)
+            result = attribution_mod.Attribution(
+                torch.zeros(len(change), len(tracer.sites), dtype=torch.float64), 0, change.abs().cpu(), True
+            )
         else:
             result = attribution_mod.attribute(
                 lambda scale: _values(task, _forward(model, tracer, scored, scale.to(device)), scored, scored.chosen),
-                len(tracer.sites), change, steps, len(scored.ids))
+                len(tracer.sites),
+                change,
+                steps,
+                len(scored.ids),
+            )
 
         depth = _depth_checks(model, tracer, scored, task, base_values, device)
 
@@ -249,14 +300,37 @@ def explain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *
         else:
             token_id, name, at = scored.chosen[0] if task == "classify" else -1, class_name, (0,)
         listed = task != "regress"
-        outputs.append(OutputStep(
-            position if task == "causal-lm" else None, name(token_id) if listed else "score", token_id,
-            float(base_values[index]), float(adapted_values[index]),
-            _top(base_logits[at], top, name) if listed else [], _top(adapted_logits[at], top, name) if listed else [],
-            [float(v) for v in result.values[index]], float(result.errors[index])))
-    modules = [_module_activity(site, tracer.records[site.name], float(result.values[:, index].sum()), len(scored.ids))
-               for index, site in enumerate(tracer.sites)]
+        outputs.append(
+            OutputStep(
+                position if task == "causal-lm" else None,
+                name(token_id) if listed else "score",
+                token_id,
+                float(base_values[index]),
+                float(adapted_values[index]),
+                _top(base_logits[at], top, name) if listed else [],
+                _top(adapted_logits[at], top, name) if listed else [],
+                [float(v) for v in result.values[index]],
+                float(result.errors[index]),
+            )
+        )
+    modules = [
+        _module_activity(site, tracer.records[site.name], float(result.values[:, index].sum()), len(scored.ids))
+        for index, site in enumerate(tracer.sites)
+    ]
     methods = sorted({inject.lorakit_state(model).configs[n].method for n in active})
-    return Explanation(task, prompt, [piece(i) for i in scored.ids], scored.ids, scored.prompt_length, scored.measure,
-                       scored.completion_source, scored.base_completion, outputs, modules, result.steps,
-                       result.within_tolerance, methods, depth)
+    return Explanation(
+        task,
+        prompt,
+        [piece(i) for i in scored.ids],
+        scored.ids,
+        scored.prompt_length,
+        scored.measure,
+        scored.completion_source,
+        scored.base_completion,
+        outputs,
+        modules,
+        result.steps,
+        result.within_tolerance,
+        methods,
+        depth,
+    )

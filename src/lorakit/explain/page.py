@@ -80,7 +80,7 @@ def sequential(value: float, scale: float) -> str:
 
 
 def ink(background: str) -> str:
-    r, g, b = (int(background[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(background[i : i + 2], 16) for i in (1, 3, 5))
     return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
 
 
@@ -118,17 +118,25 @@ def grid(modules: list[ModuleActivity], value, colour, caption: str, sign: bool 
         if math.isnan(v):
             return "<td></td>"
         background = colour(v)
-        return (f'<td style="background:{background};color:{ink(background)}" title="{html.escape(m.module)}: {v:.4g}">'
-                f"{in_units(v, unit, sign)}</td>")
+        return (
+            f'<td style="background:{background};color:{ink(background)}" title="{html.escape(m.module)}: {v:.4g}">'
+            f"{in_units(v, unit, sign)}</td>"
+        )
 
-    rows = "".join(f"<tr><th>{layer}</th>" + "".join(cell(cells.get((layer, kind))) for kind in kinds) + "</tr>" for layer in layers)
+    rows = "".join(
+        f"<tr><th>{layer}</th>" + "".join(cell(cells.get((layer, kind))) for kind in kinds) + "</tr>"
+        for layer in layers
+    )
     head = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(labels[k])}</th>" for k in kinds) + "</tr>"
     caption = html.escape(caption + unit_label(unit))
     table = f'<table class="grid"><caption>{caption}</caption>{head}{rows}</table>' if kinds else ""
     others = [m for m in modules if m.layer is None]
     if others:
-        table += ('<table class="grid">' + "".join(f'<tr><td class="name">{html.escape(m.module)}</td>{cell(m)}</tr>' for m in others)
-                  + "</table>")
+        table += (
+            '<table class="grid">'
+            + "".join(f'<tr><td class="name">{html.escape(m.module)}</td>{cell(m)}</tr>' for m in others)
+            + "</table>"
+        )
     return f"<div>{table}</div>"
 
 
@@ -137,7 +145,10 @@ def layer_profile(found: Explanation) -> str:
     layers = sorted({m.layer for m in found.modules if m.layer is not None})
     if not layers or found.inert:
         return ""
-    sums = [[sum(a for m, a in zip(found.modules, o.attribution) if m.layer == layer) for layer in layers] for o in found.outputs]
+    sums = [
+        [sum(a for m, a in zip(found.modules, o.attribution) if m.layer == layer) for layer in layers]
+        for o in found.outputs
+    ]
     unit = unit_of(v for row in sums for v in row)
     scale = max((abs(v) for row in sums for v in row), default=0.0)
     rows = []
@@ -145,32 +156,43 @@ def layer_profile(found: Explanation) -> str:
         cells = []
         for layer, v in zip(layers, row):
             background = diverging(v, scale)
-            cells.append(f'<td style="background:{background};color:{ink(background)}" title="layer {layer}: {v:+.4g}">'
-                         f"{in_units(v, unit, True)}</td>")
+            cells.append(
+                f'<td style="background:{background};color:{ink(background)}" title="layer {layer}: {v:+.4g}">'
+                f"{in_units(v, unit, True)}</td>"
+            )
         rows.append(f'<tr><th class="name"><code>{html.escape(shown_token(o.token))}</code></th>{"".join(cells)}</tr>')
     head = '<tr><th class="name">output</th>' + "".join(f"<th>{layer}</th>" for layer in layers) + "</tr>"
-    return (f'<div class="scroll"><table class="grid"><caption>attribution per output and layer{html.escape(unit_label(unit))}'
-            f"</caption>{head}{''.join(rows)}</table></div>")
+    return (
+        f'<div class="scroll"><table class="grid"><caption>attribution per output and layer{html.escape(unit_label(unit))}'
+        f"</caption>{head}{''.join(rows)}</table></div>"
+    )
 
 
 def output_table(found: Explanation) -> str:
     if found.measure == "score":
         (step,) = found.outputs
-        return (f"<table><tr><th>score</th><th>base</th><th>adapted</th><th>change</th></tr><tr><td></td><td>{step.base_value:.4g}</td>"
-                f"<td>{step.adapted_value:.4g}</td><td>{signed(step.effect)}</td></tr></table>")
+        return (
+            f"<table><tr><th>score</th><th>base</th><th>adapted</th><th>change</th></tr><tr><td></td><td>{step.base_value:.4g}</td>"
+            f"<td>{step.adapted_value:.4g}</td><td>{signed(step.effect)}</td></tr></table>"
+        )
     what = "token" if found.task == "causal-lm" else "class"
     scale = max((abs(o.effect) for o in found.outputs), default=0.0)
     rows = []
     for o in found.outputs:
+
         def tops(pairs):
             return ", ".join(f"<code>{html.escape(shown_token(t))}</code>&nbsp;{p:.2g}" for t, p in pairs[:3])
 
         background = diverging(o.effect, scale)
-        rows.append(f'<tr><td class="name"><code>{html.escape(shown_token(o.token))}</code></td><td>{math.exp(o.base_value):.3f}</td>'
-                    f'<td>{math.exp(o.adapted_value):.3f}</td><td style="background:{background};color:{ink(background)}">'
-                    f'{signed(o.effect)}</td><td class="name wrap">{tops(o.base_top)}</td><td class="name wrap">{tops(o.adapted_top)}</td></tr>')
-    return (f'<div class="scroll"><table><tr><th class="name">{what}</th><th>base p</th><th>adapted p</th><th>Δ log p</th>'
-            f'<th class="name">base\'s top</th><th class="name">adapted\'s top</th></tr>{"".join(rows)}</table></div>')
+        rows.append(
+            f'<tr><td class="name"><code>{html.escape(shown_token(o.token))}</code></td><td>{math.exp(o.base_value):.3f}</td>'
+            f'<td>{math.exp(o.adapted_value):.3f}</td><td style="background:{background};color:{ink(background)}">'
+            f'{signed(o.effect)}</td><td class="name wrap">{tops(o.base_top)}</td><td class="name wrap">{tops(o.adapted_top)}</td></tr>'
+        )
+    return (
+        f'<div class="scroll"><table><tr><th class="name">{what}</th><th>base p</th><th>adapted p</th><th>Δ log p</th>'
+        f'<th class="name">base\'s top</th><th class="name">adapted\'s top</th></tr>{"".join(rows)}</table></div>'
+    )
 
 
 def components_table(found: Explanation, count: int = 6) -> str:
@@ -180,18 +202,29 @@ def components_table(found: Explanation, count: int = 6) -> str:
     for m in ranked:
         top = max((d for c in m.components[:3] for d in c.drive if math.isfinite(d)), default=0.0)
         for c in m.components[:3]:
-            strip = "".join(f'<span style="background:{sequential(d, top)}" title="{html.escape(found.tokens[i])}: {d:.3g}"></span>'
-                            for i, d in enumerate(c.drive)) if m.per_token else f"{c.drive[0]:.3g} (one vector for the whole input)"
+            strip = (
+                "".join(
+                    f'<span style="background:{sequential(d, top)}" title="{html.escape(found.tokens[i])}: {d:.3g}"></span>'
+                    for i, d in enumerate(c.drive)
+                )
+                if m.per_token
+                else f"{c.drive[0]:.3g} (one vector for the whole input)"
+            )
             peak = max(range(len(c.drive)), key=lambda i: c.drive[i]) if c.drive and m.per_token else None
-            rows.append(f'<tr><td class="name">{html.escape(m.module)}</td><td class="name">{html.escape(c.label)}</td>'
-                        f'<td class="name">{html.escape(c.part)}</td><td>{c.strength:.3g}</td>'
-                        f'<td class="name"><code>{html.escape(shown_token(found.tokens[peak])) if peak is not None else ""}</code></td>'
-                        f'<td class="name"><span class="drive">{strip}</span></td></tr>')
+            rows.append(
+                f'<tr><td class="name">{html.escape(m.module)}</td><td class="name">{html.escape(c.label)}</td>'
+                f'<td class="name">{html.escape(c.part)}</td><td>{c.strength:.3g}</td>'
+                f'<td class="name"><code>{html.escape(shown_token(found.tokens[peak])) if peak is not None else ""}</code></td>'
+                f'<td class="name"><span class="drive">{strip}</span></td></tr>'
+            )
     if not rows:
         return "<p>No module has low-rank components.</p>"
-    return ('<div class="scroll"><table><tr><th class="name">module</th><th class="name">component</th><th class="name">part</th>'
-            '<th>strength</th><th class="name">driven most by</th><th class="name">drive per token</th></tr>'
-            + "".join(rows) + "</table></div>")
+    return (
+        '<div class="scroll"><table><tr><th class="name">module</th><th class="name">component</th><th class="name">part</th>'
+        '<th>strength</th><th class="name">driven most by</th><th class="name">drive per token</th></tr>'
+        + "".join(rows)
+        + "</table></div>"
+    )
 
 
 def panel(found: Explanation, position: int, shown: bool) -> str:
@@ -207,17 +240,36 @@ def panel(found: Explanation, position: int, shown: bool) -> str:
         o = found.outputs[output]
         attributions = {m.module: o.attribution[i] for i, m in enumerate(found.modules)}
         scale = max((abs(v) for v in attributions.values()), default=0.0)
-        body.append(f"<p>log p: base {o.base_value:.3f}, adapted {o.adapted_value:.3f}, change {signed(o.effect)}; "
-                    f"the modules' parts add up to it within {o.completeness_error:.2g}.</p>")
-        grids.append(grid(found.modules, lambda m: attributions[m.module], lambda v: diverging(v, scale),
-                          "attribution of this token's Δ log p", sign=True))
+        body.append(
+            f"<p>log p: base {o.base_value:.3f}, adapted {o.adapted_value:.3f}, change {signed(o.effect)}; "
+            f"the modules' parts add up to it within {o.completeness_error:.2g}.</p>"
+        )
+        grids.append(
+            grid(
+                found.modules,
+                lambda m: attributions[m.module],
+                lambda v: diverging(v, scale),
+                "attribution of this token's Δ log p",
+                sign=True,
+            )
+        )
         where = f"at the position that predicts it ({found.tokens[at]!r})"
     else:
         where = "at this token"
-    grids.append(grid(found.modules, lambda m: m.size_at(at), lambda v: sequential(v, size_scale), f"||ΔW x|| / ||W0 x|| {where}"))
+    grids.append(
+        grid(
+            found.modules, lambda m: m.size_at(at), lambda v: sequential(v, size_scale), f"||ΔW x|| / ||W0 x|| {where}"
+        )
+    )
     for part in parts_of(found):
-        grids.append(grid(found.modules, lambda m, part=part: m.parts[part][at] if part in m.parts and m.per_token else math.nan,
-                          lambda v: sequential(v, size_scale), f"its part {part!r}"))
+        grids.append(
+            grid(
+                found.modules,
+                lambda m, part=part: m.parts[part][at] if part in m.parts and m.per_token else math.nan,
+                lambda v: sequential(v, size_scale),
+                f"its part {part!r}",
+            )
+        )
     body.append(f'<div class="grids">{"".join(grids)}</div>')
     return f'<div class="panel{" shown" if shown else ""}" data-pos="{position}">{"".join(body)}</div>'
 
@@ -228,18 +280,30 @@ def depth_table(found: Explanation) -> str:
     if not found.depth or found.inert:
         return ""
     names = [shown_token(o.token) for o in found.outputs]
-    head = ('<tr><th class="name">layers</th><th class="name">update</th><th>total</th>'
-            + "".join(f"<th><code>{html.escape(n)}</code></th>" for n in names) + "</tr>")
+    head = (
+        '<tr><th class="name">layers</th><th class="name">update</th><th>total</th>'
+        + "".join(f"<th><code>{html.escape(n)}</code></th>" for n in names)
+        + "</tr>"
+    )
     rows = []
     for d in found.depth:
         for label, values in (("only in these", d.only), ("everywhere but these", d.without)):
-            rows.append(f'<tr><td class="name">{d.name}</td><td class="name">{label}</td><td>{signed(sum(values))}</td>'
-                        + "".join(f"<td>{signed(v)}</td>" for v in values) + "</tr>")
-    full = ('<tr><td class="name">all</td><td class="name">everywhere</td>'
-            f"<td>{signed(found.total_effect)}</td>" + "".join(f"<td>{signed(o.effect)}</td>" for o in found.outputs) + "</tr>")
-    return ("<h3>Exact check by depth</h3><p>Each output's change (adapted - base) with the adapter's update kept only in a "
-            "third of the layers, or everywhere but there: no integration, one batched forward pass.</p>"
-            f'<div class="scroll"><table>{head}{full}{"".join(rows)}</table></div>')
+            rows.append(
+                f'<tr><td class="name">{d.name}</td><td class="name">{label}</td><td>{signed(sum(values))}</td>'
+                + "".join(f"<td>{signed(v)}</td>" for v in values)
+                + "</tr>"
+            )
+    full = (
+        '<tr><td class="name">all</td><td class="name">everywhere</td>'
+        f"<td>{signed(found.total_effect)}</td>"
+        + "".join(f"<td>{signed(o.effect)}</td>" for o in found.outputs)
+        + "</tr>"
+    )
+    return (
+        "<h3>Exact check by depth</h3><p>Each output's change (adapted - base) with the adapter's update kept only in a "
+        "third of the layers, or everywhere but there: no integration, one batched forward pass.</p>"
+        f'<div class="scroll"><table>{head}{full}{"".join(rows)}</table></div>'
+    )
 
 
 def parts_of(found: Explanation) -> list[str]:
@@ -251,7 +315,9 @@ def parts_of(found: Explanation) -> list[str]:
 def section(found: Explanation, index: int, title: str) -> str:
     activity = token_activity(found)
     activity_scale = max((a for a in activity if math.isfinite(a)), default=0.0)
-    effects = {found.prompt_length + i: o.effect for i, o in enumerate(found.outputs)} if found.task == "causal-lm" else {}
+    effects = (
+        {found.prompt_length + i: o.effect for i, o in enumerate(found.outputs)} if found.task == "causal-lm" else {}
+    )
     effect_scale = max((abs(e) for e in effects.values()), default=0.0)
     if effects:
         selected = max(effects, key=lambda p: abs(effects[p]))
@@ -262,46 +328,86 @@ def section(found: Explanation, index: int, title: str) -> str:
         if position in effects:
             background, tip = diverging(effects[position], effect_scale), f"Δ log p {effects[position]:+.3f}"
         else:
-            background, tip = sequential(activity[position], activity_scale), f"mean ||ΔW x|| / ||W0 x|| {activity[position]:.3g}"
-        chips.append(f'<span class="tok{" out" if position in effects else ""}{" selected" if position == selected else ""}" '
-                     f'data-pos="{position}" style="background:{background};color:{ink(background)}" title="{html.escape(tip)}">'
-                     f"{html.escape(shown_token(token))}</span>")
+            background, tip = (
+                sequential(activity[position], activity_scale),
+                f"mean ||ΔW x|| / ||W0 x|| {activity[position]:.3g}",
+            )
+        chips.append(
+            f'<span class="tok{" out" if position in effects else ""}{" selected" if position == selected else ""}" '
+            f'data-pos="{position}" style="background:{background};color:{ink(background)}" title="{html.escape(tip)}">'
+            f"{html.escape(shown_token(token))}</span>"
+        )
     if found.inert:
-        verdict = ('<p class="verdict inert"><b>The adapter is inert on this input:</b> no adapted module changes its output '
-                   "(||ΔW x|| = 0 at every token and module: B = 0, or an update that collapsed), so the adapted model "
-                   "is the base model.</p>")
+        verdict = (
+            '<p class="verdict inert"><b>The adapter is inert on this input:</b> no adapted module changes its output '
+            "(||ΔW x|| = 0 at every token and module: B = 0, or an update that collapsed), so the adapted model "
+            "is the base model.</p>"
+        )
     else:
-        check = (f"the modules' parts add up to it within {found.completeness_error:.2g} (tolerance {found.tolerance:.2g}, "
-                 f"{found.ig_steps} integration steps)" if found.within_tolerance else
-                 f"warning: the modules' parts miss it by {found.completeness_error:.2g} (tolerance {found.tolerance:.2g}) "
-                 f"after {found.ig_steps} steps")
-        verdict = (f'<p class="verdict">Total change of the {"completion" if found.task == "causal-lm" else "output"}\'s '
-                   f'{"score" if found.measure == "score" else "log-probability"}: <b>{signed(found.total_effect)}</b>; {check}.</p>')
-    lines = [f'<section class="prompt" id="input-{index}"><h2>{html.escape(title)}</h2>',
-             f"<p>Prompt: <code>{html.escape(repr(found.prompt))}</code></p>"]
+        check = (
+            f"the modules' parts add up to it within {found.completeness_error:.2g} (tolerance {found.tolerance:.2g}, "
+            f"{found.ig_steps} integration steps)"
+            if found.within_tolerance
+            else f"warning: the modules' parts miss it by {found.completeness_error:.2g} (tolerance {found.tolerance:.2g}) "
+            f"after {found.ig_steps} steps"
+        )
+        verdict = (
+            f'<p class="verdict">Total change of the {"completion" if found.task == "causal-lm" else "output"}\'s '
+            f"{'score' if found.measure == 'score' else 'log-probability'}: <b>{signed(found.total_effect)}</b>; {check}.</p>"
+        )
+    lines = [
+        f'<section class="prompt" id="input-{index}"><h2>{html.escape(title)}</h2>',
+        f"<p>Prompt: <code>{html.escape(repr(found.prompt))}</code></p>",
+    ]
     if found.task == "causal-lm":
         source = "generated by the adapted model" if found.completion_source == "generated" else "given"
-        lines.append(f"<p>Completion ({source}): <code>{html.escape(repr(found.completion))}</code>"
-                     + (f"; the base model generates instead <code>{html.escape(repr(found.base_completion))}</code>"
-                        if found.base_completion is not None else "") + "</p>")
+        lines.append(
+            f"<p>Completion ({source}): <code>{html.escape(repr(found.completion))}</code>"
+            + (
+                f"; the base model generates instead <code>{html.escape(repr(found.base_completion))}</code>"
+                if found.base_completion is not None
+                else ""
+            )
+            + "</p>"
+        )
     lines.append(verdict)
     lines.append(f'<div class="strip">{"".join(chips)}</div>')
-    lines.append('<p class="legend">Completion tokens (bold border): blue = the adapter raises their log-probability, red = it '
-                 "lowers it. Prompt tokens: purple = how strongly the adapter acts there (mean ||ΔW x|| / ||W0 x|| over the "
-                 "modules). Click a token for its grids.</p>")
+    lines.append(
+        '<p class="legend">Completion tokens (bold border): blue = the adapter raises their log-probability, red = it '
+        "lowers it. Prompt tokens: purple = how strongly the adapter acts there (mean ||ΔW x|| / ||W0 x|| over the "
+        "modules). Click a token for its grids.</p>"
+    )
     lines += [panel(found, position, position == selected) for position in range(len(found.tokens))]
     lines.append("<h3>Output change</h3>" + output_table(found))
     attribution_scale = max((abs(m.attribution) for m in found.modules), default=0.0)
     mean_scale = max((m.mean_size for m in found.modules), default=0.0)
     lines.append("<h3>Where the adapter acts and which modules matter, over the whole input</h3>")
-    lines.append('<div class="grids">'
-                 + grid(found.modules, lambda m: m.attribution, lambda v: diverging(v, attribution_scale),
-                        "attribution of the total change (integrated gradients)", sign=True)
-                 + grid(found.modules, lambda m: m.mean_size, lambda v: sequential(v, mean_scale),
-                        "mean ||ΔW x|| / ||W0 x|| over the tokens")
-                 + "".join(grid(found.modules, lambda m, part=part: mean(m.parts.get(part, [])),
-                                lambda v: sequential(v, mean_scale), f"its part {part!r}") for part in parts_of(found))
-                 + "</div>")
+    lines.append(
+        '<div class="grids">'
+        + grid(
+            found.modules,
+            lambda m: m.attribution,
+            lambda v: diverging(v, attribution_scale),
+            "attribution of the total change (integrated gradients)",
+            sign=True,
+        )
+        + grid(
+            found.modules,
+            lambda m: m.mean_size,
+            lambda v: sequential(v, mean_scale),
+            "mean ||ΔW x|| / ||W0 x|| over the tokens",
+        )
+        + "".join(
+            grid(
+                found.modules,
+                lambda m, part=part: mean(m.parts.get(part, [])),
+                lambda v: sequential(v, mean_scale),
+                f"its part {part!r}",
+            )
+            for part in parts_of(found)
+        )
+        + "</div>"
+    )
     lines.append(layer_profile(found))
     lines.append(depth_table(found))
     lines.append("<h3>Which directions fire</h3>" + components_table(found))
@@ -311,11 +417,16 @@ def section(found: Explanation, index: int, title: str) -> str:
 
 def render(explanations: list[Explanation], title: str) -> str:
     """The whole report for one or several inputs."""
-    sections = [section(found, i, f"Input {i + 1}" if len(explanations) > 1 else "Input")
-                for i, found in enumerate(explanations)]
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(sections)
-            + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
+    sections = [
+        section(found, i, f"Input {i + 1}" if len(explanations) > 1 else "Input")
+        for i, found in enumerate(explanations)
+    ]
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + f"\n<script>{SCRIPT}</script>\n</body></html>\n"
+    )
 
 
 def write_text_atomically(path: Path, text: str) -> None:

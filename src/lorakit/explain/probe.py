@@ -46,7 +46,9 @@ class Record:
 
     size: torch.Tensor  # (tokens,) ||Δ x|| / ||W0 x||; one value for a module that reads one vector (a pooler)
     parts: dict[str, torch.Tensor]  # part -> (tokens,) ||part x|| / ||W0 x||
-    drive: list[torch.Tensor] = field(default_factory=list)  # per RankComponents: (k, tokens), ||up_i|| |down_i · x| / ||W0 x||
+    drive: list[torch.Tensor] = field(
+        default_factory=list
+    )  # per RankComponents: (k, tokens), ||up_i|| |down_i · x| / ||W0 x||
 
 
 @torch.no_grad()
@@ -57,13 +59,21 @@ def dense_components(part: str, matrix: torch.Tensor, limit: int) -> RankCompone
     u, s, vh = u[:, keep][:, :limit], s[keep][:limit], vh[keep][:limit]
     largest = vh.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(vh.gather(1, largest)).view(-1)
-    return RankComponents(part, (u * sign * s).to(matrix.dtype), (vh * sign[:, None]).to(matrix.dtype),
-                          [f"σ{i + 1}" for i in range(len(s))])
+    return RankComponents(
+        part,
+        (u * sign * s).to(matrix.dtype),
+        (vh * sign[:, None]).to(matrix.dtype),
+        [f"σ{i + 1}" for i in range(len(s))],
+    )
 
 
 def _truncated(components: RankComponents, limit: int, prefix: str) -> RankComponents:
-    return RankComponents(components.part, components.up[:, :limit], components.down[:limit],
-                          [prefix + label for label in components.labels[:limit]])
+    return RankComponents(
+        components.part,
+        components.up[:, :limit],
+        components.down[:limit],
+        [prefix + label for label in components.labels[:limit]],
+    )
 
 
 def sites(model: nn.Module, original: dict[str, torch.Tensor] | None, components: int) -> list[Site]:
@@ -129,8 +139,9 @@ class Tracer:
         return base_out + alpha.to(change.dtype) * change
 
     @torch.no_grad()
-    def _record(self, site: Site, x: torch.Tensor, base_out: torch.Tensor, parts: dict[str, torch.Tensor],
-                change: torch.Tensor) -> None:
+    def _record(
+        self, site: Site, x: torch.Tensor, base_out: torch.Tensor, parts: dict[str, torch.Tensor], change: torch.Tensor
+    ) -> None:
         def rows(t: torch.Tensor) -> torch.Tensor:  # the first batch row, one row per token (a pooler reads one)
             return t[0].reshape(-1, t.shape[-1]).double()
 
@@ -139,18 +150,22 @@ class Tracer:
         base_norm = rows(base_path).norm(dim=-1)  # (tokens,)
 
         def relative(norm: torch.Tensor) -> torch.Tensor:
-            return torch.where(base_norm > 0, norm / base_norm.clamp_min(1e-300),
-                               torch.where(norm > 0, math.inf, 0.0))
+            return torch.where(base_norm > 0, norm / base_norm.clamp_min(1e-300), torch.where(norm > 0, math.inf, 0.0))
 
-        record = Record(relative(rows(change).norm(dim=-1)),
-                        {part: relative(rows(value).norm(dim=-1)) for part, value in parts.items()})
+        record = Record(
+            relative(rows(change).norm(dim=-1)),
+            {part: relative(rows(value).norm(dim=-1)) for part, value in parts.items()},
+        )
         for piece in site.components:
             coefficient = (rows(x) @ piece.down.double().T).abs() * piece.strengths.double()  # (tokens, k)
             record.drive.append(relative(coefficient.mT))
         self.records[site.name] = record
 
+
 @contextmanager
-def instrumented(model: nn.Module, original: dict[str, torch.Tensor] | None = None, components: int = 8) -> Iterator[Tracer]:
+def instrumented(
+    model: nn.Module, original: dict[str, torch.Tensor] | None = None, components: int = 8
+) -> Iterator[Tracer]:
     """Run `model` with every adapted module's update under a `Tracer`'s control (see the module
     docstring); merged adapters are unmerged inside the block and everything is restored after it."""
     layers = [layer for _, layer in inject.adapted_layers(model)]
@@ -162,8 +177,11 @@ def instrumented(model: nn.Module, original: dict[str, torch.Tensor] | None = No
         tracer = Tracer(sites(model, original, components))
         for index, site in enumerate(tracer.sites):
             site.layer.enabled = False  # the layer computes its base only; the hook adds the update
-            handles.append(site.layer.register_forward_hook(
-                lambda layer, inputs, output, index=index: tracer.hook(index, layer, inputs, output)))
+            handles.append(
+                site.layer.register_forward_hook(
+                    lambda layer, inputs, output, index=index: tracer.hook(index, layer, inputs, output)
+                )
+            )
         yield tracer
     finally:
         for handle in handles:

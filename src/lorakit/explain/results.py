@@ -88,7 +88,7 @@ def depth_bands(layers: list[int], bands: int = 3) -> list[list[int]]:
     size, extra = divmod(len(layers), bands)
     groups, start = [], 0
     for band in range(bands):
-        groups.append(layers[start:start + size + (band < extra)])
+        groups.append(layers[start : start + size + (band < extra)])
         start += len(groups[-1])
     return groups
 
@@ -131,29 +131,62 @@ class Explanation:
 
     @property
     def completion(self) -> str:
-        return "".join(self.tokens[self.prompt_length:])
+        return "".join(self.tokens[self.prompt_length :])
 
     def as_dict(self) -> dict[str, Any]:
         """Every number, as plain data (infinite sizes, where the base path is zero, stay inf here)."""
         return {
-            "task": self.task, "prompt": self.prompt, "methods": self.methods, "measure": self.measure,
-            "tokens": self.tokens, "token_ids": self.token_ids, "prompt_length": self.prompt_length,
+            "task": self.task,
+            "prompt": self.prompt,
+            "methods": self.methods,
+            "measure": self.measure,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "prompt_length": self.prompt_length,
             "completion": self.completion if self.task == "causal-lm" else None,
-            "completion_source": self.completion_source, "base_completion": self.base_completion,
-            "inert": self.inert, "total_effect": self.total_effect,
-            "attribution": {"method": "integrated gradients over a scale on each module's update, 0 -> 1 (Gauss-Legendre)",
-                            "steps": self.ig_steps, "completeness_error": self.completeness_error,
-                            "tolerance": self.tolerance, "within_tolerance": self.within_tolerance,
-                            "per_output_tolerance": f"max({attribution_mod.ABSOLUTE_TOLERANCE}, "
-                                                    f"{attribution_mod.RELATIVE_TOLERANCE} x |effect|)"},
-            "outputs": [{"position": o.position, "token": o.token, "token_id": o.token_id, "base": o.base_value,
-                         "adapted": o.adapted_value, "effect": o.effect,
-                         "base_top": [list(t) for t in o.base_top], "adapted_top": [list(t) for t in o.adapted_top],
-                         "attribution": o.attribution, "completeness_error": o.completeness_error} for o in self.outputs],
-            "modules": [{"module": m.module, "layer": m.layer, "kind": m.kind, "attribution": m.attribution, "per_token": m.per_token,
-                         "size": m.size, "parts": m.parts,
-                         "components": [{"label": c.label, "part": c.part, "strength": c.strength,
-                                         "drive": c.drive} for c in m.components]}
-                        for m in self.modules],
+            "completion_source": self.completion_source,
+            "base_completion": self.base_completion,
+            "inert": self.inert,
+            "total_effect": self.total_effect,
+            "attribution": {
+                "method": "integrated gradients over a scale on each module's update, 0 -> 1 (Gauss-Legendre)",
+                "steps": self.ig_steps,
+                "completeness_error": self.completeness_error,
+                "tolerance": self.tolerance,
+                "within_tolerance": self.within_tolerance,
+                "per_output_tolerance": f"max({attribution_mod.ABSOLUTE_TOLERANCE}, "
+                f"{attribution_mod.RELATIVE_TOLERANCE} x |effect|)",
+            },
+            "outputs": [
+                {
+                    "position": o.position,
+                    "token": o.token,
+                    "token_id": o.token_id,
+                    "base": o.base_value,
+                    "adapted": o.adapted_value,
+                    "effect": o.effect,
+                    "base_top": [list(t) for t in o.base_top],
+                    "adapted_top": [list(t) for t in o.adapted_top],
+                    "attribution": o.attribution,
+                    "completeness_error": o.completeness_error,
+                }
+                for o in self.outputs
+            ],
+            "modules": [
+                {
+                    "module": m.module,
+                    "layer": m.layer,
+                    "kind": m.kind,
+                    "attribution": m.attribution,
+                    "per_token": m.per_token,
+                    "size": m.size,
+                    "parts": m.parts,
+                    "components": [
+                        {"label": c.label, "part": c.part, "strength": c.strength, "drive": c.drive}
+                        for c in m.components
+                    ],
+                }
+                for m in self.modules
+            ],
             "depth_check": [{"layers": d.layers, "only": d.only, "without": d.without} for d in self.depth],
         }

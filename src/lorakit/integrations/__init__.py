@@ -15,5 +15,11 @@ from .callback import AdapterSavePretrained, LorakitCallback
 from .checkpoints import restore_checkpoint, save_training_state
 from .trainer import LorakitTrainerMixin, lorakit_trainer
 
-__all__ = ["AdapterSavePretrained", "LorakitCallback", "LorakitTrainerMixin", "lorakit_trainer", "restore_checkpoint",
-           "save_training_state"]
+__all__ = [
+    "AdapterSavePretrained",
+    "LorakitCallback",
+    "LorakitTrainerMixin",
+    "lorakit_trainer",
+    "restore_checkpoint",
+    "save_training_state",
+]

@@ -46,8 +46,10 @@ logger = logging.getLogger("lorakit")
 def require_adapted(model: nn.Module | None) -> nn.Module:
     """The model, or a clear error when it carries no lorakit adapter."""
     if model is None or not inject.adapter_names(model):
-        raise LorakitError("LorakitCallback: the trainer's model carries no lorakit adapter; call "
-                           "lorakit.adapt(model, lorakit.LoRA(...)) (or lorakit.load) before building the trainer")
+        raise LorakitError(
+            "LorakitCallback: the trainer's model carries no lorakit adapter; call "
+            "lorakit.adapt(model, lorakit.LoRA(...)) (or lorakit.load) before building the trainer"
+        )
     return model
 
 
@@ -64,10 +66,13 @@ class AdapterSavePretrained:
     def __init__(self, model: nn.Module, original: Any, callback: LorakitCallback) -> None:
         self.model, self.original, self.callback = model, original, callback
 
-    def __call__(self, save_directory: str, *args: Any, is_main_process: bool = True, state_dict: Any = None,
-                 **kwargs: Any) -> None:
+    def __call__(
+        self, save_directory: str, *args: Any, is_main_process: bool = True, state_dict: Any = None, **kwargs: Any
+    ) -> None:
         if not inject.adapter_names(self.model):
-            return self.original(save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+            return self.original(
+                save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs
+            )
         if not is_main_process:
             return None
         exact = finite_exact_state(self.model, save_directory) if self.callback.training else None
@@ -117,8 +122,12 @@ class LorakitCallback(TrainerCallback):
 
     def __init__(self, loraplus_ratio: float | None = None) -> None:
         if loraplus_ratio is not None:
-            if isinstance(loraplus_ratio, bool) or not isinstance(loraplus_ratio, (int, float)) \
-                    or not math.isfinite(loraplus_ratio) or loraplus_ratio <= 0:
+            if (
+                isinstance(loraplus_ratio, bool)
+                or not isinstance(loraplus_ratio, (int, float))
+                or not math.isfinite(loraplus_ratio)
+                or loraplus_ratio <= 0
+            ):
                 raise LorakitError(f"loraplus_ratio must be a positive number (or None), got {loraplus_ratio!r}")
             loraplus_ratio = float(loraplus_ratio)
         self.loraplus_ratio = loraplus_ratio
@@ -142,7 +151,9 @@ class LorakitCallback(TrainerCallback):
             return
         original = getattr(model, "save_pretrained", None)
         if not callable(original):
-            raise LorakitError(f"LorakitCallback: {type(model).__name__} has no save_pretrained for the Trainer to call")
+            raise LorakitError(
+                f"LorakitCallback: {type(model).__name__} has no save_pretrained for the Trainer to call"
+            )
         model.save_pretrained = AdapterSavePretrained(model, original, self)
 
     def build_hooks(self, model: nn.Module, total_steps: int) -> Hooks:
@@ -174,14 +185,18 @@ class LorakitCallback(TrainerCallback):
             raise LorakitError(adapted_layer.MERGED_TRAINING.format(names=merged))
         self.install(model)  # a model swapped in since (model_init)
         if getattr(args, "load_best_model_at_end", False) and not self.managed:
-            raise LorakitError("load_best_model_at_end loads the best checkpoint's weights where a plain Trainer looks "
-                               "for the whole model: build the trainer with lorakit.integrations.lorakit_trainer(...)")
+            raise LorakitError(
+                "load_best_model_at_end loads the best checkpoint's weights where a plain Trainer looks "
+                "for the whole model: build the trainer with lorakit.integrations.lorakit_trainer(...)"
+            )
         self.training, self._gradients_checked, self.extra_losses = True, False, []
         hooks = self.build_hooks(model, state.max_steps)
         if state.global_step > 0 and not self.resumed and any(hooks.state_dict()):
-            raise LorakitError("resuming without the training hooks' state (AdaLoRA's importance, Delta-LoRA's previous "
-                               "factors): build the trainer with lorakit.integrations.lorakit_trainer(...) so that its "
-                               "resume restores them")
+            raise LorakitError(
+                "resuming without the training hooks' state (AdaLoRA's importance, Delta-LoRA's previous "
+                "factors): build the trainer with lorakit.integrations.lorakit_trainer(...) so that its "
+                "resume restores them"
+            )
         if state.global_step == 0 and not self.resumed and not self.probed and has_before_training(hooks):
             self._run_before_training_late(model, hooks, args, train_dataloader)
         self._layout_version = inject.lorakit_state(model).layout_version  # what the optimizer was built on
@@ -204,9 +219,11 @@ class LorakitCallback(TrainerCallback):
         hooks.before_training(model, Probe(batches, lr=args.learning_rate))
         self.probed = True
         if inject.lorakit_state(model).layout_version != version:
-            raise LorakitError("this method decides its layout before training (LoRA-drop's probe), which rebuilds the "
-                               "adapters after a plain Trainer has built its optimizer: build the trainer with "
-                               "lorakit.integrations.lorakit_trainer(...), which probes first")
+            raise LorakitError(
+                "this method decides its layout before training (LoRA-drop's probe), which rebuilds the "
+                "adapters after a plain Trainer has built its optimizer: build the trainer with "
+                "lorakit.integrations.lorakit_trainer(...), which probes first"
+            )
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.hooks:
@@ -247,8 +264,10 @@ class LorakitCallback(TrainerCallback):
             return
         self.hooks.after_optimizer_step(model, state.global_step + 1)  # the Trainer counts the step after this event
         if inject.lorakit_state(model).layout_version != self._layout_version:
-            raise LorakitError("a training hook rebuilt adapters in the middle of the run (lorakit.inject.reconfigure); the "
-                               "Trainer's optimizer cannot follow: train this method with `lorakit train`")
+            raise LorakitError(
+                "a training hook rebuilt adapters in the middle of the run (lorakit.inject.reconfigure); the "
+                "Trainer's optimizer cannot follow: train this method with `lorakit train`"
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
@@ -273,13 +292,17 @@ def check_loraplus_groups(optimizer: Any, ratio: float) -> None:
     groups = getattr(optimizer, "param_groups", None) or []
     names = {g.get("name") for g in groups}
     if not names & {"B", "B/no_decay"} or not all(isinstance(n, str) for n in names):
-        raise LorakitError(f"loraplus_ratio={ratio:g}: the trainer's optimizer does not hold LoRA+'s parameter groups; "
-                           "build the trainer with lorakit.integrations.lorakit_trainer(...), or pass "
-                           "optimizers=(torch.optim.AdamW(lorakit.param_groups(model, lr, loraplus_ratio)), None)")
+        raise LorakitError(
+            f"loraplus_ratio={ratio:g}: the trainer's optimizer does not hold LoRA+'s parameter groups; "
+            "build the trainer with lorakit.integrations.lorakit_trainer(...), or pass "
+            "optimizers=(torch.optim.AdamW(lorakit.param_groups(model, lr, loraplus_ratio)), None)"
+        )
     fast = [g["lr"] for g in groups if g.get("name", "").startswith("B")]
     slow = [g["lr"] for g in groups if g.get("name", "").startswith("A")]
     if fast and slow and not math.isclose(fast[0], ratio * slow[0], rel_tol=1e-6):
-        raise LorakitError(f"loraplus_ratio={ratio:g}, but the optimizer's groups have lr_B / lr_A = {fast[0] / slow[0]:g}")
+        raise LorakitError(
+            f"loraplus_ratio={ratio:g}, but the optimizer's groups have lr_B / lr_A = {fast[0] / slow[0]:g}"
+        )
 
 
 def check_adapter_gradients(model: nn.Module) -> None:
@@ -292,13 +315,24 @@ def check_adapter_gradients(model: nn.Module) -> None:
     missing = [name for name, p in params if p.grad is None]
     if not missing:
         return
-    frozen_inputs = gradient_checkpointing_on(model) and not (getattr(model, "_require_grads_hooks", None)
-                                                              or getattr(model, "_require_grads_hook", None) is not None)
+    frozen_inputs = gradient_checkpointing_on(model) and not (
+        getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None
+    )
     if len(missing) == len(params) or frozen_inputs:
-        hint = (" Gradient checkpointing is on and nothing before the checkpointed blocks requires a gradient: reentrant "
-                "checkpointing then gives none inside them. Call model.enable_input_require_grads(), or use "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}." if frozen_inputs else "")
-        raise LorakitError(f"{len(missing)} of {len(params)} trainable adapter parameters received no gradient in the "
-                           f"first step (e.g. {missing[0]}): they would never train." + hint)
-    logger.warning("%d of %d trainable adapter parameters received no gradient in the first step (e.g. %s)",
-                   len(missing), len(params), missing[0])
+        hint = (
+            " Gradient checkpointing is on and nothing before the checkpointed blocks requires a gradient: reentrant "
+            "checkpointing then gives none inside them. Call model.enable_input_require_grads(), or use "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}."
+            if frozen_inputs
+            else ""
+        )
+        raise LorakitError(
+            f"{len(missing)} of {len(params)} trainable adapter parameters received no gradient in the "
+            f"first step (e.g. {missing[0]}): they would never train." + hint
+        )
+    logger.warning(
+        "%d of %d trainable adapter parameters received no gradient in the first step (e.g. %s)",
+        len(missing),
+        len(params),
+        missing[0],
+    )

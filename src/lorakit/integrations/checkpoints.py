@@ -35,13 +35,16 @@ def finite_exact_state(model: nn.Module, directory: str | os.PathLike) -> dict[s
     """Every adapter tensor as the model holds it; a checkpoint is never written from non-finite ones."""
     exact = exact_adapter_state(model)
     if not all(bool(torch.isfinite(t).all()) for t in exact.values() if t.is_floating_point()):
-        raise LorakitError(f"refusing to write checkpoint {directory}: the adapter weights are not finite (the run "
-                           "diverged; try a lower learning rate)")
+        raise LorakitError(
+            f"refusing to write checkpoint {directory}: the adapter weights are not finite (the run "
+            "diverged; try a lower learning rate)"
+        )
     return exact
 
 
-def save_training_state(directory: str | os.PathLike, model: nn.Module, hooks: Any,
-                        exact: dict[str, torch.Tensor] | None = None) -> None:
+def save_training_state(
+    directory: str | os.PathLike, model: nn.Module, hooks: Any, exact: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write the exact adapter tensors and the hooks' state into `directory` (beside the adapter)."""
     directory = Path(directory)
     exact = finite_exact_state(model, directory) if exact is None else exact
@@ -56,10 +59,14 @@ def _layout(config: Any) -> dict[str, Any]:
 
 
 def _adapter_trainable(model: nn.Module, name: str) -> bool:
-    return any(p.requires_grad for _, layer in inject.adapted_layers(model, name) for p in layer.adapters[name].parameters())
+    return any(
+        p.requires_grad for _, layer in inject.adapted_layers(model, name) for p in layer.adapters[name].parameters()
+    )
 
 
-def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebuild: bool = True) -> list[dict[str, Any]]:
+def restore_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike, may_rebuild: bool = True
+) -> list[dict[str, Any]]:
     """Load a Trainer checkpoint's adapters into the adapted `model`, exactly; returns the saved hook
     state, for the hooks built when training starts.
 
@@ -75,8 +82,10 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
     names = inject.adapter_names(model)
     missing = [n for n in found if n not in names]
     if missing:
-        raise LorakitError(f"{path} holds adapter(s) {missing} that the model does not have (it has {names}): adapt "
-                           "the model as the run that wrote the checkpoint did before resuming")
+        raise LorakitError(
+            f"{path} holds adapter(s) {missing} that the model does not have (it has {names}): adapt "
+            "the model as the run that wrote the checkpoint did before resuming"
+        )
     state = inject.lorakit_state(model)
     active = state.active
     # `adapt` freezes everything but the new adapter (and its train_modules): put back what was trainable
@@ -88,21 +97,27 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
             raise LorakitError(f"cannot resume from {path}: {err}") from None
         current = inject.adapter_config(model, name)
         if type(saved_config) is not type(current):
-            raise LorakitError(f"cannot resume from {path}: adapter {name!r} is {saved_config.method!r} there, "
-                               f"{current.method!r} on the model")
+            raise LorakitError(
+                f"cannot resume from {path}: adapter {name!r} is {saved_config.method!r} there, "
+                f"{current.method!r} on the model"
+            )
         if _layout(saved_config) != _layout(current):
             # what training decided (ranks, a plan) shapes the adapter: rebuild it as saved
             if not may_rebuild:
-                raise LorakitError(f"cannot resume from {path}: adapter {name!r} must be rebuilt to the layout training "
-                                   "had reached, but an optimizer built before the resume holds its parameters; let "
-                                   "the trainer build its optimizer")
+                raise LorakitError(
+                    f"cannot resume from {path}: adapter {name!r} must be rebuilt to the layout training "
+                    "had reached, but an optimizer built before the resume holds its parameters; let "
+                    "the trainer build its optimizer"
+                )
             trainable = _adapter_trainable(model, name)
             inject.remove(model, name)
             io.adapt_as_saved(model, saved_config, name)
             try:
                 keep_own_selection(model, adapter_dir, name)  # the adapter files of an uninterrupted run
             except ValueError as err:
-                raise LorakitError(f"cannot resume from {path}: {adapter_dir / io.LORAKIT_CONFIG_NAME} is damaged ({err})") from None
+                raise LorakitError(
+                    f"cannot resume from {path}: {adapter_dir / io.LORAKIT_CONFIG_NAME} is damaged ({err})"
+                ) from None
             for _, layer in inject.adapted_layers(model, name):
                 for p in layer.adapters[name].parameters():
                     p.requires_grad_(trainable)
@@ -117,9 +132,11 @@ def restore_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, may_rebu
     exact, hooks = path / EXACT_STATE_NAME, path / HOOKS_STATE_NAME
     absent = [p.name for p in (exact, hooks) if not p.is_file()]
     if absent:
-        raise LorakitError(f"checkpoint {path} is incomplete ({', '.join(absent)} missing): it was cut short while being "
-                           "written, or was not written during a run with lorakit's trainer integration; resume from "
-                           "an earlier checkpoint")
+        raise LorakitError(
+            f"checkpoint {path} is incomplete ({', '.join(absent)} missing): it was cut short while being "
+            "written, or was not written during a run with lorakit's trainer integration; resume from "
+            "an earlier checkpoint"
+        )
     try:
         tensors = load_file(str(exact))
         hook_state = torch.load(hooks, weights_only=True)

@@ -70,8 +70,10 @@ class LorakitTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise LorakitError("lorakit's trainer integration covers one process and DDP (accelerate, torchrun); for "
-                               "FSDP use `lorakit train --distributed fsdp`")
+            raise LorakitError(
+                "lorakit's trainer integration covers one process and DDP (accelerate, torchrun); for "
+                "FSDP use `lorakit train --distributed fsdp`"
+            )
         if self.lorakit_callback is None:
             callback = LorakitCallback()
             self.add_callback(callback)
@@ -113,13 +115,23 @@ class LorakitTrainerMixin:
             callback.probed = True
         if callback.loraplus_ratio is None:
             return super().create_optimizer(model)
-        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
-                                           else self.get_optimizer_cls_and_kwargs(self.args, opt_model))
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) \
-                or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            raise LorakitError(f"loraplus_ratio needs an optimizer built from parameter groups; {self.args.optim!r} builds "
-                               "its own: pick a torch optimizer (e.g. optim='adamw_torch')")
-        groups = param_groups(opt_model, self.args.learning_rate, callback.loraplus_ratio, weight_decay=self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = (
+            self.optimizer_cls_and_kwargs
+            if self.optimizer_cls_and_kwargs is not None
+            else self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        )
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or {
+            "params",
+            "model",
+            "optimizer_dict",
+        } & set(optimizer_kwargs):
+            raise LorakitError(
+                f"loraplus_ratio needs an optimizer built from parameter groups; {self.args.optim!r} builds "
+                "its own: pick a torch optimizer (e.g. optim='adamw_torch')"
+            )
+        groups = param_groups(
+            opt_model, self.args.learning_rate, callback.loraplus_ratio, weight_decay=self.args.weight_decay
+        )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -133,15 +145,24 @@ class LorakitTrainerMixin:
         error = None
         if not distributed or dist.get_rank() == 0:
             try:
-                hooks.before_training(model, Probe(self._lorakit_sample(0.0), lr=self.args.learning_rate,
-                                                   sampler=self._lorakit_sample))
+                hooks.before_training(
+                    model, Probe(self._lorakit_sample(0.0), lr=self.args.learning_rate, sampler=self._lorakit_sample)
+                )
             except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
                 error = str(err)
         if distributed:
             names = inject.adapter_names(model)
-            message = [error, {n: {f: getattr(inject.adapter_config(model, n), f)
-                                   for f in inject.adapter_config(model, n).layout_fields} for n in names},
-                       hooks.state_dict()]
+            message = [
+                error,
+                {
+                    n: {
+                        f: getattr(inject.adapter_config(model, n), f)
+                        for f in inject.adapter_config(model, n).layout_fields
+                    }
+                    for n in names
+                },
+                hooks.state_dict(),
+            ]
             dist.broadcast_object_list(message, src=0)
             error, layouts, hook_state = message
             if error is None and dist.get_rank() != 0:
@@ -158,8 +179,10 @@ class LorakitTrainerMixin:
         batch), batched at the run's global batch size: the same batches whatever the process count."""
         dataset = self.train_dataset
         if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-            raise LorakitError("this method looks at the training data before training: it needs a train_dataset "
-                               "with a length (not an IterableDataset)")
+            raise LorakitError(
+                "this method looks at the training data before training: it needs a train_dataset "
+                "with a length (not an IterableDataset)"
+            )
         collator = self.data_collator
         try:
             import datasets
@@ -173,7 +196,7 @@ class LorakitTrainerMixin:
         step = len(dataset) / count
         indices = [min(len(dataset) - 1, int(i * step)) for i in range(count)]
         batch_size = self.args.per_device_train_batch_size * max(1, self.args.world_size)
-        chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
         return [_to_device(collator([dataset[i] for i in chunk]), self.args.device) for chunk in chunks]
 
     # --- logging --------------------------------------------------------------------------------------
@@ -195,6 +218,12 @@ def lorakit_trainer(trainer_class: type) -> type:
         raise LorakitError(f"lorakit_trainer takes a transformers.Trainer class, got {trainer_class!r}")
     if issubclass(trainer_class, LorakitTrainerMixin):
         return trainer_class
-    return type(f"Lorakit{trainer_class.__name__}", (LorakitTrainerMixin, trainer_class),
-                {"__module__": __name__, "__doc__": f"{trainer_class.__name__} with lorakit's checkpoints, resume, LoRA+ "
-                                                    "and training hooks (LorakitTrainerMixin)."})
+    return type(
+        f"Lorakit{trainer_class.__name__}",
+        (LorakitTrainerMixin, trainer_class),
+        {
+            "__module__": __name__,
+            "__doc__": f"{trainer_class.__name__} with lorakit's checkpoints, resume, LoRA+ "
+            "and training hooks (LorakitTrainerMixin).",
+        },
+    )

@@ -72,10 +72,23 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         if lib.lorakit_dropout_version() != LIBRARY_VERSION:
             return None  # a library from another version of lorakit: its stream may differ
-        lib.lorakit_dropout_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64]
+        lib.lorakit_dropout_mask.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_uint64,
+            ctypes.c_uint64,
+        ]
         for name in ("lorakit_dropout_apply_f32", "lorakit_dropout_accumulate_f32"):
-            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.c_uint64, ctypes.c_uint64, ctypes.c_float]
+            getattr(lib, name).argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_uint64,
+                ctypes.c_uint64,
+                ctypes.c_float,
+            ]
     except (OSError, AttributeError):
         return None
     return lib
@@ -93,8 +106,10 @@ def _run_split(function, n: int, head: tuple, tail: tuple) -> None:
         function(*head, 0, n, *tail)
         return
     bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [nf4_native._executor(parts - 1).submit(function, *head, bounds[i], bounds[i + 1], *tail)
-               for i in range(1, parts)]
+    futures = [
+        nf4_native._executor(parts - 1).submit(function, *head, bounds[i], bounds[i + 1], *tail)
+        for i in range(1, parts)
+    ]
     function(*head, bounds[0], bounds[1], *tail)
     for f in futures:
         f.result()
@@ -144,8 +159,13 @@ class DropoutDraw:
         return struct.unpack("f", struct.pack("f", 1.0 / (1.0 - self.p)))[0]
 
     def _native(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and type(x) is torch.Tensor
-                and not torch.compiler.is_compiling() and native_enabled())
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and type(x) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and native_enabled()
+        )
 
     def mask(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """The keep mask (bool) of a tensor of `shape` on `device`."""
@@ -172,8 +192,12 @@ class DropoutDraw:
         x = x.contiguous()
         if self._native(x) and (out is None or (out.is_contiguous() and out.dtype == x.dtype)):
             out = torch.empty_like(x) if out is None else out
-            _run_split(_library().lorakit_dropout_apply_f32, x.numel(), (x.data_ptr(), out.data_ptr()),
-                       (self.seed, keep_threshold(self.p), self.scale))
+            _run_split(
+                _library().lorakit_dropout_apply_f32,
+                x.numel(),
+                (x.data_ptr(), out.data_ptr()),
+                (self.seed, keep_threshold(self.p), self.scale),
+            )
             return out
         dropped = x * self.factor(x)
         return dropped if out is None else out.copy_(dropped)
@@ -182,8 +206,12 @@ class DropoutDraw:
         """`acc += g ⊙ m / (1 - p)`, in place."""
         g = g.contiguous()
         if self._native(g) and acc.is_contiguous() and acc.dtype == g.dtype:
-            _run_split(_library().lorakit_dropout_accumulate_f32, g.numel(), (g.data_ptr(), acc.data_ptr()),
-                       (self.seed, keep_threshold(self.p), self.scale))
+            _run_split(
+                _library().lorakit_dropout_accumulate_f32,
+                g.numel(),
+                (g.data_ptr(), acc.data_ptr()),
+                (self.seed, keep_threshold(self.p), self.scale),
+            )
             return acc
         return acc.add_(g * self.factor(g))
 

@@ -43,8 +43,11 @@ def quantized_base(base_layer: nn.Module) -> tuple[DenseWeightProvider, torch.Te
     lorakit's 4-bit `Linear4bit`) and computes `x W^T + b` in its `compute_dtype`: the fused node
     dequantizes the weight itself, in forward and again in backward, and keeps no dense copy.
     None for anything else, or with hooks or a trainable bias."""
-    if (not isinstance(base_layer, DenseWeightProvider) or not hasattr(base_layer, "transient_weight")
-            or not isinstance(getattr(base_layer, "compute_dtype", None), torch.dtype)):
+    if (
+        not isinstance(base_layer, DenseWeightProvider)
+        or not hasattr(base_layer, "transient_weight")
+        or not isinstance(getattr(base_layer, "compute_dtype", None), torch.dtype)
+    ):
         return None
     bias = getattr(base_layer, "bias", None)
     if (bias is not None and bias.requires_grad) or has_hooks(base_layer):
@@ -54,10 +57,16 @@ def quantized_base(base_layer: nn.Module) -> tuple[DenseWeightProvider, torch.Te
 
 def has_hooks(module: nn.Module) -> bool:
     """True when calling `module` would run hooks (its own or global ones), not just its forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or module_impl._global_forward_hooks
-                or module_impl._global_forward_pre_hooks or module_impl._global_backward_hooks
-                or module_impl._global_backward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module_impl._global_forward_hooks
+        or module_impl._global_forward_pre_hooks
+        or module_impl._global_backward_hooks
+        or module_impl._global_backward_pre_hooks
+    )
 
 
 def fused_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
@@ -145,7 +154,11 @@ class FusedLoRALinear(torch.autograd.Function):
 
 
 def fused_lora_forward(
-    x: torch.Tensor, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+    x: torch.Tensor,
+    base_layer: nn.Module,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
     draw: DropoutDraw | None = None,
 ) -> torch.Tensor | None:
     """`base_layer(x) + s · dropout(x) A^T B^T` through `FusedLoRALinear` (`draw`: the dropout mask, or

@@ -108,12 +108,26 @@ def merge_in_forward(tokens: int, in_features: int, dtype: torch.dtype) -> bool:
     return tokens > in_features and dtype in (torch.float32, torch.float64)
 
 
-def fused_vera_linear(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      up: torch.Tensor, vera_A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def fused_vera_linear(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    up: torch.Tensor,
+    vera_A: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """`x W^T (+ bias) + z U^T` through `FusedVeRALinear`, every input already in `dtype` (`z`, `up`
     and `vera_A` cast by the caller; `x`, `weight` and `bias` here), for `x (..., in)`."""
     with torch.autocast(x.device.type, enabled=False):  # every input is already in `dtype`
         flat = x.reshape(-1, vera_A.shape[1]).to(dtype)
-        y = FusedVeRALinear.apply(flat, z, weight.to(dtype), None if bias is None else bias.to(dtype), up,
-                                  vera_A, merge_in_forward(flat.shape[0], vera_A.shape[1], dtype))
+        y = FusedVeRALinear.apply(
+            flat,
+            z,
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            up,
+            vera_A,
+            merge_in_forward(flat.shape[0], vera_A.shape[1], dtype),
+        )
     return y.view(*x.shape[:-1], y.shape[-1])

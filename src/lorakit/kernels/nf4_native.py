@@ -77,7 +77,9 @@ def _library() -> ctypes.CDLL | None:
         lib.lorakit_nf4_isa_supported.restype = ctypes.c_int
         lib.lorakit_nf4_best_isa.argtypes = []
         lib.lorakit_nf4_best_isa.restype = ctypes.c_int
-        lib.lorakit_nf4_dequantize.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+        lib.lorakit_nf4_dequantize.argtypes = (
+            [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+        )
         lib.lorakit_nf4_dequantize.restype = None
     except AttributeError as e:  # a library from another version of lorakit
         _load_error = f"{path}: {e} (reinstall lorakit to rebuild it)"
@@ -117,7 +119,9 @@ def _resolve_isa(forced: str | None) -> int:
     if forced not in ISAS:
         raise NativeKernelError(f"LORAKIT_NF4_ISA={forced!r}: expected one of {', '.join(ISAS)}")
     if not lib.lorakit_nf4_isa_supported(ISAS.index(forced)):
-        raise NativeKernelError(f"LORAKIT_NF4_ISA={forced}: this CPU (or this build) cannot run it; it runs {supported_isas()}")
+        raise NativeKernelError(
+            f"LORAKIT_NF4_ISA={forced}: this CPU (or this build) cannot run it; it runs {supported_isas()}"
+        )
     return ISAS.index(forced)
 
 
@@ -175,9 +179,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-def dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, dtype: torch.dtype,
-               code: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    code: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The first `n` weights in `dtype` (flat, or in `shape`): `code[nibble] * absmax[block]` in fp32,
     rounded once (into `out`, a contiguous CPU tensor of `n` elements in `dtype`, when given).
 
@@ -201,8 +212,10 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: in
         lib.lorakit_nf4_dequantize(*args, 0, blocks, out.data_ptr())
         return out
     bounds = [blocks * i // parts for i in range(parts + 1)]
-    futures = [_executor(parts - 1).submit(lib.lorakit_nf4_dequantize, *args, bounds[i], bounds[i + 1], out.data_ptr())
-               for i in range(1, parts)]
+    futures = [
+        _executor(parts - 1).submit(lib.lorakit_nf4_dequantize, *args, bounds[i], bounds[i + 1], out.data_ptr())
+        for i in range(1, parts)
+    ]
     lib.lorakit_nf4_dequantize(*args, bounds[0], bounds[1], out.data_ptr())
     for f in futures:
         f.result()

@@ -12,4 +12,16 @@ from .adalora import AdaLoRA
 from .lora_drop import LoRADrop
 # isort: on
 
-__all__ = ["METHODS", "Adapter", "AdapterConfig", "register", "LoRA", "DoRA", "VeRA", "LoRAFA", "DeltaLoRA", "AdaLoRA", "LoRADrop"]
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterConfig",
+    "register",
+    "LoRA",
+    "DoRA",
+    "VeRA",
+    "LoRAFA",
+    "DeltaLoRA",
+    "AdaLoRA",
+    "LoRADrop",
+]

@@ -101,7 +101,9 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
         """What `lorakit inspect` shows: the rank the allocator left this module, of its start."""
         return {"adalora rank kept": float(self.r), "adalora initial rank": float(self.kept.numel())}
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         down = (self.lora_A * self.lora_E).to(x.dtype)  # diag(E) Q, (r_0, in)
         z = self.dropout.down_projection(x, down)  # dropout(x) (diag(E) Q)^T, (..., r_0)
         return low_rank_update(result, z, self.lora_B.to(x.dtype), self.scale)
@@ -155,8 +157,10 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
             raise KeyError(f"AdaLoRAAdapter: missing tensors {missing}, unexpected tensors {unexpected}")
         for key, value in state.items():
             if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(f"AdaLoRAAdapter.{key}: saved shape {tuple(value.shape)} != model shape "
-                                 f"{tuple(expected[key].shape)} ({int(self.layout.sum())} of {self.init_r} triplets kept)")
+                raise ValueError(
+                    f"AdaLoRAAdapter.{key}: saved shape {tuple(value.shape)} != model shape "
+                    f"{tuple(expected[key].shape)} ({int(self.layout.sum())} of {self.init_r} triplets kept)"
+                )
         index = self.layout.nonzero().view(-1)
         self.lora_A.zero_()
         self.lora_B.zero_()
@@ -172,8 +176,9 @@ class AdaLoRAAdapter(AdditiveAdapter, nn.Module):
 # --- the budget and the allocator ----------------------------------------------------------------
 
 
-def budget_at(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,
-              delta_t: int) -> tuple[int, bool]:
+def budget_at(
+    step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int, delta_t: int
+) -> tuple[int, bool]:
     """(kept triplets, whether to mask at this step): `init_budget` up to `tinit`, the cubic fall to
     `target_budget` at `total_step - tfinal`, then `target_budget` (PEFT's `budget_schedule`)."""
     if step <= tinit:
@@ -243,15 +248,21 @@ class AdaLoRAHook:
                     self.exp_avg_unc[key] = torch.zeros_like(p)
                 self.ipt[key] = (p * p.grad).abs()
                 self.exp_avg_ipt[key] = beta1 * self.exp_avg_ipt[key] + (1 - beta1) * self.ipt[key]
-                self.exp_avg_unc[key] = beta2 * self.exp_avg_unc[key] + (1 - beta2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+                self.exp_avg_unc[key] = (
+                    beta2 * self.exp_avg_unc[key] + (1 - beta2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+                )
 
     def triplet_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`S_i = s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)` per module (r_0,), from the smoothed importance."""
         scores = {}
         for module, adapter in self.adapters(model).items():
             # a tensor that never had a gradient (no step before the final one) scores zero
-            s = {kind: self.exp_avg_ipt[key] * self.exp_avg_unc[key] if (key := f"{module}.{kind}") in self.exp_avg_ipt
-                 else torch.zeros_like(getattr(adapter, kind)) for kind in ("lora_A", "lora_B", "lora_E")}
+            s = {
+                kind: self.exp_avg_ipt[key] * self.exp_avg_unc[key]
+                if (key := f"{module}.{kind}") in self.exp_avg_ipt
+                else torch.zeros_like(getattr(adapter, kind))
+                for kind in ("lora_A", "lora_B", "lora_E")
+            }
             scores[module] = s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
         return scores
 
@@ -265,21 +276,37 @@ class AdaLoRAHook:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """PEFT's `update_and_allocate(step)`, `step` = optimizer steps taken (1 after the first)."""
         if self.total_step is None:
-            raise ValueError("AdaLoRA needs the run's total step count: lorakit.training_hooks(model, total_steps=N) "
-                             "(lorakit train passes it), or AdaLoRA(total_step=N)")
+            raise ValueError(
+                "AdaLoRA needs the run's total step count: lorakit.training_hooks(model, total_steps=N) "
+                "(lorakit train passes it), or AdaLoRA(total_step=N)"
+            )
         final = self.total_step - self.config.tfinal
         init_budget, target_budget = self.budgets(model)
         if step < final:
             self.update_importance(model)
-            budget, mask = budget_at(step, init_budget, target_budget, self.config.tinit, self.config.tfinal,
-                                     self.total_step, self.config.delta_t)
+            budget, mask = budget_at(
+                step,
+                init_budget,
+                target_budget,
+                self.config.tinit,
+                self.config.tfinal,
+                self.total_step,
+                self.config.delta_t,
+            )
             if mask:
                 self.mask_to_budget(model, budget)
         elif step == final:
             if not self.exp_avg_ipt:  # the final allocation is the run's first step (total_step = tfinal + 1)
                 self.update_importance(model)
-            budget, _ = budget_at(step, init_budget, target_budget, self.config.tinit, self.config.tfinal,
-                                  self.total_step, self.config.delta_t)
+            budget, _ = budget_at(
+                step,
+                init_budget,
+                target_budget,
+                self.config.tinit,
+                self.config.tfinal,
+                self.total_step,
+                self.config.delta_t,
+            )
             kept = self.mask_to_budget(model, budget)
             # the allocation is final: it becomes the adapter's layout (saved, reloaded, resumed)
             for module, adapter in self.adapters(model).items():
@@ -291,11 +318,19 @@ class AdaLoRAHook:
                 adapter.apply_mask(adapter.kept)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ipt": dict(self.ipt), "exp_avg_ipt": dict(self.exp_avg_ipt), "exp_avg_unc": dict(self.exp_avg_unc),
-                "total_step": self.total_step}
+        return {
+            "ipt": dict(self.ipt),
+            "exp_avg_ipt": dict(self.exp_avg_ipt),
+            "exp_avg_unc": dict(self.exp_avg_unc),
+            "total_step": self.total_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ipt, self.exp_avg_ipt, self.exp_avg_unc = dict(state["ipt"]), dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        self.ipt, self.exp_avg_ipt, self.exp_avg_unc = (
+            dict(state["ipt"]),
+            dict(state["exp_avg_ipt"]),
+            dict(state["exp_avg_unc"]),
+        )
         self.total_step = state["total_step"]
 
 
@@ -343,7 +378,11 @@ class AdaLoRA(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_rank(self.init_r, "init_r")
-        if isinstance(self.target_r, bool) or not isinstance(self.target_r, int) or not 0 < self.target_r <= self.init_r:
+        if (
+            isinstance(self.target_r, bool)
+            or not isinstance(self.target_r, int)
+            or not 0 < self.target_r <= self.init_r
+        ):
             raise ValueError(f"target_r must be an integer in 1..init_r={self.init_r}, got {self.target_r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -357,19 +396,28 @@ class AdaLoRA(AdapterConfig):
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not self.orth_reg_weight >= 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if self.total_step is not None and (not isinstance(self.total_step, int) or self.total_step <= self.tinit + self.tfinal):
-            raise ValueError(f"total_step={self.total_step!r} must be an integer above tinit + tfinal = {self.tinit + self.tfinal}")
+        if self.total_step is not None and (
+            not isinstance(self.total_step, int) or self.total_step <= self.tinit + self.tfinal
+        ):
+            raise ValueError(
+                f"total_step={self.total_step!r} must be an integer above tinit + tfinal = {self.tinit + self.tfinal}"
+            )
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be a mapping {{module: [kept?] * init_r}}, got {self.rank_pattern!r}")
         for module, kept in self.rank_pattern.items():
-            if not isinstance(kept, (list, tuple)) or len(kept) != self.init_r or not all(isinstance(k, bool) for k in kept):
+            if (
+                not isinstance(kept, (list, tuple))
+                or len(kept) != self.init_r
+                or not all(isinstance(k, bool) for k in kept)
+            ):
                 raise ValueError(f"rank_pattern[{module!r}] must be {self.init_r} booleans, got {kept!r}")
 
     def make_adapter(self, name: str, base_layer: nn.Module) -> AdaLoRAAdapter:
         in_f, out_f = in_out_features(base_layer)
         _, device = weight_dtype_device(base_layer)
-        return AdaLoRAAdapter(in_f, out_f, self.init_r, self.alpha, self.dropout, self.rank_pattern.get(name),
-                              self.param_dtype, device)
+        return AdaLoRAAdapter(
+            in_f, out_f, self.init_r, self.alpha, self.dropout, self.rank_pattern.get(name), self.param_dtype, device
+        )
 
     def training_hooks(self, model: nn.Module, name: str, total_steps: int | None = None) -> list[AdaLoRAHook]:
         if self.total_step is None and total_steps is not None:
@@ -427,5 +475,3 @@ class AdaLoRA(AdapterConfig):
 def live_ranks(model: nn.Module, name: str) -> dict[str, int]:
     """Each module's current rank under the AdaLoRA adapter `name`."""
     return {m: layer.adapters[name].r for m, layer in adapted_layers(model, name)}
-
-

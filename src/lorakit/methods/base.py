@@ -32,7 +32,9 @@ from ..targets import TargetSelection
 class Adapter(Protocol):
     """The interface of a method's adapter module (one per adapted layer, or shared by several)."""
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         """`result` plus this adapter's change to the layer's output for input `x`.
 
         `base_out` is the frozen base layer's own output `base_layer(x)`, computed once per layer;
@@ -124,7 +126,9 @@ def svd_components(part: str, up: torch.Tensor, down: torch.Tensor) -> RankCompo
     return RankComponents(part, (left * s).to(up.dtype), right.to(down.dtype), [f"σ{i + 1}" for i in range(len(s))])
 
 
-def change_parts(adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+def change_parts(
+    adapter: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+) -> dict[str, torch.Tensor]:
     """The adapter's change to its layer's output for input `x`, as named parts that add up to it.
 
     The adapter's own `change_parts` where it has one (DoRA: magnitude and direction), else the

@@ -139,7 +139,9 @@ class DeltaLoRA(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init != "default":
-            raise ValueError(f"Delta-LoRA supports only init='default' (init={self.init!r} needs a 4-bit base, which Delta-LoRA cannot move)")
+            raise ValueError(
+                f"Delta-LoRA supports only init='default' (init={self.init!r} needs a 4-bit base, which Delta-LoRA cannot move)"
+            )
         if self.dropout:
             raise ValueError(
                 f"Delta-LoRA takes no dropout on the low-rank branch (got dropout={self.dropout}): its base "
@@ -190,4 +192,3 @@ class DeltaLoRA(LowRankConfig):
     def to_dict(self) -> dict[str, Any]:
         # Readers of lorakit.json see what the file holds besides A and B.
         return {**super().to_dict(), "saved_base_weights": f"W (moved base, (out, in)) as <module>.{BASE_WEIGHT_KEY}"}
-

@@ -132,7 +132,9 @@ class DoRAAdapter(nn.Module):
             self.scale,
         )
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         z = self.lora.dropout.down_projection(x, self.lora.lora_A.to(x.dtype))  # dropout(x) A^T, (..., r)
         direction = low_rank_update(base_out, z, self.lora.lora_B.to(x.dtype), self.scale)  # base + s z B^T
         mag_norm = (self.magnitude / self.weight_norm(base_layer)).to(x.dtype)  # (out,)
@@ -150,8 +152,8 @@ class DoRAAdapter(nn.Module):
     def change_parts(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         """The change `W' x - W0 x` in two parts that add up to it (for `lorakit explain`):
 
-            magnitude:  (m/n - 1) ⊙ W0 x        the base path's rows rescaled by the magnitude
-            direction:  (m/n) ⊙ s · B A x       the low-rank turn of the rows, rescaled with them
+        magnitude:  (m/n - 1) ⊙ W0 x        the base path's rows rescaled by the magnitude
+        direction:  (m/n) ⊙ s · B A x       the low-rank turn of the rows, rescaled with them
         """
         z = self.lora.dropout(x) @ self.lora.lora_A.to(x.dtype).T
         turn = low_rank_update(torch.zeros_like(base_out), z, self.lora.lora_B.to(x.dtype), self.scale)

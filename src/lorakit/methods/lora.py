@@ -95,7 +95,9 @@ class LoRAAdapter(LoRAPair, nn.Module):
         # dropout(x) A^T without a dropped-out copy or a mask kept for backward (kernels/dropout.py)
         self.dropout = AdapterDropout(dropout)
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         # Compute in the activation dtype; `.to` is free when the dtypes already agree.
         z = self.dropout.down_projection(x, self.lora_A.to(x.dtype))  # dropout(x) A^T, (..., r)
         return low_rank_update(result, z, self.lora_B.to(x.dtype), self.scale)
@@ -109,6 +111,7 @@ class LoRAAdapter(LoRAPair, nn.Module):
         if self.dropout.active and torch.compiler.is_compiling():
             return None
         return fused_lora_forward(x, base_layer, self.lora_A, self.lora_B, self.scale, self.dropout.draw())
+
 
 @dataclass
 class LowRankConfig(AdapterConfig):
@@ -150,7 +153,9 @@ class LowRankConfig(AdapterConfig):
             raise ValueError(f"init={self.init!r} is not one of {', '.join(LOW_RANK_INITS)}")
         for field_name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, field_name), dict):
-                raise ValueError(f"{field_name} must be a mapping {{module pattern: value}}, got {getattr(self, field_name)!r}")
+                raise ValueError(
+                    f"{field_name} must be a mapping {{module pattern: value}}, got {getattr(self, field_name)!r}"
+                )
         for pattern, rank in self.rank_pattern.items():
             check_rank(rank, f"rank_pattern[{pattern!r}]")
             _check_pattern(pattern, "rank_pattern")
@@ -286,8 +291,10 @@ def loftq_pair(base_layer: nn.Module, r: int, scale: float) -> tuple[torch.Tenso
         )
     L, R = factors
     if L.shape[1] < r and L.shape[1] < min(L.shape[0], R.shape[1]):
-        raise ValueError(f'init="loftq" with r={r}, but the base was quantized with loftq_rank={L.shape[1]}: use loftq_rank >= r')
-    root = scale ** 0.5
+        raise ValueError(
+            f'init="loftq" with r={r}, but the base was quantized with loftq_rank={L.shape[1]}: use loftq_rank >= r'
+        )
+    root = scale**0.5
     A = torch.zeros(r, R.shape[1], dtype=torch.float32, device=R.device)
     B = torch.zeros(L.shape[0], r, dtype=torch.float32, device=L.device)
     k = min(r, L.shape[1])  # a layer narrower than r has only k singular directions

@@ -65,8 +65,10 @@ def module_importance(model: nn.Module, name: str, batches: list[Any]) -> dict[s
         model.train(was_training)
     total = sum(totals.values())
     if not total > 0 or not math.isfinite(total):
-        raise ValueError(f"LoRA-drop: the stage-1 updates add nothing measurable to the outputs (sum {total}); "
-                         "train stage 1 longer or with a higher learning rate")
+        raise ValueError(
+            f"LoRA-drop: the stage-1 updates add nothing measurable to the outputs (sum {total}); "
+            "train stage 1 longer or with a higher learning rate"
+        )
     return {m: g / total for m, g in totals.items()}
 
 
@@ -101,8 +103,12 @@ def apply_plan(model: nn.Module, name: str, importance: dict[str, float], thresh
     """Stage 2's layout for adapter `name`: kept modules keep their own pair, the others share one per
     group; every pair starts afresh. Returns the plan (also the adapter's config `plan` from now on)."""
     kept = choose_kept(importance, threshold)
-    plan = {"scores": dict(importance), "kept": sorted(kept), "groups": sharing_groups(model, name, kept),
-            "threshold": threshold}
+    plan = {
+        "scores": dict(importance),
+        "kept": sorted(kept),
+        "groups": sharing_groups(model, name, kept),
+        "threshold": threshold,
+    }
     reconfigure(model, name, plan=plan)
     return plan
 
@@ -169,7 +175,11 @@ class LoRADrop(LowRankConfig):
 
     def module_settings(self, name: str) -> dict[str, Any]:
         # every module is rebuilt when the plan arrives: stage 2 starts afresh
-        return {**super().module_settings(name), "planned": bool(self.plan), "group": self.plan.get("groups", {}).get(name)}
+        return {
+            **super().module_settings(name),
+            "planned": bool(self.plan),
+            "group": self.plan.get("groups", {}).get(name),
+        }
 
     def make_adapters(self, layers: dict[str, nn.Module]) -> dict[str, LoRAAdapter]:
         groups = self.plan.get("groups", {})
@@ -186,9 +196,11 @@ class LoRADrop(LowRankConfig):
             if in_out_features(base_layer) != (adapter.lora_A.shape[1], adapter.lora_B.shape[0]):
                 raise ValueError(f"LoRA-drop group {group!r}: {module_name} has another shape than its group")
             if self.module_rank_scale(module_name) != self.module_rank_scale(first):
-                raise ValueError(f"LoRA-drop group {group!r}: {module_name} has rank and scale "
-                                 f"{self.module_rank_scale(module_name)}, {first} {self.module_rank_scale(first)}; modules "
-                                 "that share one pair need the same (rank_pattern / alpha_pattern)")
+                raise ValueError(
+                    f"LoRA-drop group {group!r}: {module_name} has rank and scale "
+                    f"{self.module_rank_scale(module_name)}, {first} {self.module_rank_scale(first)}; modules "
+                    "that share one pair need the same (rank_pattern / alpha_pattern)"
+                )
             adapters[module_name] = adapter
         return adapters
 

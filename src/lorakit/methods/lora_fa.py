@@ -125,7 +125,9 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
         self.register_buffer("lora_A", lora_A)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         y = result
         projection = None
         if self.projected_grad and torch.is_grad_enabled():
@@ -134,7 +136,13 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
         if self.dropout.active and draw is None:  # inside torch.compile: plain dropout, ahead of the node
             x = self.dropout(x)
         out = FrozenDownProjection.apply(
-            x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale, draw, projection
+            x.reshape(-1, x.shape[-1]),
+            y.reshape(-1, y.shape[-1]),
+            self.lora_A,
+            self.lora_B,
+            self.scale,
+            draw,
+            projection,
         )
         return out.view(y.shape)
 

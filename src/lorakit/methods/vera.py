@@ -115,7 +115,9 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
         vera_B = self.projections.vera_B[: self.out_features].to(device=b.device, dtype=b.dtype)
         return b[:, None] * vera_B * self.vera_lambda_d[None, :]
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         y = result
         vera_A = self.projections.vera_A[:, : self.in_features].to(device=x.device, dtype=x.dtype)
         z = self.dropout.down_projection(x, vera_A)  # (..., r); A is frozen: nothing of x is kept
@@ -155,8 +157,11 @@ class VeRAAdapter(AdditiveAdapter, nn.Module):
     def describe(self) -> dict[str, float]:
         """What `lorakit inspect` shows of this layer's own vectors: how far d and b moved."""
         d, b = self.vera_lambda_d.detach().float(), self.vera_lambda_b.detach().float()
-        return {"vera mean |d|": float(d.abs().mean()), "vera mean |b|": float(b.abs().mean()),
-                "vera share of d near 0": float((d.abs() < 1e-3 * max(float(d.abs().max()), 1e-12)).float().mean())}
+        return {
+            "vera mean |d|": float(d.abs().mean()),
+            "vera mean |b|": float(b.abs().mean()),
+            "vera share of d near 0": float((d.abs() < 1e-3 * max(float(d.abs().max()), 1e-12)).float().mean()),
+        }
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
@@ -275,8 +280,10 @@ class VeRA(AdapterConfig):
 
 def shared_projections(model: nn.Module, name: str) -> VeRAProjections:
     """The one `VeRAProjections` module the VeRA adapter `name` shares across its layers."""
-    found = {id(layer.adapters[name].projections): layer.adapters[name].projections
-             for _, layer in adapted_layers(model, name)}
+    found = {
+        id(layer.adapters[name].projections): layer.adapters[name].projections
+        for _, layer in adapted_layers(model, name)
+    }
     if len(found) != 1:
         raise ValueError(f"expected one shared VeRA projection pair for adapter {name!r}, found {len(found)}")
     return next(iter(found.values()))

@@ -50,8 +50,11 @@ def quantization_targets(model: nn.Module, selection: TargetSelection) -> list[s
     precision (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, whose forward casts its input
     to `wo.weight.dtype`: a 4-bit storage dtype would wreck it), as transformers' 4-bit loading does."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return [n for n in select_targets(model, selection)
-            if _quantizable(model.get_submodule(n)) and not any(name_matches(n, k) for k in keep)]
+    return [
+        n
+        for n in select_targets(model, selection)
+        if _quantizable(model.get_submodule(n)) and not any(name_matches(n, k) for k in keep)
+    ]
 
 
 def quantize(

@@ -154,8 +154,9 @@ class Linear4bit(nn.Module):
     def block_absmax(self) -> torch.Tensor:
         """fp32 absmax of every block (decoded from 8 bits with double quantization)."""
         scale = self.weight_absmax_scale
-        return block_absmax(full_tensor(self.weight_absmax), None if scale is None else full_tensor(scale),
-                            self.weight_absmax_offset)
+        return block_absmax(
+            full_tensor(self.weight_absmax), None if scale is None else full_tensor(scale), self.weight_absmax_offset
+        )
 
     def dense_weight(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dequantized `(out, in)` weight in `dtype` (default: the compute dtype), into `out` if given."""
@@ -178,8 +179,12 @@ class Linear4bit(nn.Module):
         device = self.weight_packed.device
         if device.type != "cpu" or torch.compiler.is_compiling():
             return self.dense_weight(dtype)
-        return self.dense_weight(dtype, out=_shared_buffer(self.out_features * self.in_features, dtype, device).view(
-            self.out_features, self.in_features))
+        return self.dense_weight(
+            dtype,
+            out=_shared_buffer(self.out_features * self.in_features, dtype, device).view(
+                self.out_features, self.in_features
+            ),
+        )
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize from a dense `(out, in)` weight (lossy: NF4 rounding applies again)."""
@@ -188,8 +193,12 @@ class Linear4bit(nn.Module):
         if is_sharded(self.weight_packed):
             # FSDP holds these parameter objects: write each process's part in place
             q = quantize_nf4(weight.to(self.weight_packed.device), self.blocksize, self.double_quant)
-            for name, value in (("weight_packed", q.packed), ("weight_absmax", q.absmax),
-                                ("weight_absmax_scale", q.absmax_scale), ("weight_absmax_offset", q.absmax_offset)):
+            for name, value in (
+                ("weight_packed", q.packed),
+                ("weight_absmax", q.absmax),
+                ("weight_absmax_scale", q.absmax_scale),
+                ("weight_absmax_offset", q.absmax_offset),
+            ):
                 if value is not None:
                     write_full(getattr(self, name), value)
             return

@@ -137,7 +137,9 @@ def code_table(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
 # --- 8-bit blockwise quantization of the absmax statistics ------------------------------------
 
 
-def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(
+    values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes, fp32 absmax per block) of fp32 `values` with the signed dynamic map.
 
     Follows bitsandbytes' CPU kernel step by step: `value * (1 / absmax)`, clamped to [-1, 1],
@@ -157,7 +159,9 @@ def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = NESTED_BLOCKS
     return codes.reshape(-1)[:n].to(torch.uint8).view(values.shape), absmax
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
     """fp32 values of `quantize_blockwise_8bit` output."""
     code = code_table("dynamic", codes.device)
     flat = codes.reshape(-1)
@@ -202,7 +206,9 @@ class NF4Tensor:
         return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype or self.dtype)
 
 
-def block_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor | None, absmax_offset: torch.Tensor | None) -> torch.Tensor:
+def block_absmax(
+    absmax: torch.Tensor, absmax_scale: torch.Tensor | None, absmax_offset: torch.Tensor | None
+) -> torch.Tensor:
     """fp32 per-block absmax: `absmax` itself, or its double-quantized codes decoded."""
     if absmax_scale is None:
         return absmax

@@ -35,7 +35,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
+    def nf4_dequantize_kernel(
+        packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr
+    ):
         byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
         even = byte * 2
         odd = even + 1
@@ -70,12 +72,18 @@ def dequantize_nf4_triton(
     out = torch.empty(n, dtype=dtype, device=packed.device)
     code = code_table("nf4", packed.device)
     grid = (math.ceil(packed.numel() / BYTES_PER_PROGRAM),)
-    _kernel()[grid](packed.reshape(-1), absmax.float().contiguous(), code, out, n, BLOCKSIZE=blocksize, BYTES=BYTES_PER_PROGRAM)
+    _kernel()[grid](
+        packed.reshape(-1), absmax.float().contiguous(), code, out, n, BLOCKSIZE=blocksize, BYTES=BYTES_PER_PROGRAM
+    )
     return out.view(shape)
 
 
 def dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size, blocksize: int, dtype: torch.dtype,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int,
+    dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense weight from packed NF4 and fp32 block absmax (into `out` when given): Triton on CUDA when available."""

@@ -1,8 +1,8 @@
 """Training: the config, data formats, the loop, checkpoints and the built-in task.
 
-    from lorakit.train import TrainConfig, train
-    result = train(TrainConfig(data="my.jsonl", method="lora", steps=200))
-    print(result.table())
+from lorakit.train import TrainConfig, train
+result = train(TrainConfig(data="my.jsonl", method="lora", steps=200))
+print(result.table())
 """
 
 from __future__ import annotations

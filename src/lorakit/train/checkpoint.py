@@ -69,7 +69,7 @@ def rank_rng_state(merged: dict[str, torch.Tensor], rank: int) -> dict[str, torc
     if rank == 0:
         return {k: v for k, v in merged.items() if not k.startswith("rank")}
     prefix = f"rank{rank}."
-    own = {k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)}
+    own = {k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)}
     if "torch" not in own:
         raise LorakitError(f"the checkpoint holds no random state for process {rank}")
     return own
@@ -171,7 +171,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -202,10 +206,14 @@ def load_exact_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -
     own = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".adapters." in k}
     if set(own) != set(saved):
         missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-        raise LorakitError(f"checkpoint adapter state does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise LorakitError(
+            f"checkpoint adapter state does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     for key, value in saved.items():
         if own[key].shape != value.shape:
-            raise LorakitError(f"checkpoint adapter state {key}: shape {tuple(value.shape)} != model {tuple(own[key].shape)}")
+            raise LorakitError(
+                f"checkpoint adapter state {key}: shape {tuple(value.shape)} != model {tuple(own[key].shape)}"
+            )
         own[key].copy_(value)
 
 
@@ -213,7 +221,11 @@ def damaged(checkpoint: Path, name: str, why: str) -> LorakitError:
     """One line for a checkpoint file that cannot be read: which file, why, and what to do instead
     (resume from the checkpoint before it, or start again)."""
     found = STEP_DIR.match(checkpoint.name)
-    earlier = [c for c in list_checkpoints(checkpoint.parent) if found and int(STEP_DIR.match(c.name).group(1)) < int(found.group(1))]
+    earlier = [
+        c
+        for c in list_checkpoints(checkpoint.parent)
+        if found and int(STEP_DIR.match(c.name).group(1)) < int(found.group(1))
+    ]
     if earlier:
         instead = f"resume from the checkpoint before it: lorakit train --resume {earlier[-1]}"
     else:
@@ -245,6 +257,7 @@ def _read(checkpoint: Path, name: str, read):
 def check_state(checkpoint: Path, state: Any) -> dict[str, Any]:
     """state.json holds what `save_checkpoint` writes: a step, token and time counters, the metric
     before training (and the last loss and the limit's probes, where the run had them)."""
+
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -260,12 +273,15 @@ def check_state(checkpoint: Path, state: Any) -> dict[str, Any]:
         problem = "tokens or train_seconds is not a number"
     elif not count(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
         problem = f"world_size is {short_repr(state.get('world_size'))}, not a process count"
-    elif not isinstance(state.get("before"), dict) or not all(isinstance(k, str) and number(v) for k, v in state["before"].items()):
+    elif not isinstance(state.get("before"), dict) or not all(
+        isinstance(k, str) and number(v) for k, v in state["before"].items()
+    ):
         problem = "before is not a mapping of metric names to numbers"
     elif "loss" in state and not number(state["loss"]):
         problem = f"loss is {short_repr(state['loss'])}, not a number"
     elif not isinstance(state.get("limit_probes", []), list) or not all(
-            isinstance(p, list) and len(p) == 3 and all(number(x) for x in p) for p in state.get("limit_probes", [])):
+        isinstance(p, list) and len(p) == 3 and all(number(x) for x in p) for p in state.get("limit_probes", [])
+    ):
         problem = "limit_probes is not a list of [step, seconds, seconds]"
     if problem:
         raise damaged(checkpoint, "state.json", problem)
@@ -309,7 +325,9 @@ def keep_own_selection(model: nn.Module, adapter_dir: Path, name: str = inject.D
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
         raise ValueError(_why(err)) from None  # the reason; the caller names the file
     state = inject.lorakit_state(model)
-    state.configs[name] = dataclasses.replace(state.configs[name], targets=own.targets, layers=own.layers, exclude=own.exclude)
+    state.configs[name] = dataclasses.replace(
+        state.configs[name], targets=own.targets, layers=own.layers, exclude=own.exclude
+    )
 
 
 def load_checkpoint(
@@ -339,7 +357,9 @@ def load_checkpoint(
     return state, optim_state, rng
 
 
-def restore_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, optim_state: dict[str, Any]) -> None:
+def restore_optimizer(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, optim_state: dict[str, Any]
+) -> None:
     """The optimizer's and scheduler's state from `load_checkpoint`, into the ones just built."""
     try:
         optimizer.load_state_dict(optim_state["optimizer"])

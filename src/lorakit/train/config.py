@@ -148,15 +148,31 @@ def method_names(registered: Iterable[str] = BUILTIN_METHODS) -> list[str]:
 def unknown_method(name: Any, registered: Iterable[str], flag: str = "method") -> LorakitError:
     """The error for a method name that is not one: the names there are, and the closest."""
     names = method_names(registered)
-    return LorakitError(f"unknown {flag} {short_repr(name)}; choose from: {', '.join(names)}{did_you_mean(name, names)}")
+    return LorakitError(
+        f"unknown {flag} {short_repr(name)}; choose from: {', '.join(names)}{did_you_mean(name, names)}"
+    )
+
 
 # the names transformers' TrainingArguments and PEFT's LoraConfig give lorakit's fields (a config file
 # written for them gets the lorakit name in its error)
-HF_NAMES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs", "output_dir": "out_dir",
-            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-            "max_grad_norm": "grad_clip", "lr_scheduler_type": "schedule", "target_modules": "targets",
-            "lora_alpha": "alpha", "lora_dropout": "dropout", "modules_to_save": "train_modules", "rank": "r",
-            "max_seq_length": "max_length", "use_rslora": "method_args", "save_steps": "checkpoint_every"}
+HF_NAMES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_train_epochs": "epochs",
+    "output_dir": "out_dir",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "grad_clip",
+    "lr_scheduler_type": "schedule",
+    "target_modules": "targets",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "modules_to_save": "train_modules",
+    "rank": "r",
+    "max_seq_length": "max_length",
+    "use_rslora": "method_args",
+    "save_steps": "checkpoint_every",
+}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("causal-lm", "classify", "regress"),
@@ -176,7 +192,11 @@ def field_docs(cls: type) -> dict[str, str]:
     docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -233,7 +253,9 @@ def convert(name: str, value: Any) -> Any:
                 raise LorakitError(f"{name}: {short_repr(value)} is out of range") from None
             if not math.isfinite(value):
                 raise LorakitError(f"{name}: must be a finite number, got {value!r}")
-        elif kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit()):
+        elif (
+            kind is int and not isinstance(value, bool) and (isinstance(value, int) or str(value).lstrip("-").isdigit())
+        ):
             if isinstance(value, str) and len(value.lstrip("-")) > 12:
                 raise LorakitError(f"{name}: {short_repr(value)} is out of range")
             value = int(value)
@@ -246,7 +268,9 @@ def convert(name: str, value: Any) -> Any:
     except ValueError:
         raise LorakitError(f"{name}: expected {kind.__name__}, got {short_repr(value)}") from None
     if name in CHOICES and value not in CHOICES[name]:
-        raise LorakitError(f"{name}: {short_repr(value)} is not one of {', '.join(CHOICES[name])}{did_you_mean(value, CHOICES[name])}")
+        raise LorakitError(
+            f"{name}: {short_repr(value)} is not one of {', '.join(CHOICES[name])}{did_you_mean(value, CHOICES[name])}"
+        )
     return value
 
 
@@ -259,9 +283,13 @@ def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainCon
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        hints = [f"{HF_NAMES.get(k) or closest(k, known)!r} for {k!r}" for k in unknown if k in HF_NAMES or closest(k, known)]
-        raise LorakitError(f"unknown config field(s) {short_repr(unknown)}; known: {', '.join(sorted(known))}"
-                           + (f" (did you mean {'; '.join(hints)}?)" if hints else ""))
+        hints = [
+            f"{HF_NAMES.get(k) or closest(k, known)!r} for {k!r}" for k in unknown if k in HF_NAMES or closest(k, known)
+        ]
+        raise LorakitError(
+            f"unknown config field(s) {short_repr(unknown)}; known: {', '.join(sorted(known))}"
+            + (f" (did you mean {'; '.join(hints)}?)" if hints else "")
+        )
     return dataclasses.replace(base or TrainConfig(), **{k: convert(k, v) for k, v in data.items()})
 
 
@@ -321,8 +349,10 @@ def _check_step_sizes(config: TrainConfig) -> None:
         sizes["lr x weight_decay"] = config.lr * config.weight_decay
     for name, value in sizes.items():
         if value > FLOAT32_MAX:
-            raise LorakitError(f"{name} = {value:g} is larger than the float32 weights can take ({FLOAT32_MAX:.3g}): the "
-                               "first optimizer step would overflow; learning rates are typically 1e-5 to 1e-2")
+            raise LorakitError(
+                f"{name} = {value:g} is larger than the float32 weights can take ({FLOAT32_MAX:.3g}): the "
+                "first optimizer step would overflow; learning rates are typically 1e-5 to 1e-2"
+            )
 
 
 def validate(config: TrainConfig) -> None:
@@ -339,10 +369,16 @@ def validate(config: TrainConfig) -> None:
     if config.lr is not None and config.lr <= 0:
         raise LorakitError(f"lr must be positive, got {config.lr}")
     _check_step_sizes(config)
-    if config.name is not None and (not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\")
-                                    or not config.name.isprintable()):
-        raise LorakitError(f"name {config.name!r} must be a plain directory name (no path separators, no control "
-                           "characters): runs stay inside --out-dir")
+    if config.name is not None and (
+        not config.name
+        or config.name in (".", "..")
+        or any(c in config.name for c in "/\\")
+        or not config.name.isprintable()
+    ):
+        raise LorakitError(
+            f"name {config.name!r} must be a plain directory name (no path separators, no control "
+            "characters): runs stay inside --out-dir"
+        )
     if config.grad_clip is not None and config.grad_clip <= 0:
         raise LorakitError(f"grad_clip must be positive (or none to turn clipping off), got {config.grad_clip}")
     if config.loraplus_ratio is not None and config.loraplus_ratio <= 0:
@@ -355,10 +391,15 @@ def validate(config: TrainConfig) -> None:
 
     data.check_column_roles(config.columns)
     data.check_prompt_template(config.prompt_template)
-    sequence_metrics = {"classify": ("accuracy", "f1", "mcc", "eval_loss"), "regress": ("pearson", "spearman", "eval_loss")}
+    sequence_metrics = {
+        "classify": ("accuracy", "f1", "mcc", "eval_loss"),
+        "regress": ("pearson", "spearman", "eval_loss"),
+    }
     allowed = sequence_metrics.get(config.task, ("exact_match", "eval_loss", "perplexity"))
     if config.metric is not None and config.metric not in allowed:
-        raise LorakitError(f"metric {config.metric!r} does not apply to --task {config.task}; its metrics: {', '.join(allowed)}")
+        raise LorakitError(
+            f"metric {config.metric!r} does not apply to --task {config.task}; its metrics: {', '.join(allowed)}"
+        )
     if config.answer_pattern is not None:
         if config.task != "causal-lm":
             raise LorakitError("answer_pattern applies to generation (--task causal-lm)")
@@ -370,10 +411,16 @@ def validate(config: TrainConfig) -> None:
             raise LorakitError(f"answer_pattern: {err}") from None
     if config.distributed == "fsdp":
         if config.compile:
-            raise LorakitError("compile: torch.compile over an FSDP-sharded model is not supported by lorakit yet; "
-                               "drop --compile, or use --distributed ddp")
+            raise LorakitError(
+                "compile: torch.compile over an FSDP-sharded model is not supported by lorakit yet; "
+                "drop --compile, or use --distributed ddp"
+            )
         if config.method == "lora-drop":
-            raise LorakitError("method lora-drop: its probe trains on one process before training and its adapters are "
-                               "shared across layers, which a sharded model cannot do; use --distributed ddp")
+            raise LorakitError(
+                "method lora-drop: its probe trains on one process before training and its adapters are "
+                "shared across layers, which a sharded model cannot do; use --distributed ddp"
+            )
     if config.init == "loftq" and not config.quantize:
-        raise LorakitError("init: 'loftq' starts from the rounding error of a 4-bit base: add --quantize nf4 (or use --method qlora)")
+        raise LorakitError(
+            "init: 'loftq' starts from the rounding error of a 4-bit base: add --quantize nf4 (or use --method qlora)"
+        )

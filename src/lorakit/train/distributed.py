@@ -122,8 +122,10 @@ class DataParallel(SingleProcess):
         needed = TORCHRUN_VARIABLES if not rendezvous else ("RANK", "WORLD_SIZE", "LOCAL_RANK")
         missing = [v for v in needed if v not in os.environ]
         if missing:
-            raise LorakitError(f"a distributed run needs torchrun's environment ({', '.join(missing)} not set): start it "
-                               "with `torchrun --nproc_per_node N -m lorakit train ...` or `lorakit train --nproc N ...`")
+            raise LorakitError(
+                f"a distributed run needs torchrun's environment ({', '.join(missing)} not set): start it "
+                "with `torchrun --nproc_per_node N -m lorakit train ...` or `lorakit train --nproc N ...`"
+            )
         if not dist.is_available():
             raise LorakitError("this PyTorch build has no torch.distributed")
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -133,16 +135,23 @@ class DataParallel(SingleProcess):
         backend = backend or ("nccl" if use_cuda else "gloo")
         available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(), "mpi": dist.is_mpi_available()}
         if not available.get(backend, False):
-            raise LorakitError(f"the {backend} backend is not available in this PyTorch build; available: "
-                               f"{', '.join(b for b, ok in available.items() if ok) or 'none'}")
+            raise LorakitError(
+                f"the {backend} backend is not available in this PyTorch build; available: "
+                f"{', '.join(b for b, ok in available.items() if ok) or 'none'}"
+            )
         if use_cuda and backend == "nccl":
             torch.cuda.set_device(self.local_rank)
         if not dist.is_initialized():
             # a process that dies leaves the others waiting in a collective: they give up after the timeout
             timeout = datetime.timedelta(seconds=timeout_s)
             if rendezvous:
-                dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=self.rank,
-                                        world_size=self.world_size, timeout=timeout)
+                dist.init_process_group(
+                    backend,
+                    init_method=f"file://{rendezvous}",
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    timeout=timeout,
+                )
             else:
                 dist.init_process_group(backend, timeout=timeout)
         self.backend = backend
@@ -175,8 +184,10 @@ class DataParallel(SingleProcess):
     def shard(self, examples: list) -> list:
         per_process = len(examples) // self.world_size
         if per_process == 0:
-            raise LorakitError(f"a global micro-batch of {len(examples)} examples cannot be split over {self.world_size} processes")
-        return examples[self.rank * per_process:(self.rank + 1) * per_process]
+            raise LorakitError(
+                f"a global micro-batch of {len(examples)} examples cannot be split over {self.world_size} processes"
+            )
+        return examples[self.rank * per_process : (self.rank + 1) * per_process]
 
     def sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())

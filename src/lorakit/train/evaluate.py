@@ -30,8 +30,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def causal_lm_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device, bf16: bool,
-                   progress: bool = False) -> dict[str, float]:
+def causal_lm_loss(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    progress: bool = False,
+) -> dict[str, float]:
     """Mean loss per completion token over `examples`, and its perplexity."""
     was_training = model.training
     model.eval()
@@ -44,7 +51,10 @@ def causal_lm_loss(model: nn.Module, examples: list[Example], pad_id: int, batch
         # position t predicts token t + 1
         shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
         losses = nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += losses.item()
         count += int((shift_labels != IGNORE_INDEX).sum())
@@ -54,8 +64,15 @@ def causal_lm_loss(model: nn.Module, examples: list[Example], pad_id: int, batch
 
 
 @torch.no_grad()
-def sequence_outputs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
-                     bf16: bool, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_outputs(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a classifier or regressor over `examples`, on the CPU in fp32."""
     was_training = model.training
     model.eval()
@@ -69,8 +86,16 @@ def sequence_outputs(model: nn.Module, examples: list[Example], pad_id: int, bat
     return torch.cat(outputs), torch.cat(targets)
 
 
-def classify_scores(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
-                    bf16: bool, num_classes: int, progress: bool = False) -> dict[str, float]:
+def classify_scores(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    num_classes: int,
+    progress: bool = False,
+) -> dict[str, float]:
     """Accuracy, F1 (binary, or macro over classes), Matthews correlation and the cross-entropy."""
     logits, labels = sequence_outputs(model, examples, pad_id, batch_size, device, bf16, progress)
     scores = metrics.classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), num_classes)
@@ -78,8 +103,15 @@ def classify_scores(model: nn.Module, examples: list[Example], pad_id: int, batc
     return scores
 
 
-def regress_scores(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
-                   bf16: bool, progress: bool = False) -> dict[str, float]:
+def regress_scores(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    progress: bool = False,
+) -> dict[str, float]:
     """Pearson and Spearman correlation of predictions and targets, and the mean squared error."""
     predictions, targets = sequence_outputs(model, examples, pad_id, batch_size, device, bf16, progress)
     scores = metrics.regression_metrics(predictions[:, 0].tolist(), targets.tolist())
@@ -88,8 +120,16 @@ def regress_scores(model: nn.Module, examples: list[Example], pad_id: int, batch
 
 
 @torch.no_grad()
-def greedy_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: torch.device, bf16: bool,
-                       progress: bool = False) -> list[str]:
+def greedy_completions(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    progress: bool = False,
+) -> list[str]:
     """Greedy continuations of `prompts` (left-padded batches, so that every prompt ends where
     generation starts; each prompt's ids are those training used, `text_ids`), cut at end of sequence."""
     was_training = model.training
@@ -104,8 +144,12 @@ def greedy_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
             with autocast(device, bf16):
                 out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
                 )
             outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
@@ -113,8 +157,16 @@ def greedy_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
     return outputs
 
 
-def exact_match(model: nn.Module, tokenizer, examples: list[Example], batch_size: int, device: torch.device, bf16: bool,
-                answer_pattern: str | None = None, progress: bool = False) -> dict[str, float]:
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    answer_pattern: str | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Exact-match accuracy of greedy generations: of the whole completion, or of the answer
     `answer_pattern` extracts from it (`metrics.compile_answer_pattern`)."""
     prompts = [e.prompt for e in examples]
@@ -125,8 +177,9 @@ def exact_match(model: nn.Module, tokenizer, examples: list[Example], batch_size
         hits = sum(metrics.whole_completion_match(p, a) for p, a in zip(predictions, answers))
     else:
         # a worked solution may run longer than the reference before reaching its answer
-        predictions = greedy_completions(model, tokenizer, prompts, longest + max(16, longest // 4), batch_size, device, bf16,
-                                         progress)
+        predictions = greedy_completions(
+            model, tokenizer, prompts, longest + max(16, longest // 4), batch_size, device, bf16, progress
+        )
         pattern = metrics.compile_answer_pattern(answer_pattern)
         hits = sum(metrics.answers_match(p, a, pattern) for p, a in zip(predictions, answers))
     return {"exact_match": hits / max(len(examples), 1)}

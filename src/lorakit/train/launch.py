@@ -48,9 +48,18 @@ def process_environment(nproc: int, rank: int, rendezvous: Path, errors: Path) -
     loopback interface (unless the caller chose another), and one thread each unless told otherwise
     (as torchrun does: N processes share the cores)."""
     env = child_environment()
-    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-                "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", RENDEZVOUS_VARIABLE: str(rendezvous),
-                ERRORS_VARIABLE: str(errors)})
+    env.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            RENDEZVOUS_VARIABLE: str(rendezvous),
+            ERRORS_VARIABLE: str(errors),
+        }
+    )
     env.pop("MASTER_PORT", None)  # nothing listens on a port: the rendezvous is the file
     interface = loopback_interface()
     env.setdefault("GLOO_SOCKET_IFNAME", interface)
@@ -124,7 +133,7 @@ def _clean_stale_scratch() -> None:
 
     root = Path(tempfile.gettempdir())
     for path in root.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists() and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
 

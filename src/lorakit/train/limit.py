@@ -33,8 +33,10 @@ class LimitProbe:
     def __init__(self, run: Run) -> None:
         self.run = run
         if not limit_measurable(run.cfg, run.strategy):
-            run.echo("--measure-limit: the limit is timed in one eager process only; not measured in this run "
-                     f"({'--compile' if run.cfg.compile else f'{run.strategy.world_size} processes'})")
+            run.echo(
+                "--measure-limit: the limit is timed in one eager process only; not measured in this run "
+                f"({'--compile' if run.cfg.compile else f'{run.strategy.world_size} processes'})"
+            )
 
     def after_step(self, step: int, seconds: float) -> None:
         """Time the limit on `step`'s micro-batches where `probe_limit_at` says so, paired with the

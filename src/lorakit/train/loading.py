@@ -40,8 +40,9 @@ def load_tokenizer(spec: str | None, task: str):
     except Exception as err:  # noqa: BLE001 -- building a tokenizer from a user's file fails in many types (a bare
         # Exception from the tokenizers library, IndexError and TypeError from transformers' GGUF conversion)
         kind = "" if type(err) is Exception else f"{type(err).__name__}: "
-        raise LorakitError(f"cannot build the tokenizer of {spec or 'the built-in model'}: {kind}"
-                           f"{' '.join(str(err).split())[:300]}") from None
+        raise LorakitError(
+            f"cannot build the tokenizer of {spec or 'the built-in model'}: {kind}{' '.join(str(err).split())[:300]}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -85,14 +86,24 @@ def fit_max_length(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     the model, e.g. BERT's 512 learned positions), and a note saying so where the user chose the
     length; read from the model's config alone, before the data is encoded and the weights load."""
     try:
-        limit = models.max_positions(models.load_config(cfg.model, "classify" if cfg.task in SEQUENCE_TASKS else cfg.task))
+        limit = models.max_positions(
+            models.load_config(cfg.model, "classify" if cfg.task in SEQUENCE_TASKS else cfg.task)
+        )
     except Exception:  # noqa: BLE001 -- an unreadable model is reported, in one line, where it loads
         return cfg, None
     if limit is None or cfg.max_length <= limit:
         return cfg, None
-    chosen = cfg.max_length != TrainConfig().max_length  # the default needs no note: the model's limit is the default then
-    note = (f"--max-length {cfg.max_length} is above the {limit} positions {cfg.model or 'the built-in model'} reads: "
-            f"examples are cut to {limit} tokens") if chosen else None
+    chosen = (
+        cfg.max_length != TrainConfig().max_length
+    )  # the default needs no note: the model's limit is the default then
+    note = (
+        (
+            f"--max-length {cfg.max_length} is above the {limit} positions {cfg.model or 'the built-in model'} reads: "
+            f"examples are cut to {limit} tokens"
+        )
+        if chosen
+        else None
+    )
     return dataclasses.replace(cfg, max_length=limit), note
 
 

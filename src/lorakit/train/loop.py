@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import files, inject, io, losses, models
+from .. import files, inject, io, models
 from ..errors import LorakitError
 from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
@@ -56,11 +56,8 @@ from .probe import run_probe
 from .report import RunResult, dir_size, format_metrics, peak_memory_mb, write_report
 from .run_data import Datasets, build_datasets, describe_eval, measure
 from .run_dir import HeldRunDir, new_run_dir, open_metrics_log, prepare_run_dir, resumed_run_dir
+from .step import TrainingDiverged, _last_good, accumulate_gradients, forward_module, loss_items  # noqa: F401
 from .stop import StopFlag
-
-
-class TrainingDiverged(LorakitError):
-    """The loss or gradient became NaN or infinite."""
 
 
 class TrainingInterrupted(LorakitError):
@@ -107,8 +104,12 @@ class Run:
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """This process's share of micro-batch `micro` of optimizer step `step`, collated, on the device."""
         cfg = self.cfg
-        examples = data_mod.micro_batch(self.datasets.train, (step - 1) * cfg.grad_accum + micro,
-                                        cfg.batch_size * self.strategy.world_size, cfg.seed)
+        examples = data_mod.micro_batch(
+            self.datasets.train,
+            (step - 1) * cfg.grad_accum + micro,
+            cfg.batch_size * self.strategy.world_size,
+            cfg.seed,
+        )
         return evaluate.to_device(data_mod.collate(self.strategy.shard(examples), self.pad_id), self.device)
 
 
@@ -208,7 +209,9 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
         # The adapted model at step 0: the base itself for most inits, LoftQ's corrected start with --init loftq.
         say(f"measuring {describe_eval(datasets)} before training ...")
         t0 = time.perf_counter()
-        before = measure(datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch, cfg.progress and strategy.is_main)
+        before = measure(
+            datasets, model, tokenizer, datasets.eval, device, bf16, eval_batch, cfg.progress and strategy.is_main
+        )
         say(f"before: {format_metrics(before)} ({time.perf_counter() - t0:.0f} s)")
     try:
         hooks: Hooks = training_hooks(model, total_steps)
@@ -224,15 +227,19 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
             raise LorakitError(f"cannot resume from {resume_from}: {' '.join(str(err).split())}") from None
         saved_world = state.get("world_size", 1)
         if saved_world != strategy.world_size:
-            raise LorakitError(f"{resume_from} was written by a run on {saved_world} process(es); resume it on the same "
-                               f"number (this run has {strategy.world_size}): the data order and random streams are per process")
+            raise LorakitError(
+                f"{resume_from} was written by a run on {saved_world} process(es); resume it on the same "
+                f"number (this run has {strategy.world_size}): the data order and random streams are per process"
+            )
         before = state["before"]
         say(f"resuming from {resume_from} (step {state['step']})")
     elif hooks:
         run_probe(cfg, model, hooks, datasets, pad_id, device, bf16, strategy)
     start_step = state.get("step", 0)
     if start_step > total_steps:
-        raise LorakitError(f"{resume_from} is at step {start_step}, past --steps {total_steps}: raise --steps to train further")
+        raise LorakitError(
+            f"{resume_from} is at step {start_step}, past --steps {total_steps}: raise --steps to train further"
+        )
     # start_step == total_steps: the run was cut after its last checkpoint; resuming finishes it
     # (evaluation, adapter/, reports) without training
 
@@ -249,11 +256,32 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
         prepare_run_dir(run_dir, cfg)  # only now: a run that fails while setting up leaves no run directory behind
     # a run resumed at its last step trains no step: its final loss is the checkpoint's
     loss = state.get("loss", run_dir_mod.logged_loss(run_dir / "metrics.jsonl", start_step) if start_step else None)
-    run = Run(cfg=cfg, strategy=strategy, device=device, bf16=bf16, datasets=datasets, model=model, tokenizer=tokenizer,
-              hooks=hooks, run_dir=run_dir, total_steps=total_steps, start_step=start_step, before=before, state=state,
-              optimizer=optimizer, scheduler=scheduler, forward=model, builtin=builtin, pad_id=pad_id,
-              eval_batch=eval_batch, wall_start=wall_start, held=held, log=echo,
-              loss_value=float("nan") if loss is None else loss, saved_step=start_step if resume_from is not None else -1)
+    run = Run(
+        cfg=cfg,
+        strategy=strategy,
+        device=device,
+        bf16=bf16,
+        datasets=datasets,
+        model=model,
+        tokenizer=tokenizer,
+        hooks=hooks,
+        run_dir=run_dir,
+        total_steps=total_steps,
+        start_step=start_step,
+        before=before,
+        state=state,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        forward=model,
+        builtin=builtin,
+        pad_id=pad_id,
+        eval_batch=eval_batch,
+        wall_start=wall_start,
+        held=held,
+        log=echo,
+        loss_value=float("nan") if loss is None else loss,
+        saved_step=start_step if resume_from is not None else -1,
+    )
     run.forward = forward_module(run)
     return run
 
@@ -265,8 +293,14 @@ def train_steps(run: Run) -> None:
     metrics_log = open_metrics_log(run.run_dir / "metrics.jsonl", run.start_step) if strategy.is_main else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step", disable=not (cfg.progress and strategy.is_main),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.start_step,
+        unit="step",
+        disable=not (cfg.progress and strategy.is_main),
+        dynamic_ncols=True,
+        desc="train",
+    )
     trainable = [p for _, p in inject.adapter_parameters(run.model)]
     layout_version = inject.lorakit_state(run.model).layout_version
     limit = LimitProbe(run) if cfg.measure_limit else None
@@ -281,20 +315,31 @@ def train_steps(run: Run) -> None:
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
                     if not math.isfinite(grad_norm):  # the same on every process: gradients are reduced
-                        raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(run.checkpoints))
+                        raise TrainingDiverged(
+                            f"gradient norm became {grad_norm} at step {step}; stopped. " + _last_good(run.checkpoints)
+                        )
                 lr = run.optimizer.param_groups[0]["lr"]
                 run.optimizer.step()
-                if trainable and not bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()):  # one host sync
+                if trainable and not bool(
+                    torch.stack([torch.isfinite(p).all() for p in trainable]).all()
+                ):  # one host sync
                     # a finite loss can still leave non-finite weights (--lr inf, --lr 1e6): never checkpoint them
-                    raise TrainingDiverged(f"the adapter weights became non-finite at step {step}; stopped. "
-                                           + _last_good(run.checkpoints) + " Try a lower --lr or --grad-clip.")
+                    raise TrainingDiverged(
+                        f"the adapter weights became non-finite at step {step}; stopped. "
+                        + _last_good(run.checkpoints)
+                        + " Try a lower --lr or --grad-clip."
+                    )
                 run.scheduler.step()
                 run.hooks.after_optimizer_step(run.model, step)
                 run.optimizer.zero_grad(set_to_none=True)
                 if inject.lorakit_state(run.model).layout_version != layout_version:
                     # a hook rebuilt adapters (lorakit.inject.reconfigure): optimize (and reduce) the new parameters
-                    run.optimizer, run.scheduler = rebuild_optimizer(run.optimizer, run.scheduler, make_optimizer(run.model, cfg),
-                                                                     lambda o: make_scheduler(o, cfg, run.total_steps))
+                    run.optimizer, run.scheduler = rebuild_optimizer(
+                        run.optimizer,
+                        run.scheduler,
+                        make_optimizer(run.model, cfg),
+                        lambda o: make_scheduler(o, cfg, run.total_steps),
+                    )
                     trainable = [p for _, p in inject.adapter_parameters(run.model)]
                     layout_version = inject.lorakit_state(run.model).layout_version
                     run.forward = forward_module(run)
@@ -307,8 +352,13 @@ def train_steps(run: Run) -> None:
                 run.loss_value = step_loss
                 tokens_per_s = run.state["tokens"] / max(run.state["train_seconds"], 1e-9)
                 if metrics_log is not None:
-                    record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": run.state["tokens"],
-                              "tokens_per_s": round(tokens_per_s, 1)}
+                    record = {
+                        "step": step,
+                        "loss": round(step_loss, 6),
+                        "lr": lr,
+                        "tokens": run.state["tokens"],
+                        "tokens_per_s": round(tokens_per_s, 1),
+                    }
                     if grad_norm is not None:
                         record["grad_norm"] = round(grad_norm, 6)
                     if extra_value is not None:
@@ -318,15 +368,19 @@ def train_steps(run: Run) -> None:
                         metrics_log.flush()
                     except OSError as err:  # e.g. the disk filled up: say so, and which checkpoint is kept
                         kept = ckpt.list_checkpoints(run.checkpoints)
-                        raise LorakitError(f"{files.write_error(err, run.run_dir / 'metrics.jsonl')} (at step {step}"
-                                           + (f"; {kept[-1]} is kept)" if kept else ")")) from None
+                        raise LorakitError(
+                            f"{files.write_error(err, run.run_dir / 'metrics.jsonl')} (at step {step}"
+                            + (f"; {kept[-1]} is kept)" if kept else ")")
+                        ) from None
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
 
                 if strategy.any(stop.requested):
                     path = save(run, step)
-                    raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path or run.checkpoints}. "
-                                              f"Resume with: lorakit train --resume {run.run_dir}")
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; checkpoint saved to {path or run.checkpoints}. "
+                        f"Resume with: lorakit train --resume {run.run_dir}"
+                    )
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.total_steps:
                     save(run, step)
     finally:
@@ -334,57 +388,6 @@ def train_steps(run: Run) -> None:
         if metrics_log is not None:
             metrics_log.close()
     save(run, run.total_steps)
-
-
-def loss_items(batch: dict[str, torch.Tensor], task: str) -> int:
-    """What a micro-batch's loss is a mean over: its label tokens (a causal LM predicts token t + 1
-    at position t, so the first label never counts), or its examples (classify, regress)."""
-    if task in SEQUENCE_TASKS:
-        return int(batch["labels"].shape[0])
-    return int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
-
-
-def accumulate_gradients(run: Run, step: int) -> tuple[float, int, float | None]:
-    """Forward and backward over the step's micro-batches (this process's share of each).
-
-    The step's loss is the mean over all its label tokens (a sequence task's: over its examples),
-    however they are split into micro-batches and processes: as one batch of them all would give it.
-    Each micro-batch's own mean is weighted by its share of the step's tokens (times the process
-    count, which the gradient average over processes undoes).
-
-    Returns (that loss, tokens in the global batch, the method's extra loss or None). A non-finite
-    loss in any process stops every process."""
-    cfg, strategy = run.cfg, run.strategy
-    batches = [run.micro_batch(step, micro) for micro in range(cfg.grad_accum)]
-    counts = [loss_items(batch, cfg.task) for batch in batches]
-    step_items = strategy.sum([float(sum(counts))])[0]
-    loss_sum, tokens = 0.0, 0
-    extra_value = None
-    for micro, (batch, count) in enumerate(zip(batches, counts)):
-        last = micro == cfg.grad_accum - 1
-        with strategy.no_sync(run.forward, last):
-            with evaluate.autocast(run.device, run.bf16):
-                loss = run.forward(**batch).loss
-            total = loss * (count * strategy.world_size / step_items)
-            if last and run.hooks:
-                # a method's own loss term (AdaLoRA's regulariser) counts once per optimizer step with
-                # weight 1, whatever --grad-accum is, and is logged apart from the task loss; it is the
-                # same on every process (the weights are), so DDP's average leaves it as it is
-                extra = run.hooks.extra_loss(run.model)
-                if isinstance(extra, torch.Tensor):
-                    extra_value = extra.item()
-                    total = total + extra
-            total.backward()
-        loss_sum += loss.item() * count
-        tokens += int(batch["attention_mask"].sum())
-    loss_sum, tokens_all = strategy.sum([loss_sum, float(tokens)])
-    step_loss = loss_sum / step_items
-    if not math.isfinite(step_loss):
-        raise TrainingDiverged(f"loss became {step_loss} at step {step}; stopped. " + _last_good(run.checkpoints)
-                               + " Try a lower --lr or --grad-clip.")
-    if extra_value is not None and not math.isfinite(extra_value):
-        raise TrainingDiverged(f"the method's extra loss became {extra_value} at step {step}; stopped. " + _last_good(run.checkpoints))
-    return step_loss, int(tokens_all), extra_value
 
 
 def save(run: Run, step: int) -> Path | None:
@@ -397,8 +400,17 @@ def save(run: Run, step: int) -> Path | None:
         if not run.strategy.is_main:
             return None
         keep = {**run.state, "before": run.before, "step": step, "loss": run.loss_value}
-        return ckpt.save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.scheduler, run.hooks, keep,
-                                    run.cfg.keep_checkpoints, rng=ckpt.merge_rank_rng_states(rng))
+        return ckpt.save_checkpoint(
+            run.checkpoints,
+            step,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.hooks,
+            keep,
+            run.cfg.keep_checkpoints,
+            rng=ckpt.merge_rank_rng_states(rng),
+        )
 
 
 def finish(run: Run) -> RunResult:
@@ -408,8 +420,16 @@ def finish(run: Run) -> RunResult:
     if strategy.is_main or strategy.sharded:  # a sharded forward needs every process
         run.echo(f"measuring {describe_eval(run.datasets)} after training ...")
         t0 = time.perf_counter()
-        after = measure(run.datasets, run.model, run.tokenizer, run.datasets.eval, run.device, run.bf16, run.eval_batch,
-                        run.cfg.progress and run.strategy.is_main)
+        after = measure(
+            run.datasets,
+            run.model,
+            run.tokenizer,
+            run.datasets.eval,
+            run.device,
+            run.bf16,
+            run.eval_batch,
+            run.cfg.progress and run.strategy.is_main,
+        )
         run.echo(f"after: {format_metrics(after)} ({time.perf_counter() - t0:.0f} s)")
     with strategy.gathered(run.model):  # sharded base weights the adapter file holds (Delta-LoRA's)
         if strategy.is_main:
@@ -443,24 +463,3 @@ def finish(run: Run) -> RunResult:
 
 
 # --- what the recipe calls -----------------------------------------------------------------------
-
-
-def forward_module(run: Run) -> nn.Module:
-    """The module a step calls: the model (with the chunked loss where it applies), compiled with
-    --compile, then wrapped by the strategy (DDP)."""
-    module = run.model
-    # not under FSDP: the chunked loss reads the output head's weight outside the model's forward,
-    # where FSDP holds only this process's rows of it
-    if (run.cfg.chunked_loss and not run.strategy.sharded and run.cfg.task not in SEQUENCE_TASKS
-            and losses.plain_head(module) is not None):
-        module = losses.ChunkedLossModel(module)
-    module = torch.compile(module) if run.cfg.compile else module
-    return run.strategy.wrap(module)
-
-
-def _last_good(checkpoints: Path) -> str:
-    """Names the newest checkpoint whose adapter tensors are all finite (checked, not assumed)."""
-    for found in reversed(ckpt.list_checkpoints(checkpoints)):
-        if ckpt.is_finite(found):
-            return f"The last good checkpoint is {found}."
-    return "No good checkpoint was written yet."

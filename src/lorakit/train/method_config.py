@@ -76,13 +76,17 @@ def method_config(cfg: TrainConfig, model: nn.Module):
             continue
         name = cls.flag_fields.get(flag, flag)
         if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}"
-                               f"{did_you_mean(flag, fields)}")
+            raise LorakitError(
+                f"method {cfg.method!r} has no {flag!r} setting; its settings: {', '.join(fields)}"
+                f"{did_you_mean(flag, fields)}"
+            )
         kwargs[name] = value
     for name, value in cfg.method_args.items():
         if name not in fields:
-            raise LorakitError(f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}"
-                               f"{did_you_mean(name, fields)}")
+            raise LorakitError(
+                f"method {cfg.method!r} has no setting {name!r}; its settings: {', '.join(fields)}"
+                f"{did_you_mean(name, fields)}"
+            )
         kwargs[name] = value
     try:
         return cls(**kwargs)

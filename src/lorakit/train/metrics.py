@@ -43,9 +43,22 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 __all__ = [
-    "BUILTIN_ANSWER_PATTERNS", "CLASSIFY_METRICS", "REGRESS_METRICS", "AnswerPattern", "accuracy",
-    "answers_match", "classification_metrics", "compile_answer_pattern", "extract_answer", "f1", "matthews",
-    "normalize_answer", "pearson", "regression_metrics", "spearman", "whole_completion_match",
+    "BUILTIN_ANSWER_PATTERNS",
+    "CLASSIFY_METRICS",
+    "REGRESS_METRICS",
+    "AnswerPattern",
+    "accuracy",
+    "answers_match",
+    "classification_metrics",
+    "compile_answer_pattern",
+    "extract_answer",
+    "f1",
+    "matthews",
+    "normalize_answer",
+    "pearson",
+    "regression_metrics",
+    "spearman",
+    "whole_completion_match",
 ]
 
 CLASSIFY_METRICS = ("accuracy", "f1", "mcc")
@@ -202,9 +215,13 @@ def compile_answer_pattern(spec: str) -> AnswerPattern:
     try:
         regex = re.compile(spec)
     except re.error as e:
-        raise ValueError(f"answer pattern {spec!r} is not a valid regular expression ({e.msg} at position {e.pos}): {hint}") from None
+        raise ValueError(
+            f"answer pattern {spec!r} is not a valid regular expression ({e.msg} at position {e.pos}): {hint}"
+        ) from None
     if regex.groups > 1:
-        raise ValueError(f"answer pattern {spec!r} has {regex.groups} capturing groups: {hint} (write others as (?:...))")
+        raise ValueError(
+            f"answer pattern {spec!r} has {regex.groups} capturing groups: {hint} (write others as (?:...))"
+        )
     return AnswerPattern(regex, False, spec)
 
 

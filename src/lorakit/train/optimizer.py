@@ -18,8 +18,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule))
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.schedule)
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -34,7 +38,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def rebuild_optimizer(old: torch.optim.Optimizer, old_scheduler: Any, new: torch.optim.Optimizer, make_scheduler) -> tuple:
+def rebuild_optimizer(
+    old: torch.optim.Optimizer, old_scheduler: Any, new: torch.optim.Optimizer, make_scheduler
+) -> tuple:
     """(`new`, its scheduler) continuing `old`: the schedule's position and current learning rates,
     and the optimizer state of every parameter both share (only rebuilt adapters start afresh)."""
     scheduler = make_scheduler(new)

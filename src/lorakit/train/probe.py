@@ -22,22 +22,42 @@ from .distributed import SingleProcess
 from .run_data import Datasets
 
 
-def run_probe(cfg: TrainConfig, model: nn.Module, hooks: Hooks, datasets: Datasets, pad_id: int, device: torch.device,
-              bf16: bool, strategy: SingleProcess) -> None:
+def run_probe(
+    cfg: TrainConfig,
+    model: nn.Module,
+    hooks: Hooks,
+    datasets: Datasets,
+    pad_id: int,
+    device: torch.device,
+    bf16: bool,
+    strategy: SingleProcess,
+) -> None:
     """Hooks that probe the model before training (LoRA-drop) decide on the main process; the
     others take its decision (the adapter layout; the tensors follow when DDP wraps the model)."""
     per_epoch = max(1, len(datasets.train) // cfg.batch_size)
-    probe = [data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id) for i in range(min(4, per_epoch))]
+    probe = [
+        data_mod.collate(data_mod.micro_batch(datasets.train, i, cfg.batch_size, cfg.seed), pad_id)
+        for i in range(min(4, per_epoch))
+    ]
 
     def sample(fraction: float) -> list[dict[str, torch.Tensor]]:
         chosen = data_mod.evenly_spaced(datasets.train, fraction)
-        return [evaluate.to_device(data_mod.collate(chosen[i:i + cfg.batch_size], pad_id), device)
-                for i in range(0, len(chosen), cfg.batch_size)]
+        return [
+            evaluate.to_device(data_mod.collate(chosen[i : i + cfg.batch_size], pad_id), device)
+            for i in range(0, len(chosen), cfg.batch_size)
+        ]
 
     if strategy.is_main:
         try:
-            hooks.before_training(model, Probe([evaluate.to_device(batch, device) for batch in probe],
-                                               functools.partial(task_loss, device=device, bf16=bf16), cfg.lr, sample))
+            hooks.before_training(
+                model,
+                Probe(
+                    [evaluate.to_device(batch, device) for batch in probe],
+                    functools.partial(task_loss, device=device, bf16=bf16),
+                    cfg.lr,
+                    sample,
+                ),
+            )
         except ValueError as err:  # e.g. LoRA-drop's stage 1 measured nothing
             error = f"{cfg.method} before training: {err}"
         else:

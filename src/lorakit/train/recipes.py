@@ -40,4 +40,8 @@ def learning_rate(method: str) -> float:
 def describe(method: str) -> str:
     """`2e-3 (LoRA's)` or `6e-3 (3x LoRA's: SST-2 sweep ...)`, for --print-config and reports."""
     multiplier, source = LR_MULTIPLIER.get(method, (1.0, ""))
-    return f"{learning_rate(method):g} (LoRA's)" if multiplier == 1.0 else f"{learning_rate(method):g} ({multiplier:g}x LoRA's: {source})"
+    return (
+        f"{learning_rate(method):g} (LoRA's)"
+        if multiplier == 1.0
+        else f"{learning_rate(method):g} ({multiplier:g}x LoRA's: {source})"
+    )

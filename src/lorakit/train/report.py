@@ -20,7 +20,10 @@ PERCENT_METRICS = ("exact_match", "accuracy", "f1")
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """`exact_match 93.0%, eval_loss 0.0312`: percentages for accuracies."""
-    return ", ".join(f"{k} {100 * v:.1f}%" if k in PERCENT_METRICS else f"{k} {v:.4f}" for k, v in metrics.items()) or "no held-out data"
+    return (
+        ", ".join(f"{k} {100 * v:.1f}%" if k in PERCENT_METRICS else f"{k} {v:.4f}" for k, v in metrics.items())
+        or "no held-out data"
+    )
 
 
 @dataclass
@@ -52,13 +55,25 @@ class RunResult:
         fmt = (lambda v: f"{100 * v:.1f}%") if self.metric in PERCENT_METRICS else (lambda v: f"{v:.4f}")
         rows = [
             ("method", self.method),
-            ("trainable params", f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
+            (
+                "trainable params",
+                f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)",
+            ),
             ("adapter size on disk", f"{self.adapter_bytes / 2**20:.2f} MiB"),
             ("peak memory", f"{self.peak_memory_mb:,.0f} MiB"),
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
             ("steps", f"{self.steps} ({self.train_seconds:.0f} s of training), peak learning rate {self.lr:g}"),
-            *([("step / limit", f"{self.step_vs_limit:.3f} (the frozen base's forward + backward: {self.limit_step_seconds:.3f} s, "
-                                "timed beside the run's steps)")] if self.step_vs_limit is not None else []),
+            *(
+                [
+                    (
+                        "step / limit",
+                        f"{self.step_vs_limit:.3f} (the frozen base's forward + backward: {self.limit_step_seconds:.3f} s, "
+                        "timed beside the run's steps)",
+                    )
+                ]
+                if self.step_vs_limit is not None
+                else []
+            ),
             ("wall time", f"{self.wall_seconds:.0f} s (load, evaluation before and after, training, saving)"),
             ("final train loss", f"{self.final_loss:.4f}"),
         ]
@@ -90,7 +105,9 @@ def write_report(result: RunResult, datasets: Any, strategy: Any, adapter_config
     report["eval_examples"] = {"scored": len(datasets.eval), "of": datasets.eval_total, "source": datasets.eval_source}
     report["processes"] = strategy.world_size
     report["distributed"] = strategy.kind
-    layout = {name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)}
+    layout = {
+        name: getattr(adapter_config, name) for name in adapter_config.layout_fields if getattr(adapter_config, name)
+    }
     if layout:  # what training decided: AdaLoRA's final ranks, LoRA-drop's plan
         report["adapter_layout"] = layout
     files.atomic_write_text(result.run_dir / "report.json", json.dumps(report, indent=2) + "\n")

@@ -43,9 +43,13 @@ def default_metric(cfg: TrainConfig) -> str:
     return "exact_match" if cfg.data is None or cfg.answer_pattern is not None else "eval_loss"
 
 
-def _records(spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "--split") -> tuple[list[data_mod.Record], str, str]:
+def _records(
+    spec: str, cfg: TrainConfig, split: str | None, split_flag: str = "--split"
+) -> tuple[list[data_mod.Record], str, str]:
     """(records with roles, their layout, how columns were mapped) of one data spec."""
-    records, summary = data_mod.map_columns(data_mod.read_table(spec, split, split_flag, cfg.columns), cfg.columns, cfg.task, spec)
+    records, summary = data_mod.map_columns(
+        data_mod.read_table(spec, split, split_flag, cfg.columns), cfg.columns, cfg.task, spec
+    )
     return records, data_mod.check_records(records, spec), data_mod.describe_mapping(summary)
 
 
@@ -58,7 +62,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None,
     columns = ""
     if cfg.data is None:
         if cfg.task in SEQUENCE_TASKS:
-            raise LorakitError(f"--task {cfg.task} needs --data (text + label columns: .tsv/.csv, .jsonl, .parquet, ...)")
+            raise LorakitError(
+                f"--task {cfg.task} needs --data (text + label columns: .tsv/.csv, .jsonl, .parquet, ...)"
+            )
         train_rec, eval_rec = tasks.generate(cfg.seed)
         train = [data_mod.Record(r, f"{tasks.NAME}[{i}]") for i, r in enumerate(train_rec)]
         held = [data_mod.Record(r, f"{tasks.NAME}[eval {i}]") for i, r in enumerate(eval_rec)]
@@ -82,7 +88,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None,
     eval_total = len(held)
     if len(held) > cfg.max_eval_examples:  # spread over the whole set: a file sorted by label stays balanced
         held = data_mod.evenly_spaced(held, cfg.max_eval_examples / len(held))[: cfg.max_eval_examples]
-    common = dict(task=cfg.task, eval_total=eval_total, eval_source=eval_source, columns=columns, metric=default_metric(cfg))
+    common = dict(
+        task=cfg.task, eval_total=eval_total, eval_source=eval_source, columns=columns, metric=default_metric(cfg)
+    )
     if cfg.task == "classify":
         labels = labels or data_mod.label_names(train)
         if len(labels) < 2:
@@ -95,22 +103,39 @@ def build_datasets(cfg: TrainConfig, tokenizer, labels: list[str] | None = None,
         eval_ex = data_mod.encode_regress(held, fmt, tokenizer, cfg.max_length)
         return Datasets(train_ex, eval_ex, name, **common)
     skipped: list[str] = []
-    train_ex = (data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
-                if encode_train else [])
-    eval_ex = data_mod.encode_causal(held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+    train_ex = (
+        data_mod.encode_causal(train, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped)
+        if encode_train
+        else []
+    )
+    eval_ex = data_mod.encode_causal(
+        held, fmt, tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.prompt_template, skipped
+    )
     if skipped:
         if encode_train and not train_ex:
-            raise LorakitError(f"no example has completion tokens within max_length={cfg.max_length} (e.g. {skipped[0]}): "
-                               "raise --max-length")
-        common["notes"] = [f"left out {len(skipped)} example(s) whose prompt fills max_length={cfg.max_length} "
-                           f"(first: {skipped[0]}); raise --max-length to keep them"]
+            raise LorakitError(
+                f"no example has completion tokens within max_length={cfg.max_length} (e.g. {skipped[0]}): "
+                "raise --max-length"
+            )
+        common["notes"] = [
+            f"left out {len(skipped)} example(s) whose prompt fills max_length={cfg.max_length} "
+            f"(first: {skipped[0]}); raise --max-length to keep them"
+        ]
     if common["metric"] == "exact_match" and eval_ex and any(e.answer is None for e in eval_ex):
         raise LorakitError(f"exact_match compares generated completions: {fmt} data has none (use --metric eval_loss)")
     return Datasets(train_ex, eval_ex, name, answer_pattern=cfg.answer_pattern, **common)
 
 
-def measure(datasets: Datasets, model: nn.Module, tokenizer, examples: list[data_mod.Example], device: torch.device,
-            bf16: bool, batch_size: int, progress: bool = False) -> dict[str, float]:
+def measure(
+    datasets: Datasets,
+    model: nn.Module,
+    tokenizer,
+    examples: list[data_mod.Example],
+    device: torch.device,
+    bf16: bool,
+    batch_size: int,
+    progress: bool = False,
+) -> dict[str, float]:
     """The held-out metrics of the task (empty without held-out data); `progress`: a bar on stderr
     (a terminal only)."""
     if not examples:
@@ -122,12 +147,19 @@ def measure(datasets: Datasets, model: nn.Module, tokenizer, examples: list[data
         return evaluate.regress_scores(model, examples, pad, batch_size, device, bf16, progress)
     result = evaluate.causal_lm_loss(model, examples, pad, batch_size, device, bf16, progress)
     if datasets.metric == "exact_match":
-        result.update(evaluate.exact_match(model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern,
-                                           progress))
+        result.update(
+            evaluate.exact_match(
+                model, tokenizer, examples, batch_size, device, bf16, datasets.answer_pattern, progress
+            )
+        )
     return result
 
 
 def describe_eval(datasets: Datasets) -> str:
     """`accuracy on 200 of 277 held-out examples (dev.tsv)`."""
-    count = f"{len(datasets.eval)} of {datasets.eval_total}" if len(datasets.eval) < datasets.eval_total else f"{len(datasets.eval)}"
+    count = (
+        f"{len(datasets.eval)} of {datasets.eval_total}"
+        if len(datasets.eval) < datasets.eval_total
+        else f"{len(datasets.eval)}"
+    )
     return f"{datasets.metric} on {count} held-out examples ({datasets.eval_source})"

@@ -45,8 +45,10 @@ def check_new_run_dir(cfg: TrainConfig, run_dir: Path | None = None, locked: boo
         if not locked:
             files.DirectoryLock.check(run_dir)
         if holds_files(run_dir) and not cfg.overwrite:
-            raise LorakitError(f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
-                               "with --overwrite, or pick another --name")
+            raise LorakitError(
+                f"{run_dir} already holds files: resume the run with --resume {run_dir}, replace it "
+                "with --overwrite, or pick another --name"
+            )
     return run_dir
 
 
@@ -137,7 +139,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     files.atomic_write_text(
         run_dir / "config.yaml",
         f"# The resolved config of this run. Run it again with: lorakit train --config {run_dir / 'config.yaml'} --name <new>\n"
-        f"# or continue it with: lorakit train --resume {run_dir}\n" + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None))
+        f"# or continue it with: lorakit train --resume {run_dir}\n"
+        + to_yaml(dataclasses.replace(with_resolved_paths(cfg), resume=None)),
     )
 
 
@@ -154,8 +157,11 @@ def open_metrics_log(path: Path, start_step: int):
     """The JSONL metrics log, opened for appending; on resume, lines for steps after the
     checkpoint (logged by the interrupted run, about to be trained again) are dropped."""
     if start_step and path.is_file():
-        kept = [line for line in path.read_text(errors="replace").splitlines(keepends=True)
-                if (record := _metrics_record(line)) is not None and record.get("step", 0) <= start_step]
+        kept = [
+            line
+            for line in path.read_text(errors="replace").splitlines(keepends=True)
+            if (record := _metrics_record(line)) is not None and record.get("step", 0) <= start_step
+        ]
         files.atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
     elif path.is_file():
         path.unlink()

@@ -57,7 +57,9 @@ def test_wrong_type_names_line(tmp_path):
 
 def test_unknown_and_mixed_formats(tmp_path):
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"query": "q", "reply": "a"}])
-    with pytest.raises(LorakitError, match=r"u\.jsonl:1: no known layout in the columns \['query', 'reply'\].*--columns"):
+    with pytest.raises(
+        LorakitError, match=r"u\.jsonl:1: no known layout in the columns \['query', 'reply'\].*--columns"
+    ):
         read(unknown)
     mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}, {"prompt": "p", "completion": "c"}])
     with pytest.raises(LorakitError, match=r"m\.jsonl:2: mixed layouts .* is text, this one is prompt-completion"):
@@ -104,7 +106,9 @@ def test_chat_loss_only_on_assistant_turns(tokenizer):
 
 
 def test_alpaca_uses_chat_template(tokenizer):
-    prompt, completion = data.to_prompt_completion({"instruction": "Do it", "input": "x", "output": "done"}, "alpaca", tokenizer)
+    prompt, completion = data.to_prompt_completion(
+        {"instruction": "Do it", "input": "x", "output": "done"}, "alpaca", tokenizer
+    )
     assert prompt == "<|im_start|>user\nDo it\n\nx<|im_end|>\n<|im_start|>assistant\n" and completion == "done"
 
 

@@ -50,10 +50,21 @@ def sentence(i: int, n: int = 3) -> str:
 
 
 def test_rte_pairs_with_string_labels_use_the_pair_encoding(tmp_path, bert_tokenizer):
-    rows = [{"idx": i, "sentence1": sentence(i), "sentence2": sentence(i + 1), "label": "entailment" if i % 2 else "not_entailment"}
-            for i in range(6)]
+    rows = [
+        {
+            "idx": i,
+            "sentence1": sentence(i),
+            "sentence2": sentence(i + 1),
+            "label": "entailment" if i % 2 else "not_entailment",
+        }
+        for i in range(6)
+    ]
     found, fmt = records(write_jsonl(tmp_path / "rte.jsonl", rows), "classify")
-    assert fmt == "label" and found[0].data == {"text": rows[0]["sentence1"], "text_pair": rows[0]["sentence2"], "label": "not_entailment"}
+    assert fmt == "label" and found[0].data == {
+        "text": rows[0]["sentence1"],
+        "text_pair": rows[0]["sentence2"],
+        "label": "not_entailment",
+    }
     labels = data.label_names(found)
     assert labels == ["entailment", "not_entailment"]
     examples = data.encode_classify(found, fmt, bert_tokenizer, 64, labels)
@@ -73,14 +84,19 @@ def test_other_glue_pair_layouts_are_recognised(tmp_path, columns):
 
 
 def test_mrpc_original_tsv_with_bom_and_bare_quotes(tmp_path):
-    text = ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-            '1\t702876\t702977\tAmrozi accused his brother , whom he called " the witness "\tReferring to him as only " the witness "\n'
-            "0\t2108705\t2108831\tYucaipa owned Dominick 's\tYucaipa bought Dominick 's in 1995\n")
+    text = (
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t702876\t702977\tAmrozi accused his brother , whom he called " the witness "\tReferring to him as only " the witness "\n'
+        "0\t2108705\t2108831\tYucaipa owned Dominick 's\tYucaipa bought Dominick 's in 1995\n"
+    )
     (tmp_path / "msr_paraphrase_train.txt.tsv").write_text(text, encoding="utf-8")
     found, fmt = records(tmp_path / "msr_paraphrase_train.txt.tsv", "classify")
     assert fmt == "label" and len(found) == 2
-    assert found[0].data == {"text": 'Amrozi accused his brother , whom he called " the witness "',
-                             "text_pair": 'Referring to him as only " the witness "', "label": "1"}
+    assert found[0].data == {
+        "text": 'Amrozi accused his brother , whom he called " the witness "',
+        "text_pair": 'Referring to him as only " the witness "',
+        "label": "1",
+    }
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv"])
@@ -121,7 +137,9 @@ def test_parquet_and_arrow_files(tmp_path):
     table = datasets.Dataset.from_list(rows)
     table.to_parquet(str(tmp_path / "train.parquet"))
     found, fmt = records(tmp_path / "train.parquet")
-    assert fmt == "prompt-completion" and [r.data for r in found] == [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    assert fmt == "prompt-completion" and [r.data for r in found] == [
+        {"prompt": r["prompt"], "completion": r["completion"]} for r in rows
+    ]
     assert str(found[3].source).endswith("train.parquet: row 3")
 
 
@@ -129,7 +147,9 @@ def test_save_to_disk_directories_and_their_splits(tmp_path, bert):
     datasets = pytest.importorskip("datasets")
     train_rows = [{"sentence": sentence(i), "label": i % 2, "idx": i} for i in range(24)]
     dev_rows = [{"sentence": sentence(i + 50), "label": (i + 1) % 2, "idx": i} for i in range(5)]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(train_rows), "validation": datasets.Dataset.from_list(dev_rows)})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(train_rows), "validation": datasets.Dataset.from_list(dev_rows)}
+    )
     dd.save_to_disk(str(tmp_path / "sst2"))
     datasets.Dataset.from_list(dev_rows).save_to_disk(str(tmp_path / "single"))
 
@@ -171,10 +191,15 @@ def test_several_files_by_list_or_glob_and_errors_name_the_right_file(tmp_path):
 
 
 def test_gsm8k_and_dolly_columns_need_no_mapping(tmp_path):
-    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Natalia sold 48 clips. How many?", "answer": "48/2 = 24\n#### 72"}])
+    gsm = write_jsonl(
+        tmp_path / "gsm8k.jsonl", [{"question": "Natalia sold 48 clips. How many?", "answer": "48/2 = 24\n#### 72"}]
+    )
     found, fmt = records(gsm)
     assert fmt == "prompt-completion" and found[0].data["completion"].endswith("#### 72")
-    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Summarise", "context": "A text.", "response": "Short.", "category": "summarization"}])
+    dolly = write_jsonl(
+        tmp_path / "dolly.jsonl",
+        [{"instruction": "Summarise", "context": "A text.", "response": "Short.", "category": "summarization"}],
+    )
     found, fmt = records(dolly)
     assert fmt == "alpaca" and found[0].data == {"instruction": "Summarise", "input": "A text.", "output": "Short."}
 
@@ -183,9 +208,14 @@ def test_columns_map_any_names_and_wrong_mappings_are_named(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"query": "2+2?", "reply": "4", "source": "web"}])
     found, fmt = records(path, columns={"prompt": "query", "completion": "reply"})
     assert fmt == "prompt-completion" and found[0].data == {"prompt": "2+2?", "completion": "4"}
-    mapped, summary = data.map_columns(data.read_table(path), {"prompt": "query", "completion": "reply"}, "causal-lm", path)
+    mapped, summary = data.map_columns(
+        data.read_table(path), {"prompt": "query", "completion": "reply"}, "causal-lm", path
+    )
     assert data.describe_mapping(summary) == "prompt=query, completion=reply (ignored: source)"
-    with pytest.raises(LorakitError, match=r"--columns names \['answer'\], which the data does not have; its columns: query, reply, source"):
+    with pytest.raises(
+        LorakitError,
+        match=r"--columns names \['answer'\], which the data does not have; its columns: query, reply, source",
+    ):
         records(path, columns={"prompt": "query", "completion": "answer"})
     with pytest.raises(LorakitError, match=r"--columns: 'question' is not one of lorakit's columns"):
         records(path, columns={"question": "query"})
@@ -208,9 +238,11 @@ def test_columns_from_yaml_and_flags(tmp_path):
 
 
 def test_stsb_regression_targets(tmp_path, bert_tokenizer):
-    (tmp_path / "stsb.tsv").write_text("index\tgenre\tsentence1\tsentence2\tscore\n"
-                                       "0\tmain\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
-                                       "1\tmain\tA man is playing a flute.\tA man is eating.\t0.5\n")
+    (tmp_path / "stsb.tsv").write_text(
+        "index\tgenre\tsentence1\tsentence2\tscore\n"
+        "0\tmain\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
+        "1\tmain\tA man is playing a flute.\tA man is eating.\t0.5\n"
+    )
     found, fmt = records(tmp_path / "stsb.tsv", "regress")
     examples = data.encode_regress(found, fmt, bert_tokenizer, 64)
     assert [e.label for e in examples] == [5.0, 0.5] and examples[0].token_type_ids is not None
@@ -225,9 +257,13 @@ def test_stsb_regression_targets(tmp_path, bert_tokenizer):
 
 
 def test_many_classes_and_integer_or_boolean_labels(tmp_path):
-    found, _ = records(write_jsonl(tmp_path / "c.jsonl", [{"text": sentence(i), "label": i % 7} for i in range(14)]), "classify")
+    found, _ = records(
+        write_jsonl(tmp_path / "c.jsonl", [{"text": sentence(i), "label": i % 7} for i in range(14)]), "classify"
+    )
     assert data.label_names(found) == [str(i) for i in range(7)]
-    found, _ = records(write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": True}, {"text": "y", "label": False}]), "classify")
+    found, _ = records(
+        write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": True}, {"text": "y", "label": False}]), "classify"
+    )
     assert data.label_names(found) == ["false", "true"]
 
 
@@ -246,21 +282,36 @@ def test_empty_and_multiline_labels_name_their_line(tmp_path):
 # --- bad files: one line naming the place ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"),
-    ("latin1.csv", b"text,label\nok,1\ncaf\xe9,0\n", r"latin1\.csv:3: not UTF-8 text"),
-    ("utf16.jsonl", '{"text": "ok"}\n'.encode("utf-16"), r"utf16\.jsonl: the file is UTF-16/32 encoded; lorakit reads UTF-8"),
-    ("unterminated.csv", b'text,label\ngood,1\n"bad,0\nworse,0\n', r"unterminated\.csv:3: a quote opened on this line is never closed"),
-    ("ragged.csv", b"text,label\ngood,1\nbad,0,extra\n", r"ragged\.csv:3: expected 2 columns, found 3"),
-    ("broken.jsonl", b'{"text": "a"}\n\n{"text": }\n', r"broken\.jsonl:3: invalid JSON"),
-    ("array.jsonl", b'{"text": "a"}\n[1, 2]\n', r"array\.jsonl:2: expected a JSON object, got list"),
-    ("deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}\n", r"deep\.jsonl"),
-    ("list.json", b'[{"text": "a"}, 3]', r"list\.json: item 1: expected a JSON object, got int"),
-    ("empty.csv", b"", r"empty\.csv: no examples"),
-    ("blank.jsonl", b"\n  \n", r"blank\.jsonl: no examples"),
-    ("bad.parquet", b"PAR1 not really", r"bad\.parquet: not a readable Parquet file"),
-    ("notes.txt", b"hello", r"notes\.txt: unknown data file type '\.txt'"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "latin1.jsonl",
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)",
+        ),
+        ("latin1.csv", b"text,label\nok,1\ncaf\xe9,0\n", r"latin1\.csv:3: not UTF-8 text"),
+        (
+            "utf16.jsonl",
+            '{"text": "ok"}\n'.encode("utf-16"),
+            r"utf16\.jsonl: the file is UTF-16/32 encoded; lorakit reads UTF-8",
+        ),
+        (
+            "unterminated.csv",
+            b'text,label\ngood,1\n"bad,0\nworse,0\n',
+            r"unterminated\.csv:3: a quote opened on this line is never closed",
+        ),
+        ("ragged.csv", b"text,label\ngood,1\nbad,0,extra\n", r"ragged\.csv:3: expected 2 columns, found 3"),
+        ("broken.jsonl", b'{"text": "a"}\n\n{"text": }\n', r"broken\.jsonl:3: invalid JSON"),
+        ("array.jsonl", b'{"text": "a"}\n[1, 2]\n', r"array\.jsonl:2: expected a JSON object, got list"),
+        ("deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}\n", r"deep\.jsonl"),
+        ("list.json", b'[{"text": "a"}, 3]', r"list\.json: item 1: expected a JSON object, got int"),
+        ("empty.csv", b"", r"empty\.csv: no examples"),
+        ("blank.jsonl", b"\n  \n", r"blank\.jsonl: no examples"),
+        ("bad.parquet", b"PAR1 not really", r"bad\.parquet: not a readable Parquet file"),
+        ("notes.txt", b"hello", r"notes\.txt: unknown data file type '\.txt'"),
+    ],
+)
 def test_unreadable_files_are_one_line_naming_the_place(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(LorakitError, match=message) as caught:
@@ -285,13 +336,22 @@ def test_prompt_templates(tmp_path, bpe_tokenizer):
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "4\n#### 4", "level": "easy"}])
     found, fmt = records(path)
     assert data.to_prompt_completion(found[0], fmt, bpe_tokenizer) == ("2+2?", "4\n#### 4")  # as given
-    assert data.to_prompt_completion(found[0], fmt, bpe_tokenizer, "Q ({level}): {question}\\nA: ")[0] == "Q (easy): 2+2?\nA: "
+    assert (
+        data.to_prompt_completion(found[0], fmt, bpe_tokenizer, "Q ({level}): {question}\\nA: ")[0]
+        == "Q (easy): 2+2?\nA: "
+    )
     assert data.to_prompt_completion(found[0], fmt, bpe_tokenizer, "{prompt} =")[0] == "2+2? ="
     chat = data.to_prompt_completion(found[0], fmt, bpe_tokenizer, "chat")[0]
     assert chat == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
-    with pytest.raises(LorakitError, match=r"gsm\.jsonl:1: the prompt template uses \{topic\}, but this record has no such column"):
+    with pytest.raises(
+        LorakitError, match=r"gsm\.jsonl:1: the prompt template uses \{topic\}, but this record has no such column"
+    ):
         data.to_prompt_completion(found[0], fmt, bpe_tokenizer, "{topic}: {question}")
-    for bad, message in [("no fields", "uses no column"), ("{question", "Single '{'|expected '}'"), ("{a.b}", "not a plain column name")]:
+    for bad, message in [
+        ("no fields", "uses no column"),
+        ("{question", "Single '{'|expected '}'"),
+        ("{a.b}", "not a plain column name"),
+    ]:
         with pytest.raises(LorakitError, match=message):
             data.check_prompt_template(bad)
 
@@ -310,10 +370,24 @@ def test_answer_extraction_scores_the_final_answer(monkeypatch, bpe_tokenizer):
 
 
 def test_pairs_train_and_report_the_task_metrics(tmp_path, bert):
-    rows = [{"sentence1": sentence(i), "sentence2": sentence(i + i % 2), "label": "same" if i % 2 == 0 else "different"} for i in range(40)]
+    rows = [
+        {"sentence1": sentence(i), "sentence2": sentence(i + i % 2), "label": "same" if i % 2 == 0 else "different"}
+        for i in range(40)
+    ]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = TrainConfig(model=bert, task="classify", data=str(tmp_path / "pairs.jsonl"), out_dir=str(tmp_path), name="pairs",
-                      steps=4, batch_size=4, progress=False, metric="f1", eval_fraction=0.25, max_eval_examples=6)
+    cfg = TrainConfig(
+        model=bert,
+        task="classify",
+        data=str(tmp_path / "pairs.jsonl"),
+        out_dir=str(tmp_path),
+        name="pairs",
+        steps=4,
+        batch_size=4,
+        progress=False,
+        metric="f1",
+        eval_fraction=0.25,
+        max_eval_examples=6,
+    )
     result = train(cfg, echo=quiet)
     assert result.metric == "f1" and {"accuracy", "f1", "mcc", "eval_loss"} <= result.after.keys()
     report = json.loads((result.run_dir / "report.json").read_text())
@@ -324,14 +398,25 @@ def test_pairs_train_and_report_the_task_metrics(tmp_path, bert):
 def test_regression_trains_one_output_with_mse(tmp_path, bert):
     rows = [{"sentence1": sentence(i), "sentence2": sentence(i + 1), "score": str(i % 5 + 0.5)} for i in range(24)]
     write_jsonl(tmp_path / "stsb.jsonl", rows)
-    cfg = TrainConfig(model=bert, task="regress", data=str(tmp_path / "stsb.jsonl"), out_dir=str(tmp_path), name="sts",
-                      steps=3, batch_size=4, progress=False)
+    cfg = TrainConfig(
+        model=bert,
+        task="regress",
+        data=str(tmp_path / "stsb.jsonl"),
+        out_dir=str(tmp_path),
+        name="sts",
+        steps=3,
+        batch_size=4,
+        progress=False,
+    )
     result = train(cfg, echo=quiet)
     assert result.metric == "pearson" and {"pearson", "spearman", "eval_loss"} <= result.after.keys()
     from safetensors.torch import load_file
 
-    head = [v for k, v in load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors")).items()
-            if k.endswith("classifier.weight")]
+    head = [
+        v
+        for k, v in load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors")).items()
+        if k.endswith("classifier.weight")
+    ]
     assert len(head) == 1 and head[0].shape[0] == 1
 
 
@@ -339,21 +424,33 @@ def test_generation_with_answer_pattern_trains_and_evaluates(tmp_path):
     model = str(save_tiny_llama(tmp_path / "llama"))
     rows = [{"question": f"{WORDS[i % 8]} plus one?", "answer": f"so {i % 8 + 1}\n#### {i % 8 + 1}"} for i in range(20)]
     write_jsonl(tmp_path / "gsm.jsonl", rows)
-    cfg = TrainConfig(model=model, data=str(tmp_path / "gsm.jsonl"), out_dir=str(tmp_path), name="gsm", steps=2,
-                      batch_size=4, progress=False, answer_pattern="gsm8k", prompt_template="Question: {question}\\nAnswer: ")
+    cfg = TrainConfig(
+        model=model,
+        data=str(tmp_path / "gsm.jsonl"),
+        out_dir=str(tmp_path),
+        name="gsm",
+        steps=2,
+        batch_size=4,
+        progress=False,
+        answer_pattern="gsm8k",
+        prompt_template="Question: {question}\\nAnswer: ",
+    )
     result = train(cfg, echo=quiet)
     assert result.metric == "exact_match" and {"exact_match", "eval_loss", "perplexity"} <= result.after.keys()
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"metric": "pearson"}, "metric 'pearson' does not apply to --task causal-lm"),
-    ({"task": "classify", "metric": "exact_match"}, "does not apply to --task classify"),
-    ({"answer_pattern": "(a)(b)"}, "answer_pattern:.*group"),
-    ({"answer_pattern": "gsm8k", "metric": "eval_loss"}, "answer_pattern scores exact_match"),
-    ({"prompt_template": "nothing"}, "uses no column"),
-    ({"columns": {"sentence": "x"}}, "'sentence' is not one of lorakit's columns"),
-    ({"eval_batch_size": 0}, "eval_batch_size must be positive"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"metric": "pearson"}, "metric 'pearson' does not apply to --task causal-lm"),
+        ({"task": "classify", "metric": "exact_match"}, "does not apply to --task classify"),
+        ({"answer_pattern": "(a)(b)"}, "answer_pattern:.*group"),
+        ({"answer_pattern": "gsm8k", "metric": "eval_loss"}, "answer_pattern scores exact_match"),
+        ({"prompt_template": "nothing"}, "uses no column"),
+        ({"columns": {"sentence": "x"}}, "'sentence' is not one of lorakit's columns"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be positive"),
+    ],
+)
 def test_data_settings_are_checked_before_loading(fields, message):
     with pytest.raises(LorakitError, match=message):
         loop.check_config(TrainConfig(**fields))
@@ -372,10 +469,12 @@ def test_hostile_leftovers(tmp_path):
 
 # --- files without a header row ---------------------------------------------------------------------
 
-COLA = ("gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
-        "gj04\t0\t*\tThey drank the pub.\n"
-        "cj99\t1\t\tThe more you eat, the \"less\" you want.\n"
-        "cj99\t0\t??\tBill floated into the cave the boat.\n")
+COLA = (
+    "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
+    "gj04\t0\t*\tThey drank the pub.\n"
+    'cj99\t1\t\tThe more you eat, the "less" you want.\n'
+    "cj99\t0\t??\tBill floated into the cave the boat.\n"
+)
 
 
 def test_cola_is_read_as_glue_ships_it(tmp_path):
@@ -394,16 +493,40 @@ def test_cola_trains_from_the_command_line(tmp_path, bert, capsys):
 
     (tmp_path / "train.tsv").write_text(COLA * 3)
     (tmp_path / "dev.tsv").write_text(COLA)
-    code = cli.main(["train", "--task", "classify", "--model", bert, "--data", str(tmp_path / "train.tsv"), "--eval-data",
-                     str(tmp_path / "dev.tsv"), "--metric", "mcc", "--steps", "2", "--batch-size", "4", "--out-dir",
-                     str(tmp_path), "--name", "cola", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--task",
+            "classify",
+            "--model",
+            bert,
+            "--data",
+            str(tmp_path / "train.tsv"),
+            "--eval-data",
+            str(tmp_path / "dev.tsv"),
+            "--metric",
+            "mcc",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "cola",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "cola" / "report.json").read_text())["labels"] == ["0", "1"]
 
 
 def test_columns_by_position_read_a_file_without_a_header(tmp_path):
     (tmp_path / "plain.tsv").write_text("7\tpositive\tgood movie\n8\tnegative\tbad movie\n9\t\tugly movie\n")
-    with pytest.raises(LorakitError, match=r"plain\.tsv:1: the file has no header row \(its first row is data: 1='7', 2='positive', 3='good movie'\); .*--columns text=N,label=M") as caught:
+    with pytest.raises(
+        LorakitError,
+        match=r"plain\.tsv:1: the file has no header row \(its first row is data: 1='7', 2='positive', 3='good movie'\); .*--columns text=N,label=M",
+    ) as caught:
         records(tmp_path / "plain.tsv", "classify")
     assert "\n" not in str(caught.value)
     found, fmt = records(tmp_path / "plain.tsv", "classify", columns={"text": "3", "label": "2"})
@@ -413,7 +536,9 @@ def test_columns_by_position_read_a_file_without_a_header(tmp_path):
     cfg = TrainConfig(task="classify", data=str(tmp_path / "plain.tsv"), columns={"text": "3", "label": "2"})
     found, fmt, mapping = run_data._records(cfg.data, cfg, None)  # what train and eval read
     assert len(found) == 3 and mapping == "text=3, label=2 (ignored: 1)"
-    (tmp_path / "plain.csv").write_text("good movie,positive\nbad movie,negative\n")  # nothing looks like data: positions still read it
+    (tmp_path / "plain.csv").write_text(
+        "good movie,positive\nbad movie,negative\n"
+    )  # nothing looks like data: positions still read it
     found, _ = records(tmp_path / "plain.csv", "classify", columns={"text": "1", "label": "2"})
     assert [r.data["label"] for r in found] == ["positive", "negative"]
     with pytest.raises(LorakitError, match=r"--columns: name every column by position .* or every one by name"):
@@ -423,7 +548,9 @@ def test_columns_by_position_read_a_file_without_a_header(tmp_path):
     with pytest.raises(LorakitError, match=r"--columns: positions count from 1"):
         records(tmp_path / "plain.tsv", "classify", columns={"text": "0", "label": "2"})
     write_jsonl(tmp_path / "rows.jsonl", [{"a": "good movie", "b": "1"}])
-    with pytest.raises(LorakitError, match=r"rows\.jsonl: --columns by position is for CSV/TSV files without a header row"):
+    with pytest.raises(
+        LorakitError, match=r"rows\.jsonl: --columns by position is for CSV/TSV files without a header row"
+    ):
         records(tmp_path / "rows.jsonl", "classify", columns={"text": "1", "label": "2"})
 
 
@@ -431,4 +558,7 @@ def test_a_header_with_an_unnamed_column_is_read(tmp_path):
     # pandas' to_csv writes its index as a column without a name
     (tmp_path / "pandas.csv").write_text(",text,label\n0,good movie,1\n1,bad movie,0\n")
     found, fmt = records(tmp_path / "pandas.csv", "classify")
-    assert fmt == "label" and [r.data for r in found] == [{"text": "good movie", "label": "1"}, {"text": "bad movie", "label": "0"}]
+    assert fmt == "label" and [r.data for r in found] == [
+        {"text": "good movie", "label": "1"},
+        {"text": "bad movie", "label": "0"},
+    ]

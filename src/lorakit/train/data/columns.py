@@ -25,11 +25,14 @@ def parse_columns(text: str) -> dict[str, str]:
 def check_column_roles(mapping: dict[str, str]) -> None:
     for role, column in mapping.items():
         if role not in ROLES:
-            raise LorakitError(f"--columns: {role!r} is not one of lorakit's columns ({', '.join(ROLES)})"
-                               f"{did_you_mean(role, ROLES)}")
+            raise LorakitError(
+                f"--columns: {role!r} is not one of lorakit's columns ({', '.join(ROLES)}){did_you_mean(role, ROLES)}"
+            )
         if not isinstance(column, str) or not column:
-            raise LorakitError(f"--columns: the column for {role!r} must be a column name (or a position from 1, "
-                               f"written as a string: '4'), got {column!r}")
+            raise LorakitError(
+                f"--columns: the column for {role!r} must be a column name (or a position from 1, "
+                f"written as a string: '4'), got {column!r}"
+            )
 
 
 def recognise_columns(columns: set[str], task: str, explicit: dict[str, str]) -> dict[str, str]:
@@ -64,7 +67,9 @@ def recognise_columns(columns: set[str], task: str, explicit: dict[str, str]) ->
     return mapping
 
 
-def map_columns(records: list[Record], explicit: dict[str, str], task: str, spec: Any) -> tuple[list[Record], dict[str, Any]]:
+def map_columns(
+    records: list[Record], explicit: dict[str, str], task: str, spec: Any
+) -> tuple[list[Record], dict[str, Any]]:
     """Records whose `data` holds lorakit's roles, and a summary {"mapping", "ignored"}.
     A column named in `explicit` that the data lacks is an error listing the data's columns."""
     check_column_roles(explicit)
@@ -73,11 +78,19 @@ def map_columns(records: list[Record], explicit: dict[str, str], task: str, spec
         present.update(dict.fromkeys(k for k, v in record.data.items() if v is not None))
     missing = [c for c in explicit.values() if c not in present]
     if missing:
-        raise LorakitError(f"{spec}: --columns names {missing}, which the data does not have; its columns: "
-                           f"{', '.join(present)}{did_you_mean(missing[0], present)}")
+        raise LorakitError(
+            f"{spec}: --columns names {missing}, which the data does not have; its columns: "
+            f"{', '.join(present)}{did_you_mean(missing[0], present)}"
+        )
     mapping = recognise_columns(set(present), task, explicit)
-    mapped = [Record({role: record.data.get(column) for role, column in mapping.items() if record.data.get(column) is not None},
-                     record.source, record.data) for record in records]
+    mapped = [
+        Record(
+            {role: record.data.get(column) for role, column in mapping.items() if record.data.get(column) is not None},
+            record.source,
+            record.data,
+        )
+        for record in records
+    ]
     ignored = [c for c in present if c not in mapping.values()]
     return mapped, {"mapping": mapping, "ignored": ignored}
 
@@ -114,14 +127,19 @@ def check_records(records: list[Record], path: Any) -> str:
             columns = sorted(record.columns or record.data)
             empty = sorted(c for c, v in record.columns.items() if v is None)  # a null cell is no value
             if empty:
-                raise LorakitError(f"{record.source}: {', '.join(map(repr, empty))} empty (null) in this row, which leaves "
-                                   f"no known layout in its columns {sorted(c for c in columns if c not in empty)}")
+                raise LorakitError(
+                    f"{record.source}: {', '.join(map(repr, empty))} empty (null) in this row, which leaves "
+                    f"no known layout in its columns {sorted(c for c in columns if c not in empty)}"
+                )
             raise LorakitError(
                 f"{record.source}: no known layout in the columns {columns}; expected one of: "
                 + "; ".join(f"{k} {v}" for k, v in FORMATS.items())
                 + ". Map your columns with --columns ROLE=COLUMN (e.g. --columns prompt=question,completion=answer)"
-                + ("; a file without a header row by position, from 1 (e.g. --columns text=2,label=1)"
-                   if isinstance(record.source, Where) and record.source.origin.kind in ("csv", "tsv") else "")
+                + (
+                    "; a file without a header row by position, from 1 (e.g. --columns text=2,label=1)"
+                    if isinstance(record.source, Where) and record.source.origin.kind in ("csv", "tsv")
+                    else ""
+                )
             )
         if fmt is None:
             fmt, first = this, record.source
@@ -138,8 +156,10 @@ def _check_text(value: str, key: str, where: Any) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise LorakitError(f"{where}: '{key}' holds an invalid character ({value[err.start]!r}, a lone surrogate: "
-                           "an escape such as \\ud800 without its pair)") from None
+        raise LorakitError(
+            f"{where}: '{key}' holds an invalid character ({value[err.start]!r}, a lone surrogate: "
+            "an escape such as \\ud800 without its pair)"
+        ) from None
 
 
 def _check_types(record: Record, fmt: str) -> None:

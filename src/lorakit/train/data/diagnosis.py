@@ -57,8 +57,10 @@ def _diagnose_encoding(path: Path) -> str | None:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
-                return (f"{path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1}); lorakit "
-                        f"reads UTF-8: convert the file, e.g. iconv -f latin1 -t UTF-8")
+                return (
+                    f"{path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1}); lorakit "
+                    f"reads UTF-8: convert the file, e.g. iconv -f latin1 -t UTF-8"
+                )
     return None
 
 
@@ -130,8 +132,10 @@ def _diagnose_csv(path: Path, kind: str, headerless: bool = False) -> str | None
                         return f"{path}:{start}: a quote opened on this line is never closed"
                     if headerless:
                         return f"{path}:{start}: expected {width} columns, as in the first row, found {len(row)}"
-                    return (f"{path}:{start}: expected {width} columns, found {len(row)} (the header names "
-                            f"{short_repr(header)})")
+                    return (
+                        f"{path}:{start}: expected {width} columns, found {len(row)} (the header names "
+                        f"{short_repr(header)})"
+                    )
     except csv.Error:
         return f"{path}:{start}: a quote opened on this line is never closed"
     except UnicodeDecodeError:  # named by _diagnose_encoding

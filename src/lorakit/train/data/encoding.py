@@ -68,7 +68,9 @@ def leading_special_ids(tokenizer) -> list[int]:
     except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
         pass
     plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
-    lead = next((full[:start] for start in range(len(full) - len(plain) + 1) if full[start:start + len(plain)] == plain), [])
+    lead = next(
+        (full[:start] for start in range(len(full) - len(plain) + 1) if full[start : start + len(plain)] == plain), []
+    )
     with contextlib.suppress(TypeError):
         _LEADING[tokenizer] = tuple(lead)
     return lead
@@ -80,10 +82,12 @@ def text_ids(tokenizer, text: str) -> list[int]:
     tokens. A text a chat template rendered with the BOS already in it (`{{ bos_token }}`) does not get
     a second one, and nothing the tokenizer would append (an EOS) closes it: a completion follows."""
     ids, lead = _ids(tokenizer, text, False), leading_special_ids(tokenizer)
-    return ids if ids[:len(lead)] == lead else lead + ids
+    return ids if ids[: len(lead)] == lead else lead + ids
 
 
-def prompt_completion_ids(tokenizer, prompt: str, completion: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def prompt_completion_ids(
+    tokenizer, prompt: str, completion: str, train_on_prompt: bool
+) -> tuple[list[int], list[int]]:
     """`prompt + completion + eos` ids and labels (prompt masked unless `train_on_prompt`)."""
     p = text_ids(tokenizer, prompt)
     c = _ids(tokenizer, completion, False)
@@ -118,8 +122,10 @@ def check_prompt_template(template: str | None) -> None:
     except ValueError as err:
         raise LorakitError(f"prompt_template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
     if not names:
-        raise LorakitError(f"prompt_template {template!r} uses no column: write e.g. 'Question: {{prompt}}\\nAnswer:', "
-                           "or 'chat' for the tokenizer's chat template")
+        raise LorakitError(
+            f"prompt_template {template!r} uses no column: write e.g. 'Question: {{prompt}}\\nAnswer:', "
+            "or 'chat' for the tokenizer's chat template"
+        )
     bad = [n for n in names if not re.fullmatch(r"[^\[\].!:{}]+", n)]
     if bad:
         raise LorakitError(f"prompt_template {template!r}: {{{bad[0]}}} is not a plain column name")
@@ -138,11 +144,15 @@ def apply_prompt_template(template: str | None, record: Record, prompt: str, tok
     try:
         return template.replace("\\n", "\n").format_map(values)
     except KeyError as err:
-        raise LorakitError(f"{record.source}: the prompt template uses {{{err.args[0]}}}, but this record has no such "
-                           f"column; it has: {', '.join(sorted(values))}") from None
+        raise LorakitError(
+            f"{record.source}: the prompt template uses {{{err.args[0]}}}, but this record has no such "
+            f"column; it has: {', '.join(sorted(values))}"
+        ) from None
 
 
-def to_prompt_completion(record: dict[str, Any] | Record, fmt: str, tokenizer, template: str | None = None) -> tuple[str, str] | None:
+def to_prompt_completion(
+    record: dict[str, Any] | Record, fmt: str, tokenizer, template: str | None = None
+) -> tuple[str, str] | None:
     """(prompt text, completion text) for layouts that have one answer, else None."""
     if not isinstance(record, Record):
         record = Record(record, "record", {})
@@ -160,12 +170,21 @@ def to_prompt_completion(record: dict[str, Any] | Record, fmt: str, tokenizer, t
     return None
 
 
-def encode_causal(records: list[Record], fmt: str, tokenizer, max_length: int, train_on_prompt: bool,
-                  template: str | None = None, skipped: list[str] | None = None) -> list[Example]:
+def encode_causal(
+    records: list[Record],
+    fmt: str,
+    tokenizer,
+    max_length: int,
+    train_on_prompt: bool,
+    template: str | None = None,
+    skipped: list[str] | None = None,
+) -> list[Example]:
     """Token ids and labels for a causal LM. An example with no loss token left within `max_length`
     is an error, or, with a `skipped` list, left out and its place appended there."""
     if fmt == "label":
-        raise LorakitError(f"{data_name(records)}: text + label data is for sequence tasks: add --task classify (or --task regress)")
+        raise LorakitError(
+            f"{data_name(records)}: text + label data is for sequence tasks: add --task classify (or --task regress)"
+        )
     if fmt == "chat" and not has_chat_template(tokenizer):
         raise LorakitError("chat data needs a tokenizer with a chat template; this model's tokenizer has none")
     examples = []
@@ -205,8 +224,10 @@ def label_text(record: Record) -> str:
     if not text:
         raise LorakitError(f"{record.source}: empty label")
     if "\n" in text or "\r" in text:
-        raise LorakitError(f"{record.source}: the label spans several lines ({text[:40]!r}...): a quote opened in "
-                           "this row is probably never closed")
+        raise LorakitError(
+            f"{record.source}: the label spans several lines ({text[:40]!r}...): a quote opened in "
+            "this row is probably never closed"
+        )
     return text
 
 
@@ -224,8 +245,10 @@ def label_names(records: list[Record]) -> list[str]:
     if all(re.fullmatch(r"-?\d+", label) for label in labels):
         return sorted(labels, key=Decimal)  # Decimal: no digit limit, unlike int()
     if all(is_number(label) for label in labels):
-        raise LorakitError(f"{data_name(records)}: the labels are real numbers (e.g. "
-                           f"{sorted(labels, key=Decimal)[len(labels) // 2][:40]}): for a numeric target use --task regress")
+        raise LorakitError(
+            f"{data_name(records)}: the labels are real numbers (e.g. "
+            f"{sorted(labels, key=Decimal)[len(labels) // 2][:40]}): for a numeric target use --task regress"
+        )
     return sorted(labels)
 
 
@@ -258,7 +281,9 @@ def regression_target(record: Record) -> float:
     try:
         target = float(value)
     except (ValueError, OverflowError):
-        raise LorakitError(f"{record.source}: the target {str(value)[:40]!r} is not a number (--task regress)") from None
+        raise LorakitError(
+            f"{record.source}: the target {str(value)[:40]!r} is not a number (--task regress)"
+        ) from None
     if not math.isfinite(target):
         raise LorakitError(f"{record.source}: the target {value!r} is not a finite number")
     return target
@@ -267,7 +292,9 @@ def regression_target(record: Record) -> float:
 def encode_regress(records: list[Record], fmt: str, tokenizer, max_length: int) -> list[Example]:
     """Token ids and float targets (--task regress)."""
     if fmt != "label":
-        raise LorakitError(f"{data_name(records)}: --task regress needs text + a numeric label or score column, got {fmt} {FORMATS[fmt]}")
+        raise LorakitError(
+            f"{data_name(records)}: --task regress needs text + a numeric label or score column, got {fmt} {FORMATS[fmt]}"
+        )
     examples = []
     for record in records:
         ids, types = _sequence_ids(tokenizer, record, max_length)

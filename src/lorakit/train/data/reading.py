@@ -48,8 +48,9 @@ def data_files(spec: str | Path) -> list[Path]:
     return found
 
 
-def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--split",
-               columns: dict[str, str] | None = None) -> list[Record]:
+def read_table(
+    spec: str | Path, split: str | None = None, split_flag: str = "--split", columns: dict[str, str] | None = None
+) -> list[Record]:
     """Every row of the data `spec` names, as records whose `data` is the row as stored (roles
     are assigned later by `map_columns`). Raises a one-line error naming the file. `columns` (the
     `--columns` mapping) naming columns by position reads CSV/TSV files as having no header row."""
@@ -63,25 +64,30 @@ def read_table(spec: str | Path, split: str | None = None, split_flag: str = "--
     return records
 
 
-def read_records(spec: str | Path, columns: dict[str, str] | None = None, task: str = "causal-lm",
-                 split: str | None = None) -> list[Record]:
+def read_records(
+    spec: str | Path, columns: dict[str, str] | None = None, task: str = "causal-lm", split: str | None = None
+) -> list[Record]:
     """The records of `spec` with lorakit's roles assigned (`map_columns`)."""
     records, _ = map_columns(read_table(spec, split, columns=columns), columns or {}, task, spec)
     return records
 
 
-def _read_source(path: Path, split: str | None, split_flag: str = "--split",
-                 positions: list[int] | None = None) -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
+def _read_source(
+    path: Path, split: str | None, split_flag: str = "--split", positions: list[int] | None = None
+) -> Iterator[tuple[Origin, list[dict[str, Any]]]]:
     kind = "saved" if path.is_dir() else SUFFIXES.get(path.suffix.lower())
     if positions and kind not in ("csv", "tsv"):
-        raise LorakitError(f"{path}: --columns by position is for CSV/TSV files without a header row; name this file's "
-                           "columns by name")
+        raise LorakitError(
+            f"{path}: --columns by position is for CSV/TSV files without a header row; name this file's columns by name"
+        )
     if path.is_dir():
         yield _read_saved(path, split, split_flag)
         return
     if kind is None:
-        raise LorakitError(f"{path}: unknown data file type {path.suffix!r} (use {', '.join(SUFFIXES)}, or a directory "
-                           "written by datasets' save_to_disk)")
+        raise LorakitError(
+            f"{path}: unknown data file type {path.suffix!r} (use {', '.join(SUFFIXES)}, or a directory "
+            "written by datasets' save_to_disk)"
+        )
     if split is not None:
         raise LorakitError(f"{split_flag} {split} picks a split of a saved dataset directory; {path} is one file")
     _check_encoding_start(path, kind)
@@ -131,10 +137,13 @@ def _check_encoding_start(path: Path, kind: str) -> None:
         return
     with open(path, "rb") as f:
         head = f.read(4)
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) \
-            and not head.startswith(codecs.BOM_UTF8):
-        raise LorakitError(f"{path}: the file is UTF-16/32 encoded; lorakit reads UTF-8 (convert it, e.g. "
-                           f"iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix})")
+    if head.startswith(
+        (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+    ) and not head.startswith(codecs.BOM_UTF8):
+        raise LorakitError(
+            f"{path}: the file is UTF-16/32 encoded; lorakit reads UTF-8 (convert it, e.g. "
+            f"iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix})"
+        )
 
 
 @contextlib.contextmanager
@@ -166,7 +175,9 @@ def _quiet_datasets() -> Iterator[Any]:
             datasets.enable_progress_bars()
 
 
-def _load_file(path: Path, kind: str, field_name: str | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
+def _load_file(
+    path: Path, kind: str, field_name: str | None = None, names: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The rows of one file through `datasets.load_dataset` (its cache in a temporary directory:
     the rows are kept in memory, and a user's cache should not fill with copies of every file).
     `names`: the column names of a CSV/TSV file without a header row."""
@@ -212,10 +223,13 @@ def _builder(path: Path, kind: str, names: list[str] | None = None) -> tuple[str
             if duplicates:
                 raise LorakitError(f"{path}:1: the header names {duplicates} more than once")
         options: dict[str, Any] = {
-            "features": Features({name: Value("string") for name in names}), "keep_default_na": False,
-            "na_filter": False, "encoding": "utf-8-sig",
+            "features": Features({name: Value("string") for name in names}),
+            "keep_default_na": False,
+            "na_filter": False,
+            "encoding": "utf-8-sig",
             # the names as lorakit reads them (` label ` is `label`): with a header row, header=0 replaces the file's own
-            "column_names": names, "header": None if headerless else 0,
+            "column_names": names,
+            "header": None if headerless else 0,
         }
         if kind == "tsv":
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
@@ -245,8 +259,10 @@ def by_position(columns: dict[str, str]) -> list[int]:
     if not positions:
         return []
     if len(positions) != len(columns):
-        raise LorakitError(f"--columns: name every column by position (text=4,label=2, for a file without a header row) "
-                           f"or every one by name, not both: {columns}")
+        raise LorakitError(
+            f"--columns: name every column by position (text=4,label=2, for a file without a header row) "
+            f"or every one by name, not both: {columns}"
+        )
     if any(int(p) < 1 for p in positions):
         raise LorakitError(f"--columns: positions count from 1 (the first column is 1), got {columns}")
     return [int(p) for p in positions]
@@ -259,15 +275,26 @@ def _headerless_names(path: Path, kind: str, positions: list[int] | None) -> lis
     first = _csv_header(path, kind)
     if positions:
         if max(positions) > len(first):
-            raise LorakitError(f"{path}: --columns names column {max(positions)}, but the file has {len(first)} columns")
+            raise LorakitError(
+                f"{path}: --columns names column {max(positions)}, but the file has {len(first)} columns"
+            )
         return [str(i) for i in range(1, len(first) + 1)]
-    if kind == "tsv" and len(first) == 4 and first[1] in ("0", "1") and first[3] and first[0] and \
-            not any(c.isspace() for c in first[0]) and not any(c.isalnum() for c in first[2]):
+    if (
+        kind == "tsv"
+        and len(first) == 4
+        and first[1] in ("0", "1")
+        and first[3]
+        and first[0]
+        and not any(c.isspace() for c in first[0])
+        and not any(c.isalnum() for c in first[2])
+    ):
         return list(COLA_COLUMNS)
     if any(is_number(cell) for cell in first):
         cells = ", ".join(f"{i}={cell[:30]!r}" for i, cell in enumerate(first, start=1))
-        raise LorakitError(f"{path}:1: the file has no header row (its first row is data: {cells}); name its columns by "
-                           "position, counted from 1, e.g. --columns text=N,label=M")
+        raise LorakitError(
+            f"{path}:1: the file has no header row (its first row is data: {cells}); name its columns by "
+            "position, counted from 1, e.g. --columns text=N,label=M"
+        )
     return None
 
 
@@ -287,8 +314,10 @@ def _read_saved(path: Path, split: str | None, split_flag: str = "--split") -> t
             raise LorakitError(f"{path} is a single saved dataset without splits: drop {split_flag} {split}")
         target = path
     else:
-        raise LorakitError(f"{path} is a directory but not a dataset written by save_to_disk; give its data files "
-                           f"(a glob works: {path}/*.parquet)")
+        raise LorakitError(
+            f"{path} is a directory but not a dataset written by save_to_disk; give its data files "
+            f"(a glob works: {path}/*.parquet)"
+        )
     with _quiet_datasets() as datasets:
         try:
             rows = datasets.load_from_disk(str(target)).to_list()
@@ -309,10 +338,17 @@ def _declared_splits(path: Path) -> list[str]:
     except ValueError:
         raise LorakitError(f"{where} is not valid JSON") from None
     splits = declared.get("splits") if isinstance(declared, dict) else None
-    if not isinstance(splits, list) or not splits or not all(
-            isinstance(s, str) and s.strip() and s not in (".", "..") and "/" not in s and "\\" not in s for s in splits):
-        raise LorakitError(f"{where}: \"splits\" must be a list of split names (the subdirectories, e.g. [\"train\", "
-                           f"\"validation\"]), got {short_repr(splits)}")
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(
+            isinstance(s, str) and s.strip() and s not in (".", "..") and "/" not in s and "\\" not in s for s in splits
+        )
+    ):
+        raise LorakitError(
+            f'{where}: "splits" must be a list of split names (the subdirectories, e.g. ["train", '
+            f'"validation"]), got {short_repr(splits)}'
+        )
     return splits
 
 

@@ -69,7 +69,11 @@ class Origin:
                     self._starts = [n for n, line in enumerate(f, start=1) if line.strip()]
                 else:
                     first = 1 if self.headerless else 2
-                    self._starts = [start for start, row in _csv_rows(f, self.kind) if start >= first and any(c.strip() for c in row)]
+                    self._starts = [
+                        start
+                        for start, row in _csv_rows(f, self.kind)
+                        if start >= first and any(c.strip() for c in row)
+                    ]
         return self._starts
 
 
@@ -99,7 +103,9 @@ class Record:
 
 def _csv_rows(f, kind: str) -> Iterator[tuple[int, list[str]]]:
     """(line where the row starts, cells) of a CSV/TSV file, read as `datasets` reads it."""
-    reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",", quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
+    reader = csv.reader(
+        f, delimiter="\t" if kind == "tsv" else ",", quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
+    )
     start = 1
     with _unlimited_csv_fields():
         for row in reader:
