@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package)
 import lorakit  # noqa: E402
 import lorakit.losses  # noqa: E402
+import lorakit.train.allocator  # noqa: E402
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -616,6 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="METHOD", help="after timing, profile one step of lorakit's, PEFT's and the limit")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/step-<device>-<model>-<time>.json)")
+    p.add_argument("--malloc", choices=["default", "lorakit"], default="default",
+                   help="glibc's malloc as it comes, or as `lorakit train` sets it on the CPU (a 1 MiB mmap threshold, "
+                   "lorakit.train.allocator): run the two in turn to time what the setting costs a step")
     p.add_argument("--before", metavar="REV", help="also time lorakit as it was at git revision REV (same run, "
                    "interleaved): before/after a change")
     args = p.parse_args(argv)
@@ -637,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "lorakit" and not lorakit.train.allocator.return_freed_memory_to_system(args.device):
+        print("--malloc lorakit: not set (not glibc, not the CPU, or set by the environment)", flush=True)
     global clock
     if args.clock == "process" and args.device == "cuda":
         raise SystemExit("--clock process measures CPU time: use it for CPU runs")

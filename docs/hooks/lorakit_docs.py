@@ -49,7 +49,7 @@ API_SECTIONS = {
 }
 # The modules page: what a user reaches through a module rather than the top level
 MODULE_PAGES = ["lorakit.inject", "lorakit.io", "lorakit.hooks", "lorakit.quant", "lorakit.integrations",
-                "lorakit.explain", "lorakit.models", "lorakit.train.config", "lorakit.methods.base", "lorakit.errors"]
+                "lorakit.explain", "lorakit.models", "lorakit.train.config", "lorakit.train.allocator", "lorakit.methods.base", "lorakit.errors"]
 
 
 def on_pre_build(config) -> None:
