@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from lorakit.errors import LorakitError
 from lorakit.train import allocator
 
 
@@ -42,11 +43,30 @@ def test_the_environment_wins(environ):
     assert libc.calls == []
 
 
-def test_other_settings_of_the_variables_do_not_opt_out():
+@pytest.mark.parametrize("choice", ["", "lorakit", " LoRAkit"])
+def test_other_settings_of_the_variables_do_not_opt_out(choice):
     libc = FakeLibc()
-    environ = {"LORAKIT_MALLOC": "", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    environ = {"LORAKIT_MALLOC": choice, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert allocator.return_freed_memory_to_system("cpu", environ=environ, libc=libc) is True
     assert len(libc.calls) == 2
+
+
+@pytest.mark.parametrize("choice", ["off", "defualt", "0"])
+def test_an_unknown_choice_is_an_error_not_a_silent_default(choice):
+    libc = FakeLibc()
+    with pytest.raises(LorakitError, match=f"LORAKIT_MALLOC='{choice}': expected 'default'"):
+        allocator.return_freed_memory_to_system("cpu", environ={"LORAKIT_MALLOC": choice}, libc=libc)
+    assert libc.calls == []
+
+
+def test_lorakit_train_reports_an_unknown_choice_as_one_error_line(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env["LORAKIT_MALLOC"] = "off"
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--out-dir", str(tmp_path), "--steps", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: LORAKIT_MALLOC='off': expected 'default'")
+    assert list(tmp_path.iterdir()) == []  # refused before any run directory
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "meta"])

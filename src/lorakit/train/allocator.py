@@ -21,7 +21,9 @@ import ctypes
 import os
 from collections.abc import Mapping
 
-OPT_OUT_VARIABLE = "LORAKIT_MALLOC"  # LORAKIT_MALLOC=default: leave malloc's settings as they are
+from ..errors import LorakitError
+
+OPT_OUT_VARIABLE = "LORAKIT_MALLOC"  # "default": leave malloc's settings as they are; "lorakit" (or unset): set them
 MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_THRESHOLD_BYTES = 2 << 20  # glibc's own ratio (twice the mmap threshold) once it adapts it
 
@@ -42,8 +44,13 @@ def glibc_version() -> str | None:
 
 
 def set_by_environment(environ: Mapping[str, str]) -> bool:
-    """Whether the environment already chose malloc's thresholds, or opted out of lorakit's."""
-    if environ.get(OPT_OUT_VARIABLE, "").strip().lower() == "default":
+    """Whether the environment already chose malloc's thresholds, or opted out of lorakit's. An
+    unknown LORAKIT_MALLOC is an error (a misspelt opt-out must not pass for one)."""
+    choice = environ.get(OPT_OUT_VARIABLE, "").strip().lower()
+    if choice not in ("", "default", "lorakit"):
+        raise LorakitError(f"{OPT_OUT_VARIABLE}={environ[OPT_OUT_VARIABLE]!r}: expected 'default' (glibc's malloc as it "
+                           "comes) or 'lorakit' (lorakit's setting, also when unset)")
+    if choice == "default":
         return True
     return "MALLOC_MMAP_THRESHOLD_" in environ or "malloc.mmap_threshold" in environ.get("GLIBC_TUNABLES", "")
 
@@ -53,8 +60,8 @@ def return_freed_memory_to_system(device: str = "cpu", environ: Mapping[str, str
     """Make glibc's malloc give every freed block of 1 MiB or more back to the system at once, for
     the rest of this process. True when it was set; False, and nothing changed, on a `device` other
     than the CPU, on another C library, when the environment chose (`MALLOC_MMAP_THRESHOLD_`,
-    `GLIBC_TUNABLES`) or opted out (`LORAKIT_MALLOC=default`), or when `mallopt` refuses. Never
-    raises.
+    `GLIBC_TUNABLES`) or opted out (`LORAKIT_MALLOC=default`), or when `mallopt` refuses. Raises
+    LorakitError for an unknown LORAKIT_MALLOC only.
 
     `lorakit train` calls it on a CPU run; call it yourself before training on the CPU from Python
     to get the same peak resident memory. What it costs a step is measured in
