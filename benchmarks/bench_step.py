@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package)
 import lorakit  # noqa: E402
 import lorakit.losses  # noqa: E402
+import lorakit.train.allocator  # noqa: E402
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -141,6 +142,7 @@ class Condition:
     memory: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     steps_done: int = 0
+    malloc: str | None = None  # with --malloc both: glibc's thresholds set before each of its steps
 
     def step(self, batch: torch.Tensor, check: bool = False) -> float:
         """One training step; returns the loss. `check` verifies that gradients reached their targets."""
@@ -461,11 +463,45 @@ def run(conditions: list[Condition], batch: torch.Tensor, device: torch.device, 
     for i in range(args.steps):
         order = conditions if i % 2 == 0 else conditions[::-1]
         for c in order:
+            if c.malloc:
+                set_malloc(c.malloc)
             t = run_step(c, batch, device)
             if t is not None:
                 c.times.append(t)
         done = [c for c in conditions if c.times]
         print(f"  round {i + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f}" for c in done), flush=True)
+
+
+# glibc's adaptive mmap threshold rises to the largest block freed so far, at most 32 MiB (and the
+# trim threshold to twice that): a fixed 32 MiB stands in for it once a step has run, so the two
+# settings can take turns within one process.
+GLIBC_ADAPTIVE_MAX = 32 << 20
+
+
+def set_malloc(setting: str) -> None:
+    """--malloc both: before a condition's step, glibc's thresholds as `lorakit train` sets them
+    ("lorakit") or at the adaptive threshold's ceiling ("default")."""
+    import ctypes
+
+    from lorakit.train import allocator
+
+    libc = ctypes.CDLL(None)
+    mmap, trim = (
+        (allocator.MMAP_THRESHOLD_BYTES, allocator.TRIM_THRESHOLD_BYTES)
+        if setting == "lorakit"
+        else (GLIBC_ADAPTIVE_MAX, 2 * GLIBC_ADAPTIVE_MAX)
+    )
+    if not (libc.mallopt(allocator.M_MMAP_THRESHOLD, mmap) and libc.mallopt(allocator.M_TRIM_THRESHOLD, trim)):
+        raise SystemExit("--malloc both: mallopt refused")
+
+
+def with_malloc_twins(conditions: list[Condition]) -> list[Condition]:
+    """Each condition twice, under each malloc setting, sharing its model and optimizer."""
+    return [
+        dataclasses.replace(c, name=f"{c.name} [malloc {setting}]", malloc=setting, times=[], memory={})
+        for c in conditions
+        for setting in ("lorakit", "default")
+    ]
 
 
 def profile_method(
@@ -687,6 +723,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/step-<device>-<model>-<time>.json)")
     p.add_argument(
+        "--malloc",
+        choices=["default", "lorakit", "both"],
+        default="default",
+        help="glibc's malloc as it comes, or as `lorakit train` sets it on the CPU (a 1 MiB mmap threshold, "
+        "lorakit.train.allocator), or both: every condition twice a round, the thresholds set before each "
+        "(the default stood in for by 32 MiB, the adaptive threshold's ceiling; glibc only)",
+    )
+    p.add_argument(
         "--before",
         metavar="REV",
         help="also time lorakit as it was at git revision REV (same run, interleaved): before/after a change",
@@ -710,6 +754,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "lorakit" and not lorakit.train.allocator.return_freed_memory_to_system(args.device):
+        print("--malloc lorakit: not set (not glibc, not the CPU, or set by the environment)", flush=True)
     global clock
     if args.clock == "process" and args.device == "cuda":
         raise SystemExit("--clock process measures CPU time: use it for CPU runs")
@@ -723,6 +769,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     torch.manual_seed(0)
     conditions = build_conditions(base, args)
+    if args.malloc == "both":
+        conditions = with_malloc_twins(conditions)
     print("conditions: " + ", ".join(c.name for c in conditions), flush=True)
 
     run(conditions, batch, device, args)

@@ -4,6 +4,11 @@
     python benchmarks/memory_breakdown.py --quick             # batch 2 x 64: the same code paths in a minute
     python benchmarks/memory_breakdown.py --only lora qlora   # some conditions
     python benchmarks/memory_breakdown.py --cli               # also `lorakit train`'s whole-run peak RSS
+    python benchmarks/memory_breakdown.py --cli-only --only lora qlora-r8   # those runs alone
+
+The `lorakit train` runs go twice, in turn: as `lorakit train` runs (on glibc it sets malloc's mmap
+threshold to 1 MiB at start-up, `lorakit/train/allocator.py`) and with `LORAKIT_MALLOC=default`
+(malloc as it comes); `--malloc lorakit` or `--malloc default` runs one of the two.
 
 Each condition runs in a process of its own (their peaks must not mix): the packaged model
 (`lorakit.models`; NF4 streamed in as `lorakit train --quantize nf4` loads it), one adapter on every
@@ -295,8 +300,14 @@ def measure_condition(cond: Condition, batch: int, seq: int) -> dict[str, Any]:
 # --- the whole run, as the issue measured it -------------------------------------------------------
 
 
-def cli_peak_rss(name: str, flags: list[str], batch: int, seq: int, steps: int, out_dir: Path) -> dict[str, Any]:
-    """Peak RSS of a `lorakit train` process on the shipped Alpaca subset."""
+def cli_peak_rss(
+    name: str, flags: list[str], batch: int, seq: int, steps: int, out_dir: Path, malloc: str = "lorakit"
+) -> dict[str, Any]:
+    """Peak RSS of a `lorakit train` process on the shipped Alpaca subset; `malloc` "default" runs
+    it with LORAKIT_MALLOC=default (glibc's malloc as it comes)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAKIT_MALLOC", "MALLOC_MMAP_THRESHOLD_")}
+    if malloc == "default":
+        env["LORAKIT_MALLOC"] = "default"
     command = [
         sys.executable,
         "-m",
@@ -323,13 +334,14 @@ def cli_peak_rss(name: str, flags: list[str], batch: int, seq: int, steps: int, 
         *flags,
     ]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     error = process.stderr.read()
     process.returncode = os.waitstatus_to_exitcode(status)
     return {
         "name": name,
         "flags": flags,
+        "malloc": malloc,
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "exit": process.returncode,
         "wall_s": time.perf_counter() - start,
@@ -393,6 +405,27 @@ def breakdown_table(results: list[dict[str, Any]]) -> str:
     return common.markdown_table(["MiB"] + names, rows)
 
 
+def cli_table(cli: list[dict[str, Any]]) -> str:
+    """One row a run: its flags and peak RSS under each malloc setting measured."""
+    settings = [s for s in ("lorakit", "default") if any(c.get("malloc", "lorakit") == s for c in cli)]
+    names = list(dict.fromkeys(c["name"] for c in cli))
+    rows = []
+    for name in names:
+        runs = {c.get("malloc", "lorakit"): c for c in cli if c["name"] == name}
+        row = [name, " ".join(next(iter(runs.values()))["flags"])]
+        for setting in settings:
+            c = runs.get(setting)
+            row.append(
+                ""
+                if c is None
+                else f"{c['peak_rss_mib']:,.0f}"
+                if c["exit"] == 0
+                else "failed: " + c["stderr_tail"][-80:]
+            )
+        rows.append(row)
+    return common.markdown_table(["run", "flags"] + [f"peak RSS, malloc {s}" for s in settings], rows)
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--seq", str(args.seq)]
@@ -409,6 +442,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seq", type=int, help="default 256 (64 with --quick)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cli", action="store_true", help="also the peak RSS of `lorakit train` runs (3 steps on Alpaca)")
+    p.add_argument("--cli-only", action="store_true", help="the `lorakit train` runs alone, no breakdown")
+    p.add_argument(
+        "--malloc",
+        choices=["both", "lorakit", "default"],
+        default="both",
+        help="the `lorakit train` runs with lorakit's malloc setting, with LORAKIT_MALLOC=default, or both in turn",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -419,41 +459,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     load_before = common.load_average()
     results = []
-    for name in args.only or list(CONDITIONS):
+    for name in [] if args.cli_only else args.only or list(CONDITIONS):
         print(f"  {name} ...", flush=True)
         results.append(run_one(name, args))
-    text = [
-        f"## Memory of one training step, SmolLM2-135M, batch {args.batch} x {args.seq}, all linear layers, CPU fp32",
-        "",
-        "command: `" + " ".join(["python"] + sys.argv) + "`",
-        "",
-        breakdown_table(results),
-    ]
+    text = ["command: `" + " ".join(["python"] + sys.argv) + "`"]
+    if results:
+        text += [
+            "",
+            f"## Memory of one training step, SmolLM2-135M, batch {args.batch} x {args.seq}, all linear layers, "
+            "CPU fp32",
+            "",
+            breakdown_table(results),
+        ]
     cli = []
-    if args.cli:
+    if args.cli or args.cli_only:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             for name, flags in CLI_RUNS.items():
                 if args.only and name not in args.only:
                     continue
-                print(f"  lorakit train {name} ...", flush=True)
-                cli.append(cli_peak_rss(name, flags, args.batch, args.seq, 3, Path(tmp)))
+                for malloc in ("lorakit", "default") if args.malloc == "both" else (args.malloc,):
+                    print(f"  lorakit train {name} (malloc: {malloc}) ...", flush=True)
+                    cli.append(cli_peak_rss(name, flags, args.batch, args.seq, 3, Path(tmp), malloc))
         text += [
             "",
-            "`lorakit train` on the Alpaca subset, 3 steps: peak RSS of the process (MiB)",
+            "`lorakit train` on the Alpaca subset, 3 steps: peak RSS of the process (MiB); malloc: lorakit's "
+            "setting (1 MiB mmap threshold) or LORAKIT_MALLOC=default",
             "",
-            common.markdown_table(
-                ["run", "flags", "peak RSS"],
-                [
-                    [
-                        c["name"],
-                        " ".join(c["flags"]),
-                        f"{c['peak_rss_mib']:,.0f}" if c["exit"] == 0 else "failed: " + c["stderr_tail"][-80:],
-                    ]
-                    for c in cli
-                ],
-            ),
+            cli_table(cli),
         ]
     text.append(f"\nload average before / after: {load_before} / {common.load_average()}")
     print("\n".join(text), flush=True)

@@ -57,6 +57,7 @@ MODULE_PAGES = [
     "lorakit.explain",
     "lorakit.models",
     "lorakit.train.config",
+    "lorakit.train.allocator",
     "lorakit.methods.base",
     "lorakit.errors",
 ]

@@ -34,9 +34,9 @@ from ..errors import LorakitError
 from ..hooks import Hooks, training_hooks
 from ..methods import METHODS
 from ..param_summary import parameter_counts
+from . import allocator, evaluate
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import evaluate
 from . import run_dir as run_dir_mod
 from .config import TrainConfig
 from .distributed import SingleProcess, strategy_for
@@ -154,6 +154,7 @@ def _set_up(cfg: TrainConfig, echo, strategy: SingleProcess, held: HeldRunDir) -
     wall_start = time.perf_counter()
     cfg = check_config(cfg)
     device = strategy.device(cfg.device)
+    allocator.return_freed_memory_to_system(device.type)  # before the model: its load frees large blocks too
     if cfg.resume:  # one process at a time in a run directory: locked before anything slow
         resumed_run_dir(ckpt.run_dir_of(ckpt.find_checkpoint(cfg.resume)), strategy, held)
     elif strategy.is_main:
