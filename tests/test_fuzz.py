@@ -107,6 +107,9 @@ def run_isolated(fn: Callable[[], Any], seconds: float) -> tuple:
     pid = os.fork()
     if pid == 0:  # the child: run, send the outcome, leave without running the parent's cleanup
         gc.disable()  # short-lived: a collection would touch (and so copy) every page of the parent's heap
+        # the parent's OpenMP thread pool does not survive fork: a parallel region in the child (any large
+        # enough torch op, once the parent has used the pool) would wait forever for its threads
+        torch.set_num_threads(1)
         status = 0
         try:
             os.close(read_end)
