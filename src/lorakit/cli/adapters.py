@@ -138,3 +138,21 @@ def trained_labels(adapter: Path | None) -> list[str]:
     except (ValueError, AttributeError):
         raise LorakitError(f"{adapter.parent / 'report.json'} is not valid JSON") from None
     return labels if isinstance(labels, list) and all(isinstance(x, str) for x in labels) else []
+
+
+def base_weight_snapshot(config, adapter: Path, model_spec: str | None, original: dict):
+    """A `load_adapted(before_load=...)` callback that copies the adapted modules' base weights into
+    `original` before the adapter loads (Delta-LoRA's file moves the base weights themselves)."""
+
+    def snapshot(model) -> None:
+        from .. import analysis, inject
+
+        try:
+            names = inject.select_targets(model, config)
+        except ValueError as err:
+            raise LorakitError(
+                f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}"
+            ) from None
+        original.update(analysis.snapshot_base_weights(model, names))
+
+    return snapshot

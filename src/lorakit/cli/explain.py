@@ -250,10 +250,10 @@ def check_lengths(jobs: list[Job], prompts: list[str], tokenizer, model, task: s
 
 def run(args: argparse.Namespace) -> int:
     """`lorakit explain`: everything checked first, then the model loads once for all inputs."""
-    from .. import analysis, inject, io
+    from .. import io
     from ..explain import core, page, summary
     from ..train.loading import num_outputs, pick_device
-    from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
+    from .adapters import adapter_dir_and_config, base_weight_snapshot, chosen_task, load_adapted, trained_labels
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
     task = chosen_task(args.task, cfg, adapter)
@@ -276,16 +276,7 @@ def run(args: argparse.Namespace) -> int:
     model_spec = args.model if args.model is not None else cfg.model
     original: dict = {}
 
-    def snapshot(model) -> None:  # before loading: Delta-LoRA's file moves the base weights themselves
-        if not config.moves_base_weights:
-            return
-        try:
-            names = inject.select_targets(model, config)
-        except ValueError as err:
-            raise LorakitError(
-                f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}"
-            ) from None
-        original.update(analysis.snapshot_base_weights(model, names))
+    snapshot = base_weight_snapshot(config, adapter, model_spec, original) if config.moves_base_weights else None
 
     labels = trained_labels(adapter)
     classes = [label_index(job.label, labels, job.where) for job in jobs]  # unknown names: before the model loads

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import files
 from ..errors import LorakitError
-from .adapters import adapter_dir_and_config, chosen_task, load_adapted, trained_labels
+from .adapters import adapter_dir_and_config, base_weight_snapshot, chosen_task, load_adapted, trained_labels
 from .outputs import check_output_file, model_inputs
 
 
@@ -16,7 +16,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """What the adapter changed, per module (lorakit.analysis): terminal summary, --json for all numbers."""
     import json
 
-    from .. import analysis, inject, io
+    from .. import analysis, io
     from ..train.loading import num_outputs
 
     adapter, cfg = adapter_dir_and_config(args.adapter)
@@ -47,14 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             files.clean_temporaries(out.parent, out.name)
     original: dict = {}
 
-    def snapshot(model) -> None:  # before loading: Delta-LoRA moves the base itself
-        try:
-            names = inject.select_targets(model, config)
-        except ValueError as err:
-            raise LorakitError(
-                f"{adapter} does not fit {model_spec or 'the built-in model'}: {' '.join(str(err).split())}"
-            ) from None
-        original.update(analysis.snapshot_base_weights(model, names))
+    snapshot = base_weight_snapshot(config, adapter, model_spec, original)
 
     model, _ = load_adapted(model_spec, adapter, task, num_outputs(task, trained_labels(adapter)), before_load=snapshot)
     found = analysis.changes(model, original, progress=args.progress)

@@ -282,31 +282,22 @@ class AdaLoRAHook:
             )
         final = self.total_step - self.config.tfinal
         init_budget, target_budget = self.budgets(model)
+        budget, mask = budget_at(
+            step,
+            init_budget,
+            target_budget,
+            self.config.tinit,
+            self.config.tfinal,
+            self.total_step,
+            self.config.delta_t,
+        )
         if step < final:
             self.update_importance(model)
-            budget, mask = budget_at(
-                step,
-                init_budget,
-                target_budget,
-                self.config.tinit,
-                self.config.tfinal,
-                self.total_step,
-                self.config.delta_t,
-            )
             if mask:
                 self.mask_to_budget(model, budget)
         elif step == final:
             if not self.exp_avg_ipt:  # the final allocation is the run's first step (total_step = tfinal + 1)
                 self.update_importance(model)
-            budget, _ = budget_at(
-                step,
-                init_budget,
-                target_budget,
-                self.config.tinit,
-                self.config.tfinal,
-                self.total_step,
-                self.config.delta_t,
-            )
             kept = self.mask_to_budget(model, budget)
             # the allocation is final: it becomes the adapter's layout (saved, reloaded, resumed)
             for module, adapter in self.adapters(model).items():
