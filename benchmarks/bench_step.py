@@ -1,7 +1,9 @@
 """Time and memory of one training step: lorakit's methods vs PEFT's vs the frozen-base limit.
 
 One step is forward (causal-LM loss), backward, AdamW step, zero_grad, plus the method's training
-hooks where it has any (Delta-LoRA's base update). Conditions:
+hooks where it has any (Delta-LoRA's base update). Each library's AdamW is the one its users get:
+lorakit's as `lorakit train` builds it (`lorakit.optim.adamw`), PEFT's as transformers' Trainer
+does by default (torch's fused AdamW). Conditions:
 
 - `limit`: the frozen base model with backward through the activations only: every parameter is
   frozen and the input embeddings require grad, so backward runs through every layer (checked: the
@@ -185,7 +187,21 @@ class Condition:
 
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
+    """AdamW as a PEFT user gets it from transformers' Trainer (its default `adamw_torch_fused`):
+    torch's fused kernel where torch has one for the device and dtype."""
+    trainable = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.AdamW(trainable, lr=lr, fused=True)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(trainable, lr=lr)
+
+
+def lorakit_adamw(lib: Any, params, lr: float) -> torch.optim.Optimizer:
+    """AdamW as `lorakit train` (of `lib`'s revision) builds it: `lorakit.optim.adamw` where the
+    revision has it, torch's default AdamW before it did."""
+    build = getattr(importlib.import_module(f"{lib.__name__}.optim"), "adamw", None)
+    trainable = [p for p in params if p.requires_grad]
+    return build(trainable, lr=lr) if build is not None else torch.optim.AdamW(trainable, lr=lr)
 
 
 def lorakit_at(revision: str) -> Any:
@@ -271,7 +287,7 @@ def lorakit_condition(
     if quantized:
         model = lib.quantize(model, targets=list(args.targets))
     model = lib.adapt(model, config)
-    optimizer = adamw((p for _, p in lib.adapter_parameters(model)), args.lr)
+    optimizer = lorakit_adamw(lib, (p for _, p in lib.adapter_parameters(model)), args.lr)
     hooks = lib.training_hooks(model, total_steps=ADALORA_TOTAL_STEPS) if lib is lorakit else lib.training_hooks(model)
     version = f"@{lib.revision}" if lib is not lorakit else ""
     name = f"lorakit{version} {'qlora' if quantized else method}"

@@ -284,6 +284,65 @@ def vera_merged_forward() -> str:
     )
 
 
+def lora_breakdown() -> str:
+    """LoRA's step above the limit, piece by piece (lora_breakdown.py)."""
+    name = "lora-breakdown-cpu.json"
+    rows = load(name)["results"]
+    out = [
+        [
+            r["condition"],
+            f"{r['ms_median']:,.0f}",
+            f"{r['x_limit_median_of_rounds']:.3f}",
+            "–" if r["adds_x_limit"] is None else f"{r['adds_x_limit']:+.3f}",
+            " ".join(f"{x:.3f}" for x in r["rounds_x_limit"]),
+        ]
+        for r in rows
+    ]
+    header = [
+        "condition",
+        "ms/step (median)",
+        "x limit (median of rounds)",
+        "the piece adds (x limit)",
+        "every round x limit",
+    ]
+    return table(header, out) + f"\n\n{source(name)}"
+
+
+def lora_fused_adamw() -> str:
+    """LoRA's step before and after the fused AdamW and dL/dB as (z^T g)^T, beside PEFT, every round."""
+    name = "step-cpu-lora-fused-adamw.json"
+    rows = step_rows(name)
+    before = next(c for c in rows if c.startswith("lorakit@"))
+    limit = rows["limit (frozen base)"]["ms_per_step_all"]
+    peft = rows["peft lora"]["ms_per_step_all"]
+    out = []
+    for label, condition in (
+        ("lorakit LoRA, before", before),
+        ("lorakit LoRA, now", "lorakit lora"),
+        ("PEFT LoRA", "peft lora"),
+    ):
+        times = rows[condition]["ms_per_step_all"]
+        per_limit = [t / lt for t, lt in zip(times, limit)]
+        per_peft = [t / pt for t, pt in zip(times, peft)]
+        out.append(
+            [
+                label,
+                f"{statistics.median(per_limit):.3f}",
+                "–" if condition == "peft lora" else f"{statistics.median(per_peft):.3f}",
+                " ".join(f"{x:.3f}" for x in per_limit),
+                "–" if condition == "peft lora" else " ".join(f"{x:.3f}" for x in per_peft),
+            ]
+        )
+    header = [
+        "condition",
+        "x limit (median of rounds)",
+        "x PEFT (median of rounds)",
+        "every round x limit",
+        "every round x PEFT",
+    ]
+    return table(header, out) + f"\n\n{source(name)}"
+
+
 # the bench_step.py runs of the current layers (fused LoRA and VeRA nodes, VeRA's forward through W + B'A)
 CURRENT_STEP_FILES = [
     "step-cpu-all-methods.json",
@@ -948,6 +1007,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "named-adapters": named_adapters,
     "fused-vera": fused_vera,
     "vera-merged-forward": vera_merged_forward,
+    "lora-breakdown": lora_breakdown,
+    "lora-fused-adamw": lora_fused_adamw,
     "sst2-vs-peft": sst2_vs_peft,
     "sst2-quality": sst2_quality,
     "lr-sweep": lr_sweep,

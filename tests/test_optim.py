@@ -173,3 +173,71 @@ def test_adalora_singular_values_get_no_weight_decay_like_vectors():
     assert {n for n, _ in lorakit.adapter_parameters(model) if n.endswith("lora_E")} <= {
         n for g in groups if g["weight_decay"] == 0 for n in names_in(model, g)
     }
+
+
+# --- lorakit.optim.adamw: the optimizer `lorakit train` builds ------------------------------------
+
+
+def adapted_tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets=TARGETS))
+
+
+def test_adamw_takes_the_fused_kernel_where_torch_has_one():
+    from lorakit.optim import adamw
+
+    model = adapted_tiny()
+    opt = adamw(param_groups(model, lr=1e-3), lr=1e-3)
+    assert opt.defaults["fused"] is True
+    # explicit choices are the caller's
+    assert not adamw(param_groups(model, lr=1e-3), lr=1e-3, foreach=True).defaults["fused"]
+    assert not adamw(param_groups(model, lr=1e-3), lr=1e-3, fused=False).defaults["fused"]
+
+
+def test_adamw_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    from lorakit import optim
+
+    real = torch.optim.AdamW
+
+    class NoFused(real):
+        def __init__(self, params, **kwargs):
+            if kwargs.get("fused"):
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    opt = optim.adamw(param_groups(adapted_tiny(), lr=1e-3), lr=1e-3)
+    assert isinstance(opt, NoFused) and not opt.defaults["fused"]
+
+
+def test_fused_adamw_trains_as_the_default_adamw():
+    """Ten steps of LoRA+ groups with weight decay: the fused optimizer's parameters track torch's
+    default implementation's (the two differ only in rounding)."""
+    from lorakit.optim import adamw
+
+    models = [adapted_tiny(seed=0), adapted_tiny(seed=0)]
+    opts = [
+        adamw(param_groups(models[0], lr=1e-2, weight_decay=0.1), lr=1e-2),
+        torch.optim.AdamW(param_groups(models[1], lr=1e-2, weight_decay=0.1), lr=1e-2),
+    ]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(10):
+        for model, opt in zip(models, opts):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    moved = 0
+    for (name, p), (_, q) in zip(lorakit.adapter_parameters(models[0]), lorakit.adapter_parameters(models[1])):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        moved += int("lora_B" in name and p.abs().max() > 0)
+    assert moved  # B left zero: the steps did train
+
+
+def test_lorakit_train_builds_the_fused_adamw():
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.optimizer import make_optimizer
+
+    assert make_optimizer(adapted_tiny(), TrainConfig(lr=1e-3)).defaults["fused"] is True

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import adapted_layer, inject
 from .errors import LorakitError
+from .optim import adamw
 
 
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -75,7 +76,7 @@ class Probe:
         if not batches:
             raise ValueError("the probe holds no batches to train on")
         params = list(params) if params is not None else [p for _, p in inject.adapter_parameters(model)]
-        optimizer = torch.optim.AdamW(params, lr=lr)
+        optimizer = adamw(params, lr=lr)
         losses = []
         for step in range(steps):
             loss = self.loss(model, batches[step % len(batches)])

@@ -18,8 +18,10 @@ width, A needs an lr shrinking with the width and B one that does not: no single
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import inject
@@ -125,3 +127,20 @@ def param_groups(
                 }
             )
     return groups
+
+
+def adamw(
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], lr: float, **options: Any
+) -> torch.optim.Optimizer:
+    """`torch.optim.AdamW` over `params` (tensors or `param_groups`), as `lorakit train` builds it:
+    torch's fused implementation (one kernel over every parameter, where the default on the CPU
+    runs a loop of a dozen ops per parameter) wherever torch has one for the parameters' device
+    and dtype, else the default. The two compute the same update; `options` go to AdamW as given
+    (an explicit `fused` or `foreach` is kept)."""
+    params = list(params)
+    if "fused" in options or "foreach" in options:
+        return torch.optim.AdamW(params, lr=lr, **options)
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True, **options)
+    except RuntimeError:  # a device or dtype without a fused kernel (torch checks at construction)
+        return torch.optim.AdamW(params, lr=lr, **options)

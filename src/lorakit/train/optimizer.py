@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import param_groups
+from ..optim import adamw, param_groups
 from .config import TrainConfig
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
+    return adamw(param_groups(model, cfg.lr, cfg.loraplus_ratio, weight_decay=cfg.weight_decay), lr=cfg.lr)
 
 
 def make_scheduler(
