@@ -135,8 +135,8 @@ def adamw(
     """`torch.optim.AdamW` over `params` (tensors or `param_groups`), as `lorakit train` builds it:
     torch's fused implementation (one kernel over every parameter, where the default on the CPU
     runs a loop of a dozen ops per parameter) wherever torch has one for the parameters' device
-    and dtype, else the default. The two compute the same update; `options` go to AdamW as given
-    (an explicit `fused` or `foreach` is kept)."""
+    and dtype, else the default. The two compute the same update up to rounding. `options` go to
+    AdamW as given (an explicit `fused` or `foreach` is kept)."""
     params = list(params)
     if "fused" in options or "foreach" in options:
         return torch.optim.AdamW(params, lr=lr, **options)
