@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if min(args.rounds, args.batch, args.seq, args.r, args.threads) < 1:
         p.error("--rounds, --batch, --seq, --r and --threads must be at least 1")
+    if args.out is not None and args.out.is_dir():  # found out before the run, not after its minutes
+        p.error(f"--out {args.out} is a directory; give a JSON file's path")
     torch.set_num_threads(args.threads)
     load_before = common.load_average()
     runs = conditions(args)

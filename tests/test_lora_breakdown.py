@@ -72,3 +72,10 @@ def test_bad_counts_are_refused(capsys):
         lora_breakdown.main(["--rounds", "0"])
     assert exit_info.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_an_out_directory_is_refused_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lora_breakdown.main(["--tiny", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "is a directory" in capsys.readouterr().err
