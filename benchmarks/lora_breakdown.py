@@ -11,8 +11,13 @@ bench_step.py's limit), so every one runs backward through every layer:
    (`y = x Wᵀ`, `dL/dx = g W`): what the layer machinery itself costs;
 3. `+ LoRA forward`: the node's forward as lorakit's (`z = x Aᵀ`, `y += s·z Bᵀ`, x and z kept), its
    backward the base's only;
-4. `+ LoRA backward`: lorakit's fused node as it is (`g B`, `dL/dx += (g B) A`, `dL/dA`, `dL/dB`);
-5. `+ optimizer`: the whole step, with the AdamW step and zero_grad as `lorakit train` runs them.
+4. `+ LoRA backward`: lorakit's fused node as it is (`g B`, `dL/dx += (g B) A`, `dL/dA`, `dL/dB`),
+   every layer alone;
+5. `siblings as one node`: as lorakit runs it, q/k/v and gate/up of each block computed together
+   (`lorakit.kernels.grouped_lora`: one pass over their shared input in each direction);
+6. `+ optimizer`: the whole step, with the AdamW step and zero_grad as `lorakit train` runs them.
+
+Conditions 2-4 run every layer alone (no sibling groups), so that each swaps one node for another.
 
 Each difference between neighbours is what that piece adds, as a share of the limit. The rank-r
 products are a few percent of the limit's multiply-adds (`flop_floor.py`), but each reads or writes a
@@ -37,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (benchmarks/ is not a package)
 import common  # noqa: E402
-from lorakit.kernels import fused_lora  # noqa: E402
+from lorakit.kernels import fused_lora, grouped_lora  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -77,13 +82,16 @@ class LoRAForwardOnly(torch.autograd.Function):
 
 @contextlib.contextmanager
 def node(replacement: type[torch.autograd.Function] | None) -> Iterator[None]:
-    """lorakit's fused LoRA node replaced by `replacement` (None: as it is) for the duration."""
-    real = fused_lora.FusedLoRALinear
+    """lorakit's fused LoRA node replaced by `replacement` (None: as it is) for the duration, and
+    every layer run alone through it (no sibling groups)."""
+    real, real_output = fused_lora.FusedLoRALinear, grouped_lora.SharedInput.output
     fused_lora.FusedLoRALinear = replacement or real
+    grouped_lora.SharedInput.output = lambda self, layer, x: None
     try:
         yield
     finally:
         fused_lora.FusedLoRALinear = real
+        grouped_lora.SharedInput.output = real_output
 
 
 def embeddings_step(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,8 @@ def conditions(args: argparse.Namespace) -> list[tuple[str, Callable[[torch.Tens
         ("limit", limit_step),
         ("+ adapter layers", partial(BaseProductOnly)),
         ("+ LoRA forward", partial(LoRAForwardOnly)),
-        ("+ LoRA backward", whole(optimizer_step=False)),
+        ("+ LoRA backward", partial(None)),
+        ("siblings as one node", whole(optimizer_step=False)),
         ("+ optimizer (the whole step)", whole(optimizer_step=True)),
     ]
 

@@ -310,7 +310,17 @@ def lora_breakdown() -> str:
 
 def lora_fused_adamw() -> str:
     """LoRA's step before and after the fused AdamW and dL/dB as (z^T g)^T, beside PEFT, every round."""
-    name = "step-cpu-lora-fused-adamw.json"
+    return lora_before_now("step-cpu-lora-fused-adamw.json")
+
+
+def lora_siblings() -> str:
+    """LoRA's step before and after q/k/v and gate/up ran as one node each, beside PEFT, every round."""
+    return lora_before_now("step-cpu-lora-siblings.json")
+
+
+def lora_before_now(name: str) -> str:
+    """A `bench_step.py --methods lora --before REV` run: lorakit's LoRA before and now, and PEFT's,
+    each round's ratio to the limit and to PEFT."""
     rows = step_rows(name)
     before = next(c for c in rows if c.startswith("lorakit@"))
     limit = rows["limit (frozen base)"]["ms_per_step_all"]
@@ -1009,6 +1019,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "vera-merged-forward": vera_merged_forward,
     "lora-breakdown": lora_breakdown,
     "lora-fused-adamw": lora_fused_adamw,
+    "lora-siblings": lora_siblings,
     "sst2-vs-peft": sst2_vs_peft,
     "sst2-quality": sst2_quality,
     "lr-sweep": lr_sweep,

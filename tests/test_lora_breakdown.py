@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lora_breakdown  # noqa: E402  (benchmarks/ is not a package)
-from lorakit.kernels import fused_lora  # noqa: E402
+from lorakit.kernels import fused_lora, grouped_lora  # noqa: E402
 
 
 def operands(seed: int = 0):
@@ -47,12 +47,35 @@ def test_lora_forward_only_has_lorakits_forward_and_the_bases_backward():
 
 
 def test_node_puts_lorakits_node_back_even_on_error():
-    real = fused_lora.FusedLoRALinear
+    real, real_output = fused_lora.FusedLoRALinear, grouped_lora.SharedInput.output
     with pytest.raises(RuntimeError):
         with lora_breakdown.node(lora_breakdown.BaseProductOnly):
             assert fused_lora.FusedLoRALinear is lora_breakdown.BaseProductOnly
+            assert grouped_lora.SharedInput.output is not real_output  # every layer alone
             raise RuntimeError("boom")
-    assert fused_lora.FusedLoRALinear is real
+    assert fused_lora.FusedLoRALinear is real and grouped_lora.SharedInput.output is real_output
+
+
+def test_the_partial_conditions_run_every_layer_through_the_swapped_node(input_ids):
+    """Inside `node`, sibling groups that have learned their plan still run each layer alone."""
+    import lorakit
+    from conftest import tiny_llama
+
+    model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
+    for _ in range(3):
+        model(input_ids)
+    with lora_breakdown.node(lora_breakdown.BaseProductOnly):
+        logits = model(input_ids).logits
+    seen, stack, names = set(), [logits.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack += [next_node for next_node, _ in node.next_functions]
+    assert not any("LoRALinear" in n for n in names)
+    assert sum("BaseProductOnly" in n for n in names) == 14
 
 
 def test_a_tiny_run_writes_one_row_a_piece(tmp_path):
@@ -61,7 +84,14 @@ def test_a_tiny_run_writes_one_row_a_piece(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     names = [r["condition"] for r in saved["results"]]
-    assert names == ["limit", "+ adapter layers", "+ LoRA forward", "+ LoRA backward", "+ optimizer (the whole step)"]
+    assert names == [
+        "limit",
+        "+ adapter layers",
+        "+ LoRA forward",
+        "+ LoRA backward",
+        "siblings as one node",
+        "+ optimizer (the whole step)",
+    ]
     assert saved["results"][0]["adds_x_limit"] is None and saved["results"][0]["rounds_x_limit"] == [1.0, 1.0]
     assert all(len(r["rounds_x_limit"]) == 2 and min(r["rounds_x_limit"]) > 0 for r in saved["results"])
     assert fused_lora.FusedLoRALinear.__name__ == "FusedLoRALinear"

@@ -93,6 +93,9 @@ class AdaptedLayer(nn.Module):
         self.running: tuple[str, ...] = ()
         # name -> row indices of the batch, while a mixed batch runs (`per_sample_adapters`)
         self.sample_groups: dict[str, list[int]] | None = None
+        # the adapted layers of the same parent that may read the same input, computed together
+        # when they do (`lorakit.kernels.grouped_lora.SharedInput`); set by `lorakit.inject`
+        self.siblings: Any = None
 
     @property
     def in_features(self) -> int:
@@ -141,10 +144,16 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x)
         if self.merged and self.training and torch.is_grad_enabled():
             self._warn_if_merged_trains()
-        if self.sample_groups is None and len(self.running) == 1:
-            # One adapter over the whole batch: it may compute the base and its change as one
-            # autograd node (LoRA's `fused_forward`); None means it has no such path for this base.
-            fused = getattr(self.adapters[self.running[0]], "fused_forward", None)
+        adapter = self.lone_adapter()
+        if adapter is not None:
+            # One adapter over the whole batch: its layer may run with its siblings that read the
+            # same x as one node, or alone as one node (LoRA's `fused_forward`); None means no
+            # such path for this base.
+            siblings = self.__dict__.get("siblings")
+            y = siblings.output(self, x) if siblings is not None else None
+            if y is not None:
+                return y
+            fused = getattr(adapter, "fused_forward", None)
             y = fused(x, self.base_layer) if fused is not None else None
             if y is not None:
                 return y
@@ -155,6 +164,12 @@ class AdaptedLayer(nn.Module):
         for name in self.running:
             y = self.adapters[name](x, y, base_out, self.base_layer)
         return y
+
+    def lone_adapter(self) -> nn.Module | None:
+        """The one adapter that runs, over the whole batch, or None (none, several, per-sample ones, or disabled)."""
+        if not self.enabled or self.sample_groups is not None or len(self.running) != 1:
+            return None
+        return self.adapters[self.running[0]]
 
     def _warn_if_merged_trains(self) -> None:
         """A merged adapter is part of the base weight: a loss gets no gradient for its parameters (the

@@ -30,6 +30,7 @@ from .adapted_layer import (
     reconfigure,
     require_state,
 )
+from .kernels.grouped_lora import link_siblings
 from .methods.base import AdapterConfig
 from .targets import select_targets, set_submodule
 
@@ -114,6 +115,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> 
         for p in module.parameters():
             p.requires_grad_(True)
     state.configs[name] = config
+    link_siblings(model, lambda module: isinstance(module, AdaptedLayer))
     _install_mixed_batch_hook(model)
     set_active(model, [name])
     return model
@@ -171,6 +173,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             layer.unmerge()
             set_submodule(model, module_name, layer.base_layer)
     del state.configs[name]
+    link_siblings(model, lambda module: isinstance(module, AdaptedLayer))
     state.active = tuple(n for n in state.active if n != name)
     _push_active(model, state)
     _drop_state_if_empty(model)

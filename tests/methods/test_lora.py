@@ -258,6 +258,14 @@ def unfused(monkeypatch):
     monkeypatch.setattr(LoRAFAAdapter, "fused_forward", lambda self, x, base_layer: None)
 
 
+def each_layer_alone(monkeypatch):
+    """No sibling groups (q/k/v, gate/up as one node: tests/kernels/test_grouped_lora.py): every
+    layer through its own fused node."""
+    from lorakit.kernels.grouped_lora import SharedInput
+
+    monkeypatch.setattr(SharedInput, "output", lambda self, layer, x: None)
+
+
 def fused_nodes(model, input_ids):
     """Names of the FusedLoRALinear nodes in the graph of one forward."""
     seen, stack, found = set(), [model(input_ids).logits.grad_fn], []
@@ -276,6 +284,7 @@ def fused_nodes(model, input_ids):
 def test_fused_layer_equals_unfused_path(method, make_model, input_ids, monkeypatch):
     """The fused node computes what the base and the adapter compute apart: outputs and every
     gradient (adapter parameters and the input) to float tolerance, Linear and GPT-2 Conv1D bases."""
+    each_layer_alone(monkeypatch)
     model = lorakit.adapt(make_model(), lorakit.methods.METHODS[method](r=4, targets="all-linear"))
     perturb_trainable(model)
     assert len(fused_nodes(model, input_ids)) == len(list(lorakit.inject.adapted_layers(model)))
@@ -294,6 +303,7 @@ def test_fused_layer_equals_unfused_path(method, make_model, input_ids, monkeypa
 def test_fused_layer_under_bf16_autocast_equals_unfused_path(input_ids, monkeypatch):
     """Under CPU bf16 autocast the fused node computes in bf16 as the unfused ops do; gradients of
     the fp32 master weights come back fp32, equal up to bf16 rounding."""
+    each_layer_alone(monkeypatch)
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
     perturb_trainable(model)
     fused = step_results(model, input_ids, autocast=True)

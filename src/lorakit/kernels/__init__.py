@@ -5,6 +5,8 @@ against it in that formula's tests:
 
 - `fused_lora`: a frozen dense base and its LoRA pair as one autograd node (LoRA, LoRA-FA);
   reference `methods/lora.py` (`LoRAAdapter.forward`), tests in tests/methods/test_lora.py.
+- `grouped_lora`: the LoRA layers that read one input (q/k/v, gate/up) as one node; reference the
+  same formula per layer, tests in tests/kernels/test_grouped_lora.py.
 - `fused_vera`: the same for VeRA, with `x A^T` shared by the layers that read one activation;
   reference `methods/vera.py` (`VeRAAdapter.forward`), tests in tests/methods/test_vera.py.
 - `nf4_native` (+ `_nf4_native.c`): NF4 dequantization in C on the CPU, loaded with ctypes;

@@ -47,6 +47,8 @@ class Adapter(Protocol):
     # `base_layer(x) + change` as one autograd node, used when this adapter runs alone over the
     # whole batch; None where it has no such path for this base (the machinery then calls the
     # base, then `forward`). LoRA's pair (`methods/lora.py`) and VeRA have one.
+    # Optional: `shared_input_pair() -> (A, B, scale) | None`, a plain LoRA pair that may run in one
+    # node with its siblings reading the same input (`kernels/grouped_lora.py`; LoRA, LoRA-FA).
     #
     # Optional, for `lorakit explain` (generic defaults below: `change_parts`, `rank_components`):
     # `change_parts(x, base_out, base_layer) -> {part: change}`, the change split into named parts

@@ -112,6 +112,11 @@ class LoRAAdapter(LoRAPair, nn.Module):
             return None
         return fused_lora_forward(x, base_layer, self.lora_A, self.lora_B, self.scale, self.dropout.draw())
 
+    def shared_input_pair(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """`(A, B, s)` where this layer may run in one node with its siblings that read the same x
+        (`lorakit.kernels.grouped_lora`); None while dropout draws a mask of its own."""
+        return None if self.dropout.active else (self.lora_A, self.lora_B, self.scale)
+
 
 @dataclass
 class LowRankConfig(AdapterConfig):

@@ -155,6 +155,14 @@ class LoRAFAAdapter(LoRAPair, nn.Module):
             return None
         return fused_lora_forward(x, base_layer, self.lora_A, self.lora_B, self.scale, self.dropout.draw())
 
+    def shared_input_pair(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """`(A, B, s)` where this layer may run in one node with its siblings that read the same x
+        (`lorakit.kernels.grouped_lora`; A frozen, so x is kept only for the siblings whose A
+        trains); None while dropout draws a mask or B's gradient is projected."""
+        if self.projected_grad or self.dropout.active:
+            return None
+        return self.lora_A, self.lora_B, self.scale
+
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, A frozen"
 
