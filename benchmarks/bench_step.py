@@ -25,6 +25,7 @@ each condition once, in alternating order, and the tables report medians over th
     python benchmarks/bench_step.py --profile lora        # where lorakit's and PEFT's LoRA step spend time
     python benchmarks/bench_step.py --methods lora dora --before HEAD~1   # before/after a change, one run
     python benchmarks/bench_step.py --methods lora --dropout 0.05   # also lorakit's and PEFT's LoRA with dropout 0.05
+    python benchmarks/bench_step.py --methods lora --steps 15 --steps-per-round 2   # a round: each condition's faster of two steps
 
 With `--dropout P` each method that has an input dropout (and PEFT's counterpart) also runs with dropout
 P, its model in training mode so the dropout is drawn (the base models here have no dropout of their own).
@@ -140,7 +141,8 @@ class Condition:
     feed: str = "ids"  # "ids" or "embeddings" (the limit)
     compiled: bool = False
     chunked_loss: bool = False  # lorakit.losses.causal_lm_loss instead of the model's own loss (full logits)
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # one a round: its fastest step
+    round_steps: list[list[float]] = field(default_factory=list)  # every step of every round
     memory: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     steps_done: int = 0
@@ -475,15 +477,22 @@ def run(conditions: list[Condition], batch: torch.Tensor, device: torch.device, 
         print("memory (one untimed step each)", flush=True)
         for c in conditions:
             measure_memory(c, batch, device)
-    print(f"timed rounds ({args.steps}), alternating order", flush=True)
+    per_round = args.steps_per_round
+    print(f"timed rounds ({args.steps} x {per_round} step(s) per condition), alternating order", flush=True)
     for i in range(args.steps):
-        order = conditions if i % 2 == 0 else conditions[::-1]
-        for c in order:
-            if c.malloc:
-                set_malloc(c.malloc)
-            t = run_step(c, batch, device)
-            if t is not None:
-                c.times.append(t)
+        steps: dict[str, list[float]] = {c.name: [] for c in conditions}
+        for j in range(per_round):  # A B C, then C B A: the conditions' mean position is the same
+            order = conditions if (i + j) % 2 == 0 else conditions[::-1]
+            for c in order:
+                if c.malloc:
+                    set_malloc(c.malloc)
+                t = run_step(c, batch, device)
+                if t is not None:
+                    steps[c.name].append(t)
+        for c in conditions:
+            if steps[c.name]:
+                c.times.append(min(steps[c.name]))
+                c.round_steps.append(steps[c.name])
         done = [c for c in conditions if c.times]
         print(f"  round {i + 1}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.0f}" for c in done), flush=True)
 
@@ -561,6 +570,7 @@ def summarize(conditions: list[Condition]) -> list[dict[str, Any]]:
             "compiled": c.compiled,
             "ms_per_step_median": ms,
             "ms_per_step_all": [t * 1e3 for t in c.times],
+            "ms_every_step_by_round": [[t * 1e3 for t in steps] for steps in c.round_steps],
             "vs_limit": ms / limit_ms,
             "vs_peft_same_method": ms / peft_ms,
             **c.memory,
@@ -661,7 +671,8 @@ def report(
         + f"; torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}; "
         f"device {info['device']}",
         f"load average before / after: {extra['load_before']} / {extra['load_after']}",
-        f"clock: {args.clock}; steps: {args.warmup} warmup + 1 memory + {args.steps} timed rounds per condition, interleaved in "
+        f"clock: {args.clock}; steps: {args.warmup} warmup + 1 memory + {args.steps} timed rounds per condition "
+        f"({args.steps_per_round} step(s) each, a round's time its fastest), interleaved in "
         "alternating order; medians reported. One step = forward + loss + backward + AdamW step (+ method "
         "hooks) + zero_grad. The limit has no optimizer (no trainable parameter) and backpropagates to the "
         "input embeddings.",
@@ -710,6 +721,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", help="lorakit method names (and 'qlora'); default: all registered")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's conditions")
     p.add_argument("--steps", type=int, help="timed rounds (default 3, 2 with --quick)")
+    p.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=1,
+        help="steps of every condition in a round, in mirrored order (A B C C B A); the round's time is "
+        "a condition's fastest step, so one stalled step does not decide a round (every step is kept)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (vs the compiled limit)")
@@ -752,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time lorakit as it was at git revision REV (same run, interleaved): before/after a change",
     )
     args = p.parse_args(argv)
+    if args.steps_per_round < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--steps and --steps-per-round must be at least 1")
     args.before_lib = lorakit_at(args.before) if args.before else None
     gpu = args.device == "cuda"
     args.model = args.model or ("llama-1b" if gpu else "smollm2")

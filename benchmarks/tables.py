@@ -318,19 +318,22 @@ def lora_siblings() -> str:
     return lora_before_now("step-cpu-lora-siblings.json")
 
 
+def lora_rounds() -> str:
+    """lorakit's LoRA step and PEFT's, every round of one long paired run."""
+    return lora_before_now("step-cpu-lora-rounds.json")
+
+
 def lora_before_now(name: str) -> str:
     """A `bench_step.py --methods lora --before REV` run: lorakit's LoRA before and now, and PEFT's,
     each round's ratio to the limit and to PEFT."""
     rows = step_rows(name)
-    before = next(c for c in rows if c.startswith("lorakit@"))
+    before = next((c for c in rows if c.startswith("lorakit@")), None)
     limit = rows["limit (frozen base)"]["ms_per_step_all"]
     peft = rows["peft lora"]["ms_per_step_all"]
     out = []
-    for label, condition in (
-        ("lorakit LoRA, before", before),
-        ("lorakit LoRA, now", "lorakit lora"),
-        ("PEFT LoRA", "peft lora"),
-    ):
+    conditions = [("lorakit LoRA, before", before), ("lorakit LoRA, now", "lorakit lora")] if before else []
+    conditions += [("lorakit LoRA", "lorakit lora")] if not before else []
+    for label, condition in (*conditions, ("PEFT LoRA", "peft lora")):
         times = rows[condition]["ms_per_step_all"]
         per_limit = [t / lt for t, lt in zip(times, limit)]
         per_peft = [t / pt for t, pt in zip(times, peft)]
@@ -1020,6 +1023,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "lora-breakdown": lora_breakdown,
     "lora-fused-adamw": lora_fused_adamw,
     "lora-siblings": lora_siblings,
+    "lora-rounds": lora_rounds,
     "sst2-vs-peft": sst2_vs_peft,
     "sst2-quality": sst2_quality,
     "lr-sweep": lr_sweep,
