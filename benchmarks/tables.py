@@ -331,8 +331,10 @@ def lora_before_now(name: str) -> str:
     limit = rows["limit (frozen base)"]["ms_per_step_all"]
     peft = rows["peft lora"]["ms_per_step_all"]
     out = []
-    conditions = [("lorakit LoRA, before", before), ("lorakit LoRA, now", "lorakit lora")] if before else []
-    conditions += [("lorakit LoRA", "lorakit lora")] if not before else []
+    if before:
+        conditions = [("lorakit LoRA, before", before), ("lorakit LoRA, now", "lorakit lora")]
+    else:
+        conditions = [("lorakit LoRA", "lorakit lora")]
     for label, condition in (*conditions, ("PEFT LoRA", "peft lora")):
         times = rows[condition]["ms_per_step_all"]
         per_limit = [t / lt for t, lt in zip(times, limit)]

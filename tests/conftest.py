@@ -108,6 +108,19 @@ def shared_dataset(*parts: str) -> Path:
     return path
 
 
+def graph_node_names(output: torch.Tensor) -> list[str]:
+    """Names of every autograd node in the graph that produced `output`."""
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
 def step_results(model, input_ids, autocast=False):
     """Loss, logits, every trainable gradient and the input embeddings' gradient of one step."""
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)

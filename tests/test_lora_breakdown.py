@@ -59,21 +59,14 @@ def test_node_puts_lorakits_node_back_even_on_error():
 def test_the_partial_conditions_run_every_layer_through_the_swapped_node(input_ids):
     """Inside `node`, sibling groups that have learned their plan still run each layer alone."""
     import lorakit
-    from conftest import tiny_llama
+    from conftest import graph_node_names, tiny_llama
 
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
     for _ in range(3):
         model(input_ids)
     with lora_breakdown.node(lora_breakdown.BaseProductOnly):
         logits = model(input_ids).logits
-    seen, stack, names = set(), [logits.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        stack += [next_node for next_node, _ in node.next_functions]
+    names = graph_node_names(logits)
     assert not any("LoRALinear" in n for n in names)
     assert sum("BaseProductOnly" in n for n in names) == 14
 

@@ -115,7 +115,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> 
         for p in module.parameters():
             p.requires_grad_(True)
     state.configs[name] = config
-    link_siblings(model, lambda module: isinstance(module, AdaptedLayer))
+    _link_siblings(model)
     _install_mixed_batch_hook(model)
     set_active(model, [name])
     return model
@@ -173,11 +173,16 @@ def remove(model: nn.Module, name: str) -> nn.Module:
             layer.unmerge()
             set_submodule(model, module_name, layer.base_layer)
     del state.configs[name]
-    link_siblings(model, lambda module: isinstance(module, AdaptedLayer))
+    _link_siblings(model)
     state.active = tuple(n for n in state.active if n != name)
     _push_active(model, state)
     _drop_state_if_empty(model)
     return model
+
+
+def _link_siblings(model: nn.Module) -> None:
+    """Regroup the adapted layers that read one input (q/k/v, gate/up) after layers came or went."""
+    link_siblings(model, lambda module: isinstance(module, AdaptedLayer))
 
 
 def _drop_state_if_empty(model: nn.Module) -> None:

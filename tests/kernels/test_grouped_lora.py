@@ -10,21 +10,13 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from conftest import graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
 from lorakit.kernels.grouped_lora import GroupedLoRALinear, SharedInput
 
 
 def graph_nodes(output: torch.Tensor, kind: str) -> int:
     """How many autograd nodes whose name contains `kind` the graph of `output` holds."""
-    seen, stack, count = set(), [output.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        count += kind in node.name()
-        stack += [next_node for next_node, _ in node.next_functions]
-    return count
+    return sum(kind in name for name in graph_node_names(output))
 
 
 def members(widths, ranks, seed=0):

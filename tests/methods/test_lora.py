@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from conftest import graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
 from lorakit.methods.lora import LoRAAdapter
 
 
@@ -268,15 +268,7 @@ def each_layer_alone(monkeypatch):
 
 def fused_nodes(model, input_ids):
     """Names of the FusedLoRALinear nodes in the graph of one forward."""
-    seen, stack, found = set(), [model(input_ids).logits.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        found += [node.name()] if "FusedLoRALinear" in node.name() else []
-        stack += [next_node for next_node, _ in node.next_functions]
-    return found
+    return [name for name in graph_node_names(model(input_ids).logits) if "FusedLoRALinear" in name]
 
 
 @pytest.mark.parametrize("method", ["lora", "lora-fa", "delta-lora", "lora-drop"])

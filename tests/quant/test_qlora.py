@@ -11,7 +11,7 @@ from torch import nn
 
 import lorakit
 from bnb_reference import native_kernel_is_exact, reference_kernels
-from conftest import perturb_trainable, tiny_gpt2, tiny_llama
+from conftest import graph_node_names, perturb_trainable, tiny_gpt2, tiny_llama
 from lorakit.quant import Linear4bit, load_quantized_causal_lm, quantize, quantized_layers, requantize
 
 
@@ -101,18 +101,6 @@ def test_backward_keeps_no_dense_weight():
     assert (96, 128) not in saved and (128, 96) not in saved
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(5, 96) @ layer.dense_weight())
-
-
-def graph_node_names(output: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        stack += [n for n, _ in node.next_functions]
-    return names
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
