@@ -323,6 +323,44 @@ def lora_rounds() -> str:
     return lora_before_now("step-cpu-lora-rounds.json")
 
 
+# one command run back to back, four steps of every condition a round (`--steps-per-round 4`)
+LORA_ROUNDS4_FILES = [f"step-cpu-lora-rounds4-{i}.json" for i in (1, 2, 3)]
+
+
+def lora_rounds4() -> str:
+    """Runs of one paired command in a row: each run's medians of per-round ratios, its rounds
+    ahead of PEFT, its worst round, and how much the limit itself moved."""
+    out = []
+    for number, name in enumerate(LORA_ROUNDS4_FILES, start=1):
+        rows = step_rows(name)
+        limit, lorakit_times, peft = (
+            rows[c]["ms_per_step_all"] for c in ("limit (frozen base)", "lorakit lora", "peft lora")
+        )
+        per_peft = [t / p for t, p in zip(lorakit_times, peft)]
+        out.append(
+            [
+                f"{number} (`{name}`)",
+                f"{min(limit) / 1e3:.1f}-{max(limit) / 1e3:.1f} s",
+                f"{statistics.median(t / lt for t, lt in zip(lorakit_times, limit)):.3f}",
+                f"{statistics.median(p / lt for p, lt in zip(peft, limit)):.3f}",
+                f"{statistics.median(per_peft):.3f}",
+                f"{sum(r < 1 for r in per_peft)} of {len(per_peft)}",
+                f"{max(per_peft):.3f}",
+            ]
+        )
+    header = [
+        "run",
+        "the limit's step, per round",
+        "lorakit x limit",
+        "PEFT x limit",
+        "lorakit x PEFT",
+        "rounds lorakit is ahead",
+        "lorakit's worst round x PEFT",
+    ]
+    cmd = command(LORA_ROUNDS4_FILES[0]).split(" --out ")[0]
+    return table(header, out) + f"\n\n`{cmd}`, run {len(out)} times in a row; every step of every round is in each file"
+
+
 def lora_before_now(name: str) -> str:
     """A `bench_step.py --methods lora --before REV` run: lorakit's LoRA before and now, and PEFT's,
     each round's ratio to the limit and to PEFT."""
@@ -959,6 +997,23 @@ def reproduce_method(method: str) -> str:
 # --- the README's headline -------------------------------------------------------------------------
 
 
+def lora_rounds_cell(names: list[str]) -> str:
+    """LoRA's medians of per-round ratios over paired runs (their range), and its rounds ahead of PEFT."""
+    vs_peft, vs_limit, ahead, rounds = [], [], 0, 0
+    for name in names:
+        rows = step_rows(name)
+        limit, peft = (rows[c]["ms_per_step_all"] for c in ("limit (frozen base)", "peft lora"))
+        times = rows["lorakit lora"]["ms_per_step_all"]
+        per_peft = [t / p for t, p in zip(times, peft)]
+        vs_peft.append(statistics.median(per_peft))
+        vs_limit.append(statistics.median(t / lt for t, lt in zip(times, limit)))
+        ahead, rounds = ahead + sum(r < 1 for r in per_peft), rounds + len(per_peft)
+    return (
+        f"LoRA {min(vs_peft):.2f}-{max(vs_peft):.2f}x PEFT · {min(vs_limit):.2f}-{max(vs_limit):.2f}x the limit "
+        f"(medians of each run's rounds, {len(names)} runs); ahead of PEFT in {ahead} of {rounds} rounds"
+    )
+
+
 def headline() -> str:
     step = step_rows("step-cpu-all-methods.json")
     chunked = step_rows("step-cpu-chunked-loss.json")
@@ -981,10 +1036,16 @@ def headline() -> str:
     seeds = command("sst2-vs-peft-seed0.json").replace("seed 0", "seed S").replace("seed0", "seedS")
     rows = [
         [
-            "training step time, x PEFT's same method (lower is better)",
+            "training step time, x PEFT's same method (lower is better), every method in one run",
             time_cells,
             "SmolLM2-135M, batch 4 x 256, CPU",
             f"`{command('step-cpu-all-methods.json')}`",
+        ],
+        [
+            "LoRA's step in long paired runs: x PEFT's, x the limit (the frozen base's step)",
+            lora_rounds_cell(LORA_ROUNDS4_FILES),
+            "the same",
+            f"`{command(LORA_ROUNDS4_FILES[0]).split(' --out ')[0]}`",
         ],
         ["peak memory of the step, x PEFT's", peak_cells, "the same", "the same"],
         [
@@ -1026,6 +1087,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "lora-fused-adamw": lora_fused_adamw,
     "lora-siblings": lora_siblings,
     "lora-rounds": lora_rounds,
+    "lora-rounds4": lora_rounds4,
     "sst2-vs-peft": sst2_vs_peft,
     "sst2-quality": sst2_quality,
     "lr-sweep": lr_sweep,

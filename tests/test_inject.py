@@ -412,6 +412,20 @@ def test_a_deep_copy_routes_its_own_mixed_batches():
     )  # the original's stay
 
 
+def test_a_whole_adapted_model_pickles_with_its_routing(tmp_path):
+    """torch.save(model) of an adapted model (the routing hooks included) loads back and routes
+    mixed batches as the original does, and removing its adapters removes its hooks."""
+    model = two_adapters("lora", "lora")
+    expected = model(INPUT, adapter_names=["a", "b", "__base__"]).logits
+    torch.save(model, tmp_path / "model.pt")
+    twin = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, written just above
+    torch.testing.assert_close(twin(INPUT, adapter_names=["a", "b", "__base__"]).logits, expected)
+    torch.testing.assert_close(twin(INPUT).logits, model(INPUT).logits)
+    lorakit.remove(twin, "a")
+    lorakit.remove(twin, "b")
+    assert not twin._forward_pre_hooks and not twin._forward_hooks
+
+
 def test_merge_and_unload_checks_every_layer_before_changing_any():
     """A later layer that cannot merge (two DoRA adapters on it) leaves every layer as it was."""
     model = tiny_llama()

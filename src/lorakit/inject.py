@@ -342,15 +342,26 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
 
 def _install_mixed_batch_hook(model: nn.Module) -> None:
     """Let `model(..., adapter_names=[...])` route samples (the keyword never reaches the model).
-    The hooks are found again by a mark on the function (a deep copy of the model keeps them)."""
+    The hooks are found again by a mark on their function (a deep copy of the model keeps them)."""
     if any(getattr(fn, "lorakit_mixed_batch", False) for fn in model._forward_pre_hooks.values()):
         return
-    contexts: list[Any] = []
+    router = MixedBatchRouter()
+    model.register_forward_pre_hook(router.pre_hook, with_kwargs=True)
+    model.register_forward_hook(router.post_hook, with_kwargs=True, always_call=True)
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+
+class MixedBatchRouter:
+    """The pair of hooks behind `adapter_names=`: the pre-hook enters `per_sample_adapters` for the
+    call, the post-hook leaves it (always, even when the forward raises). A plain object with bound
+    methods, so that a model carrying it can still be pickled (`torch.save(model)`, deepcopy)."""
+
+    def __init__(self) -> None:
+        self.contexts: list[Any] = []  # one per call in flight (None: a call without adapter_names)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         names = kwargs.pop("adapter_names", None)
         if names is None:
-            contexts.append(None)
+            self.contexts.append(None)
             return args, kwargs
         if isinstance(names, str):
             raise ValueError(f"adapter_names takes one name per sample (a list), got the string {names!r}")
@@ -359,17 +370,18 @@ def _install_mixed_batch_hook(model: nn.Module) -> None:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch}")
         context = per_sample_adapters(module, names)
         context.__enter__()
-        contexts.append(context)
+        self.contexts.append(context)
         return args, kwargs
 
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        context = contexts.pop() if contexts else None
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        context = self.contexts.pop() if self.contexts else None
         if context is not None:
             context.__exit__(None, None, None)
 
-    pre_hook.lorakit_mixed_batch = post_hook.lorakit_mixed_batch = True
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    pre_hook.lorakit_mixed_batch = post_hook.lorakit_mixed_batch = True  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"contexts": []}  # calls in flight belong to this process's forward only
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
