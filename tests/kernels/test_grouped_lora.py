@@ -102,6 +102,31 @@ def test_siblings_run_as_one_node_and_equal_each_alone(method, make_model, input
     torch.testing.assert_close(together[3], alone[3])
 
 
+@pytest.mark.parametrize("method", ["lora", "lora-fa"])
+def test_the_group_keeps_no_more_for_backward_than_each_alone(method, input_ids, monkeypatch):
+    """The activation bytes autograd keeps (parameters excluded) are the same grouped or alone:
+    x once, z as the members' z side by side, nothing formed for the group (such as the stacked A)."""
+    model = lorakit.adapt(tiny_llama(), lorakit.methods.METHODS[method](r=4, targets="all-linear"))
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def kept_bytes(groups: int) -> int:
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(input_ids).logits
+        assert graph_nodes(logits, "GroupedLoRALinear") == groups
+        return sum(saved.values())
+
+    together = kept_bytes(groups=4)
+    unshared(monkeypatch)
+    assert together == kept_bytes(groups=0)
+
+
 def test_under_bf16_autocast_as_each_alone(input_ids, monkeypatch):
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
     perturb_trainable(model)

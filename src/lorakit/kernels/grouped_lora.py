@@ -42,8 +42,8 @@ class GroupedLoRALinear(torch.autograd.Function):
 
     `forward(ctx, x, scales, *tensors)`: `x (n, in)`; `scales`, the k scales; `tensors`, the k
     weights, then the k biases (None allowed), then the k `A`s, then the k `B`s. Returns the k
-    outputs. Saved for backward: x (where some A trains), z (n, R), the stacked A, and the
-    module's own W and B tensors.
+    outputs. Saved for backward: x (where some A trains), z (n, R), and the module's own W, A
+    and B tensors (the stacked A is formed again), so the group keeps what each layer alone keeps.
     """
 
     @staticmethod
@@ -61,14 +61,15 @@ class GroupedLoRALinear(torch.autograd.Function):
         ctx.scales = scales
         ctx.set_materialize_grads(False)  # an output nobody used adds nothing: skip its products
         need_down = any(ctx.needs_input_grad[2 + 2 * k : 2 + 3 * k])
-        ctx.save_for_backward(x if need_down else None, z, stacked, *weights, *downs, *ups)
+        # the stacked A is formed again in backward: kept, it would be one more (R x in) copy per group
+        ctx.save_for_backward(x if need_down else None, z, *weights, *downs, *ups)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         scales = ctx.scales
         k = len(scales)
-        x, z, stacked, *rest = ctx.saved_tensors
+        x, z, *rest = ctx.saved_tensors
         weights, downs, ups = rest[:k], rest[k : 2 * k], rest[2 * k :]
         need = ctx.needs_input_grad
         need_x, need_bias = need[0], need[2 + k : 2 + 2 * k]
@@ -96,7 +97,7 @@ class GroupedLoRALinear(torch.autograd.Function):
                 for g, weight in zip(grads, weights):
                     if g is not None:  # Σ g_i W_i into one buffer: beta = 1 in the GEMM itself
                         grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
-                grad_x.addmm_(grad_z, stacked)
+                grad_x.addmm_(grad_z, torch.cat([a.to(dtype) for a in downs]))
             if any(need_down):
                 products = torch.mm(grad_z.T, x)
                 start = 0
