@@ -108,10 +108,14 @@ def step_rows(name: str) -> dict[str, dict]:
     return {r["condition"]: r for r in load(name)["results"]}
 
 
+def round_ratios(condition: dict, reference: dict) -> list[float]:
+    """Each round's time of one condition over another's in the same round (paired: a round's
+    conditions ran back to back)."""
+    return [t / r for t, r in zip(condition["ms_per_step_all"], reference["ms_per_step_all"])]
+
+
 def median_of_rounds(condition: dict, reference: dict) -> float:
-    """The median over a run's rounds of one condition's time over another's in the same round
-    (paired: a round's conditions ran back to back)."""
-    return statistics.median(t / r for t, r in zip(condition["ms_per_step_all"], reference["ms_per_step_all"]))
+    return statistics.median(round_ratios(condition, reference))
 
 
 def peft_twin(rows: dict[str, dict], method: str) -> dict | None:
@@ -338,22 +342,37 @@ def lora_rounds() -> str:
 LORA_ROUNDS4_FILES = [f"step-cpu-lora-rounds4-{i}.json" for i in (1, 2, 3)]
 
 
+def paired_lora_run(name: str) -> dict:
+    """A `bench_step.py --methods lora` run: lorakit's and PEFT's medians of per-round ratios to the
+    limit, lorakit's per-round ratios to PEFT, and the limit's per-round times."""
+    rows = step_rows(name)
+    limit, ours, peft = (rows[c] for c in ("limit (frozen base)", "lorakit lora", "peft lora"))
+    return {
+        "vs_limit": median_of_rounds(ours, limit),
+        "peft_vs_limit": median_of_rounds(peft, limit),
+        "per_peft": round_ratios(ours, peft),
+        "limit_ms": limit["ms_per_step_all"],
+    }
+
+
+def command_without_out(name: str) -> str:
+    """The command a result file records, less its `--out` (for runs of one command into several files)."""
+    return command(name).split(" --out ")[0]
+
+
 def lora_rounds4() -> str:
     """Runs of one paired command in a row: each run's medians of per-round ratios, its rounds
     ahead of PEFT, its worst round, and how much the limit itself moved."""
     out = []
     for number, name in enumerate(LORA_ROUNDS4_FILES, start=1):
-        rows = step_rows(name)
-        limit, lorakit_times, peft = (
-            rows[c]["ms_per_step_all"] for c in ("limit (frozen base)", "lorakit lora", "peft lora")
-        )
-        per_peft = [t / p for t, p in zip(lorakit_times, peft)]
+        run = paired_lora_run(name)
+        per_peft = run["per_peft"]
         out.append(
             [
                 f"{number} (`{name}`)",
-                f"{min(limit) / 1e3:.1f}-{max(limit) / 1e3:.1f} s",
-                f"{statistics.median(t / lt for t, lt in zip(lorakit_times, limit)):.3f}",
-                f"{statistics.median(p / lt for p, lt in zip(peft, limit)):.3f}",
+                f"{min(run['limit_ms']) / 1e3:.1f}-{max(run['limit_ms']) / 1e3:.1f} s",
+                f"{run['vs_limit']:.3f}",
+                f"{run['peft_vs_limit']:.3f}",
                 f"{statistics.median(per_peft):.3f}",
                 f"{sum(r < 1 for r in per_peft)} of {len(per_peft)}",
                 f"{max(per_peft):.3f}",
@@ -368,7 +387,7 @@ def lora_rounds4() -> str:
         "rounds lorakit is ahead",
         "lorakit's worst round x PEFT",
     ]
-    cmd = command(LORA_ROUNDS4_FILES[0]).split(" --out ")[0]
+    cmd = command_without_out(LORA_ROUNDS4_FILES[0])
     return table(header, out) + f"\n\n`{cmd}`, run {len(out)} times in a row; every step of every round is in each file"
 
 
@@ -377,17 +396,15 @@ def lora_before_now(name: str) -> str:
     each round's ratio to the limit and to PEFT."""
     rows = step_rows(name)
     before = next((c for c in rows if c.startswith("lorakit@")), None)
-    limit = rows["limit (frozen base)"]["ms_per_step_all"]
-    peft = rows["peft lora"]["ms_per_step_all"]
+    limit, peft = rows["limit (frozen base)"], rows["peft lora"]
     out = []
     if before:
         conditions = [("lorakit LoRA, before", before), ("lorakit LoRA, now", "lorakit lora")]
     else:
         conditions = [("lorakit LoRA", "lorakit lora")]
     for label, condition in (*conditions, ("PEFT LoRA", "peft lora")):
-        times = rows[condition]["ms_per_step_all"]
-        per_limit = [t / lt for t, lt in zip(times, limit)]
-        per_peft = [t / pt for t, pt in zip(times, peft)]
+        per_limit = round_ratios(rows[condition], limit)
+        per_peft = round_ratios(rows[condition], peft)
         out.append(
             [
                 label,
@@ -1010,15 +1027,11 @@ def reproduce_method(method: str) -> str:
 
 def lora_rounds_cell(names: list[str]) -> str:
     """LoRA's medians of per-round ratios over paired runs (their range), and its rounds ahead of PEFT."""
-    vs_peft, vs_limit, ahead, rounds = [], [], 0, 0
-    for name in names:
-        rows = step_rows(name)
-        limit, peft = (rows[c]["ms_per_step_all"] for c in ("limit (frozen base)", "peft lora"))
-        times = rows["lorakit lora"]["ms_per_step_all"]
-        per_peft = [t / p for t, p in zip(times, peft)]
-        vs_peft.append(statistics.median(per_peft))
-        vs_limit.append(statistics.median(t / lt for t, lt in zip(times, limit)))
-        ahead, rounds = ahead + sum(r < 1 for r in per_peft), rounds + len(per_peft)
+    runs = [paired_lora_run(name) for name in names]
+    vs_peft = [statistics.median(run["per_peft"]) for run in runs]
+    vs_limit = [run["vs_limit"] for run in runs]
+    ahead = sum(r < 1 for run in runs for r in run["per_peft"])
+    rounds = sum(len(run["per_peft"]) for run in runs)
     return (
         f"LoRA {min(vs_peft):.2f}-{max(vs_peft):.2f}x PEFT · {min(vs_limit):.2f}-{max(vs_limit):.2f}x the limit "
         f"(medians of each run's rounds, {len(names)} runs); ahead of PEFT in {ahead} of {rounds} rounds"
@@ -1063,7 +1076,7 @@ def headline() -> str:
             "LoRA's step in long paired runs: x PEFT's, x the limit (the frozen base's step)",
             lora_rounds_cell(LORA_ROUNDS4_FILES),
             "SmolLM2-135M, batch 4 x 256, CPU",
-            f"`{command(LORA_ROUNDS4_FILES[0]).split(' --out ')[0]}`",
+            f"`{command_without_out(LORA_ROUNDS4_FILES[0])}`",
         ],
         [
             "SST-2 dev accuracy, lorakit vs PEFT (mean of 3 seeds, S = 0, 1, 2)",

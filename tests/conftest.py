@@ -121,6 +121,14 @@ def graph_node_names(output: torch.Tensor) -> list[str]:
     return names
 
 
+def each_layer_alone(monkeypatch):
+    """No sibling groups (q/k/v, gate/up as one node: tests/kernels/test_grouped_lora.py): every
+    adapted layer through its own node."""
+    from lorakit.kernels.grouped_lora import SharedInput
+
+    monkeypatch.setattr(SharedInput, "output", lambda self, layer, x: None)
+
+
 def step_results(model, input_ids, autocast=False):
     """Loss, logits, every trainable gradient and the input embeddings' gradient of one step."""
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)

@@ -57,7 +57,7 @@ def test_node_puts_lorakits_node_back_even_on_error():
 
 
 def test_the_partial_conditions_run_every_layer_through_the_swapped_node(input_ids):
-    """Inside `node`, sibling groups that have learned their plan still run each layer alone."""
+    """Inside `node`, sibling groups (after a few forwards) still run each layer alone."""
     import lorakit
     from conftest import graph_node_names, tiny_llama
 

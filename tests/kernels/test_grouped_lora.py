@@ -1,5 +1,5 @@
 """LoRA siblings that read one input, computed as one node: against LoRA's math, against each layer
-run alone, and every way the model's calls can differ from the learned pattern."""
+run alone, and every way the model's calls can differ from the planned ones."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
-from lorakit.kernels.grouped_lora import GroupedLoRALinear, SharedInput
+from conftest import each_layer_alone, graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from lorakit.kernels.grouped_lora import GroupedLoRALinear
 
 
 def graph_nodes(output: torch.Tensor, kind: str) -> int:
@@ -76,10 +76,6 @@ def test_an_output_nobody_uses_adds_nothing():
     torch.testing.assert_close(parts[1]["A"].grad, torch.zeros(2, 10))
 
 
-def unshared(monkeypatch):
-    monkeypatch.setattr(SharedInput, "output", lambda self, layer, x: None)
-
-
 @pytest.mark.parametrize("method", ["lora", "lora-fa", "delta-lora", "lora-drop"])
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
 def test_siblings_run_as_one_node_and_equal_each_alone(method, make_model, input_ids, monkeypatch):
@@ -91,7 +87,7 @@ def test_siblings_run_as_one_node_and_equal_each_alone(method, make_model, input
     grouped = graph_nodes(model(input_ids).logits, "GroupedLoRALinear")
     assert grouped == (4 if make_model is tiny_llama else 0)
     together = step_results(model, input_ids)
-    unshared(monkeypatch)
+    each_layer_alone(monkeypatch)
     assert graph_nodes(model(input_ids).logits, "GroupedLoRALinear") == 0
     alone = step_results(model, input_ids)
     torch.testing.assert_close(together[0], alone[0])
@@ -123,7 +119,7 @@ def test_the_group_keeps_no_more_for_backward_than_each_alone(method, input_ids,
         return sum(saved.values())
 
     together = kept_bytes(groups=4)
-    unshared(monkeypatch)
+    each_layer_alone(monkeypatch)
     assert together == kept_bytes(groups=0)
 
 
@@ -131,7 +127,7 @@ def test_under_bf16_autocast_as_each_alone(input_ids, monkeypatch):
     model = lorakit.adapt(tiny_llama(), lorakit.LoRA(r=4, targets="all-linear"))
     perturb_trainable(model)
     together = step_results(model, input_ids, autocast=True)
-    unshared(monkeypatch)
+    each_layer_alone(monkeypatch)
     alone = step_results(model, input_ids, autocast=True)
     torch.testing.assert_close(together[1], alone[1], atol=2e-2, rtol=2e-2)
     for name, grad in alone[2].items():

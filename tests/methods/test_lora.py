@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
+from conftest import each_layer_alone, graph_node_names, perturb_trainable, step_results, tiny_gpt2, tiny_llama
 from lorakit.methods.lora import LoRAAdapter
 
 
@@ -256,14 +256,6 @@ def unfused(monkeypatch):
 
     monkeypatch.setattr(LoRAAdapter, "fused_forward", lambda self, x, base_layer: None)
     monkeypatch.setattr(LoRAFAAdapter, "fused_forward", lambda self, x, base_layer: None)
-
-
-def each_layer_alone(monkeypatch):
-    """No sibling groups (q/k/v, gate/up as one node: tests/kernels/test_grouped_lora.py): every
-    layer through its own fused node."""
-    from lorakit.kernels.grouped_lora import SharedInput
-
-    monkeypatch.setattr(SharedInput, "output", lambda self, layer, x: None)
 
 
 def fused_nodes(model, input_ids):
