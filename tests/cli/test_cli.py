@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -665,3 +666,34 @@ def test_export_gguf_adapter_and_its_refusals(trained_run, tiny_model, tmp_path,
     assert "does not exist" in error_line(capsys)
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "m.gguf").exists()
     assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_error_that_a_ctrl_c_caused_is_still_an_interruption(monkeypatch, capsys):
+    """A Ctrl-C that lands inside an extension module's import can surface as another error (numpy:
+    "cannot load module more than once"): after a Ctrl-C, main exits with 130 and `interrupted`."""
+    import os
+    import signal
+
+    import lorakit.cli as cli
+
+    def command_hit_by_ctrl_c(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # swallowed inside the import, as numpy's init does
+        raise ImportError("cannot load module more than once per process")
+
+    before = signal.getsignal(signal.SIGINT)
+    parser = cli.build_parser("inspect")
+    monkeypatch.setattr(cli, "build_parser", lambda command: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda given: argparse.Namespace(func=command_hit_by_ctrl_c))
+    assert cli.main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is before  # the handler main found is back
+
+    def plain_bug(args):
+        raise ImportError("a real import error")
+
+    monkeypatch.setattr(parser, "parse_args", lambda given: argparse.Namespace(func=plain_bug))
+    with pytest.raises(ImportError, match="a real import error"):  # without a Ctrl-C, not hidden
+        cli.main(["inspect", "x"])

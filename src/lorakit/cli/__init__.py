@@ -22,7 +22,9 @@ no torch: the commands import what they need when they run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from ..errors import LorakitError
 from .adapters import load_adapted
@@ -34,10 +36,21 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lorakit` command; returns the exit status."""
-    from ..children import follow_parent
+    interrupted = []
 
-    follow_parent()  # a child of `lorakit compare` or of `--nproc` ends with its parent
+    def on_interrupt(signum, frame) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    # Ctrl-C as Python's own handler takes it, remembered: a Ctrl-C that lands inside an extension
+    # module's import (torch importing numpy) can surface as another error, still the user's Ctrl-C
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
     try:
+        from ..children import follow_parent
+
+        follow_parent()  # a child of `lorakit compare` or of `--nproc` ends with its parent
         given = list(sys.argv[1:] if argv is None else argv)
         command = next((a for a in given if not a.startswith("-")), "")
         args = build_parser(command).parse_args(given)  # `lorakit train --help` imports the methods (and torch)
@@ -61,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush has somewhere to go
         return EXIT_ERROR
+    except Exception:
+        if not interrupted:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "load_adapted", "main", "resolve_train_config"]
